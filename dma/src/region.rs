@@ -1,0 +1,108 @@
+//! Mappings of pinned memory, hugepage-backed where possible.
+
+use crate::{pool, DmaError, HUGEPAGE_SIZE};
+use memmap2::{MmapMut, MmapOptions};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Where a mapping's memory came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemoryKind {
+    /// 2 MiB hugepages from the kernel's reserved pool.
+    Hugepages,
+    /// Ordinary pages, locked in RAM. Works, but costs TLB misses and cannot back VFIO DMA
+    /// on every IOMMU.
+    Locked,
+}
+
+/// A large mapping of pinned memory owned by one user, released when dropped.
+pub struct DmaRegion {
+    map: MmapMut,
+    kind: MemoryKind,
+}
+
+static FALLBACK_WARNED: AtomicBool = AtomicBool::new(false);
+
+impl DmaRegion {
+    /// Maps `len` bytes (rounded up to whole hugepages), zero-filled.
+    pub fn new(len: usize) -> Result<DmaRegion, DmaError> {
+        let len = len.max(1).div_ceil(HUGEPAGE_SIZE) * HUGEPAGE_SIZE;
+        pool::charge(len)?;
+        match map_pinned(len) {
+            Ok((map, kind)) => Ok(DmaRegion { map, kind }),
+            Err(e) => {
+                pool::uncharge(len);
+                Err(e)
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    pub fn kind(&self) -> MemoryKind {
+        self.kind
+    }
+
+    pub fn as_ptr(&self) -> *const u8 {
+        self.map.as_ptr()
+    }
+
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.map.as_mut_ptr()
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &self.map
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.map
+    }
+}
+
+impl Drop for DmaRegion {
+    fn drop(&mut self) {
+        pool::uncharge(self.map.len());
+    }
+}
+
+/// Maps anonymous memory, from hugepages if the kernel has them, else locked ordinary pages.
+pub(crate) fn map_pinned(len: usize) -> Result<(MmapMut, MemoryKind), DmaError> {
+    if let Ok(map) = MmapOptions::new().len(len).huge(Some(21)).populate().map_anon() {
+        return Ok((map, MemoryKind::Hugepages));
+    }
+    warn_fallback_once(len);
+    let map = MmapOptions::new()
+        .len(len)
+        .populate()
+        .map_anon()
+        .map_err(|source| DmaError::Map { len, source })?;
+    if let Err(e) = map.lock() {
+        tracing::warn!("mlock of {len} bytes failed ({e}); DMA memory may be paged out");
+    }
+    Ok((map, MemoryKind::Locked))
+}
+
+fn warn_fallback_once(len: usize) {
+    if FALLBACK_WARNED.swap(true, Ordering::Relaxed) {
+        return;
+    }
+    let free = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("HugePages_Free:"))
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("?").to_string())
+        })
+        .unwrap_or_else(|| "?".into());
+    tracing::warn!(
+        "NOT ENOUGH HUGEPAGES: could not map {len} bytes from hugepages (HugePages_Free={free}); \
+         using ordinary locked memory instead, which is slower and not fit for VFIO devices. \
+         Fix: run `sudo HUGEMEM=2048 scripts/setup.sh` before starting plexd."
+    );
+}

@@ -1,0 +1,1 @@
+//! NVMe host driver.
