@@ -28,6 +28,7 @@ mod util;
 pub use cmd::{Command, Completion, DsmRange, SglDescriptor};
 
 pub use fabrics::ConnectData;
+pub use identify::{IdentifyController, IdentifyNamespace, LbaFormat};
 pub use status::Status;
 pub use tcp::{CommonHeader, PduError, PduHeader, PduType};
 
