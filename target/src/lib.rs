@@ -1,1 +1,11 @@
-//! plexd
+//! plexd: the plexstor node daemon.
+//!
+//! - [`reactor`]: polled-mode event loops pinned to cores, with an idle policy.
+//! - [`bdev`]: the block device layer and its modules.
+//! - [`rpc`]: the JSON-RPC control socket.
+//! - [`app`]: the daemon's shared state and configuration save/load.
+
+pub mod app;
+pub mod bdev;
+pub mod reactor;
+pub mod rpc;

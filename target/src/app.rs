@@ -1,0 +1,73 @@
+//! The node daemon's shared state: reactors, bdevs and the RPC method table, plus saving and
+//! loading the configuration as SPDK's `save_config` / `--json` do.
+
+use crate::bdev::BdevRegistry;
+use crate::reactor::{ReactorConfig, Reactors};
+use crate::rpc::{Methods, RpcError};
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Instant;
+
+pub struct App {
+    pub reactors: Reactors,
+    pub bdevs: BdevRegistry,
+    pub methods: Methods,
+    pub started: Instant,
+}
+
+impl App {
+    pub fn start(reactor_config: ReactorConfig) -> Result<Arc<App>, crate::reactor::ReactorError> {
+        let reactors = Reactors::start(reactor_config)?;
+        Ok(Arc::new(App {
+            reactors,
+            bdevs: BdevRegistry::default(),
+            methods: Methods::all(),
+            started: Instant::now(),
+        }))
+    }
+
+    /// The configuration as SPDK writes it: subsystems in dependency order, each a list of the
+    /// RPC calls that recreate it.
+    pub fn save_config(&self) -> Value {
+        let bdev: Vec<Value> = self
+            .bdevs
+            .list()
+            .iter()
+            .filter_map(|e| e.bdev().config())
+            .map(|(method, params)| json!({"method": method, "params": params}))
+            .collect();
+        json!({"subsystems": [
+            {"subsystem": "bdev", "config": bdev},
+        ]})
+    }
+
+    /// Replays a saved configuration. Stops at the first failing call and says which.
+    pub async fn load_config(self: &Arc<Self>, config: &Value) -> Result<(), RpcError> {
+        let subsystems = config
+            .get("subsystems")
+            .and_then(Value::as_array)
+            .ok_or_else(|| RpcError::invalid_params("config has no \"subsystems\" array"))?;
+        for sub in subsystems {
+            let name = sub.get("subsystem").and_then(Value::as_str).unwrap_or("?");
+            let Some(calls) = sub.get("config").and_then(Value::as_array) else {
+                continue;
+            };
+            for (i, call) in calls.iter().enumerate() {
+                let method = call.get("method").and_then(Value::as_str).ok_or_else(|| {
+                    RpcError::invalid_params(format!("subsystem {name} entry {i} has no method"))
+                })?;
+                let params = call.get("params").cloned().unwrap_or(Value::Null);
+                self.methods
+                    .call(self.clone(), method, params)
+                    .await
+                    .map_err(|e| {
+                        RpcError::new(
+                            e.code,
+                            format!("subsystem {name} entry {i} ({method}): {}", e.message),
+                        )
+                    })?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,724 @@
+//! The block device layer.
+//!
+//! Every block device implements [`Bdev`]; consumers (an NVMe-oF queue pair, a mirror) open an
+//! [`IoChannel`] on the reactor they run on and drive it without locks: `submit` an I/O that
+//! carries its own buffers and a caller tag, later `poll` for completions, which hand the
+//! buffers back. Completions are never delivered from inside `submit`, so a consumer never sees
+//! re-entrant calls. The layer checks ranges and buffer shapes before a module sees an I/O, and
+//! keeps per-channel statistics that `bdev_get_iostat` sums.
+
+pub mod malloc;
+pub mod null;
+pub mod rpc;
+
+use dma::DmaBuf;
+use serde_json::Value;
+use smallvec::SmallVec;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use thiserror::Error;
+use uuid::Uuid;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IoType {
+    Read,
+    Write,
+    Flush,
+    Unmap,
+    WriteZeroes,
+    Reset,
+}
+
+impl IoType {
+    pub const ALL: [IoType; 6] = [
+        IoType::Read,
+        IoType::Write,
+        IoType::Flush,
+        IoType::Unmap,
+        IoType::WriteZeroes,
+        IoType::Reset,
+    ];
+
+    fn bit(self) -> u8 {
+        1 << self as u8
+    }
+
+    /// Whether the I/O moves data through its buffers.
+    pub fn has_data(self) -> bool {
+        matches!(self, IoType::Read | IoType::Write)
+    }
+}
+
+/// A set of I/O types a bdev supports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IoTypes(u8);
+
+impl IoTypes {
+    pub fn of(types: &[IoType]) -> IoTypes {
+        IoTypes(types.iter().fold(0, |m, t| m | t.bit()))
+    }
+    pub fn all() -> IoTypes {
+        IoTypes::of(&IoType::ALL)
+    }
+    pub fn contains(self, t: IoType) -> bool {
+        self.0 & t.bit() != 0
+    }
+}
+
+/// The buffers of one I/O; most I/O has one.
+pub type IoBufs = SmallVec<[DmaBuf; 2]>;
+
+/// One I/O request. The buffers travel with it and come back in its [`IoCompletion`].
+#[derive(Debug)]
+pub struct BdevIo {
+    pub io_type: IoType,
+    pub offset_blocks: u64,
+    pub num_blocks: u64,
+    pub bufs: IoBufs,
+    /// The submitter's own identifier, returned untouched.
+    pub tag: u64,
+    submitted: Option<Instant>,
+}
+
+impl BdevIo {
+    pub fn new(
+        io_type: IoType,
+        offset_blocks: u64,
+        num_blocks: u64,
+        bufs: IoBufs,
+        tag: u64,
+    ) -> Self {
+        BdevIo {
+            io_type,
+            offset_blocks,
+            num_blocks,
+            bufs,
+            tag,
+            submitted: None,
+        }
+    }
+
+    pub fn read(offset_blocks: u64, num_blocks: u64, bufs: IoBufs, tag: u64) -> Self {
+        Self::new(IoType::Read, offset_blocks, num_blocks, bufs, tag)
+    }
+
+    pub fn write(offset_blocks: u64, num_blocks: u64, bufs: IoBufs, tag: u64) -> Self {
+        Self::new(IoType::Write, offset_blocks, num_blocks, bufs, tag)
+    }
+
+    /// An I/O without data (flush, unmap, write zeroes, reset).
+    pub fn no_data(io_type: IoType, offset_blocks: u64, num_blocks: u64, tag: u64) -> Self {
+        Self::new(io_type, offset_blocks, num_blocks, IoBufs::new(), tag)
+    }
+
+    /// Total bytes in the buffers.
+    pub fn buf_len(&self) -> usize {
+        self.bufs.iter().map(|b| b.len()).sum()
+    }
+
+    /// Finishes the I/O with `status`; modules call this.
+    pub fn complete(self, status: IoStatus) -> IoCompletion {
+        IoCompletion {
+            tag: self.tag,
+            io_type: self.io_type,
+            status,
+            bufs: self.bufs,
+            offset_blocks: self.offset_blocks,
+            num_blocks: self.num_blocks,
+            submitted: self.submitted,
+        }
+    }
+}
+
+/// How an I/O ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoStatus {
+    Success,
+    /// The range passes the end of the device.
+    OutOfRange,
+    /// The buffers do not match the length or alignment the device needs.
+    InvalidBuffer,
+    /// The device does not do this type of I/O.
+    Unsupported,
+    /// The device failed the I/O (errno where known).
+    IoError(i32),
+    /// Aborted: the device was removed or reset.
+    Aborted,
+    /// A remote NVMe device's own status, passed through.
+    Nvme {
+        sct: u8,
+        sc: u8,
+    },
+}
+
+impl IoStatus {
+    pub fn is_ok(self) -> bool {
+        self == IoStatus::Success
+    }
+}
+
+/// A finished I/O, with its buffers back.
+#[derive(Debug)]
+pub struct IoCompletion {
+    pub tag: u64,
+    pub io_type: IoType,
+    pub status: IoStatus,
+    pub bufs: IoBufs,
+    pub offset_blocks: u64,
+    pub num_blocks: u64,
+    submitted: Option<Instant>,
+}
+
+/// A module's per-consumer channel. It only ever sees I/O the layer has checked.
+pub trait BdevChannel {
+    /// Starts `io`, or hands it back when the channel's queue is full.
+    fn submit(&mut self, io: BdevIo) -> Result<(), BdevIo>;
+    /// Passes finished I/O to `done`; returns how many.
+    fn poll(&mut self, done: &mut dyn FnMut(IoCompletion)) -> usize;
+}
+
+/// What every bdev tells about itself.
+#[derive(Debug)]
+pub struct BdevInfo {
+    pub name: String,
+    pub aliases: Vec<String>,
+    pub product_name: &'static str,
+    pub block_size: u32,
+    num_blocks: AtomicU64,
+    pub uuid: Uuid,
+    /// Buffer address alignment the device needs, in bytes (1 = any).
+    pub required_alignment: u32,
+    pub write_cache: bool,
+    pub io_types: IoTypes,
+}
+
+impl BdevInfo {
+    pub fn new(
+        name: String,
+        product_name: &'static str,
+        block_size: u32,
+        num_blocks: u64,
+        uuid: Uuid,
+        io_types: IoTypes,
+    ) -> Self {
+        BdevInfo {
+            name,
+            aliases: Vec::new(),
+            product_name,
+            block_size,
+            num_blocks: AtomicU64::new(num_blocks),
+            uuid,
+            required_alignment: 1,
+            write_cache: false,
+            io_types,
+        }
+    }
+
+    pub fn num_blocks(&self) -> u64 {
+        self.num_blocks.load(Ordering::Acquire)
+    }
+
+    pub fn set_num_blocks(&self, n: u64) {
+        self.num_blocks.store(n, Ordering::Release)
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.num_blocks() * self.block_size as u64
+    }
+}
+
+/// A block device module's device.
+pub trait Bdev: Send + Sync + 'static {
+    fn info(&self) -> &BdevInfo;
+    /// The module's name, as `bdev_get_bdevs` shows it in `driver_specific`.
+    fn module(&self) -> &'static str;
+    /// Opens a channel for one consumer, on the thread that will drive it.
+    fn open_channel(&self) -> Result<Box<dyn BdevChannel>, BdevError>;
+    /// The RPC call that recreates this bdev, for `save_config`.
+    fn config(&self) -> Option<(&'static str, Value)>;
+    /// Module-specific facts for `bdev_get_bdevs`.
+    fn driver_specific(&self) -> Value {
+        Value::Object(Default::default())
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum BdevError {
+    #[error("bdev {0} already exists")]
+    Exists(String),
+    #[error("no bdev named {0}")]
+    NotFound(String),
+    #[error("bdev {name} is in use by {owner}; release it first")]
+    Claimed { name: String, owner: String },
+    #[error("{0}")]
+    InvalidParam(String),
+    #[error("bdev {name} was deleted")]
+    Removed { name: String },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Dma(#[from] dma::DmaError),
+}
+
+impl BdevError {
+    /// The errno SPDK would report for this, used as the JSON-RPC error code.
+    pub fn errno(&self) -> i32 {
+        match self {
+            BdevError::Exists(_) => libc::EEXIST,
+            BdevError::NotFound(_) | BdevError::Removed { .. } => libc::ENODEV,
+            BdevError::Claimed { .. } => libc::EBUSY,
+            BdevError::InvalidParam(_) => libc::EINVAL,
+            BdevError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            BdevError::Dma(_) => libc::ENOMEM,
+        }
+    }
+}
+
+/// Counters of one channel, written only by its owner, summed by `bdev_get_iostat`.
+#[derive(Default, Debug)]
+pub struct IoStats {
+    pub bytes_read: AtomicU64,
+    pub num_read_ops: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub num_write_ops: AtomicU64,
+    pub bytes_unmapped: AtomicU64,
+    pub num_unmap_ops: AtomicU64,
+    pub num_write_zeroes_ops: AtomicU64,
+    pub num_flush_ops: AtomicU64,
+    pub read_latency_ns: AtomicU64,
+    pub write_latency_ns: AtomicU64,
+    pub unmap_latency_ns: AtomicU64,
+    pub num_io_errors: AtomicU64,
+}
+
+/// Adds to a counter that only one thread writes: a plain load and store, no locked RMW.
+fn bump(c: &AtomicU64, v: u64) {
+    c.store(c.load(Ordering::Relaxed).wrapping_add(v), Ordering::Relaxed);
+}
+
+impl IoStats {
+    fn record(&self, c: &IoCompletion, block_size: u64) {
+        let bytes = c.num_blocks * block_size;
+        let ns = c.submitted.map_or(0, |t| t.elapsed().as_nanos() as u64);
+        if !c.status.is_ok() {
+            bump(&self.num_io_errors, 1);
+            return;
+        }
+        match c.io_type {
+            IoType::Read => {
+                bump(&self.bytes_read, bytes);
+                bump(&self.num_read_ops, 1);
+                bump(&self.read_latency_ns, ns);
+            }
+            IoType::Write => {
+                bump(&self.bytes_written, bytes);
+                bump(&self.num_write_ops, 1);
+                bump(&self.write_latency_ns, ns);
+            }
+            IoType::Unmap => {
+                bump(&self.bytes_unmapped, bytes);
+                bump(&self.num_unmap_ops, 1);
+                bump(&self.unmap_latency_ns, ns);
+            }
+            IoType::WriteZeroes => bump(&self.num_write_zeroes_ops, 1),
+            IoType::Flush => bump(&self.num_flush_ops, 1),
+            IoType::Reset => {}
+        }
+    }
+
+    /// Adds `other` into `self` (summing channels).
+    pub fn add(&self, other: &IoStats) {
+        let pairs = [
+            (&self.bytes_read, &other.bytes_read),
+            (&self.num_read_ops, &other.num_read_ops),
+            (&self.bytes_written, &other.bytes_written),
+            (&self.num_write_ops, &other.num_write_ops),
+            (&self.bytes_unmapped, &other.bytes_unmapped),
+            (&self.num_unmap_ops, &other.num_unmap_ops),
+            (&self.num_write_zeroes_ops, &other.num_write_zeroes_ops),
+            (&self.num_flush_ops, &other.num_flush_ops),
+            (&self.read_latency_ns, &other.read_latency_ns),
+            (&self.write_latency_ns, &other.write_latency_ns),
+            (&self.unmap_latency_ns, &other.unmap_latency_ns),
+            (&self.num_io_errors, &other.num_io_errors),
+        ];
+        for (a, b) in pairs {
+            a.fetch_add(b.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
+}
+
+/// A registered bdev: the device plus what the layer tracks about it.
+pub struct BdevEntry {
+    bdev: Arc<dyn Bdev>,
+    claimed_by: Mutex<Option<String>>,
+    removed: AtomicBool,
+    /// Stats of open channels, and the sum of closed ones.
+    channel_stats: Mutex<Vec<Arc<IoStats>>>,
+    closed_stats: IoStats,
+}
+
+impl BdevEntry {
+    pub fn bdev(&self) -> &Arc<dyn Bdev> {
+        &self.bdev
+    }
+
+    pub fn info(&self) -> &BdevInfo {
+        self.bdev.info()
+    }
+
+    pub fn name(&self) -> &str {
+        &self.bdev.info().name
+    }
+
+    pub fn claimed_by(&self) -> Option<String> {
+        self.claimed_by
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Marks the bdev as used by `owner` (a subsystem namespace, a mirror), so that it cannot
+    /// be deleted or claimed twice.
+    pub fn claim(&self, owner: &str) -> Result<(), BdevError> {
+        let mut c = self.claimed_by.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(cur) = &*c {
+            return Err(BdevError::Claimed {
+                name: self.name().to_string(),
+                owner: cur.clone(),
+            });
+        }
+        *c = Some(owner.to_string());
+        Ok(())
+    }
+
+    pub fn release(&self) {
+        *self.claimed_by.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Opens a channel on the calling thread.
+    pub fn open_channel(self: &Arc<Self>) -> Result<IoChannel, BdevError> {
+        if self.removed.load(Ordering::Acquire) {
+            return Err(BdevError::Removed {
+                name: self.name().to_string(),
+            });
+        }
+        let inner = self.bdev.open_channel()?;
+        let stats = Arc::new(IoStats::default());
+        self.channel_stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(stats.clone());
+        Ok(IoChannel {
+            entry: self.clone(),
+            inner,
+            stats,
+            rejected: VecDeque::new(),
+            in_flight: 0,
+            block_size: self.info().block_size as u64,
+        })
+    }
+
+    /// The sum of every channel's counters, open and closed.
+    pub fn io_stats(&self) -> IoStats {
+        let total = IoStats::default();
+        total.add(&self.closed_stats);
+        for s in self
+            .channel_stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            total.add(s);
+        }
+        total
+    }
+
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
+    }
+}
+
+/// A consumer's handle for I/O to one bdev, owned by one reactor.
+pub struct IoChannel {
+    entry: Arc<BdevEntry>,
+    inner: Box<dyn BdevChannel>,
+    stats: Arc<IoStats>,
+    /// I/O refused by the layer's checks, completed on the next poll.
+    rejected: VecDeque<IoCompletion>,
+    in_flight: usize,
+    block_size: u64,
+}
+
+impl IoChannel {
+    pub fn entry(&self) -> &Arc<BdevEntry> {
+        &self.entry
+    }
+
+    /// I/O submitted and not yet handed back by `poll`.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Starts `io`. Invalid I/O is not refused here but completed with an error status by the
+    /// next `poll`; `Err` hands the I/O back only when the device queue is full (retry later).
+    pub fn submit(&mut self, mut io: BdevIo) -> Result<(), BdevIo> {
+        io.submitted = Some(Instant::now());
+        if let Err(status) = self.check(&io) {
+            self.rejected.push_back(io.complete(status));
+            self.in_flight += 1;
+            return Ok(());
+        }
+        self.inner.submit(io)?;
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    fn check(&self, io: &BdevIo) -> Result<(), IoStatus> {
+        let info = self.entry.info();
+        if self.entry.is_removed() {
+            return Err(IoStatus::Aborted);
+        }
+        if !info.io_types.contains(io.io_type) {
+            return Err(IoStatus::Unsupported);
+        }
+        let end = io.offset_blocks.checked_add(io.num_blocks);
+        if io.io_type != IoType::Reset
+            && io.io_type != IoType::Flush
+            && end.is_none_or(|e| e > info.num_blocks())
+        {
+            return Err(IoStatus::OutOfRange);
+        }
+        if io.io_type.has_data() {
+            let want = io.num_blocks.checked_mul(self.block_size);
+            let align = info.required_alignment.max(1) as u64;
+            let shaped = io.bufs.iter().all(|b| {
+                b.iova() % align == 0 && (b.len() as u64) % self.block_size == 0 && !b.is_empty()
+            });
+            if io.num_blocks == 0 || want != Some(io.buf_len() as u64) || !shaped {
+                return Err(IoStatus::InvalidBuffer);
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands finished I/O to `done`; returns how many.
+    pub fn poll(&mut self, done: &mut dyn FnMut(IoCompletion)) -> usize {
+        let stats = &self.stats;
+        let bs = self.block_size;
+        let mut n = 0;
+        while let Some(c) = self.rejected.pop_front() {
+            stats.record(&c, bs);
+            done(c);
+            n += 1;
+        }
+        n += self.inner.poll(&mut |c| {
+            stats.record(&c, bs);
+            done(c);
+        });
+        self.in_flight -= n.min(self.in_flight);
+        n
+    }
+}
+
+impl Drop for IoChannel {
+    fn drop(&mut self) {
+        self.entry.closed_stats.add(&self.stats);
+        self.entry
+            .channel_stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|s| !Arc::ptr_eq(s, &self.stats));
+    }
+}
+
+/// Every bdev of this plexd, by name.
+#[derive(Default)]
+pub struct BdevRegistry {
+    inner: Mutex<RegistryInner>,
+}
+
+#[derive(Default)]
+struct RegistryInner {
+    by_name: BTreeMap<String, Arc<BdevEntry>>,
+    /// Names in creation order, so save_config recreates base bdevs before stacked ones.
+    order: Vec<String>,
+}
+
+impl BdevRegistry {
+    pub fn register(&self, bdev: Arc<dyn Bdev>) -> Result<Arc<BdevEntry>, BdevError> {
+        let info = bdev.info();
+        validate_name(&info.name)?;
+        if info.block_size == 0 || info.block_size % 512 != 0 && info.block_size != 1 {
+            return Err(BdevError::InvalidParam(format!(
+                "block size {} is not a multiple of 512",
+                info.block_size
+            )));
+        }
+        let mut r = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let taken = |n: &str| {
+            r.by_name.contains_key(n)
+                || r.by_name
+                    .values()
+                    .any(|e| e.info().aliases.iter().any(|a| a == n))
+        };
+        if taken(&info.name) || info.aliases.iter().any(|a| taken(a)) {
+            return Err(BdevError::Exists(info.name.clone()));
+        }
+        if r.by_name.values().any(|e| e.info().uuid == info.uuid) {
+            return Err(BdevError::InvalidParam(format!(
+                "uuid {} is already used by another bdev",
+                info.uuid
+            )));
+        }
+        let entry = Arc::new(BdevEntry {
+            bdev,
+            claimed_by: Mutex::new(None),
+            removed: AtomicBool::new(false),
+            channel_stats: Mutex::new(Vec::new()),
+            closed_stats: IoStats::default(),
+        });
+        r.by_name.insert(entry.name().to_string(), entry.clone());
+        r.order.push(entry.name().to_string());
+        Ok(entry)
+    }
+
+    /// Finds a bdev by name, alias or UUID.
+    pub fn get(&self, name: &str) -> Result<Arc<BdevEntry>, BdevError> {
+        let r = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = r.by_name.get(name) {
+            return Ok(e.clone());
+        }
+        r.by_name
+            .values()
+            .find(|e| {
+                e.info().aliases.iter().any(|a| a == name) || e.info().uuid.to_string() == name
+            })
+            .cloned()
+            .ok_or_else(|| BdevError::NotFound(name.to_string()))
+    }
+
+    /// Removes an unclaimed bdev of `module`. Open channels fail further I/O with `Aborted`.
+    pub fn unregister(&self, name: &str, module: &str) -> Result<Arc<BdevEntry>, BdevError> {
+        let entry = self.get(name)?;
+        if entry.bdev.module() != module {
+            return Err(BdevError::NotFound(format!(
+                "{name} (it is a {} bdev)",
+                entry.bdev.module()
+            )));
+        }
+        if let Some(owner) = entry.claimed_by() {
+            return Err(BdevError::Claimed {
+                name: name.to_string(),
+                owner,
+            });
+        }
+        let mut r = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let real = entry.name().to_string();
+        r.by_name.remove(&real);
+        r.order.retain(|n| n != &real);
+        entry.removed.store(true, Ordering::Release);
+        Ok(entry)
+    }
+
+    /// All bdevs in creation order.
+    pub fn list(&self) -> Vec<Arc<BdevEntry>> {
+        let r = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        r.order
+            .iter()
+            .filter_map(|n| r.by_name.get(n).cloned())
+            .collect()
+    }
+
+    /// A name not yet used, `{prefix}{n}` with the smallest n (SPDK's Malloc0, Malloc1, …).
+    pub fn next_free_name(&self, prefix: &str) -> String {
+        (0..)
+            .map(|i| format!("{prefix}{i}"))
+            .find(|n| self.get(n).is_err())
+            .expect("an unused name exists")
+    }
+}
+
+/// Bdev names end up in NQNs, paths and tables: keep them printable and short.
+pub fn validate_name(name: &str) -> Result<(), BdevError> {
+    let ok = !name.is_empty()
+        && name.len() <= 255
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-.:+@".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(BdevError::InvalidParam(format!(
+            "bdev name {name:?} must be 1-255 characters of letters, digits and _-.:+@"
+        )))
+    }
+}
+
+/// Completions finished at submit time, waiting for the next poll (RAM-speed modules).
+#[derive(Default)]
+pub struct ReadyQueue {
+    done: VecDeque<IoCompletion>,
+}
+
+impl ReadyQueue {
+    pub fn push(&mut self, c: IoCompletion) {
+        self.done.push_back(c);
+    }
+
+    pub fn drain(&mut self, done: &mut dyn FnMut(IoCompletion)) -> usize {
+        let n = self.done.len();
+        for c in self.done.drain(..) {
+            done(c);
+        }
+        n
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Submits one I/O and polls until it completes.
+    pub fn run_io(ch: &mut IoChannel, io: BdevIo) -> IoCompletion {
+        ch.submit(io).expect("queue has room");
+        let mut out = None;
+        for _ in 0..1_000_000 {
+            ch.poll(&mut |c| out = Some(c));
+            if let Some(c) = out.take() {
+                return c;
+            }
+            std::thread::yield_now();
+        }
+        panic!("I/O did not complete");
+    }
+
+    pub fn buf(len: usize, fill: u8) -> IoBufs {
+        let mut b = DmaBuf::new(len).unwrap();
+        b.fill(fill);
+        smallvec::smallvec![b]
+    }
+
+    #[test]
+    fn io_types_set() {
+        let t = IoTypes::of(&[IoType::Read, IoType::Write]);
+        assert!(t.contains(IoType::Read) && !t.contains(IoType::Unmap));
+        assert!(IoTypes::all().contains(IoType::Reset));
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(validate_name("Malloc0").is_ok());
+        assert!(validate_name("nvme0n1:p1").is_ok());
+        assert!(validate_name("").is_err());
+        assert!(validate_name("a b").is_err());
+        assert!(validate_name("x/../y").is_err());
+    }
+}
