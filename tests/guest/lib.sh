@@ -1,0 +1,258 @@
+# shellcheck shell=bash
+# Helpers for test scripts, sourced:  . "$REPO/tests/guest/lib.sh"
+#
+# Reporting (the project's test runner reads these lines):
+#   pass NAME                 prints "ok - NAME"
+#   fail NAME REASON          prints "not ok - NAME: REASON" (does not exit)
+#   skip NAME REASON          prints "ok - NAME # SKIP REASON"
+#   check NAME CMD [ARG...]   runs CMD; pass, or fail with its last output line
+#   bail NAME REASON          fail and finish at once (for steps later ones need)
+#   finish                    prints the tally, exits 1 if anything failed
+#
+# Guest:
+#   in_guest                        true inside scripts/guest/run.sh's guest
+#   reexec_in_guest [RUN.SH OPTS]   on the host, boot the guest and run the
+#                                   calling script in it (exits with its status)
+#   load_modules MOD...             modprobe each (no udev in the guest)
+#
+# NVMe-oF with the kernel's own target (nvmet, configured through configfs):
+#   nvmet_export_bdev NQN PORT DEV [ADDR]   export block device DEV as namespace 1
+#   nvmet_export_ramdisk NQN PORT [ADDR]    the same with a fresh brd RAM disk
+#   nvmet_clear                             remove every nvmet port and subsystem
+# The kernel's initiator:
+#   nvme_connect_tcp NQN ADDR PORT [nvme-cli connect options...]
+#   wait_for_nvme_dev NQN [NSID] [TIMEOUT_S]  prints /dev/nvmeXnY of that namespace
+#   wait_for_no_nvme_dev NQN [TIMEOUT_S]      until no block device of NQN is left
+#   fio_verify DEV [SIZE]                     write, read back and verify with fio
+# Host side:
+#   free_tcp_port                   a TCP port nobody listens on, on 127.0.0.1
+
+GUEST_LIB_REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+TESTS_PASSED=0
+TESTS_FAILED=0
+TESTS_SKIPPED=0
+
+# ---- reporting ---------------------------------------------------------------
+
+pass() {
+    TESTS_PASSED=$((TESTS_PASSED + 1))
+    echo "ok - $1"
+}
+
+fail() {
+    TESTS_FAILED=$((TESTS_FAILED + 1))
+    echo "not ok - $1: ${2:-failed}"
+}
+
+skip() {
+    TESTS_SKIPPED=$((TESTS_SKIPPED + 1))
+    echo "ok - $1 # SKIP ${2:-}"
+}
+
+# check NAME CMD...: the command's output is kept quiet unless it fails.
+check() {
+    local name=$1 out rc=0
+    shift
+    out=$("$@" 2>&1) || rc=$?
+    if [ "$rc" = 0 ]; then
+        pass "$name"
+    else
+        printf '%s\n' "$out" | tail -n 15 | sed 's/^/# /'
+        fail "$name" "exit $rc: $(printf '%s\n' "$out" | grep . | tail -n1)"
+    fi
+    return "$rc"
+}
+
+bail() {
+    fail "$1" "$2"
+    finish
+}
+
+finish() {
+    echo "# ${TESTS_PASSED} passed, ${TESTS_FAILED} failed, ${TESTS_SKIPPED} skipped"
+    [ "$TESTS_FAILED" = 0 ] && exit 0
+    exit 1
+}
+
+# ---- the guest ---------------------------------------------------------------
+
+in_guest() { [ "${PLEXSTOR_GUEST:-}" = 1 ]; }
+
+# Called at the top of a guest test with the calling script's "$0" and
+# arguments after the run.sh options, e.g.
+#   reexec_in_guest --nvme -- "$0" "$@"
+reexec_in_guest() {
+    in_guest && return 0
+    exec "$GUEST_LIB_REPO/scripts/guest/run.sh" "$@"
+}
+
+load_modules() {
+    local m
+    for m in "$@"; do
+        modprobe "$m" || return 1
+    done
+}
+
+# ---- nvmet (the kernel's NVMe-oF target) -------------------------------------
+
+NVMET_CFS=/sys/kernel/config/nvmet
+
+nvmet_ready() {
+    load_modules nvmet nvmet-tcp || return 1
+    if [ ! -d "$NVMET_CFS" ]; then
+        mount -t configfs configfs /sys/kernel/config 2>/dev/null || true
+    fi
+    [ -d "$NVMET_CFS" ] || { echo "no $NVMET_CFS (configfs not mounted?)" >&2; return 1; }
+}
+
+# The nvmet port (a configfs directory) listening on ADDR:PORT over TCP,
+# created if missing; prints its directory.
+nvmet_tcp_port() {
+    local addr=$1 port=$2 dir id=1
+    for dir in "$NVMET_CFS"/ports/*; do
+        [ -d "$dir" ] || continue
+        if [ "$(cat "$dir/addr_traddr")" = "$addr" ] && [ "$(cat "$dir/addr_trsvcid")" = "$port" ]; then
+            echo "$dir"
+            return 0
+        fi
+    done
+    while [ -e "$NVMET_CFS/ports/$id" ]; do id=$((id + 1)); done
+    dir=$NVMET_CFS/ports/$id
+    mkdir "$dir" || return 1
+    echo tcp >"$dir/addr_trtype"
+    echo ipv4 >"$dir/addr_adrfam"
+    echo "$addr" >"$dir/addr_traddr"
+    echo "$port" >"$dir/addr_trsvcid"
+    echo "$dir"
+}
+
+# nvmet_export_bdev NQN PORT DEV [ADDR=127.0.0.1]: subsystem NQN (any host
+# allowed) with DEV as namespace 1, listening on ADDR:PORT. Use ADDR 10.0.2.15
+# (or 0.0.0.0) for a target the host reaches through run.sh --fwd.
+nvmet_export_bdev() {
+    local nqn=$1 port=$2 dev=$3 addr=${4:-127.0.0.1} sub portdir
+    [ -b "$dev" ] || { echo "$dev is not a block device" >&2; return 1; }
+    nvmet_ready || return 1
+    sub=$NVMET_CFS/subsystems/$nqn
+    mkdir "$sub" || return 1
+    echo 1 >"$sub/attr_allow_any_host"
+    mkdir "$sub/namespaces/1"
+    echo "$dev" >"$sub/namespaces/1/device_path"
+    echo 1 >"$sub/namespaces/1/enable" || return 1
+    portdir=$(nvmet_tcp_port "$addr" "$port") || return 1
+    ln -s "$sub" "$portdir/subsystems/$nqn"
+}
+
+# A brd RAM disk not yet used by any nvmet namespace. brd is loaded once with
+# NVMET_RAMDISKS disks of NVMET_RAMDISK_MIB each (memory is taken on write).
+unused_ramdisk() {
+    local n dev
+    if [ ! -d /sys/module/brd ]; then
+        modprobe brd rd_nr="${NVMET_RAMDISKS:-8}" rd_size=$((${NVMET_RAMDISK_MIB:-128} * 1024)) || return 1
+    fi
+    for ((n = 0; n < 64; n++)); do
+        dev=/dev/ram$n
+        [ -b "$dev" ] || break
+        if ! grep -qsx "$dev" "$NVMET_CFS"/subsystems/*/namespaces/*/device_path; then
+            echo "$dev"
+            return 0
+        fi
+    done
+    echo "no unused brd RAM disk (raise NVMET_RAMDISKS before the first use)" >&2
+    return 1
+}
+
+nvmet_export_ramdisk() {
+    local nqn=$1 port=$2 addr=${3:-127.0.0.1} dev
+    nvmet_ready || return 1
+    dev=$(unused_ramdisk) || return 1
+    nvmet_export_bdev "$nqn" "$port" "$dev" "$addr"
+}
+
+# Undo every nvmet export: links, namespaces, subsystems, ports (in that order;
+# configfs refuses to remove a directory still in use).
+nvmet_clear() {
+    local link ns sub port
+    [ -d "$NVMET_CFS" ] || return 0
+    for link in "$NVMET_CFS"/ports/*/subsystems/*; do
+        [ -L "$link" ] && rm -f "$link"
+    done
+    for ns in "$NVMET_CFS"/subsystems/*/namespaces/*; do
+        [ -d "$ns" ] || continue
+        echo 0 >"$ns/enable"
+        rmdir "$ns"
+    done
+    for sub in "$NVMET_CFS"/subsystems/*; do
+        [ -d "$sub" ] && rmdir "$sub"
+    done
+    for port in "$NVMET_CFS"/ports/*; do
+        [ -d "$port" ] && rmdir "$port"
+    done
+    return 0
+}
+
+# ---- the kernel's NVMe host (initiator) --------------------------------------
+
+nvme_connect_tcp() {
+    local nqn=$1 addr=$2 port=$3
+    shift 3
+    load_modules nvme-tcp || return 1
+    nvme connect -t tcp -n "$nqn" -a "$addr" -s "$port" "$@"
+}
+
+# Block devices (one per line) of namespace NSID of subsystem NQN. Reads sysfs
+# rather than guessing names: on 6.x with native multipath the Y of nvmeXnY is
+# not the namespace id, and nvmeXcYnZ are hidden per-path devices.
+nvme_devs_of() {
+    local nqn=$1 nsid=${2:-} blk name
+    for blk in /sys/block/nvme*; do
+        [ -e "$blk" ] || continue
+        name=${blk##*/}
+        [[ $name =~ ^nvme[0-9]+n[0-9]+$ ]] || continue
+        [ "$(cat "$blk/device/subsysnqn" 2>/dev/null)" = "$nqn" ] || continue
+        [ -z "$nsid" ] || [ "$(cat "$blk/nsid" 2>/dev/null)" = "$nsid" ] || continue
+        echo "/dev/$name"
+    done
+}
+
+# wait_for_nvme_dev NQN [NSID=1] [TIMEOUT_S=20]: prints the device once its
+# node exists (writing to a missing /dev node would silently create a file).
+wait_for_nvme_dev() {
+    local nqn=$1 nsid=${2:-1} timeout=${3:-20} dev i
+    for ((i = 0; i < timeout * 10; i++)); do
+        dev=$(nvme_devs_of "$nqn" "$nsid" | head -n1)
+        if [ -n "$dev" ] && [ -b "$dev" ]; then
+            echo "$dev"
+            return 0
+        fi
+        sleep 0.1
+    done
+    echo "no block device for $nqn namespace $nsid after ${timeout}s" >&2
+    return 1
+}
+
+wait_for_no_nvme_dev() {
+    local nqn=$1 timeout=${2:-20} i
+    for ((i = 0; i < timeout * 10; i++)); do
+        [ -z "$(nvme_devs_of "$nqn")" ] && return 0
+        sleep 0.1
+    done
+    echo "block devices of $nqn still present after ${timeout}s" >&2
+    return 1
+}
+
+# fio_verify DEV [SIZE=8M]: random writes with checksums, read back, verified.
+fio_verify() {
+    local dev=$1 size=${2:-8M}
+    [ -b "$dev" ] || { echo "$dev is not a block device" >&2; return 1; }
+    fio --name=verify --filename="$dev" --size="$size" --rw=randwrite --bs=4k \
+        --ioengine=libaio --direct=1 --iodepth=8 --verify=crc32c --do_verify=1 \
+        --verify_fatal=1 --output-format=terse --minimal >/dev/null
+}
+
+# ---- host side ---------------------------------------------------------------
+
+free_tcp_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])' 2>/dev/null ||
+        echo $((20000 + RANDOM % 20000))
+}
