@@ -143,6 +143,7 @@ qemu_command() {
         -machine q35 -accel tcg,thread=multi -cpu max -smp "$SMP" -m "$MEM"
         -nodefaults -no-user-config -display none -no-reboot
         -pidfile "$run/qemu.pid"
+        -device isa-debug-exit,iobase=0xf4,iosize=0x04
         -chardev "stdio,id=console,signal=off,logfile=$run/console.log"
         -serial chardev:console
         -kernel "$GUEST_VMLINUX" -initrd "$GUEST_INITRD"
