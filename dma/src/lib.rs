@@ -27,7 +27,9 @@ pub const HUGEPAGE_SIZE: usize = 2 << 20;
 
 #[derive(Debug, Error)]
 pub enum DmaError {
-    #[error("DMA buffer of {0} bytes is larger than the largest pool buffer ({MAX_BUF_SIZE} bytes)")]
+    #[error(
+        "DMA buffer of {0} bytes is larger than the largest pool buffer ({MAX_BUF_SIZE} bytes)"
+    )]
     TooLarge(usize),
     #[error("DMA memory limit of {limit} bytes reached (in use: {used}); raise --mem-size")]
     LimitReached { limit: usize, used: usize },

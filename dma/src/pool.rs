@@ -85,7 +85,10 @@ fn grow(class: usize) -> Result<usize, DmaError> {
         MemoryKind::Hugepages => p.huge_bytes.fetch_add(chunk_len, Ordering::Relaxed),
         MemoryKind::Locked => p.locked_bytes.fetch_add(chunk_len, Ordering::Relaxed),
     };
-    p.chunks.lock().unwrap_or_else(|e| e.into_inner()).push((map, kind));
+    p.chunks
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((map, kind));
     for i in 1..chunk_len / size {
         p.free[class].push(base + i * size);
     }
@@ -232,7 +235,13 @@ impl Drop for DmaBuf {
 
 impl std::fmt::Debug for DmaBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "DmaBuf({:#x}, len {}, cap {})", self.iova(), self.len, self.capacity())
+        write!(
+            f,
+            "DmaBuf({:#x}, len {}, cap {})",
+            self.iova(),
+            self.len,
+            self.capacity()
+        )
     }
 }
 
@@ -270,7 +279,10 @@ mod tests {
         assert_eq!(class_of(513).unwrap(), 1);
         assert_eq!(class_of(4096).unwrap(), 3);
         assert_eq!(class_size(class_of(MAX_BUF_SIZE).unwrap()), MAX_BUF_SIZE);
-        assert!(matches!(class_of(MAX_BUF_SIZE + 1), Err(DmaError::TooLarge(_))));
+        assert!(matches!(
+            class_of(MAX_BUF_SIZE + 1),
+            Err(DmaError::TooLarge(_))
+        ));
     }
 
     #[test]
@@ -282,7 +294,11 @@ mod tests {
         let addr = b.iova();
         drop(b);
         let c = DmaBuf::new(3000).unwrap();
-        assert_eq!(c.iova(), addr, "the thread cache hands back the last freed buffer");
+        assert_eq!(
+            c.iova(),
+            addr,
+            "the thread cache hands back the last freed buffer"
+        );
         assert_eq!(c.len(), 3000);
         assert_eq!(c.capacity(), 4096);
         drop(a);
@@ -318,7 +334,11 @@ mod tests {
         std::thread::spawn(move || drop(bufs)).join().unwrap();
         let before = stats().mapped_bytes;
         let again: Vec<DmaBuf> = (0..64).map(|_| DmaBuf::new(8192).unwrap()).collect();
-        assert_eq!(stats().mapped_bytes, before, "freed buffers are reused, not remapped");
+        assert_eq!(
+            stats().mapped_bytes,
+            before,
+            "freed buffers are reused, not remapped"
+        );
         drop(again);
     }
 }

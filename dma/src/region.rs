@@ -73,7 +73,12 @@ impl Drop for DmaRegion {
 
 /// Maps anonymous memory, from hugepages if the kernel has them, else locked ordinary pages.
 pub(crate) fn map_pinned(len: usize) -> Result<(MmapMut, MemoryKind), DmaError> {
-    if let Ok(map) = MmapOptions::new().len(len).huge(Some(21)).populate().map_anon() {
+    if let Ok(map) = MmapOptions::new()
+        .len(len)
+        .huge(Some(21))
+        .populate()
+        .map_anon()
+    {
         return Ok((map, MemoryKind::Hugepages));
     }
     warn_fallback_once(len);

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The node side of scripts/demo.sh, run inside the test guest: the kernel's NVMe/TCP initiator
+# connects to plexd on the host (10.0.2.2), then a filesystem goes on the volume.
+set -euo pipefail
+: "${NQN:?}" "${PORT:?}"
+host=10.0.2.2
+
+modprobe nvme-tcp
+modprobe xfs
+echo "\$ nvme discover -t tcp -a $host -s $PORT"
+nvme discover -t tcp -a "$host" -s "$PORT"
+echo "\$ nvme connect -t tcp -a $host -s $PORT -n $NQN"
+nvme connect -t tcp -a "$host" -s "$PORT" -n "$NQN"
+
+# Find the block device by its subsystem NQN rather than guessing its name.
+dev=""
+for _ in $(seq 100); do
+    for ctrl in /sys/class/nvme/nvme*; do
+        [ "$(cat "$ctrl/subsysnqn" 2>/dev/null)" = "$NQN" ] || continue
+        for ns in "$ctrl"/nvme*n*; do
+            [ -e "$ns" ] || continue
+            candidate=/dev/$(basename "$ns")
+            [ -b "$candidate" ] && dev=$candidate
+        done
+    done
+    [ -n "$dev" ] && break
+    sleep 0.1
+done
+[ -n "$dev" ] || { echo "no block device appeared for $NQN"; exit 1; }
+nvme list
+echo "\$ mkfs.xfs $dev && mount $dev /mnt"
+mkfs.xfs -q -f "$dev"
+mkdir -p /mnt
+mount "$dev" /mnt
+echo "hello from a plexstor volume" > /mnt/hello.txt
+dd if=/dev/urandom of=/mnt/blob bs=1M count=8 status=none
+sum=$(md5sum < /mnt/blob)
+sync
+umount /mnt
+mount "$dev" /mnt
+cat /mnt/hello.txt
+[ "$(md5sum < /mnt/blob)" = "$sum" ] && echo "8 MiB file read back intact after remount"
+df -h /mnt
+umount /mnt
+nvme disconnect -n "$NQN"
