@@ -1,1 +1,27 @@
-//! NVMe host driver.
+//! NVMe host driver: one controller / queue-pair model over several transports.
+//!
+//! Today the transport is NVMe/TCP; PCIe (VFIO) and RDMA plug in behind the same
+//! [`Controller`] and [`IoQpair`] types (see [`transport`]).
+//!
+//! Threading model: nothing here owns a thread or a timer. A [`Controller`] is polled by whoever
+//! owns it (keep-alive, asynchronous events, reconnects all happen inside
+//! [`Controller::poll`]); each [`IoQpair`] is polled by its owner (a reactor, a benchmark
+//! thread). They share only a few atomics, so queue pairs can live on other threads.
+
+pub mod buf;
+pub mod ctrlr;
+pub mod discovery;
+pub mod error;
+pub mod histogram;
+pub mod opts;
+pub mod qpair;
+pub(crate) mod tcp;
+pub mod transport;
+pub mod trid;
+
+pub use buf::{AlignedBuf, IoBuf};
+pub use ctrlr::{Controller, CtrlrEvent, CtrlrState, Namespace};
+pub use error::{Error, IoError, Result, SubmitError, SubmitErrorKind};
+pub use opts::CtrlrOpts;
+pub use qpair::{IoCompletion, IoQpair};
+pub use trid::{TrType, TransportId};

@@ -1,0 +1,332 @@
+//! I/O queue pairs: what a reactor poller or a benchmark thread owns and polls.
+//!
+//! The hot path: `read`/`write` put the command in a preallocated slot and queue its capsule;
+//! `poll` sends everything queued in one `writev`, reads what arrived, and calls the owner's
+//! closure once per finished command with the tag and the buffer. No allocation, no lock:
+//! the only shared state is a few atomics of the controller, read once per poll.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nvme_spec::{Command, Status};
+use tracing::{debug, info, warn};
+
+use crate::buf::IoBuf;
+use crate::ctrlr::{CtrlrState, Shared};
+use crate::error::{IoError, SubmitError, SubmitErrorKind};
+use crate::transport::{Dir, Done, Queue};
+
+/// Data direction of a raw command given to [`IoQpair::submit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataDir {
+    /// No data.
+    None,
+    /// Controller to host (the buffer is filled).
+    Read,
+    /// Host to controller (the buffer is sent).
+    Write,
+}
+
+/// A finished I/O.
+#[derive(Debug)]
+pub struct IoCompletion<B> {
+    /// The caller's tag from submission.
+    pub tag: u64,
+    /// Success, or why not.
+    pub result: Result<(), IoError>,
+    /// Completion dword 0 (command specific).
+    pub dw0: u32,
+    /// The caller's buffer, back in the caller's hands.
+    pub buf: Option<B>,
+}
+
+/// How often in-flight commands are checked against the I/O timeout.
+const TIMEOUT_SCAN: Duration = Duration::from_millis(100);
+
+/// An I/O queue pair of a controller. `Send`: create it anywhere, move it to the thread that
+/// polls it. Owners must call [`IoQpair::poll`] regularly; nothing moves otherwise.
+pub struct IoQpair<B: IoBuf> {
+    q: Queue<B>,
+    shared: Arc<Shared>,
+    /// Controller association (epoch) this queue is connected to.
+    epoch: u64,
+    next_try: Instant,
+    last_scan: Instant,
+    max_xfer: u32,
+}
+
+impl<B: IoBuf> IoQpair<B> {
+    pub(crate) fn new(q: Queue<B>, shared: Arc<Shared>, epoch: u64, max_xfer: u32) -> Self {
+        IoQpair {
+            q,
+            shared,
+            epoch,
+            next_try: Instant::now(),
+            last_scan: Instant::now(),
+            max_xfer,
+        }
+    }
+
+    /// Queue ID.
+    pub fn qid(&self) -> u16 {
+        self.q.qid()
+    }
+
+    /// Most commands that can be outstanding at once.
+    pub fn depth(&self) -> u16 {
+        self.q.depth()
+    }
+
+    /// Commands submitted and not yet completed.
+    pub fn outstanding(&self) -> usize {
+        self.q.outstanding()
+    }
+
+    /// Whether the transport connection is up right now.
+    pub fn is_connected(&self) -> bool {
+        self.q.is_connected()
+    }
+
+    /// Largest transfer in bytes (from MDTS).
+    pub fn max_transfer(&self) -> u32 {
+        self.max_xfer
+    }
+
+    /// Reads `nblocks` blocks at `slba` of namespace `nsid` into `buf` (its length must be
+    /// `nblocks` times the block size). The command goes out on the next [`IoQpair::poll`].
+    #[inline]
+    pub fn read(
+        &mut self,
+        nsid: u32,
+        slba: u64,
+        nblocks: u32,
+        buf: B,
+        tag: u64,
+    ) -> Result<(), SubmitError<B>> {
+        self.submit(
+            Command::read_blocks(nsid, slba, nblocks),
+            DataDir::Read,
+            Some(buf),
+            tag,
+        )
+    }
+
+    /// Writes `buf` (`nblocks` blocks) at `slba` of namespace `nsid`.
+    #[inline]
+    pub fn write(
+        &mut self,
+        nsid: u32,
+        slba: u64,
+        nblocks: u32,
+        buf: B,
+        tag: u64,
+    ) -> Result<(), SubmitError<B>> {
+        self.submit(
+            Command::write_blocks(nsid, slba, nblocks, false),
+            DataDir::Write,
+            Some(buf),
+            tag,
+        )
+    }
+
+    /// NVM Flush of namespace `nsid`.
+    pub fn flush(&mut self, nsid: u32, tag: u64) -> Result<(), SubmitError<B>> {
+        self.submit(Command::flush(nsid), DataDir::None, None, tag)
+    }
+
+    /// Write Zeroes (`deallocate` lets the target unmap).
+    pub fn write_zeroes(
+        &mut self,
+        nsid: u32,
+        slba: u64,
+        nblocks: u32,
+        deallocate: bool,
+        tag: u64,
+    ) -> Result<(), SubmitError<B>> {
+        self.submit(
+            Command::write_zeroes(nsid, slba, nblocks, deallocate),
+            DataDir::None,
+            None,
+            tag,
+        )
+    }
+
+    /// Any I/O command; the transport fills in CID and the data pointer.
+    pub fn submit(
+        &mut self,
+        cmd: Command,
+        dir: DataDir,
+        buf: Option<B>,
+        tag: u64,
+    ) -> Result<(), SubmitError<B>> {
+        let len = buf.as_ref().map_or(0, |b| b.len());
+        if len > self.max_xfer as usize || (dir != DataDir::None && len == 0) {
+            return Err(SubmitError {
+                kind: SubmitErrorKind::BadLength,
+                buf,
+            });
+        }
+        if self.shared.fail_io.load(Ordering::Relaxed) {
+            return Err(SubmitError {
+                kind: SubmitErrorKind::PathFailed,
+                buf,
+            });
+        }
+        let dir = match dir {
+            DataDir::None => Dir::None,
+            DataDir::Read => Dir::ToHost,
+            DataDir::Write => Dir::ToCtrl,
+        };
+        match self.q.submit(cmd, dir, buf, tag) {
+            Ok(_) => Ok(()),
+            Err(buf) => Err(SubmitError {
+                kind: SubmitErrorKind::QueueFull,
+                buf,
+            }),
+        }
+    }
+
+    /// Sends queued commands, receives completions and hands each to `on_done`; also drives
+    /// reconnection after a controller reset and the I/O timeout. Returns the number of
+    /// completions delivered. With nothing outstanding it makes no system call.
+    pub fn poll(&mut self, mut on_done: impl FnMut(IoCompletion<B>)) -> usize {
+        let sh = &*self.shared;
+        let epoch = sh.epoch.load(Ordering::Acquire);
+        let mut n = 0;
+        if epoch != self.epoch && self.q.is_connected() {
+            // The controller was reset: this association is gone. Commands stay in their slots.
+            debug!(
+                qid = self.q.qid(),
+                "controller reset: dropping the old connection"
+            );
+            self.q.disconnect();
+        }
+        if !self.q.is_connected() {
+            if sh.fail_io.load(Ordering::Relaxed) {
+                self.q
+                    .fail_all(Status::HOST_PATHING_ERROR, &mut |d: Done<B>| {
+                        n += 1;
+                        on_done(IoCompletion {
+                            tag: d.tag,
+                            result: Err(IoError::PathFailed),
+                            dw0: 0,
+                            buf: d.buf,
+                        })
+                    });
+                return n;
+            }
+            let now = Instant::now();
+            if sh.state() != CtrlrState::Connected || epoch == self.epoch || now < self.next_try {
+                return 0;
+            }
+            let cntlid = sh.cntlid.load(Ordering::Acquire) as u16;
+            match self.q.connect(cntlid) {
+                Ok(_) => {
+                    info!(
+                        qid = self.q.qid(),
+                        cntlid,
+                        resent = self.q.outstanding(),
+                        "I/O queue reconnected"
+                    );
+                    self.epoch = epoch;
+                }
+                Err(e) => {
+                    warn!(qid = self.q.qid(), "I/O queue reconnect failed: {e}");
+                    self.next_try = now + sh.reconnect_delay;
+                    return 0;
+                }
+            }
+        }
+        if !self.q.busy() {
+            return 0;
+        }
+        let res = self.q.poll(&mut |d: Done<B>| {
+            n += 1;
+            on_done(IoCompletion {
+                tag: d.tag,
+                result: to_result(d.status),
+                dw0: d.dw0,
+                buf: d.buf,
+            })
+        });
+        if let Err(e) = res {
+            warn!(
+                qid = self.q.qid(),
+                "I/O queue connection failed: {e}; requesting controller reset"
+            );
+            sh.reset_req.store(true, Ordering::Release);
+        }
+        if let Some(t) = sh.io_timeout {
+            if self.q.outstanding() > 0 {
+                let now = Instant::now();
+                if now.duration_since(self.last_scan) >= TIMEOUT_SCAN {
+                    self.last_scan = now;
+                    self.check_timeouts(now, t);
+                }
+            }
+        }
+        n
+    }
+
+    /// SPDK's timeout action "abort": an expired command gets an Abort; if it is still there one
+    /// more timeout later, the controller is reset.
+    fn check_timeouts(&mut self, now: Instant, t: Duration) {
+        if !self.q.is_connected() {
+            return;
+        }
+        let qid = self.q.qid();
+        let sh = &*self.shared;
+        let mut reset = false;
+        self.q.for_each_active(|cid, started, abort_posted, tag| {
+            if now.duration_since(*started) < t {
+                return;
+            }
+            if !*abort_posted && sh.post_abort(qid, cid) {
+                warn!(qid, cid, tag, "I/O timed out after {t:?}: aborting");
+                *abort_posted = true;
+                *started = now;
+            } else {
+                warn!(
+                    qid,
+                    cid, tag, "I/O still outstanding after abort: resetting controller"
+                );
+                reset = true;
+            }
+        });
+        if reset {
+            sh.reset_req.store(true, Ordering::Release);
+        }
+    }
+
+    /// Fails every outstanding command as a path failure (used when the owner tears down).
+    pub fn abort_all(&mut self, mut on_done: impl FnMut(IoCompletion<B>)) {
+        self.q
+            .fail_all(Status::HOST_PATHING_ERROR, &mut |d: Done<B>| {
+                on_done(IoCompletion {
+                    tag: d.tag,
+                    result: Err(IoError::PathFailed),
+                    dw0: 0,
+                    buf: d.buf,
+                })
+            });
+    }
+}
+
+impl<B: IoBuf> Drop for IoQpair<B> {
+    fn drop(&mut self) {
+        self.q.disconnect();
+        self.shared.release_qid(self.q.qid());
+    }
+}
+
+#[inline]
+fn to_result(s: Status) -> Result<(), IoError> {
+    if s.is_success() {
+        Ok(())
+    } else if s.same_code(Status::ABORT_REQUESTED) {
+        Err(IoError::TimedOut)
+    } else {
+        Err(IoError::Nvme(s))
+    }
+}

@@ -1,0 +1,93 @@
+//! The transport seam.
+//!
+//! A transport provides one thing: a *queue* (admin or I/O) that can connect to a controller,
+//! take commands with an owned buffer and a tag, move their data, and report completions when
+//! polled. Everything above it — bring-up, keep-alive, AER, timeouts, reset/reconnect,
+//! namespaces, plexperf — is transport-neutral and lives in [`crate::ctrlr`] and
+//! [`crate::qpair`].
+//!
+//! Queues are dispatched through the [`Queue`] enum rather than a trait object so the hot path
+//! stays a direct, inlinable call. Adding PCIe (VFIO) or RDMA means adding a variant and
+//! implementing the same inherent methods as [`crate::tcp::queue::TcpQueue`]:
+//! `connect(cntlid)`, `disconnect()`, `submit(sqe, dir, buf, tag)`, `poll(on_done)`,
+//! `flush()`, `fail_all(..)`, `for_each_active(..)`, `outstanding()`, `busy()`,
+//! `is_connected()`, `depth()`, `wait_readable(..)`. For PCIe "connect" is Create I/O CQ/SQ
+//! and "poll" reads the completion queue in memory; the layers above do not change.
+
+use std::time::{Duration, Instant};
+
+use nvme_spec::{Command, Status};
+
+use crate::buf::IoBuf;
+use crate::error::Result;
+use crate::tcp::queue::TcpQueue;
+pub(crate) use crate::tcp::queue::{ConnParams, Dir, Done};
+
+/// One queue of some transport.
+pub(crate) enum Queue<B> {
+    Tcp(TcpQueue<B>),
+}
+
+macro_rules! each {
+    ($self:ident, $q:ident => $e:expr) => {
+        match $self {
+            Queue::Tcp($q) => $e,
+        }
+    };
+}
+
+impl<B: IoBuf> Queue<B> {
+    pub fn new_tcp(p: ConnParams) -> Self {
+        Queue::Tcp(TcpQueue::new(p))
+    }
+    pub fn connect(&mut self, cntlid: u16) -> Result<u16> {
+        each!(self, q => q.connect(cntlid))
+    }
+    pub fn disconnect(&mut self) {
+        each!(self, q => q.disconnect())
+    }
+    #[inline]
+    pub fn submit(
+        &mut self,
+        sqe: Command,
+        dir: Dir,
+        buf: Option<B>,
+        tag: u64,
+    ) -> Result<u16, Option<B>> {
+        each!(self, q => q.submit(sqe, dir, buf, tag))
+    }
+    #[inline]
+    pub fn poll(&mut self, on_done: &mut impl FnMut(Done<B>)) -> Result<usize> {
+        each!(self, q => q.poll(on_done))
+    }
+    pub fn flush(&mut self) -> Result<()> {
+        each!(self, q => q.flush())
+    }
+    pub fn fail_all(&mut self, status: Status, on_done: &mut impl FnMut(Done<B>)) {
+        each!(self, q => q.fail_all(status, on_done))
+    }
+    pub fn for_each_active(&mut self, f: impl FnMut(u16, &mut Instant, &mut bool, u64)) {
+        each!(self, q => q.for_each_active(f))
+    }
+    #[inline]
+    pub fn outstanding(&self) -> usize {
+        each!(self, q => q.outstanding())
+    }
+    #[inline]
+    pub fn busy(&self) -> bool {
+        each!(self, q => q.busy())
+    }
+    #[inline]
+    pub fn is_connected(&self) -> bool {
+        each!(self, q => q.is_connected())
+    }
+    pub fn depth(&self) -> u16 {
+        each!(self, q => q.depth())
+    }
+    pub fn wait_readable(&self, t: Duration) {
+        each!(self, q => q.wait_readable(t))
+    }
+    pub fn qid(&self) -> u16 {
+        each!(self, q => q.params.qid)
+    }
+}
