@@ -1,0 +1,592 @@
+//! The host against a scripted NVMe/TCP controller written here: real bytes over loopback.
+//!
+//! The fake controller is deliberately picky (it checks what the host sends with
+//! nvme-spec's validating parser) and can misbehave on request (a response for a CID that does
+//! not exist) to exercise the host's failure handling and reconnect.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use initiator::discovery;
+use initiator::qpair::IoCompletion;
+use initiator::trid::DISCOVERY_NQN;
+use initiator::{AlignedBuf, Controller, CtrlrOpts, CtrlrState, TransportId};
+use nvme_spec::fabrics::{Connect, PropertyGet, PropertySet};
+use nvme_spec::identify::IdentifyController;
+use nvme_spec::tcp::{C2HData, CapsuleResp, IcResp, ParseOptions, PduBody, PduHeader, Role, R2T};
+use nvme_spec::{Command, Completion, FromZeros, IntoBytes, Status};
+
+const BS: usize = 512;
+const NBLOCKS: u64 = 4096;
+const MAXH2C: u32 = 8192;
+/// In-capsule writes up to 4 KiB; larger ones need R2T.
+const IOCCSZ: u32 = (64 + 4096) / 16;
+
+#[derive(Default)]
+struct Knobs {
+    /// After this many I/O completions, answer with a CID that does not exist (once).
+    bogus_after: AtomicUsize,
+    bogus_done: AtomicBool,
+    io_done: AtomicUsize,
+    connects: AtomicUsize,
+    term_reqs: AtomicUsize,
+    ka: AtomicUsize,
+}
+
+struct Fake {
+    port: u16,
+    knobs: Arc<Knobs>,
+    disk: Arc<Mutex<Vec<u8>>>,
+}
+
+fn start_fake() -> Fake {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let knobs = Arc::new(Knobs::default());
+    knobs.bogus_after.store(usize::MAX, Ordering::Relaxed);
+    let disk = Arc::new(Mutex::new(vec![0u8; NBLOCKS as usize * BS]));
+    let (k, d) = (knobs.clone(), disk.clone());
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { return };
+            let (k, d) = (k.clone(), d.clone());
+            std::thread::spawn(move || {
+                let _ = serve(s, &k, &d);
+            });
+        }
+    });
+    Fake { port, knobs, disk }
+}
+
+struct Conn {
+    s: TcpStream,
+    hd: bool,
+    dd: bool,
+    cc: u32,
+    qid: u16,
+}
+
+impl Conn {
+    fn send(&mut self, hdr: &[u8], data: Option<&[u8]>) -> std::io::Result<()> {
+        let mut b = hdr.to_vec();
+        if self.hd {
+            b.extend_from_slice(&crc32c::crc32c(hdr).to_le_bytes());
+        }
+        if let Some(d) = data {
+            b.extend_from_slice(d);
+            if self.dd {
+                b.extend_from_slice(&crc32c::crc32c(d).to_le_bytes());
+            }
+        }
+        self.s.write_all(&b)
+    }
+
+    fn resp(&mut self, cid: u16, status: Status, dw0: u32, dw1: u32) -> std::io::Result<()> {
+        let mut cqe = Completion::new(cid, status);
+        cqe.result.set(dw0);
+        cqe.dw1.set(dw1);
+        cqe.sqid.set(self.qid);
+        let r = CapsuleResp::new(cqe, self.hd);
+        self.send(r.as_bytes(), None)
+    }
+
+    fn c2h(&mut self, cid: u16, data: &[u8], success: bool) -> std::io::Result<()> {
+        // Two PDUs when there is enough data, to exercise offsets.
+        let half = if data.len() >= 1024 {
+            data.len() / 2
+        } else {
+            data.len()
+        };
+        let mut off = 0;
+        while off < data.len() {
+            let n = half.min(data.len() - off);
+            let last = off + n == data.len();
+            let h = C2HData::new(
+                cid,
+                off as u32,
+                n as u32,
+                last,
+                last && success,
+                self.hd,
+                self.dd,
+                0,
+            )
+            .unwrap();
+            self.send(h.as_bytes(), Some(&data[off..off + n]))?;
+            off += n;
+        }
+        Ok(())
+    }
+}
+
+struct PendingWrite {
+    slba: u64,
+    data: Vec<u8>,
+    len: usize,
+    r2t_end: usize,
+}
+
+fn serve(s: TcpStream, k: &Knobs, disk: &Mutex<Vec<u8>>) -> std::io::Result<()> {
+    s.set_nodelay(true)?;
+    let mut s2 = s.try_clone()?;
+    let mut icreq = [0u8; 128];
+    s2.read_exact(&mut icreq)?;
+    let h = PduHeader::parse(&icreq, &ParseOptions::new(Role::Controller)).expect("valid ICReq");
+    let PduBody::IcReq(req) = h.body else {
+        panic!("expected ICReq")
+    };
+    let mut c = Conn {
+        s,
+        hd: req.hdgst(),
+        dd: req.ddgst(),
+        cc: 0,
+        qid: 0,
+    };
+    let ic = IcResp::new(0, c.hd, c.dd, MAXH2C);
+    c.s.write_all(ic.as_bytes())?;
+    let opts = ParseOptions {
+        hdgst: c.hd,
+        ddgst: c.dd,
+        ..ParseOptions::new(Role::Controller)
+    };
+    let mut writes: HashMap<u16, PendingWrite> = HashMap::new();
+    loop {
+        let mut ch = [0u8; 8];
+        s2.read_exact(&mut ch)?;
+        let plen = u32::from_le_bytes([ch[4], ch[5], ch[6], ch[7]]) as usize;
+        assert!((8..=1 << 20).contains(&plen), "host sent PLEN {plen}");
+        let mut pdu = vec![0u8; plen];
+        pdu[..8].copy_from_slice(&ch);
+        s2.read_exact(&mut pdu[8..])?;
+        let h = PduHeader::parse(&pdu, &opts).expect("host PDU must be valid");
+        let data = &pdu[h.data_range()];
+        if let Some(r) = h.data_digest_range() {
+            assert_eq!(
+                &pdu[r],
+                &crc32c::crc32c(data).to_le_bytes(),
+                "host data digest"
+            );
+        }
+        match h.body {
+            PduBody::TermReq(_) => {
+                k.term_reqs.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+            PduBody::CapsuleCmd(cap) => {
+                let cmd = cap.cmd;
+                let cid = cmd.cid();
+                if cmd.is_fabrics() {
+                    if let Some(con) = Connect::from_command(&cmd) {
+                        k.connects.fetch_add(1, Ordering::Relaxed);
+                        assert_eq!(data.len(), 1024, "Connect data in-capsule");
+                        c.qid = con.qid;
+                        c.resp(cid, Status::SUCCESS, 1, 0)?;
+                    } else if let Some(pg) = PropertyGet::from_command(&cmd) {
+                        let v: u64 = match pg.offset {
+                            // MQES 127, CQR, TO 1 (500 ms)
+                            0x00 => 127 | (1 << 16) | (1 << 24),
+                            0x08 => 0x0001_0400,
+                            0x14 => c.cc as u64,
+                            0x1c => {
+                                let rdy = c.cc & 1;
+                                let shst = if (c.cc >> 14) & 3 != 0 { 2 << 2 } else { 0 };
+                                (rdy | shst) as u64
+                            }
+                            _ => 0,
+                        };
+                        c.resp(cid, Status::SUCCESS, v as u32, (v >> 32) as u32)?;
+                    } else if let Some(ps) = PropertySet::from_command(&cmd) {
+                        if ps.offset == 0x14 {
+                            c.cc = ps.value as u32;
+                        }
+                        c.resp(cid, Status::SUCCESS, 0, 0)?;
+                    } else {
+                        c.resp(cid, Status::INVALID_OPCODE, 0, 0)?;
+                    }
+                } else if c.qid == 0 {
+                    admin(&mut c, &cmd, k)?;
+                } else {
+                    io(&mut c, &cmd, data, k, disk, &mut writes)?;
+                }
+            }
+            PduBody::H2CData(d) => {
+                let cid = d.cccid.get();
+                let w = writes
+                    .get_mut(&cid)
+                    .expect("H2CData for a write we asked for");
+                assert_eq!(
+                    d.datao.get() as usize,
+                    w.data.len(),
+                    "H2CData offset in order"
+                );
+                assert!(data.len() <= MAXH2C as usize);
+                w.data.extend_from_slice(data);
+                assert!(w.data.len() <= w.r2t_end);
+                if w.data.len() == w.r2t_end {
+                    if w.r2t_end < w.len {
+                        // Second R2T for the rest: hosts must handle several per command.
+                        let off = w.r2t_end;
+                        w.r2t_end = w.len;
+                        let r = R2T::new(cid, 7, off as u32, (w.len - off) as u32, c.hd);
+                        c.send(r.as_bytes(), None)?;
+                    } else {
+                        let w = writes.remove(&cid).unwrap();
+                        let at = w.slba as usize * BS;
+                        disk.lock().unwrap()[at..at + w.len].copy_from_slice(&w.data);
+                        finish_io(&mut c, cid, k)?;
+                    }
+                }
+            }
+            other => panic!("unexpected PDU from host: {other:?}"),
+        }
+    }
+}
+
+fn finish_io(c: &mut Conn, cid: u16, k: &Knobs) -> std::io::Result<()> {
+    let n = k.io_done.fetch_add(1, Ordering::Relaxed);
+    if n >= k.bogus_after.load(Ordering::Relaxed) && !k.bogus_done.swap(true, Ordering::Relaxed) {
+        // Misbehave once: a completion for a CID the host never used.
+        return c.resp(cid ^ 0x4000, Status::SUCCESS, 0, 0);
+    }
+    c.resp(cid, Status::SUCCESS, 0, 0)
+}
+
+fn admin(c: &mut Conn, cmd: &Command, k: &Knobs) -> std::io::Result<()> {
+    let cid = cmd.cid();
+    match cmd.opcode {
+        0x06 => {
+            let cns = cmd.cdw10.get() as u8;
+            let mut b = vec![0u8; 4096];
+            match cns {
+                1 => {
+                    let mut id = IdentifyController::new_zeroed();
+                    id.set_model("fake");
+                    id.set_serial("1234");
+                    id.mdts = 5; // 128 KiB
+                    id.kas.set(1);
+                    id.sgls.set(1);
+                    id.ioccsz.set(IOCCSZ);
+                    id.iorcsz.set(1);
+                    id.nn.set(1);
+                    b.copy_from_slice(id.as_bytes());
+                }
+                2 => b[..4].copy_from_slice(&1u32.to_le_bytes()),
+                0 => {
+                    b[..8].copy_from_slice(&NBLOCKS.to_le_bytes());
+                    b[8..16].copy_from_slice(&NBLOCKS.to_le_bytes());
+                    b[128 + 2] = 9; // LBAF0: 512-byte blocks
+                }
+                _ => return c.resp(cid, Status::INVALID_FIELD, 0, 0),
+            }
+            c.c2h(cid, &b, false)?;
+            c.resp(cid, Status::SUCCESS, 0, 0)
+        }
+        0x09 => c.resp(cid, Status::SUCCESS, (3 << 16) | 3, 0),
+        0x18 => {
+            k.ka.fetch_add(1, Ordering::Relaxed);
+            c.resp(cid, Status::SUCCESS, 0, 0)
+        }
+        0x0c => Ok(()), // AER: held forever
+        0x02 => {
+            // Discovery log: 2 entries.
+            let numd = ((cmd.cdw10.get() >> 16) | (cmd.cdw11.get() << 16)) as usize + 1;
+            let off = (cmd.cdw12.get() as usize) | ((cmd.cdw13.get() as usize) << 32);
+            let mut log = vec![0u8; 3 * 1024];
+            log[0..8].copy_from_slice(&5u64.to_le_bytes());
+            log[8..16].copy_from_slice(&2u64.to_le_bytes());
+            for i in 0..2 {
+                let e = &mut log[1024 * (i + 1)..1024 * (i + 2)];
+                e[0] = 3;
+                e[1] = 1;
+                e[2] = 2;
+                e[6..8].copy_from_slice(&0xffffu16.to_le_bytes());
+                e[32..36].copy_from_slice(b"4420");
+                e[256..265].copy_from_slice(b"127.0.0.1");
+                let nqn = format!("nqn.2024-01.io.fake:sub{i}");
+                e[512..512 + nqn.len()].copy_from_slice(nqn.as_bytes());
+            }
+            let want = numd * 4;
+            let mut out = log.get(off..).unwrap_or(&[]).to_vec();
+            out.resize(want, 0);
+            c.c2h(cid, &out, true)
+        }
+        _ => c.resp(cid, Status::INVALID_OPCODE, 0, 0),
+    }
+}
+
+fn io(
+    c: &mut Conn,
+    cmd: &Command,
+    data: &[u8],
+    k: &Knobs,
+    disk: &Mutex<Vec<u8>>,
+    writes: &mut HashMap<u16, PendingWrite>,
+) -> std::io::Result<()> {
+    let cid = cmd.cid();
+    let slba = u64::from(cmd.cdw10.get()) | (u64::from(cmd.cdw11.get()) << 32);
+    let nlb = (cmd.cdw12.get() & 0xffff) as usize + 1;
+    let len = nlb * BS;
+    assert!(slba + nlb as u64 <= NBLOCKS);
+    let sgl = cmd.sgl1();
+    assert_eq!(sgl.len() as usize, len, "SGL length = transfer length");
+    match cmd.opcode {
+        0x01 if sgl.is_in_capsule() => {
+            assert_eq!(data.len(), len);
+            let at = slba as usize * BS;
+            disk.lock().unwrap()[at..at + len].copy_from_slice(data);
+            finish_io(c, cid, k)
+        }
+        0x01 => {
+            assert!(sgl.is_tcp_transport() && data.is_empty());
+            assert!(
+                len > 4096,
+                "writes that fit in-capsule must be sent in-capsule"
+            );
+            let half = (len / 2).next_multiple_of(BS);
+            writes.insert(
+                cid,
+                PendingWrite {
+                    slba,
+                    data: Vec::new(),
+                    len,
+                    r2t_end: half,
+                },
+            );
+            let r = R2T::new(cid, 3, 0, half as u32, c.hd);
+            c.send(r.as_bytes(), None)
+        }
+        0x02 => {
+            let at = slba as usize * BS;
+            let d = disk.lock().unwrap()[at..at + len].to_vec();
+            // Even CIDs get the SUCCESS flag (no CapsuleResp), odd ones a CapsuleResp.
+            let success = cid % 2 == 0 && k.bogus_after.load(Ordering::Relaxed) == usize::MAX;
+            c.c2h(cid, &d, success)?;
+            if success {
+                k.io_done.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            } else {
+                finish_io(c, cid, k)
+            }
+        }
+        _ => c.resp(cid, Status::INVALID_OPCODE, 0, 0),
+    }
+}
+
+// ------------------------------------------------------------------------------ tests
+
+fn trid(port: u16, nqn: &str) -> TransportId {
+    format!("trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:{port} subnqn:{nqn}")
+        .parse()
+        .unwrap()
+}
+
+fn opts(digests: bool) -> CtrlrOpts {
+    CtrlrOpts {
+        hdgst: digests,
+        ddgst: digests,
+        keep_alive_timeout: Duration::from_millis(400),
+        reconnect_delay: Duration::from_millis(50),
+        ctrlr_loss_timeout: Some(Duration::from_secs(5)),
+        ..CtrlrOpts::default()
+    }
+}
+
+fn pattern(len: usize, seed: u8) -> AlignedBuf {
+    let mut b = AlignedBuf::new(len);
+    for (i, x) in b.iter_mut().enumerate() {
+        *x = (i as u8).wrapping_mul(31).wrapping_add(seed);
+    }
+    b
+}
+
+/// Polls until `n` completions arrive (or panics after 5 s), polling the controller too.
+fn wait(
+    c: &mut Controller,
+    q: &mut initiator::IoQpair<AlignedBuf>,
+    n: usize,
+) -> Vec<IoCompletion<AlignedBuf>> {
+    let mut out = Vec::new();
+    let t = Instant::now();
+    while out.len() < n {
+        q.poll(|d| out.push(d));
+        c.poll();
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "timed out with {} of {n}",
+            out.len()
+        );
+    }
+    out
+}
+
+fn round_trip(digests: bool) {
+    let f = start_fake();
+    let mut c =
+        Controller::connect(&trid(f.port, "nqn.2024-01.io.fake:sub0"), &opts(digests)).unwrap();
+    assert_eq!(c.state(), CtrlrState::Connected);
+    assert_eq!(c.info().model, "fake");
+    assert_eq!(c.info().in_capsule_data, 4096);
+    assert_eq!(c.info().max_transfer, 128 * 1024);
+    assert_eq!((c.info().hdgst, c.info().ddgst), (digests, digests));
+    assert_eq!(c.namespaces().len(), 1);
+    assert_eq!(c.namespaces()[0].block_size, 512);
+    assert_eq!(c.namespaces()[0].blocks, NBLOCKS);
+    let mut q = c.alloc_io_qpair::<AlignedBuf>(Some(32)).unwrap();
+
+    // In-capsule (512, 4096), one R2T split in two with several H2CData each (12 KiB, 64 KiB).
+    let sizes = [512usize, 4096, 12288, 65536];
+    let mut lba = 0u64;
+    for (i, &sz) in sizes.iter().enumerate() {
+        q.write(1, lba, (sz / BS) as u32, pattern(sz, i as u8), i as u64)
+            .map_err(|e| e.kind)
+            .unwrap();
+        lba += (sz / BS) as u64;
+    }
+    let done = wait(&mut c, &mut q, sizes.len());
+    assert!(done.iter().all(|d| d.result.is_ok()), "{done:?}");
+    let mut lba = 0u64;
+    for (i, &sz) in sizes.iter().enumerate() {
+        q.read(1, lba, (sz / BS) as u32, AlignedBuf::new(sz), i as u64)
+            .map_err(|e| e.kind)
+            .unwrap();
+        lba += (sz / BS) as u64;
+    }
+    let mut done = wait(&mut c, &mut q, sizes.len());
+    done.sort_by_key(|d| d.tag);
+    for (i, d) in done.iter().enumerate() {
+        assert!(d.result.is_ok());
+        assert_eq!(
+            &d.buf.as_ref().unwrap()[..],
+            &pattern(sizes[i], i as u8)[..],
+            "read back size {}",
+            sizes[i]
+        );
+    }
+    assert_eq!(&f.disk.lock().unwrap()[..512], &pattern(512, 0)[..]);
+    drop(q);
+    c.detach().unwrap();
+}
+
+#[test]
+fn bring_up_write_read_in_capsule_r2t_c2h() {
+    round_trip(false);
+}
+
+#[test]
+fn with_header_and_data_digests() {
+    round_trip(true);
+}
+
+#[test]
+fn keep_alive_goes_out_from_poll() {
+    let f = start_fake();
+    let mut c =
+        Controller::connect(&trid(f.port, "nqn.2024-01.io.fake:sub0"), &opts(false)).unwrap();
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_millis(700) {
+        c.poll();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // KATO 400 ms -> one every 200 ms.
+    let n = f.knobs.ka.load(Ordering::Relaxed);
+    assert!((2..=5).contains(&n), "{n} keep-alives");
+    assert_eq!(c.state(), CtrlrState::Connected);
+}
+
+#[test]
+fn unknown_cid_fails_connection_then_reconnects_and_resends() {
+    let f = start_fake();
+    let mut c =
+        Controller::connect(&trid(f.port, "nqn.2024-01.io.fake:sub0"), &opts(false)).unwrap();
+    let mut q = c.alloc_io_qpair::<AlignedBuf>(Some(32)).unwrap();
+    f.knobs.bogus_after.store(2, Ordering::Relaxed);
+    for i in 0..4u64 {
+        q.write(1, i * 8, 8, pattern(4096, i as u8), i)
+            .map_err(|e| e.kind)
+            .unwrap();
+    }
+    let mut states = Vec::new();
+    let mut done = Vec::new();
+    let t = Instant::now();
+    while done.len() < 4 {
+        q.poll(|d| done.push(d));
+        c.poll();
+        while let Some(ev) = c.next_event() {
+            states.push(ev);
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "stuck: {} done, states {states:?}",
+            done.len()
+        );
+    }
+    assert!(done.iter().all(|d| d.result.is_ok()), "{done:?}");
+    let mut tags: Vec<u64> = done.iter().map(|d| d.tag).collect();
+    tags.sort();
+    assert_eq!(tags, [0, 1, 2, 3]);
+    assert!(
+        states.contains(&initiator::CtrlrEvent::State(CtrlrState::Resetting)),
+        "{states:?}"
+    );
+    assert_eq!(c.state(), CtrlrState::Connected);
+    // The bad PDU was answered with a TermReq; admin + I/O queue connected twice.
+    let t = Instant::now();
+    while f.knobs.term_reqs.load(Ordering::Relaxed) == 0 && t.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(f.knobs.term_reqs.load(Ordering::Relaxed), 1);
+    assert!(f.knobs.connects.load(Ordering::Relaxed) >= 4);
+}
+
+#[test]
+fn target_gone_fails_io_after_ctrlr_loss_timeout() {
+    // Nothing listens on this port after the first connection closes.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    drop(l);
+    let o = CtrlrOpts {
+        connect_timeout: Duration::from_millis(200),
+        ..opts(false)
+    };
+    let e = Controller::connect(&trid(port, "nqn.2024-01.io.fake:sub0"), &o);
+    assert!(e.is_err(), "connect to a closed port must fail cleanly");
+}
+
+#[test]
+fn discovery_log() {
+    let f = start_fake();
+    let mut c = Controller::connect(&trid(f.port, DISCOVERY_NQN), &opts(false)).unwrap();
+    let log = discovery::get_log(&mut c).unwrap();
+    assert_eq!(log.genctr, 5);
+    assert_eq!(log.entries.len(), 2);
+    let t = log.entries[1].trid().unwrap();
+    assert_eq!(t.subnqn, "nqn.2024-01.io.fake:sub1");
+    assert_eq!(t.trsvcid, 4420);
+    assert_eq!(t.traddr, "127.0.0.1");
+}
+
+#[test]
+fn garbage_from_target_never_panics() {
+    // A "target" that answers ICReq with noise of every length.
+    for n in [0usize, 1, 7, 8, 127, 128, 300] {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            if let Ok((mut s, _)) = l.accept() {
+                let mut b = [0u8; 128];
+                let _ = s.read_exact(&mut b);
+                let noise: Vec<u8> = (0..n).map(|i| (i * 73 + 1) as u8).collect();
+                let _ = s.write_all(&noise);
+            }
+        });
+        let o = CtrlrOpts {
+            connect_timeout: Duration::from_millis(300),
+            ..opts(false)
+        };
+        assert!(Controller::connect(&trid(port, "nqn.x"), &o).is_err());
+    }
+}
