@@ -855,6 +855,7 @@ impl PduHeader {
             return Ok(CommonHeader::SIZE);
         };
         let t = check_type_and_hlen(&ch, opts)?;
+        check_digest_flags(t, ch.flags, opts)?;
         Ok(header_and_digest_len(t, opts))
     }
 
@@ -870,35 +871,16 @@ impl PduHeader {
         let t = check_type_and_hlen(&ch, opts)?;
         let hlen = usize::from(ch.hlen);
         let hd_len = header_and_digest_len(t, opts);
+        let flags = ch.flags;
+        let (hdgst, ddgst) = check_digest_flags(t, flags, opts)?;
+
+        // The checks above need only the common header, so a bad PDU is
+        // refused before the receiver waits for the rest of its header.
         if buf.len() < hd_len {
             return Err(PduError::Truncated {
                 needed: hd_len,
                 have: buf.len(),
             });
-        }
-
-        // Digest flags must match what was negotiated.
-        let flags = ch.flags;
-        let hdgst = flags & pdu_flags::HDGSTF != 0;
-        let ddgst = flags & pdu_flags::DDGSTF != 0;
-        if t.digests_apply() {
-            if hdgst != opts.hdgst {
-                return Err(invalid(
-                    off::FLAGS,
-                    "HDGSTF does not match the negotiated header digest",
-                ));
-            }
-            if ddgst && !opts.ddgst {
-                return Err(invalid(
-                    off::FLAGS,
-                    "DDGSTF set but data digest not negotiated",
-                ));
-            }
-        } else if hdgst || ddgst {
-            return Err(invalid(
-                off::FLAGS,
-                "digest flag set on a PDU without digests",
-            ));
         }
 
         if hdgst {
@@ -1124,6 +1106,36 @@ fn check_type_and_hlen(ch: &CommonHeader, opts: &ParseOptions) -> Result<PduType
         return Err(invalid(off::HLEN, "HLEN does not match the PDU type"));
     }
     Ok(t)
+}
+
+/// Digest flags must match what was negotiated; returns (HDGSTF, DDGSTF).
+fn check_digest_flags(
+    t: PduType,
+    flags: u8,
+    opts: &ParseOptions,
+) -> Result<(bool, bool), PduError> {
+    let hdgst = flags & pdu_flags::HDGSTF != 0;
+    let ddgst = flags & pdu_flags::DDGSTF != 0;
+    if t.digests_apply() {
+        if hdgst != opts.hdgst {
+            return Err(invalid(
+                off::FLAGS,
+                "HDGSTF does not match the negotiated header digest",
+            ));
+        }
+        if ddgst && !opts.ddgst {
+            return Err(invalid(
+                off::FLAGS,
+                "DDGSTF set but data digest not negotiated",
+            ));
+        }
+    } else if hdgst || ddgst {
+        return Err(invalid(
+            off::FLAGS,
+            "digest flag set on a PDU without digests",
+        ));
+    }
+    Ok((hdgst, ddgst))
 }
 
 fn header_and_digest_len(t: PduType, opts: &ParseOptions) -> usize {
