@@ -10,6 +10,7 @@
 pub mod malloc;
 pub mod null;
 pub mod rpc;
+pub mod uring;
 
 use dma::DmaBuf;
 use serde_json::Value;

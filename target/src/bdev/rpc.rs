@@ -2,6 +2,7 @@
 
 use super::malloc::MallocBdev;
 use super::null::NullBdev;
+use super::uring::UringBdev;
 use super::{Bdev, BdevEntry, IoType};
 use crate::app::App;
 use crate::rpc::{Methods, RpcError};
@@ -29,6 +30,12 @@ struct MallocCreate {
     dif_is_head_of_md: bool,
     #[serde(default)]
     physical_block_size: u32,
+    /// SPDK's client sends these; we have no PI and no NUMA placement, so only their
+    /// defaults are accepted.
+    #[serde(default)]
+    dif_pi_format: u32,
+    #[serde(default)]
+    numa_id: Option<i32>,
 }
 
 #[derive(Deserialize)]
@@ -48,6 +55,24 @@ struct NullCreate {
     dif_is_head_of_md: bool,
     #[serde(default)]
     physical_block_size: u32,
+    #[serde(default)]
+    dif_pi_format: u32,
+    /// Placement hints SPDK's client may send; a null bdev has no layout to honour them.
+    preferred_write_alignment: Option<u32>,
+    preferred_write_granularity: Option<u32>,
+    optimal_write_size: Option<u32>,
+    preferred_unmap_alignment: Option<u32>,
+    preferred_unmap_granularity: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UringCreate {
+    filename: String,
+    name: String,
+    /// 0 or absent: the device's logical block size (512 for a file).
+    block_size: Option<u32>,
+    uuid: Option<Uuid>,
 }
 
 #[derive(Deserialize)]
@@ -69,8 +94,12 @@ struct GetBdevs {
 #[serde(deny_unknown_fields)]
 struct GetIostat {
     name: Option<String>,
+    /// SPDK's client asks by a list of names.
+    names: Option<Vec<String>>,
     #[serde(default)]
     per_channel: bool,
+    /// SPDK's client sends `reset_mode`; only "none" (no reset) is done here.
+    reset_mode: Option<String>,
 }
 
 /// Refuses what SPDK accepts but we do not implement, rather than ignoring it.
@@ -93,11 +122,26 @@ fn no_metadata(
     Ok(())
 }
 
+fn no_pi_format(dif_pi_format: u32) -> Result<(), RpcError> {
+    if dif_pi_format != 0 {
+        return Err(RpcError::invalid_params(
+            "dif_pi_format: protection information is not supported",
+        ));
+    }
+    Ok(())
+}
+
 pub fn register(m: &mut Methods) {
     m.add(
         "bdev_malloc_create",
         |app: Arc<App>, p: MallocCreate| async move {
             no_metadata(p.md_size, p.dif_type, p.physical_block_size, p.block_size)?;
+            no_pi_format(p.dif_pi_format)?;
+            if p.numa_id.is_some_and(|n| n != -1) {
+                return Err(RpcError::invalid_params(
+                    "numa_id: NUMA placement is not supported; leave it out or pass -1",
+                ));
+            }
             let _ = (p.optimal_io_boundary, p.md_interleave, p.dif_is_head_of_md);
             let name = p.name.unwrap_or_else(|| app.bdevs.next_free_name("Malloc"));
             let uuid = p.uuid.unwrap_or_else(Uuid::new_v4);
@@ -119,7 +163,15 @@ pub fn register(m: &mut Methods) {
         "bdev_null_create",
         |app: Arc<App>, p: NullCreate| async move {
             no_metadata(p.md_size, p.dif_type, p.physical_block_size, p.block_size)?;
+            no_pi_format(p.dif_pi_format)?;
             let _ = (p.md_interleave, p.dif_is_head_of_md);
+            let _ = (
+                p.preferred_write_alignment,
+                p.preferred_write_granularity,
+                p.optimal_write_size,
+                p.preferred_unmap_alignment,
+                p.preferred_unmap_granularity,
+            );
             let uuid = p.uuid.unwrap_or_else(Uuid::new_v4);
             let bdev = NullBdev::new(p.name.clone(), p.num_blocks, p.block_size, uuid)?;
             app.bdevs.register(Arc::new(bdev))?;
@@ -130,6 +182,40 @@ pub fn register(m: &mut Methods) {
     m.add("bdev_null_delete", |app: Arc<App>, p: ByName| async move {
         app.bdevs.unregister(&p.name, "null")?;
         tracing::info!("deleted null bdev {}", p.name);
+        Ok::<_, RpcError>(true)
+    });
+    m.add(
+        "bdev_uring_create",
+        |app: Arc<App>, p: UringCreate| async move {
+            let uuid = p.uuid.unwrap_or_else(Uuid::new_v4);
+            let name = p.name.clone();
+            super::validate_name(&name)?;
+            if app.bdevs.get(&name).is_ok() {
+                return Err(super::BdevError::Exists(name).into());
+            }
+            // open(2) and ioctls may block on a slow device: keep them off the runtime.
+            let bdev = tokio::task::spawn_blocking(move || {
+                UringBdev::open(
+                    p.name,
+                    std::path::Path::new(&p.filename),
+                    p.block_size,
+                    uuid,
+                )
+            })
+            .await
+            .map_err(|e| RpcError::internal(format!("bdev_uring_create: {e}")))??;
+            let direct = bdev.is_direct();
+            app.bdevs.register(Arc::new(bdev))?;
+            tracing::info!(
+                "created uring bdev {name}{}",
+                if direct { "" } else { " (buffered I/O)" }
+            );
+            Ok::<_, RpcError>(name)
+        },
+    );
+    m.add("bdev_uring_delete", |app: Arc<App>, p: ByName| async move {
+        app.bdevs.unregister(&p.name, "uring")?;
+        tracing::info!("deleted uring bdev {}", p.name);
         Ok::<_, RpcError>(true)
     });
     m.add("bdev_get_bdevs", |app: Arc<App>, p: GetBdevs| async move {
@@ -147,9 +233,20 @@ pub fn register(m: &mut Methods) {
                     "per_channel statistics are not supported",
                 ));
             }
-            let list = match p.name {
-                Some(n) => vec![app.bdevs.get(&n)?],
-                None => app.bdevs.list(),
+            if p.reset_mode.as_deref().is_some_and(|m| m != "none") {
+                return Err(RpcError::invalid_params(
+                    "reset_mode: resetting statistics is not supported; use \"none\"",
+                ));
+            }
+            let mut wanted: Vec<String> = p.names.unwrap_or_default();
+            wanted.extend(p.name);
+            let list = if wanted.is_empty() {
+                app.bdevs.list()
+            } else {
+                wanted
+                    .iter()
+                    .map(|n| app.bdevs.get(n))
+                    .collect::<Result<Vec<_>, _>>()?
             };
             Ok(json!({
                 "tick_rate": 1_000_000_000u64,
