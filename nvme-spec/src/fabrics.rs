@@ -252,7 +252,8 @@ fn is_uuid(s: &str) -> bool {
         })
 }
 
-/// Connect response DW0 bits 17:16 (AUTHREQ) carried with a successful Connect.
+/// AUTHREQ bits of a successful Connect response DW0 (DW0 31:16 is AUTHREQ;
+/// its bit 1 ATR and bit 2 ASCR land on DW0 bits 17 and 18).
 pub mod authreq {
     /// ATR: in-band authentication required.
     pub const ATR: u32 = 1 << 17;
