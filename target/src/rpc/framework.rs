@@ -21,6 +21,16 @@ struct GetMethods {
     include_aliases: bool,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetConfig {
+    name: String,
+    /// Batches are an SPDK load-time optimisation; our configs are plain lists either way.
+    #[serde(default)]
+    #[allow(dead_code)]
+    with_batches: bool,
+}
+
 pub fn register(m: &mut Methods) {
     m.add("spdk_get_version", |_app: Arc<App>, _: NoParams| async {
         Ok::<_, RpcError>(version())
@@ -46,6 +56,49 @@ pub fn register(m: &mut Methods) {
     m.add("save_config", |app: Arc<App>, _: NoParams| async move {
         Ok::<_, RpcError>(app.save_config())
     });
+    // SPDK's client builds `save_config` from these two calls rather than calling it.
+    m.add(
+        "framework_get_subsystems",
+        |app: Arc<App>, _: NoParams| async move { Ok::<_, RpcError>(subsystems(&app.save_config())) },
+    );
+    m.add(
+        "framework_get_config",
+        |app: Arc<App>, p: GetConfig| async move {
+            let saved = app.save_config();
+            saved["subsystems"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|s| s["subsystem"] == p.name.as_str())
+                .map(|s| s["config"].clone())
+                .ok_or_else(|| {
+                    RpcError::errno(
+                        libc::ENOENT,
+                        format!(
+                            "no subsystem named {:?} (framework_get_subsystems lists them)",
+                            p.name
+                        ),
+                    )
+                })
+        },
+    );
+}
+
+/// The subsystems of a saved config, as `framework_get_subsystems` lists them. `save_config`
+/// writes them in dependency order, so each is said to depend on those before it: a client that
+/// sorts by `depends_on` keeps that order.
+fn subsystems(saved: &Value) -> Value {
+    let names: Vec<&str> = saved["subsystems"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["subsystem"].as_str())
+        .collect();
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| json!({"subsystem": n, "depends_on": names[..i]}))
+        .collect()
 }
 
 /// Our version in the shape of SPDK's answer, so its tools can parse it.

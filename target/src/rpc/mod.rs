@@ -137,63 +137,83 @@ impl Methods {
     }
 }
 
-/// Answers one parsed request object. Returns `None` for a notification (no `id`).
-pub async fn handle_request(app: Arc<App>, req: Value) -> Option<Value> {
+/// A request that passed JSON-RPC 2.0's checks.
+#[derive(Debug, PartialEq)]
+pub struct Request {
+    /// None for a notification, which gets no reply.
+    pub id: Option<Value>,
+    pub method: String,
+    pub params: Value,
+}
+
+/// The reply to request `id`.
+pub fn reply(id: Option<Value>, result: RpcResult) -> Value {
+    let id = id.unwrap_or(Value::Null);
+    match result {
+        Ok(v) => json!({"jsonrpc": "2.0", "id": id, "result": v}),
+        Err(e) => json!({"jsonrpc": "2.0", "id": id,
+                         "error": {"code": e.code, "message": e.message}}),
+    }
+}
+
+/// Checks one parsed value as a JSON-RPC request without running it. `Err` is the error
+/// reply to send (invalid requests are answered even without an id, as JSON-RPC says).
+/// Pure, so the fuzzer can drive it without a daemon.
+pub fn parse_request(req: Value) -> Result<Request, Value> {
     let id = req.get("id").cloned();
-    let reply = |result: RpcResult| {
-        let id = id.clone().unwrap_or(Value::Null);
-        Some(match result {
-            Ok(v) => json!({"jsonrpc": "2.0", "id": id, "result": v}),
-            Err(e) => json!({"jsonrpc": "2.0", "id": id,
-                             "error": {"code": e.code, "message": e.message}}),
-        })
-    };
+    let bad = |code, msg: &str| reply(id.clone(), Err(RpcError::new(code, msg)));
     let obj = match req.as_object() {
         Some(o) => o,
         None if req.is_array() => {
-            return reply(Err(RpcError::new(
+            return Err(bad(
                 INVALID_REQUEST,
                 "batch requests are not supported: send one request object at a time",
-            )))
+            ))
         }
-        None => {
-            return reply(Err(RpcError::new(
-                INVALID_REQUEST,
-                "a request must be a JSON object",
-            )))
-        }
+        None => return Err(bad(INVALID_REQUEST, "a request must be a JSON object")),
     };
     if obj.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
-        return reply(Err(RpcError::new(
-            INVALID_REQUEST,
-            "\"jsonrpc\" must be \"2.0\"",
-        )));
+        return Err(bad(INVALID_REQUEST, "\"jsonrpc\" must be \"2.0\""));
     }
     if let Some(id) = &id {
         if !(id.is_number() || id.is_string() || id.is_null()) {
-            return reply(Err(RpcError::new(
-                INVALID_REQUEST,
-                "\"id\" must be a number, a string or null",
-            )));
+            return Err(reply(
+                None,
+                Err(RpcError::new(
+                    INVALID_REQUEST,
+                    "\"id\" must be a number, a string or null",
+                )),
+            ));
         }
     }
     let Some(method) = obj.get("method").and_then(Value::as_str) else {
-        return reply(Err(RpcError::new(
-            INVALID_REQUEST,
-            "\"method\" must be a string",
-        )));
+        return Err(bad(INVALID_REQUEST, "\"method\" must be a string"));
     };
     let params = obj.get("params").cloned().unwrap_or(Value::Null);
     if !(params.is_object() || params.is_null()) {
-        return reply(Err(RpcError::invalid_params(
+        return Err(bad(
+            INVALID_PARAMS,
             "\"params\" must be an object of named parameters",
-        )));
+        ));
     }
+    Ok(Request {
+        id,
+        method: method.to_string(),
+        params,
+    })
+}
+
+/// Answers one parsed request object. Returns `None` for a notification (no `id`).
+pub async fn handle_request(app: Arc<App>, req: Value) -> Option<Value> {
+    let req = match parse_request(req) {
+        Ok(r) => r,
+        Err(error_reply) => return Some(error_reply),
+    };
     let methods = app.methods.clone();
-    let result = methods.call(app, method, params).await;
+    let result = methods.call(app, &req.method, req.params).await;
     if let Err(e) = &result {
-        tracing::debug!("rpc {method} failed: {e}");
+        tracing::debug!("rpc {} failed: {e}", req.method);
     }
-    id.as_ref()?;
-    reply(result)
+    req.id.as_ref()?;
+    Some(reply(req.id, result))
 }
