@@ -91,6 +91,9 @@ pub fn next_frame(buf: &[u8]) -> Frame {
     let mut stream = serde_json::Deserializer::from_slice(buf).into_iter::<Value>();
     match stream.next() {
         None => Frame::Incomplete,
+        // A number that runs to the end of the buffer may go on in the next read ("12" then
+        // "3"): wait for the byte that ends it.
+        Some(Ok(Value::Number(_))) if stream.byte_offset() == buf.len() => Frame::Incomplete,
         Some(Ok(v)) => Frame::Value(v, stream.byte_offset()),
         Some(Err(e)) if e.is_eof() => Frame::Incomplete,
         Some(Err(e)) => Frame::Malformed(e.to_string()),
@@ -178,5 +181,7 @@ mod tests {
         assert_eq!(next_frame(b""), Frame::Incomplete);
         assert!(matches!(next_frame(b"{]"), Frame::Malformed(_)));
         assert!(matches!(next_frame(b"nope"), Frame::Malformed(_)));
+        assert_eq!(next_frame(b"12"), Frame::Incomplete, "a number may continue");
+        assert!(matches!(next_frame(b"12 "), Frame::Value(_, 2)));
     }
 }
