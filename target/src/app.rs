@@ -12,6 +12,7 @@ pub struct App {
     pub reactors: Reactors,
     pub bdevs: BdevRegistry,
     pub methods: Methods,
+    pub nvmf: Arc<crate::nvmf::NvmfTarget>,
     pub started: Instant,
 }
 
@@ -22,6 +23,7 @@ impl App {
             reactors,
             bdevs: BdevRegistry::default(),
             methods: Methods::all(),
+            nvmf: Arc::default(),
             started: Instant::now(),
         }))
     }
@@ -38,6 +40,7 @@ impl App {
             .collect();
         json!({"subsystems": [
             {"subsystem": "bdev", "config": bdev},
+            {"subsystem": "nvmf", "config": self.nvmf.save_config()},
         ]})
     }
 

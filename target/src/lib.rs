@@ -2,10 +2,12 @@
 //!
 //! - [`reactor`]: polled-mode event loops pinned to cores, with an idle policy.
 //! - [`bdev`]: the block device layer and its modules.
+//! - [`nvmf`]: the NVMe-oF target (subsystems, controllers, discovery, NVMe/TCP).
 //! - [`rpc`]: the JSON-RPC control socket.
 //! - [`app`]: the daemon's shared state and configuration save/load.
 
 pub mod app;
 pub mod bdev;
+pub mod nvmf;
 pub mod reactor;
 pub mod rpc;

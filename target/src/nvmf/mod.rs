@@ -1,0 +1,434 @@
+//! The NVMe-oF target: subsystems, controllers, the discovery service and the NVMe/TCP
+//! transport.
+//!
+//! Shape:
+//! - [`NvmfTarget`] (held by `App`) owns the configuration: the transport's options, the
+//!   subsystems and the listening sockets. It is touched by JSON-RPC and by Fabrics Connect,
+//!   never per I/O.
+//! - [`subsystem::Subsystem`]: NQN, serial, model, namespaces, allowed hosts, listeners and its
+//!   live controllers. Namespace changes bump a generation counter that I/O queues check once
+//!   per poll (one atomic load) to refresh their bdev channels.
+//! - [`controller::Controller`]: one per admin queue; shared by its admin and I/O queues, which
+//!   may live on different reactors. Admin commands run on the admin queue's reactor; I/O
+//!   queues only read its `failed` flag.
+//! - [`tcp`]: listeners accept on one reactor and hand each connection round-robin to a
+//!   reactor's poll group; one poller per reactor drives all its connections with
+//!   non-blocking sockets.
+
+pub mod controller;
+pub mod discovery;
+pub mod io;
+pub mod rpc;
+pub mod spec;
+pub mod subsystem;
+pub mod tcp;
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use subsystem::{ListenAddr, SubType, Subsystem};
+use thiserror::Error;
+
+/// Model number every plexstor controller reports.
+pub const MODEL_NUMBER: &str = "plexstor";
+/// Firmware revision: the crate's version.
+pub const FIRMWARE_REVISION: &str = env!("CARGO_PKG_VERSION");
+/// Default serial number (SPDK's default too).
+pub const DEFAULT_SERIAL: &str = "00000000000000000000";
+
+/// Options of the TCP transport (`nvmf_create_transport`), with SPDK's names.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TransportOpts {
+    pub trtype: String,
+    pub max_queue_depth: u16,
+    pub max_io_qpairs_per_ctrlr: u16,
+    pub in_capsule_data_size: u32,
+    pub max_io_size: u32,
+    pub io_unit_size: u32,
+    pub max_aq_depth: u16,
+    pub num_shared_buffers: u32,
+    pub buf_cache_size: u32,
+    pub dif_insert_or_strip: bool,
+    pub c2h_success: bool,
+    pub sock_priority: u32,
+    pub abort_timeout_sec: u32,
+    pub zcopy: bool,
+}
+
+impl Default for TransportOpts {
+    fn default() -> Self {
+        TransportOpts {
+            trtype: "TCP".into(),
+            max_queue_depth: 128,
+            max_io_qpairs_per_ctrlr: 127,
+            in_capsule_data_size: 8192,
+            max_io_size: 1 << 20,
+            io_unit_size: 131072,
+            max_aq_depth: 128,
+            num_shared_buffers: 511,
+            buf_cache_size: 32,
+            dif_insert_or_strip: false,
+            c2h_success: true,
+            sock_priority: 0,
+            abort_timeout_sec: 1,
+            zcopy: false,
+        }
+    }
+}
+
+impl TransportOpts {
+    /// Checks the options against what this transport can do.
+    pub fn validate(&self) -> Result<(), NvmfError> {
+        let bad = |m: String| Err(NvmfError::InvalidParam(m));
+        if !(2..=1024).contains(&self.max_queue_depth) {
+            return bad(format!(
+                "max_queue_depth {} must be 2..=1024",
+                self.max_queue_depth
+            ));
+        }
+        if !(2..=4096).contains(&self.max_aq_depth) {
+            return bad(format!(
+                "max_aq_depth {} must be 2..=4096",
+                self.max_aq_depth
+            ));
+        }
+        if self.max_io_qpairs_per_ctrlr == 0 || self.max_io_qpairs_per_ctrlr > 1024 {
+            return bad(format!(
+                "max_io_qpairs_per_ctrlr {} must be 1..=1024",
+                self.max_io_qpairs_per_ctrlr
+            ));
+        }
+        // MDTS is a power of two of 4 KiB pages; the buffer pool tops out at 4 MiB.
+        if self.max_io_size < 4096
+            || !self.max_io_size.is_power_of_two()
+            || self.max_io_size > 4 << 20
+        {
+            return bad(format!(
+                "max_io_size {} must be a power of two from 4096 to 4 MiB",
+                self.max_io_size
+            ));
+        }
+        if self.in_capsule_data_size % 16 != 0 || self.in_capsule_data_size > 128 << 10 {
+            return bad(format!(
+                "in_capsule_data_size {} must be a multiple of 16 up to 128 KiB",
+                self.in_capsule_data_size
+            ));
+        }
+        if self.io_unit_size < 4096 || self.io_unit_size % 4 != 0 {
+            return bad(format!(
+                "io_unit_size {} must be a multiple of 4 of at least 4096",
+                self.io_unit_size
+            ));
+        }
+        if self.dif_insert_or_strip {
+            return bad("dif_insert_or_strip is not supported".into());
+        }
+        if self.zcopy {
+            return bad("zcopy is not supported".into());
+        }
+        Ok(())
+    }
+
+    /// MDTS in units of 4 KiB pages, as a power of two.
+    pub fn mdts(&self) -> u8 {
+        (self.max_io_size / 4096).trailing_zeros() as u8
+    }
+
+    /// IOCCSZ: command capsule size in 16-byte units (64-byte SQE + in-capsule data).
+    pub fn ioccsz(&self) -> u32 {
+        (64 + self.in_capsule_data_size) / 16
+    }
+
+    /// Largest data an H2CData PDU may carry (MAXH2CDATA).
+    pub fn max_h2c_data(&self) -> u32 {
+        self.io_unit_size.max(4096) & !3
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum NvmfError {
+    #[error("{0}")]
+    InvalidParam(String),
+    #[error("subsystem {0} already exists")]
+    SubsystemExists(String),
+    #[error("no subsystem with NQN {0}")]
+    NoSubsystem(String),
+    #[error("transport {0} does not exist; create it with nvmf_create_transport first")]
+    NoTransport(String),
+    #[error("transport {0} already exists")]
+    TransportExists(String),
+    #[error("namespace {nsid} already exists in {nqn}")]
+    NsidExists { nqn: String, nsid: u32 },
+    #[error("no namespace {nsid} in {nqn}")]
+    NoNamespace { nqn: String, nsid: u32 },
+    #[error("subsystem {0} has no room for another namespace (max_namespaces)")]
+    NoNsidFree(String),
+    #[error("listener {0} already added")]
+    ListenerExists(String),
+    #[error("no listener {0}")]
+    NoListener(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("host {0} already allowed")]
+    HostExists(String),
+    #[error("host {0} is not in the allowed list")]
+    NoHost(String),
+    #[error(transparent)]
+    Bdev(#[from] crate::bdev::BdevError),
+    #[error(transparent)]
+    Reactor(#[from] crate::reactor::ReactorError),
+}
+
+impl NvmfError {
+    pub fn errno(&self) -> i32 {
+        match self {
+            NvmfError::InvalidParam(_) | NvmfError::Listen { .. } => libc::EINVAL,
+            NvmfError::SubsystemExists(_)
+            | NvmfError::TransportExists(_)
+            | NvmfError::NsidExists { .. }
+            | NvmfError::ListenerExists(_)
+            | NvmfError::HostExists(_) => libc::EEXIST,
+            NvmfError::NoSubsystem(_)
+            | NvmfError::NoTransport(_)
+            | NvmfError::NoNamespace { .. }
+            | NvmfError::NoListener(_)
+            | NvmfError::NoHost(_) => libc::ENODEV,
+            NvmfError::NoNsidFree(_) => libc::ENOSPC,
+            NvmfError::Bdev(e) => e.errno(),
+            NvmfError::Reactor(_) => libc::EIO,
+        }
+    }
+}
+
+impl From<NvmfError> for crate::rpc::RpcError {
+    fn from(e: NvmfError) -> Self {
+        crate::rpc::RpcError::errno(e.errno(), e.to_string())
+    }
+}
+
+/// A listening socket shared by the subsystems that added it.
+struct ListenerEntry {
+    addr: ListenAddr,
+    users: usize,
+    handle: tcp::listener::ListenerHandle,
+}
+
+#[derive(Default)]
+struct TargetInner {
+    transport: Option<Arc<TransportOpts>>,
+    /// In creation order (save_config replays them in order).
+    subsystems: Vec<Arc<Subsystem>>,
+    listeners: Vec<ListenerEntry>,
+}
+
+/// The NVMe-oF target of one plexd.
+pub struct NvmfTarget {
+    inner: Mutex<TargetInner>,
+    /// The discovery subsystem (always present, not listed in its own log).
+    pub discovery: Arc<Subsystem>,
+    /// Discovery log generation counter.
+    genctr: AtomicU64,
+    /// Round-robin cursor for spreading connections over reactors.
+    next_reactor: AtomicUsize,
+}
+
+impl Default for NvmfTarget {
+    fn default() -> Self {
+        NvmfTarget {
+            inner: Mutex::new(TargetInner::default()),
+            discovery: Arc::new(Subsystem::new_discovery()),
+            genctr: AtomicU64::new(0),
+            next_reactor: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl NvmfTarget {
+    fn lock(&self) -> std::sync::MutexGuard<'_, TargetInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn transport(&self) -> Option<Arc<TransportOpts>> {
+        self.lock().transport.clone()
+    }
+
+    pub fn create_transport(&self, opts: TransportOpts) -> Result<(), NvmfError> {
+        opts.validate()?;
+        let mut g = self.lock();
+        if g.transport.is_some() {
+            return Err(NvmfError::TransportExists(opts.trtype));
+        }
+        g.transport = Some(Arc::new(opts));
+        Ok(())
+    }
+
+    pub fn subsystems(&self) -> Vec<Arc<Subsystem>> {
+        self.lock().subsystems.clone()
+    }
+
+    /// Finds a subsystem (or the discovery subsystem) by NQN.
+    pub fn find(&self, nqn: &str) -> Option<Arc<Subsystem>> {
+        if nqn == nvme_spec::fabrics::DISCOVERY_NQN {
+            return Some(self.discovery.clone());
+        }
+        self.lock()
+            .subsystems
+            .iter()
+            .find(|s| s.nqn == nqn)
+            .cloned()
+    }
+
+    pub fn add_subsystem(&self, s: Subsystem) -> Result<Arc<Subsystem>, NvmfError> {
+        let mut g = self.lock();
+        if s.nqn == nvme_spec::fabrics::DISCOVERY_NQN || g.subsystems.iter().any(|x| x.nqn == s.nqn)
+        {
+            return Err(NvmfError::SubsystemExists(s.nqn));
+        }
+        let s = Arc::new(s);
+        g.subsystems.push(s.clone());
+        drop(g);
+        self.bump_genctr();
+        Ok(s)
+    }
+
+    /// Removes a subsystem: its controllers are failed (their connections close), its
+    /// namespaces release their bdevs, its listeners are dropped.
+    pub fn delete_subsystem(&self, nqn: &str) -> Result<(), NvmfError> {
+        let mut g = self.lock();
+        let i = g
+            .subsystems
+            .iter()
+            .position(|s| s.nqn == nqn)
+            .ok_or_else(|| NvmfError::NoSubsystem(nqn.to_string()))?;
+        let s = g.subsystems.remove(i);
+        for addr in s.listeners() {
+            Self::release_listener(&mut g, &addr);
+        }
+        drop(g);
+        s.shut_down();
+        self.bump_genctr();
+        Ok(())
+    }
+
+    /// Adds `addr` to subsystem `nqn`, opening the socket if no other subsystem has.
+    pub fn add_listener(
+        &self,
+        app: &crate::app::App,
+        nqn: &str,
+        addr: ListenAddr,
+    ) -> Result<(), NvmfError> {
+        let s = self
+            .find(nqn)
+            .ok_or_else(|| NvmfError::NoSubsystem(nqn.to_string()))?;
+        let mut g = self.lock();
+        let opts = g
+            .transport
+            .clone()
+            .ok_or_else(|| NvmfError::NoTransport(addr.trtype.clone()))?;
+        if s.listeners().contains(&addr) {
+            return Err(NvmfError::ListenerExists(addr.to_string()));
+        }
+        if let Some(e) = g.listeners.iter_mut().find(|e| e.addr == addr) {
+            e.users += 1;
+        } else {
+            let handle = tcp::listener::start(app, &addr, opts)?;
+            g.listeners.push(ListenerEntry {
+                addr: addr.clone(),
+                users: 1,
+                handle,
+            });
+        }
+        s.add_listener(addr);
+        drop(g);
+        self.bump_genctr();
+        Ok(())
+    }
+
+    pub fn remove_listener(&self, nqn: &str, addr: &ListenAddr) -> Result<(), NvmfError> {
+        let s = self
+            .find(nqn)
+            .ok_or_else(|| NvmfError::NoSubsystem(nqn.to_string()))?;
+        if !s.remove_listener(addr) {
+            return Err(NvmfError::NoListener(addr.to_string()));
+        }
+        let mut g = self.lock();
+        Self::release_listener(&mut g, addr);
+        drop(g);
+        self.bump_genctr();
+        Ok(())
+    }
+
+    fn release_listener(g: &mut TargetInner, addr: &ListenAddr) {
+        if let Some(i) = g.listeners.iter().position(|e| &e.addr == addr) {
+            g.listeners[i].users -= 1;
+            if g.listeners[i].users == 0 {
+                let e = g.listeners.remove(i);
+                e.handle.stop();
+            }
+        }
+    }
+
+    /// Every (subsystem, listener) pair `hostnqn` may see, for the discovery log.
+    pub fn discovery_entries(&self, hostnqn: &str) -> Vec<(Arc<Subsystem>, ListenAddr)> {
+        let g = self.lock();
+        let mut out = Vec::new();
+        for s in &g.subsystems {
+            if !s.host_allowed(hostnqn) {
+                continue;
+            }
+            for l in s.listeners() {
+                out.push((s.clone(), l));
+            }
+        }
+        out
+    }
+
+    pub fn genctr(&self) -> u64 {
+        self.genctr.load(Ordering::Acquire)
+    }
+
+    /// Records a change of the discovery information and tells discovery controllers.
+    pub fn bump_genctr(&self) {
+        self.genctr.fetch_add(1, Ordering::AcqRel);
+        self.discovery.notify_discovery_change();
+    }
+
+    /// The reactor index to hand the next connection to.
+    pub fn next_reactor(&self, n: usize) -> usize {
+        self.next_reactor.fetch_add(1, Ordering::Relaxed) % n.max(1)
+    }
+
+    /// The "nvmf" section of save_config.
+    pub fn save_config(&self) -> Vec<serde_json::Value> {
+        use serde_json::json;
+        let g = self.lock();
+        let mut out = Vec::new();
+        if let Some(t) = &g.transport {
+            out.push(json!({"method": "nvmf_create_transport", "params": rpc::transport_json(t)}));
+        }
+        for s in &g.subsystems {
+            out.extend(s.save_config());
+        }
+        out
+    }
+
+    /// Closes every listener (at shutdown).
+    pub fn stop_listeners(&self) {
+        let mut g = self.lock();
+        for e in g.listeners.drain(..) {
+            e.handle.stop();
+        }
+    }
+}
+
+impl SubType {
+    pub fn name(self) -> &'static str {
+        match self {
+            SubType::Discovery => "Discovery",
+            SubType::Nvme => "NVMe",
+        }
+    }
+}

@@ -1,0 +1,482 @@
+//! JSON-RPC methods of the NVMe-oF target, with SPDK's names, parameters and output shapes.
+
+use super::subsystem::{hex_upper, parse_hex, ListenAddr, Subsystem};
+use super::{NvmfError, TransportOpts};
+use crate::app::App;
+use crate::rpc::{Methods, RpcError};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use uuid::Uuid;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateTransport {
+    trtype: String,
+    tgt_name: Option<String>,
+    max_queue_depth: Option<u16>,
+    max_io_qpairs_per_ctrlr: Option<u16>,
+    /// Deprecated in SPDK: counts the admin queue too.
+    max_qpairs_per_ctrlr: Option<u16>,
+    in_capsule_data_size: Option<u32>,
+    max_io_size: Option<u32>,
+    io_unit_size: Option<u32>,
+    max_aq_depth: Option<u16>,
+    num_shared_buffers: Option<u32>,
+    buf_cache_size: Option<u32>,
+    dif_insert_or_strip: Option<bool>,
+    c2h_success: Option<bool>,
+    sock_priority: Option<u32>,
+    abort_timeout_sec: Option<u32>,
+    zcopy: Option<bool>,
+    acceptor_poll_rate: Option<u32>,
+    control_msg_num: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetTransports {
+    trtype: Option<String>,
+    tgt_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateSubsystem {
+    nqn: String,
+    serial_number: Option<String>,
+    model_number: Option<String>,
+    #[serde(default)]
+    allow_any_host: bool,
+    #[serde(default)]
+    max_namespaces: u32,
+    tgt_name: Option<String>,
+    #[serde(default)]
+    ana_reporting: bool,
+    min_cntlid: Option<u16>,
+    max_cntlid: Option<u16>,
+    max_discard_size_kib: Option<u64>,
+    max_write_zeroes_size_kib: Option<u64>,
+    #[serde(default)]
+    passthrough: bool,
+    #[serde(default)]
+    enable_nssr: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ByNqn {
+    nqn: String,
+    tgt_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetSubsystems {
+    nqn: Option<String>,
+    tgt_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NsParams {
+    bdev_name: String,
+    #[serde(default)]
+    nsid: u32,
+    uuid: Option<String>,
+    nguid: Option<String>,
+    eui64: Option<String>,
+    ptpl_file: Option<String>,
+    anagrpid: Option<u32>,
+    #[serde(default)]
+    no_auto_visible: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddNs {
+    nqn: String,
+    namespace: NsParams,
+    tgt_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RemoveNs {
+    nqn: String,
+    nsid: u32,
+    tgt_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Listener {
+    nqn: String,
+    listen_address: ListenAddr,
+    tgt_name: Option<String>,
+    #[serde(default)]
+    secure_channel: bool,
+    ana_state: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Host {
+    nqn: String,
+    host: String,
+    tgt_name: Option<String>,
+    psk: Option<String>,
+    dhchap_key: Option<String>,
+    dhchap_ctrlr_key: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AllowAnyHost {
+    nqn: String,
+    allow_any_host: bool,
+    tgt_name: Option<String>,
+}
+
+/// We run one target: `tgt_name` may only name it by its default name.
+fn one_target(name: &Option<String>) -> Result<(), RpcError> {
+    match name.as_deref() {
+        None | Some("nvmf_tgt") => Ok(()),
+        Some(n) => Err(RpcError::errno(
+            libc::ENODEV,
+            format!("no target {n:?}: plexd runs one target, \"nvmf_tgt\""),
+        )),
+    }
+}
+
+fn unsupported(what: &str) -> RpcError {
+    RpcError::invalid_params(format!("{what} is not supported"))
+}
+
+fn subsystem(app: &App, nqn: &str) -> Result<Arc<Subsystem>, RpcError> {
+    app.nvmf
+        .find(nqn)
+        .ok_or_else(|| NvmfError::NoSubsystem(nqn.to_string()).into())
+}
+
+/// SPDK's shape of one transport.
+pub fn transport_json(t: &TransportOpts) -> Value {
+    json!({
+        "trtype": t.trtype,
+        "max_queue_depth": t.max_queue_depth,
+        "max_io_qpairs_per_ctrlr": t.max_io_qpairs_per_ctrlr,
+        "in_capsule_data_size": t.in_capsule_data_size,
+        "max_io_size": t.max_io_size,
+        "io_unit_size": t.io_unit_size,
+        "max_aq_depth": t.max_aq_depth,
+        "num_shared_buffers": t.num_shared_buffers,
+        "buf_cache_size": t.buf_cache_size,
+        "dif_insert_or_strip": t.dif_insert_or_strip,
+        "c2h_success": t.c2h_success,
+        "sock_priority": t.sock_priority,
+        "abort_timeout_sec": t.abort_timeout_sec,
+        "zcopy": t.zcopy,
+    })
+}
+
+pub fn register(m: &mut Methods) {
+    m.add(
+        "nvmf_create_transport",
+        |app: Arc<App>, p: CreateTransport| async move {
+            one_target(&p.tgt_name)?;
+            if !p.trtype.eq_ignore_ascii_case("tcp") {
+                return Err(RpcError::invalid_params(format!(
+                    "transport {:?} is not supported (only TCP)",
+                    p.trtype
+                )));
+            }
+            let mut t = TransportOpts::default();
+            if let Some(v) = p.max_queue_depth {
+                t.max_queue_depth = v;
+            }
+            if let Some(v) = p.max_qpairs_per_ctrlr {
+                t.max_io_qpairs_per_ctrlr = v.saturating_sub(1);
+            }
+            if let Some(v) = p.max_io_qpairs_per_ctrlr {
+                t.max_io_qpairs_per_ctrlr = v;
+            }
+            if let Some(v) = p.in_capsule_data_size {
+                t.in_capsule_data_size = v;
+            }
+            if let Some(v) = p.max_io_size {
+                t.max_io_size = v;
+            }
+            if let Some(v) = p.io_unit_size {
+                t.io_unit_size = v;
+            }
+            if let Some(v) = p.max_aq_depth {
+                t.max_aq_depth = v;
+            }
+            if let Some(v) = p.num_shared_buffers {
+                t.num_shared_buffers = v;
+            }
+            if let Some(v) = p.buf_cache_size {
+                t.buf_cache_size = v;
+            }
+            if let Some(v) = p.dif_insert_or_strip {
+                t.dif_insert_or_strip = v;
+            }
+            if let Some(v) = p.c2h_success {
+                t.c2h_success = v;
+            }
+            if let Some(v) = p.sock_priority {
+                t.sock_priority = v;
+            }
+            if let Some(v) = p.abort_timeout_sec {
+                t.abort_timeout_sec = v;
+            }
+            if let Some(v) = p.zcopy {
+                t.zcopy = v;
+            }
+            // Polling tunables of SPDK's acceptor: our listeners wake on readiness instead.
+            let _ = (p.acceptor_poll_rate, p.control_msg_num);
+            app.nvmf.create_transport(t)?;
+            tracing::info!("nvmf: TCP transport created");
+            Ok::<_, RpcError>(true)
+        },
+    );
+    m.add(
+        "nvmf_get_transports",
+        |app: Arc<App>, p: GetTransports| async move {
+            one_target(&p.tgt_name)?;
+            let t = app.nvmf.transport();
+            if let Some(want) = &p.trtype {
+                if t.is_none() || !want.eq_ignore_ascii_case("tcp") {
+                    return Err(NvmfError::NoTransport(want.clone()).into());
+                }
+            }
+            Ok::<_, RpcError>(t.iter().map(|t| transport_json(t)).collect::<Vec<_>>())
+        },
+    );
+    m.add(
+        "nvmf_create_subsystem",
+        |app: Arc<App>, p: CreateSubsystem| async move {
+            one_target(&p.tgt_name)?;
+            if p.ana_reporting {
+                return Err(unsupported("ana_reporting"));
+            }
+            if p.passthrough {
+                return Err(unsupported("passthrough"));
+            }
+            if p.enable_nssr {
+                return Err(unsupported("enable_nssr"));
+            }
+            let _ = (p.max_discard_size_kib, p.max_write_zeroes_size_kib);
+            let max_ns = if p.max_namespaces == 0 {
+                32
+            } else {
+                p.max_namespaces
+            };
+            let s = Subsystem::new(
+                p.nqn.clone(),
+                p.serial_number,
+                p.model_number,
+                p.allow_any_host,
+                max_ns,
+                p.min_cntlid.unwrap_or(1),
+                p.max_cntlid.unwrap_or(0xFFEF),
+            )?;
+            app.nvmf.add_subsystem(s)?;
+            tracing::info!("nvmf: subsystem {} created", p.nqn);
+            Ok::<_, RpcError>(true)
+        },
+    );
+    m.add(
+        "nvmf_delete_subsystem",
+        |app: Arc<App>, p: ByNqn| async move {
+            one_target(&p.tgt_name)?;
+            app.nvmf.delete_subsystem(&p.nqn)?;
+            tracing::info!("nvmf: subsystem {} deleted", p.nqn);
+            Ok::<_, RpcError>(true)
+        },
+    );
+    m.add(
+        "nvmf_get_subsystems",
+        |app: Arc<App>, p: GetSubsystems| async move {
+            one_target(&p.tgt_name)?;
+            let mut all = vec![app.nvmf.discovery.clone()];
+            all.extend(app.nvmf.subsystems());
+            if let Some(nqn) = &p.nqn {
+                all.retain(|s| &s.nqn == nqn);
+                if all.is_empty() {
+                    return Err(NvmfError::NoSubsystem(nqn.clone()).into());
+                }
+            }
+            Ok::<_, RpcError>(all.iter().map(|s| s.to_json()).collect::<Vec<_>>())
+        },
+    );
+    m.add(
+        "nvmf_subsystem_add_ns",
+        |app: Arc<App>, p: AddNs| async move {
+            one_target(&p.tgt_name)?;
+            let s = subsystem(&app, &p.nqn)?;
+            if s.subtype != super::SubType::Nvme {
+                return Err(RpcError::invalid_params(
+                    "the discovery subsystem has no namespaces",
+                ));
+            }
+            let n = p.namespace;
+            if n.ptpl_file.is_some() {
+                return Err(unsupported("ptpl_file"));
+            }
+            if n.anagrpid.is_some_and(|a| a > 1) {
+                return Err(unsupported("anagrpid other than 1"));
+            }
+            if n.no_auto_visible {
+                return Err(unsupported("no_auto_visible"));
+            }
+            let uuid = n
+                .uuid
+                .as_deref()
+                .map(|u| {
+                    Uuid::parse_str(u)
+                        .map_err(|_| RpcError::invalid_params(format!("uuid {u:?} is not a UUID")))
+                })
+                .transpose()?;
+            let nguid = n
+                .nguid
+                .as_deref()
+                .map(|v| {
+                    parse_hex::<16>(v).ok_or_else(|| {
+                        RpcError::invalid_params(format!("nguid {v:?} is not 32 hex digits"))
+                    })
+                })
+                .transpose()?;
+            let eui64 = n
+                .eui64
+                .as_deref()
+                .map(|v| {
+                    parse_hex::<8>(v).ok_or_else(|| {
+                        RpcError::invalid_params(format!("eui64 {v:?} is not 16 hex digits"))
+                    })
+                })
+                .transpose()?;
+            let bdev = app.bdevs.get(&n.bdev_name)?;
+            let nsid = s.add_namespace(bdev, n.nsid, uuid, nguid, eui64)?;
+            tracing::info!("nvmf: {} namespace {nsid} = bdev {}", p.nqn, n.bdev_name);
+            Ok::<_, RpcError>(nsid)
+        },
+    );
+    m.add(
+        "nvmf_subsystem_remove_ns",
+        |app: Arc<App>, p: RemoveNs| async move {
+            one_target(&p.tgt_name)?;
+            subsystem(&app, &p.nqn)?.remove_namespace(p.nsid)?;
+            tracing::info!("nvmf: {} namespace {} removed", p.nqn, p.nsid);
+            Ok::<_, RpcError>(true)
+        },
+    );
+    m.add(
+        "nvmf_subsystem_add_listener",
+        |app: Arc<App>, p: Listener| async move {
+            one_target(&p.tgt_name)?;
+            if p.secure_channel {
+                return Err(unsupported("secure_channel"));
+            }
+            if p.ana_state.is_some() {
+                return Err(unsupported("ana_state"));
+            }
+            let addr = p.listen_address.normalized()?;
+            app.nvmf.add_listener(&app, &p.nqn, addr)?;
+            Ok::<_, RpcError>(true)
+        },
+    );
+    m.add(
+        "nvmf_subsystem_remove_listener",
+        |app: Arc<App>, p: Listener| async move {
+            one_target(&p.tgt_name)?;
+            let addr = p.listen_address.normalized()?;
+            app.nvmf.remove_listener(&p.nqn, &addr)?;
+            Ok::<_, RpcError>(true)
+        },
+    );
+    m.add(
+        "nvmf_subsystem_add_host",
+        |app: Arc<App>, p: Host| async move {
+            one_target(&p.tgt_name)?;
+            if p.psk.is_some() || p.dhchap_key.is_some() || p.dhchap_ctrlr_key.is_some() {
+                return Err(unsupported("TLS PSK and DH-HMAC-CHAP keys"));
+            }
+            subsystem(&app, &p.nqn)?.add_host(&p.host)?;
+            app.nvmf.bump_genctr();
+            Ok::<_, RpcError>(true)
+        },
+    );
+    m.add(
+        "nvmf_subsystem_remove_host",
+        |app: Arc<App>, p: Host| async move {
+            one_target(&p.tgt_name)?;
+            subsystem(&app, &p.nqn)?.remove_host(&p.host)?;
+            app.nvmf.bump_genctr();
+            Ok::<_, RpcError>(true)
+        },
+    );
+    m.add(
+        "nvmf_subsystem_allow_any_host",
+        |app: Arc<App>, p: AllowAnyHost| async move {
+            one_target(&p.tgt_name)?;
+            subsystem(&app, &p.nqn)?.set_allow_any_host(p.allow_any_host);
+            app.nvmf.bump_genctr();
+            Ok::<_, RpcError>(true)
+        },
+    );
+    m.add(
+        "nvmf_subsystem_get_controllers",
+        |app: Arc<App>, p: ByNqn| async move {
+            one_target(&p.tgt_name)?;
+            let s = subsystem(&app, &p.nqn)?;
+            let out: Vec<Value> = s
+                .controllers()
+                .iter()
+                .filter(|c| !c.is_failed())
+                .map(|c| {
+                    json!({
+                        "cntlid": c.cntlid,
+                        "hostnqn": c.hostnqn,
+                        "hostid": Uuid::from_bytes(c.hostid).to_string(),
+                        "num_io_qpairs": c.num_io_qpairs(),
+                    })
+                })
+                .collect();
+            Ok::<_, RpcError>(out)
+        },
+    );
+    m.add(
+        "nvmf_subsystem_get_qpairs",
+        |app: Arc<App>, p: ByNqn| async move {
+            one_target(&p.tgt_name)?;
+            let s = subsystem(&app, &p.nqn)?;
+            let mut out = Vec::new();
+            for c in s.controllers().iter().filter(|c| !c.is_failed()) {
+                for q in c.lock().qpairs.iter() {
+                    let (peer_addr, peer_port) = q
+                        .peer
+                        .rsplit_once(':')
+                        .map(|(a, p)| (a.to_string(), p.to_string()))
+                        .unwrap_or_else(|| (q.peer.clone(), String::new()));
+                    out.push(json!({
+                        "cntlid": c.cntlid,
+                        "qid": q.qid,
+                        "state": "active",
+                        "thread": format!("nvmf_tcp_poll_group_{:03}", q.reactor),
+                        "hostnqn": c.hostnqn,
+                        "listen_address": q.listen,
+                        "peer_address": {
+                            "trtype": "TCP",
+                            "adrfam": q.listen.adrfam,
+                            "traddr": peer_addr,
+                            "trsvcid": peer_port,
+                        },
+                    }));
+                }
+            }
+            Ok::<_, RpcError>(out)
+        },
+    );
+    let _ = hex_upper;
+}

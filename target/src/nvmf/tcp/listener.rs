@@ -1,0 +1,96 @@
+//! Listening sockets: accepted on reactor 0, each connection handed round-robin to a
+//! reactor's poll group.
+
+use super::conn::Conn;
+use crate::app::App;
+use crate::nvmf::subsystem::ListenAddr;
+use crate::nvmf::{NvmfError, TransportOpts};
+use crate::reactor::{fn_poller, PollStatus};
+use std::net::TcpListener;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Stops a listener; the socket closes on its reactor.
+pub struct ListenerHandle {
+    stop: Arc<AtomicBool>,
+}
+
+impl ListenerHandle {
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+/// Binds `addr` (errors reach the RPC caller) and starts accepting on reactor 0.
+pub fn start(
+    app: &App,
+    addr: &ListenAddr,
+    opts: Arc<TransportOpts>,
+) -> Result<ListenerHandle, NvmfError> {
+    let sa = addr
+        .socket_addr()
+        .ok_or_else(|| NvmfError::InvalidParam(format!("bad address {addr}")))?;
+    let l = TcpListener::bind(sa).map_err(|source| NvmfError::Listen {
+        addr: addr.to_string(),
+        source,
+    })?;
+    l.set_nonblocking(true)
+        .map_err(|source| NvmfError::Listen {
+            addr: addr.to_string(),
+            source,
+        })?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let handle = ListenerHandle { stop: stop.clone() };
+    let target = app.nvmf.clone();
+    let reactors = app.reactors.handles().clone();
+    let addr = addr.clone();
+    let home = reactors
+        .first()
+        .ok_or_else(|| NvmfError::InvalidParam("no reactor".into()))?
+        .clone();
+    tracing::info!("nvmf/tcp: listening on {addr}");
+    home.send(move |ctx| {
+        let fd = l.as_raw_fd();
+        if let Err(e) = ctx.watch_fd(fd, false) {
+            tracing::warn!("nvmf/tcp: cannot watch listener {addr}: {e}");
+        }
+        ctx.add_poller(fn_poller(
+            format!("nvmf_tcp_accept_{}", addr.trsvcid),
+            move |ctx| {
+                if stop.load(Ordering::Acquire) {
+                    ctx.unwatch_fd(fd);
+                    tracing::info!("nvmf/tcp: stopped listening on {addr}");
+                    return PollStatus::Done;
+                }
+                let mut busy = false;
+                for _ in 0..16 {
+                    match l.accept() {
+                        Ok((sock, _)) => {
+                            busy = true;
+                            let i = target.next_reactor(reactors.len());
+                            let h = &reactors[i];
+                            let (t, o, a) = (target.clone(), opts.clone(), addr.clone());
+                            let id = h.id();
+                            h.send(move |ctx| match Conn::new(sock, t, o, a, id) {
+                                Ok(c) => super::add_conn(ctx, Box::new(c)),
+                                Err(e) => tracing::warn!("nvmf/tcp: cannot set up connection: {e}"),
+                            });
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) => {
+                            tracing::warn!("nvmf/tcp: accept on {addr}: {e}");
+                            break;
+                        }
+                    }
+                }
+                if busy {
+                    PollStatus::Busy
+                } else {
+                    PollStatus::Idle
+                }
+            },
+        ));
+    });
+    Ok(handle)
+}
