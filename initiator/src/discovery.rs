@@ -1,9 +1,9 @@
 //! Discovery: fetch and parse the discovery log page (LID 70h) from a discovery controller.
 //!
-//! The parser is a LOCAL STAND-IN for `nvme_spec::log` (empty when this was written): the
-//! layouts are Base 2.0 "Discovery Log Page" — a 1024-byte header (GENCTR, NUMREC, RECFMT)
-//! then 1024-byte entries.
+//! Layouts come from `nvme_spec::log` (header: GENCTR, NUMREC, RECFMT; 1024-byte entries).
 
+use nvme_spec::log::{DiscoveryLogEntry, DiscoveryLogHeader};
+use nvme_spec::FromBytes;
 use serde::Serialize;
 
 use crate::ctrlr::Controller;
@@ -85,50 +85,36 @@ pub struct DiscoveryLog {
     pub entries: Vec<DiscoveryEntry>,
 }
 
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    b.get(at..at + 2)
-        .map_or(0, |s| u16::from_le_bytes([s[0], s[1]]))
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    b.get(at..at + 8)
-        .and_then(|s| s.try_into().ok())
-        .map_or(0, u64::from_le_bytes)
-}
-
-fn text(b: &[u8], at: usize, len: usize) -> String {
-    let f = b.get(at..at + len).unwrap_or(&[]);
-    let end = f.iter().position(|&c| c == 0).unwrap_or(f.len());
-    String::from_utf8_lossy(&f[..end]).trim_end().to_string()
-}
-
 /// (GENCTR, NUMREC) from the log header.
 pub fn parse_header(b: &[u8]) -> Result<(u64, u64)> {
-    if b.len() < 20 {
+    let Ok((h, _)) = DiscoveryLogHeader::read_from_prefix(b) else {
         return Err(Error::Protocol("discovery log header too short".into()));
-    }
-    let recfmt = u16_at(b, 16);
+    };
+    let recfmt = h.recfmt.get();
     if recfmt != 0 {
         return Err(Error::Unsupported(format!(
             "discovery log record format {recfmt}"
         )));
     }
-    Ok((u64_at(b, 0), u64_at(b, 8)))
+    Ok((h.genctr.get(), h.numrec.get()))
 }
 
-/// Parses one 1024-byte entry.
-pub fn parse_entry(e: &[u8]) -> DiscoveryEntry {
+/// Parses one 1024-byte entry (a shorter slice yields an all-zero entry).
+pub fn parse_entry(b: &[u8]) -> DiscoveryEntry {
+    let e = DiscoveryLogEntry::read_from_prefix(b)
+        .map(|(e, _)| e)
+        .unwrap_or_else(|_| nvme_spec::FromZeros::new_zeroed());
     DiscoveryEntry {
-        trtype: e.first().copied().unwrap_or(0),
-        adrfam: e.get(1).copied().unwrap_or(0),
-        subtype: e.get(2).copied().unwrap_or(0),
-        treq: e.get(3).copied().unwrap_or(0),
-        portid: u16_at(e, 4),
-        cntlid: u16_at(e, 6),
-        asqsz: u16_at(e, 8),
-        trsvcid: text(e, 32, 32),
-        traddr: text(e, 256, 256),
-        subnqn: text(e, 512, 256),
+        trtype: e.trtype,
+        adrfam: e.adrfam,
+        subtype: e.subtype,
+        treq: e.treq,
+        portid: e.portid.get(),
+        cntlid: e.cntlid.get(),
+        asqsz: e.asqsz.get(),
+        trsvcid: e.trsvcid_str().unwrap_or("").to_string(),
+        traddr: e.traddr_str().unwrap_or("").to_string(),
+        subnqn: e.subnqn_str().unwrap_or("").to_string(),
     }
 }
 

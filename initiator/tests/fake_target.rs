@@ -299,15 +299,11 @@ fn admin(c: &mut Conn, cmd: &Command, k: &Knobs) -> std::io::Result<()> {
             log[0..8].copy_from_slice(&5u64.to_le_bytes());
             log[8..16].copy_from_slice(&2u64.to_le_bytes());
             for i in 0..2 {
-                let e = &mut log[1024 * (i + 1)..1024 * (i + 2)];
-                e[0] = 3;
-                e[1] = 1;
-                e[2] = 2;
-                e[6..8].copy_from_slice(&0xffffu16.to_le_bytes());
-                e[32..36].copy_from_slice(b"4420");
-                e[256..265].copy_from_slice(b"127.0.0.1");
                 let nqn = format!("nqn.2024-01.io.fake:sub{i}");
-                e[512..512 + nqn.len()].copy_from_slice(nqn.as_bytes());
+                let e =
+                    nvme_spec::log::DiscoveryLogEntry::tcp(2, &nqn, "127.0.0.1", "4420", false, 1)
+                        .unwrap();
+                log[1024 * (i + 1)..1024 * (i + 2)].copy_from_slice(e.as_bytes());
             }
             let want = numd * 4;
             let mut out = log.get(off..).unwrap_or(&[]).to_vec();

@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# Our NVMe/TCP host (plexperf on the initiator crate) against the Linux kernel's nvmet
+# target, inside the test guest: identify, discovery, pattern write + verified read back
+# (in-capsule, R2T-sized and with digests), and surviving removal and re-creation of the
+# nvmet port while I/O runs (reconnect, nothing lost, no mismatches).
+#
+# On the host:  cargo build --release -p initiator && tests/guest/initiator_nvmet.sh
+# (it boots the guest with scripts/guest/run.sh and runs itself inside).
+# The guest is emulated (TCG): a few hundred IOPS. This proves interoperability, not speed.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=tests/guest/lib.sh
+. "$HERE/lib.sh"
+REPO=$GUEST_LIB_REPO
+PERF=${PLEXPERF:-$REPO/build/release/plexperf}
+NQN=nqn.2024-01.io.plexstor:initiator-nvmet
+PORT=4420
+TRID="trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:$PORT subnqn:$NQN"
+DISC="trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:$PORT"
+
+if ! in_guest; then
+    if [ ! -x "$PERF" ]; then
+        echo "not ok - plexperf built: $PERF missing (cargo build --release -p initiator)"
+        exit 1
+    fi
+    reexec_in_guest --timeout 900 --env "PLEXPERF=$PERF" -- "$0" "$@"
+fi
+
+export RUST_LOG=${RUST_LOG:-warn}
+WORK=$(mktemp -d)
+
+# json_field FILE PYTHON-EXPR: evaluates EXPR with `r` bound to the JSON report.
+json_field() {
+    python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))' "$1" "$2"
+}
+
+# perf_ok NAME OUT: the run in OUT exited 0 with I/O done, no error and no verify mismatch.
+perf_ok() {
+    local name=$1 out=$2 ios errs mism
+    ios=$(json_field "$out" 'r["total"]["reads"] + r["total"]["writes"]') || ios=0
+    errs=$(json_field "$out" 'r["total"]["errors"]') || errs=?
+    mism=$(json_field "$out" '(r["verify"] or {}).get("mismatches", 0)') || mism=?
+    if [ "$ios" -gt 0 ] && [ "$errs" = 0 ] && [ "$mism" = 0 ]; then
+        pass "$name ($ios I/Os, $(json_field "$out" 'round(r["total"]["iops"])') IOPS)"
+    else
+        sed 's/^/# /' "$out" | tail -n 30
+        fail "$name" "ios=$ios errors=$errs mismatches=$mism"
+    fi
+}
+
+# perf NAME OUT ARGS...: runs plexperf with --json into OUT and checks it.
+perf() {
+    local name=$1 out=$2 rc=0
+    shift 2
+    timeout 120 "$PERF" -r "$TRID" --json --warmup 0 "$@" >"$out" 2>"$out.err" || rc=$?
+    if [ "$rc" != 0 ]; then
+        sed 's/^/# /' "$out.err" | tail -n 20
+        fail "$name" "plexperf exited $rc"
+        return 0
+    fi
+    perf_ok "$name" "$out"
+}
+
+check "nvmet exports a RAM disk on 127.0.0.1:$PORT" nvmet_export_ramdisk "$NQN" "$PORT" ||
+    bail "nvmet export" "cannot go on without it"
+
+if out=$("$PERF" -r "$TRID" --identify 2>&1) && grep -q "Namespace 1: " <<<"$out" &&
+    grep -q "subnqn: *$NQN" <<<"$out"; then
+    pass "identify: controller and namespace 1 ($(grep 'Namespace 1' <<<"$out" | sed 's/^ *//'))"
+else
+    printf '%s\n' "$out" | sed 's/^/# /'
+    fail "identify" "no namespace 1 or wrong subnqn"
+fi
+
+if out=$("$PERF" -r "$DISC" --discover 2>&1) && grep -q "subnqn: *$NQN" <<<"$out"; then
+    pass "discovery log lists $NQN"
+else
+    printf '%s\n' "$out" | sed 's/^/# /'
+    fail "discovery log lists $NQN" "not found"
+fi
+
+# 1 MiB written sequentially in 4 KiB blocks (in-capsule), then every block read back
+# and checked (LBA, generation, CRC32C): none may be missing or wrong.
+perf "write a 1 MiB pattern (4 KiB, in-capsule, --verify)" "$WORK/w.json" \
+    -w write -o 4096 -q 8 -t 3 --verify --size 1048576
+perf "read it back and verify every block" "$WORK/r.json" \
+    -w read -o 4096 -q 8 -t 2 --verify --size 1048576
+unwritten=$(json_field "$WORK/r.json" 'r["verify"]["unwritten_blocks"]')
+checked=$(json_field "$WORK/r.json" 'r["verify"]["verified_blocks"]')
+if [ "$unwritten" = 0 ] && [ "$checked" -ge 2048 ]; then
+    pass "read back: $checked blocks verified, none unwritten"
+else
+    fail "read back covers the pattern" "verified=$checked unwritten=$unwritten"
+fi
+
+# 64 KiB I/O is larger than nvmet's in-capsule size: writes go through R2T/H2CData.
+perf "randrw 64 KiB (R2T/H2CData writes, C2HData reads) with --verify" "$WORK/big.json" \
+    -w randrw -M 50 -o 65536 -q 4 -t 3 --verify --size 8388608
+perf "header and data digests with --verify" "$WORK/dg.json" \
+    -w randrw -M 50 -o 16384 -q 4 -t 3 --verify --size 4194304 --hdgst --ddgst
+
+# Reconnect: remove the nvmet port under running I/O, re-create it, expect plexperf to
+# reconnect, re-send what was in flight, and finish with no error and no mismatch.
+"$PERF" -r "$TRID" --json --warmup 0 -w randrw -M 50 -o 4096 -q 8 -t 14 --verify \
+    --size 2097152 --reconnect-delay-sec 1 --ctrlr-loss-timeout-sec -1 --io-timeout-sec 0 \
+    >"$WORK/rc.json" 2>"$WORK/rc.err" &
+perf_pid=$!
+sleep 4
+portdir=$(nvmet_tcp_port 127.0.0.1 "$PORT")
+rm -f "$portdir/subsystems/$NQN"
+rmdir "$portdir"
+echo "# nvmet port removed"
+sleep 3
+portdir=$(nvmet_tcp_port 127.0.0.1 "$PORT")
+ln -s "$NVMET_CFS/subsystems/$NQN" "$portdir/subsystems/$NQN"
+echo "# nvmet port re-created"
+rc=0
+wait "$perf_pid" || rc=$?
+sed 's/^/# /' "$WORK/rc.err" | grep -v '^# *$' | tail -n 8 || true
+if [ "$rc" = 0 ]; then
+    perf_ok "I/O with --verify across nvmet port removal and re-creation" "$WORK/rc.json"
+    n=$(json_field "$WORK/rc.json" 'r["reconnects"]')
+    if [ "$n" -ge 1 ]; then pass "controller reconnected ($n time(s))"; else fail "controller reconnected" "reconnects=$n"; fi
+else
+    tail -n 30 "$WORK/rc.json" | sed 's/^/# /'
+    fail "I/O across nvmet port removal and re-creation" "plexperf exited $rc"
+fi
+
+check "nvmet configuration removed" nvmet_clear || true
+rm -rf "$WORK"
+finish
