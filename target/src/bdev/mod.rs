@@ -18,7 +18,6 @@ use smallvec::SmallVec;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 use thiserror::Error;
 use uuid::Uuid;
 
@@ -81,7 +80,7 @@ pub struct BdevIo {
     pub bufs: IoBufs,
     /// The submitter's own identifier, returned untouched.
     pub tag: u64,
-    submitted: Option<Instant>,
+    submitted_ns: u64,
 }
 
 impl BdevIo {
@@ -98,7 +97,7 @@ impl BdevIo {
             num_blocks,
             bufs,
             tag,
-            submitted: None,
+            submitted_ns: 0,
         }
     }
 
@@ -129,7 +128,7 @@ impl BdevIo {
             bufs: self.bufs,
             offset_blocks: self.offset_blocks,
             num_blocks: self.num_blocks,
-            submitted: self.submitted,
+            submitted_ns: self.submitted_ns,
         }
     }
 }
@@ -170,7 +169,7 @@ pub struct IoCompletion {
     pub bufs: IoBufs,
     pub offset_blocks: u64,
     pub num_blocks: u64,
-    submitted: Option<Instant>,
+    submitted_ns: u64,
 }
 
 /// A module's per-consumer channel. It only ever sees I/O the layer has checked.
@@ -307,7 +306,7 @@ fn bump(c: &AtomicU64, v: u64) {
 impl IoStats {
     fn record(&self, c: &IoCompletion, block_size: u64) {
         let bytes = c.num_blocks * block_size;
-        let ns = c.submitted.map_or(0, |t| t.elapsed().as_nanos() as u64);
+        let ns = crate::reactor::now_ns().saturating_sub(c.submitted_ns);
         if !c.status.is_ok() {
             bump(&self.num_io_errors, 1);
             return;
@@ -471,7 +470,7 @@ impl IoChannel {
     /// Starts `io`. Invalid I/O is not refused here but completed with an error status by the
     /// next `poll`; `Err` hands the I/O back only when the device queue is full (retry later).
     pub fn submit(&mut self, mut io: BdevIo) -> Result<(), BdevIo> {
-        io.submitted = Some(Instant::now());
+        io.submitted_ns = crate::reactor::now_ns();
         if let Err(status) = self.check(&io) {
             self.rejected.push_back(io.complete(status));
             self.in_flight += 1;
