@@ -105,7 +105,8 @@ impl Methods {
         let f = Arc::new(f);
         let h: Handler = Arc::new(move |app, params| {
             let params = if params.is_null() { json!({}) } else { params };
-            match serde_json::from_value::<P>(params) {
+            // Through serde_path_to_error so that a value of the wrong type names its field.
+            match serde_path_to_error::deserialize::<_, P>(params) {
                 Ok(p) => {
                     let fut = f(app, p);
                     Box::pin(async move {
@@ -114,7 +115,10 @@ impl Methods {
                     })
                 }
                 Err(e) => {
-                    let msg = format!("invalid parameters for {name}: {e}");
+                    let msg = match e.path().to_string().as_str() {
+                        "." => format!("invalid parameters for {name}: {}", e.inner()),
+                        field => format!("invalid parameters for {name}: {field}: {}", e.inner()),
+                    };
                     Box::pin(async move { Err(RpcError::invalid_params(msg)) })
                 }
             }

@@ -181,7 +181,11 @@ mod tests {
         assert_eq!(next_frame(b""), Frame::Incomplete);
         assert!(matches!(next_frame(b"{]"), Frame::Malformed(_)));
         assert!(matches!(next_frame(b"nope"), Frame::Malformed(_)));
-        assert_eq!(next_frame(b"12"), Frame::Incomplete, "a number may continue");
+        assert_eq!(
+            next_frame(b"12"),
+            Frame::Incomplete,
+            "a number may continue"
+        );
         assert!(matches!(next_frame(b"12 "), Frame::Value(_, 2)));
     }
 }
