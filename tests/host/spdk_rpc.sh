@@ -1,0 +1,164 @@
+#!/usr/bin/env bash
+# SPDK's own JSON-RPC client drives plexd: the methods we share with SPDK must take what
+# `spdk-rpc` (PyPI package `spdk`) sends and answer in a shape it prints and parses.
+#
+#   tests/host/spdk_rpc.sh        prints "ok - NAME" / "not ok - NAME: REASON"; exit 1 on failure
+#
+# spdk-rpc lives in a venv under .guest/ (gitignored, kept across `cargo clean`, already where
+# the project caches its test tooling), so the host's Python is never touched.
+# PLEXD=path/to/plexd skips the build; SPDK_PY_VERSION picks the client version.
+set -u
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+if [ -f "$REPO/tests/guest/lib.sh" ]; then
+    # shellcheck source=../guest/lib.sh
+    . "$REPO/tests/guest/lib.sh"
+else
+    TESTS_PASSED=0 TESTS_FAILED=0 TESTS_SKIPPED=0
+    pass() { TESTS_PASSED=$((TESTS_PASSED + 1)); echo "ok - $1"; }
+    fail() { TESTS_FAILED=$((TESTS_FAILED + 1)); echo "not ok - $1: ${2:-failed}"; }
+    bail() { fail "$1" "$2"; finish; }
+    finish() {
+        echo "# ${TESTS_PASSED} passed, ${TESTS_FAILED} failed, ${TESTS_SKIPPED} skipped"
+        [ "$TESTS_FAILED" = 0 ]
+        exit $?
+    }
+fi
+
+VENV=${PLEXSTOR_SPDK_VENV:-$REPO/.guest/spdk-venv}
+# The client version these tests were written against; newer ones may send new parameters.
+SPDK_PY_VERSION=${SPDK_PY_VERSION:-26.9}
+
+# ---- spdk-rpc ---------------------------------------------------------------------------------
+if ! "$VENV/bin/spdk-rpc" --help >/dev/null 2>&1; then
+    echo "# installing spdk==$SPDK_PY_VERSION from PyPI into $VENV"
+    { python3 -m venv "$VENV" && "$VENV/bin/pip" install -q "spdk==$SPDK_PY_VERSION"; } >&2 ||
+        bail "install spdk-rpc" "pip install spdk==$SPDK_PY_VERSION into $VENV failed"
+fi
+pass "spdk-rpc installed ($("$VENV/bin/pip" show spdk 2>/dev/null | sed -n 's/^Version: //p'))"
+
+# ---- plexd ------------------------------------------------------------------------------------
+if [ -z "${PLEXD:-}" ]; then
+    (cd "$REPO" && cargo build -q -p plexd --bin plexd) || bail "build plexd" "cargo build failed"
+    PLEXD=$REPO/build/debug/plexd
+fi
+# On disk, not tmpfs, so the uring bdev gets O_DIRECT.
+mkdir -p "$REPO/build"
+WORK=$(mktemp -d "$REPO/build/spdk-rpc.XXXXXX")
+SOCK=$WORK/plexd.sock
+PLEXD_PID=
+cleanup() {
+    if [ -n "$PLEXD_PID" ]; then
+        kill "$PLEXD_PID" 2>/dev/null
+        wait "$PLEXD_PID" 2>/dev/null
+    fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+"$PLEXD" --no-pin -m 0x1 -r "$SOCK" >"$WORK/plexd.log" 2>&1 &
+PLEXD_PID=$!
+for _ in $(seq 100); do
+    [ -S "$SOCK" ] && break
+    kill -0 "$PLEXD_PID" 2>/dev/null || break
+    sleep 0.1
+done
+[ -S "$SOCK" ] || bail "start plexd" "no socket: $(tail -n 3 "$WORK/plexd.log")"
+pass "plexd started"
+
+rpc() { "$VENV/bin/spdk-rpc" -s "$SOCK" -t 10 "$@"; }
+
+# expect NAME PYTHON-ASSERTION METHOD [ARGS...]: runs spdk-rpc; its stdout must succeed and
+# satisfy the assertion, a Python expression over `out` (text) and `j` (parsed JSON, or None).
+expect() {
+    local name=$1 cond=$2 out rc=0
+    shift 2
+    out=$(rpc "$@" 2>&1) || rc=$?
+    if [ "$rc" != 0 ]; then
+        printf '%s\n' "$out" | tail -n 12 | sed 's/^/# /'
+        fail "$name" "spdk-rpc $1 exited $rc"
+        return
+    fi
+    if OUT=$out python3 -c '
+import json, os, sys
+out = os.environ["OUT"]
+try:
+    j = json.loads(out)
+except ValueError:
+    j = None
+sys.exit(0 if eval("(" + sys.argv[1] + ")") else 1)' "$cond"; then
+        pass "$name"
+    else
+        printf '%s\n' "$out" | head -n 20 | sed 's/^/# /'
+        fail "$name" "output does not satisfy: $cond"
+    fi
+}
+
+IMG=$WORK/uring0.img
+truncate -s 16M "$IMG"
+
+expect "spdk_get_version" '"plexstor" in j["version"] and "major" in j["fields"]' spdk_get_version
+expect "rpc_get_methods" '"bdev_uring_create" in j and "bdev_get_bdevs" in j' rpc_get_methods
+expect "rpc_get_methods --current --include-aliases" '"save_config" in j' rpc_get_methods -c -i
+expect "bdev_malloc_create" 'out.strip() == "M0"' bdev_malloc_create -b M0 64 512
+expect "bdev_malloc_create with a uuid" 'out.strip() == "M1"' \
+    bdev_malloc_create -b M1 -u 0b5c6f3e-9a55-4d2c-8a51-0d6c3c2f8e11 1 4096
+expect "bdev_malloc_create without a name" 'out.strip() == "Malloc0"' bdev_malloc_create 8 512
+expect "bdev_null_create" 'out.strip() == "N0"' bdev_null_create N0 128 4096
+expect "bdev_uring_create" 'out.strip() == "U0"' bdev_uring_create "$IMG" U0 4096
+expect "bdev_uring_create without a block size" 'out.strip() == "U1"' bdev_uring_create "$IMG" U1
+expect "bdev_get_bdevs lists them" '
+sorted(b["name"] for b in j) == ["M0", "M1", "Malloc0", "N0", "U0", "U1"]
+and {b["name"]: b["num_blocks"] for b in j}["M0"] == 131072
+and {b["name"]: b["num_blocks"] for b in j}["U0"] == 4096
+and {b["name"]: b["uuid"] for b in j}["M1"] == "0b5c6f3e-9a55-4d2c-8a51-0d6c3c2f8e11"
+and {b["name"]: b["product_name"] for b in j}["U0"] == "URING bdev"' bdev_get_bdevs
+expect "bdev_get_bdevs -b" 'len(j) == 1 and j[0]["block_size"] == 4096 and "uring" in j[0]["driver_specific"]' \
+    bdev_get_bdevs -b U0
+expect "bdev_get_iostat" 'len(j["bdevs"]) == 6 and "tick_rate" in j' bdev_get_iostat
+expect "bdev_get_iostat --names" '[b["name"] for b in j["bdevs"]] == ["M0", "N0"]' \
+    bdev_get_iostat --names M0,N0
+expect "framework_get_reactors" 'len(j["reactors"]) == 1 and "lcore" in j["reactors"][0]' framework_get_reactors
+
+# spdk-rpc builds save_config from framework_get_subsystems + framework_get_config.
+if rpc save_config >"$WORK/config.json" 2>"$WORK/save.err"; then
+    expect_cfg=$(python3 -c '
+import json, sys
+c = json.load(open(sys.argv[1]))
+bdev = [s for s in c["subsystems"] if s["subsystem"] == "bdev"][0]["config"]
+print(" ".join(sorted(e["method"] for e in bdev)))' "$WORK/config.json" 2>&1)
+    want="bdev_malloc_create bdev_malloc_create bdev_malloc_create bdev_null_create bdev_uring_create bdev_uring_create"
+    if [ "$expect_cfg" = "$want" ]; then pass "save_config"; else fail "save_config" "methods: $expect_cfg"; fi
+else
+    fail "save_config" "$(tail -n 1 "$WORK/save.err")"
+fi
+
+expect "bdev_malloc_delete" 'out.strip() == ""' bdev_malloc_delete M0
+expect "bdev_malloc_delete (M1)" 'out.strip() == ""' bdev_malloc_delete M1
+expect "bdev_malloc_delete (Malloc0)" 'out.strip() == ""' bdev_malloc_delete Malloc0
+expect "bdev_null_delete" 'out.strip() == ""' bdev_null_delete N0
+expect "bdev_uring_delete" 'out.strip() == ""' bdev_uring_delete U0
+expect "bdev_uring_delete (U1)" 'out.strip() == ""' bdev_uring_delete U1
+expect "bdev_get_bdevs empty after deletes" 'j == []' bdev_get_bdevs
+
+# A failing call: spdk-rpc prints the JSON-RPC error and exits non-zero.
+rc=0
+out=$(rpc bdev_malloc_delete M0 2>&1) || rc=$?
+if [ "$rc" != 0 ] && printf '%s' "$out" | grep -q '"code": -19' &&
+    printf '%s' "$out" | grep -q 'no bdev named M0'; then
+    pass "deleting a missing bdev fails with -19 (ENODEV)"
+else
+    printf '%s\n' "$out" | sed 's/^/# /'
+    fail "deleting a missing bdev fails with -19 (ENODEV)" "exit $rc"
+fi
+
+# load_config replays what save_config wrote.
+if [ -s "$WORK/config.json" ]; then
+    expect "load_config" 'True' load_config -j "$WORK/config.json"
+    expect "load_config restores bdevs and uuids" '
+sorted(b["name"] for b in j) == ["M0", "M1", "Malloc0", "N0", "U0", "U1"]
+and {b["name"]: b["uuid"] for b in j}["M1"] == "0b5c6f3e-9a55-4d2c-8a51-0d6c3c2f8e11"' bdev_get_bdevs
+fi
+
+kill -0 "$PLEXD_PID" 2>/dev/null && pass "plexd still running" || fail "plexd still running" "it died"
+finish
