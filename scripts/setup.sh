@@ -33,6 +33,44 @@ die() { echo "error: $*" >&2; exit 1; }
 
 usage() { sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
+# Shell built-ins rather than cat/awk/readlink in loops: where plexd runs that
+# hardly matters, but in the emulated test guest every exec costs ~0.1-1 s.
+
+# read_into VAR FILE: first line of FILE into VAR (empty if unreadable).
+read_into() {
+    local -n _var=$1
+    _var=
+    IFS= read -r _var 2>/dev/null <"$2" || true
+}
+
+# meminfo_value VAR FIELD: e.g. meminfo_value kb Hugepagesize
+meminfo_value() {
+    local -n _out=$1
+    local key value _
+    _out=
+    while read -r key value _; do
+        if [ "$key" = "$2:" ]; then _out=$value; return 0; fi
+    done </proc/meminfo
+}
+
+# Lines of stdin joined with SEP.
+join_lines() {
+    local sep=$1 line out='' first=1
+    while IFS= read -r line; do
+        [ -n "$line" ] || continue
+        if [ "$first" = 1 ]; then out=$line first=0; else out+=$sep$line; fi
+    done
+    echo "$out"
+}
+
+hugetlbfs_mounted() {
+    local _src mnt type _rest
+    while read -r _src mnt type _rest; do
+        [ "$mnt" = "$HUGE_MOUNT" ] && [ "$type" = hugetlbfs ] && return 0
+    done </proc/mounts
+    return 1
+}
+
 require_root() {
     [ "$(id -u)" = 0 ] || die "this needs root (hugepages and driver binding are system-wide)"
 }
@@ -40,7 +78,9 @@ require_root() {
 # ---- hugepages -------------------------------------------------------------
 
 default_hugepage_kb() {
-    awk '/^Hugepagesize:/ { print $2 }' /proc/meminfo
+    local kb
+    meminfo_value kb Hugepagesize
+    echo "$kb"
 }
 
 hugepage_kb() {
@@ -55,16 +95,17 @@ hugepage_kb() {
 numa_nodes() {
     local n
     for n in /sys/devices/system/node/node[0-9]*; do
-        [ -d "$n/hugepages" ] && echo "${n##*/}"
+        if [ -d "$n/hugepages" ]; then echo "${n##*/}"; fi
     done
 }
 
 # Writes COUNT into a nr_hugepages file; compacts memory once if the kernel
 # could not find enough contiguous memory.
 write_nr_hugepages() {
-    local file=$1 count=$2
+    local file=$1 count=$2 got
     echo "$count" >"$file"
-    if [ "$(cat "$file")" -lt "$count" ]; then
+    read_into got "$file"
+    if [ "$got" -lt "$count" ]; then
         sync
         echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
         echo 1 >/proc/sys/vm/compact_memory 2>/dev/null || true
@@ -72,8 +113,20 @@ write_nr_hugepages() {
     fi
 }
 
+# Hugepages are taken from ordinary memory: asking for (nearly) all of it
+# leaves the kernel nothing and the machine stalls (HUGEMEM's default of 2048
+# does exactly that in a 2 GiB VM). Keep an eighth, and at least 256 MiB.
+refuse_to_starve_the_machine() {
+    local pages=$1 kb=$2 total_kb keep_kb
+    meminfo_value total_kb MemTotal
+    keep_kb=$((total_kb / 8 > 262144 ? total_kb / 8 : 262144))
+    if [ $((pages * kb)) -gt $((total_kb - keep_kb)) ]; then
+        die "$((pages * kb / 1024)) MiB of hugepages would leave this machine ($((total_kb / 1024)) MiB) too little memory; set HUGEMEM to at most $(((total_kb - keep_kb) / 1024))"
+    fi
+}
+
 reserve_hugepages() {
-    local kb pages nodes per_node node total=0
+    local kb pages nodes per_node node total=0 got
     kb=$(hugepage_kb)
     if [ -n "${NRHUGE:-}" ]; then
         [[ $NRHUGE =~ ^[0-9]+$ ]] || die "NRHUGE must be a number of pages, got '$NRHUGE'"
@@ -83,17 +136,19 @@ reserve_hugepages() {
         # Round up: HUGEMEM=3 with 2 MiB pages gives 2 pages, not 1.
         pages=$(((${HUGEMEM:-2048} * 1024 + kb - 1) / kb))
     fi
+    refuse_to_starve_the_machine "$pages" "$kb"
     mapfile -t nodes < <(numa_nodes)
     if [ "${HUGE_EVEN_ALLOC:-no}" = yes ] && [ ${#nodes[@]} -gt 0 ]; then
         per_node=$(((pages + ${#nodes[@]} - 1) / ${#nodes[@]}))
         for node in "${nodes[@]}"; do
             write_nr_hugepages "/sys/devices/system/node/$node/hugepages/hugepages-${kb}kB/nr_hugepages" "$per_node"
-            total=$((total + $(cat "/sys/devices/system/node/$node/hugepages/hugepages-${kb}kB/nr_hugepages")))
+            read_into got "/sys/devices/system/node/$node/hugepages/hugepages-${kb}kB/nr_hugepages"
+            total=$((total + got))
         done
         pages=$((per_node * ${#nodes[@]}))
     else
         write_nr_hugepages "/sys/kernel/mm/hugepages/hugepages-${kb}kB/nr_hugepages" "$pages"
-        total=$(cat "/sys/kernel/mm/hugepages/hugepages-${kb}kB/nr_hugepages")
+        read_into total "/sys/kernel/mm/hugepages/hugepages-${kb}kB/nr_hugepages"
     fi
     if [ "$total" -lt "$pages" ]; then
         warn "only $total of $pages hugepages of ${kb}kB could be reserved (memory too fragmented or too small);" \
@@ -106,9 +161,7 @@ reserve_hugepages() {
 mount_hugetlbfs() {
     local kb
     kb=$(hugepage_kb)
-    if awk -v m="$HUGE_MOUNT" '$2 == m && $3 == "hugetlbfs" { found = 1 } END { exit !found }' /proc/mounts; then
-        return 0
-    fi
+    hugetlbfs_mounted && return 0
     mkdir -p "$HUGE_MOUNT"
     if [ "$kb" = "$(default_hugepage_kb)" ]; then
         mount -t hugetlbfs nodev "$HUGE_MOUNT"
@@ -125,7 +178,7 @@ clear_hugepages() {
         [ -e "$f" ] && echo 0 >"$f"
     done
     local left
-    left=$(awk '/^HugePages_Total:/ { print $2 }' /proc/meminfo)
+    meminfo_value left HugePages_Total
     if [ "${left:-0}" -gt 0 ]; then
         warn "$left hugepages still in use (by running programs or files in $HUGE_MOUNT); they are freed when released"
     fi
@@ -152,12 +205,12 @@ in_list() {
 
 # NVMe controllers (BDFs) that PCI_ALLOWED / PCI_BLOCKED let us manage.
 nvme_devices() {
-    local dev bdf allowed blocked
+    local dev bdf allowed blocked class
     read -r -a allowed <<<"${PCI_ALLOWED:-}"
     read -r -a blocked <<<"${PCI_BLOCKED:-}"
     for dev in "$SYSFS_PCI"/devices/*; do
-        [ -e "$dev/class" ] || continue
-        [ "$(cat "$dev/class")" = "$NVME_CLASS" ] || continue
+        read_into class "$dev/class"
+        [ "$class" = "$NVME_CLASS" ] || continue
         bdf=${dev##*/}
         if [ ${#allowed[@]} -gt 0 ] && ! in_list "$bdf" "${allowed[@]}"; then continue; fi
         if [ ${#blocked[@]} -gt 0 ] && in_list "$bdf" "${blocked[@]}"; then continue; fi
@@ -166,14 +219,19 @@ nvme_devices() {
 }
 
 current_driver() {
-    local link=$SYSFS_PCI/devices/$1/driver
-    if [ -e "$link" ]; then basename "$(readlink -f "$link")"; else echo "-"; fi
+    local link=$SYSFS_PCI/devices/$1/driver target
+    if [ -e "$link" ]; then
+        target=$(readlink "$link")
+        echo "${target##*/}"
+    else
+        echo "-"
+    fi
 }
 
 # Block devices (names) served by the controller at BDF: its namespaces, the
 # multipath heads over them, and their partitions.
 block_devices_of() {
-    local bdf=$1 ctrl name blk
+    local bdf=$1 ctrl name blk part
     for ctrl in "$SYSFS_PCI/devices/$bdf"/nvme/nvme*; do
         [ -d "$ctrl" ] || continue
         name=${ctrl##*/}
@@ -182,30 +240,37 @@ block_devices_of() {
             # Non-multipath namespaces and per-path devices hang off the
             # controller; a multipath head's device is its subsystem, which
             # links to every controller in it.
-            if [ "$(readlink -f "$blk/device")" = "$(readlink -f "$ctrl")" ] ||
-               [ -e "$blk/device/$name" ]; then
+            if [ "$blk/device" -ef "$ctrl" ] || [ -e "$blk/device/$name" ]; then
                 echo "${blk##*/}"
-                find "$blk/" -mindepth 1 -maxdepth 1 -name "${blk##*/}p*" -printf '%f\n'
+                for part in "$blk/${blk##*/}"p*; do
+                    if [ -e "$part" ]; then echo "${part##*/}"; fi
+                done
             fi
         done
-    done | sort -u
+    done
+    return 0
 }
 
 # Why a block device must not be taken away, or nothing.
 block_device_use() {
-    local name=$1 majmin mnt holders
-    majmin=$(cat "/sys/class/block/$name/dev" 2>/dev/null) || return 0
-    mnt=$(awk -v d="/dev/$name" -v mm="$majmin" '
-            FILENAME == "/proc/self/mountinfo" && $3 == mm { print $5; exit }
-            FILENAME == "/proc/mounts" && $1 == d { print $2; exit }' \
-          /proc/self/mountinfo /proc/mounts 2>/dev/null | head -n1)
-    if [ -n "$mnt" ]; then echo "$name is mounted on $mnt"; return 0; fi
-    if awk -v d="/dev/$name" '$1 == d { found = 1 } END { exit !found }' /proc/swaps; then
-        echo "$name is an active swap area"
-        return 0
-    fi
-    holders=$(find "/sys/class/block/$name/holders/" -mindepth 1 -maxdepth 1 -printf '%f ' 2>/dev/null)
-    if [ -n "$holders" ]; then echo "$name is held by ${holders% }"; fi
+    local name=$1 majmin mm mnt src holder holders=() _rest
+    read_into majmin "/sys/class/block/$name/dev"
+    [ -n "$majmin" ] || return 0
+    # By device number (mountinfo's 3rd field), which also catches a mount
+    # made through another name for the same device; by name as a fallback.
+    while read -r _ _ mm _ mnt _rest; do
+        if [ "$mm" = "$majmin" ]; then echo "$name is mounted on $mnt"; return 0; fi
+    done </proc/self/mountinfo
+    while read -r src mnt _rest; do
+        if [ "$src" = "/dev/$name" ]; then echo "$name is mounted on $mnt"; return 0; fi
+    done </proc/mounts
+    while read -r src _rest; do
+        if [ "$src" = "/dev/$name" ]; then echo "$name is an active swap area"; return 0; fi
+    done </proc/swaps
+    for holder in "/sys/class/block/$name/holders"/*; do
+        [ -e "$holder" ] && holders+=("${holder##*/}")
+    done
+    if [ ${#holders[@]} -gt 0 ]; then echo "$name is held by ${holders[*]}"; fi
 }
 
 # Reasons (one per line) why the controller at BDF is in use, or nothing.
@@ -214,6 +279,7 @@ device_in_use() {
     for blk in $(block_devices_of "$1"); do
         block_device_use "$blk"
     done
+    return 0
 }
 
 iommu_enabled() {
@@ -259,7 +325,9 @@ bind_to() {
 }
 
 vfio_group_of() {
-    basename "$(readlink -f "$SYSFS_PCI/devices/$1/iommu_group")"
+    local target
+    target=$(readlink "$SYSFS_PCI/devices/$1/iommu_group")
+    echo "${target##*/}"
 }
 
 # vfio can only use a group whose every device is bound to vfio-pci (or to no
@@ -285,7 +353,7 @@ bind_nvme_to_vfio() {
     fi
     reasons=$(device_in_use "$bdf")
     if [ -n "$reasons" ]; then
-        say "$bdf: skipped, in use: $(echo "$reasons" | paste -sd ';' | sed 's/;/; /g')"
+        say "$bdf: skipped, in use: $(join_lines '; ' <<<"$reasons")"
         return 0
     fi
     if [ ! -e "$SYSFS_PCI/devices/$bdf/iommu_group" ]; then
@@ -366,23 +434,27 @@ hugepage_dirs() {
 }
 
 status_hugepages() {
-    local dir node size
+    local dir node size free total
     echo "Hugepages"
     printf '%-8s %-12s %8s %8s\n' node size free total
     if [ -n "$(numa_nodes)" ]; then
         for node in $(numa_nodes); do
             for dir in $(hugepage_dirs "/sys/devices/system/node/$node/hugepages"); do
                 size=${dir##*hugepages-}
-                printf '%-8s %-12s %8s %8s\n' "$node" "$size" "$(cat "$dir/free_hugepages")" "$(cat "$dir/nr_hugepages")"
+                read_into free "$dir/free_hugepages"
+                read_into total "$dir/nr_hugepages"
+                printf '%-8s %-12s %8s %8s\n' "$node" "$size" "$free" "$total"
             done
         done
     else
         for dir in $(hugepage_dirs /sys/kernel/mm/hugepages); do
             size=${dir##*hugepages-}
-            printf '%-8s %-12s %8s %8s\n' - "$size" "$(cat "$dir/free_hugepages")" "$(cat "$dir/nr_hugepages")"
+            read_into free "$dir/free_hugepages"
+            read_into total "$dir/nr_hugepages"
+            printf '%-8s %-12s %8s %8s\n' - "$size" "$free" "$total"
         done
     fi
-    if awk -v m="$HUGE_MOUNT" '$2 == m && $3 == "hugetlbfs" { f = 1 } END { exit !f }' /proc/mounts; then
+    if hugetlbfs_mounted; then
         echo "hugetlbfs: mounted at $HUGE_MOUNT"
     else
         echo "hugetlbfs: not mounted at $HUGE_MOUNT"
@@ -390,7 +462,7 @@ status_hugepages() {
 }
 
 status_nvme() {
-    local bdf dev node blks in_use devices
+    local bdf dev node blks in_use devices vendor device
     echo
     echo "NVMe devices"
     # Status lists every NVMe device; PCI_ALLOWED/PCI_BLOCKED only narrow it.
@@ -402,12 +474,14 @@ status_nvme() {
     printf '%-13s %-6s %-6s %-4s %-9s %-5s %-24s %s\n' BDF vendor device numa driver group "block devices" "in use (mounted, swap, holders)"
     for bdf in "${devices[@]}"; do
         dev=$SYSFS_PCI/devices/$bdf
-        node=$(cat "$dev/numa_node" 2>/dev/null || echo -1)
-        [ "$node" -ge 0 ] 2>/dev/null || node=-
-        blks=$(block_devices_of "$bdf" | paste -sd, -)
-        in_use=$(device_in_use "$bdf" | paste -sd';' - | sed 's/;/; /g')
+        read_into node "$dev/numa_node"
+        [ "${node:--1}" -ge 0 ] 2>/dev/null || node=-
+        blks=$(block_devices_of "$bdf" | join_lines ,)
+        in_use=$(device_in_use "$bdf" | join_lines '; ')
+        read_into vendor "$dev/vendor"
+        read_into device "$dev/device"
         printf '%-13s %-6s %-6s %-4s %-9s %-5s %-24s %s\n' "$bdf" \
-            "$(sed 's/^0x//' "$dev/vendor")" "$(sed 's/^0x//' "$dev/device")" "$node" \
+            "${vendor#0x}" "${device#0x}" "$node" \
             "$(current_driver "$bdf")" "$( [ -e "$dev/iommu_group" ] && vfio_group_of "$bdf" || echo -)" \
             "${blks:--}" "${in_use:-no}"
     done

@@ -99,6 +99,16 @@ test_bad_input() {
     else
         pass "HUGEMEM=lots is refused"
     fi
+    local mem_mib before out
+    mem_mib=$(awk '/^MemTotal:/ { print int($2 / 1024) }' /proc/meminfo)
+    before=$(cat "$NR_FILE")
+    if out=$(HUGEMEM=$mem_mib "$SETUP" 2>&1); then
+        fail "HUGEMEM=$mem_mib (all memory) is refused" "exit 0"
+    elif grep -q "too little memory" <<<"$out" && [ "$(cat "$NR_FILE")" = "$before" ]; then
+        pass "HUGEMEM=$mem_mib (all memory) is refused and changes nothing"
+    else
+        fail "HUGEMEM=$mem_mib (all memory) is refused and changes nothing" "$(tail -n1 <<<"$out")"
+    fi
     if "$SETUP" frobnicate >/dev/null 2>&1; then
         fail "an unknown action is refused" "exit 0"
     else
