@@ -369,7 +369,7 @@ mod tests {
         assert_eq!(Cap(0).with_css(Cap::CSS_IOCS).0, 1 << 43);
         assert_eq!(Cap(1 << 37).css(), Cap::CSS_NVM);
         assert_eq!(Cap(u64::MAX).with_mqes(0).mqes(), 0);
-        assert_eq!(Cap(u64::MAX).with_mqes(0).0, u64::MAX & !0xFFFF);
+        assert_eq!(Cap(u64::MAX).with_mqes(0).0, !0xFFFFu64);
     }
 
     #[test]

@@ -936,8 +936,13 @@ impl PduHeader {
                     }
                     (0, 0)
                 } else {
+                    // Data starts at the end of the header (and digest), padded
+                    // up to the PDA alignment. PDO == end of header is also
+                    // accepted whatever the PDA: SPDK hosts only pad when the
+                    // alignment exceeds the header length, and an unpadded
+                    // PDO is harmless to a receiver that copies the data.
                     let align = pda_alignment(opts.pda);
-                    if pdo < hd || pdo % align != 0 || pdo >= hd + align {
+                    if pdo < hd || (pdo != hd && pdo % align != 0) || pdo >= hd + align {
                         return Err(invalid(
                             off::PDO,
                             "PDO not at the aligned end of the header",

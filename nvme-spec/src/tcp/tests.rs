@@ -343,17 +343,25 @@ fn rejects_bad_hlen_pdo_plen() {
     t[4] = 23;
     assert_eq!(fei(err(&t, &o)), (Some(1), 4));
 
-    // Alignment under a non-zero PDA: with a header digest PDO 76 is not 8-byte aligned.
+    // Alignment under PDA 1 (8 bytes) with a header digest (header ends at 76):
+    // 80 is the padded offset, 76 (no padding, as SPDK sends) is tolerated,
+    // 78 is misaligned and 84 is past the padding.
     let o8 = ParseOptions {
         pda: 1,
         ..ctrl(true, false)
     };
-    let c = CapsuleCmd::new(Command::flush(1), 512, true, false, 0).unwrap();
-    assert_eq!(c.ch.pdo, 76);
-    assert_eq!(fei(err(&pdu(c.as_bytes(), true), &o8)), (Some(1), 3));
     let aligned = CapsuleCmd::new(Command::flush(1), 512, true, false, 1).unwrap();
     assert_eq!(aligned.ch.pdo, 80);
     assert!(PduHeader::parse(&pdu(aligned.as_bytes(), true), &o8).is_ok());
+    for (pdo, ok) in [(76u8, true), (78, false), (84, false), (72, false)] {
+        let mut c = aligned;
+        c.ch.pdo = pdo;
+        let r = PduHeader::parse(&pdu(c.as_bytes(), true), &o8);
+        assert_eq!(r.is_ok(), ok, "pdo {pdo}: {r:?}");
+        if !ok {
+            assert_eq!(fei(r.unwrap_err()), (Some(1), 3));
+        }
+    }
 }
 
 #[test]
