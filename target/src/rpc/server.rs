@@ -100,6 +100,121 @@ pub fn next_frame(buf: &[u8]) -> Frame {
     }
 }
 
+/// Splits a byte stream into JSON values, handing bytes to the parser only once a value's last
+/// byte may have arrived. A scan of brackets, strings and escapes finds that point, so a request
+/// trickled in one byte per read costs linear time rather than a fresh parse of the whole
+/// buffer on every read.
+#[derive(Default)]
+pub struct Framer {
+    buf: Vec<u8>,
+    scan: Scan,
+    /// Bytes given to the JSON parser so far (tests check it stays linear).
+    pub parsed_bytes: u64,
+}
+
+/// Where the scan of the value at the front of the buffer stands.
+#[derive(Default)]
+struct Scan {
+    pos: usize,
+    depth: usize,
+    in_str: bool,
+    esc: bool,
+    /// Inside a bare number or literal at the top level.
+    scalar: bool,
+}
+
+impl Scan {
+    fn at_top(&self) -> bool {
+        self.depth == 0 && !self.in_str && !self.scalar
+    }
+
+    /// Scans on from `pos`; returns the end of a value (exclusive) once one may be complete.
+    fn find_end(&mut self, buf: &[u8]) -> Option<usize> {
+        while self.pos < buf.len() {
+            let b = buf[self.pos];
+            self.pos += 1;
+            if self.in_str {
+                if self.esc {
+                    self.esc = false;
+                } else if b == b'\\' {
+                    self.esc = true;
+                } else if b == b'"' {
+                    self.in_str = false;
+                    if self.depth == 0 {
+                        return Some(self.pos);
+                    }
+                }
+                continue;
+            }
+            if self.scalar {
+                // A number or literal ends at the first byte that cannot go on with it; the
+                // parser sees that byte too, so it knows the number is whole.
+                if !(b.is_ascii_alphanumeric() || b == b'+' || b == b'-' || b == b'.') {
+                    self.scalar = false;
+                    return Some(self.pos);
+                }
+                continue;
+            }
+            match b {
+                b'"' => self.in_str = true,
+                b'{' | b'[' => self.depth += 1,
+                b'}' | b']' if self.depth <= 1 => {
+                    self.depth = 0;
+                    return Some(self.pos);
+                }
+                b'}' | b']' => self.depth -= 1,
+                b' ' | b'\t' | b'\n' | b'\r' => {}
+                _ if self.depth > 0 => {}
+                _ if b.is_ascii_alphanumeric() || b == b'-' => self.scalar = true,
+                // Not JSON at all: let the parser say so now.
+                _ => return Some(self.pos),
+            }
+        }
+        None
+    }
+}
+
+impl Framer {
+    pub fn push(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    /// Bytes held: the part of a request received so far.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The next whole value, if it has arrived.
+    pub fn next_frame(&mut self) -> Frame {
+        loop {
+            // White space between values is dropped as it is scanned past.
+            if self.scan.at_top()
+                && self.scan.pos > 0
+                && self.buf[..self.scan.pos]
+                    .iter()
+                    .all(u8::is_ascii_whitespace)
+            {
+                self.buf.drain(..self.scan.pos);
+                self.scan.pos = 0;
+            }
+            let Some(end) = self.scan.find_end(&self.buf) else {
+                return Frame::Incomplete;
+            };
+            self.parsed_bytes += end as u64;
+            match next_frame(&self.buf[..end]) {
+                Frame::Value(v, used) => {
+                    self.buf.drain(..used);
+                    self.scan = Scan::default();
+                    return Frame::Value(v, used);
+                }
+                // Not expected at a scanned end; scanning on is always safe.
+                Frame::Incomplete => continue,
+                malformed => return malformed,
+            }
+        }
+    }
+}
+
 async fn write_json(stream: &mut UnixStream, v: &Value) -> std::io::Result<()> {
     let mut out = serde_json::to_vec(v).unwrap_or_default();
     out.push(b'\n');
@@ -111,14 +226,13 @@ fn error_reply(e: RpcError) -> Value {
 }
 
 async fn serve_connection(app: Arc<App>, mut stream: UnixStream) {
-    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let mut framer = Framer::default();
     let mut chunk = vec![0u8; 64 << 10];
     loop {
         // Answer every complete request already buffered, in order.
         loop {
-            match next_frame(&buf) {
-                Frame::Value(req, used) => {
-                    buf.drain(..used);
+            match framer.next_frame() {
+                Frame::Value(req, _) => {
                     if let Some(resp) = handle_request(app.clone(), req).await {
                         if write_json(&mut stream, &resp).await.is_err() {
                             return;
@@ -134,10 +248,7 @@ async fn serve_connection(app: Arc<App>, mut stream: UnixStream) {
                 }
             }
         }
-        if buf.iter().all(u8::is_ascii_whitespace) {
-            buf.clear();
-        }
-        if buf.len() > MAX_REQUEST_BYTES {
+        if framer.buffered() > MAX_REQUEST_BYTES {
             let e = RpcError::new(
                 super::INVALID_REQUEST,
                 format!("request larger than {MAX_REQUEST_BYTES} bytes"),
@@ -147,12 +258,15 @@ async fn serve_connection(app: Arc<App>, mut stream: UnixStream) {
         }
         match stream.read(&mut chunk).await {
             Ok(0) => {
-                if !buf.is_empty() {
-                    tracing::debug!("rpc client left with {} bytes of a request", buf.len());
+                if framer.buffered() > 0 {
+                    tracing::debug!(
+                        "rpc client left with {} bytes of a request",
+                        framer.buffered()
+                    );
                 }
                 return;
             }
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Ok(n) => framer.push(&chunk[..n]),
             Err(e) => {
                 tracing::debug!("rpc read failed: {e}");
                 return;
@@ -187,5 +301,72 @@ mod tests {
             "a number may continue"
         );
         assert!(matches!(next_frame(b"12 "), Frame::Value(_, 2)));
+    }
+
+    /// Feeds `bytes` to a framer in pieces of `step` and collects what it frames.
+    fn framed(bytes: &[u8], step: usize) -> (Vec<Value>, bool, u64) {
+        let mut f = Framer::default();
+        let mut out = Vec::new();
+        for piece in bytes.chunks(step) {
+            f.push(piece);
+            loop {
+                match f.next_frame() {
+                    Frame::Value(v, _) => out.push(v),
+                    Frame::Incomplete => break,
+                    Frame::Malformed(_) => return (out, true, f.parsed_bytes),
+                }
+            }
+        }
+        (out, false, f.parsed_bytes)
+    }
+
+    #[test]
+    fn framer_agrees_with_whole_buffer_framing() {
+        let cases: [&[u8]; 8] = [
+            br#"{"a":1}  {"b":[2,{"c":"}]\"{"}]} "#,
+            b"12 true [] \"x\\\"y\" null\n",
+            br#"{"a":1]"#,
+            b"  \n\t ",
+            b"{\"s\":\"\xff\"} ",
+            b"} {}",
+            br#"{"a":1} nope {"b":2}"#,
+            b"-1e+5 -",
+        ];
+        for case in cases {
+            let mut whole = Vec::new();
+            let mut rest = case;
+            let whole_bad = loop {
+                match next_frame(rest) {
+                    Frame::Value(v, used) => {
+                        whole.push(v);
+                        rest = &rest[used..];
+                    }
+                    Frame::Incomplete => break false,
+                    Frame::Malformed(_) => break true,
+                }
+            };
+            for step in [1, 2, 3, 7, case.len().max(1)] {
+                let (vals, bad, _) = framed(case, step);
+                let shown = String::from_utf8_lossy(case);
+                assert_eq!(vals, whole, "{shown} in steps of {step}");
+                assert_eq!(bad, whole_bad, "{shown} in steps of {step}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_trickled_request_is_parsed_about_once() {
+        let big = format!(
+            r#"{{"jsonrpc":"2.0","id":1,"method":"x","params":{{"s":"{}","a":[{}]}}}}"#,
+            "}]\\\"".repeat(20_000),
+            "[1],".repeat(20_000) + "0"
+        );
+        let (vals, bad, parsed) = framed(big.as_bytes(), 1);
+        assert_eq!((vals.len(), bad), (1, false));
+        assert!(
+            parsed <= 2 * big.len() as u64,
+            "{parsed} bytes parsed for a {}-byte request",
+            big.len()
+        );
     }
 }
