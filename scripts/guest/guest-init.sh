@@ -99,6 +99,9 @@ run_command() {
 }
 
 main() {
+    # Plain \n line ends for the command's output (the serial tty would make
+    # them \r\n, and test runners would read "ok - name\r").
+    stty -onlcr </dev/console 2>/dev/null
     mount_pseudo_filesystems
     mount_shares
     mount_kernel_modules

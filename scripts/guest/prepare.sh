@@ -56,7 +56,7 @@ parse_args() {
             --quiet) QUIET=1 ;;
             --refresh) REFRESH=1 ;;
             --kernel-suite) KERNEL_SUITE=${2:?--kernel-suite needs a suite}; shift ;;
-            -h|--help) sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+            -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; exit 0 ;;
             *) die "unknown option $1" ;;
         esac
         shift

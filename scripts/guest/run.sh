@@ -17,6 +17,7 @@
 #                        $GUEST_OUT names it (without --out: a scratch dir)
 #   --env NAME=VALUE     export into the command's environment (repeatable)
 #   --timeout SEC        kill the guest after SEC seconds (default 600)
+#   --append ARGS        extra kernel command-line arguments
 #   --verbose            show the kernel's boot messages
 #   --no-retry           don't retry a failed boot
 #
@@ -42,17 +43,19 @@ FWDS=()
 OUT=
 ENVS=()
 TIMEOUT=600
+APPEND=
 VERBOSE=0
 RETRY=1
 COMMAND=()
 
 QEMU_PID_FILE=
 TIMEOUT_PID=
+CURRENT_RUN=
 
 say() { echo "run.sh: $*" >&2; }
 die() { echo "run.sh: error: $*" >&2; exit 2; }
 
-usage() { sed -n '2,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
 
 parse_args() {
     while [ $# -gt 0 ]; do
@@ -67,6 +70,7 @@ parse_args() {
             --out) OUT=${2:?}; shift ;;
             --env) ENVS+=("${2:?}"); shift ;;
             --timeout) TIMEOUT=${2:?}; shift ;;
+            --append) APPEND+=" ${2:?}"; shift ;;
             --verbose) VERBOSE=1 ;;
             --no-retry) RETRY=0 ;;
             -h|--help) usage; exit 0 ;;
@@ -130,7 +134,7 @@ kernel_command_line() {
     [ "$VERBOSE" = 1 ] || args+=(quiet loglevel=4)
     [ "$(use_iommu)" = 0 ] || args+=(intel_iommu=on iommu=pt)
     [ "$HUGEPAGES" = 0 ] || args+=(hugepagesz=2M "hugepages=$HUGEPAGES")
-    echo "${args[*]}"
+    echo "${args[*]}$APPEND"
 }
 
 use_iommu() { if [ "$IOMMU" = 1 ] || [ "$NVME_COUNT" -gt 0 ]; then echo 1; else echo 0; fi; }
@@ -186,6 +190,7 @@ stop_qemu() {
 on_signal() {
     say "interrupted, stopping the guest"
     stop_qemu
+    if [ -n "$CURRENT_RUN" ]; then rm -rf "$CURRENT_RUN"; fi
     exit 130
 }
 
@@ -238,11 +243,14 @@ main() {
     # shellcheck source=/dev/null
     . "$GUEST_DIR/guest.env"
     mkdir -p "$GUEST_DIR/runs"
+    # Left behind only by a run.sh that was killed outright (SIGKILL).
+    find "$GUEST_DIR/runs" -mindepth 1 -maxdepth 1 -mmin +1440 -exec rm -rf {} + 2>/dev/null || true
     trap on_signal INT TERM HUP
 
     local attempt run
     for attempt in 1 2; do
         run=$(mktemp -d "$GUEST_DIR/runs/run.XXXXXX")
+        CURRENT_RUN=$run
         boot_once "$run"
         if [ -n "$BOOT_RC" ]; then
             rm -rf "$run"
