@@ -282,6 +282,8 @@ impl Controller {
             detached: false,
         };
         c.bring_up()?;
+        // The first scan is the starting list, not a change.
+        c.events.clear();
         c.shared.set_state(CtrlrState::Connected);
         Ok(c)
     }
@@ -377,8 +379,10 @@ impl Controller {
             {
                 debug!("Set Features Async Event Configuration: {e}");
             }
+            // Diffed against what we knew, so a reconnect reports namespaces that came, went
+            // or changed size while the controller was away.
             let nss = self.scan_namespaces()?;
-            self.namespaces = nss;
+            self.apply_namespaces(nss);
             self.submit_aer();
         }
         self.last_ka = Instant::now();

@@ -13,6 +13,8 @@ pub struct App {
     pub bdevs: BdevRegistry,
     pub methods: Methods,
     pub nvmf: Arc<crate::nvmf::NvmfTarget>,
+    /// Remote NVMe-oF controllers attached as bdevs (`bdev_nvme_*`).
+    pub nvme: crate::bdev::nvme::NvmeModule,
     pub started: Instant,
 }
 
@@ -24,6 +26,7 @@ impl App {
             bdevs: BdevRegistry::default(),
             methods: Methods::all(),
             nvmf: Arc::default(),
+            nvme: Default::default(),
             started: Instant::now(),
         }))
     }
@@ -31,13 +34,16 @@ impl App {
     /// The configuration as SPDK writes it: subsystems in dependency order, each a list of the
     /// RPC calls that recreate it.
     pub fn save_config(&self) -> Value {
-        let bdev: Vec<Value> = self
-            .bdevs
-            .list()
-            .iter()
-            .filter_map(|e| e.bdev().config())
-            .map(|(method, params)| json!({"method": method, "params": params}))
-            .collect();
+        // NVMe controllers first: their attach recreates their namespaces' bdevs, on which
+        // later bdevs may stack.
+        let mut bdev: Vec<Value> = self.nvme.save_config();
+        bdev.extend(
+            self.bdevs
+                .list()
+                .iter()
+                .filter_map(|e| e.bdev().config())
+                .map(|(method, params)| json!({"method": method, "params": params})),
+        );
         json!({"subsystems": [
             {"subsystem": "bdev", "config": bdev},
             {"subsystem": "nvmf", "config": self.nvmf.save_config()},

@@ -9,6 +9,7 @@
 
 pub mod malloc;
 pub mod null;
+pub mod nvme;
 pub mod rpc;
 pub mod uring;
 

@@ -88,6 +88,7 @@ impl Methods {
         let mut m = Methods::default();
         framework::register(&mut m);
         crate::bdev::rpc::register(&mut m);
+        crate::bdev::nvme::rpc::register(&mut m);
         crate::nvmf::rpc::register(&mut m);
         m
     }
