@@ -225,6 +225,12 @@ fn malformed_json_gets_a_parse_error_then_close() {
     let r = read_value(&mut s).expect("an error reply");
     assert_eq!(error_of(&r).0, -32700);
     assert!(closed(&mut s));
+    // Unterminated: the error comes without waiting for a closing brace.
+    let mut s = d.connect();
+    s.write_all(br#"{"jsonrpc" "2.0", "params": {"#).unwrap();
+    let r = read_value(&mut s).expect("an error reply");
+    assert_eq!(error_of(&r).0, -32700);
+    assert!(closed(&mut s));
     // Others are still served.
     assert!(d.ok("spdk_get_version", Value::Null)["version"].is_string());
 }
