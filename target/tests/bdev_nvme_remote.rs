@@ -1,0 +1,306 @@
+//! bdev_nvme between two real plexd processes on loopback: A exports a malloc bdev over
+//! NVMe/TCP, B attaches it with `bdev_nvme_attach_controller` and exports the resulting
+//! `Nvme0n1` again on its own target, where a test host reads and writes it.
+
+mod bdev_nvme_common;
+
+use bdev_nvme_common::*;
+use initiator::IoError;
+use serde_json::json;
+use std::time::Duration;
+
+const BLOCKS: u64 = 16384; // 8 MiB of 512-byte blocks
+
+/// A with a malloc bdev exported on a fresh port; small MDTS when `max_io_size` is set.
+fn start_a(dir: &std::path::Path, max_io_size: u32) -> (Plexd, u16) {
+    let a = Plexd::start(dir, "a", &["-m", "0x1"]);
+    a.ok(
+        "bdev_malloc_create",
+        json!({"name": "Malloc0", "num_blocks": BLOCKS, "block_size": 512}),
+    );
+    let port = free_port();
+    a.export(
+        NQN_A,
+        "Malloc0",
+        port,
+        json!({"trtype": "TCP", "max_io_size": max_io_size}),
+    );
+    (a, port)
+}
+
+fn attach_params(port: u16) -> serde_json::Value {
+    json!({"name": "Nvme0", "trtype": "tcp", "adrfam": "ipv4", "traddr": "127.0.0.1",
+           "trsvcid": port.to_string(), "subnqn": NQN_A})
+}
+
+#[test]
+fn remote_namespace_reads_back_splits_large_io_saves_config_and_detaches() {
+    let dir = temp_dir();
+    // A's MDTS is 16 KiB, so every larger I/O through B is split into pieces.
+    let (a, port_a) = start_a(dir.path(), 16384);
+    let b = Plexd::start(dir.path(), "b", &["-m", "0x3"]);
+
+    let names = b.ok("bdev_nvme_attach_controller", attach_params(port_a));
+    assert_eq!(names, json!(["Nvme0n1"]));
+    let bdev = &b.ok("bdev_get_bdevs", json!({"name": "Nvme0n1"}))[0];
+    assert_eq!(bdev["num_blocks"], BLOCKS);
+    assert_eq!(bdev["block_size"], 512);
+    assert_eq!(bdev["driver_specific"]["nvme"]["nsid"], 1);
+
+    let c = &b.ok("bdev_nvme_get_controllers", json!({}))[0];
+    assert_eq!(c["name"], "Nvme0");
+    let path = &c["ctrlrs"][0];
+    assert_eq!(path["state"], "connected");
+    assert_eq!(path["trid"]["traddr"], "127.0.0.1");
+    assert_eq!(path["trid"]["trsvcid"], port_a.to_string());
+    assert_eq!(path["trid"]["subnqn"], NQN_A);
+    assert_eq!(path["trid"]["trtype"], "TCP");
+    assert_eq!(path["max_transfer"], 16384);
+    // One qpair per reactor of B.
+    assert_eq!(path["io_queues"], 2);
+
+    // B re-exports its remote namespace; a host writes and reads through B.
+    let port_b = free_port();
+    b.export(NQN_B, "Nvme0n1", port_b, json!({"trtype": "TCP"}));
+    let mut host = Driver::connect(port_b, NQN_B);
+    let bs = host.block_size;
+    let cases: [(u64, usize); 5] = [
+        (0, 512),
+        (7, 4096),
+        (100, 16384),
+        (1000, 128 * 1024),       // 8 pieces of A's MDTS
+        (BLOCKS - 2048, 1 << 20), // the last MiB, 64 pieces
+    ];
+    for (i, &(lba, len)) in cases.iter().enumerate() {
+        let data = pattern(i as u64 + 1, lba, len, bs);
+        host.write(lba, data.clone())
+            .unwrap_or_else(|e| panic!("write {len} at {lba}: {e}\n{}", b.log_text()));
+        let back = host.read(lba, len).expect("read back through B");
+        assert!(back == data, "read back {len} bytes at LBA {lba} differ");
+    }
+    // And the bytes really are on A: read them from A's own export.
+    let mut direct = Driver::connect(port_a, NQN_A);
+    let (lba, len) = cases[3];
+    let mut on_a = Vec::new();
+    for k in 0..len / 16384 {
+        // A's own MDTS bounds this host too.
+        on_a.extend(direct.read(lba + (k * 16384 / bs) as u64, 16384).unwrap());
+    }
+    assert!(on_a == pattern(4, lba, len, bs), "A holds other bytes");
+    drop(direct);
+
+    // Past the end: the remote's own NVMe status comes back through B.
+    let (r, _, _) = host.io(false, BLOCKS - 1, vec![0u8; 1024], Duration::from_secs(10));
+    assert!(matches!(r, Err(IoError::Nvme(_))), "{r:?}");
+
+    let stats = &b.ok("bdev_get_iostat", json!({"name": "Nvme0n1"}))["bdevs"][0];
+    assert!(stats["num_write_ops"].as_u64().unwrap() >= cases.len() as u64);
+
+    // save_config has the attach call; a new plexd started with it attaches again.
+    let cfg = b.ok("save_config", json!({}));
+    let calls = cfg["subsystems"][0]["config"].as_array().unwrap();
+    let attach = calls
+        .iter()
+        .find(|c| c["method"] == "bdev_nvme_attach_controller")
+        .expect("attach in save_config");
+    assert_eq!(attach["params"]["name"], "Nvme0");
+    assert_eq!(attach["params"]["subnqn"], NQN_A);
+    assert!(attach["params"]["hostnqn"].as_str().is_some());
+    // Only the bdev part: C must not listen on B's port.
+    let only_bdev = json!({"subsystems": [cfg["subsystems"][0].clone()]});
+    let cfg_path = dir.path().join("c.json");
+    std::fs::write(&cfg_path, only_bdev.to_string()).unwrap();
+    {
+        let c = Plexd::start(
+            dir.path(),
+            "c",
+            &["-m", "0x1", "-c", cfg_path.to_str().unwrap()],
+        );
+        assert_eq!(c.ctrlr_state("Nvme0"), "connected");
+        let bd = &c.ok("bdev_get_bdevs", json!({"name": "Nvme0n1"}))[0];
+        assert_eq!(bd["num_blocks"], BLOCKS);
+        c.ok("bdev_nvme_detach_controller", json!({"name": "Nvme0"}));
+    }
+
+    // Detach is refused while B's target still uses the bdev, and names the user.
+    let (code, msg) = b
+        .call("bdev_nvme_detach_controller", json!({"name": "Nvme0"}))
+        .unwrap_err();
+    assert_eq!(code, -libc::EBUSY as i64, "{msg}");
+    assert!(msg.contains("Nvme0n1"), "{msg}");
+    drop(host);
+    b.ok("nvmf_delete_subsystem", json!({"nqn": NQN_B}));
+    assert_eq!(
+        b.ok("bdev_nvme_detach_controller", json!({"name": "Nvme0"})),
+        json!(true)
+    );
+    assert_eq!(b.ok("bdev_nvme_get_controllers", json!({})), json!([]));
+    assert!(b
+        .call("bdev_get_bdevs", json!({"name": "Nvme0n1"}))
+        .is_err());
+    // The name is free again, and A is unharmed.
+    b.ok("bdev_nvme_attach_controller", attach_params(port_a));
+    b.ok("bdev_nvme_detach_controller", json!({"name": "Nvme0"}));
+    assert!(a
+        .ok("bdev_get_bdevs", json!({"name": "Malloc0"}))
+        .is_array());
+    assert!(!b.log_text().contains("panicked"), "{}", b.log_text());
+}
+
+#[test]
+fn target_loss_fails_io_after_fast_io_fail_then_reconnects_when_restarted() {
+    let dir = temp_dir();
+    let (mut a, port_a) = start_a(dir.path(), 1 << 20);
+    let a_cfg = dir.path().join("a.json");
+    std::fs::write(&a_cfg, a.ok("save_config", json!({})).to_string()).unwrap();
+
+    let b = Plexd::start(dir.path(), "b", &["-m", "0x1"]);
+    let mut p = attach_params(port_a);
+    p["ctrlr_loss_timeout_sec"] = json!(-1);
+    p["reconnect_delay_sec"] = json!(1);
+    p["fast_io_fail_timeout_sec"] = json!(2);
+    b.ok("bdev_nvme_attach_controller", p);
+    let port_b = free_port();
+    b.export(NQN_B, "Nvme0n1", port_b, json!({"trtype": "TCP"}));
+    let mut host = Driver::connect(port_b, NQN_B);
+    let bs = host.block_size;
+    host.write(0, pattern(1, 0, 4096, bs)).unwrap();
+
+    a.kill();
+    b.wait_state("Nvme0", "reconnecting", Duration::from_secs(10));
+    // Held while the path may come back, then failed once fast_io_fail_timeout passed.
+    let (r, _, took) = host.io(true, 8, pattern(2, 8, 4096, bs), Duration::from_secs(15));
+    assert!(r.is_err(), "write with A down succeeded");
+    // A died just before: the write waits for the path about fast_io_fail_timeout (2 s).
+    assert!(
+        took > Duration::from_millis(1000) && took < Duration::from_secs(6),
+        "failed after {took:?}"
+    );
+    // New I/O now fails at once.
+    let (r, _, took) = host.io(false, 0, vec![0u8; 4096], Duration::from_secs(5));
+    assert!(
+        r.is_err() && took < Duration::from_secs(1),
+        "{r:?} after {took:?}"
+    );
+    assert_eq!(b.ctrlr_state("Nvme0"), "reconnecting");
+
+    // A comes back with the same configuration: B reconnects and I/O flows again.
+    let a2 = Plexd::start(
+        dir.path(),
+        "a2",
+        &["-m", "0x1", "-c", a_cfg.to_str().unwrap()],
+    );
+    b.wait_state("Nvme0", "connected", Duration::from_secs(15));
+    let data = pattern(3, 64, 8192, bs);
+    let mut ok = false;
+    // The I/O queues reconnect on their first poll after the controller did.
+    for _ in 0..50 {
+        if host.write(64, data.clone()).is_ok() {
+            ok = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(ok, "I/O did not recover:\n{}", b.log_text());
+    assert!(host.read(64, 8192).unwrap() == data);
+    let log = b.log_text();
+    assert!(!log.contains("panicked"), "{log}");
+    drop(host);
+    drop(a2);
+}
+
+#[test]
+fn bad_parameters_are_clear_errors() {
+    let dir = temp_dir();
+    let b = Plexd::start(dir.path(), "b", &["-m", "0x1"]);
+    let closed = free_port();
+    let base = json!({"name": "Nvme0", "trtype": "TCP", "traddr": "127.0.0.1",
+                      "trsvcid": closed.to_string(), "subnqn": NQN_A});
+    let with = |k: &str, v: serde_json::Value| {
+        let mut p = base.clone();
+        if v.is_null() {
+            p.as_object_mut().unwrap().remove(k);
+        } else {
+            p[k] = v;
+        }
+        p
+    };
+    let cases = [
+        (with("trtype", json!(null)), -32602, "trtype"),
+        (with("trtype", json!("FC")), -32602, "trtype"),
+        (
+            with("trtype", json!("RDMA")),
+            -(libc::EOPNOTSUPP as i64),
+            "only TCP",
+        ),
+        (with("traddr", json!("not an address")), -32602, "traddr"),
+        (with("trsvcid", json!("70000")), -32602, "trsvcid"),
+        (with("adrfam", json!("ipv6")), -32602, "adrfam"),
+        (with("subnqn", json!(null)), -32602, "subnqn"),
+        (with("name", json!("bad name")), -32602, "name"),
+        (
+            with("reconnect_delay_sec", json!(5)),
+            -32602,
+            "reconnect_delay_sec",
+        ),
+        (
+            with("ctrlr_loss_timeout_sec", json!(-2)),
+            -32602,
+            "ctrlr_loss_timeout_sec",
+        ),
+        (
+            with("ctrlr_loss_timeout_sec", json!(10)),
+            -32602,
+            "reconnect_delay_sec",
+        ),
+        (with("psk", json!("NVMeTLSkey-1:01:abc")), -32602, "psk"),
+        (with("num_io_queues", json!(0)), -32602, "num_io_queues"),
+        (with("hdgst", json!("yes")), -32602, "hdgst"),
+        (with("no_such_param", json!(1)), -32602, "no_such_param"),
+        (
+            with("fabrics_connect_timeout_us", json!(500_000)),
+            -(libc::ECONNREFUSED as i64),
+            "Nvme0",
+        ),
+    ];
+    for (params, code, word) in cases {
+        let (c, msg) = b
+            .call("bdev_nvme_attach_controller", params.clone())
+            .expect_err(&format!("{params} was accepted"));
+        assert_eq!(c, code, "{params}: {msg}");
+        assert!(
+            msg.contains(word),
+            "{params}: message {msg:?} does not mention {word}"
+        );
+    }
+    // Nothing half-made was left behind by the failures.
+    assert_eq!(b.ok("bdev_nvme_get_controllers", json!({})), json!([]));
+    assert_eq!(b.ok("bdev_get_bdevs", json!({})), json!([]));
+
+    let (c, _) = b
+        .call("bdev_nvme_detach_controller", json!({"name": "Nvme9"}))
+        .unwrap_err();
+    assert_eq!(c, -(libc::ENODEV as i64));
+    let (c, _) = b
+        .call("bdev_nvme_get_controllers", json!({"name": "Nvme9"}))
+        .unwrap_err();
+    assert_eq!(c, -(libc::ENODEV as i64));
+
+    // A name that is taken is refused without touching the first controller.
+    let (a, port_a) = start_a(dir.path(), 1 << 20);
+    let ok = with("trsvcid", json!(port_a.to_string()));
+    b.ok("bdev_nvme_attach_controller", ok.clone());
+    let (c, msg) = b.call("bdev_nvme_attach_controller", ok).unwrap_err();
+    assert_eq!(c, -(libc::EEXIST as i64), "{msg}");
+    // Detach with a transport ID that is not this controller's path.
+    let (c, _) = b
+        .call(
+            "bdev_nvme_detach_controller",
+            json!({"name": "Nvme0", "traddr": "10.9.9.9"}),
+        )
+        .unwrap_err();
+    assert_eq!(c, -(libc::ENODEV as i64));
+    assert_eq!(b.ctrlr_state("Nvme0"), "connected");
+    b.ok("bdev_nvme_detach_controller", json!({"name": "Nvme0"}));
+    drop(a);
+}
