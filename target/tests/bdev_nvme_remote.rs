@@ -304,3 +304,48 @@ fn bad_parameters_are_clear_errors() {
     b.ok("bdev_nvme_detach_controller", json!({"name": "Nvme0"}));
     drop(a);
 }
+
+#[test]
+fn namespaces_added_and_removed_on_the_target_follow_on_the_bdevs() {
+    let dir = temp_dir();
+    let (a, port_a) = start_a(dir.path(), 1 << 20);
+    let b = Plexd::start(dir.path(), "b", &["-m", "0x1"]);
+    assert_eq!(
+        b.ok("bdev_nvme_attach_controller", attach_params(port_a)),
+        json!(["Nvme0n1"])
+    );
+    let wait_for = |present: bool| {
+        let t0 = std::time::Instant::now();
+        while b.call("bdev_get_bdevs", json!({"name": "Nvme0n2"})).is_ok() != present {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "Nvme0n2 present={} never came\n{}",
+                present,
+                b.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // A namespace-attribute AEN from A makes B rescan.
+    a.ok(
+        "bdev_malloc_create",
+        json!({"name": "Malloc1", "num_blocks": 2048, "block_size": 4096}),
+    );
+    a.ok(
+        "nvmf_subsystem_add_ns",
+        json!({"nqn": NQN_A, "namespace": {"bdev_name": "Malloc1", "nsid": 2}}),
+    );
+    wait_for(true);
+    let bd = &b.ok("bdev_get_bdevs", json!({"name": "Nvme0n2"}))[0];
+    assert_eq!(
+        (bd["num_blocks"].as_u64(), bd["block_size"].as_u64()),
+        (Some(2048), Some(4096))
+    );
+    let c = &b.ok("bdev_nvme_get_controllers", json!({"name": "Nvme0"}))[0];
+    assert_eq!(c["ctrlrs"][0]["bdevs"], json!(["Nvme0n1", "Nvme0n2"]));
+
+    a.ok("nvmf_subsystem_remove_ns", json!({"nqn": NQN_A, "nsid": 2}));
+    wait_for(false);
+    assert!(b.call("bdev_get_bdevs", json!({"name": "Nvme0n1"})).is_ok());
+    b.ok("bdev_nvme_detach_controller", json!({"name": "Nvme0"}));
+}
