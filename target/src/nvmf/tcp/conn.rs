@@ -277,6 +277,22 @@ impl Conn {
 
     /// One poll. Returns (did work, finished for good).
     pub fn poll(&mut self, ctx: &mut ReactorCtx) -> (bool, bool) {
+        let (busy, done) = self.step();
+        if done {
+            ctx.unwatch_fd(self.fd);
+            return (busy, true);
+        }
+        let want_write = !self.out.is_empty();
+        if want_write != self.watching_write && self.state != State::Draining {
+            self.watching_write = want_write;
+            let _ = ctx.watch_fd(self.fd, want_write);
+        }
+        (busy, false)
+    }
+
+    /// The work of one poll, without the reactor (the fuzz harness drives it directly).
+    /// Returns (did work, finished for good).
+    pub fn step(&mut self) -> (bool, bool) {
         let mut busy = false;
         match self.state {
             State::AwaitIcReq | State::Ready => {
@@ -295,27 +311,14 @@ impl Conn {
         }
         match self.flush() {
             Ok(b) => busy |= b,
-            Err(_) => {
-                if matches!(
-                    self.state,
-                    State::Closing | State::Ready | State::AwaitIcReq
-                ) {
-                    self.begin_drain();
-                }
-            }
+            Err(_) => self.begin_drain(),
         }
         if self.state == State::Closing
             && (self.out.is_empty() || controller::now_ms() > self.close_deadline)
         {
             self.begin_drain();
         }
-        let want_write = !self.out.is_empty();
-        if want_write != self.watching_write && self.state != State::Draining {
-            self.watching_write = want_write;
-            let _ = ctx.watch_fd(self.fd, want_write);
-        }
         if self.state == State::Draining && self.ns.in_flight() == 0 {
-            ctx.unwatch_fd(self.fd);
             self.release_queue();
             return (true, true);
         }
@@ -1193,7 +1196,7 @@ impl Conn {
     fn send_cqe(&mut self, mut cqe: Completion) {
         cqe.sqhd.set(self.sqhd);
         cqe.sqid.set(self.qid);
-        let r = CapsuleResp::new(cqe, false);
+        let r = CapsuleResp::new(cqe, self.hdgst);
         let mut p = OutPdu::empty();
         p.hdr[..24].copy_from_slice(r.as_bytes());
         p.hlen = 24;
@@ -1268,7 +1271,7 @@ impl Conn {
             cqe.result.set(dw0);
             cqe.sqhd.set(self.sqhd);
             cqe.sqid.set(self.qid);
-            let r = CapsuleResp::new(cqe, false);
+            let r = CapsuleResp::new(cqe, self.hdgst);
             let mut q = OutPdu::empty();
             q.hdr[..24].copy_from_slice(r.as_bytes());
             q.hlen = 24;

@@ -1,6 +1,7 @@
 //! The NVMe/TCP transport: listeners and per-reactor poll groups of connections.
 
 pub mod conn;
+pub mod fuzzing;
 pub mod listener;
 
 use crate::reactor::{fn_poller, PollStatus, ReactorCtx};

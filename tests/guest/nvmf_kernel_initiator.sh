@@ -1,0 +1,266 @@
+#!/usr/bin/env bash
+# plexd's NVMe/TCP target against the Linux kernel's own initiator.
+#
+# Run on the host: boots the test guest (scripts/guest/run.sh) and runs itself inside. In the
+# guest, the host-built build/release/plexd serves a malloc bdev on 127.0.0.1:4420 and the
+# kernel's nvme-tcp + nvme-cli discover, connect (with and without digests), format, mount,
+# run fio with verification, discard, disconnect, and survive a plexd restart from its saved
+# configuration.
+#
+#   tests/guest/nvmf_kernel_initiator.sh          (needs: cargo build --release -p plexd)
+set -uo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=tests/guest/lib.sh
+. "$HERE/lib.sh"
+REPO=$GUEST_LIB_REPO
+
+PLEXD=${PLEXD:-$REPO/build/release/plexd}
+if ! in_guest; then
+    [ -x "$PLEXD" ] || { echo "build plexd first: cargo build --release -p plexd" >&2; exit 2; }
+    reexec_in_guest --timeout 480 --env PLEXD="$PLEXD" -- "$0" "$@"
+fi
+NQN=nqn.2024-01.io.plexstor:kernel1
+ADDR=127.0.0.1
+PORT=4420
+BDEV_UUID=5e4f0c2a-7d1b-4c3e-9a8f-0123456789ab
+WORK=$(mktemp -d /tmp/nvmf-kernel.XXXXXX)
+SOCK=$WORK/plexd.sock
+PLEXD_PID=
+
+# JSON-RPC client: rpc METHOD [JSON-PARAMS]; prints the result as JSON, exits 1 on an error.
+rpc() {
+    python3 - "$SOCK" "$@" <<'EOF'
+import json, socket, sys
+path, method = sys.argv[1], sys.argv[2]
+params = json.loads(sys.argv[3]) if len(sys.argv) > 3 else None
+req = {"jsonrpc": "2.0", "id": 1, "method": method}
+if params is not None:
+    req["params"] = params
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(30)
+s.connect(path)
+s.sendall(json.dumps(req).encode())
+buf = b""
+dec = json.JSONDecoder()
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        sys.exit("connection closed")
+    buf += chunk
+    try:
+        resp, _ = dec.raw_decode(buf.decode())
+        break
+    except ValueError:
+        continue
+if "error" in resp:
+    print(json.dumps(resp["error"]), file=sys.stderr)
+    sys.exit(1)
+print(json.dumps(resp["result"]))
+EOF
+}
+
+# jq-less field access: jget JSON PYTHON-EXPR (the value is `v`).
+jget() {
+    python3 -c 'import json,sys; v=json.loads(sys.argv[1]); print(eval(sys.argv[2]))' "$1" "$2"
+}
+
+start_plexd() {
+    rm -f "$SOCK"
+    "$PLEXD" -m 0x3 --no-pin -r "$SOCK" --idle-poll-us 200 "$@" >>"$WORK/plexd.log" 2>&1 &
+    PLEXD_PID=$!
+    local i
+    for ((i = 0; i < 100; i++)); do
+        [ -S "$SOCK" ] && rpc spdk_get_version >/dev/null 2>&1 && return 0
+        kill -0 "$PLEXD_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    echo "plexd did not come up:" >&2
+    tail -n 20 "$WORK/plexd.log" >&2
+    return 1
+}
+
+stop_plexd() {
+    [ -n "$PLEXD_PID" ] || return 0
+    kill "${1:--TERM}" "$PLEXD_PID" 2>/dev/null
+    wait "$PLEXD_PID" 2>/dev/null
+    PLEXD_PID=
+}
+
+cleanup() {
+    nvme disconnect -n "$NQN" >/dev/null 2>&1
+    stop_plexd -KILL
+}
+trap cleanup EXIT
+
+configure() {
+    rpc bdev_malloc_create "{\"name\": \"Malloc0\", \"num_blocks\": 786432, \"block_size\": 512, \"uuid\": \"$BDEV_UUID\"}" &&
+        rpc nvmf_create_transport '{"trtype": "TCP", "max_queue_depth": 128, "in_capsule_data_size": 8192, "max_io_size": 1048576}' &&
+        rpc nvmf_create_subsystem "{\"nqn\": \"$NQN\", \"serial_number\": \"PLEX0001\", \"allow_any_host\": true}" &&
+        rpc nvmf_subsystem_add_ns "{\"nqn\": \"$NQN\", \"namespace\": {\"bdev_name\": \"Malloc0\"}}" &&
+        rpc nvmf_subsystem_add_listener "{\"nqn\": \"$NQN\", \"listen_address\": {\"trtype\": \"tcp\", \"adrfam\": \"ipv4\", \"traddr\": \"$ADDR\", \"trsvcid\": \"$PORT\"}}"
+}
+
+dev_of() { wait_for_nvme_dev "$NQN" 1 30; }
+
+ctrl_of_dev() { # /dev/nvme0n1 -> nvme0 (the controller, via sysfs)
+    local d=${1#/dev/} c
+    for c in /sys/block/"$d"/device /sys/block/"$d"/device/device; do
+        [ -e "$c" ] || continue
+        basename "$(readlink -f "$c")" | grep -q '^nvme[0-9]*$' && { basename "$(readlink -f "$c")"; return; }
+    done
+    ls /sys/block/"$d"/ | grep -o '^nvme[0-9]*c[0-9]*n' | head -n1
+}
+
+unmap_ops() { jget "$(rpc bdev_get_iostat '{"name": "Malloc0"}')" 'v["bdevs"][0]["num_unmap_ops"]'; }
+
+controllers() { jget "$(rpc nvmf_subsystem_get_controllers "{\"nqn\": \"$NQN\"}")" 'len(v)'; }
+
+wait_controllers() { # wait_controllers N
+    local i
+    for ((i = 0; i < 100; i++)); do
+        [ "$(controllers)" = "$1" ] && return 0
+        sleep 0.1
+    done
+    echo "plexd has $(controllers) controllers, want $1" >&2
+    return 1
+}
+
+fs_roundtrip() { # fs_roundtrip DEV MKFS...
+    local dev=$1 mnt=$WORK/mnt
+    shift
+    mkdir -p "$mnt"
+    "$@" "$dev" >/dev/null 2>&1 || { echo "$* failed" >&2; return 1; }
+    mount "$dev" "$mnt" || return 1
+    head -c 3M /dev/urandom >"$WORK/a.bin"
+    cp "$WORK/a.bin" "$mnt/a.bin" && mkdir "$mnt/d" && seq 1 20000 >"$mnt/d/seq.txt" && sync || return 1
+    umount "$mnt" || return 1
+    mount "$dev" "$mnt" || return 1
+    cmp "$WORK/a.bin" "$mnt/a.bin" && [ "$(tail -n1 "$mnt/d/seq.txt")" = 20000 ] || { umount "$mnt"; return 1; }
+    if [ "${FSTRIM:-0}" = 1 ]; then
+        rm "$mnt/a.bin" && sync && fstrim -v "$mnt" || { umount "$mnt"; return 1; }
+    fi
+    umount "$mnt"
+}
+
+fio_seq() { # fio_seq DEV BS SIZE
+    fio --name=seq --filename="$1" --size="$3" --rw=write --bs="$2" --ioengine=libaio --direct=1 \
+        --iodepth=4 --verify=crc32c --do_verify=1 --verify_fatal=1 --minimal >/dev/null
+}
+
+load_modules nvme nvme-tcp xfs ext4 || bail modules "cannot load nvme-tcp/xfs/ext4"
+check "plexd starts" start_plexd || finish
+check "configure over JSON-RPC" configure || finish
+
+# ---- discovery -----------------------------------------------------------------
+out=$(nvme discover -t tcp -a "$ADDR" -s "$PORT" 2>&1)
+if grep -q "subnqn: *$NQN" <<<"$out" && grep -q "trsvcid: *$PORT" <<<"$out"; then
+    pass "nvme discover lists the subsystem"
+else
+    printf '%s\n' "$out" | sed 's/^/# /'
+    fail "nvme discover lists the subsystem" "no entry for $NQN"
+fi
+
+# ---- connect, identify ---------------------------------------------------------
+check "nvme connect (2 I/O queues)" nvme_connect_tcp "$NQN" "$ADDR" "$PORT" -i 2 || finish
+DEV=$(dev_of) || bail "block device appears" "no device for $NQN"
+pass "block device appears ($DEV)"
+qp=$(jget "$(rpc nvmf_subsystem_get_qpairs "{\"nqn\": \"$NQN\"}")" 'len(v)')
+[ "$qp" = 3 ] && pass "plexd sees admin + 2 I/O qpairs" || fail "plexd sees admin + 2 I/O qpairs" "$qp qpairs"
+nvme list 2>/dev/null | grep -q "plexstor" && pass "nvme list shows model plexstor" || fail "nvme list shows model plexstor" "$(nvme list 2>&1 | tail -n2)"
+idc=$(nvme id-ctrl "$DEV" 2>&1)
+if grep -Eq '^mn +: plexstor' <<<"$idc" && grep -Eq '^sn +: PLEX0001' <<<"$idc" &&
+    grep -Eq '^fr +: 0\.' <<<"$idc" && grep -Eq "^subnqn +: $NQN" <<<"$idc" && grep -Eq '^mdts +: 8' <<<"$idc"; then
+    pass "nvme id-ctrl: model, serial, firmware, subnqn, mdts"
+else
+    printf '%s\n' "$idc" | grep -E '^(mn|sn|fr|subnqn|mdts|ioccsz|cntlid) ' | sed 's/^/# /'
+    fail "nvme id-ctrl: model, serial, firmware, subnqn, mdts" "unexpected values"
+fi
+idn=$(nvme id-ns "$DEV" 2>&1)
+if grep -Eq '^nsze +: 0xc0000' <<<"$idn" && grep -Eq 'lbads:9 .*in use' <<<"$idn"; then
+    pass "nvme id-ns: size and LBA format"
+else
+    printf '%s\n' "$idn" | head -n 12 | sed 's/^/# /'
+    fail "nvme id-ns: size and LBA format" "unexpected values"
+fi
+uuid=$(cat "/sys/block/${DEV#/dev/}/uuid" 2>/dev/null)
+[ "$uuid" = "$BDEV_UUID" ] && pass "namespace UUID is the bdev's" || fail "namespace UUID is the bdev's" "got '$uuid'"
+
+# ---- raw device I/O --------------------------------------------------------------
+check "fio 4k randwrite verify" fio_verify "$DEV" 4M
+check "fio 128k seq write verify" fio_seq "$DEV" 128k 16M
+check "fio 1M seq write verify" fio_seq "$DEV" 1M 16M
+
+# ---- filesystems -----------------------------------------------------------------
+check "xfs: mkfs, mount, write, remount, read back" fs_roundtrip "$DEV" mkfs.xfs -f
+before=$(unmap_ops)
+FSTRIM=1 check "ext4: mkfs, mount, write, remount, read back, fstrim" fs_roundtrip "$DEV" mkfs.ext4 -F -q
+check "blkdiscard" blkdiscard -o 0 -l 1048576 "$DEV"
+after=$(unmap_ops)
+if [ "${after:-0}" -gt "${before:-0}" ]; then
+    pass "discards reach the bdev as unmap ($before -> $after)"
+else
+    fail "discards reach the bdev as unmap" "num_unmap_ops $before -> $after"
+fi
+
+# ---- disconnect ------------------------------------------------------------------
+check "nvme disconnect" nvme disconnect -n "$NQN"
+check "device goes away" wait_for_no_nvme_dev "$NQN" 20
+check "plexd controllers cleaned up" wait_controllers 0
+
+# ---- digests ---------------------------------------------------------------------
+if check "nvme connect --hdr-digest --data-digest" nvme_connect_tcp "$NQN" "$ADDR" "$PORT" -i 2 --hdr-digest --data-digest; then
+    DEV=$(dev_of) && check "fio verify with digests" fio_verify "$DEV" 2M
+    check "fio 1M seq with digests" fio_seq "$DEV" 1M 8M
+    nvme disconnect -n "$NQN" >/dev/null 2>&1
+    wait_for_no_nvme_dev "$NQN" 20 >/dev/null
+fi
+
+# ---- plexd restart from saved config --------------------------------------------
+check "save_config" sh -c "$(declare -f rpc); SOCK=$SOCK; rpc save_config > $WORK/saved.json"
+# nvme-cli here has no --fast_io_fail_tmo: hand the kernel its options directly.
+connect_failfast() {
+    local line
+    exec 3<>/dev/nvme-fabrics || return 1
+    printf '%s' "transport=tcp,traddr=$ADDR,trsvcid=$PORT,nqn=$NQN,nr_io_queues=2,reconnect_delay=1,ctrl_loss_tmo=120,fast_io_fail_tmo=3" >&3 || { exec 3<&-; return 1; }
+    read -r line <&3
+    exec 3<&-
+    echo "$line"
+}
+check "connect (reconnect_delay 1 s, fast_io_fail_tmo 3 s)" connect_failfast
+DEV=$(dev_of) || bail "reconnect setup" "no device"
+CTRL=$(basename "$(dirname "$(readlink -f "/sys/block/${DEV#/dev/}/device")")" 2>/dev/null)
+[[ $CTRL =~ ^nvme[0-9]+$ ]] || CTRL=$(ls /sys/class/nvme/ | head -n1)
+stop_plexd -KILL
+rc=0
+timeout 60 dd if="$DEV" of=/dev/null bs=4k count=1 iflag=direct 2>/dev/null || rc=$?
+if [ "$rc" != 0 ] && [ "$rc" != 124 ]; then
+    pass "host I/O fails cleanly while plexd is down"
+else
+    fail "host I/O fails cleanly while plexd is down" "dd exit $rc"
+fi
+check "plexd restarts with -c saved.json" start_plexd -c "$WORK/saved.json"
+reconnected=0
+for ((i = 0; i < 300; i++)); do
+    [ "$(cat "/sys/class/nvme/$CTRL/state" 2>/dev/null)" = live ] && { reconnected=1; break; }
+    sleep 0.1
+done
+if [ $reconnected = 1 ]; then
+    pass "kernel host reconnects to the restarted plexd"
+    uuid=$(cat "/sys/block/${DEV#/dev/}/uuid" 2>/dev/null)
+    [ "$uuid" = "$BDEV_UUID" ] && pass "same namespace after restart" || fail "same namespace after restart" "uuid '$uuid'"
+    check "I/O works after reconnect" fio_verify "$DEV" 1M
+else
+    fail "kernel host reconnects to the restarted plexd" "controller $CTRL state $(cat "/sys/class/nvme/$CTRL/state" 2>/dev/null)"
+fi
+nvme disconnect -n "$NQN" >/dev/null 2>&1
+check "device gone after final disconnect" wait_for_no_nvme_dev "$NQN" 20
+check "controllers cleaned up after final disconnect" wait_controllers 0
+stop_plexd -TERM
+if grep -q "panicked" "$WORK/plexd.log"; then
+    grep -B2 -A5 panicked "$WORK/plexd.log" | sed 's/^/# /'
+    fail "plexd never panicked" "see log"
+else
+    pass "plexd never panicked"
+fi
+finish

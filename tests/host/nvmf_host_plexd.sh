@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# plexd on the HOST (127.0.0.1:PORT), the test guest's kernel initiator connecting to it as
+# 10.0.2.2:PORT and running a short fio verify.
+#
+#   tests/host/nvmf_host_plexd.sh          (needs: cargo build --release -p plexd)
+set -uo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+# shellcheck source=tests/guest/lib.sh
+. "$REPO/tests/guest/lib.sh"
+
+PLEXD=${PLEXD:-$REPO/build/release/plexd}
+NQN=nqn.2024-01.io.plexstor:hostplexd
+PORT=$(free_tcp_port)
+WORK=$(mktemp -d /tmp/nvmf-host.XXXXXX)
+SOCK=$WORK/plexd.sock
+PLEXD_PID=
+
+[ -x "$PLEXD" ] || { echo "build plexd first: cargo build --release -p plexd" >&2; exit 2; }
+
+rpc() {
+    python3 - "$SOCK" "$@" <<'EOF'
+import json, socket, sys
+path, method = sys.argv[1], sys.argv[2]
+req = {"jsonrpc": "2.0", "id": 1, "method": method}
+if len(sys.argv) > 3:
+    req["params"] = json.loads(sys.argv[3])
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(30)
+s.connect(path)
+s.sendall(json.dumps(req).encode())
+buf, dec = b"", json.JSONDecoder()
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        sys.exit("connection closed")
+    buf += chunk
+    try:
+        resp, _ = dec.raw_decode(buf.decode())
+        break
+    except ValueError:
+        pass
+if "error" in resp:
+    sys.exit(json.dumps(resp["error"]))
+print(json.dumps(resp["result"]))
+EOF
+}
+
+cleanup() {
+    [ -n "$PLEXD_PID" ] && kill "$PLEXD_PID" 2>/dev/null && wait "$PLEXD_PID" 2>/dev/null
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+"$PLEXD" -m 0x1 --no-pin -r "$SOCK" --idle-poll-us 200 >"$WORK/plexd.log" 2>&1 &
+PLEXD_PID=$!
+for ((i = 0; i < 100; i++)); do
+    [ -S "$SOCK" ] && rpc spdk_get_version >/dev/null 2>&1 && break
+    sleep 0.1
+done
+check "plexd on the host configured" sh -c "
+    $(declare -f rpc); SOCK=$SOCK
+    rpc bdev_malloc_create '{\"name\": \"Malloc0\", \"num_blocks\": 32768, \"block_size\": 512}' &&
+    rpc nvmf_create_transport '{\"trtype\": \"TCP\"}' &&
+    rpc nvmf_create_subsystem '{\"nqn\": \"$NQN\", \"allow_any_host\": true}' &&
+    rpc nvmf_subsystem_add_ns '{\"nqn\": \"$NQN\", \"namespace\": {\"bdev_name\": \"Malloc0\"}}' &&
+    rpc nvmf_subsystem_add_listener '{\"nqn\": \"$NQN\", \"listen_address\": {\"trtype\": \"TCP\", \"adrfam\": \"IPv4\", \"traddr\": \"127.0.0.1\", \"trsvcid\": \"$PORT\"}}'
+" || finish
+
+# The guest's part: connect to the host through user-mode networking, verify, disconnect.
+inner='
+. "$REPO/tests/guest/lib.sh"
+load_modules nvme nvme-tcp || exit 1
+nvme discover -t tcp -a 10.0.2.2 -s "$PORT" | grep -q "$NQN" || { echo "discovery misses $NQN"; exit 1; }
+nvme_connect_tcp "$NQN" 10.0.2.2 "$PORT" -i 2 || exit 1
+dev=$(wait_for_nvme_dev "$NQN" 1 30) || exit 1
+fio_verify "$dev" 2M || { echo "fio verify failed"; exit 1; }
+nvme disconnect -n "$NQN" >/dev/null && wait_for_no_nvme_dev "$NQN" 20
+'
+check "guest kernel initiator: discover, connect, fio verify, disconnect via 10.0.2.2:$PORT" \
+    "$REPO/scripts/guest/run.sh" --timeout 300 --env REPO="$REPO" --env PORT="$PORT" --env NQN="$NQN" \
+    -- bash -c "$inner"
+ctrls=$(rpc nvmf_subsystem_get_controllers "{\"nqn\": \"$NQN\"}")
+[ "$ctrls" = "[]" ] && pass "plexd controllers cleaned up" || fail "plexd controllers cleaned up" "$ctrls"
+grep -q panicked "$WORK/plexd.log" && fail "plexd never panicked" "see $WORK/plexd.log" || pass "plexd never panicked"
+finish
