@@ -22,9 +22,10 @@ REFRESH=0
 CODENAME=$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")
 KERNEL_SUITE=${GUEST_KERNEL_SUITE:-$CODENAME-backports}
 
-# Modules the initramfs loads before it can reach the host's root over 9p.
-# Their dependencies are resolved against the extracted kernel with modprobe.
-STAGE1_MODULES=(virtio_pci 9pnet_virtio 9p overlay)
+# Modules the initramfs loads: to reach the host's root over 9p, and what
+# stage 1 sets up besides (network, configfs). Their dependencies are resolved
+# against the extracted kernel with modprobe.
+STAGE1_MODULES=(virtio_pci 9pnet_virtio 9p overlay virtio_net configfs)
 
 # command-or-file  package  [suite]   (host tools run.sh, the guest and tests need)
 HOST_PACKAGES=(

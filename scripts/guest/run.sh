@@ -102,19 +102,14 @@ parse_args() {
 
 # --- one boot ----------------------------------------------------------------
 
-# The control share: run.env (settings for guest-init.sh), cmd.sh (the
-# command), and what the guest writes back (started, status).
+# The control share: cmd.sh (the command, run by guest-init.sh) and what the
+# guest writes back (started, status).
 write_control_files() {
     local run=$1 guest_out=$OUT e
     [ -n "$guest_out" ] || { mkdir -p "$run/out"; guest_out=/run/plexstor-guest/out; }
     {
-        printf 'RUN_MODULES=%q\n' "$GUEST_MODULES"
-        printf 'RUN_OUT_PATH=%q\n' "$OUT"
-        printf 'RUN_GUEST_OUT=%q\n' "$guest_out"
-        printf 'RUN_HUGEPAGES=%q\n' "$HUGEPAGES"
-    } >"$run/run.env"
-    {
         echo "# written by scripts/guest/run.sh"
+        printf 'export GUEST_OUT=%q\n' "$guest_out"
         for e in "${ENVS[@]}"; do printf 'export %q\n' "$e"; done
         printf 'export PLEXSTOR_GUEST_NVME=%q\n' "$NVME_COUNT"
         printf 'cd %q || exit 125\n' "$PWD"
@@ -130,7 +125,9 @@ kernel_command_line() {
         no_timer_check lapic=notscdeadline
         mitigations=off random.trust_cpu=on
         "plexstor.stage2=$GUEST_SCRIPTS/guest-init.sh"
+        "plexstor.modules=$GUEST_MODULES"
     )
+    [ -z "$OUT" ] || args+=("plexstor.out=$OUT")
     [ "$VERBOSE" = 1 ] || args+=(quiet loglevel=4)
     [ "$(use_iommu)" = 0 ] || args+=(intel_iommu=on iommu=pt)
     [ "$HUGEPAGES" = 0 ] || args+=(hugepagesz=2M "hugepages=$HUGEPAGES")

@@ -24,7 +24,8 @@ GUEST_ECHO_PORT=5001
 # A one-shot service on the host's loopback for the guest to reach as 10.0.2.2.
 serve_once_on_host() {
     local port=$1
-    timeout 300 python3 -c '
+    # exec: the caller's $! is then the server itself, which it can kill.
+    exec timeout 300 python3 -c '
 import socket, sys
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(1)
@@ -55,12 +56,13 @@ run_from_host() {
     host_port=$(free_tcp_port)
     fwd_port=$(free_tcp_port)
     out=$(mktemp -d "${TMPDIR:-/tmp}/guest-smoke.XXXXXX")
-    serve_once_on_host "$host_port" &
+    serve_once_on_host "$host_port" >/dev/null &
     server=$!
     read_from_guest_via_fwd "$fwd_port" "$out/fwd-reply" &
     poller=$!
     "$GUEST_LIB_REPO/scripts/guest/run.sh" --fwd "$fwd_port:$GUEST_ECHO_PORT" \
         --env "SMOKE_HOST_PORT=$host_port" --out "$out" --timeout 300 \
+        --hugepages 16 --env SMOKE_HUGEPAGES=16 \
         -- "$HERE/smoke.sh" "$@" || rc=$?
     kill "$server" "$poller" 2>/dev/null || true
     wait "$server" "$poller" 2>/dev/null || true
@@ -93,6 +95,20 @@ check_guest_environment() {
         pass "eth0 is up with 10.0.2.15"
     else
         fail "eth0 is up with 10.0.2.15" "$(ip -4 -o addr show eth0 2>&1)"
+    fi
+}
+
+check_hugepages() {
+    local total
+    if [ -z "${SMOKE_HUGEPAGES:-}" ]; then
+        skip "run.sh --hugepages" "not started from the host"
+        return 0
+    fi
+    total=$(awk '/^HugePages_Total:/ { print $2 }' /proc/meminfo)
+    if [ "$total" = "$SMOKE_HUGEPAGES" ] && grep -q '^nodev /dev/hugepages hugetlbfs' /proc/mounts; then
+        pass "run.sh --hugepages $SMOKE_HUGEPAGES: reserved, hugetlbfs on /dev/hugepages"
+    else
+        fail "run.sh --hugepages $SMOKE_HUGEPAGES" "HugePages_Total $total; $(grep hugetlbfs /proc/mounts)"
     fi
 }
 
@@ -162,6 +178,7 @@ check_nvmet_loopback() {
 
 run_in_guest() {
     check_guest_environment
+    check_hugepages
     check_modules
     check_network_to_host
     check_nvmet_loopback
