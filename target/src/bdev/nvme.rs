@@ -128,7 +128,12 @@ struct ReactorQp {
 
 impl ReactorQp {
     /// Routes one finished piece to its channel.
-    fn route(chans: &mut [ChanState], tag: u64, result: Result<(), IoError>) {
+    fn route(
+        chans: &mut [ChanState],
+        free_chans: &mut Vec<u32>,
+        tag: u64,
+        result: Result<(), IoError>,
+    ) {
         let (ci, ii) = ((tag >> 32) as usize, tag as u32);
         let Some(ch) = chans.get_mut(ci) else { return };
         let Some(f) = ch.ios.get_mut(ii as usize).and_then(Option::as_mut) else {
@@ -143,7 +148,9 @@ impl ReactorQp {
         if f.pending == 0 {
             ch.finish(ii);
             if !ch.open && ch.inflight == 0 {
+                // The channel was dropped with I/O in flight; its slot is free only now.
                 *ch = ChanState::default();
+                free_chans.push(ci as u32);
             }
         }
     }
@@ -151,8 +158,8 @@ impl ReactorQp {
     /// Completes everything in flight as a path failure and drops the qpair (detach).
     fn shut(&mut self) {
         if let Some(mut qp) = self.qp.take() {
-            let chans = &mut self.chans;
-            qp.abort_all(|c| Self::route(chans, c.tag, c.result));
+            let (chans, free) = (&mut self.chans, &mut self.free_chans);
+            qp.abort_all(|c| Self::route(chans, free, c.tag, c.result));
         }
     }
 }
@@ -847,11 +854,16 @@ fn install_qpair(
         let s2 = slot.clone();
         let poller = ctx.add_poller(fn_poller(pname, move |_ctx| {
             let mut g = s2.borrow_mut();
-            let ReactorQp { qp, chans, .. } = &mut *g;
+            let ReactorQp {
+                qp,
+                chans,
+                free_chans,
+                ..
+            } = &mut *g;
             let Some(qp) = qp.as_mut() else {
                 return PollStatus::Done;
             };
-            let n = qp.poll(|c| ReactorQp::route(chans, c.tag, c.result));
+            let n = qp.poll(|c| ReactorQp::route(chans, free_chans, c.tag, c.result));
             // The qpair has no descriptor the reactor could sleep on, so it spins while I/O
             // is in flight; while disconnected, the reactor's 10 ms nap is fine.
             if n > 0 || (qp.outstanding() > 0 && qp.is_connected()) {
@@ -1026,9 +1038,14 @@ impl Owner {
     /// and shuts the controller down.
     fn teardown(mut self) {
         let name = self.c.spec.name.clone();
-        if let Some(app) = self.app.upgrade() {
-            for (_, (b, e)) in std::mem::take(&mut self.bdevs) {
-                b.gone.store(true, Ordering::Release);
+        for (b, _) in self.bdevs.values() {
+            b.gone.store(true, Ordering::Release);
+        }
+        // Without the app its reactors are stopped too: their qpairs went with their threads,
+        // and a message to them would never be answered.
+        let app = self.app.upgrade();
+        if let Some(app) = &app {
+            for (_, (_, e)) in std::mem::take(&mut self.bdevs) {
                 self.zombies.push(e);
             }
             for e in std::mem::take(&mut self.zombies) {
@@ -1036,7 +1053,7 @@ impl Owner {
             }
         }
         let id = self.c.id;
-        for h in &self.reactors {
+        for h in self.reactors.iter().filter(|_| app.is_some()) {
             let _ = h.call_blocking(move |ctx| {
                 if let Some(slot) = QPAIRS.with(|m| m.borrow_mut().remove(&id)) {
                     let mut s = slot.borrow_mut();
@@ -1152,7 +1169,7 @@ pub mod rpc {
     }
 
     /// SPDK's rules for the three coupled reconnect parameters.
-    fn check_resiliency(loss: i64, delay: u64, fast: u64) -> Result<(), RpcError> {
+    pub(super) fn check_resiliency(loss: i64, delay: u64, fast: u64) -> Result<(), RpcError> {
         if loss < -1 {
             return Err(bad("ctrlr_loss_timeout_sec must be -1 (retry forever), 0 (never retry) or a number of seconds"));
         }
@@ -1189,7 +1206,7 @@ pub mod rpc {
 
     /// The host ID that goes with a host NQN: the UUID in a `…:uuid:` NQN (as the kernel
     /// does), else one derived from the NQN, so a saved config reconnects as the same host.
-    fn hostid_for(hostnqn: &str) -> [u8; 16] {
+    pub(super) fn hostid_for(hostnqn: &str) -> [u8; 16] {
         hostnqn
             .rsplit_once(":uuid:")
             .and_then(|(_, u)| Uuid::parse_str(u).ok())
@@ -1342,5 +1359,84 @@ pub mod rpc {
                 Ok::<_, RpcError>(list.iter().map(|c| c.describe()).collect::<Vec<_>>())
             },
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rpc::{check_resiliency, hostid_for};
+    use super::*;
+
+    #[test]
+    fn resiliency_rules_are_spdks() {
+        assert!(check_resiliency(0, 0, 0).is_ok());
+        assert!(check_resiliency(-1, 1, 0).is_ok());
+        assert!(check_resiliency(-1, 2, 5).is_ok());
+        assert!(check_resiliency(30, 5, 10).is_ok());
+        assert!(check_resiliency(-2, 1, 0).is_err());
+        assert!(
+            check_resiliency(0, 1, 0).is_err(),
+            "delay without loss timeout"
+        );
+        assert!(
+            check_resiliency(-1, 0, 0).is_err(),
+            "retry forever without delay"
+        );
+        assert!(
+            check_resiliency(5, 10, 0).is_err(),
+            "delay beyond loss timeout"
+        );
+        assert!(
+            check_resiliency(30, 5, 40).is_err(),
+            "fast fail beyond loss timeout"
+        );
+        assert!(
+            check_resiliency(30, 5, 2).is_err(),
+            "fast fail before first retry"
+        );
+    }
+
+    #[test]
+    fn host_id_follows_the_host_nqn() {
+        let u = "4a9c2c7e-1b2d-4e3f-8a5b-6c7d8e9f0a1b";
+        let nqn = format!("nqn.2014-08.org.nvmexpress:uuid:{u}");
+        assert_eq!(hostid_for(&nqn), *Uuid::parse_str(u).unwrap().as_bytes());
+        assert_eq!(hostid_for("nqn.x:host"), hostid_for("nqn.x:host"));
+        assert_ne!(hostid_for("nqn.x:host"), hostid_for("nqn.x:other"));
+    }
+
+    #[test]
+    fn errors_map_to_bdev_status() {
+        use nvme_spec::Status;
+        assert_eq!(
+            io_status(IoError::Nvme(Status::new(0, 0x80))),
+            IoStatus::Nvme { sct: 0, sc: 0x80 }
+        );
+        assert_eq!(io_status(IoError::PathFailed), IoStatus::IoError(libc::EIO));
+        assert_eq!(
+            submit_status(SubmitErrorKind::BadLength),
+            IoStatus::InvalidBuffer
+        );
+    }
+
+    #[test]
+    fn a_channel_off_a_reactor_is_a_clear_error() {
+        let b = NvmeBdev {
+            info: BdevInfo::new(
+                "Nvme7n1".into(),
+                "NVMe disk",
+                512,
+                8,
+                Uuid::new_v4(),
+                IoTypes::all(),
+            ),
+            ctrlr_id: u64::MAX,
+            ctrlr_name: "Nvme7".into(),
+            nsid: 1,
+            max_xfer: 4096,
+            gone: Arc::default(),
+        };
+        let e = b.open_channel().err().expect("no qpair on this thread");
+        assert!(e.to_string().contains("no I/O queue"), "{e}");
     }
 }
