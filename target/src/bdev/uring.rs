@@ -660,6 +660,64 @@ mod tests {
         .is_err());
     }
 
+    /// A loop device over a file, detached when dropped.
+    struct Loop(String);
+
+    impl Drop for Loop {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup")
+                .args(["-d", &self.0])
+                .status();
+        }
+    }
+
+    /// The block device path: geometry from the ioctls, exclusive open, discard and zeroing.
+    /// Needs root and loop devices; says so and passes where they are missing.
+    #[test]
+    fn block_device_through_a_loop_device() {
+        let dir = disk_dir();
+        let path = file_of(dir.path(), 8 << 20);
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show", "--sector-size", "4096"])
+            .arg(&path)
+            .output();
+        let dev = match out {
+            Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
+            other => {
+                eprintln!("skipping: no loop device ({other:?})");
+                return;
+            }
+        };
+        let _detach = Loop(dev.clone());
+        let dev = Path::new(&dev);
+        assert!(
+            UringBdev::open("b".into(), dev, Some(512), Uuid::new_v4()).is_err(),
+            "a block smaller than the device's logical block"
+        );
+        let b = UringBdev::open("b0".into(), dev, None, Uuid::new_v4()).unwrap();
+        assert_eq!((b.info().block_size, b.info().num_blocks()), (4096, 2048));
+        assert_eq!(b.driver_specific()["block_device"], true);
+        assert!(
+            UringBdev::open("b1".into(), dev, None, Uuid::new_v4()).is_err(),
+            "O_EXCL: one user at a time"
+        );
+        let reg = BdevRegistry::default();
+        let e = reg.register(Arc::new(b)).unwrap();
+        let mut ch = e.open_channel().unwrap();
+        let c = run_io(&mut ch, BdevIo::write(2040, 8, buf(8 * 4096, 0x3c), 1));
+        assert_eq!(c.status, IoStatus::Success);
+        let c = run_io(&mut ch, BdevIo::no_data(IoType::Unmap, 2041, 1, 2));
+        assert_eq!(c.status, IoStatus::Success);
+        let c = run_io(&mut ch, BdevIo::no_data(IoType::WriteZeroes, 2043, 2, 3));
+        assert_eq!(c.status, IoStatus::Success);
+        let c = run_io(&mut ch, BdevIo::no_data(IoType::Flush, 0, 0, 4));
+        assert_eq!(c.status, IoStatus::Success);
+        let c = run_io(&mut ch, BdevIo::read(2040, 8, buf(8 * 4096, 0xff), 5));
+        assert_eq!(c.status, IoStatus::Success);
+        let firsts: Vec<u8> = c.bufs[0].chunks(4096).map(|b| b[0]).collect();
+        assert_eq!(firsts, [0x3c, 0, 0x3c, 0, 0, 0x3c, 0x3c, 0x3c]);
+    }
+
     /// On a filesystem that refuses O_DIRECT at open (tmpfs before Linux 6.6), we fall back to
     /// buffered I/O and say so. The opener plays that filesystem; the file is on /dev/shm.
     #[test]
