@@ -357,7 +357,10 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                     run_id,
                     seed: cli.seed ^ (ns_index as u64 * 7919 + p * 104_729 + 1),
                 };
-                per_core[next % cores.len()].push(Job::new(spec, qp));
+                let job = Job::new(spec, qp).map_err(|e| {
+                    format!("I/O buffers of -q {} -o {}: {e}", cli.depth, cli.io_size)
+                })?;
+                per_core[next % cores.len()].push(job);
                 next += 1;
             }
         }

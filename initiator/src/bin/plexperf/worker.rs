@@ -5,8 +5,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use dma::DmaBuf;
 use initiator::histogram::Histogram;
-use initiator::{AlignedBuf, IoError, IoQpair, SubmitErrorKind};
+use initiator::{IoError, IoQpair, SubmitErrorKind};
 
 use crate::verify::{self, Check};
 
@@ -60,8 +61,8 @@ struct IoCtx {
 
 pub struct Job {
     spec: JobSpec,
-    qp: IoQpair<AlignedBuf>,
-    bufs: Vec<Option<AlignedBuf>>,
+    qp: IoQpair<DmaBuf>,
+    bufs: Vec<Option<DmaBuf>>,
     ctx: Vec<IoCtx>,
     free: Vec<u32>,
     inflight: usize,
@@ -74,7 +75,8 @@ pub struct Job {
 }
 
 impl Job {
-    pub fn new(spec: JobSpec, qp: IoQpair<AlignedBuf>) -> Job {
+    /// Buffers come from the DMA pool (hugepages where reserved), as plexd's own I/O does.
+    pub fn new(spec: JobSpec, qp: IoQpair<DmaBuf>) -> Result<Job, dma::DmaError> {
         let io_bytes = (spec.io_blocks * spec.block_size) as usize;
         let n = spec.depth;
         let units = (spec.units_hi - spec.units_lo) as usize;
@@ -83,8 +85,10 @@ impl Job {
         } else {
             (Vec::new(), Vec::new())
         };
-        Job {
-            bufs: (0..n).map(|_| Some(AlignedBuf::new(io_bytes))).collect(),
+        Ok(Job {
+            bufs: (0..n)
+                .map(|_| DmaBuf::zeroed(io_bytes).map(Some))
+                .collect::<Result<_, _>>()?,
             ctx: (0..n)
                 .map(|_| IoCtx {
                     start: Instant::now(),
@@ -106,7 +110,7 @@ impl Job {
             measuring: false,
             spec,
             qp,
-        }
+        })
     }
 
     #[inline]
@@ -208,7 +212,7 @@ impl Job {
         &mut self,
         tag: u64,
         result: Result<(), IoError>,
-        buf: Option<AlignedBuf>,
+        buf: Option<DmaBuf>,
         now: Instant,
     ) {
         let slot = tag as usize;
@@ -273,7 +277,7 @@ impl Job {
     }
 
     fn poll(&mut self) -> usize {
-        let mut done: smallvec::SmallVec<[(u64, Result<(), IoError>, Option<AlignedBuf>); 64]> =
+        let mut done: smallvec::SmallVec<[(u64, Result<(), IoError>, Option<DmaBuf>); 64]> =
             smallvec::SmallVec::new();
         let n = self.qp.poll(|c| done.push((c.tag, c.result, c.buf)));
         if n > 0 {
