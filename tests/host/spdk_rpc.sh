@@ -39,8 +39,10 @@ pass "spdk-rpc installed ($("$VENV/bin/pip" show spdk 2>/dev/null | sed -n 's/^V
 
 # ---- plexd ------------------------------------------------------------------------------------
 if [ -z "${PLEXD:-}" ]; then
-    (cd "$REPO" && cargo build -q -p plexd --bin plexd) || bail "build plexd" "cargo build failed"
-    PLEXD=$REPO/build/debug/plexd
+    # Release, as scripts/test.sh has just built it: then this is a no-op.
+    (cd "$REPO" && cargo build -q --release -p plexd --bin plexd) ||
+        bail "build plexd" "cargo build failed"
+    PLEXD=$REPO/build/release/plexd
 fi
 # On disk, not tmpfs, so the uring bdev gets O_DIRECT.
 mkdir -p "$REPO/build"
