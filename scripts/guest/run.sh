@@ -210,7 +210,7 @@ failure_reason() {
 # Boots once. Sets BOOT_RC (the command's status, or empty), BOOT_REASON and
 # BOOT_STARTED (1 if the command had started).
 boot_once() {
-    local run=$1 qemu_rc=0 t0=$SECONDS
+    local run=$1 qemu_rc=0 t0=${EPOCHREALTIME/./}
     local -a cmd
     mapfile -d '' -t cmd < <(qemu_command "$run")
     write_control_files "$run"
@@ -225,9 +225,10 @@ boot_once() {
     [ -e "$run/started" ] && BOOT_STARTED=1
     if [ -s "$run/status" ]; then
         BOOT_RC=$(cat "$run/status")
-        local booted
-        booted=$(cat "$run/started")
-        say "guest: booted in ${booted%.*}s (guest uptime), total $((SECONDS - t0))s, status $BOOT_RC"
+        local booted elapsed_ds
+        booted=$(cat "$run/started")                       # e.g. 6.52
+        elapsed_ds=$(( (${EPOCHREALTIME/./} - t0) / 100000 )) # tenths of a second
+        say "guest: command started ${booted%?}s after boot; total $((elapsed_ds / 10)).$((elapsed_ds % 10))s; status $BOOT_RC"
     else
         BOOT_REASON=$(failure_reason "$run" "$qemu_rc")
     fi
