@@ -73,28 +73,44 @@ impl UringBdev {
         // O_EXCL on a block device fails with EBUSY while it is mounted or in use, so we never
         // write under a filesystem.
         let excl = if block_device { libc::O_EXCL } else { 0 };
-        let (file, direct) = match opener(path, libc::O_DIRECT | excl) {
+        let open_err = |e| io_err(format!("cannot open {}", path.display()))(e);
+        let buffered = |why: &str| -> Result<File, BdevError> {
+            let f = opener(path, excl).map_err(open_err)?;
+            tracing::warn!(
+                "uring bdev {name}: {why} for {}; using buffered I/O (slower, and writes are \
+                 only durable after a flush)",
+                path.display()
+            );
+            Ok(f)
+        };
+        let (mut file, mut direct) = match opener(path, libc::O_DIRECT | excl) {
             Ok(f) => (f, true),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                let f = opener(path, excl)
-                    .map_err(io_err(format!("cannot open {}", path.display())))?;
-                tracing::warn!(
-                    "uring bdev {name}: the filesystem of {} refuses O_DIRECT; using buffered I/O \
-                     (slower, and writes are only durable after a flush)",
-                    path.display()
-                );
-                (f, false)
+                (buffered("the filesystem refuses O_DIRECT")?, false)
             }
-            Err(e) => return Err(io_err(format!("cannot open {}", path.display()))(e)),
+            Err(e) => return Err(open_err(e)),
         };
+        // A file's direct-I/O alignment is its filesystem's and disk's, not ours to guess:
+        // Linux 6.1+ tells it (0 = no direct I/O on this file after all).
+        let dio = if block_device {
+            None
+        } else {
+            dio_alignment(&file)
+        };
+        if direct && dio == Some((0, 0)) {
+            file = buffered("the filesystem does no direct I/O")?;
+            direct = false;
+        }
         let (logical, size) = if block_device {
             device_geometry(&file).map_err(io_err(format!(
                 "cannot read the geometry of {}",
                 path.display()
             )))?
         } else {
-            (512, meta.len())
+            let offset_align = dio.filter(|_| direct).map_or(512, |(_, o)| o);
+            (offset_align.clamp(512, 65536), meta.len())
         };
+        let mem_align = dio.filter(|_| direct).map_or(1, |(m, _)| m);
         let bs = match block_size.filter(|&b| b != 0) {
             None => logical,
             Some(b) if b < 512 || b % 512 != 0 || b > 65536 => {
@@ -132,7 +148,7 @@ impl UringBdev {
             IoTypes::all(),
         );
         // O_DIRECT needs buffers aligned to the logical block; our block is a multiple of it.
-        info.required_alignment = bs;
+        info.required_alignment = bs.max(mem_align);
         // A file's page cache or a device's volatile cache: flush matters.
         info.write_cache = true;
         Ok(UringBdev {
@@ -152,6 +168,25 @@ impl UringBdev {
     pub fn is_direct(&self) -> bool {
         self.direct
     }
+}
+
+/// (memory, offset) alignment that O_DIRECT needs on this file, where the kernel says.
+fn dio_alignment(file: &File) -> Option<(u32, u32)> {
+    // SAFETY: statx is plain data, so all-zeroes is a valid value.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: an empty path with AT_EMPTY_PATH names the descriptor itself; the kernel writes
+    // into the live `stx` only.
+    let rc = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    (rc == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0)
+        .then_some((stx.stx_dio_mem_align, stx.stx_dio_offset_align))
 }
 
 /// (logical block size, size in bytes) of a block device.
