@@ -27,7 +27,8 @@ KERNEL_SUITE=${GUEST_KERNEL_SUITE:-$CODENAME-backports}
 # against the extracted kernel with modprobe.
 STAGE1_MODULES=(virtio_pci 9pnet_virtio 9p overlay virtio_net configfs)
 
-# command-or-file  package  [suite]   (host tools run.sh, the guest and tests need)
+# command-or-file  package  [suite]   (host tools run.sh, the guest and tests need;
+# the guest's PATH has /usr/bin/python3, not a pyenv one)
 HOST_PACKAGES=(
     "qemu-system-x86_64 qemu-system-x86 backports"
     "/usr/share/qemu/pvh.bin qemu-system-data backports"
@@ -43,7 +44,7 @@ HOST_PACKAGES=(
     "cpio cpio"
     "ip iproute2"
     "lspci pciutils"
-    "switch_root util-linux"
+    "/usr/bin/python3 python3"
     "timeout coreutils"
     "flock util-linux"
 )
