@@ -17,6 +17,8 @@
 #                        $GUEST_OUT names it (without --out: a scratch dir)
 #   --env NAME=VALUE     export into the command's environment (repeatable)
 #   --timeout SEC        kill the guest after SEC seconds (default 600)
+#   --boot-timeout SEC   give up on a boot (and retry) if COMMAND has not
+#                        started after SEC seconds (default 180)
 #   --append ARGS        extra kernel command-line arguments
 #   --verbose            show the kernel's boot messages
 #   --no-retry           don't retry a failed boot
@@ -43,6 +45,8 @@ FWDS=()
 OUT=
 ENVS=()
 TIMEOUT=600
+BOOT_TIMEOUT=180
+BOOT_HUNG=0
 APPEND=
 VERBOSE=0
 RETRY=1
@@ -70,6 +74,7 @@ parse_args() {
             --out) OUT=${2:?}; shift ;;
             --env) ENVS+=("${2:?}"); shift ;;
             --timeout) TIMEOUT=${2:?}; shift ;;
+            --boot-timeout) BOOT_TIMEOUT=${2:?}; shift ;;
             --append) APPEND+=" ${2:?}"; shift ;;
             --verbose) VERBOSE=1 ;;
             --no-retry) RETRY=0 ;;
@@ -81,7 +86,7 @@ parse_args() {
     done
     [ ${#COMMAND[@]} -gt 0 ] || { usage >&2; die "no command given"; }
     local n
-    for n in "$MEM" "$SMP" "$HUGEPAGES" "$TIMEOUT"; do
+    for n in "$MEM" "$SMP" "$HUGEPAGES" "$TIMEOUT" "$BOOT_TIMEOUT"; do
         [[ $n =~ ^[0-9]+$ ]] || die "not a number: $n"
     done
     local f
@@ -194,8 +199,14 @@ on_signal() {
 # Why a boot produced no status: one line for people and for the retry logic.
 failure_reason() {
     local run=$1 qemu_rc=$2 marker
-    if [ "$qemu_rc" = 124 ] || [ "$qemu_rc" = 137 ]; then
-        echo "timeout after ${TIMEOUT}s"
+    if [ "$BOOT_HUNG" = 1 ]; then
+        echo "boot timeout: the command had not started after ${BOOT_TIMEOUT}s"
+    elif [ "$qemu_rc" = 124 ] || [ "$qemu_rc" = 137 ]; then
+        if [ -e "$run/started" ]; then
+            echo "timeout after ${TIMEOUT}s (the command was still running)"
+        else
+            echo "timeout after ${TIMEOUT}s (the guest had not finished booting)"
+        fi
     elif marker=$(grep -a -m1 -o 'PLEXSTOR-GUEST-FAIL: .*' "$run/console.log" 2>/dev/null); then
         echo "${marker#PLEXSTOR-GUEST-FAIL: }" | tr -d '\r'
     elif grep -aq 'Kernel panic' "$run/console.log" 2>/dev/null; then
@@ -205,6 +216,24 @@ failure_reason() {
     else
         echo "no status from the guest (it stopped before the command finished)"
     fi
+}
+
+# A boot that hangs (seen under emulation on a loaded host: RCU stalls, a
+# stuck timer check) should not eat the whole --timeout before the retry.
+# Returns when QEMU has ended, killing it if COMMAND has not started within
+# --boot-timeout.
+watch_boot() {
+    local run=$1 t0=$2
+    while kill -0 "$TIMEOUT_PID" 2>/dev/null; do
+        if [ ! -e "$run/started" ] &&
+           [ $(( (${EPOCHREALTIME/./} - t0) / 1000000 )) -ge "$BOOT_TIMEOUT" ]; then
+            BOOT_HUNG=1
+            stop_qemu
+            return 0
+        fi
+        if [ -e "$run/started" ]; then return 0; fi
+        sleep 0.5
+    done
 }
 
 # Boots once. Sets BOOT_RC (the command's status, or empty), BOOT_REASON and
@@ -219,8 +248,12 @@ boot_once() {
     # at once; timeout guards against a guest that hangs.
     timeout -k 10 "$TIMEOUT" "${cmd[@]}" </dev/null &
     TIMEOUT_PID=$!
-    wait "$TIMEOUT_PID" || qemu_rc=$?
-    TIMEOUT_PID=
+    BOOT_HUNG=0
+    watch_boot "$run" "$t0"
+    if [ -n "$TIMEOUT_PID" ]; then
+        wait "$TIMEOUT_PID" || qemu_rc=$?
+        TIMEOUT_PID=
+    fi
     BOOT_RC='' BOOT_REASON='' BOOT_STARTED=0
     [ -e "$run/started" ] && BOOT_STARTED=1
     if [ -s "$run/status" ]; then
