@@ -1,0 +1,259 @@
+//! NVMe/TCP happy path against an in-process plexd: ICReq, admin Connect, properties,
+//! Identify, I/O Connect, writes in-capsule and by R2T, 1 MiB reads, other NVM commands; with
+//! and without digests. Also the RPC view of the connection and save_config.
+
+mod nvmf_tcp_common;
+use nvme_spec::cmd::{Command, DsmRange};
+use nvme_spec::fabrics::{PropertyGet, PropertySize};
+use nvme_spec::identify::{cns, IdentifyController, IdentifyNamespace};
+use nvme_spec::regs::{offset as reg, Cap};
+use nvme_spec::{FromBytes, IntoBytes, Status};
+use nvmf_tcp_common::*;
+use serde_json::json;
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+fn happy(hdgst: bool, ddgst: bool) {
+    let t = Target::start(true);
+    let mut admin = Client::connect(t.port);
+    let cntlid = admin.admin_up(hdgst, ddgst);
+    assert_eq!(admin.hdgst, hdgst);
+    assert_eq!(admin.ddgst, ddgst);
+
+    // CAP: queue size and a sensible timeout.
+    let cid = admin.cid();
+    admin.send_cmd(
+        PropertyGet {
+            size: PropertySize::Eight,
+            offset: reg::CAP,
+        }
+        .to_command(cid),
+        &[],
+    );
+    let (cqe, _) = admin.wait(cid, &[]);
+    let cap = Cap(cqe.result64());
+    assert_eq!(cap.max_queue_entries(), 128);
+
+    // Identify Controller and Namespace.
+    let (cqe, data) = admin.run(
+        Command::identify(cns::CONTROLLER, 0, 0, 0),
+        &[],
+        4096,
+        false,
+    );
+    assert!(cqe.status().is_success());
+    let idc = IdentifyController::read_from_bytes(&data[..]).unwrap();
+    assert_eq!(idc.model(), Some("plexstor"));
+    assert_eq!(idc.serial(), Some("SN1"));
+    assert_eq!(idc.cntlid.get(), cntlid);
+    assert_eq!(idc.subnqn_str(), Some(NQN));
+    assert_eq!(idc.mdts, 8);
+    let (cqe, data) = admin.run(Command::identify(cns::NAMESPACE, 1, 0, 0), &[], 4096, false);
+    assert!(cqe.status().is_success());
+    let idn = IdentifyNamespace::read_from_bytes(&data[..]).unwrap();
+    assert_eq!(idn.nsze.get(), BLOCKS);
+    assert_eq!(idn.block_size(), Some(512));
+
+    // Number of queues, then an I/O queue on another connection.
+    let (cqe, _) = admin.run(
+        Command::set_features(
+            nvme_spec::features::fid::NUMBER_OF_QUEUES,
+            0x0003_0003,
+            false,
+        ),
+        &[],
+        0,
+        false,
+    );
+    assert!(cqe.status().is_success());
+    let mut ioq = Client::connect(t.port);
+    ioq.io_up(cntlid, 1, hdgst, ddgst);
+
+    // 4 KiB write in-capsule, read back.
+    let a = pattern(4096, 1);
+    let (cqe, _) = ioq.run(Command::write_blocks(1, 0, 8, false), &a, 0, true);
+    assert!(cqe.status().is_success(), "{}", cqe.status());
+    let (cqe, back) = ioq.run(Command::read_blocks(1, 0, 8), &[], 4096, false);
+    assert!(cqe.status().is_success());
+    assert_eq!(back, a);
+
+    // 64 KiB write through R2T/H2CData, read back.
+    let b = pattern(65536, 7);
+    let (cqe, _) = ioq.run(Command::write_blocks(1, 100, 128, false), &b, 0, false);
+    assert!(cqe.status().is_success(), "{}", cqe.status());
+    let (_, back) = ioq.run(Command::read_blocks(1, 100, 128), &[], 65536, false);
+    assert_eq!(back, b);
+
+    // 1 MiB write and read (MDTS).
+    let c = pattern(1 << 20, 3);
+    let (cqe, _) = ioq.run(Command::write_blocks(1, 2048, 2048, false), &c, 0, false);
+    assert!(cqe.status().is_success(), "{}", cqe.status());
+    let (cqe, back) = ioq.run(Command::read_blocks(1, 2048, 2048), &[], 1 << 20, false);
+    assert!(cqe.status().is_success());
+    assert!(back == c, "1 MiB read back differs");
+
+    // Flush, write zeroes, deallocate.
+    let (cqe, _) = ioq.run(Command::flush(1), &[], 0, false);
+    assert!(cqe.status().is_success());
+    let (cqe, _) = ioq.run(Command::write_zeroes(1, 0, 8, false), &[], 0, false);
+    assert!(cqe.status().is_success());
+    let (_, back) = ioq.run(Command::read_blocks(1, 0, 8), &[], 4096, false);
+    assert!(back.iter().all(|&x| x == 0));
+    let ranges = [DsmRange::new(100, 64), DsmRange::new(2048, 8)];
+    let (cqe, _) = ioq.run(
+        Command::dataset_management(1, 2, true),
+        ranges.as_bytes(),
+        0,
+        true,
+    );
+    assert!(cqe.status().is_success());
+    let st = t
+        .rpc("bdev_get_iostat", json!({"name": "Malloc0"}))
+        .unwrap();
+    assert_eq!(st["bdevs"][0]["num_unmap_ops"], 2, "{st}");
+
+    // Many commands in flight at once on one queue.
+    let cids: Vec<u16> = (0..64)
+        .map(|i| {
+            let cid = ioq.cid();
+            let mut cmd = Command::read_blocks(1, i * 8, 8);
+            cmd.set_cid(cid);
+            cmd.set_sgl1(nvme_spec::SglDescriptor::tcp_transport(4096));
+            ioq.send_cmd(cmd, &[]);
+            cid
+        })
+        .collect();
+    let mut seen = 0;
+    while seen < cids.len() {
+        let p = ioq.recv().expect("pdu");
+        if p.hdr.success() || matches!(p.hdr.body, nvme_spec::tcp::PduBody::CapsuleResp(_)) {
+            seen += 1;
+        }
+    }
+
+    // RPC: one controller with one I/O queue.
+    let ctrls = t
+        .rpc("nvmf_subsystem_get_controllers", json!({"nqn": NQN}))
+        .unwrap();
+    assert_eq!(ctrls[0]["cntlid"], cntlid);
+    assert_eq!(ctrls[0]["num_io_qpairs"], 1);
+    let qps = t
+        .rpc("nvmf_subsystem_get_qpairs", json!({"nqn": NQN}))
+        .unwrap();
+    assert_eq!(qps.as_array().unwrap().len(), 2);
+
+    // Disconnecting the admin queue tears the controller down and closes the I/O queue.
+    drop(admin);
+    assert_eq!(ioq.expect_term(), None, "the I/O queue just closes");
+    for _ in 0..100 {
+        let c = t
+            .rpc("nvmf_subsystem_get_controllers", json!({"nqn": NQN}))
+            .unwrap();
+        if c.as_array().unwrap().is_empty() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    panic!("controller still listed after its admin queue closed");
+}
+
+#[test]
+fn happy_path_without_digests() {
+    happy(false, false);
+}
+
+#[test]
+fn happy_path_with_digests() {
+    happy(true, true);
+}
+
+#[test]
+fn discovery_log_lists_the_listener() {
+    let t = Target::start(true);
+    let mut c = Client::connect(t.port);
+    c.ic(false, false);
+    let cqe = c.fabrics_connect(0, 0xFFFF, nvme_spec::fabrics::DISCOVERY_NQN, HOST);
+    assert!(cqe.status().is_success());
+    let (cqe, log) = c.run(
+        Command::get_log_page(0, 0x70, 0, false, 2048, 0),
+        &[],
+        2048,
+        false,
+    );
+    assert!(cqe.status().is_success(), "{}", cqe.status());
+    let numrec = u64::from_le_bytes(log[8..16].try_into().unwrap());
+    assert_eq!(numrec, 1);
+    let e = &log[1024..];
+    assert_eq!(e[0], 3, "TCP");
+    assert_eq!(&e[256..256 + NQN.len()], NQN.as_bytes());
+    assert_eq!(
+        std::str::from_utf8(&e[32..64]).unwrap().trim(),
+        t.port.to_string()
+    );
+    // An I/O queue to the discovery subsystem is refused.
+    let mut io = Client::connect(t.port);
+    io.ic(false, false);
+    let cqe = io.fabrics_connect(1, 1, nvme_spec::fabrics::DISCOVERY_NQN, HOST);
+    assert!(is(&cqe, Status::CONNECT_INVALID_PARAMETERS));
+    // A new subsystem bumps the generation counter.
+    let gen0 = u64::from_le_bytes(log[0..8].try_into().unwrap());
+    t.rpc(
+        "nvmf_create_subsystem",
+        json!({"nqn": "nqn.2024-01.io.plexstor:other"}),
+    )
+    .unwrap();
+    let (_, log) = c.run(
+        Command::get_log_page(0, 0x70, 0, false, 1024, 0),
+        &[],
+        1024,
+        false,
+    );
+    assert!(u64::from_le_bytes(log[0..8].try_into().unwrap()) > gen0);
+}
+
+#[test]
+fn save_config_recreates_the_target() {
+    let t = Target::start(false);
+    t.rpc("nvmf_subsystem_add_host", json!({"nqn": NQN, "host": HOST}))
+        .unwrap();
+    let saved = t.rpc("save_config", json!({})).unwrap();
+    let subs = t.rpc("nvmf_get_subsystems", json!({})).unwrap();
+    let uuid = subs[1]["namespaces"][0]["uuid"].clone();
+    let port = t.port;
+    drop(t);
+    // A fresh plexd from the saved configuration: same namespace identity, same listener.
+    let app = plexd::app::App::start(plexd::reactor::ReactorConfig {
+        cores: vec![0],
+        idle_poll_us: 100,
+        pin: false,
+    })
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(app.load_config(&saved))
+        .expect("load saved config");
+    let subs = rt
+        .block_on(
+            app.methods
+                .call(app.clone(), "nvmf_get_subsystems", json!({})),
+        )
+        .unwrap();
+    assert_eq!(subs[1]["nqn"], NQN);
+    assert_eq!(subs[1]["namespaces"][0]["uuid"], uuid);
+    assert_eq!(subs[1]["hosts"][0]["nqn"], HOST);
+    assert_eq!(subs[1]["listen_addresses"][0]["trsvcid"], port.to_string());
+    let mut c = Client::connect(port);
+    c.ic(false, false);
+    assert!(c
+        .fabrics_connect(0, 0xFFFF, NQN, HOST)
+        .status()
+        .is_success());
+    app.nvmf.stop_listeners();
+    app.reactors.stop();
+}
