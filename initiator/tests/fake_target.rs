@@ -183,6 +183,9 @@ fn serve(s: TcpStream, k: &Knobs, disk: &Mutex<Vec<u8>>) -> std::io::Result<()> 
                     if let Some(con) = Connect::from_command(&cmd) {
                         k.connects.fetch_add(1, Ordering::Relaxed);
                         assert_eq!(data.len(), 1024, "Connect data in-capsule");
+                        // SQ flow control off on I/O queues only (CATTR bit 2).
+                        let want = if con.qid == 0 { 0 } else { 1 << 2 };
+                        assert_eq!(con.cattr, want, "Connect CATTR of queue {}", con.qid);
                         c.qid = con.qid;
                         c.resp(cid, Status::SUCCESS, 1, 0)?;
                     } else if let Some(pg) = PropertyGet::from_command(&cmd) {

@@ -158,6 +158,19 @@ const DIRECT_MIN: u32 = 16 * 1024;
 /// Segments per writev.
 const IOV_BATCH: usize = 64;
 /// The cid reserved for Fabrics Connect on (re)connection.
+/// Connect CATTR bit 2: ask the controller to disable SQ flow control. This host never looks
+/// at SQHD (a command slot is its flow control), so the target may skip tracking the head.
+/// Only on I/O queues, as the Linux host does; plexd's target and nvmet both accept it.
+const CATTR_DISABLE_SQFLOW: u8 = 1 << 2;
+
+const fn connect_cattr(qid: u16) -> u8 {
+    if qid == 0 {
+        0
+    } else {
+        CATTR_DISABLE_SQFLOW
+    }
+}
+
 const fn connect_cid(depth: u16) -> u16 {
     depth
 }
@@ -336,7 +349,7 @@ impl<B: IoBuf> TcpQueue<B> {
             recfmt: 0,
             qid: p.qid,
             sqsize: u32::from(p.qsize),
-            cattr: 0,
+            cattr: connect_cattr(p.qid),
             kato: p.kato_ms,
         }
         .to_command(0);
