@@ -283,12 +283,24 @@ impl Client {
         subnqn: &str,
         host: &str,
     ) -> Completion {
+        let kato = if qid == 0 { 10000 } else { 0 };
+        self.fabrics_connect_kato(qid, cntlid, subnqn, host, kato)
+    }
+
+    pub fn fabrics_connect_kato(
+        &mut self,
+        qid: u16,
+        cntlid: u16,
+        subnqn: &str,
+        host: &str,
+        kato: u32,
+    ) -> Completion {
         let cmd = Connect {
             recfmt: 0,
             qid,
             sqsize: if qid == 0 { 32 } else { 128 },
             cattr: 0,
-            kato: if qid == 0 { 10000 } else { 0 },
+            kato,
         }
         .to_command(0);
         let data = ConnectData::new([9; 16], cntlid, subnqn, host).unwrap();

@@ -1,0 +1,194 @@
+//! The nvmf_* JSON-RPC methods: SPDK's names and shapes, and clear refusals.
+
+mod nvmf_tcp_common;
+use nvme_spec::cmd::Command;
+use nvme_spec::features::{aec, fid};
+use nvmf_tcp_common::*;
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+#[test]
+fn transport_and_subsystem_errors_are_clear() {
+    let t = Target::start(true);
+    // A second TCP transport, an unknown transport type, unknown and unsupported parameters.
+    assert_eq!(
+        t.rpc("nvmf_create_transport", json!({"trtype": "TCP"}))
+            .unwrap_err()
+            .code,
+        -libc::EEXIST
+    );
+    assert!(t
+        .rpc("nvmf_create_transport", json!({"trtype": "RDMA"}))
+        .is_err());
+    assert!(t
+        .rpc(
+            "nvmf_create_transport",
+            json!({"trtype": "TCP", "max_queue_dept": 64})
+        )
+        .is_err());
+    let tr = t.rpc("nvmf_get_transports", json!({})).unwrap();
+    assert_eq!(tr[0]["trtype"], "TCP");
+    assert_eq!(tr[0]["max_queue_depth"], 128);
+    assert_eq!(tr[0]["max_io_size"], 1 << 20);
+    // Subsystems: duplicate, bad NQN, unknown NQN.
+    assert_eq!(
+        t.rpc("nvmf_create_subsystem", json!({"nqn": NQN}))
+            .unwrap_err()
+            .code,
+        -libc::EEXIST
+    );
+    assert!(t
+        .rpc("nvmf_create_subsystem", json!({"nqn": "not-an-nqn"}))
+        .is_err());
+    assert_eq!(
+        t.rpc(
+            "nvmf_delete_subsystem",
+            json!({"nqn": "nqn.2024-01.x:none"})
+        )
+        .unwrap_err()
+        .code,
+        -libc::ENODEV
+    );
+    // Namespaces: the bdev is claimed, NSIDs are unique, unknown bdevs are refused.
+    assert!(t
+        .rpc("bdev_malloc_delete", json!({"name": "Malloc0"}))
+        .is_err());
+    assert!(t
+        .rpc(
+            "nvmf_subsystem_add_ns",
+            json!({"nqn": NQN, "namespace": {"bdev_name": "nope"}})
+        )
+        .is_err());
+    t.rpc(
+        "bdev_malloc_create",
+        json!({"name": "Malloc1", "num_blocks": 64, "block_size": 512}),
+    )
+    .unwrap();
+    assert!(t
+        .rpc(
+            "nvmf_subsystem_add_ns",
+            json!({"nqn": NQN, "namespace": {"bdev_name": "Malloc1", "nsid": 1}})
+        )
+        .is_err());
+    let nsid = t
+        .rpc(
+            "nvmf_subsystem_add_ns",
+            json!({"nqn": NQN, "namespace": {"bdev_name": "Malloc1",
+                   "nguid": "000102030405060708090A0B0C0D0E0F", "eui64": "0011223344556677"}}),
+        )
+        .unwrap();
+    assert_eq!(nsid, 2);
+    let subs = t.rpc("nvmf_get_subsystems", json!({"nqn": NQN})).unwrap();
+    assert_eq!(
+        subs[0]["namespaces"][1]["nguid"],
+        "000102030405060708090A0B0C0D0E0F"
+    );
+    assert_eq!(subs[0]["namespaces"][1]["eui64"], "0011223344556677");
+    assert_eq!(subs[0]["model_number"], "plexstor");
+    t.rpc("nvmf_subsystem_remove_ns", json!({"nqn": NQN, "nsid": 2}))
+        .unwrap();
+    t.rpc("bdev_malloc_delete", json!({"name": "Malloc1"}))
+        .unwrap();
+    // Listeners: duplicate, bad address; the discovery subsystem is listed first.
+    let port = t.port.to_string();
+    let la = json!({"trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": port});
+    assert!(t
+        .rpc(
+            "nvmf_subsystem_add_listener",
+            json!({"nqn": NQN, "listen_address": la})
+        )
+        .is_err());
+    assert!(t
+        .rpc(
+            "nvmf_subsystem_add_listener",
+            json!({"nqn": NQN, "listen_address":
+            {"trtype": "TCP", "traddr": "not-an-ip", "trsvcid": "4420"}})
+        )
+        .is_err());
+    let all = t.rpc("nvmf_get_subsystems", json!({})).unwrap();
+    assert_eq!(all[0]["subtype"], "Discovery");
+    assert_eq!(all[1]["subtype"], "NVMe");
+    // Hosts.
+    t.rpc("nvmf_subsystem_add_host", json!({"nqn": NQN, "host": HOST}))
+        .unwrap();
+    assert!(t
+        .rpc("nvmf_subsystem_add_host", json!({"nqn": NQN, "host": HOST}))
+        .is_err());
+    t.rpc(
+        "nvmf_subsystem_remove_host",
+        json!({"nqn": NQN, "host": HOST}),
+    )
+    .unwrap();
+    t.rpc(
+        "nvmf_subsystem_allow_any_host",
+        json!({"nqn": NQN, "allow_any_host": false}),
+    )
+    .unwrap();
+    // Removing the listener stops new connections.
+    t.rpc(
+        "nvmf_subsystem_remove_listener",
+        json!({"nqn": NQN, "listen_address": la}),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(std::net::TcpStream::connect(("127.0.0.1", t.port)).is_err());
+}
+
+#[test]
+fn keep_alive_timeout_tears_the_controller_down() {
+    let t = Target::start(true);
+    let mut c = Client::connect(t.port);
+    c.ic(false, false);
+    let cqe = c.fabrics_connect_kato(0, 0xFFFF, NQN, HOST, 300);
+    assert!(cqe.status().is_success());
+    let start = Instant::now();
+    assert_eq!(
+        c.expect_term(),
+        None,
+        "closed without a termination request"
+    );
+    assert!(start.elapsed() < Duration::from_secs(5));
+    let ctrls = t
+        .rpc("nvmf_subsystem_get_controllers", json!({"nqn": NQN}))
+        .unwrap();
+    assert_eq!(ctrls, json!([]));
+}
+
+#[test]
+fn namespace_changes_complete_an_aer() {
+    let t = Target::start(true);
+    let mut admin = Client::connect(t.port);
+    admin.admin_up(false, false);
+    let (cqe, _) = admin.run(
+        Command::set_features(fid::ASYNC_EVENT_CONFIG, aec::NS_ATTRIBUTE, false),
+        &[],
+        0,
+        false,
+    );
+    assert!(cqe.status().is_success());
+    let cid = admin.cid();
+    admin.send_cmd(Command::async_event_request().with_cid(cid), &[]);
+    t.rpc(
+        "bdev_malloc_create",
+        json!({"name": "Malloc1", "num_blocks": 64, "block_size": 512}),
+    )
+    .unwrap();
+    t.rpc(
+        "nvmf_subsystem_add_ns",
+        json!({"nqn": NQN, "namespace": {"bdev_name": "Malloc1"}}),
+    )
+    .unwrap();
+    let (cqe, _) = admin.wait(cid, &[]);
+    assert_eq!(
+        cqe.result.get(),
+        0x0004_0002,
+        "notice: namespace attribute changed"
+    );
+    let (_, log) = admin.run(
+        Command::get_log_page(0, 0x04, 0, false, 4096, 0),
+        &[],
+        4096,
+        false,
+    );
+    assert_eq!(u32::from_le_bytes(log[0..4].try_into().unwrap()), 2);
+}
