@@ -16,7 +16,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 MODULES=(nvme nvme-tcp nvmet nvmet-tcp vfio-pci xfs ext4 brd configfs virtio_net)
 NQN=nqn.2024-01.io.plexstor:smoke
-PORT=4420
+PORT=4430    # not 4420: other guest tests in the same boot use that
 GUEST_ECHO_PORT=5001
 
 # ---- host side ---------------------------------------------------------------
