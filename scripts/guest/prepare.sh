@@ -75,7 +75,7 @@ first_uri_matching() {
     local pattern=$1 fallback=$2 uri
     uri=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list \
               /etc/apt/sources.list.d/*.sources 2>/dev/null |
-          grep -oE "https?://[^ ]*${pattern}/?( |$)" | head -n1 | tr -d ' ' || true)
+          grep -v '^[[:space:]]*#' | grep -oE "https?://[^ ]*${pattern}/?( |$)" | head -n1 | tr -d ' ' || true)
     echo "${uri:-$fallback}"
 }
 
