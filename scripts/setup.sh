@@ -31,7 +31,7 @@ say() { echo "$*"; }
 warn() { echo "warning: $*" >&2; }
 die() { echo "error: $*" >&2; exit 1; }
 
-usage() { sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
 
 # Shell built-ins rather than cat/awk/readlink in loops: where plexd runs that
 # hardly matters, but in the emulated test guest every exec costs ~0.1-1 s.
