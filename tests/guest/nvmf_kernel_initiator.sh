@@ -149,7 +149,8 @@ fio_seq() { # fio_seq DEV BS SIZE
 }
 
 load_modules nvme nvme-tcp xfs ext4 || bail modules "cannot load nvme-tcp/xfs/ext4"
-check "plexd starts" start_plexd || finish
+# Not through `check`: that runs its command in a subshell, and PLEXD_PID must reach us.
+if start_plexd; then pass "plexd starts"; else bail "plexd starts" "see log above"; fi
 check "configure over JSON-RPC" configure || finish
 
 # ---- discovery -----------------------------------------------------------------
@@ -203,6 +204,25 @@ else
     fail "discards reach the bdev as unmap" "num_unmap_ops $before -> $after"
 fi
 
+# ---- namespace hot add/remove: AER, changed namespace list, rescan ----------------
+no_ns2() {
+    local i
+    for ((i = 0; i < 200; i++)); do
+        [ -z "$(nvme_devs_of "$NQN" 2)" ] && return 0
+        sleep 0.1
+    done
+    return 1
+}
+if rpc bdev_malloc_create '{"name": "Malloc1", "num_blocks": 4096, "block_size": 512}' >/dev/null &&
+    rpc nvmf_subsystem_add_ns "{\"nqn\": \"$NQN\", \"namespace\": {\"bdev_name\": \"Malloc1\", \"nsid\": 2}}" >/dev/null; then
+    check "namespace added while connected appears (AER)" wait_for_nvme_dev "$NQN" 2 20
+    rpc nvmf_subsystem_remove_ns "{\"nqn\": \"$NQN\", \"nsid\": 2}" >/dev/null
+    check "namespace removed while connected disappears (AER)" no_ns2
+    rpc bdev_malloc_delete '{"name": "Malloc1"}' >/dev/null
+else
+    fail "namespace added while connected appears (AER)" "RPC failed"
+fi
+
 # ---- disconnect ------------------------------------------------------------------
 check "nvme disconnect" nvme disconnect -n "$NQN"
 check "device goes away" wait_for_no_nvme_dev "$NQN" 20
@@ -239,7 +259,11 @@ if [ "$rc" != 0 ] && [ "$rc" != 124 ]; then
 else
     fail "host I/O fails cleanly while plexd is down" "dd exit $rc"
 fi
-check "plexd restarts with -c saved.json" start_plexd -c "$WORK/saved.json"
+if start_plexd -c "$WORK/saved.json"; then
+    pass "plexd restarts with -c saved.json"
+else
+    fail "plexd restarts with -c saved.json" "see log above"
+fi
 reconnected=0
 for ((i = 0; i < 300; i++)); do
     [ "$(cat "/sys/class/nvme/$CTRL/state" 2>/dev/null)" = live ] && { reconnected=1; break; }

@@ -907,6 +907,23 @@ mod tests {
         cmd = Command::get_log_page(0, lid::CHANGED_NS_LIST, 0, false, 4096, 0);
         assert_eq!(c.admin(&t, &cmd, &mut buf), AdminOutcome::ok(0));
         assert_eq!(&buf[0..8], &[1, 0, 0, 0, 0, 0, 0, 0]);
+        // A resize is noticed and announced once the host has read the list.
+        let _ = c.admin(
+            &t,
+            &Command::get_log_page(0, lid::CHANGED_NS_LIST, 0, false, 4096, 0),
+            &mut buf,
+        );
+        let _ = c.take_event();
+        e.info().set_num_blocks(512);
+        s.check_resized();
+        assert_eq!(c.take_event(), Some(0x0004_0002));
+        s.check_resized();
+        assert_eq!(c.take_event(), None);
+        let _ = c.admin(
+            &t,
+            &Command::get_log_page(0, lid::CHANGED_NS_LIST, 0, false, 4096, 0),
+            &mut buf,
+        );
         s.remove_namespace(1).unwrap();
         assert!(e.claimed_by().is_none());
         assert!(c.take_event().is_some());

@@ -78,6 +78,8 @@ pub struct Namespace {
     pub uuid: Uuid,
     pub nguid: [u8; 16],
     pub eui64: [u8; 8],
+    /// The size controllers were last told about, to notice a resize.
+    seen_blocks: AtomicU64,
 }
 
 impl Namespace {
@@ -101,12 +103,14 @@ impl Namespace {
             }
             e
         });
+        let seen_blocks = AtomicU64::new(bdev.info().num_blocks());
         Namespace {
             nsid,
             bdev,
             uuid,
             nguid,
             eui64,
+            seen_blocks,
         }
     }
 
@@ -379,6 +383,30 @@ impl Subsystem {
             c.namespace_changed(nsid);
         }
         Ok(())
+    }
+
+    /// Tells controllers about namespaces whose bdev changed size since the last look.
+    /// Called from admin queues' timers: bdevs do not announce resizes.
+    pub fn check_resized(&self) {
+        let g = self.lock();
+        let mut changed = smallvec::SmallVec::<[u32; 4]>::new();
+        for ns in g.namespaces.values() {
+            let now = ns.num_blocks();
+            if ns.seen_blocks.swap(now, Ordering::AcqRel) != now {
+                changed.push(ns.nsid);
+            }
+        }
+        if changed.is_empty() {
+            return;
+        }
+        let ctrls = g.controllers.clone();
+        drop(g);
+        for nsid in changed {
+            tracing::info!("nvmf: {} namespace {nsid} resized", self.nqn);
+            for c in &ctrls {
+                c.namespace_changed(nsid);
+            }
+        }
     }
 
     /// Picks a free controller ID and registers `make(cntlid)`.

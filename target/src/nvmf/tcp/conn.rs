@@ -398,6 +398,7 @@ impl Conn {
                 c.fail("keep-alive timeout");
                 expired = true;
             }
+            c.subsys.check_resized();
         }
         if let Some(dw0) = event {
             if let Some(si) = self.aers.pop() {
