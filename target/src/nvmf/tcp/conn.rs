@@ -309,6 +309,10 @@ impl Conn {
                 busy |= self.ns.poll(&mut |_| {}) > 0;
             }
         }
+        // Keep the reactor awake while a bdev owes us completions: it does not wake us.
+        if self.qid != 0 && (!self.retry.is_empty() || self.ns.in_flight() > 0) {
+            busy = true;
+        }
         match self.flush() {
             Ok(b) => busy |= b,
             Err(_) => self.begin_drain(),

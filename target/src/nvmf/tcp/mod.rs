@@ -9,6 +9,8 @@ use conn::Conn;
 
 /// Connections handed to this reactor and not yet picked up by its poll group.
 #[derive(Default)]
+// Boxed: a connection is large (receive buffer, slots); moving pointers keeps hand-off cheap.
+#[allow(clippy::vec_box)]
 struct Inbox {
     started: bool,
     new: Vec<Box<Conn>>,
