@@ -5,11 +5,17 @@ use super::conn::Conn;
 use crate::app::App;
 use crate::nvmf::subsystem::ListenAddr;
 use crate::nvmf::{NvmfError, TransportOpts};
-use crate::reactor::{fn_poller, PollStatus};
+use crate::reactor::{fn_poller, now_ns, PollStatus};
 use std::net::TcpListener;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+/// How often a listener tries `accept`. Every try is a syscall, and the poller runs on every
+/// loop of a busy reactor: trying each loop cost thousands of failed `accept4` calls a second
+/// under load. A new connection waits at most this long (a sleeping reactor is woken by the
+/// listening socket anyway).
+const ACCEPT_INTERVAL_NS: u64 = 1_000_000;
 
 /// Stops a listener; the socket closes on its reactor.
 pub struct ListenerHandle {
@@ -55,6 +61,7 @@ pub fn start(
         if let Err(e) = ctx.watch_fd(fd, false) {
             tracing::warn!("nvmf/tcp: cannot watch listener {addr}: {e}");
         }
+        let mut last_try = 0u64;
         ctx.add_poller(fn_poller(
             format!("nvmf_tcp_accept_{}", addr.trsvcid),
             move |ctx| {
@@ -63,6 +70,11 @@ pub fn start(
                     tracing::info!("nvmf/tcp: stopped listening on {addr}");
                     return PollStatus::Done;
                 }
+                let now = now_ns();
+                if now.wrapping_sub(last_try) < ACCEPT_INTERVAL_NS {
+                    return PollStatus::Idle;
+                }
+                last_try = now;
                 let mut busy = false;
                 for _ in 0..16 {
                     match l.accept() {
