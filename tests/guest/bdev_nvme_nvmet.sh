@@ -33,34 +33,6 @@ WORK=$(mktemp -d /tmp/bdev-nvme.XXXXXX)
 SOCK=$WORK/plexd.sock
 PLEXD_PID=
 
-rpc() { # rpc METHOD [JSON]: prints the result, exits 1 with the error on stderr
-    python3 - "$SOCK" "$@" <<'EOF'
-import json, socket, sys
-path, method = sys.argv[1], sys.argv[2]
-req = {"jsonrpc": "2.0", "id": 1, "method": method}
-if len(sys.argv) > 3:
-    req["params"] = json.loads(sys.argv[3])
-s = socket.socket(socket.AF_UNIX)
-s.settimeout(60)
-s.connect(path)
-s.sendall(json.dumps(req).encode())
-buf, dec = b"", json.JSONDecoder()
-while True:
-    chunk = s.recv(65536)
-    if not chunk:
-        sys.exit("connection closed")
-    buf += chunk
-    try:
-        resp, _ = dec.raw_decode(buf.decode())
-        break
-    except ValueError:
-        continue
-if "error" in resp:
-    print(json.dumps(resp["error"]), file=sys.stderr)
-    sys.exit(1)
-print(json.dumps(resp["result"]))
-EOF
-}
 
 jget() { python3 -c 'import json,sys; v=json.loads(sys.argv[1]); print(eval(sys.argv[2]))' "$1" "$2"; }
 

@@ -24,10 +24,15 @@
 #   wait_for_nvme_dev NQN [NSID] [TIMEOUT_S]  prints /dev/nvmeXnY of that namespace
 #   wait_for_no_nvme_dev NQN [TIMEOUT_S]      until no block device of NQN is left
 #   fio_verify DEV [SIZE]                     write, read back and verify with fio
+# plexd:
+#   rpc METHOD [JSON]               plexd's JSON-RPC on $SOCK through plexctl; prints the
+#                                   result on one line, or the error on stderr and fails
 # Host side:
 #   free_tcp_port                   a TCP port nobody listens on, on 127.0.0.1
 
 GUEST_LIB_REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+# Exported so that `sh -c "$(declare -f rpc); …"` finds it too.
+export PLEXCTL=${PLEXCTL:-$GUEST_LIB_REPO/build/release/plexctl}
 TESTS_PASSED=0
 TESTS_FAILED=0
 TESTS_SKIPPED=0
@@ -255,4 +260,10 @@ fio_verify() {
 free_tcp_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])' 2>/dev/null ||
         echo $((20000 + RANDOM % 20000))
+}
+
+# ---- plexd -------------------------------------------------------------------
+
+rpc() {
+    "$PLEXCTL" -s "$SOCK" call --compact "$@"
 }

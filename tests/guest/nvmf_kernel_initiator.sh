@@ -28,37 +28,6 @@ WORK=$(mktemp -d /tmp/nvmf-kernel.XXXXXX)
 SOCK=$WORK/plexd.sock
 PLEXD_PID=
 
-# JSON-RPC client: rpc METHOD [JSON-PARAMS]; prints the result as JSON, exits 1 on an error.
-rpc() {
-    python3 - "$SOCK" "$@" <<'EOF'
-import json, socket, sys
-path, method = sys.argv[1], sys.argv[2]
-params = json.loads(sys.argv[3]) if len(sys.argv) > 3 else None
-req = {"jsonrpc": "2.0", "id": 1, "method": method}
-if params is not None:
-    req["params"] = params
-s = socket.socket(socket.AF_UNIX)
-s.settimeout(30)
-s.connect(path)
-s.sendall(json.dumps(req).encode())
-buf = b""
-dec = json.JSONDecoder()
-while True:
-    chunk = s.recv(65536)
-    if not chunk:
-        sys.exit("connection closed")
-    buf += chunk
-    try:
-        resp, _ = dec.raw_decode(buf.decode())
-        break
-    except ValueError:
-        continue
-if "error" in resp:
-    print(json.dumps(resp["error"]), file=sys.stderr)
-    sys.exit(1)
-print(json.dumps(resp["result"]))
-EOF
-}
 
 # jq-less field access: jget JSON PYTHON-EXPR (the value is `v`).
 jget() {

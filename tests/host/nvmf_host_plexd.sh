@@ -18,33 +18,6 @@ PLEXD_PID=
 
 [ -x "$PLEXD" ] || { echo "build plexd first: cargo build --release -p plexd" >&2; exit 2; }
 
-rpc() {
-    python3 - "$SOCK" "$@" <<'EOF'
-import json, socket, sys
-path, method = sys.argv[1], sys.argv[2]
-req = {"jsonrpc": "2.0", "id": 1, "method": method}
-if len(sys.argv) > 3:
-    req["params"] = json.loads(sys.argv[3])
-s = socket.socket(socket.AF_UNIX)
-s.settimeout(30)
-s.connect(path)
-s.sendall(json.dumps(req).encode())
-buf, dec = b"", json.JSONDecoder()
-while True:
-    chunk = s.recv(65536)
-    if not chunk:
-        sys.exit("connection closed")
-    buf += chunk
-    try:
-        resp, _ = dec.raw_decode(buf.decode())
-        break
-    except ValueError:
-        pass
-if "error" in resp:
-    sys.exit(json.dumps(resp["error"]))
-print(json.dumps(resp["result"]))
-EOF
-}
 
 cleanup() {
     [ -n "$PLEXD_PID" ] && kill "$PLEXD_PID" 2>/dev/null && wait "$PLEXD_PID" 2>/dev/null

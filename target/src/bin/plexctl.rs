@@ -36,6 +36,9 @@ enum Cmd {
         method: String,
         /// Parameters as a JSON object, e.g. '{"name": "Malloc0"}'.
         params: Option<String>,
+        /// Print the result on one line (for scripts).
+        #[arg(long)]
+        compact: bool,
     },
     /// Block devices.
     Bdev {
@@ -163,7 +166,16 @@ fn run(args: Args) -> Result<(), CallError> {
     };
     let mut c = Client::connect(&args.socket, timeout)?;
     match args.cmd {
-        Cmd::Call { method, .. } => print_json(&c.call(&method, params)?),
+        Cmd::Call {
+            method, compact, ..
+        } => {
+            let v = c.call(&method, params)?;
+            if compact {
+                println!("{v}");
+            } else {
+                print_json(&v);
+            }
+        }
         Cmd::Bdev { cmd: BdevCmd::List } => bdev_list(&c.call("bdev_get_bdevs", None)?),
         Cmd::Bdev {
             cmd: BdevCmd::Iostat,
