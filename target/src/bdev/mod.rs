@@ -647,6 +647,22 @@ impl BdevRegistry {
     }
 }
 
+/// Checks a RAM or null device's geometry: a block size of 512 B to 64 KiB in 512-byte steps,
+/// and at least one block.
+pub fn check_geometry(num_blocks: u64, block_size: u32) -> Result<(), BdevError> {
+    if block_size < 512 || block_size % 512 != 0 || block_size > 65536 {
+        return Err(BdevError::InvalidParam(format!(
+            "block_size {block_size} must be a multiple of 512 up to 65536"
+        )));
+    }
+    if num_blocks == 0 {
+        return Err(BdevError::InvalidParam(
+            "num_blocks must be at least 1".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Bdev names end up in NQNs, paths and tables: keep them printable and short.
 pub fn validate_name(name: &str) -> Result<(), BdevError> {
     let ok = !name.is_empty()

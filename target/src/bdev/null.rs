@@ -14,16 +14,7 @@ impl NullBdev {
         block_size: u32,
         uuid: Uuid,
     ) -> Result<Self, BdevError> {
-        if block_size < 512 || block_size % 512 != 0 || block_size > 65536 {
-            return Err(BdevError::InvalidParam(format!(
-                "block_size {block_size} must be a multiple of 512 up to 65536"
-            )));
-        }
-        if num_blocks == 0 {
-            return Err(BdevError::InvalidParam(
-                "num_blocks must be at least 1".into(),
-            ));
-        }
+        check_geometry(num_blocks, block_size)?;
         let info = BdevInfo::new(
             name,
             "Null disk",
