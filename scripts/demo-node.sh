@@ -3,6 +3,8 @@
 # connects to plexd on the host (10.0.2.2), then a filesystem goes on the volume.
 set -euo pipefail
 : "${NQN:?}" "${PORT:?}"
+# shellcheck source=tests/guest/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../tests/guest/lib.sh"
 host=10.0.2.2
 
 modprobe nvme-tcp
@@ -12,21 +14,8 @@ nvme discover -t tcp -a "$host" -s "$PORT"
 echo "\$ nvme connect -t tcp -a $host -s $PORT -n $NQN"
 nvme connect -t tcp -a "$host" -s "$PORT" -n "$NQN"
 
-# Find the block device by its subsystem NQN rather than guessing its name.
-dev=""
-for _ in $(seq 100); do
-    for ctrl in /sys/class/nvme/nvme*; do
-        [ "$(cat "$ctrl/subsysnqn" 2>/dev/null)" = "$NQN" ] || continue
-        for ns in "$ctrl"/nvme*n*; do
-            [ -e "$ns" ] || continue
-            candidate=/dev/$(basename "$ns")
-            [ -b "$candidate" ] && dev=$candidate
-        done
-    done
-    [ -n "$dev" ] && break
-    sleep 0.1
-done
-[ -n "$dev" ] || { echo "no block device appeared for $NQN"; exit 1; }
+# The block device, found by its subsystem NQN (device names do not follow namespace IDs).
+dev=$(wait_for_nvme_dev "$NQN" 1 20)
 nvme list
 echo "\$ mkfs.xfs $dev && mount $dev /mnt"
 mkfs.xfs -q -f "$dev"

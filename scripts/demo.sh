@@ -7,7 +7,7 @@
 # reaches plexd on the host as 10.0.2.2.
 #
 # Usage: scripts/demo.sh [--no-guest]     (--no-guest stops after showing the volume)
-# Environment: HUGEMEM (MiB, default 512), PORT (default 4420), SOCK (default /var/tmp/plexd-demo.sock)
+# Environment: HUGEMEM (MiB, default 1024), PORT (default 4420), SOCK (default /var/tmp/plexd-demo.sock)
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -28,7 +28,7 @@ say "Building plexd and plexctl (release)"
 cargo build --release -p plexd --bins
 
 say "Reserving hugepages (scripts/setup.sh)"
-HUGEMEM=${HUGEMEM:-512} scripts/setup.sh
+HUGEMEM=${HUGEMEM:-1024} scripts/setup.sh
 scripts/setup.sh status
 
 say "Starting plexd: reactors on core 0, JSON-RPC on $SOCK"
@@ -43,8 +43,8 @@ trap cleanup EXIT
 for _ in $(seq 50); do [ -S "$SOCK" ] && break; sleep 0.1; done
 ctl version
 
-say "Creating a 256 MiB volume (malloc bdev) and a null bdev over JSON-RPC"
-ctl call bdev_malloc_create '{"name": "vol1", "num_blocks": 524288, "block_size": 512}'
+say "Creating a 512 MiB volume (malloc bdev) and a null bdev over JSON-RPC"
+ctl call bdev_malloc_create '{"name": "vol1", "num_blocks": 1048576, "block_size": 512}'
 ctl call bdev_null_create '{"name": "null0", "num_blocks": 262144, "block_size": 4096}'
 ctl bdev list
 
