@@ -194,6 +194,19 @@ fn discovery_log_lists_the_listener() {
         std::str::from_utf8(&e[32..64]).unwrap().trim(),
         t.port.to_string()
     );
+    // The exact bytes the kernel host has always read: SPDK's space-padded TRSVCID and
+    // TRADDR, NUL-padded SUBNQN, dynamic cntlid, ASQSZ 32, TREQ "not required".
+    assert_eq!(&e[1..4], &[1, 2, 2]);
+    assert_eq!(&e[6..10], &[0xFF, 0xFF, 32, 0]);
+    let port = t.port.to_string();
+    let mut trsvcid = [b' '; 32];
+    trsvcid[..port.len()].copy_from_slice(port.as_bytes());
+    assert_eq!(&e[32..64], &trsvcid[..]);
+    let mut traddr = [b' '; 256];
+    traddr[..9].copy_from_slice(b"127.0.0.1");
+    assert_eq!(&e[512..768], &traddr[..]);
+    assert!(e[256 + NQN.len()..512].iter().all(|&b| b == 0));
+    assert!(e[768..1024].iter().all(|&b| b == 0), "TSAS: no security");
     // An I/O queue to the discovery subsystem is refused.
     let mut io = Client::connect(t.port);
     io.ic(false, false);
@@ -213,6 +226,70 @@ fn discovery_log_lists_the_listener() {
         false,
     );
     assert!(u64::from_le_bytes(log[0..8].try_into().unwrap()) > gen0);
+}
+
+/// The log pages `nvme smart-log`, `nvme fw-log`, `nvme error-log` and an AER's changed-ns
+/// read, byte for byte, so moving their encoders cannot change what the host sees.
+#[test]
+fn admin_log_pages_bytes() {
+    let t = Target::start(true);
+    let mut admin = Client::connect(t.port);
+    admin.admin_up(false, false);
+    let mut get = |lid: u8, len: u32, offset: u64| {
+        let (cqe, data) = admin.run(
+            Command::get_log_page(0xFFFF_FFFF, lid, 0, false, len, offset),
+            &[],
+            len,
+            false,
+        );
+        (cqe, data)
+    };
+    let (cqe, smart) = get(0x02, 512, 0);
+    assert!(cqe.status().is_success(), "{}", cqe.status());
+    let mut want = vec![0u8; 512];
+    want[1..3].copy_from_slice(&298u16.to_le_bytes());
+    want[3] = 100;
+    want[4] = 10;
+    assert_eq!(smart, want);
+    let (cqe, fw) = get(0x03, 512, 0);
+    assert!(cqe.status().is_success(), "{}", cqe.status());
+    let mut want = vec![0u8; 512];
+    want[0] = 1;
+    let rev = env!("CARGO_PKG_VERSION");
+    want[8..16].fill(b' ');
+    want[8..8 + rev.len()].copy_from_slice(rev.as_bytes());
+    assert_eq!(fw, want);
+    let (cqe, err) = get(0x01, 64, 0);
+    assert!(cqe.status().is_success(), "{}", cqe.status());
+    assert_eq!(err, vec![0u8; 64]);
+    // An offset inside the page returns its tail; past the end is Invalid Field.
+    let (cqe, tail) = get(0x03, 8, 8);
+    assert!(cqe.status().is_success());
+    assert_eq!(&tail[..], &want[8..16]);
+    let (cqe, _) = get(0x03, 4, 516);
+    assert!(is(&cqe, Status::INVALID_FIELD));
+    let (cqe, _) = get(0x70, 1024, 0);
+    assert!(is(&cqe, Status::INVALID_LOG_PAGE));
+    // Adding a namespace lists it in the changed-namespace list, once.
+    t.rpc(
+        "bdev_malloc_create",
+        json!({"name": "m2", "num_blocks": 64, "block_size": 512}),
+    )
+    .unwrap();
+    t.rpc(
+        "nvmf_subsystem_add_ns",
+        json!({"nqn": NQN, "namespace": {"bdev_name": "m2", "nsid": 7}}),
+    )
+    .unwrap();
+    let (cqe, list) = get(0x04, 4096, 0);
+    assert!(cqe.status().is_success(), "{}", cqe.status());
+    assert_eq!(&list[0..8], &[7, 0, 0, 0, 0, 0, 0, 0]);
+    assert!(list[8..].iter().all(|&b| b == 0));
+    let (_, list) = get(0x04, 4096, 0);
+    assert!(
+        list.iter().all(|&b| b == 0),
+        "read without RAE clears the list"
+    );
 }
 
 #[test]
