@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Our NVMe/TCP host against our target, on the host: plexperf --verify with several queue
+# pairs over two plexd reactors, small in-capsule writes, large R2T writes, and digests.
+#
+#   tests/host/plexperf_plexd.sh     (needs: cargo build --release -p plexd -p initiator)
+set -uo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+# shellcheck source=tests/guest/lib.sh
+. "$REPO/tests/guest/lib.sh"
+
+PLEXD=${PLEXD:-$REPO/build/release/plexd}
+PLEXPERF=${PLEXPERF:-$REPO/build/release/plexperf}
+NQN=nqn.2026-11.io.plexstor:plexperf-test
+PORT=$(free_tcp_port)
+WORK=$(mktemp -d /tmp/plexperf-plexd.XXXXXX)
+SOCK=$WORK/plexd.sock
+PLEXD_PID=
+for b in "$PLEXD" "$PLEXPERF"; do
+    [ -x "$b" ] || { echo "missing $b: cargo build --release -p plexd -p initiator" >&2; exit 2; }
+done
+
+cleanup() {
+    [ -n "$PLEXD_PID" ] && kill "$PLEXD_PID" 2>/dev/null && wait "$PLEXD_PID" 2>/dev/null
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+"$PLEXD" -m 0x3 --no-pin -r "$SOCK" >"$WORK/plexd.log" 2>&1 &
+PLEXD_PID=$!
+for ((i = 0; i < 100; i++)); do
+    [ -S "$SOCK" ] && rpc spdk_get_version >/dev/null 2>&1 && break
+    sleep 0.1
+done
+configure() {
+    rpc bdev_malloc_create '{"name": "Malloc0", "num_blocks": 131072, "block_size": 512}' &&
+        rpc nvmf_create_transport '{"trtype": "TCP"}' &&
+        rpc nvmf_create_subsystem "{\"nqn\": \"$NQN\", \"allow_any_host\": true}" &&
+        rpc nvmf_subsystem_add_ns "{\"nqn\": \"$NQN\", \"namespace\": {\"bdev_name\": \"Malloc0\"}}" &&
+        rpc nvmf_subsystem_add_listener "{\"nqn\": \"$NQN\", \"listen_address\": {\"trtype\": \"TCP\", \"adrfam\": \"IPv4\", \"traddr\": \"127.0.0.1\", \"trsvcid\": \"$PORT\"}}"
+}
+check "plexd with two reactors configured" configure || finish
+
+TRID="trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:$PORT subnqn:$NQN"
+
+# run_verify NAME PLEXPERF-ARGS...: a --verify run must do I/O with no error and no mismatch.
+run_verify() {
+    local name=$1 out
+    shift
+    out=$WORK/$name.json
+    if ! "$PLEXPERF" -r "$TRID" --verify --json -t 2 --warmup 0 "$@" >"$out" 2>"$WORK/$name.err"; then
+        fail "$name" "plexperf failed: $(tail -n1 "$WORK/$name.err")"
+        return
+    fi
+    local verdict
+    verdict=$(python3 - "$out" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+t, v = r["total"], r["verify"]
+ios = t["reads"] + t["writes"]
+if t["errors"] or v["mismatches"] or ios == 0 or v["verified_blocks"] == 0:
+    print(f"bad: {ios} I/Os, {t['errors']} errors, {v['mismatches']} mismatches, "
+          f"{v['verified_blocks']} blocks verified")
+else:
+    print(f"{ios} I/Os, {v['verified_blocks']} blocks verified, no error, no mismatch")
+EOF
+)
+    case "$verdict" in
+        bad:*) fail "$name" "$verdict" ;;
+        *) pass "$name ($verdict)" ;;
+    esac
+}
+
+run_verify "4 qpairs x QD32, 4 KiB randrw (in-capsule writes)" -P 4 -q 32 -c 0x3 -o 4096 -w randrw -M 50
+run_verify "2 qpairs x QD16, 128 KiB randrw (R2T writes, C2H reads)" -P 2 -q 16 -c 0x3 -o 131072 -w randrw -M 50
+run_verify "header and data digests, 64 KiB randrw" -P 2 -q 16 -o 65536 -w randrw -M 50 --hdgst --ddgst
+run_verify "1 MiB sequential writes and reads (MDTS-sized)" -q 8 -o 1048576 -w rw -M 50
+
+# The connections spread over both reactors while connected, and go away after.
+"$PLEXPERF" -r "$TRID" -P 4 -q 4 -c 0x1 -t 2 --warmup 0 -w randread >/dev/null 2>&1 &
+perf=$!
+sleep 1
+qpairs=$(rpc nvmf_subsystem_get_qpairs "{\"nqn\": \"$NQN\"}")
+wait "$perf"
+threads=$(python3 -c 'import json,sys; q=json.loads(sys.argv[1]); print(len({p["thread"] for p in q}), len(q))' "$qpairs")
+case "$threads" in
+    "2 "*) pass "qpairs spread over both reactors (reactors, qpairs: $threads)" ;;
+    *) fail "qpairs spread over both reactors" "reactors/qpairs: $threads; $qpairs" ;;
+esac
+ctrls=$(rpc nvmf_subsystem_get_controllers "{\"nqn\": \"$NQN\"}")
+[ "$ctrls" = "[]" ] && pass "controllers gone after plexperf exits" || fail "controllers gone after plexperf exits" "$ctrls"
+grep -q panicked "$WORK/plexd.log" && fail "plexd never panicked" "see $WORK/plexd.log" || pass "plexd never panicked"
+finish
