@@ -2,7 +2,7 @@
 //! and asynchronous event encodings.
 
 use crate::status::Status;
-use crate::util::{fill_nul_padded, until_nul};
+use crate::util::{fill_ascii_padded, fill_nul_padded, until_nul};
 use zerocopy::little_endian::{U128, U16, U32, U64};
 use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout, Unaligned};
 
@@ -175,8 +175,33 @@ pub struct FwSlotLog {
 }
 wire_struct!(FwSlotLog, 512);
 
+impl FwSlotLog {
+    /// A controller with one firmware slot: slot 1 active and holding `rev` (space padded,
+    /// cut at 8 bytes).
+    pub fn single_slot(rev: &str) -> Self {
+        let mut l = Self::new_zeroed();
+        l.afi = 1;
+        fill_ascii_padded(&mut l.frs[0], rev);
+        l
+    }
+}
+
 /// Changed Namespace List log page: same layout as the Active NS list.
 pub type ChangedNamespaceList = crate::identify::NamespaceList;
+
+/// The Changed Namespace List for `nsids` (any order, duplicates allowed): ascending, or,
+/// when more than 1024 namespaces changed, FFFFFFFFh in the first entry and zeros after, as
+/// the spec asks so the host rescans everything.
+pub fn changed_namespace_list(nsids: &[u32]) -> ChangedNamespaceList {
+    let (list, n) = ChangedNamespaceList::from_ids(0, nsids.iter().copied());
+    let overflow = n == list.ids.len() && nsids.iter().any(|&id| id > list.ids[n - 1].get());
+    if !overflow {
+        return list;
+    }
+    let mut l = ChangedNamespaceList::new_zeroed();
+    l.ids[0].set(u32::MAX);
+    l
+}
 
 /// Commands Supported and Effects log page (4096 bytes).
 #[derive(
@@ -352,6 +377,16 @@ impl DiscoveryLogEntry {
             && fill_nul_padded(&mut e.traddr, traddr)
             && fill_nul_padded(&mut e.trsvcid, trsvcid);
         ok.then_some(e)
+    }
+
+    /// The entry with TRADDR and TRSVCID space padded instead of NUL padded, as SPDK's target
+    /// writes them (hosts trim either).
+    pub fn with_space_padded_addresses(mut self) -> Self {
+        for field in [&mut self.traddr[..], &mut self.trsvcid[..]] {
+            let len = until_nul(field).len();
+            field[len..].fill(b' ');
+        }
+        self
     }
 
     /// Subsystem NQN (up to the first NUL); `None` if not UTF-8.
@@ -591,6 +626,56 @@ mod tests {
         sp.trsvcid[..4].copy_from_slice(b"8009");
         assert_eq!(sp.trsvcid_str(), Some("8009"));
         assert!(DiscoveryLogEntry::tcp(2, &"n".repeat(300), "a", "1", false, 0).is_none());
+    }
+
+    #[test]
+    fn discovery_entry_space_padded() {
+        let e = DiscoveryLogEntry::tcp(subtype::NVME, "nqn.x", "127.0.0.1", "4420", false, 7)
+            .unwrap()
+            .with_space_padded_addresses();
+        let b = e.as_bytes();
+        assert_eq!(&b[0..10], &[3, 1, 2, 2, 7, 0, 0xFF, 0xFF, 32, 0]);
+        let mut trsvcid = [b' '; 32];
+        trsvcid[..4].copy_from_slice(b"4420");
+        assert_eq!(&b[32..64], &trsvcid);
+        assert_eq!(&b[256..262], b"nqn.x\0");
+        assert!(b[262..512].iter().all(|&x| x == 0));
+        let mut traddr = [b' '; 256];
+        traddr[..9].copy_from_slice(b"127.0.0.1");
+        assert_eq!(&b[512..768], &traddr);
+        assert!(b[768..].iter().all(|&x| x == 0));
+        assert_eq!(e.traddr_str(), Some("127.0.0.1"));
+        assert_eq!(e.trsvcid_str(), Some("4420"));
+    }
+
+    #[test]
+    fn firmware_single_slot() {
+        let l = FwSlotLog::single_slot("0.1.0");
+        let b = l.as_bytes();
+        assert_eq!(b[0], 1);
+        assert!(b[1..8].iter().all(|&x| x == 0));
+        assert_eq!(&b[8..16], b"0.1.0   ");
+        assert!(b[16..].iter().all(|&x| x == 0));
+        assert_eq!(&FwSlotLog::single_slot("123456789").frs[0], b"12345678");
+    }
+
+    #[test]
+    fn changed_namespace_list_layout() {
+        let l = changed_namespace_list(&[9, 2, 9, 5]);
+        let b = l.as_bytes();
+        assert_eq!(b.len(), 4096);
+        assert_eq!(&b[0..16], &[2, 0, 0, 0, 5, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0]);
+        assert!(b[12..].iter().all(|&x| x == 0));
+        assert!(changed_namespace_list(&[])
+            .as_bytes()
+            .iter()
+            .all(|&x| x == 0));
+        let full: Vec<u32> = (1..=1024).collect();
+        assert_eq!(changed_namespace_list(&full).ids[1023].get(), 1024);
+        let over: Vec<u32> = (1..=1025).rev().collect();
+        let b = changed_namespace_list(&over);
+        assert_eq!(&b.as_bytes()[0..4], &[0xFF; 4]);
+        assert!(b.as_bytes()[4..].iter().all(|&x| x == 0));
     }
 
     #[test]

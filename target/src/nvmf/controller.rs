@@ -6,7 +6,6 @@
 //! sits behind a mutex that the I/O path never takes. I/O queues read only the atomic
 //! `failed` flag and the reset epoch, once per poll.
 
-use super::spec::{self, aen, lid};
 use super::subsystem::{ListenAddr, Namespace, SubType, Subsystem};
 use super::{NvmfTarget, TransportOpts, FIRMWARE_REVISION};
 use nvme_spec::cmd::{Command, GetFeatures, GetLogPage, Identify, SetFeatures};
@@ -19,6 +18,7 @@ use nvme_spec::identify::{
     self, cns, cntrltype, encode_ns_id_descriptors, IdentifyController, IdentifyNamespace,
     LbaFormat, NamespaceList, NsIdDescriptor,
 };
+use nvme_spec::log::{self, lid, AsyncEvent, ErrorInfoEntry, FwSlotLog, SmartLog};
 use nvme_spec::opcode::admin;
 use nvme_spec::regs::{offset as reg, shutdown, Cap, Cc, Csts, Vs};
 use nvme_spec::{IntoBytes, Status};
@@ -363,24 +363,14 @@ impl Controller {
         }
         if st.aec & features::aec::NS_ATTRIBUTE != 0 && !st.ns_notice_outstanding {
             st.ns_notice_outstanding = true;
-            let dw0 = spec::aen_dw0(
-                aen::TYPE_NOTICE,
-                aen::NOTICE_NS_CHANGED,
-                lid::CHANGED_NS_LIST,
-            );
-            self.push_event(&mut st, dw0);
+            self.push_event(&mut st, AsyncEvent::NS_CHANGED.to_dw0());
         }
     }
 
     pub fn discovery_changed(&self) {
         let mut st = self.lock();
         if st.aec & features::aec::DISCOVERY_CHANGE != 0 {
-            let dw0 = spec::aen_dw0(
-                aen::TYPE_NOTICE,
-                aen::NOTICE_DISCOVERY_CHANGED,
-                lid::DISCOVERY,
-            );
-            self.push_event(&mut st, dw0);
+            self.push_event(&mut st, AsyncEvent::DISCOVERY_CHANGED.to_dw0());
         }
     }
 
@@ -571,44 +561,33 @@ impl Controller {
         }
         let page: Vec<u8> = match (g.lid, self.is_discovery()) {
             (lid::DISCOVERY, true) => super::discovery::log_page(target, &self.hostnqn),
-            (lid::ERROR, _) => vec![0u8; 64],
+            // No errors are recorded: one empty entry.
+            (lid::ERROR_INFO, _) => ErrorInfoEntry::default().as_bytes().to_vec(),
             (lid::SMART, false) => {
-                let mut b = vec![0u8; 512];
-                spec::encode_smart(&mut b, 0, 0);
-                b
+                // A healthy, cool device: 25 °C, spare 100% above a 10% threshold.
+                let mut smart = SmartLog::default();
+                smart.temperature.set(298);
+                smart.avail_spare = 100;
+                smart.spare_thresh = 10;
+                smart.as_bytes().to_vec()
             }
-            (lid::FIRMWARE_SLOT, false) => {
-                let mut b = vec![0u8; 512];
-                spec::encode_firmware_slot(&mut b, FIRMWARE_REVISION);
-                b
-            }
+            (lid::FW_SLOT, false) => FwSlotLog::single_slot(FIRMWARE_REVISION)
+                .as_bytes()
+                .to_vec(),
             (lid::CHANGED_NS_LIST, false) => {
                 let mut st = self.lock();
-                let mut b = vec![0u8; 4096];
-                if st.changed_ns.len() > 1024 {
-                    b[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
-                } else {
-                    st.changed_ns.sort_unstable();
-                    for (i, n) in st.changed_ns.iter().enumerate() {
-                        b[i * 4..i * 4 + 4].copy_from_slice(&n.to_le_bytes());
-                    }
-                }
+                let list = log::changed_namespace_list(&st.changed_ns);
                 if !g.rae {
                     st.changed_ns.clear();
                     st.ns_notice_outstanding = false;
                 }
-                b
+                list.as_bytes().to_vec()
             }
             _ => return AdminOutcome::err(Status::INVALID_LOG_PAGE),
         };
-        let Ok(off) = usize::try_from(g.offset) else {
-            return AdminOutcome::err(Status::INVALID_FIELD);
-        };
-        if off > page.len() {
+        if log::copy_log_window(&page, g.offset, data).is_none() {
             return AdminOutcome::err(Status::INVALID_FIELD);
         }
-        let n = data.len().min(page.len() - off);
-        data[..n].copy_from_slice(&page[off..off + n]);
         AdminOutcome::ok(0)
     }
 

@@ -19,7 +19,6 @@ pub mod controller;
 pub mod discovery;
 pub mod io;
 pub mod rpc;
-pub mod spec;
 pub mod subsystem;
 pub mod tcp;
 
