@@ -28,6 +28,28 @@ fn start_a(dir: &std::path::Path, max_io_size: u32) -> (Plexd, u16) {
     (a, port)
 }
 
+/// A as `start_a` makes it, and its saved configuration, for `restart_a` after a kill.
+fn start_a_saved(dir: &std::path::Path) -> (Plexd, u16, std::path::PathBuf) {
+    let (a, port) = start_a(dir, 1 << 20);
+    let cfg = dir.join("a.json");
+    std::fs::write(&cfg, a.ok("save_config", json!({})).to_string()).unwrap();
+    (a, port, cfg)
+}
+
+/// A again, same bdev, subsystem and port.
+fn restart_a(dir: &std::path::Path, cfg: &std::path::Path) -> Plexd {
+    Plexd::start(dir, "a2", &["-m", "0x1", "-c", cfg.to_str().unwrap()])
+}
+
+/// Attach parameters for A with these reconnect settings added.
+fn attach_params_with(port: u16, reconnect: &serde_json::Value) -> serde_json::Value {
+    let mut p = attach_params(port);
+    for (k, v) in reconnect.as_object().into_iter().flatten() {
+        p[k] = v.clone();
+    }
+    p
+}
+
 fn attach_params(port: u16) -> serde_json::Value {
     json!({"name": "Nvme0", "trtype": "tcp", "adrfam": "ipv4", "traddr": "127.0.0.1",
            "trsvcid": port.to_string(), "subnqn": NQN_A})
@@ -150,16 +172,14 @@ fn remote_namespace_reads_back_splits_large_io_saves_config_and_detaches() {
 #[test]
 fn target_loss_fails_io_after_fast_io_fail_then_reconnects_when_restarted() {
     let dir = temp_dir();
-    let (mut a, port_a) = start_a(dir.path(), 1 << 20);
-    let a_cfg = dir.path().join("a.json");
-    std::fs::write(&a_cfg, a.ok("save_config", json!({})).to_string()).unwrap();
-
+    let (mut a, port_a, a_cfg) = start_a_saved(dir.path());
     let b = Plexd::start(dir.path(), "b", &["-m", "0x1"]);
-    let mut p = attach_params(port_a);
-    p["ctrlr_loss_timeout_sec"] = json!(-1);
-    p["reconnect_delay_sec"] = json!(1);
-    p["fast_io_fail_timeout_sec"] = json!(2);
-    b.ok("bdev_nvme_attach_controller", p);
+    let reconnect = json!({"ctrlr_loss_timeout_sec": -1, "reconnect_delay_sec": 1,
+                           "fast_io_fail_timeout_sec": 2});
+    b.ok(
+        "bdev_nvme_attach_controller",
+        attach_params_with(port_a, &reconnect),
+    );
     let port_b = free_port();
     b.export(NQN_B, "Nvme0n1", port_b, json!({"trtype": "TCP"}));
     let mut host = Driver::connect(port_b, NQN_B);
@@ -185,11 +205,7 @@ fn target_loss_fails_io_after_fast_io_fail_then_reconnects_when_restarted() {
     assert_eq!(b.ctrlr_state("Nvme0"), "reconnecting");
 
     // A comes back with the same configuration: B reconnects and I/O flows again.
-    let a2 = Plexd::start(
-        dir.path(),
-        "a2",
-        &["-m", "0x1", "-c", a_cfg.to_str().unwrap()],
-    );
+    let a2 = restart_a(dir.path(), &a_cfg);
     b.wait_state("Nvme0", "connected", Duration::from_secs(15));
     let data = pattern(3, 64, 8192, bs);
     let mut ok = false;
@@ -348,4 +364,93 @@ fn namespaces_added_and_removed_on_the_target_follow_on_the_bdevs() {
     wait_for(false);
     assert!(b.call("bdev_get_bdevs", json!({"name": "Nvme0n1"})).is_ok());
     b.ok("bdev_nvme_detach_controller", json!({"name": "Nvme0"}));
+}
+
+#[test]
+fn controller_lost_past_ctrlr_loss_timeout_is_deleted_once_its_bdev_is_released() {
+    let dir = temp_dir();
+    let (mut a, port_a, a_cfg) = start_a_saved(dir.path());
+    let b = Plexd::start(dir.path(), "b", &["-m", "0x1"]);
+    let p = attach_params_with(
+        port_a,
+        &json!({"ctrlr_loss_timeout_sec": 2, "reconnect_delay_sec": 1}),
+    );
+    b.ok("bdev_nvme_attach_controller", p.clone());
+    let wait_deleted = |within: Duration| {
+        let t0 = std::time::Instant::now();
+        while b.ok("bdev_nvme_get_controllers", json!({})) != json!([]) {
+            assert!(t0.elapsed() < within, "Nvme0 not deleted\n{}", b.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // B's target claims Nvme0n1, which holds the deletion up until it lets go.
+    let port_b = free_port();
+    b.export(NQN_B, "Nvme0n1", port_b, json!({"trtype": "TCP"}));
+
+    a.kill();
+    b.wait_state("Nvme0", "failed", Duration::from_secs(10));
+    // Past the timeout and a few of the owner's retries: still listed, bdev still there.
+    std::thread::sleep(Duration::from_millis(500));
+    let c = &b.ok("bdev_nvme_get_controllers", json!({"name": "Nvme0"}))[0];
+    assert_eq!(c["ctrlrs"][0]["bdevs"], json!(["Nvme0n1"]));
+    assert!(b.call("bdev_get_bdevs", json!({"name": "Nvme0n1"})).is_ok());
+    let held = |log: &str| log.matches("ctrlr_loss_timeout_sec passed, but").count();
+    assert_eq!(held(&b.log_text()), 1, "{}", b.log_text());
+
+    // The claim goes: the controller and its bdev go with it, as SPDK deletes them.
+    b.ok("nvmf_delete_subsystem", json!({"nqn": NQN_B}));
+    wait_deleted(Duration::from_secs(5));
+    let (code, _) = b
+        .call("bdev_nvme_get_controllers", json!({"name": "Nvme0"}))
+        .unwrap_err();
+    assert_eq!(code, -(libc::ENODEV as i64));
+    assert!(b
+        .call("bdev_get_bdevs", json!({"name": "Nvme0n1"}))
+        .is_err());
+    assert_eq!(b.ok("bdev_get_bdevs", json!({})), json!([]));
+    let (code, _) = b
+        .call("bdev_nvme_detach_controller", json!({"name": "Nvme0"}))
+        .unwrap_err();
+    assert_eq!(code, -(libc::ENODEV as i64));
+    let log = b.log_text();
+    assert_eq!(held(&log), 1, "{log}");
+    assert!(log.contains("deleting the controller"), "{log}");
+
+    // A comes back: the name attaches again and I/O flows.
+    let a2 = restart_a(dir.path(), &a_cfg);
+    assert_eq!(b.ok("bdev_nvme_attach_controller", p), json!(["Nvme0n1"]));
+    assert_eq!(b.ctrlr_state("Nvme0"), "connected");
+    // The transport exists already: only the subsystem again, on a fresh port.
+    let port_b = free_port();
+    b.ok(
+        "nvmf_create_subsystem",
+        json!({"nqn": NQN_B, "allow_any_host": true}),
+    );
+    b.ok(
+        "nvmf_subsystem_add_ns",
+        json!({"nqn": NQN_B, "namespace": {"bdev_name": "Nvme0n1"}}),
+    );
+    b.ok(
+        "nvmf_subsystem_add_listener",
+        json!({"nqn": NQN_B, "listen_address": {"trtype": "TCP", "adrfam": "IPv4",
+                "traddr": "127.0.0.1", "trsvcid": port_b.to_string()}}),
+    );
+    let mut host = Driver::connect(port_b, NQN_B);
+    let bs = host.block_size;
+    let data = pattern(9, 16, 4096, bs);
+    host.write(16, data.clone()).unwrap();
+    assert!(host.read(16, 4096).unwrap() == data);
+    drop(host);
+    b.ok("nvmf_delete_subsystem", json!({"nqn": NQN_B}));
+
+    // Unclaimed, the bdev goes as soon as the timeout passes.
+    drop(a2);
+    let t0 = std::time::Instant::now();
+    wait_deleted(Duration::from_secs(10));
+    // Not before the timeout: A died at t0, the timeout is 2 s.
+    assert!(t0.elapsed() >= Duration::from_secs(2), "{:?}", t0.elapsed());
+    assert_eq!(b.ok("bdev_get_bdevs", json!({})), json!([]));
+    let log = b.log_text();
+    assert_eq!(held(&log), 1, "{log}");
+    assert!(!log.contains("panicked"), "{log}");
 }

@@ -6,7 +6,10 @@
 //!   (keep-alive, AER, reset/reconnect, which may block for the connect timeout, so never on a
 //!   reactor), turns namespace events into bdev registrations and resizes, publishes the state
 //!   for `bdev_nvme_get_controllers`, and runs detach. Being the only owner serialises attach,
-//!   namespace events and detach without locks on the controller.
+//!   namespace events and detach without locks on the controller. A controller that stays
+//!   down past a positive `ctrlr_loss_timeout_sec` deletes itself and its bdevs, as SPDK's
+//!   does; a bdev still claimed (an NVMe-oF namespace) holds that up, failing I/O, until
+//!   its claim is released.
 //! - **Queue pairs**: at attach the owner allocates one I/O qpair per reactor and moves each
 //!   to its reactor, where it lives in a thread-local map keyed by controller id
 //!   (`Bdev::open_channel` gets no `ReactorCtx`, so `ctx.local` is out of reach there; the map
@@ -610,15 +613,17 @@ impl NvmeModule {
             .collect()
     }
 
-    fn forget(&self, name: &str) {
-        self.ctrlrs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(name);
-        self.order
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|n| n != name);
+    /// Drops controller `id` from the list. By id, not name alone: once a controller deleted
+    /// itself, its name may already belong to a new attach.
+    fn forget(&self, name: &str, id: u64) {
+        let mut map = self.ctrlrs.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(name).is_some_and(|c| c.id == id) {
+            map.remove(name);
+            self.order
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|n| n != name);
+        }
     }
 
     /// Connects, spreads qpairs over the reactors, registers one bdev per namespace and hands
@@ -664,7 +669,7 @@ impl NvmeModule {
                 Ok(names)
             }
             Err(e) => {
-                m.forget(&name);
+                m.forget(&name, id);
                 Err(e)
             }
         }
@@ -683,13 +688,13 @@ impl NvmeModule {
             .unwrap_or_else(|e| e.into_inner())
             .clone()
             .ok_or_else(|| NvmeError::NotFound(format!("{name} (still attaching)")))?;
+        // The owner may delete the controller itself meanwhile (ctrlr_loss_timeout_sec): then
+        // it is simply not there any more.
+        let gone = || NvmeError::NotFound(name.to_string());
         let (tx, rx) = tokio::sync::oneshot::channel();
-        sender
-            .send(Cmd::Detach(tx))
-            .map_err(|_| NvmeError::Internal(format!("controller {name} thread is gone")))?;
-        rx.await
-            .map_err(|_| NvmeError::Internal(format!("controller {name} thread ended")))??;
-        app.nvme.forget(name);
+        sender.send(Cmd::Detach(tx)).map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())??;
+        app.nvme.forget(name, c.id);
         Ok(())
     }
 }
@@ -705,6 +710,8 @@ struct Owner {
     zombies: Vec<Arc<BdevEntry>>,
     /// Reactors that got a qpair.
     reactors: Vec<ReactorHandle>,
+    /// ctrlr_loss_timeout_sec passed and a claimed bdev holds up the deletion; said once.
+    loss_held_logged: bool,
 }
 
 fn owner_main(
@@ -764,6 +771,13 @@ fn owner_main(
         if !owner.zombies.is_empty() {
             owner.reap_zombies();
         }
+        if owner.loss_timed_out() {
+            changed |= owner.unregister_unclaimed();
+            if owner.bdevs.is_empty() && owner.zombies.is_empty() {
+                owner.delete_lost(&rx);
+                return;
+            }
+        }
         if changed || owner.c.state() != owner.ctrlr.state() {
             owner.publish();
         }
@@ -793,6 +807,7 @@ fn bring_up(app: Weak<App>, c: Arc<NvmeCtrlr>) -> Result<Owner, NvmeError> {
         bdevs: BTreeMap::new(),
         zombies: Vec::new(),
         reactors: Vec::new(),
+        loss_held_logged: false,
         ctrlr,
     };
     for h in &handles {
@@ -1016,6 +1031,71 @@ impl Owner {
                 Err(_) => true,
             }
         });
+    }
+
+    /// SPDK deletes a controller that did not come back within ctrlr_loss_timeout_sec (a
+    /// positive one: 0 means "never reconnect" and -1 "forever", and both leave it failed).
+    /// The initiator turns Failed only for that reason or on our own detach.
+    fn loss_timed_out(&self) -> bool {
+        self.c.spec.ctrlr_loss_timeout_sec > 0 && self.ctrlr.state() == CtrlrState::Failed
+    }
+
+    /// After the loss timeout: unregisters every bdev nothing claims. A claimed one keeps
+    /// failing I/O and is retried on the next poll. Returns whether the bdev list changed.
+    fn unregister_unclaimed(&mut self) -> bool {
+        let Some(app) = self.app.upgrade() else {
+            return false;
+        };
+        let before = self.bdevs.len();
+        let mut held = None;
+        self.bdevs.retain(|_, (b, e)| {
+            let r = match e.claimed_by() {
+                Some(owner) => Err(BdevError::Claimed {
+                    name: e.name().to_string(),
+                    owner,
+                }),
+                None => app.bdevs.unregister(e.name(), "nvme"),
+            };
+            match r {
+                Ok(_) | Err(BdevError::NotFound(_)) => {
+                    b.gone.store(true, Ordering::Release);
+                    false
+                }
+                Err(err) => {
+                    held.get_or_insert(err);
+                    true
+                }
+            }
+        });
+        if let Some(err) = held.filter(|_| !self.loss_held_logged) {
+            self.loss_held_logged = true;
+            tracing::warn!(
+                "bdev_nvme {}: ctrlr_loss_timeout_sec passed, but {err}: its I/O fails until it \
+                 is released, then the controller is deleted",
+                self.c.spec.name
+            );
+        }
+        self.bdevs.len() != before
+    }
+
+    /// Deletes a controller whose loss timeout passed and whose bdevs are all unregistered:
+    /// tears it down and takes it off the module's list, so its name is free again.
+    fn delete_lost(self, cmds: &mpsc::Receiver<Cmd>) {
+        let (name, id) = (self.c.spec.name.clone(), self.c.id);
+        tracing::warn!(
+            "bdev_nvme {name}: not reconnected within ctrlr_loss_timeout_sec ({} s): deleting \
+             the controller",
+            self.c.spec.ctrlr_loss_timeout_sec
+        );
+        let app = self.app.upgrade();
+        self.teardown();
+        if let Some(app) = app {
+            app.nvme.forget(&name, id);
+        }
+        // A detach that raced with the deletion asked for what happened anyway.
+        while let Ok(Cmd::Detach(done)) = cmds.try_recv() {
+            let _ = done.send(Ok(()));
+        }
     }
 
     /// The first bdev of this controller that something still uses.
