@@ -19,7 +19,7 @@ pub(crate) mod tcp;
 pub mod transport;
 pub mod trid;
 
-pub use buf::{AlignedBuf, IoBuf};
+pub use buf::IoBuf;
 pub use ctrlr::{Controller, CtrlrEvent, CtrlrState, Namespace};
 pub use error::{Error, IoError, Result, SubmitError, SubmitErrorKind};
 pub use opts::CtrlrOpts;

@@ -11,10 +11,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use dma::DmaBuf;
 use initiator::discovery;
 use initiator::qpair::IoCompletion;
 use initiator::trid::DISCOVERY_NQN;
-use initiator::{AlignedBuf, Controller, CtrlrOpts, CtrlrState, TransportId};
+use initiator::{Controller, CtrlrOpts, CtrlrState, TransportId};
 use nvme_spec::fabrics::{Connect, PropertyGet, PropertySet};
 use nvme_spec::identify::IdentifyController;
 use nvme_spec::tcp::{C2HData, CapsuleResp, IcResp, ParseOptions, PduBody, PduHeader, Role, R2T};
@@ -394,8 +395,8 @@ fn opts(digests: bool) -> CtrlrOpts {
     }
 }
 
-fn pattern(len: usize, seed: u8) -> AlignedBuf {
-    let mut b = AlignedBuf::new(len);
+fn pattern(len: usize, seed: u8) -> DmaBuf {
+    let mut b = DmaBuf::zeroed(len).expect("DMA buffer");
     for (i, x) in b.iter_mut().enumerate() {
         *x = (i as u8).wrapping_mul(31).wrapping_add(seed);
     }
@@ -405,9 +406,9 @@ fn pattern(len: usize, seed: u8) -> AlignedBuf {
 /// Polls until `n` completions arrive (or panics after 5 s), polling the controller too.
 fn wait(
     c: &mut Controller,
-    q: &mut initiator::IoQpair<AlignedBuf>,
+    q: &mut initiator::IoQpair<DmaBuf>,
     n: usize,
-) -> Vec<IoCompletion<AlignedBuf>> {
+) -> Vec<IoCompletion<DmaBuf>> {
     let mut out = Vec::new();
     let t = Instant::now();
     while out.len() < n {
@@ -434,7 +435,7 @@ fn round_trip(digests: bool) {
     assert_eq!(c.namespaces().len(), 1);
     assert_eq!(c.namespaces()[0].block_size, 512);
     assert_eq!(c.namespaces()[0].blocks, NBLOCKS);
-    let mut q = c.alloc_io_qpair::<AlignedBuf>(Some(32)).unwrap();
+    let mut q = c.alloc_io_qpair::<DmaBuf>(Some(32)).unwrap();
 
     // In-capsule (512, 4096), one R2T split in two with several H2CData each (12 KiB, 64 KiB).
     let sizes = [512usize, 4096, 12288, 65536];
@@ -449,9 +450,15 @@ fn round_trip(digests: bool) {
     assert!(done.iter().all(|d| d.result.is_ok()), "{done:?}");
     let mut lba = 0u64;
     for (i, &sz) in sizes.iter().enumerate() {
-        q.read(1, lba, (sz / BS) as u32, AlignedBuf::new(sz), i as u64)
-            .map_err(|e| e.kind)
-            .unwrap();
+        q.read(
+            1,
+            lba,
+            (sz / BS) as u32,
+            DmaBuf::zeroed(sz).expect("DMA buffer"),
+            i as u64,
+        )
+        .map_err(|e| e.kind)
+        .unwrap();
         lba += (sz / BS) as u64;
     }
     let mut done = wait(&mut c, &mut q, sizes.len());
@@ -501,7 +508,7 @@ fn unknown_cid_fails_connection_then_reconnects_and_resends() {
     let f = start_fake();
     let mut c =
         Controller::connect(&trid(f.port, "nqn.2024-01.io.fake:sub0"), &opts(false)).unwrap();
-    let mut q = c.alloc_io_qpair::<AlignedBuf>(Some(32)).unwrap();
+    let mut q = c.alloc_io_qpair::<DmaBuf>(Some(32)).unwrap();
     f.knobs.bogus_after.store(2, Ordering::Relaxed);
     for i in 0..4u64 {
         q.write(1, i * 8, 8, pattern(4096, i as u8), i)
