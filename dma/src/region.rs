@@ -82,6 +82,19 @@ pub(crate) fn map_pinned(len: usize) -> Result<(MmapMut, MemoryKind), DmaError> 
         return Ok((map, MemoryKind::Hugepages));
     }
     warn_fallback_once(len);
+    // Populating more than the machine has would not fail the mmap: the OOM killer would end
+    // the whole process. Refuse up front instead.
+    if let Some(avail) = mem_available() {
+        if len as u64 > avail / 10 * 9 {
+            return Err(DmaError::Map {
+                len,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::OutOfMemory,
+                    format!("only {} MiB of memory is available", avail >> 20),
+                ),
+            });
+        }
+    }
     let map = MmapOptions::new()
         .len(len)
         .populate()
@@ -91,6 +104,14 @@ pub(crate) fn map_pinned(len: usize) -> Result<(MmapMut, MemoryKind), DmaError> 
         tracing::warn!("mlock of {len} bytes failed ({e}); DMA memory may be paged out");
     }
     Ok((map, MemoryKind::Locked))
+}
+
+/// MemAvailable from /proc/meminfo, in bytes.
+fn mem_available() -> Option<u64> {
+    let m = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = m.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib << 10)
 }
 
 fn warn_fallback_once(len: usize) {
@@ -110,4 +131,18 @@ fn warn_fallback_once(len: usize) {
          using ordinary locked memory instead, which is slower and not fit for VFIO devices. \
          Fix: run `sudo HUGEMEM=2048 scripts/setup.sh` before starting plexd."
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn more_than_the_machine_has_is_an_error_not_an_oom_kill() {
+        let too_much = mem_available().expect("Linux has /proc/meminfo") as usize * 2;
+        assert!(matches!(
+            DmaRegion::new(too_much),
+            Err(DmaError::Map { .. })
+        ));
+    }
 }
