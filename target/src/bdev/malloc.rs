@@ -53,15 +53,7 @@ impl Bdev for MallocBdev {
     }
 
     fn config(&self) -> Option<(&'static str, Value)> {
-        Some((
-            "bdev_malloc_create",
-            serde_json::json!({
-                "name": self.info.name,
-                "num_blocks": self.info.num_blocks(),
-                "block_size": self.info.block_size,
-                "uuid": self.info.uuid,
-            }),
-        ))
+        Some(("bdev_malloc_create", self.info.geometry_params()))
     }
 }
 

@@ -226,6 +226,16 @@ impl BdevInfo {
         self.num_blocks.store(n, Ordering::Release)
     }
 
+    /// The parameters that recreate a plain device of this geometry (malloc, null).
+    pub fn geometry_params(&self) -> Value {
+        serde_json::json!({
+            "name": self.name,
+            "num_blocks": self.num_blocks(),
+            "block_size": self.block_size,
+            "uuid": self.uuid,
+        })
+    }
+
     pub fn size_bytes(&self) -> u64 {
         self.num_blocks() * self.block_size as u64
     }

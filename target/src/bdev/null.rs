@@ -43,15 +43,7 @@ impl Bdev for NullBdev {
     }
 
     fn config(&self) -> Option<(&'static str, Value)> {
-        Some((
-            "bdev_null_create",
-            serde_json::json!({
-                "name": self.info.name,
-                "num_blocks": self.info.num_blocks(),
-                "block_size": self.info.block_size,
-                "uuid": self.info.uuid,
-            }),
-        ))
+        Some(("bdev_null_create", self.info.geometry_params()))
     }
 }
 
