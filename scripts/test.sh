@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
 # Runs every plexstor test on a fresh or a used machine, installing what the tests need:
 #   1. builds the workspace (release: the guest runs these binaries, and speed matters there),
-#   2. cargo's unit and integration tests,
+#   2. cargo's unit and integration tests, every test binary even after a failure; as root,
+#      also the tests marked #[ignore = "needs root: ..."],
 #   3. host tests (tests/host/*.sh): hugepages, SPDK's own JSON-RPC client, plexd on the host
-#      reached from the test guest,
+#      reached from the test guest, the fuzz targets' smoke run,
 #   4. guest tests (tests/guest/*.sh) inside one QEMU guest running Debian's kernel, where the
 #      kernel's NVMe/TCP initiator, nvmet and vfio-pci live.
-# Ends with one line "N passed, M failed" and exits non-zero if anything failed.
+# Ends with one line "N passed, M failed, K skipped", after the list of failures and of skips
+# with their reasons, and exits non-zero if anything failed.
+#
+# Each test script declares its results with a literal `plan N` line, the first in the file
+# (tests/guest/lib.sh); a script that prints fewer results, or never runs, counts as a
+# failure. Under CI=true the
+# run must be complete: as root, with the guest, and with no test CI must run skipped
+# (`skip --required`, e.g. SPDK's binaries where ../shared/spdk/bin has them).
 #
 # Usage: scripts/test.sh [--no-guest] [--only PATTERN]
 #   --no-guest      skip everything that boots the test guest (quick runs while coding)
@@ -22,7 +30,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --no-guest) use_guest=no ;;
         --only) only=${2:?--only needs a pattern}; shift ;;
-        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
         *) echo "test.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -32,49 +40,113 @@ logdir="$repo/build/test-logs"
 mkdir -p "$logdir"
 passed=0
 failed=0
+skipped=0
 failures=()
+skips=()
 
 stage() { printf '\n=== %s (%s)\n' "$1" "$(date +%H:%M:%S)"; }
 
-# Counts the `ok - ` / `not ok - ` lines a test script printed; a script that failed without
-# printing a `not ok` line still counts as one failure.
-count_script() {
-    local name=$1 log=$2 rc=$3 ok bad
-    ok=$(grep -c '^ok - ' "$log" || true)
+record_failure() { # WHAT
+    failed=$((failed + 1))
+    failures+=("$1")
+}
+
+record_skip() { # COUNT WHAT
+    skipped=$((skipped + $1))
+    skips+=("$2")
+}
+
+# The literal `plan N` a test script declares, or nothing.
+declared_plan() { sed -n 's/^[[:space:]]*plan \([0-9][0-9]*\)[[:space:]]*$/\1/p' "$1" | head -n1; }
+
+# count_results NAME SCRIPT LOG RC: tallies the TAP lines one script printed into LOG.
+# Results missing from the declared plan, or a non-zero exit with no `not ok` line, are
+# failures; `1..0 # SKIP reason` skips the whole plan.
+count_results() {
+    local name=$1 script=$2 log=$3 rc=$4 plan ok bad skip printed whole
+    plan=$(declared_plan "$script")
+    whole=$(sed -n 's/^1\.\.0 # SKIP //p' "$log" | head -n1)
+    skip=$(grep -cE '^ok - .* # SKIP' "$log" || true)
+    ok=$(($(grep -c '^ok - ' "$log" || true) - skip))
     bad=$(grep -c '^not ok - ' "$log" || true)
-    if [ "$rc" -ne 0 ] && [ "$bad" -eq 0 ]; then
-        bad=1
-        echo "not ok - $name: exited $rc without saying why (log: $log)"
-    fi
     passed=$((passed + ok))
     failed=$((failed + bad))
-    if [ "$bad" -gt 0 ]; then
-        while IFS= read -r line; do failures+=("$name: ${line#not ok - }"); done \
-            < <(grep '^not ok - ' "$log" || echo "not ok - exit $rc")
+    while IFS= read -r line; do
+        [ -n "$line" ] && failures+=("$name: ${line#not ok - }")
+    done < <(grep '^not ok - ' "$log" || true)
+    while IFS= read -r line; do
+        [ -n "$line" ] && record_skip 1 "$name: ${line#ok - }"
+    done < <(grep -E '^ok - .* # SKIP' "$log" || true)
+    if [ -n "$whole" ] && [ "$rc" -eq 0 ]; then
+        record_skip "${plan:-1}" "$name: all ${plan:-?} results # SKIP $whole"
+        return
+    fi
+    if [ -z "$plan" ]; then
+        record_failure "$name: declares no 'plan N' line ($script)"
+    else
+        printed=$((ok + skip + bad))
+        [ "$printed" -ge "$plan" ] ||
+            record_failure "$name: printed $printed of its $plan planned results (log: $log)"
+    fi
+    if [ "$rc" -ne 0 ] && [ "$bad" -eq 0 ]; then
+        record_failure "$name: exited $rc without saying why (log: $log)"
+    fi
+}
+
+# A whole script that did not run here: each of its planned results is a skip, or under CI a
+# failure when CI must run it.
+script_not_run() { # SCRIPT REASON
+    local name plan
+    name=$(basename "$1" .sh)
+    plan=$(declared_plan "$1")
+    if [ "${CI:-}" = true ]; then
+        record_failure "$name: not run in CI: $2"
+    else
+        record_skip "${plan:-1}" "$name: all ${plan:-?} results # SKIP $2"
     fi
 }
 
 wanted() { [ -z "$only" ] || [[ "$1" == *"$only"* ]]; }
+
+if [ "${CI:-}" = true ]; then
+    [ "$(id -u)" = 0 ] || record_failure "CI must run as root: the root-only tests would be skipped"
+    [ "$use_guest" = yes ] || record_failure "CI must run the guest tests: --no-guest given"
+fi
 
 stage "build"
 cargo build --release --workspace --bins
 
 stage "cargo test"
 cargo_log="$logdir/cargo-test.log"
-cargo_filter=()
-[ -n "$only" ] && cargo_filter=("$only")
+cargo_args=(--release --workspace --no-fail-fast)
+test_args=()
+# The tests that need root (loop devices, hugepages) are #[ignore]d with their reason; as
+# root they run like any other.
+[ "$(id -u)" = 0 ] && test_args+=(--include-ignored)
+[ -n "$only" ] && test_args+=("$only")
 set +e
-cargo test --release --workspace -- "${cargo_filter[@]}" 2>&1 | tee "$cargo_log"
+cargo test "${cargo_args[@]}" -- "${test_args[@]}" 2>&1 | tee "$cargo_log"
 cargo_rc=${PIPESTATUS[0]}
 set -e
-# "test result: ok. 16 passed; 0 failed; ..." once per test binary.
-cargo_ok=$(awk '/^test result:/ { for (i = 1; i < NF; i++) if ($(i+1) ~ /^passed/) n += $i } END { print n+0 }' "$cargo_log")
-cargo_bad=$(awk '/^test result:/ { for (i = 1; i < NF; i++) if ($(i+1) ~ /^failed/) n += $i } END { print n+0 }' "$cargo_log")
-passed=$((passed + ${cargo_ok:-0}))
-failed=$((failed + ${cargo_bad:-0}))
-if [ "$cargo_rc" -ne 0 ]; then
-    if [ "${cargo_bad:-0}" -eq 0 ]; then failed=$((failed + 1)); fi
-    failures+=("cargo test exited $cargo_rc (see $cargo_log)")
+# One "Running …" or "Doc-tests …" line per test binary, each answered by one
+# "test result: ok. 16 passed; 0 failed; 1 ignored; …" line.
+cargo_binaries=$(grep -cE '^ *(Running|Doc-tests) ' "$cargo_log" || true)
+cargo_reports=$(grep -c '^test result:' "$cargo_log" || true)
+sum_field() { awk -v f="$1" '/^test result:/ { for (i = 1; i < NF; i++) if ($(i+1) ~ "^" f) n += $i } END { print n+0 }' "$cargo_log"; }
+passed=$((passed + $(sum_field passed)))
+cargo_bad=$(sum_field failed)
+failed=$((failed + cargo_bad))
+while IFS= read -r line; do
+    [ -n "$line" ] && failures+=("cargo: ${line#test }")
+done < <(grep -E '^test .* \.\.\. FAILED$' "$cargo_log" || true)
+while IFS= read -r line; do
+    [ -n "$line" ] && record_skip 1 "cargo: ${line#test }"
+done < <(grep -E '^test .* \.\.\. ignored' "$cargo_log" || true)
+if [ "$cargo_reports" -lt "$cargo_binaries" ]; then
+    record_failure "cargo test: only $cargo_reports of $cargo_binaries test binaries reported (see $cargo_log)"
+fi
+if [ "$cargo_rc" -ne 0 ] && [ "$cargo_bad" -eq 0 ]; then
+    record_failure "cargo test exited $cargo_rc with no failed test (build error? see $cargo_log)"
 fi
 
 run_script() {
@@ -86,25 +158,52 @@ run_script() {
     timeout 900 bash "$script" 2>&1 | tee "$log"
     rc=${PIPESTATUS[0]}
     set -e
-    count_script "$name" "$log" "$rc"
+    [ "$rc" -eq 124 ] && echo "not ok - $name: timed out after 900 s" | tee -a "$log"
+    count_results "$name" "$script" "$log" "$rc"
 }
 
 for t in tests/host/*.sh; do
     [ -e "$t" ] || continue
+    wanted "$t" || continue
     case "$(basename "$t")" in *nvmf_host*) needs_guest=yes ;; *) needs_guest=no ;; esac
-    [ "$needs_guest" = yes ] && [ "$use_guest" = no ] && continue
-    wanted "$t" && run_script "$t"
+    if [ "$needs_guest" = yes ] && [ "$use_guest" = no ]; then
+        script_not_run "$t" "needs the test guest (--no-guest)"
+        continue
+    fi
+    run_script "$t"
 done
 
-if [ "$use_guest" = yes ]; then
-    stage "test guest: prepare"
-    scripts/guest/prepare.sh
-    guest_tests=()
-    for t in tests/guest/*.sh; do
-        case "$(basename "$t")" in lib.sh|all.sh) continue ;; esac
-        wanted "$t" && guest_tests+=("$t")
+guest_tests=()
+for t in tests/guest/*.sh; do
+    case "$(basename "$t")" in lib.sh|all.sh) continue ;; esac
+    wanted "$t" && guest_tests+=("$t")
+done
+
+# Splits the guest's log at all.sh's "--- guest: NAME" lines and tallies each script, so a
+# script that never started (the guest died, or timed out before it) is a failure too.
+count_guest_log() { # LOG RC
+    local log=$1 rc=$2 t name part prc
+    for t in "${guest_tests[@]}"; do
+        name=$(basename "$t" .sh)
+        part="$logdir/guest-$name.log"
+        awk -v want="--- guest: $name" '
+            $0 == want { on = 1; next }
+            /^--- guest: / { on = 0 }
+            on' "$log" >"$part"
+        if ! grep -qx -- "--- guest: $name" "$log"; then
+            record_failure "guest: $name never started (guest exit $rc; log: $log)"
+            continue
+        fi
+        prc=$(sed -n "s/^--- guest: $name finished in .* (exit \([0-9]*\))\$/\1/p" "$log" | head -n1)
+        count_results "$name" "$t" "$part" "${prc:-1}"
     done
-    if [ ${#guest_tests[@]} -gt 0 ]; then
+}
+
+if [ ${#guest_tests[@]} -gt 0 ] && [ "$use_guest" = no ]; then
+    for t in "${guest_tests[@]}"; do script_not_run "$t" "needs the test guest (--no-guest)"; done
+elif [ ${#guest_tests[@]} -gt 0 ]; then
+    stage "test guest: prepare"
+    if scripts/guest/prepare.sh; then
         stage "test guest: ${guest_tests[*]}"
         log="$logdir/guest.log"
         set +e
@@ -112,14 +211,20 @@ if [ "$use_guest" = yes ]; then
             bash tests/guest/all.sh "${guest_tests[@]}" 2>&1 | tee "$log"
         rc=${PIPESTATUS[0]}
         set -e
-        count_script guest "$log" "$rc"
+        count_guest_log "$log" "$rc"
+    else
+        record_failure "guest: scripts/guest/prepare.sh failed; no guest test ran (${guest_tests[*]})"
     fi
 fi
 
 echo
+if [ ${#skips[@]} -gt 0 ]; then
+    echo "skipped:"
+    printf '  %s\n' "${skips[@]}"
+fi
 if [ ${#failures[@]} -gt 0 ]; then
     echo "failures:"
     printf '  %s\n' "${failures[@]}"
 fi
-echo "$passed passed, $failed failed"
+echo "$passed passed, $failed failed, $skipped skipped"
 [ "$failed" -eq 0 ]

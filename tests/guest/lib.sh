@@ -1,13 +1,20 @@
 # shellcheck shell=bash
 # Helpers for test scripts, sourced:  . "$REPO/tests/guest/lib.sh"
 #
-# Reporting (the project's test runner reads these lines):
+# Reporting (TAP lines, which scripts/test.sh reads):
+#   plan N                    "1..N": the script prints N results. Write it at the top as a
+#                             literal number; test.sh reads it from the file before running,
+#                             so a script that stops early or never runs is a failure too
 #   pass NAME                 prints "ok - NAME"
 #   fail NAME REASON          prints "not ok - NAME: REASON" (does not exit)
-#   skip NAME REASON          prints "ok - NAME # SKIP REASON"
+#   skip [--required] NAME REASON
+#                             prints "ok - NAME # SKIP REASON". --required: CI must run this
+#                             (it needs root, the guest, ...), so under CI=true it fails instead
+#   skip_all [--required] REASON
+#                             the whole plan is skipped: prints "1..0 # SKIP REASON", exits
 #   check NAME CMD [ARG...]   runs CMD; pass, or fail with its last output line
 #   bail NAME REASON          fail and finish at once (for steps later ones need)
-#   finish                    prints the tally, exits 1 if anything failed
+#   finish                    prints the tally; exits 1 if anything failed or the plan was missed
 #
 # Guest:
 #   in_guest                        true inside scripts/guest/run.sh's guest
@@ -27,8 +34,14 @@
 # plexd:
 #   rpc METHOD [JSON]               plexd's JSON-RPC on $SOCK through plexctl; prints the
 #                                   result on one line, or the error on stderr and fails
+#   wait_for_plexd PID [TIMEOUT_S]  until plexd (process PID) answers on $SOCK
+#   no_controllers NQN              true when subsystem NQN has no controller; sets CTRLS
+#                                   to what nvmf_subsystem_get_controllers said
 # Host side:
 #   free_tcp_port                   a TCP port nobody listens on, on 127.0.0.1
+# Waiting (never a bare sleep):
+#   wait_until TIMEOUT_S CMD [ARG...]   runs CMD every 0.1 s until it succeeds; fails after
+#                                       TIMEOUT_S seconds
 
 GUEST_LIB_REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 # Exported so that `sh -c "$(declare -f rpc); …"` finds it too.
@@ -36,8 +49,14 @@ export PLEXCTL=${PLEXCTL:-$GUEST_LIB_REPO/build/release/plexctl}
 TESTS_PASSED=0
 TESTS_FAILED=0
 TESTS_SKIPPED=0
+TESTS_PLANNED=
 
 # ---- reporting ---------------------------------------------------------------
+
+plan() {
+    TESTS_PLANNED=$1
+    echo "1..$1"
+}
 
 pass() {
     TESTS_PASSED=$((TESTS_PASSED + 1))
@@ -49,9 +68,28 @@ fail() {
     echo "not ok - $1: ${2:-failed}"
 }
 
+# True when a skip of something CI must run has to fail instead.
+skip_is_failure() { [ "$1" = --required ] && [ "${CI:-}" = true ]; }
+
 skip() {
+    local required=
+    [ "$1" = --required ] && { required=$1; shift; }
+    if skip_is_failure "$required"; then
+        fail "$1" "${2:-} (CI must run this; it may not be skipped there)"
+        return 0
+    fi
     TESTS_SKIPPED=$((TESTS_SKIPPED + 1))
     echo "ok - $1 # SKIP ${2:-}"
+}
+
+skip_all() {
+    local required=
+    [ "$1" = --required ] && { required=$1; shift; }
+    if skip_is_failure "$required"; then
+        bail "${0##*/}" "skipped whole: $1 (CI must run this; it may not be skipped there)"
+    fi
+    echo "1..0 # SKIP $1"
+    exit 0
 }
 
 # check NAME CMD...: the command's output is kept quiet unless it fails.
@@ -74,6 +112,13 @@ bail() {
 }
 
 finish() {
+    local printed=$((TESTS_PASSED + TESTS_FAILED + TESTS_SKIPPED))
+    if [ -n "$TESTS_PLANNED" ] && [ "$printed" -lt "$TESTS_PLANNED" ]; then
+        fail "${0##*/} plan" "planned $TESTS_PLANNED results, printed $printed"
+    elif [ -n "$TESTS_PLANNED" ] && [ "$printed" -gt "$TESTS_PLANNED" ]; then
+        # Not a failure of the code under test, but the plan is stale: say so loudly.
+        fail "${0##*/} plan" "planned $TESTS_PLANNED results, printed $printed: update the plan"
+    fi
     echo "# ${TESTS_PASSED} passed, ${TESTS_FAILED} failed, ${TESTS_SKIPPED} skipped"
     [ "$TESTS_FAILED" = 0 ] && exit 0
     exit 1
@@ -175,9 +220,10 @@ nvmet_export_ramdisk() {
 }
 
 # Undo every nvmet export: links, namespaces, subsystems, ports (in that order;
-# configfs refuses to remove a directory still in use).
+# configfs refuses to remove a directory still in use). Fails, naming what is left, unless
+# nothing is.
 nvmet_clear() {
-    local link ns sub port
+    local link ns sub port left
     [ -d "$NVMET_CFS" ] || return 0
     for link in "$NVMET_CFS"/ports/*/subsystems/*; do
         [ -L "$link" ] && rm -f "$link"
@@ -193,7 +239,8 @@ nvmet_clear() {
     for port in "$NVMET_CFS"/ports/*; do
         [ -d "$port" ] && rmdir "$port"
     done
-    return 0
+    left=$(find "$NVMET_CFS/subsystems" "$NVMET_CFS/ports" -mindepth 1 -maxdepth 1 2>/dev/null)
+    [ -z "$left" ] || { echo "nvmet still has: $left" >&2; return 1; }
 }
 
 # ---- the kernel's NVMe host (initiator) --------------------------------------
@@ -262,8 +309,38 @@ free_tcp_port() {
         echo $((20000 + RANDOM % 20000))
 }
 
+wait_until() {
+    local timeout=$1 deadline
+    shift
+    deadline=$((SECONDS + timeout))
+    until "$@"; do
+        [ "$SECONDS" -lt "$deadline" ] || return 1
+        sleep 0.1
+    done
+}
+
 # ---- plexd -------------------------------------------------------------------
 
 rpc() {
     "$PLEXCTL" -s "$SOCK" call --compact "$@"
+}
+
+plexd_answers() {
+    kill -0 "$1" 2>/dev/null || return 2
+    [ -S "$SOCK" ] && rpc spdk_get_version >/dev/null 2>&1
+}
+
+wait_for_plexd() {
+    local pid=$1 timeout=${2:-20} rc=0
+    wait_until "$timeout" plexd_answers "$pid" 2>/dev/null || rc=$?
+    # wait_until stops on the first success; a dead plexd fails every try until the deadline,
+    # so look once more to tell the two apart.
+    kill -0 "$pid" 2>/dev/null || { echo "plexd (pid $pid) exited" >&2; return 1; }
+    [ "$rc" = 0 ] || echo "plexd does not answer on $SOCK after ${timeout}s" >&2
+    return "$rc"
+}
+
+no_controllers() {
+    CTRLS=$(rpc nvmf_subsystem_get_controllers "{\"nqn\": \"$1\"}")
+    [ "$CTRLS" = "[]" ]
 }
