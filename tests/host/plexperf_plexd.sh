@@ -8,6 +8,7 @@ set -uo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 # shellcheck source=tests/guest/lib.sh
 . "$REPO/tests/guest/lib.sh"
+plan 8
 
 PLEXD=${PLEXD:-$REPO/build/release/plexd}
 PLEXPERF=${PLEXPERF:-$REPO/build/release/plexperf}
@@ -28,10 +29,7 @@ trap cleanup EXIT
 
 "$PLEXD" -m 0x3 --no-pin -r "$SOCK" >"$WORK/plexd.log" 2>&1 &
 PLEXD_PID=$!
-for ((i = 0; i < 100; i++)); do
-    [ -S "$SOCK" ] && rpc spdk_get_version >/dev/null 2>&1 && break
-    sleep 0.1
-done
+wait_for_plexd "$PLEXD_PID" || bail "plexd starts" "$(tail -n 3 "$WORK/plexd.log")"
 configure() {
     rpc bdev_malloc_create '{"name": "Malloc0", "num_blocks": 131072, "block_size": 512}' &&
         rpc nvmf_create_transport '{"trtype": "TCP"}' &&
@@ -76,18 +74,27 @@ run_verify "2 qpairs x QD16, 128 KiB randrw (R2T writes, C2H reads)" -P 2 -q 16 
 run_verify "header and data digests, 64 KiB randrw" -P 2 -q 16 -o 65536 -w randrw -M 50 --hdgst --ddgst
 run_verify "1 MiB sequential writes and reads (MDTS-sized)" -q 8 -o 1048576 -w rw -M 50
 
-# The connections spread over both reactors while connected, and go away after.
-"$PLEXPERF" -r "$TRID" -P 4 -q 4 -c 0x1 -t 2 --warmup 0 -w randread >/dev/null 2>&1 &
+# The connections spread over both reactors while connected, and go away after. plexperf
+# runs long enough to be seen; the poll below ends as soon as all its queues are up.
+"$PLEXPERF" -r "$TRID" -P 4 -q 4 -c 0x1 -t 6 --warmup 0 -w randread >/dev/null 2>&1 &
 perf=$!
-sleep 1
-qpairs=$(rpc nvmf_subsystem_get_qpairs "{\"nqn\": \"$NQN\"}")
+# "REACTORS QPAIRS" of the subsystem's queues now: the admin queue and 4 I/O queues.
+reactors_and_qpairs() {
+    rpc nvmf_subsystem_get_qpairs "{\"nqn\": \"$NQN\"}" |
+        python3 -c 'import json,sys; q=json.load(sys.stdin); print(len({p["thread"] for p in q}), len(q))'
+}
+all_qpairs_up() { spread=$(reactors_and_qpairs) && [ "${spread#* }" -ge 5 ]; }
+spread=
+wait_until 5 all_qpairs_up
 wait "$perf"
-threads=$(python3 -c 'import json,sys; q=json.loads(sys.argv[1]); print(len({p["thread"] for p in q}), len(q))' "$qpairs")
-case "$threads" in
-    "2 "*) pass "qpairs spread over both reactors (reactors, qpairs: $threads)" ;;
-    *) fail "qpairs spread over both reactors" "reactors/qpairs: $threads; $qpairs" ;;
+case "$spread" in
+    "2 "*) pass "qpairs spread over both reactors (reactors, qpairs: $spread)" ;;
+    *) fail "qpairs spread over both reactors" "reactors, qpairs: ${spread:-none seen}" ;;
 esac
-ctrls=$(rpc nvmf_subsystem_get_controllers "{\"nqn\": \"$NQN\"}")
-[ "$ctrls" = "[]" ] && pass "controllers gone after plexperf exits" || fail "controllers gone after plexperf exits" "$ctrls"
+if wait_until 10 no_controllers "$NQN"; then
+    pass "controllers gone after plexperf exits"
+else
+    fail "controllers gone after plexperf exits" "$CTRLS"
+fi
 grep -q panicked "$WORK/plexd.log" && fail "plexd never panicked" "see $WORK/plexd.log" || pass "plexd never panicked"
 finish

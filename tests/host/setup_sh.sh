@@ -12,6 +12,8 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 # shellcheck source=tests/guest/lib.sh
 . "$REPO/tests/guest/lib.sh"
 
+plan 21
+
 SETUP=$REPO/scripts/setup.sh
 NO_SUCH_DEVICE=ffff:ff:1f.7
 export PCI_ALLOWED=$NO_SUCH_DEVICE
@@ -137,14 +139,8 @@ test_reset_clears() {
 }
 
 main() {
-    if [ "$(id -u)" != 0 ]; then
-        skip "setup.sh on the host" "needs root"
-        finish
-    fi
-    if [ ! -e "$NR_FILE" ]; then
-        skip "setup.sh on the host" "no hugepage support in this kernel"
-        finish
-    fi
+    [ "$(id -u)" = 0 ] || skip_all --required "setup.sh on the host needs root"
+    [ -e "$NR_FILE" ] || skip_all --required "no hugepage support in this kernel ($NR_FILE)"
     remember_machine_state
     trap restore_machine_state EXIT
     test_config_reserves

@@ -10,32 +10,28 @@
 set -u
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-if [ -f "$REPO/tests/guest/lib.sh" ]; then
-    # shellcheck source=../guest/lib.sh
-    . "$REPO/tests/guest/lib.sh"
-else
-    TESTS_PASSED=0 TESTS_FAILED=0 TESTS_SKIPPED=0
-    pass() { TESTS_PASSED=$((TESTS_PASSED + 1)); echo "ok - $1"; }
-    fail() { TESTS_FAILED=$((TESTS_FAILED + 1)); echo "not ok - $1: ${2:-failed}"; }
-    bail() { fail "$1" "$2"; finish; }
-    finish() {
-        echo "# ${TESTS_PASSED} passed, ${TESTS_FAILED} failed, ${TESTS_SKIPPED} skipped"
-        [ "$TESTS_FAILED" = 0 ]
-        exit $?
-    }
-fi
+# shellcheck source=../guest/lib.sh
+. "$REPO/tests/guest/lib.sh"
+plan 28
 
 VENV=${PLEXSTOR_SPDK_VENV:-$REPO/.guest/spdk-venv}
 # The client version these tests were written against; newer ones may send new parameters.
 SPDK_PY_VERSION=${SPDK_PY_VERSION:-26.9}
 
 # ---- spdk-rpc ---------------------------------------------------------------------------------
-if ! "$VENV/bin/spdk-rpc" --help >/dev/null 2>&1; then
+spdk_version() { "$VENV/bin/pip" show spdk 2>/dev/null | sed -n 's/^Version: //p'; }
+if [ "$(spdk_version)" != "$SPDK_PY_VERSION" ]; then
     echo "# installing spdk==$SPDK_PY_VERSION from PyPI into $VENV"
     { python3 -m venv "$VENV" && "$VENV/bin/pip" install -q "spdk==$SPDK_PY_VERSION"; } >&2 ||
         bail "install spdk-rpc" "pip install spdk==$SPDK_PY_VERSION into $VENV failed"
 fi
-pass "spdk-rpc installed ($("$VENV/bin/pip" show spdk 2>/dev/null | sed -n 's/^Version: //p'))"
+# The venv is kept between runs: what is there must be the version asked for, and run.
+installed=$(spdk_version)
+if [ "$installed" = "$SPDK_PY_VERSION" ] && "$VENV/bin/spdk-rpc" --help 2>&1 | grep -q -- '--server'; then
+    pass "spdk-rpc $installed installed and runs"
+else
+    bail "spdk-rpc $SPDK_PY_VERSION installed and runs" "found version '${installed:-none}' in $VENV"
+fi
 
 # ---- plexd ------------------------------------------------------------------------------------
 if [ -z "${PLEXD:-}" ]; then
