@@ -13,6 +13,7 @@ set -uo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=tests/guest/lib.sh
 . "$HERE/lib.sh"
+plan 14
 REPO=$GUEST_LIB_REPO
 PLEXD=${PLEXD:-$REPO/build/release/plexd}
 PERF=${PLEXPERF:-$REPO/build/release/plexperf}
@@ -38,13 +39,11 @@ jget() { python3 -c 'import json,sys; v=json.loads(sys.argv[1]); print(eval(sys.
 
 state() { jget "$(rpc bdev_nvme_get_controllers '{"name": "Nvme0"}')" 'v[0]["ctrlrs"][0]["state"]'; }
 
+state_is() { [ "$(state)" = "$1" ]; }
+
 wait_state() { # wait_state WANT TIMEOUT_S
-    local i s
-    for ((i = 0; i < $2 * 10; i++)); do
-        s=$(state) && [ "$s" = "$1" ] && return 0
-        sleep 0.1
-    done
-    echo "controller is ${s:-?}, want $1" >&2
+    wait_until "$2" state_is "$1" && return 0
+    echo "controller is $(state), want $1" >&2
     return 1
 }
 
@@ -83,11 +82,7 @@ check "nvmet exports a RAM disk on 127.0.0.1:$PORT_K" nvmet_export_ramdisk "$NQN
 rm -f "$SOCK"
 "$PLEXD" -m 0x1 --no-pin -r "$SOCK" --idle-poll-us 200 >>"$WORK/plexd.log" 2>&1 &
 PLEXD_PID=$!
-for ((i = 0; i < 100; i++)); do
-    [ -S "$SOCK" ] && rpc spdk_get_version >/dev/null 2>&1 && break
-    sleep 0.1
-done
-[ -S "$SOCK" ] || { tail -n 20 "$WORK/plexd.log" | sed 's/^/# /'; bail "plexd starts" "no socket"; }
+wait_for_plexd "$PLEXD_PID" || { tail -n 20 "$WORK/plexd.log" | sed 's/^/# /'; bail "plexd starts" "no answer"; }
 
 if names=$(rpc bdev_nvme_attach_controller "{\"name\": \"Nvme0\", \"trtype\": \"tcp\", \"adrfam\": \"ipv4\",
         \"traddr\": \"127.0.0.1\", \"trsvcid\": \"$PORT_K\", \"subnqn\": \"$NQN_K\",

@@ -12,6 +12,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=tests/guest/lib.sh
 . "$HERE/lib.sh"
+plan 11
 REPO=$GUEST_LIB_REPO
 PERF=${PLEXPERF:-$REPO/build/release/plexperf}
 NQN=nqn.2024-01.io.plexstor:initiator-nvmet
@@ -102,16 +103,24 @@ perf "header and data digests with --verify" "$WORK/dg.json" \
 
 # Reconnect: remove the nvmet port under running I/O, re-create it, expect plexperf to
 # reconnect, re-send what was in flight, and finish with no error and no mismatch.
+# What the RAM disk behind the namespace has done (reads + writes completed), from its stats.
+ramdisk=$(basename "$(cat "$NVMET_CFS/subsystems/$NQN/namespaces/1/device_path")")
+ramdisk_ios() { awk '{ print $1 + $5 }' "/sys/block/$ramdisk/stat"; }
+ios_since() { [ "$(ramdisk_ios)" -ge $(($1 + 200)) ]; }
+connections_to_port() { ss -Htn state established "( dport = :$PORT )" | wc -l; }
+no_connection_left() { [ "$(connections_to_port)" = 0 ]; }
+ios_before=$(ramdisk_ios)
 "$PERF" -r "$TRID" --json --warmup 0 -w randrw -M 50 -o 4096 -q 8 -t 14 --verify \
     --size 2097152 --reconnect-delay-sec 1 --ctrlr-loss-timeout-sec -1 --io-timeout-sec 0 \
     >"$WORK/rc.json" 2>"$WORK/rc.err" &
 perf_pid=$!
-sleep 4
+wait_until 10 ios_since "$ios_before" || echo "# no I/O seen on $ramdisk before the port removal"
 portdir=$(nvmet_tcp_port 127.0.0.1 "$PORT")
 rm -f "$portdir/subsystems/$NQN"
 rmdir "$portdir"
 echo "# nvmet port removed"
-sleep 3
+# nvmet drops the port's queues; plexperf's reconnect attempts are refused until it is back.
+wait_until 10 no_connection_left || echo "# $(connections_to_port) connections still up"
 portdir=$(nvmet_tcp_port 127.0.0.1 "$PORT")
 ln -s "$NVMET_CFS/subsystems/$NQN" "$portdir/subsystems/$NQN"
 echo "# nvmet port re-created"

@@ -13,6 +13,7 @@ set -uo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=tests/guest/lib.sh
 . "$HERE/lib.sh"
+plan 35
 REPO=$GUEST_LIB_REPO
 
 PLEXD=${PLEXD:-$REPO/build/release/plexd}
@@ -38,13 +39,7 @@ start_plexd() {
     rm -f "$SOCK"
     "$PLEXD" -m 0x3 --no-pin -r "$SOCK" --idle-poll-us 200 "$@" >>"$WORK/plexd.log" 2>&1 &
     PLEXD_PID=$!
-    local i
-    for ((i = 0; i < 100; i++)); do
-        [ -S "$SOCK" ] && rpc spdk_get_version >/dev/null 2>&1 && return 0
-        kill -0 "$PLEXD_PID" 2>/dev/null || break
-        sleep 0.1
-    done
-    echo "plexd did not come up:" >&2
+    wait_for_plexd "$PLEXD_PID" && return 0
     tail -n 20 "$WORK/plexd.log" >&2
     return 1
 }
@@ -72,25 +67,29 @@ configure() {
 
 dev_of() { wait_for_nvme_dev "$NQN" 1 30; }
 
-ctrl_of_dev() { # /dev/nvme0n1 -> nvme0 (the controller, via sysfs)
-    local d=${1#/dev/} c
-    for c in /sys/block/"$d"/device /sys/block/"$d"/device/device; do
-        [ -e "$c" ] || continue
-        basename "$(readlink -f "$c")" | grep -q '^nvme[0-9]*$' && { basename "$(readlink -f "$c")"; return; }
+ctrl_of_dev() { # /dev/nvme1n1 -> nvme1: the kernel's controller of that namespace, via sysfs
+    local d=${1#/dev/} dir c
+    dir=$(readlink -f "/sys/block/$d/device")
+    # Without native multipath, the namespace's device is the controller itself.
+    c=$(basename "$dir")
+    [[ $c =~ ^nvme[0-9]+$ ]] && { echo "$c"; return 0; }
+    # With it, nvmeXnY belongs to the subsystem (nvme-subsysX), which lists its controllers.
+    for c in "$dir"/nvme*; do
+        c=$(basename "$c")
+        [[ $c =~ ^nvme[0-9]+$ ]] && { echo "$c"; return 0; }
     done
-    ls /sys/block/"$d"/ | grep -o '^nvme[0-9]*c[0-9]*n' | head -n1
+    echo "no controller found for $1" >&2
+    return 1
 }
 
 unmap_ops() { jget "$(rpc bdev_get_iostat '{"name": "Malloc0"}')" 'v["bdevs"][0]["num_unmap_ops"]'; }
 
 controllers() { jget "$(rpc nvmf_subsystem_get_controllers "{\"nqn\": \"$NQN\"}")" 'len(v)'; }
 
+controllers_are() { [ "$(controllers)" = "$1" ]; }
+
 wait_controllers() { # wait_controllers N
-    local i
-    for ((i = 0; i < 100; i++)); do
-        [ "$(controllers)" = "$1" ] && return 0
-        sleep 0.1
-    done
+    wait_until 10 controllers_are "$1" && return 0
     echo "plexd has $(controllers) controllers, want $1" >&2
     return 1
 }
@@ -174,22 +173,16 @@ else
 fi
 
 # ---- namespace hot add/remove: AER, changed namespace list, rescan ----------------
-no_ns2() {
-    local i
-    for ((i = 0; i < 200; i++)); do
-        [ -z "$(nvme_devs_of "$NQN" 2)" ] && return 0
-        sleep 0.1
-    done
-    return 1
-}
+ns2_gone() { [ -z "$(nvme_devs_of "$NQN" 2)" ]; }
 if rpc bdev_malloc_create '{"name": "Malloc1", "num_blocks": 4096, "block_size": 512}' >/dev/null &&
     rpc nvmf_subsystem_add_ns "{\"nqn\": \"$NQN\", \"namespace\": {\"bdev_name\": \"Malloc1\", \"nsid\": 2}}" >/dev/null; then
     check "namespace added while connected appears (AER)" wait_for_nvme_dev "$NQN" 2 20
     rpc nvmf_subsystem_remove_ns "{\"nqn\": \"$NQN\", \"nsid\": 2}" >/dev/null
-    check "namespace removed while connected disappears (AER)" no_ns2
+    check "namespace removed while connected disappears (AER)" wait_until 20 ns2_gone
     rpc bdev_malloc_delete '{"name": "Malloc1"}' >/dev/null
 else
     fail "namespace added while connected appears (AER)" "RPC failed"
+    fail "namespace removed while connected disappears (AER)" "not added"
 fi
 
 # ---- disconnect ------------------------------------------------------------------
@@ -218,27 +211,31 @@ connect_failfast() {
 }
 check "connect (reconnect_delay 1 s, fast_io_fail_tmo 3 s)" connect_failfast
 DEV=$(dev_of) || bail "reconnect setup" "no device"
-CTRL=$(basename "$(dirname "$(readlink -f "/sys/block/${DEV#/dev/}/device")")" 2>/dev/null)
-[[ $CTRL =~ ^nvme[0-9]+$ ]] || CTRL=$(ls /sys/class/nvme/ | head -n1)
+# The kernel's controller of this very namespace: a TCP one, of our subsystem (never QEMU's
+# PCIe controller, which is always live).
+CTRL=$(ctrl_of_dev "$DEV")
+ctrl_attr() { cat "/sys/class/nvme/$CTRL/$1" 2>/dev/null; }
+if [ "$(ctrl_attr transport)" != tcp ] || [ "$(ctrl_attr subsysnqn)" != "$NQN" ]; then
+    bail "reconnect setup" "controller '$CTRL' of $DEV is not our TCP controller"
+fi
+ctrl_live() { [ "$(ctrl_attr state)" = live ]; }
+ctrl_not_live() { ! ctrl_live; }
 stop_plexd -KILL
 rc=0
 timeout 60 dd if="$DEV" of=/dev/null bs=4k count=1 iflag=direct 2>/dev/null || rc=$?
-if [ "$rc" != 0 ] && [ "$rc" != 124 ]; then
-    pass "host I/O fails cleanly while plexd is down"
+# The host must have noticed: I/O failed (fast_io_fail_tmo), and its controller left `live`.
+if [ "$rc" != 0 ] && [ "$rc" != 124 ] && wait_until 10 ctrl_not_live; then
+    pass "host I/O fails cleanly while plexd is down ($CTRL is $(ctrl_attr state))"
 else
-    fail "host I/O fails cleanly while plexd is down" "dd exit $rc"
+    fail "host I/O fails cleanly while plexd is down" "dd exit $rc, $CTRL $(ctrl_attr state)"
 fi
 if start_plexd -c "$WORK/saved.json"; then
     pass "plexd restarts with -c saved.json"
 else
     fail "plexd restarts with -c saved.json" "see log above"
 fi
-reconnected=0
-for ((i = 0; i < 300; i++)); do
-    [ "$(cat "/sys/class/nvme/$CTRL/state" 2>/dev/null)" = live ] && { reconnected=1; break; }
-    sleep 0.1
-done
-if [ $reconnected = 1 ]; then
+# Live again, after the check above saw it leave `live`.
+if wait_until 30 ctrl_live; then
     pass "kernel host reconnects to the restarted plexd"
     uuid=$(cat "/sys/block/${DEV#/dev/}/uuid" 2>/dev/null)
     [ "$uuid" = "$BDEV_UUID" ] && pass "same namespace after restart" || fail "same namespace after restart" "uuid '$uuid'"

@@ -17,6 +17,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=tests/guest/lib.sh
 . "$HERE/lib.sh"
+plan 26
 
 reexec_in_guest --nvme --nvme-size 256M --timeout 300 -- "$0" "$@"
 

@@ -51,8 +51,12 @@ read_from_guest_via_fwd() {
     return 1
 }
 
+# Started from the host, the guest also talks to the host both ways; the guest leaves what
+# it saw in the --out share and the host reports it. (The guest's own lines are its own TAP
+# stream, with its own plan.)
 run_from_host() {
-    local host_port fwd_port out server poller rc=0
+    local host_port fwd_port out server poller rc=0 host_results=4
+    plan "$host_results"
     host_port=$(free_tcp_port)
     fwd_port=$(free_tcp_port)
     out=$(mktemp -d "${TMPDIR:-/tmp}/guest-smoke.XXXXXX")
@@ -61,13 +65,22 @@ run_from_host() {
     read_from_guest_via_fwd "$fwd_port" "$out/fwd-reply" &
     poller=$!
     "$GUEST_LIB_REPO/scripts/guest/run.sh" --fwd "$fwd_port:$GUEST_ECHO_PORT" \
-        --env "SMOKE_HOST_PORT=$host_port" --out "$out" --timeout 300 \
-        --hugepages 16 --env SMOKE_HUGEPAGES=16 \
+        --env "SMOKE_HOST_PORT=$host_port" --out "$out" --timeout 300 --hugepages 16 \
         -- "$HERE/smoke.sh" "$@" || rc=$?
     kill "$server" "$poller" 2>/dev/null || true
     wait "$server" "$poller" 2>/dev/null || true
 
-    # The guest's own lines were streamed above; add the host's view.
+    # The guest's own lines were streamed above; add what crossed the guest boundary.
+    if [ "$(cat "$out/from-host" 2>/dev/null)" = hello-from-host ]; then
+        pass "guest reaches the host at 10.0.2.2"
+    else
+        fail "guest reaches the host at 10.0.2.2" "got '$(cat "$out/from-host" 2>/dev/null)'"
+    fi
+    if [ -e "$out/guest-served" ]; then
+        pass "guest service accepted a connection from the host"
+    else
+        fail "guest service accepted a connection from the host" "nothing connected in 120s"
+    fi
     if [ -s "$out/fwd-reply" ]; then
         pass "host reaches a guest service through --fwd"
     else
@@ -98,17 +111,16 @@ check_guest_environment() {
     fi
 }
 
+# run.sh --hugepages N puts hugepages=N on the kernel's command line: they must all be there.
 check_hugepages() {
-    local total
-    if [ -z "${SMOKE_HUGEPAGES:-}" ]; then
-        skip "run.sh --hugepages" "not started from the host"
-        return 0
-    fi
+    local want total
+    want=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^hugepages=//p')
     total=$(awk '/^HugePages_Total:/ { print $2 }' /proc/meminfo)
-    if [ "$total" = "$SMOKE_HUGEPAGES" ] && grep -q '^nodev /dev/hugepages hugetlbfs' /proc/mounts; then
-        pass "run.sh --hugepages $SMOKE_HUGEPAGES: reserved, hugetlbfs on /dev/hugepages"
+    if [ -n "$want" ] && [ "$want" -gt 0 ] && [ "$total" = "$want" ] &&
+        grep -q '^nodev /dev/hugepages hugetlbfs' /proc/mounts; then
+        pass "run.sh --hugepages $want: reserved, hugetlbfs on /dev/hugepages"
     else
-        fail "run.sh --hugepages $SMOKE_HUGEPAGES" "HugePages_Total $total; $(grep hugetlbfs /proc/mounts)"
+        fail "run.sh --hugepages ${want:-?}" "HugePages_Total $total; $(grep hugetlbfs /proc/mounts)"
     fi
 }
 
@@ -119,24 +131,15 @@ check_modules() {
     done
 }
 
-check_network_to_host() {
-    local reply
-    if [ -z "${SMOKE_HOST_PORT:-}" ]; then
-        skip "guest reaches the host at 10.0.2.2" "not started from the host"
-        return 0
-    fi
+# Only when started from the host (run_from_host), which reports the outcome from $GUEST_OUT.
+exchange_with_host() {
+    [ -n "${SMOKE_HOST_PORT:-}" ] || return 0
     # shellcheck disable=SC2016 # $1 is for the inner bash
-    reply=$(timeout 20 bash -c 'exec 3<>/dev/tcp/10.0.2.2/$1 && head -n1 <&3' _ "$SMOKE_HOST_PORT" 2>&1) || true
-    if [ "$reply" = hello-from-host ]; then
-        pass "guest reaches the host at 10.0.2.2"
-    else
-        fail "guest reaches the host at 10.0.2.2" "got '$reply'"
-    fi
+    timeout 20 bash -c 'exec 3<>/dev/tcp/10.0.2.2/$1 && head -n1 <&3' _ "$SMOKE_HOST_PORT" \
+        >"$GUEST_OUT/from-host" 2>&1 || true
     # One connection from the host through --fwd (its poller retries).
     if echo hello-from-guest | timeout 120 busybox nc -l -p "$GUEST_ECHO_PORT" >/dev/null; then
-        pass "guest service accepted a connection from the host"
-    else
-        fail "guest service accepted a connection from the host" "nothing connected in 120s"
+        touch "$GUEST_OUT/guest-served"
     fi
 }
 
@@ -177,10 +180,11 @@ check_nvmet_loopback() {
 }
 
 run_in_guest() {
+    plan 22
     check_guest_environment
     check_hugepages
     check_modules
-    check_network_to_host
+    exchange_with_host
     check_nvmet_loopback
     finish
 }
