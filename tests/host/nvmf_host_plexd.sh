@@ -8,6 +8,7 @@ set -uo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 # shellcheck source=tests/guest/lib.sh
 . "$REPO/tests/guest/lib.sh"
+plan 5
 
 PLEXD=${PLEXD:-$REPO/build/release/plexd}
 NQN=nqn.2024-01.io.plexstor:hostplexd
@@ -27,10 +28,7 @@ trap cleanup EXIT
 
 "$PLEXD" -m 0x1 --no-pin -r "$SOCK" --idle-poll-us 200 >"$WORK/plexd.log" 2>&1 &
 PLEXD_PID=$!
-for ((i = 0; i < 100; i++)); do
-    [ -S "$SOCK" ] && rpc spdk_get_version >/dev/null 2>&1 && break
-    sleep 0.1
-done
+wait_for_plexd "$PLEXD_PID" || bail "plexd starts" "$(tail -n 3 "$WORK/plexd.log")"
 check "plexd on the host configured" sh -c "
     $(declare -f rpc); SOCK=$SOCK
     rpc bdev_malloc_create '{\"name\": \"Malloc0\", \"num_blocks\": 32768, \"block_size\": 512}' &&
@@ -50,10 +48,26 @@ dev=$(wait_for_nvme_dev "$NQN" 1 30) || exit 1
 fio_verify "$dev" 2M || { echo "fio verify failed"; exit 1; }
 nvme disconnect -n "$NQN" >/dev/null && wait_for_no_nvme_dev "$NQN" 20
 '
+guest_ok=yes
 check "guest kernel initiator: discover, connect, fio verify, disconnect via 10.0.2.2:$PORT" \
     "$REPO/scripts/guest/run.sh" --timeout 300 --env REPO="$REPO" --env PORT="$PORT" --env NQN="$NQN" \
-    -- bash -c "$inner"
-ctrls=$(rpc nvmf_subsystem_get_controllers "{\"nqn\": \"$NQN\"}")
-[ "$ctrls" = "[]" ] && pass "plexd controllers cleaned up" || fail "plexd controllers cleaned up" "$ctrls"
+    -- bash -c "$inner" || guest_ok=no
+
+# What plexd saw of it: the guest's writes reached the bdev, and once the guest disconnected
+# no controller is left. Only meaningful after a guest that connected, wrote and disconnected.
+writes=$(rpc bdev_get_iostat '{"name": "Malloc0"}' |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["bdevs"][0]["num_write_ops"])')
+if [ "${writes:-0}" -gt 0 ]; then
+    pass "plexd served the guest's writes ($writes write commands on Malloc0)"
+else
+    fail "plexd served the guest's writes" "num_write_ops ${writes:-unknown}"
+fi
+if [ "$guest_ok" = no ]; then
+    fail "plexd controllers cleaned up after the guest disconnected" "not checked: the guest step failed"
+elif wait_until 10 no_controllers "$NQN"; then
+    pass "plexd controllers cleaned up after the guest disconnected"
+else
+    fail "plexd controllers cleaned up after the guest disconnected" "$CTRLS"
+fi
 grep -q panicked "$WORK/plexd.log" && fail "plexd never panicked" "see $WORK/plexd.log" || pass "plexd never panicked"
 finish
