@@ -904,6 +904,8 @@ impl Conn {
                     peer: &self.peer,
                     reactor: self.reactor,
                     opts: &self.opts,
+                    hdgst: self.hdgst,
+                    ddgst: self.ddgst,
                 };
                 let data = self.slots[si as usize]
                     .buf
