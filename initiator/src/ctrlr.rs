@@ -143,6 +143,43 @@ impl Shared {
     }
 }
 
+/// NVMe/TCP digests of one connection: what the host asked for in its ICReq and what the
+/// controller's ICResp granted. Only the granted ones are in force on the wire.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Digests {
+    /// Header digest in force (granted).
+    pub hdgst: bool,
+    /// Data digest in force (granted).
+    pub ddgst: bool,
+    /// Header digest asked for.
+    pub hdgst_requested: bool,
+    /// Data digest asked for.
+    pub ddgst_requested: bool,
+}
+
+impl Digests {
+    /// Whether the controller declined a digest the host asked for.
+    pub fn declined(&self) -> bool {
+        (self.hdgst_requested && !self.hdgst) || (self.ddgst_requested && !self.ddgst)
+    }
+
+    /// "header on, data requested but declined" and the like, for reports.
+    pub fn describe(&self) -> String {
+        fn one(granted: bool, requested: bool) -> &'static str {
+            match (granted, requested) {
+                (true, _) => "on",
+                (false, true) => "requested but declined",
+                (false, false) => "off",
+            }
+        }
+        format!(
+            "header {}, data {}",
+            one(self.hdgst, self.hdgst_requested),
+            one(self.ddgst, self.ddgst_requested)
+        )
+    }
+}
+
 /// What Identify Controller told us, in host terms.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct CtrlrInfo {
@@ -168,10 +205,12 @@ pub struct CtrlrInfo {
     pub max_queue_entries: u32,
     /// I/O queues the controller granted.
     pub io_queues: u16,
-    /// Header/data digests in force on the admin queue.
+    /// Header digest in force on the admin queue (same as `digests.hdgst`).
     pub hdgst: bool,
-    /// Data digest in force.
+    /// Data digest in force on the admin queue (same as `digests.ddgst`).
     pub ddgst: bool,
+    /// Digests of the admin queue: requested and granted.
+    pub digests: Digests,
 }
 
 const TAG_KA: u64 = 1;
@@ -268,6 +307,7 @@ impl Controller {
                 io_queues: 0,
                 hdgst: false,
                 ddgst: false,
+                digests: Digests::default(),
             },
             cap: 0,
             namespaces: Vec::new(),
@@ -331,11 +371,12 @@ impl Controller {
         self.ka_sent = None;
         let cntlid = self.admin.connect(0xffff)?;
         self.info.cntlid = cntlid;
-        let (hd, dd) = match &self.admin {
+        let digests = match &self.admin {
             Queue::Tcp(q) => q.digests(),
         };
-        self.info.hdgst = hd;
-        self.info.ddgst = dd;
+        self.info.hdgst = digests.hdgst;
+        self.info.ddgst = digests.ddgst;
+        self.info.digests = digests;
 
         self.cap = self.prop_get(reg::CAP, true)?;
         let vs = self.prop_get(reg::VS, false)? as u32;

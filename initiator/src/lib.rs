@@ -20,7 +20,7 @@ pub mod transport;
 pub mod trid;
 
 pub use buf::IoBuf;
-pub use ctrlr::{Controller, CtrlrEvent, CtrlrState, Namespace};
+pub use ctrlr::{Controller, CtrlrEvent, CtrlrState, Digests, Namespace};
 pub use error::{Error, IoError, Result, SubmitError, SubmitErrorKind};
 pub use opts::CtrlrOpts;
 pub use qpair::{IoCompletion, IoQpair};

@@ -88,6 +88,11 @@ impl<B: IoBuf> IoQpair<B> {
         self.q.is_connected()
     }
 
+    /// NVMe/TCP digests this queue asked for and the controller granted (last connection).
+    pub fn digests(&self) -> crate::ctrlr::Digests {
+        self.q.digests()
+    }
+
     /// Largest transfer in bytes (from MDTS).
     pub fn max_transfer(&self) -> u32 {
         self.max_xfer

@@ -90,4 +90,7 @@ impl<B: IoBuf> Queue<B> {
     pub fn qid(&self) -> u16 {
         each!(self, q => q.params.qid)
     }
+    pub fn digests(&self) -> crate::ctrlr::Digests {
+        each!(self, q => q.digests())
+    }
 }

@@ -26,6 +26,7 @@ use nvme_spec::IntoBytes;
 
 use super::pdu::{self, Wire, MAX_HDR};
 use crate::buf::IoBuf;
+use crate::ctrlr::Digests;
 use crate::error::{Error, Result};
 
 /// Data direction of a command.
@@ -233,9 +234,14 @@ impl<B: IoBuf> TcpQueue<B> {
         }
     }
 
-    /// Header and data digests in force.
-    pub fn digests(&self) -> (bool, bool) {
-        (self.wire.hdgst, self.wire.ddgst)
+    /// Digests asked for and granted on the current (or last) connection.
+    pub fn digests(&self) -> Digests {
+        Digests {
+            hdgst: self.wire.hdgst,
+            ddgst: self.wire.ddgst,
+            hdgst_requested: self.params.hdgst,
+            ddgst_requested: self.params.ddgst,
+        }
     }
 
     pub fn depth(&self) -> u16 {
@@ -311,11 +317,15 @@ impl<B: IoBuf> TcpQueue<B> {
             ));
         }
         if p.hdgst != ic.hdgst() || p.ddgst != ic.ddgst() {
-            debug!(
+            // Loud: whoever asked for digests believes the data is checked end to end.
+            warn!(
                 qid = p.qid,
+                addr = %p.addr,
+                hdgst_requested = p.hdgst,
                 hdgst = ic.hdgst(),
+                ddgst_requested = p.ddgst,
                 ddgst = ic.ddgst(),
-                "target declined a digest"
+                "controller declined a requested NVMe/TCP digest; running without it"
             );
         }
         self.wire = Wire {

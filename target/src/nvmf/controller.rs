@@ -40,6 +40,10 @@ pub struct QpairInfo {
     pub reactor: usize,
     pub listen: ListenAddr,
     pub peer: String,
+    /// NVMe/TCP header digest in force (granted in our ICResp).
+    pub hdgst: bool,
+    /// NVMe/TCP data digest in force.
+    pub ddgst: bool,
 }
 
 /// Most asynchronous event requests a host may have outstanding (AERL + 1).
@@ -123,6 +127,9 @@ pub struct ConnInfo<'a> {
     pub peer: &'a str,
     pub reactor: usize,
     pub opts: &'a Arc<TransportOpts>,
+    /// Digests the connection negotiated, shown per queue by `nvmf_subsystem_get_qpairs`.
+    pub hdgst: bool,
+    pub ddgst: bool,
 }
 
 /// A successful Connect: the controller and queue, and the queue size to provide.
@@ -188,6 +195,8 @@ pub fn connect(
             reactor: info.reactor,
             listen: info.listen.clone(),
             peer: info.peer.to_string(),
+            hdgst: info.hdgst,
+            ddgst: info.ddgst,
         });
         tracing::info!(
             "nvmf: controller {} of {} for host {} from {}",
@@ -234,6 +243,8 @@ pub fn connect(
         reactor: info.reactor,
         listen: info.listen.clone(),
         peer: info.peer.to_string(),
+        hdgst: info.hdgst,
+        ddgst: info.ddgst,
     });
     drop(st);
     Ok(Connected {
@@ -769,6 +780,8 @@ mod tests {
             peer: "p",
             reactor: 0,
             opts: &opts,
+            hdgst: false,
+            ddgst: false,
         };
         let host = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-000000000001";
         // Unknown subsystem: invalid parameters pointing at SUBNQN in the data.
@@ -838,6 +851,8 @@ mod tests {
             peer: "p",
             reactor: 0,
             opts: &opts,
+            hdgst: false,
+            ddgst: false,
         };
         let c = connect(
             &t,

@@ -472,6 +472,10 @@ pub fn register(m: &mut Methods) {
                             "traddr": peer_addr,
                             "trsvcid": peer_port,
                         },
+                        // SPDK's qpair dump has no digest fields; these carry the names of
+                        // SPDK's host options (bdev_nvme_attach_controller hdgst/ddgst).
+                        "hdgst": q.hdgst,
+                        "ddgst": q.ddgst,
                     }));
                 }
             }

@@ -112,6 +112,15 @@ struct VerifyReport {
     samples: Vec<String>,
 }
 
+/// The NVMe/TCP digests one queue negotiated (ICResp), next to what it asked for.
+#[derive(Serialize)]
+struct QueueDigests {
+    trid: String,
+    qid: u16,
+    #[serde(flatten)]
+    digests: initiator::Digests,
+}
+
 #[derive(Serialize)]
 struct Report {
     workload: String,
@@ -123,6 +132,8 @@ struct Report {
     verify: Option<VerifyReport>,
     reconnects: u64,
     first_error: Option<String>,
+    /// Per queue (admin queue qid 0 included), as connected before the run.
+    digests: Vec<QueueDigests>,
 }
 
 fn parse_mask(s: &str) -> Result<Vec<usize>, String> {
@@ -273,7 +284,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             println!("  in-capsule data: {} bytes", i.in_capsule_data);
             println!("  max queue size:  {}", i.max_queue_entries);
             println!("  I/O queues:      {}", i.io_queues);
-            println!("  digests:         header {} data {}", i.hdgst, i.ddgst);
+            println!("  digests:         {}", i.digests.describe());
             for n in c.namespaces() {
                 println!(
                     "  Namespace {}: {} blocks of {} bytes ({} MiB)",
@@ -294,6 +305,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         .unwrap_or(1) as u32)
         | 1;
     let mut names = Vec::new();
+    let mut digests = Vec::new();
     let mut per_core: Vec<Vec<Job>> = (0..cores.len()).map(|_| Vec::new()).collect();
     let mut next = 0usize;
     for (ci, c) in ctrlrs.iter_mut().enumerate() {
@@ -306,6 +318,11 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         if nss.is_empty() {
             return Err(format!("{}: no active namespace to test", trids[ci]));
         }
+        digests.push(QueueDigests {
+            trid: trids[ci].to_string(),
+            qid: 0,
+            digests: c.info().digests,
+        });
         for ns in nss {
             if cli.io_size % ns.block_size != 0 {
                 return Err(format!(
@@ -336,6 +353,11 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 let qp = c
                     .alloc_io_qpair(Some((cli.depth + 1).min(65535) as u16))
                     .map_err(|e| format!("{}: I/O queue pair: {e}", trids[ci]))?;
+                digests.push(QueueDigests {
+                    trid: trids[ci].to_string(),
+                    qid: qp.qid(),
+                    digests: qp.digests(),
+                });
                 let depth = (cli.depth as usize).min(qp.depth() as usize);
                 // Each queue pair gets its own slice so --verify never races two writers.
                 let (lo, hi) = if cli.verify {
@@ -477,6 +499,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         verify: cli.verify.then_some(ver),
         reconnects,
         first_error,
+        digests,
     };
     if cli.json {
         println!(
@@ -526,6 +549,14 @@ fn print_table(r: &Report) {
         );
     }
     println!("errors: {}  reconnects: {}", r.total.errors, r.reconnects);
+    for q in &r.digests {
+        println!(
+            "digests: {} qid {}: {}",
+            q.trid,
+            q.qid,
+            q.digests.describe()
+        );
+    }
     if let Some(e) = &r.first_error {
         println!("first error: {e}");
     }

@@ -631,21 +631,32 @@ impl Conn {
         }
         let si = slot;
         if !digest_ok {
-            tracing::warn!("nvmf/tcp {}: data digest mismatch", self.peer);
-            // As SPDK does: the command fails with a transport error the host may retry.
-            self.complete(si, Status::TRANSIENT_TRANSPORT_ERROR, 0);
+            tracing::warn!(
+                "nvmf/tcp {}: data digest mismatch in {} data of cid {}; failing the command",
+                self.peer,
+                if kind == DataKind::H2C {
+                    "H2CData"
+                } else {
+                    "in-capsule"
+                },
+                self.slots[si as usize].cmd.cid()
+            );
+            // The PDU framing is intact, so this is not fatal to the connection (the spec has no
+            // FES for it): as SPDK does, the command fails with a transport error the host may
+            // retry, and its data never reaches the bdev. The status is held until the rest of
+            // the transfer has arrived, so later H2CData PDUs of this command still find it.
+            self.slots[si as usize].status = Status::TRANSIENT_TRANSPORT_ERROR;
+        }
+        let s = &self.slots[si as usize];
+        if kind == DataKind::H2C && s.recvd < s.xfer_len {
+            self.slots[si as usize].state = SlotState::AwaitH2C;
             return;
         }
-        match kind {
-            DataKind::Capsule => self.exec(si),
-            DataKind::H2C => {
-                let s = &self.slots[si as usize];
-                if s.recvd >= s.xfer_len {
-                    self.exec(si);
-                } else {
-                    self.slots[si as usize].state = SlotState::AwaitH2C;
-                }
-            }
+        if s.status.is_success() {
+            self.exec(si);
+        } else {
+            let st = s.status;
+            self.complete(si, st, 0);
         }
     }
 
@@ -904,6 +915,8 @@ impl Conn {
                     peer: &self.peer,
                     reactor: self.reactor,
                     opts: &self.opts,
+                    hdgst: self.hdgst,
+                    ddgst: self.ddgst,
                 };
                 let data = self.slots[si as usize]
                     .buf

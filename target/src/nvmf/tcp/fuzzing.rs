@@ -60,6 +60,8 @@ fn world() -> &'static World {
             peer: "fuzz",
             reactor: 0,
             opts: &opts,
+            hdgst: false,
+            ddgst: false,
         };
         let data = ConnectData::new([1; 16], 0xFFFF, FUZZ_NQN, FUZZ_HOST).expect("fits");
         let cmd = Connect {
