@@ -189,7 +189,10 @@ fn run(args: Args) -> Result<(), CallError> {
         }
         Cmd::Bdev {
             cmd: BdevCmd::Iostat,
-        } => print!("{}", bdev_iostat(&c.call("bdev_get_iostat", None)?)?.render()),
+        } => print!(
+            "{}",
+            bdev_iostat(&c.call("bdev_get_iostat", None)?)?.render()
+        ),
         Cmd::Reactors => print!(
             "{}",
             reactors(&c.call("framework_get_reactors", None)?)?.render()
@@ -581,10 +584,16 @@ mod tests {
         let mut b = malloc_bdev("Malloc0", 512, 8);
         b["num_blocks"] = json!("8");
         let msg = error_text(bdev_list(&json!([b])));
-        assert!(msg.contains("bdev_get_bdevs: result[0].num_blocks"), "{msg}");
+        assert!(
+            msg.contains("bdev_get_bdevs: result[0].num_blocks"),
+            "{msg}"
+        );
         assert!(msg.contains("is \"8\""), "{msg}");
         let msg = error_text(bdev_list(&json!({"bdevs": []})));
-        assert!(msg.contains("bdev_get_bdevs: result should be an array"), "{msg}");
+        assert!(
+            msg.contains("bdev_get_bdevs: result should be an array"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -641,7 +650,10 @@ mod tests {
             "unexpected reply from bdev_get_iostat: result.tick_rate should be an unsigned integer, is missing"
         );
         let msg = error_text(bdev_iostat(&json!({"tick_rate": 0, "bdevs": []})));
-        assert!(msg.contains("result.tick_rate should be ticks per second"), "{msg}");
+        assert!(
+            msg.contains("result.tick_rate should be ticks per second"),
+            "{msg}"
+        );
         let mut b = iostat_bdev("Malloc0");
         b.as_object_mut().unwrap().remove("write_latency_ticks");
         let msg = error_text(bdev_iostat(&json!({"tick_rate": 1000, "bdevs": [b]})));
@@ -678,8 +690,14 @@ mod tests {
 
     #[test]
     fn version_must_be_a_string() {
-        assert_eq!(version(&json!({"version": "plexstor v0.1.0"})).unwrap(), "plexstor v0.1.0");
+        assert_eq!(
+            version(&json!({"version": "plexstor v0.1.0"})).unwrap(),
+            "plexstor v0.1.0"
+        );
         let msg = version(&json!({"fields": {}})).unwrap_err().to_string();
-        assert!(msg.contains("spdk_get_version: result.version should be a string"), "{msg}");
+        assert!(
+            msg.contains("spdk_get_version: result.version should be a string"),
+            "{msg}"
+        );
     }
 }
