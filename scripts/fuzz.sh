@@ -5,7 +5,9 @@
 # Usage: scripts/fuzz.sh [SECONDS_PER_TARGET (default 60)] [TARGET...]
 # cargo-fuzz wants a nightly compiler for its sanitizer flags; RUSTC_BOOTSTRAP=1 lets the
 # stable toolchain accept them. Corpora persist in build/fuzz-corpus/<target> so each run
-# starts where the last one stopped; crashes land in fuzz/artifacts/<target>/.
+# starts where the last one stopped; crashes land in fuzz/artifacts/<target>/. Inputs kept in
+# the repo, fuzz/corpus/<target>/ (past findings, seeds), are read too but never written:
+# libFuzzer adds new inputs to the first corpus directory only.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -27,8 +29,10 @@ status=0
 for t in "${targets[@]}"; do
     corpus="$repo/build/fuzz-corpus/$t"
     mkdir -p "$corpus"
-    echo "=== fuzzing $t for ${seconds}s (corpus $corpus)"
-    if cargo fuzz run "$t" "$corpus" -- -max_total_time="$seconds" -rss_limit_mb=2048; then
+    corpora=("$corpus")
+    [ -d "$repo/fuzz/corpus/$t" ] && corpora+=("$repo/fuzz/corpus/$t")
+    echo "=== fuzzing $t for ${seconds}s (corpus ${corpora[*]})"
+    if cargo fuzz run "$t" "${corpora[@]}" -- -max_total_time="$seconds" -rss_limit_mb=2048; then
         echo "ok - fuzz $t: no crash in ${seconds}s"
     else
         echo "not ok - fuzz $t: crashed; reproducer in fuzz/artifacts/$t/"

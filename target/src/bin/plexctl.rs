@@ -68,6 +68,8 @@ enum CallError {
     Rpc { code: i64, message: String },
     /// The socket failed, or the answer was not JSON-RPC.
     Transport(String),
+    /// The result lacks what plexctl needs from it (a field renamed or gone in plexd).
+    Reply(String),
 }
 
 impl std::fmt::Display for CallError {
@@ -75,6 +77,7 @@ impl std::fmt::Display for CallError {
         match self {
             CallError::Rpc { code, message } => write!(f, "error {code}: {message}"),
             CallError::Transport(m) => f.write_str(m),
+            CallError::Reply(m) => write!(f, "unexpected reply from {m}"),
         }
     }
 }
@@ -130,10 +133,15 @@ impl Client {
             buf.extend_from_slice(&chunk[..n]);
         };
         if let Some(e) = resp.get("error") {
-            return Err(CallError::Rpc {
-                code: e["code"].as_i64().unwrap_or(0),
-                message: e["message"].as_str().unwrap_or("(no message)").to_string(),
-            });
+            return match (e["code"].as_i64(), e["message"].as_str()) {
+                (Some(code), Some(message)) => Err(CallError::Rpc {
+                    code,
+                    message: message.to_string(),
+                }),
+                _ => Err(CallError::Transport(format!(
+                    "{method}: an error without an integer code and a message string: {e}"
+                ))),
+            };
         }
         resp.get("result")
             .cloned()
@@ -176,15 +184,20 @@ fn run(args: Args) -> Result<(), CallError> {
                 print_json(&v);
             }
         }
-        Cmd::Bdev { cmd: BdevCmd::List } => bdev_list(&c.call("bdev_get_bdevs", None)?),
+        Cmd::Bdev { cmd: BdevCmd::List } => {
+            print!("{}", bdev_list(&c.call("bdev_get_bdevs", None)?)?.render())
+        }
         Cmd::Bdev {
             cmd: BdevCmd::Iostat,
-        } => bdev_iostat(&c.call("bdev_get_iostat", None)?),
-        Cmd::Reactors => reactors(&c.call("framework_get_reactors", None)?),
-        Cmd::Version => {
-            let v = c.call("spdk_get_version", None)?;
-            println!("{}", v["version"].as_str().unwrap_or("unknown"));
-        }
+        } => print!(
+            "{}",
+            bdev_iostat(&c.call("bdev_get_iostat", None)?)?.render()
+        ),
+        Cmd::Reactors => print!(
+            "{}",
+            reactors(&c.call("framework_get_reactors", None)?)?.render()
+        ),
+        Cmd::Version => println!("{}", version(&c.call("spdk_get_version", None)?)?),
         Cmd::SaveConfig => print_json(&c.call("save_config", None)?),
     }
     Ok(())
@@ -197,21 +210,31 @@ fn print_json(v: &Value) {
     );
 }
 
-/// Prints rows under headers, columns padded to their widest cell.
-fn table(headers: &[&str], rows: &[Vec<String>]) {
-    let mut width: Vec<usize> = headers.iter().map(|h| h.len()).collect();
-    for r in rows {
-        for (w, cell) in width.iter_mut().zip(r) {
-            *w = (*w).max(cell.chars().count());
+/// Rows under headers, as the table commands print them.
+#[derive(Debug, PartialEq)]
+struct Table {
+    headers: &'static [&'static str],
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    /// The table as text, columns padded to their widest cell, one line per row.
+    fn render(&self) -> String {
+        let mut width: Vec<usize> = self.headers.iter().map(|h| h.len()).collect();
+        for r in &self.rows {
+            for (w, cell) in width.iter_mut().zip(r) {
+                *w = (*w).max(cell.chars().count());
+            }
         }
-    }
-    let line = |cells: &mut dyn Iterator<Item = &str>| {
-        let out: Vec<String> = cells.zip(&width).map(|(c, w)| format!("{c:<w$}")).collect();
-        println!("{}", out.join("  ").trim_end());
-    };
-    line(&mut headers.iter().copied());
-    for r in rows {
-        line(&mut r.iter().map(String::as_str));
+        let line = |cells: &mut dyn Iterator<Item = &str>| {
+            let out: Vec<String> = cells.zip(&width).map(|(c, w)| format!("{c:<w$}")).collect();
+            out.join("  ").trim_end().to_string() + "\n"
+        };
+        let mut text = line(&mut self.headers.iter().copied());
+        for r in &self.rows {
+            text += &line(&mut r.iter().map(String::as_str));
+        }
+        text
     }
 }
 
@@ -233,71 +256,178 @@ fn human_bytes(n: u64) -> String {
     }
 }
 
-fn items(v: &Value) -> impl Iterator<Item = &Value> {
-    v.as_array().into_iter().flatten()
+/// A value inside a method's reply, with its path for errors. A field a table needs that is
+/// missing or of another type is an error naming the method and the field, never a silent 0:
+/// a renamed field in plexd must break plexctl loudly, not print zeros.
+#[derive(Clone, Copy)]
+struct Reply<'a> {
+    method: &'a str,
+    path: &'a str,
+    value: &'a Value,
 }
 
-fn u(v: &Value) -> u64 {
-    v.as_u64().unwrap_or(0)
+impl<'a> Reply<'a> {
+    fn new(method: &'a str, result: &'a Value) -> Reply<'a> {
+        Reply {
+            method,
+            path: "result",
+            value: result,
+        }
+    }
+
+    fn error(&self, field: &str, want: &str) -> CallError {
+        let found = match self.value.get(field) {
+            None => "missing".to_string(),
+            Some(v) => format!("{v}"),
+        };
+        CallError::Reply(format!(
+            "{}: {}.{field} should be {want}, is {found}",
+            self.method, self.path
+        ))
+    }
+
+    fn field(&self, field: &str) -> Option<&'a Value> {
+        self.value.get(field)
+    }
+
+    fn u64(&self, field: &str) -> Result<u64, CallError> {
+        self.field(field)
+            .and_then(Value::as_u64)
+            .ok_or_else(|| self.error(field, "an unsigned integer"))
+    }
+
+    fn str(&self, field: &str) -> Result<&'a str, CallError> {
+        self.field(field)
+            .and_then(Value::as_str)
+            .ok_or_else(|| self.error(field, "a string"))
+    }
+
+    /// A string that may be absent or null (SPDK leaves some out).
+    fn opt_str(&self, field: &str) -> Result<Option<&'a str>, CallError> {
+        match self.field(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_str()
+                .map(Some)
+                .ok_or_else(|| self.error(field, "a string or null")),
+        }
+    }
+
+    fn bool(&self, field: &str) -> Result<bool, CallError> {
+        self.field(field)
+            .and_then(Value::as_bool)
+            .ok_or_else(|| self.error(field, "true or false"))
+    }
+
+    /// The elements of an array field, each with its path (`result.bdevs[2]`), or of the
+    /// reply itself when `field` is None.
+    fn items(&self, field: Option<&str>) -> Result<Vec<(String, &'a Value)>, CallError> {
+        let (array, path) = match field {
+            None => (self.value.as_array(), self.path.to_string()),
+            Some(f) => (
+                self.field(f).and_then(Value::as_array),
+                format!("{}.{f}", self.path),
+            ),
+        };
+        let array = array.ok_or_else(|| match field {
+            Some(f) => self.error(f, "an array"),
+            None => CallError::Reply(format!(
+                "{}: {} should be an array, is {}",
+                self.method, self.path, self.value
+            )),
+        })?;
+        Ok(array
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (format!("{path}[{i}]"), v))
+            .collect())
+    }
+
+    fn at(&self, path: &'a str, value: &'a Value) -> Reply<'a> {
+        Reply {
+            method: self.method,
+            path,
+            value,
+        }
+    }
 }
 
-fn bdev_list(v: &Value) {
-    let rows: Vec<Vec<String>> = items(v)
-        .map(|b| {
-            // The module is the key of driver_specific; product_name when a module says nothing.
-            let module = b["driver_specific"]
-                .as_object()
-                .and_then(|o| o.keys().next().cloned())
-                .unwrap_or_else(|| b["product_name"].as_str().unwrap_or("?").to_string());
-            let bs = u(&b["block_size"]);
-            vec![
-                b["name"].as_str().unwrap_or("?").to_string(),
-                module,
-                human_bytes(bs.saturating_mul(u(&b["num_blocks"]))),
-                bs.to_string(),
-                b["claimed_by"]
-                    .as_str()
-                    .map(String::from)
-                    .unwrap_or_else(|| if b["claimed"] == true { "yes" } else { "no" }.into()),
-                b["uuid"].as_str().unwrap_or("-").to_string(),
-            ]
-        })
-        .collect();
-    table(
-        &["NAME", "MODULE", "SIZE", "BLOCK", "CLAIMED", "UUID"],
-        &rows,
-    );
+/// `bdev list` from `bdev_get_bdevs`'s result.
+fn bdev_list(result: &Value) -> Result<Table, CallError> {
+    let reply = Reply::new("bdev_get_bdevs", result);
+    let mut rows = Vec::new();
+    for (path, b) in reply.items(None)? {
+        let b = reply.at(&path, b);
+        // The module is the key of driver_specific; product_name when a module says nothing.
+        let module = match b
+            .field("driver_specific")
+            .and_then(Value::as_object)
+            .and_then(|o| o.keys().next())
+        {
+            Some(m) => m.clone(),
+            None => b.str("product_name")?.to_string(),
+        };
+        let block_size = b.u64("block_size")?;
+        let num_blocks = b.u64("num_blocks")?;
+        let bytes = block_size.checked_mul(num_blocks).ok_or_else(|| {
+            CallError::Reply(format!(
+                "bdev_get_bdevs: {path}: {num_blocks} blocks of {block_size} bytes overflow 64 bits"
+            ))
+        })?;
+        let claimed = match b.opt_str("claimed_by")? {
+            Some(by) => by.to_string(),
+            None if b.bool("claimed")? => "yes".into(),
+            None => "no".into(),
+        };
+        rows.push(vec![
+            b.str("name")?.to_string(),
+            module,
+            human_bytes(bytes),
+            block_size.to_string(),
+            claimed,
+            b.str("uuid")?.to_string(),
+        ]);
+    }
+    Ok(Table {
+        headers: &["NAME", "MODULE", "SIZE", "BLOCK", "CLAIMED", "UUID"],
+        rows,
+    })
 }
 
-fn bdev_iostat(v: &Value) {
-    let tick_rate = u(&v["tick_rate"]).max(1) as f64;
-    // Average latency in microseconds from total ticks over ops.
-    let avg_us = |ticks: &Value, ops: u64| {
+/// `bdev iostat` from `bdev_get_iostat`'s result.
+fn bdev_iostat(result: &Value) -> Result<Table, CallError> {
+    let reply = Reply::new("bdev_get_iostat", result);
+    let tick_rate = reply.u64("tick_rate")?;
+    if tick_rate == 0 {
+        return Err(reply.error("tick_rate", "ticks per second, above 0"));
+    }
+    // Average latency in microseconds: total ticks over ops, ticks to seconds, to µs.
+    let avg_us = |ticks: u64, ops: u64| {
         if ops == 0 {
             "-".to_string()
         } else {
-            format!("{:.1}", u(ticks) as f64 / ops as f64 / tick_rate * 1e6)
+            format!("{:.1}", ticks as f64 / ops as f64 / tick_rate as f64 * 1e6)
         }
     };
-    let rows: Vec<Vec<String>> = items(&v["bdevs"])
-        .map(|b| {
-            let (r, w) = (u(&b["num_read_ops"]), u(&b["num_write_ops"]));
-            vec![
-                b["name"].as_str().unwrap_or("?").to_string(),
-                r.to_string(),
-                human_bytes(u(&b["bytes_read"])),
-                avg_us(&b["read_latency_ticks"], r),
-                w.to_string(),
-                human_bytes(u(&b["bytes_written"])),
-                avg_us(&b["write_latency_ticks"], w),
-                u(&b["num_unmap_ops"]).to_string(),
-                u(&b["num_flush_ops"]).to_string(),
-                u(&b["io_error"]).to_string(),
-            ]
-        })
-        .collect();
-    table(
-        &[
+    let mut rows = Vec::new();
+    for (path, b) in reply.items(Some("bdevs"))? {
+        let b = reply.at(&path, b);
+        let (reads, writes) = (b.u64("num_read_ops")?, b.u64("num_write_ops")?);
+        rows.push(vec![
+            b.str("name")?.to_string(),
+            reads.to_string(),
+            human_bytes(b.u64("bytes_read")?),
+            avg_us(b.u64("read_latency_ticks")?, reads),
+            writes.to_string(),
+            human_bytes(b.u64("bytes_written")?),
+            avg_us(b.u64("write_latency_ticks")?, writes),
+            b.u64("num_unmap_ops")?.to_string(),
+            b.u64("num_flush_ops")?.to_string(),
+            b.u64("io_error")?.to_string(),
+        ]);
+    }
+    Ok(Table {
+        headers: &[
             "NAME",
             "READS",
             "READ",
@@ -309,43 +439,265 @@ fn bdev_iostat(v: &Value) {
             "FLUSHES",
             "ERRORS",
         ],
-        &rows,
-    );
+        rows,
+    })
 }
 
-fn reactors(v: &Value) {
-    let rows: Vec<Vec<String>> = items(&v["reactors"])
-        .map(|r| {
-            let (busy, idle) = (u(&r["busy"]), u(&r["idle"]));
-            let pct = if busy + idle == 0 {
-                0.0
+/// `reactors` from `framework_get_reactors`'s result.
+fn reactors(result: &Value) -> Result<Table, CallError> {
+    let reply = Reply::new("framework_get_reactors", result);
+    let mut rows = Vec::new();
+    for (path, r) in reply.items(Some("reactors"))? {
+        let r = reply.at(&path, r);
+        let (busy, idle) = (r.u64("busy")?, r.u64("idle")?);
+        let total = busy.saturating_add(idle);
+        let busy_pct = if total == 0 {
+            0.0
+        } else {
+            busy as f64 * 100.0 / total as f64
+        };
+        let mut pollers = Vec::new();
+        for (poller_path, p) in r.items(Some("pollers"))? {
+            pollers.push(r.at(&poller_path, p).str("name")?.to_string());
+        }
+        rows.push(vec![
+            r.u64("lcore")?.to_string(),
+            format!("{busy_pct:.1}"),
+            if r.bool("in_interrupt")? { "yes" } else { "no" }.to_string(),
+            r.u64("sleeps")?.to_string(),
+            r.u64("wakeups")?.to_string(),
+            if pollers.is_empty() {
+                "-".into()
             } else {
-                busy as f64 * 100.0 / (busy + idle) as f64
-            };
-            let pollers: Vec<&str> = items(&r["pollers"])
-                .filter_map(|p| p["name"].as_str())
-                .collect();
-            vec![
-                u(&r["lcore"]).to_string(),
-                format!("{pct:.1}"),
-                if r["in_interrupt"] == true {
-                    "yes"
-                } else {
-                    "no"
-                }
-                .to_string(),
-                u(&r["sleeps"]).to_string(),
-                u(&r["wakeups"]).to_string(),
-                if pollers.is_empty() {
-                    "-".into()
-                } else {
-                    pollers.join(",")
-                },
-            ]
+                pollers.join(",")
+            },
+        ]);
+    }
+    Ok(Table {
+        headers: &["CORE", "BUSY%", "SLEEPING", "SLEEPS", "WAKEUPS", "POLLERS"],
+        rows,
+    })
+}
+
+/// `version` from `spdk_get_version`'s result.
+fn version(result: &Value) -> Result<String, CallError> {
+    Ok(Reply::new("spdk_get_version", result)
+        .str("version")?
+        .to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One bdev as plexd's `bdev_get_bdevs` describes it (the fields plexctl reads).
+    fn malloc_bdev(name: &str, block_size: u64, num_blocks: u64) -> Value {
+        json!({
+            "name": name,
+            "product_name": "Malloc disk",
+            "block_size": block_size,
+            "num_blocks": num_blocks,
+            "uuid": "6e1c7a0e-5c1b-4a59-9c3e-1f3f4e2b9a10",
+            "claimed": false,
+            "claimed_by": null,
+            "driver_specific": {"malloc": {}},
         })
-        .collect();
-    table(
-        &["CORE", "BUSY%", "SLEEPING", "SLEEPS", "WAKEUPS", "POLLERS"],
-        &rows,
-    );
+    }
+
+    fn error_text(r: Result<Table, CallError>) -> String {
+        match r {
+            Ok(t) => panic!("expected an error, got {t:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn human_bytes_picks_the_largest_whole_unit() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1024), "1 KiB");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(64 << 20), "64 MiB");
+        assert_eq!(human_bytes(3 << 40), "3 TiB");
+        assert_eq!(human_bytes(5 << 50), "5 PiB");
+        assert_eq!(human_bytes(u64::MAX), "16384 PiB");
+    }
+
+    #[test]
+    fn bdev_list_sizes_are_blocks_times_block_size() {
+        let mut claimed = malloc_bdev("Nvme0n1", 4096, 3 * 262_144 + 131_072);
+        claimed["claimed"] = json!(true);
+        claimed["claimed_by"] = json!("lvol");
+        claimed["driver_specific"] = json!({"nvme": [{"trid": {}}]});
+        let mut spdk_style = malloc_bdev("Null0", 512, 3);
+        // SPDK says only whether a bdev is claimed, and a module may say nothing.
+        spdk_style.as_object_mut().unwrap().remove("claimed_by");
+        spdk_style["claimed"] = json!(true);
+        spdk_style["driver_specific"] = json!({});
+        spdk_style["product_name"] = json!("Null disk");
+        let reply = json!([malloc_bdev("Malloc0", 512, 131_072), claimed, spdk_style]);
+        let t = bdev_list(&reply).unwrap();
+        let uuid = "6e1c7a0e-5c1b-4a59-9c3e-1f3f4e2b9a10";
+        assert_eq!(
+            t.rows,
+            vec![
+                // 131072 blocks of 512 bytes: 64 MiB.
+                vec!["Malloc0", "malloc", "64 MiB", "512", "no", uuid],
+                // 917504 blocks of 4 KiB: 3.5 GiB.
+                vec!["Nvme0n1", "nvme", "3.5 GiB", "4096", "lvol", uuid],
+                // 3 blocks of 512 bytes: 1.5 KiB.
+                vec!["Null0", "Null disk", "1.5 KiB", "512", "yes", uuid],
+            ]
+        );
+        let text = t.render();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4);
+        assert!(lines[0].starts_with("NAME     MODULE     SIZE     BLOCK  CLAIMED  UUID"));
+        assert!(lines[2].starts_with("Nvme0n1  nvme       3.5 GiB  4096   lvol     "));
+    }
+
+    #[test]
+    fn bdev_list_of_no_bdevs_is_the_headers() {
+        let t = bdev_list(&json!([])).unwrap();
+        assert_eq!(t.render(), "NAME  MODULE  SIZE  BLOCK  CLAIMED  UUID\n");
+    }
+
+    #[test]
+    fn a_bdev_missing_a_field_is_an_error_naming_the_method_and_field() {
+        for field in ["num_blocks", "block_size", "name", "uuid"] {
+            let mut b = malloc_bdev("Malloc1", 512, 8);
+            b.as_object_mut().unwrap().remove(field);
+            let msg = error_text(bdev_list(&json!([malloc_bdev("Malloc0", 512, 8), b])));
+            assert_eq!(
+                msg,
+                format!(
+                    "unexpected reply from bdev_get_bdevs: result[1].{field} should be {}, is missing",
+                    if field.ends_with("size") || field.starts_with("num") {
+                        "an unsigned integer"
+                    } else {
+                        "a string"
+                    }
+                )
+            );
+        }
+        // A renamed field reads as missing; one of the wrong type says what it found.
+        let mut b = malloc_bdev("Malloc0", 512, 8);
+        b["num_blocks"] = json!("8");
+        let msg = error_text(bdev_list(&json!([b])));
+        assert!(
+            msg.contains("bdev_get_bdevs: result[0].num_blocks"),
+            "{msg}"
+        );
+        assert!(msg.contains("is \"8\""), "{msg}");
+        let msg = error_text(bdev_list(&json!({"bdevs": []})));
+        assert!(
+            msg.contains("bdev_get_bdevs: result should be an array"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_size_beyond_64_bits_is_an_error() {
+        let msg = error_text(bdev_list(&json!([malloc_bdev("Huge", 4096, u64::MAX / 2)])));
+        assert!(msg.contains("bdev_get_bdevs: result[0]: "), "{msg}");
+        assert!(msg.contains("overflow"), "{msg}");
+    }
+
+    fn iostat_bdev(name: &str) -> Value {
+        json!({
+            "name": name,
+            "bytes_read": 0, "num_read_ops": 0, "read_latency_ticks": 0,
+            "bytes_written": 0, "num_write_ops": 0, "write_latency_ticks": 0,
+            "num_unmap_ops": 0, "num_flush_ops": 0, "io_error": 0,
+        })
+    }
+
+    #[test]
+    fn iostat_latency_is_ticks_per_op_at_the_tick_rate_in_microseconds() {
+        let mut busy = iostat_bdev("Malloc0");
+        // 4 reads of 4 KiB taking 3 ms in all at 1 GHz ticks: 750 µs each.
+        busy["num_read_ops"] = json!(4);
+        busy["bytes_read"] = json!(16384);
+        busy["read_latency_ticks"] = json!(3_000_000);
+        // 3 writes of 512 KiB taking 100 µs in all: 33.3 µs each.
+        busy["num_write_ops"] = json!(3);
+        busy["bytes_written"] = json!(3 * 512 * 1024);
+        busy["write_latency_ticks"] = json!(100_000);
+        busy["num_unmap_ops"] = json!(2);
+        busy["num_flush_ops"] = json!(1);
+        busy["io_error"] = json!(5);
+        let reply = json!({"tick_rate": 1_000_000_000u64, "ticks": 7, "bdevs": [busy, iostat_bdev("Null0")]});
+        let t = bdev_iostat(&reply).unwrap();
+        assert_eq!(
+            t.rows,
+            vec![
+                vec!["Malloc0", "4", "16 KiB", "750.0", "3", "1.5 MiB", "33.3", "2", "1", "5"],
+                // No ops: no latency to average.
+                vec!["Null0", "0", "0 B", "-", "0", "0 B", "-", "0", "0", "0"],
+            ]
+        );
+        // The same ticks at SPDK's usual 2.4 GHz TSC: 3e6 / 4 / 2.4e9 s = 312.5 µs.
+        let mut reply = reply;
+        reply["tick_rate"] = json!(2_400_000_000u64);
+        assert_eq!(bdev_iostat(&reply).unwrap().rows[0][3], "312.5");
+    }
+
+    #[test]
+    fn iostat_without_a_tick_rate_is_an_error() {
+        let msg = error_text(bdev_iostat(&json!({"bdevs": []})));
+        assert_eq!(
+            msg,
+            "unexpected reply from bdev_get_iostat: result.tick_rate should be an unsigned integer, is missing"
+        );
+        let msg = error_text(bdev_iostat(&json!({"tick_rate": 0, "bdevs": []})));
+        assert!(
+            msg.contains("result.tick_rate should be ticks per second"),
+            "{msg}"
+        );
+        let mut b = iostat_bdev("Malloc0");
+        b.as_object_mut().unwrap().remove("write_latency_ticks");
+        let msg = error_text(bdev_iostat(&json!({"tick_rate": 1000, "bdevs": [b]})));
+        assert!(
+            msg.contains("bdev_get_iostat: result.bdevs[0].write_latency_ticks should be an unsigned integer, is missing"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn reactors_busy_share_and_pollers() {
+        let reply = json!({"tick_rate": 1_000_000_000u64, "reactors": [
+            {"lcore": 0, "busy": 250, "idle": 750, "in_interrupt": false, "sleeps": 3, "wakeups": 4,
+             "pollers": [{"name": "nvmf_tgt_poll_group"}, {"name": "bdev_io"}]},
+            {"lcore": 1, "busy": 0, "idle": 0, "in_interrupt": true, "sleeps": 9, "wakeups": 8,
+             "pollers": []},
+        ]});
+        let t = reactors(&reply).unwrap();
+        assert_eq!(
+            t.rows,
+            vec![
+                vec!["0", "25.0", "no", "3", "4", "nvmf_tgt_poll_group,bdev_io"],
+                vec!["1", "0.0", "yes", "9", "8", "-"],
+            ]
+        );
+        let mut bad = reply.clone();
+        bad["reactors"][1]["pollers"] = json!([{"id": 1}]);
+        let msg = error_text(reactors(&bad));
+        assert!(
+            msg.contains("framework_get_reactors: result.reactors[1].pollers[0].name should be a string, is missing"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn version_must_be_a_string() {
+        assert_eq!(
+            version(&json!({"version": "plexstor v0.1.0"})).unwrap(),
+            "plexstor v0.1.0"
+        );
+        let msg = version(&json!({"fields": {}})).unwrap_err().to_string();
+        assert!(
+            msg.contains("spdk_get_version: result.version should be a string"),
+            "{msg}"
+        );
+    }
 }

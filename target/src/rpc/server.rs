@@ -101,33 +101,51 @@ pub fn next_frame(buf: &[u8]) -> Frame {
 }
 
 /// Splits a byte stream into JSON values, handing bytes to the parser only once a value's last
-/// byte may have arrived. A scan of brackets, strings and escapes finds that point, so a request
-/// trickled in one byte per read costs linear time rather than a fresh parse of the whole
-/// buffer on every read.
+/// byte may have arrived. A resumable scan of brackets, strings and escapes finds that point,
+/// keeping its state between reads so each byte is scanned once; a request trickled in one
+/// byte per read then costs linear time rather than a fresh parse of the whole buffer on
+/// every read.
+///
+/// Work stays linear for any input: each value reaches the parser once whole (its scanned end
+/// is where the parser also finds it complete, since the scan follows the parser's rules for
+/// strings and escapes) plus probes of at most twice its length (see `probe`).
 #[derive(Default)]
 pub struct Framer {
     buf: Vec<u8>,
     scan: Scan,
-    /// The buffer length at which to next try a full parse (see `probe`).
+    /// The pending value's length at which to next try a full parse (see `probe`).
     probe_at: usize,
     /// Bytes given to the JSON parser so far (tests check it stays linear).
     pub parsed_bytes: u64,
 }
 
-/// Where the scan of the value at the front of the buffer stands.
+/// Where the scan of the value at the front of the unconsumed buffer stands. Offsets are
+/// into `Framer::buf`.
 #[derive(Default)]
 struct Scan {
+    /// Where the value being scanned begins: white space before it is stepped over.
+    start: usize,
+    /// The next byte to scan.
     pos: usize,
     depth: usize,
     in_str: bool,
+    /// The previous byte was a backslash inside a string.
     esc: bool,
+    /// Bytes of a `\uXXXX` escape still to come. The parser takes the four bytes after `\u`
+    /// whatever they are, so a quote among them does not end the string for it either.
+    hex_left: u8,
     /// Inside a bare number or literal at the top level.
     scalar: bool,
 }
 
 impl Scan {
-    fn at_top(&self) -> bool {
-        self.depth == 0 && !self.in_str && !self.scalar
+    /// A scan that starts afresh at `at`.
+    fn at(at: usize) -> Scan {
+        Scan {
+            start: at,
+            pos: at,
+            ..Scan::default()
+        }
     }
 
     /// Scans on from `pos`; returns the end of a value (exclusive) once one may be complete.
@@ -136,8 +154,13 @@ impl Scan {
             let b = buf[self.pos];
             self.pos += 1;
             if self.in_str {
-                if self.esc {
+                if self.hex_left > 0 {
+                    self.hex_left -= 1;
+                } else if self.esc {
                     self.esc = false;
+                    if b == b'u' {
+                        self.hex_left = 4;
+                    }
                 } else if b == b'\\' {
                     self.esc = true;
                 } else if b == b'"' {
@@ -165,7 +188,8 @@ impl Scan {
                     return Some(self.pos);
                 }
                 b'}' | b']' => self.depth -= 1,
-                b' ' | b'\t' | b'\n' | b'\r' => {}
+                // At the top level nothing has begun yet: the value starts after this.
+                b' ' | b'\t' | b'\n' | b'\r' if self.depth == 0 => self.start = self.pos,
                 _ if self.depth > 0 => {}
                 _ if b.is_ascii_alphanumeric() || b == b'-' => self.scalar = true,
                 // Not JSON at all: let the parser say so now.
@@ -178,59 +202,62 @@ impl Scan {
 
 impl Framer {
     pub fn push(&mut self, data: &[u8]) {
+        // Drop what is done with (values handed out, white space) once it is at least half
+        // the buffer, so the copy is paid for by those bytes and stays linear overall.
+        let done = self.scan.start;
+        if done > 0 && done >= self.buf.len() / 2 {
+            self.buf.drain(..done);
+            self.scan.start = 0;
+            self.scan.pos -= done;
+        }
         self.buf.extend_from_slice(data);
     }
 
     /// Bytes held: the part of a request received so far.
     pub fn buffered(&self) -> usize {
-        self.buf.len()
+        self.pending().len()
     }
 
     /// The bytes held (a request not yet whole).
     pub fn pending(&self) -> &[u8] {
-        &self.buf
+        &self.buf[self.scan.start..]
     }
 
     /// With no value's end in sight, a full parse now and then catches a request that went
     /// wrong early (`{"a" 1`) instead of waiting for a bracket that may never come. Probing
-    /// only when the buffer has doubled keeps the total work linear.
+    /// only when the pending value has doubled keeps its probes under twice its length.
     fn probe(&mut self) -> Frame {
-        if self.buf.is_empty() || self.buf.len() < self.probe_at {
+        let pending = self.buf.len() - self.scan.start;
+        if pending == 0 || pending < self.probe_at {
             return Frame::Incomplete;
         }
-        self.probe_at = self.buf.len() * 2;
-        self.parsed_bytes += self.buf.len() as u64;
-        match next_frame(&self.buf) {
+        self.probe_at = pending * 2;
+        self.parsed_bytes += pending as u64;
+        match next_frame(self.pending()) {
             Frame::Malformed(m) => Frame::Malformed(m),
             _ => Frame::Incomplete,
         }
     }
 
-    /// The next whole value, if it has arrived.
+    /// The next whole value, if it has arrived. The count with it is the value's own bytes
+    /// (white space before it was dropped as it was scanned past).
     pub fn next_frame(&mut self) -> Frame {
         loop {
-            // White space between values is dropped as it is scanned past.
-            if self.scan.at_top()
-                && self.scan.pos > 0
-                && self.buf[..self.scan.pos]
-                    .iter()
-                    .all(u8::is_ascii_whitespace)
-            {
-                self.buf.drain(..self.scan.pos);
-                self.scan.pos = 0;
-            }
             let Some(end) = self.scan.find_end(&self.buf) else {
                 return self.probe();
             };
-            self.parsed_bytes += end as u64;
-            match next_frame(&self.buf[..end]) {
+            let start = self.scan.start;
+            self.parsed_bytes += (end - start) as u64;
+            match next_frame(&self.buf[start..end]) {
                 Frame::Value(v, used) => {
-                    self.buf.drain(..used);
-                    self.scan = Scan::default();
+                    // A bare number's end is the byte after it, which belongs to what follows.
+                    self.scan = Scan::at(start + used);
                     self.probe_at = 0;
                     return Frame::Value(v, used);
                 }
-                // Not expected at a scanned end; scanning on is always safe.
+                // The scan follows the parser's rules for strings and escapes, so the two
+                // should never disagree here. Scanning on still frames right, but each retry
+                // parses the value again: the fuzz target's work bound would catch it.
                 Frame::Incomplete => continue,
                 malformed => return malformed,
             }
@@ -345,8 +372,14 @@ mod tests {
 
     #[test]
     fn framer_agrees_with_whole_buffer_framing() {
-        let cases: [&[u8]; 8] = [
+        let cases: [&[u8]; 13] = [
             br#"{"a":1}  {"b":[2,{"c":"}]\"{"}]} "#,
+            // A quote inside the four bytes after `\u` does not end the string.
+            br#""\u0041" "\u"""" "x""#,
+            br#"{"s":"\ud83d\ude00"} ["\ud83d\u"}"]"] "#,
+            br#""\ud83d" "\ud83d\"" 1"#,
+            b"[\"\\u12\"]\"]",
+            b"\"\xff\\u\"\"\"2\"",
             b"12 true [] \"x\\\"y\" null\n",
             br#"{"a":1]"#,
             b"  \n\t ",
@@ -387,6 +420,30 @@ mod tests {
         // Trickled, it is caught once the buffer has doubled since the last probe.
         let (_, bad, _) = framed(b"[1, 2, \"\n                 ", 1);
         assert!(bad, "a control character in a string, trickled");
+    }
+
+    /// A fuzzer finding: an unfinished string with invalid UTF-8 and a `\\u` escape cut short
+    /// by quotes. The scanner took `\\u"` for a whole escape and the closing quote after it for
+    /// the string's end while the parser wanted four more bytes, so every later quote sent the
+    /// whole buffer through the parser again.
+    #[test]
+    fn the_fuzzed_unicode_escape_cut_short_is_framed_in_linear_work() {
+        let mut input = b"C1\"".to_vec();
+        input.extend_from_slice(&[0xff; 128]);
+        input.extend_from_slice(b"C\\u\"\"\"2\"CT");
+        assert_eq!(input.len(), 141);
+        // As the fuzz target reads its input: the first byte picks the piece size, and a
+        // newline ends the stream.
+        let step = input[0] as usize % 64 + 1;
+        let mut stream = input[1..].to_vec();
+        stream.push(b'\n');
+        let (vals, bad, parsed) = framed(&stream, step);
+        assert_eq!((vals, bad), (vec![json!(1)], true));
+        assert!(
+            parsed <= 4 * stream.len() as u64 + 64,
+            "{parsed} bytes parsed for a {}-byte stream",
+            stream.len()
+        );
     }
 
     #[test]
