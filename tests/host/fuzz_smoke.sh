@@ -15,9 +15,6 @@ set -u
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 # shellcheck source=../guest/lib.sh
 . "$REPO/tests/guest/lib.sh"
-# lib.sh may predate `plan`: print the TAP plan line ourselves then.
-type plan >/dev/null 2>&1 || plan() { echo "1..$1"; }
-
 plan 3
 
 SECONDS_PER_TARGET=${FUZZ_SMOKE_SECONDS:-5}
