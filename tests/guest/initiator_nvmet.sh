@@ -12,7 +12,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=tests/guest/lib.sh
 . "$HERE/lib.sh"
-plan 11
+plan 12
 REPO=$GUEST_LIB_REPO
 PERF=${PLEXPERF:-$REPO/build/release/plexperf}
 NQN=nqn.2024-01.io.plexstor:initiator-nvmet
@@ -100,6 +100,12 @@ perf "randrw 64 KiB (R2T/H2CData writes, C2HData reads) with --verify" "$WORK/bi
     -w randrw -M 50 -o 65536 -q 4 -t 3 --verify --size 8388608
 perf "header and data digests with --verify" "$WORK/dg.json" \
     -w randrw -M 50 -o 16384 -q 4 -t 3 --verify --size 4194304 --hdgst --ddgst
+granted=$(json_field "$WORK/dg.json" '"%d %d" % (len(r["digests"]), sum(d["hdgst"] and d["ddgst"] for d in r["digests"]))')
+if [ "${granted% *}" -ge 2 ] && [ "${granted% *}" = "${granted#* }" ]; then
+    pass "nvmet granted both digests on every queue (queues, with both: $granted)"
+else
+    fail "nvmet granted both digests on every queue" "queues, with both: ${granted:-no report}"
+fi
 
 # Reconnect: remove the nvmet port under running I/O, re-create it, expect plexperf to
 # reconnect, re-send what was in flight, and finish with no error and no mismatch.

@@ -13,7 +13,7 @@ set -uo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=tests/guest/lib.sh
 . "$HERE/lib.sh"
-plan 35
+plan 36
 REPO=$GUEST_LIB_REPO
 
 PLEXD=${PLEXD:-$REPO/build/release/plexd}
@@ -193,6 +193,13 @@ check "plexd controllers cleaned up" wait_controllers 0
 # ---- digests ---------------------------------------------------------------------
 if check "nvme connect --hdr-digest --data-digest" nvme_connect_tcp "$NQN" "$ADDR" "$PORT" -i 2 --hdr-digest --data-digest; then
     DEV=$(dev_of) && check "fio verify with digests" fio_verify "$DEV" 2M
+    qpairs=$(rpc nvmf_subsystem_get_qpairs "{\"nqn\": \"$NQN\"}")
+    with_digests=$(jget "$qpairs" '"%d %d" % (len(v), sum(q["hdgst"] and q["ddgst"] for q in v))')
+    if [ "${with_digests% *}" = 3 ] && [ "${with_digests#* }" = 3 ]; then
+        pass "plexd runs both digests on all 3 queues"
+    else
+        fail "plexd runs both digests on all 3 queues" "queues, with both: $with_digests"
+    fi
     check "fio 1M seq with digests" fio_seq "$DEV" 1M 8M
     nvme disconnect -n "$NQN" >/dev/null 2>&1
     wait_for_no_nvme_dev "$NQN" 20 >/dev/null

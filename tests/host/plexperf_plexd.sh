@@ -8,7 +8,7 @@ set -uo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 # shellcheck source=tests/guest/lib.sh
 . "$REPO/tests/guest/lib.sh"
-plan 8
+plan 9
 
 PLEXD=${PLEXD:-$REPO/build/release/plexd}
 PLEXPERF=${PLEXPERF:-$REPO/build/release/plexperf}
@@ -72,6 +72,16 @@ EOF
 run_verify "4 qpairs x QD32, 4 KiB randrw (in-capsule writes)" -P 4 -q 32 -c 0x3 -o 4096 -w randrw -M 50
 run_verify "2 qpairs x QD16, 128 KiB randrw (R2T writes, C2H reads)" -P 2 -q 16 -c 0x3 -o 131072 -w randrw -M 50
 run_verify "header and data digests, 64 KiB randrw" -P 2 -q 16 -o 65536 -w randrw -M 50 --hdgst --ddgst
+# The digests were in force, not just asked for: plexperf reports what each ICResp granted.
+digests=$(python3 -c '
+import json, sys
+q = json.load(open(sys.argv[1]))["digests"]
+print(len(q), sum(d["hdgst"] and d["ddgst"] for d in q))' "$WORK/header and data digests, 64 KiB randrw.json")
+if [ "${digests% *}" -ge 3 ] && [ "${digests% *}" = "${digests#* }" ]; then
+    pass "digests in force on every queue (queues, with both digests: $digests)"
+else
+    fail "digests in force on every queue" "queues, with both digests: ${digests:-no report}"
+fi
 run_verify "1 MiB sequential writes and reads (MDTS-sized)" -q 8 -o 1048576 -w rw -M 50
 
 # The connections spread over both reactors while connected, and go away after. plexperf
