@@ -860,9 +860,14 @@ mod tests {
         });
         let cntlid = c.ctrl.cntlid;
         let other = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-000000000001";
-        let e = connect(&t, &info, &connect_cmd(1, 128), &data(&s.nqn, other, cntlid))
-            .err()
-            .unwrap();
+        let e = connect(
+            &t,
+            &info,
+            &connect_cmd(1, 128),
+            &data(&s.nqn, other, cntlid),
+        )
+        .err()
+        .unwrap();
         assert_eq!(e.1, invalid_param_dw0(InvalidParamIn::Data, cdo::HOSTNQN));
         let io = connect(&t, &info, &connect_cmd(1, 128), &data(&s.nqn, "", cntlid)).unwrap();
         assert_eq!(io.qid, 1);
