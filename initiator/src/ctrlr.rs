@@ -406,7 +406,19 @@ impl Controller {
 
         let discovery = self.trid.is_discovery() || id.cntrltype == 3;
         if !discovery {
-            let want = self.opts.num_io_queues.max(1);
+            // Ask for namespace attribute notices first, so that no change after the scan
+            // below goes unnoticed; a target that refuses still works.
+            if let Err(e) =
+                self.admin_cmd(Command::set_features(0x0B, 1 << 8, false), Dir::None, None)
+            {
+                debug!("Set Features Async Event Configuration: {e}");
+            }
+            // Scanned before Number of Queues, which may depend on how many there are.
+            let nss = self.scan_namespaces()?;
+            let want = match self.opts.io_queues_per_namespace {
+                0 => self.opts.num_io_queues.max(1),
+                per_ns => (nss.len().max(1) * usize::from(per_ns)).clamp(1, 1024) as u16,
+            };
             let v = u32::from(want - 1) | (u32::from(want - 1) << 16);
             let (dw0, _) =
                 self.admin_cmd(Command::set_features(0x07, v, false), Dir::None, None)?;
@@ -414,15 +426,8 @@ impl Controller {
                 .min((dw0 >> 16) + 1)
                 .min(u32::from(want)) as u16;
             self.info.io_queues = granted;
-            // Ask for namespace attribute notices; a target that refuses still works.
-            if let Err(e) =
-                self.admin_cmd(Command::set_features(0x0B, 1 << 8, false), Dir::None, None)
-            {
-                debug!("Set Features Async Event Configuration: {e}");
-            }
             // Diffed against what we knew, so a reconnect reports namespaces that came, went
             // or changed size while the controller was away.
-            let nss = self.scan_namespaces()?;
             self.apply_namespaces(nss);
             self.submit_aer();
         }

@@ -15,6 +15,9 @@ pub struct CtrlrOpts {
     pub ddgst: bool,
     /// I/O queues to ask for in Set Features Number of Queues.
     pub num_io_queues: u16,
+    /// When non-zero, ask instead for this many I/O queues per active namespace (counted at
+    /// bring-up), for a host that opens its queues per namespace, as plexperf does.
+    pub io_queues_per_namespace: u16,
     /// Entries per I/O queue (clamped to CAP.MQES + 1).
     pub io_queue_size: u16,
     /// Entries of the admin queue.
@@ -55,6 +58,7 @@ impl Default for CtrlrOpts {
             hdgst: false,
             ddgst: false,
             num_io_queues: 4,
+            io_queues_per_namespace: 0,
             io_queue_size: 128,
             admin_queue_size: 32,
             // SPDK's default keep_alive_timeout_ms is 10000.

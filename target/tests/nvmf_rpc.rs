@@ -192,3 +192,77 @@ fn namespace_changes_complete_an_aer() {
     );
     assert_eq!(u32::from_le_bytes(log[0..4].try_into().unwrap()), 2);
 }
+
+/// What SPDK's client (`spdk-rpc` 26.x) sends with its default arguments is taken; a feature we
+/// lack, asked for, is refused by name and value; a misspelt name stays an error.
+#[test]
+fn spdk_client_parameters_are_taken_or_refused_clearly() {
+    let t = Target::start(true);
+    let invalid = plexd::rpc::INVALID_PARAMS;
+    // `spdk-rpc nvmf_create_transport -t TCP`: accepted, then refused only because the
+    // transport exists.
+    let spdk_transport = json!({"trtype": "TCP", "c2h_success": true,
+        "dif_insert_or_strip": false, "disable_adaptive_irq": false,
+        "disable_command_passthru": false, "disable_mappable_bar0": false,
+        "disable_shadow_doorbells": false, "no_srq": false, "no_wr_batching": false,
+        "zcopy": false});
+    let e = t
+        .rpc("nvmf_create_transport", spdk_transport.clone())
+        .unwrap_err();
+    assert_eq!(e.code, -libc::EEXIST, "{e}");
+    let mut asks_dif = spdk_transport.clone();
+    asks_dif["dif_insert_or_strip"] = json!(true);
+    let e = t.rpc("nvmf_create_transport", asks_dif).unwrap_err();
+    assert_eq!(e.code, invalid);
+    assert!(
+        e.message
+            .contains("dif_insert_or_strip=true is not supported by plexd"),
+        "{e}"
+    );
+    let mut misspelt = spdk_transport;
+    misspelt["no_sqr"] = json!(false);
+    let e = t.rpc("nvmf_create_transport", misspelt).unwrap_err();
+    assert_eq!(e.code, invalid);
+    assert!(e.message.contains("unknown field `no_sqr`"), "{e}");
+
+    // `spdk-rpc nvmf_create_subsystem NQN -a`, then a namespace and a listener as it sends them.
+    let nqn = "nqn.2016-06.io.spdk:spdk-client";
+    t.rpc(
+        "nvmf_create_subsystem",
+        json!({"nqn": nqn, "allow_any_host": true, "ana_reporting": false,
+            "enable_nssr": false, "passthrough": false}),
+    )
+    .unwrap();
+    let e = t
+        .rpc(
+            "nvmf_create_subsystem",
+            json!({"nqn": "nqn.2016-06.io.spdk:x", "passthrough": true}),
+        )
+        .unwrap_err();
+    assert!(e.message.contains("passthrough=true"), "{e}");
+    let e = t
+        .rpc(
+            "nvmf_subsystem_add_ns",
+            json!({"nqn": nqn, "namespace": {"bdev_name": "Malloc0", "no_auto_visible": true}}),
+        )
+        .unwrap_err();
+    assert!(e.message.contains("namespace.no_auto_visible=true"), "{e}");
+
+    // `spdk-rpc bdev_nvme_attach_controller`: accepted up to the connection (nothing listens
+    // on port 1), refused with a key it cannot use.
+    let attach = json!({"name": "R", "trtype": "tcp", "traddr": "127.0.0.1", "trsvcid": "1",
+        "subnqn": nqn, "allow_unrecognized_csi": false, "disable_sq_flow_control": false,
+        "hdgst": false, "ddgst": false, "prchk_guard": false, "prchk_reftag": false});
+    let e = t
+        .rpc("bdev_nvme_attach_controller", attach.clone())
+        .unwrap_err();
+    assert_ne!(e.code, invalid, "{e}");
+    let mut with_psk = attach;
+    with_psk["psk"] = json!("key0");
+    let e = t.rpc("bdev_nvme_attach_controller", with_psk).unwrap_err();
+    assert_eq!(e.code, invalid);
+    assert!(
+        e.message.contains("psk=\"key0\" is not supported by plexd"),
+        "{e}"
+    );
+}

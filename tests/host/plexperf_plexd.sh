@@ -8,11 +8,12 @@ set -uo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 # shellcheck source=tests/guest/lib.sh
 . "$REPO/tests/guest/lib.sh"
-plan 9
+plan 10
 
 PLEXD=${PLEXD:-$REPO/build/release/plexd}
 PLEXPERF=${PLEXPERF:-$REPO/build/release/plexperf}
 NQN=nqn.2026-11.io.plexstor:plexperf-test
+TWO_NS=nqn.2026-11.io.plexstor:plexperf-two-ns
 PORT=$(free_tcp_port)
 WORK=$(mktemp -d /tmp/plexperf-plexd.XXXXXX)
 SOCK=$WORK/plexd.sock
@@ -35,7 +36,13 @@ configure() {
         rpc nvmf_create_transport '{"trtype": "TCP"}' &&
         rpc nvmf_create_subsystem "{\"nqn\": \"$NQN\", \"allow_any_host\": true}" &&
         rpc nvmf_subsystem_add_ns "{\"nqn\": \"$NQN\", \"namespace\": {\"bdev_name\": \"Malloc0\"}}" &&
-        rpc nvmf_subsystem_add_listener "{\"nqn\": \"$NQN\", \"listen_address\": {\"trtype\": \"TCP\", \"adrfam\": \"IPv4\", \"traddr\": \"127.0.0.1\", \"trsvcid\": \"$PORT\"}}"
+        rpc nvmf_subsystem_add_listener "{\"nqn\": \"$NQN\", \"listen_address\": {\"trtype\": \"TCP\", \"adrfam\": \"IPv4\", \"traddr\": \"127.0.0.1\", \"trsvcid\": \"$PORT\"}}" &&
+        rpc bdev_malloc_create '{"name": "Malloc1", "num_blocks": 16384, "block_size": 512}' &&
+        rpc bdev_malloc_create '{"name": "Malloc2", "num_blocks": 16384, "block_size": 512}' &&
+        rpc nvmf_create_subsystem "{\"nqn\": \"$TWO_NS\", \"allow_any_host\": true}" &&
+        rpc nvmf_subsystem_add_ns "{\"nqn\": \"$TWO_NS\", \"namespace\": {\"bdev_name\": \"Malloc1\"}}" &&
+        rpc nvmf_subsystem_add_ns "{\"nqn\": \"$TWO_NS\", \"namespace\": {\"bdev_name\": \"Malloc2\"}}" &&
+        rpc nvmf_subsystem_add_listener "{\"nqn\": \"$TWO_NS\", \"listen_address\": {\"trtype\": \"TCP\", \"adrfam\": \"IPv4\", \"traddr\": \"127.0.0.1\", \"trsvcid\": \"$PORT\"}}"
 }
 check "plexd with two reactors configured" configure || finish
 
@@ -46,7 +53,7 @@ run_verify() {
     local name=$1 out
     shift
     out=$WORK/$name.json
-    if ! "$PLEXPERF" -r "$TRID" --verify --json -t 2 --warmup 0 "$@" >"$out" 2>"$WORK/$name.err"; then
+    if ! "$PLEXPERF" -r "${RUN_TRID:-$TRID}" --verify --json -t 2 --warmup 0 "$@" >"$out" 2>"$WORK/$name.err"; then
         fail "$name" "plexperf failed: $(tail -n1 "$WORK/$name.err")"
         return
     fi
@@ -83,6 +90,9 @@ else
     fail "digests in force on every queue" "queues, with both digests: ${digests:-no report}"
 fi
 run_verify "1 MiB sequential writes and reads (MDTS-sized)" -q 8 -o 1048576 -w rw -M 50
+# One queue pair per -P per namespace: plexperf must ask for all of them.
+RUN_TRID="trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:$PORT subnqn:$TWO_NS" \
+    run_verify "a subsystem with two namespaces, 2 qpairs each" -P 2 -q 8 -c 0x3 -o 4096 -w randrw -M 50
 
 # The connections spread over both reactors while connected, and go away after. plexperf
 # runs long enough to be seen; the poll below ends as soon as all its queues are up.

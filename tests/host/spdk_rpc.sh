@@ -12,7 +12,7 @@ set -u
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 # shellcheck source=../guest/lib.sh
 . "$REPO/tests/guest/lib.sh"
-plan 28
+plan 47
 
 VENV=${PLEXSTOR_SPDK_VENV:-$REPO/.guest/spdk-venv}
 # The client version these tests were written against; newer ones may send new parameters.
@@ -157,6 +157,55 @@ if [ -s "$WORK/config.json" ]; then
 sorted(b["name"] for b in j) == ["M0", "M1", "Malloc0", "N0", "U0", "U1"]
 and {b["name"]: b["uuid"] for b in j}["M1"] == "0b5c6f3e-9a55-4d2c-8a51-0d6c3c2f8e11"' bdev_get_bdevs
 fi
+
+# ---- NVMe-oF, end to end, with spdk-rpc's default arguments -----------------------------------
+# plexd exports a namespace and attaches it back through its own listener with bdev_nvme.
+NQN=nqn.2016-06.io.spdk:spdk-rpc-test
+PORT=$(free_tcp_port)
+
+# refused NAME PATTERN METHOD [ARGS...]: spdk-rpc must fail, and its output match PATTERN.
+refused() {
+    local name=$1 pattern=$2 out rc=0
+    shift 2
+    out=$(rpc "$@" 2>&1) || rc=$?
+    if [ "$rc" != 0 ] && printf '%s' "$out" | grep -q -- "$pattern"; then
+        pass "$name"
+    else
+        printf '%s\n' "$out" | tail -n 8 | sed 's/^/# /'
+        fail "$name" "exit $rc, no '$pattern' in the output"
+    fi
+}
+
+# A feature plexd lacks, asked for: refused by name and value, not as an unknown field.
+refused "nvmf_create_transport -t TCP --dif-insert-or-strip is refused by name" \
+    'dif_insert_or_strip=true is not supported by plexd' nvmf_create_transport -t TCP --dif-insert-or-strip
+expect "nvmf_create_transport -t TCP" 'out.strip() == ""' nvmf_create_transport -t TCP
+expect "bdev_malloc_create for a namespace" 'out.strip() == "NS0"' bdev_malloc_create -b NS0 8 512
+expect "nvmf_create_subsystem" 'out.strip() == ""' nvmf_create_subsystem "$NQN" -a -s SPDK00000000000001
+expect "nvmf_subsystem_add_ns" 'out.strip() == ""' nvmf_subsystem_add_ns "$NQN" NS0
+expect "nvmf_subsystem_add_listener" 'out.strip() == ""' \
+    nvmf_subsystem_add_listener "$NQN" -t tcp -a 127.0.0.1 -s "$PORT" -f ipv4
+refused "bdev_nvme_attach_controller --allow-unrecognized-csi is refused by name" \
+    'allow_unrecognized_csi=true is not supported by plexd' \
+    bdev_nvme_attach_controller -b R0 -t tcp -a 127.0.0.1 -s "$PORT" -n "$NQN" --allow-unrecognized-csi
+expect "bdev_nvme_attach_controller" 'out.split() == ["R0n1"]' \
+    bdev_nvme_attach_controller -b R0 -t tcp -a 127.0.0.1 -s "$PORT" -f ipv4 -n "$NQN"
+expect "nvmf_get_transports" 'len(j) == 1 and j[0]["trtype"].upper() == "TCP"' nvmf_get_transports
+expect "nvmf_get_subsystems" '
+[s for s in j if s["nqn"] == "'"$NQN"'"][0]["namespaces"][0]["bdev_name"] == "NS0"' nvmf_get_subsystems
+expect "nvmf_subsystem_get_controllers" 'len(j) == 1 and j[0]["num_io_qpairs"] >= 1' \
+    nvmf_subsystem_get_controllers "$NQN"
+expect "nvmf_subsystem_get_qpairs" 'len(j) >= 2 and {q["qid"] for q in j} >= {0, 1}' \
+    nvmf_subsystem_get_qpairs "$NQN"
+expect "bdev_nvme_get_controllers" '[c["name"] for c in j] == ["R0"]' bdev_nvme_get_controllers
+expect "bdev_get_bdevs -b R0n1" 'j[0]["num_blocks"] == 16384 and j[0]["block_size"] == 512' \
+    bdev_get_bdevs -b R0n1
+expect "bdev_nvme_detach_controller" 'out.strip() == ""' bdev_nvme_detach_controller R0
+expect "nvmf_subsystem_remove_listener" 'out.strip() == ""' \
+    nvmf_subsystem_remove_listener "$NQN" -t tcp -a 127.0.0.1 -s "$PORT" -f ipv4
+expect "nvmf_subsystem_remove_ns" 'out.strip() == ""' nvmf_subsystem_remove_ns "$NQN" 1
+expect "nvmf_delete_subsystem" 'out.strip() == ""' nvmf_delete_subsystem "$NQN"
+expect "bdev_malloc_delete (NS0)" 'out.strip() == ""' bdev_malloc_delete NS0
 
 kill -0 "$PLEXD_PID" 2>/dev/null && pass "plexd still running" || fail "plexd still running" "it died"
 finish

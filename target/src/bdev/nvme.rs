@@ -1188,19 +1188,11 @@ pub mod rpc {
         trsvcid: Option<Value>,
         subnqn: Option<String>,
         hostnqn: Option<String>,
-        hostaddr: Option<String>,
-        hostsvcid: Option<String>,
-        priority: Option<Value>,
-        #[serde(default)]
-        prchk_reftag: bool,
-        #[serde(default)]
-        prchk_guard: bool,
         #[serde(default)]
         hdgst: bool,
         #[serde(default)]
         ddgst: bool,
         fabrics_connect_timeout_us: Option<u64>,
-        multipath: Option<String>,
         num_io_queues: Option<u32>,
         #[serde(default)]
         ctrlr_loss_timeout_sec: i64,
@@ -1208,12 +1200,9 @@ pub mod rpc {
         reconnect_delay_sec: u64,
         #[serde(default)]
         fast_io_fail_timeout_sec: u64,
-        psk: Option<String>,
         /// SPDK's bound on the names returned; every namespace gets a bdev here.
         #[allow(dead_code)]
         max_bdevs: Option<u32>,
-        dhchap_key: Option<String>,
-        dhchap_ctrlr_key: Option<String>,
     }
 
     #[derive(Deserialize)]
@@ -1303,31 +1292,6 @@ pub mod rpc {
                 libc::EOPNOTSUPP,
                 format!("trtype {}: only TCP is implemented", tt.as_str()),
             ));
-        }
-        if p.hostaddr.is_some() || p.hostsvcid.is_some() {
-            return Err(bad(
-                "hostaddr/hostsvcid (source address binding) are not supported",
-            ));
-        }
-        if p.prchk_reftag || p.prchk_guard {
-            return Err(bad(
-                "prchk_reftag/prchk_guard: protection information is not supported",
-            ));
-        }
-        if p.psk.is_some() || p.dhchap_key.is_some() || p.dhchap_ctrlr_key.is_some() {
-            return Err(bad(
-                "psk/dhchap keys: TLS and DH-HMAC-CHAP are not supported",
-            ));
-        }
-        if p.priority.is_some() {
-            return Err(bad("priority (socket priority) is not supported"));
-        }
-        if let Some(m) = p.multipath.as_deref() {
-            if m != "disable" {
-                return Err(bad(format!(
-                    "multipath {m:?}: only \"disable\" (one path per controller) is supported"
-                )));
-            }
         }
         if p.num_io_queues.is_some_and(|n| n == 0 || n > 1024) {
             return Err(bad("num_io_queues must be 1-1024"));

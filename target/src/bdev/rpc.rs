@@ -21,21 +21,7 @@ struct MallocCreate {
     #[serde(default)]
     optimal_io_boundary: u32,
     #[serde(default)]
-    md_size: u32,
-    #[serde(default)]
-    md_interleave: bool,
-    #[serde(default)]
-    dif_type: u32,
-    #[serde(default)]
-    dif_is_head_of_md: bool,
-    #[serde(default)]
     physical_block_size: u32,
-    /// SPDK's client sends these; we have no PI and no NUMA placement, so only their
-    /// defaults are accepted.
-    #[serde(default)]
-    dif_pi_format: u32,
-    #[serde(default)]
-    numa_id: Option<i32>,
 }
 
 #[derive(Deserialize)]
@@ -46,23 +32,7 @@ struct NullCreate {
     block_size: u32,
     uuid: Option<Uuid>,
     #[serde(default)]
-    md_size: u32,
-    #[serde(default)]
-    md_interleave: bool,
-    #[serde(default)]
-    dif_type: u32,
-    #[serde(default)]
-    dif_is_head_of_md: bool,
-    #[serde(default)]
     physical_block_size: u32,
-    #[serde(default)]
-    dif_pi_format: u32,
-    /// Placement hints SPDK's client may send; a null bdev has no layout to honour them.
-    preferred_write_alignment: Option<u32>,
-    preferred_write_granularity: Option<u32>,
-    optimal_write_size: Option<u32>,
-    preferred_unmap_alignment: Option<u32>,
-    preferred_unmap_granularity: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -96,36 +66,14 @@ struct GetIostat {
     name: Option<String>,
     /// SPDK's client asks by a list of names.
     names: Option<Vec<String>>,
-    #[serde(default)]
-    per_channel: bool,
-    /// SPDK's client sends `reset_mode`; only "none" (no reset) is done here.
-    reset_mode: Option<String>,
 }
 
-/// Refuses what SPDK accepts but we do not implement, rather than ignoring it.
-fn no_metadata(
-    md_size: u32,
-    dif_type: u32,
-    physical_block_size: u32,
-    block_size: u32,
-) -> Result<(), RpcError> {
-    if md_size != 0 || dif_type != 0 {
-        return Err(RpcError::invalid_params(
-            "metadata and DIF (md_size, dif_type) are not supported",
-        ));
-    }
+/// A physical block size other than the logical one would be a layout we do not keep.
+/// (Metadata, PI and the other parameters SPDK's client sends are in `rpc::spdk_params`.)
+fn same_physical_block_size(physical_block_size: u32, block_size: u32) -> Result<(), RpcError> {
     if physical_block_size != 0 && physical_block_size != block_size {
         return Err(RpcError::invalid_params(
             "physical_block_size different from block_size is not supported",
-        ));
-    }
-    Ok(())
-}
-
-fn no_pi_format(dif_pi_format: u32) -> Result<(), RpcError> {
-    if dif_pi_format != 0 {
-        return Err(RpcError::invalid_params(
-            "dif_pi_format: protection information is not supported",
         ));
     }
     Ok(())
@@ -135,14 +83,8 @@ pub fn register(m: &mut Methods) {
     m.add(
         "bdev_malloc_create",
         |app: Arc<App>, p: MallocCreate| async move {
-            no_metadata(p.md_size, p.dif_type, p.physical_block_size, p.block_size)?;
-            no_pi_format(p.dif_pi_format)?;
-            if p.numa_id.is_some_and(|n| n != -1) {
-                return Err(RpcError::invalid_params(
-                    "numa_id: NUMA placement is not supported; leave it out or pass -1",
-                ));
-            }
-            let _ = (p.optimal_io_boundary, p.md_interleave, p.dif_is_head_of_md);
+            same_physical_block_size(p.physical_block_size, p.block_size)?;
+            let _ = p.optimal_io_boundary;
             let name = p.name.unwrap_or_else(|| app.bdevs.next_free_name("Malloc"));
             let uuid = p.uuid.unwrap_or_else(Uuid::new_v4);
             let bdev = MallocBdev::new(name.clone(), p.num_blocks, p.block_size, uuid)?;
@@ -162,16 +104,7 @@ pub fn register(m: &mut Methods) {
     m.add(
         "bdev_null_create",
         |app: Arc<App>, p: NullCreate| async move {
-            no_metadata(p.md_size, p.dif_type, p.physical_block_size, p.block_size)?;
-            no_pi_format(p.dif_pi_format)?;
-            let _ = (p.md_interleave, p.dif_is_head_of_md);
-            let _ = (
-                p.preferred_write_alignment,
-                p.preferred_write_granularity,
-                p.optimal_write_size,
-                p.preferred_unmap_alignment,
-                p.preferred_unmap_granularity,
-            );
+            same_physical_block_size(p.physical_block_size, p.block_size)?;
             let uuid = p.uuid.unwrap_or_else(Uuid::new_v4);
             let bdev = NullBdev::new(p.name.clone(), p.num_blocks, p.block_size, uuid)?;
             app.bdevs.register(Arc::new(bdev))?;
@@ -228,16 +161,6 @@ pub fn register(m: &mut Methods) {
     m.add(
         "bdev_get_iostat",
         |app: Arc<App>, p: GetIostat| async move {
-            if p.per_channel {
-                return Err(RpcError::invalid_params(
-                    "per_channel statistics are not supported",
-                ));
-            }
-            if p.reset_mode.as_deref().is_some_and(|m| m != "none") {
-                return Err(RpcError::invalid_params(
-                    "reset_mode: resetting statistics is not supported; use \"none\"",
-                ));
-            }
             let mut wanted: Vec<String> = p.names.unwrap_or_default();
             wanted.extend(p.name);
             let list = if wanted.is_empty() {

@@ -11,7 +11,8 @@ use super::{NvmfTarget, TransportOpts, FIRMWARE_REVISION};
 use nvme_spec::cmd::{Command, GetFeatures, GetLogPage, Identify, SetFeatures};
 use nvme_spec::fabrics::{
     connect_data_offset as cdo, connect_sqe_offset as cso, invalid_param_dw0, Connect, ConnectData,
-    InvalidParamIn, PropertyGet, PropertySet, PropertySize, CNTLID_DYNAMIC, CNTLID_STATIC_ANY,
+    InvalidParamIn, NqnError, PropertyGet, PropertySet, PropertySize, CNTLID_DYNAMIC,
+    CNTLID_STATIC_ANY,
 };
 use nvme_spec::features::{self, fid, NumberOfQueues};
 use nvme_spec::identify::{
@@ -158,9 +159,13 @@ pub fn connect(
     let subnqn = d
         .subnqn()
         .map_err(|_| invalid_param(InvalidParamIn::Data, cdo::SUBNQN))?;
-    let hostnqn = d
-        .hostnqn()
-        .map_err(|_| invalid_param(InvalidParamIn::Data, cdo::HOSTNQN))?;
+    // SPDK's host sends an all-zero HOSTNQN unless its transport ID names one; SPDK's target
+    // takes that as the empty host NQN, which only a subsystem allowing any host admits.
+    let hostnqn = match d.hostnqn() {
+        Ok(h) => h,
+        Err(NqnError::Empty) => "",
+        Err(_) => return Err(invalid_param(InvalidParamIn::Data, cdo::HOSTNQN)),
+    };
     let subsys = target
         .find(subnqn)
         .filter(|s| s.listens_on(info.listen))
@@ -840,6 +845,50 @@ mod tests {
         // A second admin queue gets another cntlid.
         let c2 = connect(&t, &info, &connect_cmd(0, 32), &data(&s.nqn, host, 0xFFFF)).unwrap();
         assert_ne!(c2.ctrl.cntlid, cntlid);
+    }
+
+    /// SPDK's host leaves HOSTNQN all zero: only a subsystem allowing any host admits it, and
+    /// the controller's host NQN is then the empty string, as SPDK's target reports it.
+    #[test]
+    fn connect_with_an_empty_hostnqn_needs_allow_any_host() {
+        let (t, s, l, opts) = setup();
+        let info = ConnInfo {
+            listen: &l,
+            peer: "p",
+            reactor: 0,
+            opts: &opts,
+        };
+        let e = connect(&t, &info, &connect_cmd(0, 32), &data(&s.nqn, "", 0xFFFF))
+            .err()
+            .unwrap();
+        assert!(e.0.same_code(Status::CONNECT_INVALID_HOST));
+        s.set_allow_any_host(true);
+        let c = connect(&t, &info, &connect_cmd(0, 32), &data(&s.nqn, "", 0xFFFF)).unwrap();
+        assert_eq!(c.ctrl.hostnqn, "");
+        // An I/O queue of that controller must carry the same (empty) host NQN.
+        c.ctrl.property_set(&PropertySet {
+            size: PropertySize::Four,
+            offset: reg::CC,
+            value: u64::from(Cc::enable_default().0),
+        });
+        let cntlid = c.ctrl.cntlid;
+        let other = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-000000000001";
+        let e = connect(
+            &t,
+            &info,
+            &connect_cmd(1, 128),
+            &data(&s.nqn, other, cntlid),
+        )
+        .err()
+        .unwrap();
+        assert_eq!(e.1, invalid_param_dw0(InvalidParamIn::Data, cdo::HOSTNQN));
+        let io = connect(&t, &info, &connect_cmd(1, 128), &data(&s.nqn, "", cntlid)).unwrap();
+        assert_eq!(io.qid, 1);
+        // A HOSTNQN without its terminating NUL is still refused, pointing at the field.
+        let mut bad = data(&s.nqn, "", 0xFFFF);
+        bad[cdo::HOSTNQN as usize..cdo::HOSTNQN as usize + 256].fill(b'a');
+        let e = connect(&t, &info, &connect_cmd(0, 32), &bad).err().unwrap();
+        assert_eq!(e.1, invalid_param_dw0(InvalidParamIn::Data, cdo::HOSTNQN));
     }
 
     #[test]

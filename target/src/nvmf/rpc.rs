@@ -24,7 +24,6 @@ struct CreateTransport {
     max_aq_depth: Option<u16>,
     num_shared_buffers: Option<u32>,
     buf_cache_size: Option<u32>,
-    dif_insert_or_strip: Option<bool>,
     c2h_success: Option<bool>,
     sock_priority: Option<u32>,
     abort_timeout_sec: Option<u32>,
@@ -51,16 +50,8 @@ struct CreateSubsystem {
     #[serde(default)]
     max_namespaces: u32,
     tgt_name: Option<String>,
-    #[serde(default)]
-    ana_reporting: bool,
     min_cntlid: Option<u16>,
     max_cntlid: Option<u16>,
-    max_discard_size_kib: Option<u64>,
-    max_write_zeroes_size_kib: Option<u64>,
-    #[serde(default)]
-    passthrough: bool,
-    #[serde(default)]
-    enable_nssr: bool,
 }
 
 #[derive(Deserialize)]
@@ -86,10 +77,7 @@ struct NsParams {
     uuid: Option<String>,
     nguid: Option<String>,
     eui64: Option<String>,
-    ptpl_file: Option<String>,
     anagrpid: Option<u32>,
-    #[serde(default)]
-    no_auto_visible: bool,
 }
 
 #[derive(Deserialize)]
@@ -114,9 +102,6 @@ struct Listener {
     nqn: String,
     listen_address: ListenAddr,
     tgt_name: Option<String>,
-    #[serde(default)]
-    secure_channel: bool,
-    ana_state: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -125,9 +110,6 @@ struct Host {
     nqn: String,
     host: String,
     tgt_name: Option<String>,
-    psk: Option<String>,
-    dhchap_key: Option<String>,
-    dhchap_ctrlr_key: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -218,9 +200,6 @@ pub fn register(m: &mut Methods) {
             if let Some(v) = p.buf_cache_size {
                 t.buf_cache_size = v;
             }
-            if let Some(v) = p.dif_insert_or_strip {
-                t.dif_insert_or_strip = v;
-            }
             if let Some(v) = p.c2h_success {
                 t.c2h_success = v;
             }
@@ -257,16 +236,6 @@ pub fn register(m: &mut Methods) {
         "nvmf_create_subsystem",
         |app: Arc<App>, p: CreateSubsystem| async move {
             one_target(&p.tgt_name)?;
-            if p.ana_reporting {
-                return Err(unsupported("ana_reporting"));
-            }
-            if p.passthrough {
-                return Err(unsupported("passthrough"));
-            }
-            if p.enable_nssr {
-                return Err(unsupported("enable_nssr"));
-            }
-            let _ = (p.max_discard_size_kib, p.max_write_zeroes_size_kib);
             let max_ns = if p.max_namespaces == 0 {
                 32
             } else {
@@ -321,14 +290,8 @@ pub fn register(m: &mut Methods) {
                 ));
             }
             let n = p.namespace;
-            if n.ptpl_file.is_some() {
-                return Err(unsupported("ptpl_file"));
-            }
             if n.anagrpid.is_some_and(|a| a > 1) {
                 return Err(unsupported("anagrpid other than 1"));
-            }
-            if n.no_auto_visible {
-                return Err(unsupported("no_auto_visible"));
             }
             let uuid = n
                 .uuid
@@ -375,12 +338,6 @@ pub fn register(m: &mut Methods) {
         "nvmf_subsystem_add_listener",
         |app: Arc<App>, p: Listener| async move {
             one_target(&p.tgt_name)?;
-            if p.secure_channel {
-                return Err(unsupported("secure_channel"));
-            }
-            if p.ana_state.is_some() {
-                return Err(unsupported("ana_state"));
-            }
             let addr = p.listen_address.normalized()?;
             app.nvmf.add_listener(&app, &p.nqn, addr)?;
             Ok::<_, RpcError>(true)
@@ -399,9 +356,6 @@ pub fn register(m: &mut Methods) {
         "nvmf_subsystem_add_host",
         |app: Arc<App>, p: Host| async move {
             one_target(&p.tgt_name)?;
-            if p.psk.is_some() || p.dhchap_key.is_some() || p.dhchap_ctrlr_key.is_some() {
-                return Err(unsupported("TLS PSK and DH-HMAC-CHAP keys"));
-            }
             subsystem(&app, &p.nqn)?.add_host(&p.host)?;
             app.nvmf.bump_genctr();
             Ok::<_, RpcError>(true)

@@ -193,7 +193,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
     let mut opts = CtrlrOpts {
         hdgst: cli.hdgst,
         ddgst: cli.ddgst,
-        num_io_queues: (cli.qpairs as usize * cores.len()).clamp(1, 1024) as u16,
+        num_io_queues: cli.qpairs.clamp(1, 1024) as u16,
         io_queue_size: (cli.depth + 1).min(65535) as u16,
         reconnect_delay: Duration::from_secs(cli.reconnect_delay_sec),
         fast_io_fail_timeout: (cli.fast_io_fail_timeout_sec > 0)
@@ -251,7 +251,13 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
 
     let mut ctrlrs = Vec::new();
     for t in &trids {
-        let c = Controller::connect(t, &opts).map_err(|e| format!("{t}: {e}"))?;
+        // One queue pair per -P per namespace tested (cores share them out): ask for exactly
+        // that many, counted by the controller at bring-up when no namespace is named.
+        let mut topts = opts.clone();
+        if t.nsid.is_none() {
+            topts.io_queues_per_namespace = topts.num_io_queues;
+        }
+        let c = Controller::connect(t, &topts).map_err(|e| format!("{t}: {e}"))?;
         ctrlrs.push(c);
     }
 
@@ -317,6 +323,18 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             .collect();
         if nss.is_empty() {
             return Err(format!("{}: no active namespace to test", trids[ci]));
+        }
+        let needed = nss.len() * cli.qpairs as usize;
+        let granted = usize::from(c.info().io_queues);
+        if granted < needed {
+            return Err(format!(
+                "{}: the target granted {granted} I/O queues, but {} namespace(s) × -P {} \
+                 need {needed}; lower -P, name one namespace (ns:N in -r), or raise the \
+                 target's max_io_qpairs_per_ctrlr",
+                trids[ci],
+                nss.len(),
+                cli.qpairs
+            ));
         }
         digests.push(QueueDigests {
             trid: trids[ci].to_string(),
