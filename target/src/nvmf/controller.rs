@@ -857,6 +857,8 @@ mod tests {
             peer: "p",
             reactor: 0,
             opts: &opts,
+            hdgst: false,
+            ddgst: false,
         };
         let e = connect(&t, &info, &connect_cmd(0, 32), &data(&s.nqn, "", 0xFFFF))
             .err()
