@@ -6,16 +6,17 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use dma::DmaBuf;
 use initiator::discovery;
 use initiator::qpair::IoCompletion;
 use initiator::trid::DISCOVERY_NQN;
-use initiator::{Controller, CtrlrOpts, CtrlrState, TransportId};
+use initiator::{Controller, CtrlrEvent, CtrlrOpts, CtrlrState, IoError, TransportId};
 use nvme_spec::fabrics::{Connect, PropertyGet, PropertySet};
 use nvme_spec::identify::IdentifyController;
 use nvme_spec::tcp::{C2HData, CapsuleResp, IcResp, ParseOptions, PduBody, PduHeader, Role, R2T};
@@ -36,12 +37,32 @@ struct Knobs {
     connects: AtomicUsize,
     term_reqs: AtomicUsize,
     ka: AtomicUsize,
+    /// Keep I/O commands without ever answering them (a controller that stopped responding).
+    hold_io: AtomicBool,
+    io_held: AtomicUsize,
+    /// The target is gone: new connections are closed as soon as they arrive.
+    gone: AtomicBool,
+    /// Connections closed on arrival because the target is gone (the host's reconnect attempts).
+    refused: AtomicUsize,
+    /// The acceptor exits at its next connection.
+    stop: AtomicBool,
 }
 
+/// One connection the fake served: a handle to cut it, and the thread serving it.
+struct Served {
+    stream: TcpStream,
+    thread: JoinHandle<std::io::Result<()>>,
+}
+
+/// The fake controller. When dropped (after the test's host, declared after it, is gone) it
+/// stops and checks how every connection ended: a failed check in a serving thread (a panic)
+/// or an I/O error other than a hang-up fails the test.
 struct Fake {
     port: u16,
     knobs: Arc<Knobs>,
     disk: Arc<Mutex<Vec<u8>>>,
+    served: Arc<Mutex<Vec<Served>>>,
+    acceptor: Option<JoinHandle<()>>,
 }
 
 fn start_fake() -> Fake {
@@ -50,17 +71,102 @@ fn start_fake() -> Fake {
     let knobs = Arc::new(Knobs::default());
     knobs.bogus_after.store(usize::MAX, Ordering::Relaxed);
     let disk = Arc::new(Mutex::new(vec![0u8; NBLOCKS as usize * BS]));
-    let (k, d) = (knobs.clone(), disk.clone());
-    std::thread::spawn(move || {
+    let served = Arc::new(Mutex::new(Vec::new()));
+    let (k, d, sv) = (knobs.clone(), disk.clone(), served.clone());
+    let acceptor = std::thread::spawn(move || {
         for s in l.incoming() {
             let Ok(s) = s else { return };
+            if k.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            if k.gone.load(Ordering::SeqCst) {
+                k.refused.fetch_add(1, Ordering::SeqCst);
+                continue;
+            }
+            let stream = s.try_clone().expect("clone of an accepted stream");
             let (k, d) = (k.clone(), d.clone());
-            std::thread::spawn(move || {
-                let _ = serve(s, &k, &d);
-            });
+            let thread = std::thread::spawn(move || serve_until_hang_up(s, &k, &d));
+            sv.lock().unwrap().push(Served { stream, thread });
         }
     });
-    Fake { port, knobs, disk }
+    Fake {
+        port,
+        knobs,
+        disk,
+        served,
+        acceptor: Some(acceptor),
+    }
+}
+
+impl Fake {
+    /// The target goes away: every connection is cut, and new ones are closed on arrival.
+    fn take_away(&self) {
+        self.knobs.gone.store(true, Ordering::SeqCst);
+        for s in self.served.lock().unwrap().iter() {
+            let _ = s.stream.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Stops accepting, cuts every connection, and returns how the serving threads failed.
+    fn stop(&mut self) -> Vec<String> {
+        let Some(acceptor) = self.acceptor.take() else {
+            return Vec::new();
+        };
+        self.knobs.stop.store(true, Ordering::SeqCst);
+        // Wakes the acceptor, blocked in accept(), so that it sees `stop`.
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        let mut failures = Vec::new();
+        if acceptor.join().is_err() {
+            failures.push("the acceptor thread panicked".to_string());
+        }
+        for s in std::mem::take(&mut *self.served.lock().unwrap()) {
+            let _ = s.stream.shutdown(Shutdown::Both);
+            match s.thread.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failures.push(format!("I/O error: {e}")),
+                Err(panic) => failures.push(format!(
+                    "failed check: {}",
+                    panic
+                        .downcast_ref::<String>()
+                        .map(String::as_str)
+                        .or_else(|| panic.downcast_ref::<&str>().copied())
+                        .unwrap_or("(no message)")
+                )),
+            }
+        }
+        failures
+    }
+}
+
+impl Drop for Fake {
+    fn drop(&mut self) {
+        let failures = self.stop();
+        if failures.is_empty() {
+            return;
+        }
+        if std::thread::panicking() {
+            // The test failed already; this may be why.
+            eprintln!("the fake target also saw: {failures:?}");
+        } else {
+            panic!("the fake target saw: {failures:?}");
+        }
+    }
+}
+
+/// `serve`, with the connection's end by either side (EOF, reset, broken pipe) counted as a
+/// normal end: only failed checks and other I/O errors are failures.
+fn serve_until_hang_up(s: TcpStream, k: &Knobs, disk: &Mutex<Vec<u8>>) -> std::io::Result<()> {
+    use std::io::ErrorKind::*;
+    match serve(s, k, disk) {
+        Err(e) if matches!(
+            e.kind(),
+            UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe | NotConnected
+        ) =>
+        {
+            Ok(())
+        }
+        r => r,
+    }
 }
 
 struct Conn {
@@ -333,6 +439,10 @@ fn io(
     assert!(slba + nlb as u64 <= NBLOCKS);
     let sgl = cmd.sgl1();
     assert_eq!(sgl.len() as usize, len, "SGL length = transfer length");
+    if k.hold_io.load(Ordering::SeqCst) {
+        k.io_held.fetch_add(1, Ordering::SeqCst);
+        return Ok(());
+    }
     match cmd.opcode {
         0x01 if sgl.is_in_capsule() => {
             assert_eq!(data.len(), len);
@@ -403,24 +513,36 @@ fn pattern(len: usize, seed: u8) -> DmaBuf {
     b
 }
 
-/// Polls until `n` completions arrive (or panics after 5 s), polling the controller too.
+/// A deadline for conditions that come within milliseconds, far beyond any scheduling delay.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Polls until `n` completions arrive (or panics at the deadline), polling the controller too.
 fn wait(
     c: &mut Controller,
     q: &mut initiator::IoQpair<DmaBuf>,
     n: usize,
 ) -> Vec<IoCompletion<DmaBuf>> {
     let mut out = Vec::new();
-    let t = Instant::now();
+    let deadline = Instant::now() + DEADLINE;
     while out.len() < n {
         q.poll(|d| out.push(d));
         c.poll();
         assert!(
-            t.elapsed() < Duration::from_secs(5),
+            Instant::now() < deadline,
             "timed out with {} of {n}",
             out.len()
         );
     }
     out
+}
+
+/// Polls `cond` until it holds, or panics at the deadline.
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 fn round_trip(digests: bool) {
@@ -492,15 +614,16 @@ fn keep_alive_goes_out_from_poll() {
     let f = start_fake();
     let mut c =
         Controller::connect(&trid(f.port, "nqn.2024-01.io.fake:sub0"), &opts(false)).unwrap();
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_millis(700) {
+    let polling_since = Instant::now();
+    // Only poll() sends them: three answered keep-alives keep the controller connected.
+    wait_until("three keep-alives", || {
         c.poll();
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    // KATO 400 ms -> one every 200 ms.
-    let n = f.knobs.ka.load(Ordering::Relaxed);
-    assert!((2..=5).contains(&n), "{n} keep-alives");
+        f.knobs.ka.load(Ordering::SeqCst) >= 3
+    });
     assert_eq!(c.state(), CtrlrState::Connected);
+    // KATO 400 ms: one every 200 ms, not one per poll. Three need at least two intervals,
+    // a lower bound that load cannot break.
+    assert!(polling_since.elapsed() >= Duration::from_millis(400));
 }
 
 #[test]
@@ -525,7 +648,7 @@ fn unknown_cid_fails_connection_then_reconnects_and_resends() {
             states.push(ev);
         }
         assert!(
-            t.elapsed() < Duration::from_secs(5),
+            t.elapsed() < DEADLINE,
             "stuck: {} done, states {states:?}",
             done.len()
         );
@@ -540,17 +663,108 @@ fn unknown_cid_fails_connection_then_reconnects_and_resends() {
     );
     assert_eq!(c.state(), CtrlrState::Connected);
     // The bad PDU was answered with a TermReq; admin + I/O queue connected twice.
-    let t = Instant::now();
-    while f.knobs.term_reqs.load(Ordering::Relaxed) == 0 && t.elapsed() < Duration::from_secs(2) {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until("the host's TermReq", || {
+        f.knobs.term_reqs.load(Ordering::Relaxed) > 0
+    });
     assert_eq!(f.knobs.term_reqs.load(Ordering::Relaxed), 1);
     assert!(f.knobs.connects.load(Ordering::Relaxed) >= 4);
 }
 
+/// What the host saw after the target went away, in order.
+#[derive(Debug, PartialEq)]
+enum Seen {
+    State(CtrlrState),
+    PathFailed(u64),
+    OtherCompletion(u64),
+}
+
 #[test]
 fn target_gone_fails_io_after_ctrlr_loss_timeout() {
-    // Nothing listens on this port after the first connection closes.
+    let f = start_fake();
+    let loss_timeout = Duration::from_secs(1);
+    let o = CtrlrOpts {
+        reconnect_delay: Duration::from_millis(50),
+        ctrlr_loss_timeout: Some(loss_timeout),
+        // Only the loss timeout may fail the I/O here.
+        fast_io_fail_timeout: None,
+        io_timeout: None,
+        ..opts(false)
+    };
+    let mut c = Controller::connect(&trid(f.port, "nqn.2024-01.io.fake:sub0"), &o).unwrap();
+    let mut q = c.alloc_io_qpair::<DmaBuf>(Some(32)).unwrap();
+    q.write(1, 0, 8, pattern(4096, 1), 100)
+        .map_err(|e| e.kind)
+        .unwrap();
+    let done = wait(&mut c, &mut q, 1);
+    assert!(done[0].result.is_ok(), "the path works first: {done:?}");
+
+    // The target stops answering with four reads in flight, then goes away.
+    f.knobs.hold_io.store(true, Ordering::SeqCst);
+    for tag in 0..4u64 {
+        q.read(1, tag * 8, 8, DmaBuf::zeroed(4096).expect("DMA buffer"), tag)
+            .map_err(|e| e.kind)
+            .unwrap();
+    }
+    wait_until("the target to hold the four reads", || {
+        q.poll(|d| panic!("a held read completed: {d:?}"));
+        c.poll();
+        f.knobs.io_held.load(Ordering::SeqCst) == 4
+    });
+    let gone_at = Instant::now();
+    f.take_away();
+
+    let mut seen = Vec::new();
+    let mut failed_after = None;
+    let deadline = Instant::now() + DEADLINE;
+    while seen.iter().filter(|s| !matches!(s, Seen::State(_))).count() < 4 {
+        q.poll(|d| {
+            seen.push(match d.result {
+                Err(IoError::PathFailed) => Seen::PathFailed(d.tag),
+                _ => Seen::OtherCompletion(d.tag),
+            })
+        });
+        c.poll();
+        while let Some(ev) = c.next_event() {
+            if let CtrlrEvent::State(s) = ev {
+                if s == CtrlrState::Failed {
+                    failed_after = Some(gone_at.elapsed());
+                }
+                seen.push(Seen::State(s));
+            }
+        }
+        assert!(Instant::now() < deadline, "stuck after the target went: {seen:?}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Reset, at least one failed reconnect, give up; only then do the held reads fail.
+    assert_eq!(
+        seen,
+        [
+            Seen::State(CtrlrState::Resetting),
+            Seen::State(CtrlrState::Reconnecting),
+            Seen::State(CtrlrState::Failed),
+            Seen::PathFailed(0),
+            Seen::PathFailed(1),
+            Seen::PathFailed(2),
+            Seen::PathFailed(3),
+        ]
+    );
+    // Not before the timeout: the controller's clock started after `gone_at`, so this lower
+    // bound holds however slow the machine is.
+    let failed_after = failed_after.unwrap();
+    assert!(failed_after >= loss_timeout, "failed after {failed_after:?}");
+    wait_until("the host's reconnect attempt to reach the gone target", || {
+        f.knobs.refused.load(Ordering::SeqCst) > 0
+    });
+    assert_eq!(c.state(), CtrlrState::Failed);
+    let refused = q.read(1, 0, 8, DmaBuf::zeroed(4096).expect("DMA buffer"), 9);
+    assert!(
+        matches!(refused, Err(ref e) if e.kind == initiator::SubmitErrorKind::PathFailed),
+        "new I/O on a failed controller"
+    );
+}
+
+#[test]
+fn connect_to_a_closed_port_fails_cleanly() {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     drop(l);
@@ -559,7 +773,7 @@ fn target_gone_fails_io_after_ctrlr_loss_timeout() {
         ..opts(false)
     };
     let e = Controller::connect(&trid(port, "nqn.2024-01.io.fake:sub0"), &o);
-    assert!(e.is_err(), "connect to a closed port must fail cleanly");
+    assert!(e.is_err(), "connect to a closed port must fail");
 }
 
 #[test]

@@ -418,6 +418,15 @@ pub struct Reactors {
 impl Reactors {
     /// Starts one pinned reactor thread per core.
     pub fn start(config: ReactorConfig) -> Result<Reactors, ReactorError> {
+        Self::start_with_max_sleep(config, MAX_SLEEP)
+    }
+
+    /// `start` with another bound on one sleep: tests make it long, so that only a wake-up
+    /// can end a sleep.
+    fn start_with_max_sleep(
+        config: ReactorConfig,
+        max_sleep: Duration,
+    ) -> Result<Reactors, ReactorError> {
         if config.cores.is_empty() {
             return Err(ReactorError::EmptyMask);
         }
@@ -464,7 +473,7 @@ impl Reactors {
             let ready = ready_tx.clone();
             let t = std::thread::Builder::new()
                 .name(format!("reactor_{}", shared.core))
-                .spawn(move || match Reactor::new(shared, all, &cfg) {
+                .spawn(move || match Reactor::new(shared, all, &cfg, max_sleep) {
                     Ok(mut r) => {
                         let _ = ready.send(Ok(()));
                         r.run();
@@ -591,6 +600,8 @@ struct Reactor {
     pollers: Vec<PollerSlot>,
     ctx: ReactorCtx,
     idle_poll: Duration,
+    /// Longest single `epoll_wait` (MAX_SLEEP outside tests).
+    max_sleep: Duration,
 }
 
 impl Reactor {
@@ -598,6 +609,7 @@ impl Reactor {
         shared: Arc<Shared>,
         all: Arc<Vec<ReactorHandle>>,
         cfg: &ReactorConfig,
+        max_sleep: Duration,
     ) -> Result<Reactor, ReactorError> {
         if cfg.pin {
             pin_to_core(shared.core).map_err(|source| ReactorError::Pin {
@@ -651,6 +663,7 @@ impl Reactor {
                 poller_infos: Vec::new(),
             },
             idle_poll: Duration::from_micros(cfg.idle_poll_us),
+            max_sleep,
         })
     }
 
@@ -762,7 +775,7 @@ impl Reactor {
                     self.ctx.epoll.as_raw_fd(),
                     events.as_mut_ptr(),
                     events.len() as i32,
-                    MAX_SLEEP.as_millis() as i32,
+                    self.max_sleep.as_millis().min(i32::MAX as u128) as i32,
                 )
             };
             if n > 0 {
@@ -869,23 +882,40 @@ mod tests {
         assert_eq!(local, 10);
     }
 
+    /// Polls `cond` until it holds; panics with `what` after a deadline far beyond any
+    /// scheduling delay on a loaded machine.
+    fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     #[test]
     fn idle_reactor_sleeps_and_wakes_for_messages() {
-        let r = Reactors::start(test_config(1, 50)).unwrap();
-        std::thread::sleep(Duration::from_millis(100));
-        let h = r.get(0).unwrap().clone();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
+        // A sleep only an event can end: without the wake-up the message would wait an hour,
+        // far past the 30 s the test waits for it.
+        let r = Reactors::start_with_max_sleep(test_config(1, 50), Duration::from_secs(3600))
             .unwrap();
-        let infos = rt.block_on(r.info());
-        assert!(infos[0].sleeps > 0, "an idle reactor must sleep: {infos:?}");
-        // A message wakes it well before the sleep bound would.
-        let t = Instant::now();
-        h.call_blocking(|_| ()).unwrap();
-        assert!(t.elapsed() < Duration::from_secs(1));
-        // Mostly idle time, hardly any CPU: compare busy against wall time.
-        let infos = rt.block_on(r.info());
-        assert!(infos[0].idle > infos[0].busy);
+        let h = r.get(0).unwrap().clone();
+        let shared = h.shared.clone();
+        wait_until("the idle reactor to sleep", || {
+            shared.sleeping.load(Ordering::SeqCst) && shared.stats.sleeps.load(Ordering::SeqCst) > 0
+        });
+        let sleeps = shared.stats.sleeps.load(Ordering::SeqCst);
+        let wakeups = shared.stats.wakeups.load(Ordering::SeqCst);
+        let (tx, rx) = std::sync::mpsc::channel();
+        h.send(move |_| tx.send(()).unwrap());
+        rx.recv_timeout(Duration::from_secs(30))
+            .expect("a message wakes a sleeping reactor");
+        // Exactly one sleep ended, by an event (the eventfd), not by its time running out.
+        assert_eq!(shared.stats.wakeups.load(Ordering::SeqCst), wakeups + 1);
+        // Idle again afterwards, it goes back to sleep.
+        wait_until("the reactor to sleep again", || {
+            shared.stats.sleeps.load(Ordering::SeqCst) > sleeps
+        });
+        assert_eq!(shared.stats.wakeups.load(Ordering::SeqCst), wakeups + 1);
     }
 
     #[test]

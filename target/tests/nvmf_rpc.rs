@@ -5,7 +5,6 @@ use nvme_spec::cmd::Command;
 use nvme_spec::features::{aec, fid};
 use nvmf_tcp_common::*;
 use serde_json::json;
-use std::time::{Duration, Instant};
 
 #[test]
 fn transport_and_subsystem_errors_are_clear() {
@@ -130,8 +129,10 @@ fn transport_and_subsystem_errors_are_clear() {
         json!({"nqn": NQN, "listen_address": la}),
     )
     .unwrap();
-    std::thread::sleep(Duration::from_millis(100));
-    assert!(std::net::TcpStream::connect(("127.0.0.1", t.port)).is_err());
+    // The listener closes on its reactor, a moment after the RPC returns.
+    wait_until("the removed listener to refuse connections", || {
+        std::net::TcpStream::connect(("127.0.0.1", t.port)).is_err()
+    });
 }
 
 #[test]
@@ -141,13 +142,12 @@ fn keep_alive_timeout_tears_the_controller_down() {
     c.ic(false, false);
     let cqe = c.fabrics_connect_kato(0, 0xFFFF, NQN, HOST, 300);
     assert!(cqe.status().is_success());
-    let start = Instant::now();
+    // KATO 300 ms and no keep-alive: plexd closes well within expect_term's deadline.
     assert_eq!(
         c.expect_term(),
         None,
         "closed without a termination request"
     );
-    assert!(start.elapsed() < Duration::from_secs(5));
     let ctrls = t
         .rpc("nvmf_subsystem_get_controllers", json!({"nqn": NQN}))
         .unwrap();

@@ -183,16 +183,12 @@ fn protocol_errors_terminate_only_the_offending_connection() {
 
     by.still_works();
     // The offenders' controllers are gone; the bystander's remains.
-    for _ in 0..100 {
+    wait_until("only the bystander's controller to be left", || {
         let c = t
             .rpc("nvmf_subsystem_get_controllers", json!({"nqn": NQN}))
             .unwrap();
-        if c.as_array().unwrap().len() == 1 {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    panic!("offending controllers were not torn down");
+        c.as_array().unwrap().len() == 1
+    });
 }
 
 #[test]
@@ -319,8 +315,6 @@ fn garbage_never_panics() {
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
     for round in 0..40 {
         let mut c = Client::connect(t.port);
-        c.s.set_read_timeout(Some(std::time::Duration::from_millis(500)))
-            .unwrap();
         if round % 2 == 0 {
             c.ic(round % 4 == 0, false);
         }
@@ -338,7 +332,9 @@ fn garbage_never_panics() {
             b[..8].copy_from_slice(&cap.as_bytes()[..8]);
         }
         let _ = std::io::Write::write_all(&mut c.s, &b);
-        let _ = c.expect_term();
+        // Any ending is fine, even none (plexd may wait for the rest of a long PDU): what
+        // matters is that plexd survives, which the bystander shows.
+        let _ = c.ending(std::time::Duration::from_millis(500));
     }
     by.still_works();
     let _ = header_digest(&[]);

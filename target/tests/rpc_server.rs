@@ -200,6 +200,15 @@ fn read_values(s: &mut UnixStream, n: usize) -> Vec<Value> {
     out
 }
 
+/// True when nothing has arrived to be read (without waiting).
+fn nothing_to_read(s: &mut UnixStream) -> bool {
+    s.set_nonblocking(true).unwrap();
+    let mut b = [0u8; 1];
+    let r = s.read(&mut b);
+    s.set_nonblocking(false).unwrap();
+    matches!(r, Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
 /// True when the server has closed its side (EOF, nothing more to read).
 fn closed(s: &mut UnixStream) -> bool {
     let mut b = [0u8; 1];
@@ -240,11 +249,16 @@ fn a_request_split_across_writes_is_answered_once_whole() {
     let d = Plexd::start(&[]);
     let mut s = d.connect();
     let req = br#"{"jsonrpc": "2.0", "id": 42, "method": "spdk_get_version"}"#;
-    for part in req.chunks(9) {
+    let (parts, last) = req.split_at(req.len() - 9);
+    for part in parts.chunks(9) {
         s.write_all(part).unwrap();
         s.flush().unwrap();
+        // Spaces the writes out so that plexd reads them apart (not a wait for anything),
+        // and checks it does not answer a part.
         std::thread::sleep(Duration::from_millis(30));
+        assert!(nothing_to_read(&mut s), "answered before the request was whole");
     }
+    s.write_all(last).unwrap();
     let r = read_value(&mut s).unwrap();
     assert_eq!(r["id"], 42);
     assert!(r["result"]["version"].is_string());
@@ -303,8 +317,10 @@ fn a_client_leaving_mid_request_does_not_disturb_others() {
         .write_all(br#"{"jsonrpc":"2.0","id":7,"method":"spdk_get_version"}"#)
         .unwrap();
     assert_eq!(read_value(&mut other).unwrap()["id"], 7);
+    // The leaver goes mid-request; plexd closing its side shows it has seen that.
+    leaver.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(closed(&mut leaver), "plexd did not close the half-sent connection");
     drop(leaver);
-    std::thread::sleep(Duration::from_millis(50));
     other
         .write_all(br#"{"jsonrpc":"2.0","id":8,"method":"bdev_get_bdevs"}"#)
         .unwrap();

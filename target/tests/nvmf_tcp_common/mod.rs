@@ -14,11 +14,42 @@ use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub const NQN: &str = "nqn.2024-01.io.plexstor:test";
 pub const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:11111111-2222-3333-4444-555555555555";
 pub const BLOCKS: u64 = 8192; // 4 MiB of 512-byte blocks
+/// How long a client waits for plexd to say or do anything: far beyond any scheduling delay,
+/// so running out of it means plexd hung.
+pub const READ_DEADLINE: Duration = Duration::from_secs(10);
+
+/// How a connection ended, as the host saw it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// plexd closed it without a termination request.
+    Closed,
+    /// plexd sent a C2HTermReq with this FES, then closed it.
+    TermReq(u16),
+    /// Neither within the deadline: plexd hung (or waits for more from us).
+    Silent,
+}
+
+/// Whether a read error means the peer closed the connection (rather than a timeout).
+fn is_close(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+    )
+}
+
+/// Whether a read error is the read timeout running out.
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
 
 pub struct Target {
     pub app: Arc<App>,
@@ -110,7 +141,7 @@ pub struct Client {
 impl Client {
     pub fn connect(port: u16) -> Client {
         let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.set_read_timeout(Some(READ_DEADLINE)).unwrap();
         s.set_nodelay(true).unwrap();
         Client {
             s,
@@ -149,11 +180,15 @@ impl Client {
         o
     }
 
-    /// Reads one PDU; `None` on EOF.
+    /// Reads one PDU; `None` when plexd closed the connection. Panics when nothing comes
+    /// within the read timeout: a hung plexd is a failure, not an ending.
     pub fn recv(&mut self) -> Option<Pdu> {
         let mut raw = vec![0u8; 8];
-        if self.s.read_exact(&mut raw).is_err() {
-            return None;
+        match self.s.read_exact(&mut raw) {
+            Ok(()) => {}
+            Err(e) if is_close(&e) => return None,
+            Err(e) if is_timeout(&e) => panic!("no PDU from plexd within the read timeout"),
+            Err(e) => panic!("reading a PDU: {e}"),
         }
         let mut o = self.opts();
         // Termination requests never carry digests.
@@ -338,26 +373,67 @@ impl Client {
         assert!(c.status().is_success(), "I/O connect: {}", c.status());
     }
 
-    /// Reads until EOF, returning the termination request's FES if one came.
+    /// Expects plexd to end the connection within READ_DEADLINE: `Some(fes)` for a
+    /// C2HTermReq then close, `None` for a plain close. Panics if it stays open (hung).
     pub fn expect_term(&mut self) -> Option<u16> {
+        match self.ending(READ_DEADLINE) {
+            Ending::Closed => None,
+            Ending::TermReq(fes) => Some(fes),
+            Ending::Silent => panic!("plexd neither closed nor terminated within {READ_DEADLINE:?}"),
+        }
+    }
+
+    /// Reads (skipping other PDUs) until plexd closes the connection or `within` passes.
+    pub fn ending(&mut self, within: Duration) -> Ending {
+        let ending = self.read_to_ending(within);
+        self.s.set_read_timeout(Some(READ_DEADLINE)).unwrap();
+        ending
+    }
+
+    fn read_to_ending(&mut self, within: Duration) -> Ending {
+        let deadline = Instant::now() + within;
         let mut fes = None;
-        while let Some(p) = self.recv_lenient() {
-            if p.0 == 0x03 {
-                fes = Some(u16::from_le_bytes([p.1[8], p.1[9]]));
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ending::Silent;
+            }
+            self.s.set_read_timeout(Some(left)).unwrap();
+            match self.recv_lenient() {
+                Ok((0x03, raw)) => {
+                    assert!(fes.is_none(), "a second C2HTermReq");
+                    assert!(raw.len() >= 10, "C2HTermReq of {} bytes", raw.len());
+                    fes = Some(u16::from_le_bytes([raw[8], raw[9]]));
+                }
+                Ok(_) => {}
+                Err(e) if is_close(&e) => {
+                    return fes.map_or(Ending::Closed, Ending::TermReq);
+                }
+                Err(e) if is_timeout(&e) => return Ending::Silent,
+                Err(e) => panic!("reading from plexd: {e}"),
             }
         }
-        fes
     }
 
     /// Reads a PDU without validating it against negotiated options: (type, raw bytes).
-    fn recv_lenient(&mut self) -> Option<(u8, Vec<u8>)> {
+    fn recv_lenient(&mut self) -> std::io::Result<(u8, Vec<u8>)> {
         let mut ch = [0u8; 8];
-        self.s.read_exact(&mut ch).ok()?;
+        self.s.read_exact(&mut ch)?;
         let plen = u32::from_le_bytes(ch[4..8].try_into().unwrap()) as usize;
         let mut raw = ch.to_vec();
         raw.resize(plen.max(8), 0);
-        self.s.read_exact(&mut raw[8..]).ok()?;
-        Some((ch[0], raw))
+        self.s.read_exact(&mut raw[8..])?;
+        Ok((ch[0], raw))
+    }
+}
+
+/// Polls `cond` until it holds; panics naming `what` after a deadline far beyond any
+/// scheduling delay.
+pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
