@@ -158,10 +158,11 @@ impl Drop for Fake {
 fn serve_until_hang_up(s: TcpStream, k: &Knobs, disk: &Mutex<Vec<u8>>) -> std::io::Result<()> {
     use std::io::ErrorKind::*;
     match serve(s, k, disk) {
-        Err(e) if matches!(
-            e.kind(),
-            UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe | NotConnected
-        ) =>
+        Err(e)
+            if matches!(
+                e.kind(),
+                UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe | NotConnected
+            ) =>
         {
             Ok(())
         }
@@ -701,9 +702,15 @@ fn target_gone_fails_io_after_ctrlr_loss_timeout() {
     // The target stops answering with four reads in flight, then goes away.
     f.knobs.hold_io.store(true, Ordering::SeqCst);
     for tag in 0..4u64 {
-        q.read(1, tag * 8, 8, DmaBuf::zeroed(4096).expect("DMA buffer"), tag)
-            .map_err(|e| e.kind)
-            .unwrap();
+        q.read(
+            1,
+            tag * 8,
+            8,
+            DmaBuf::zeroed(4096).expect("DMA buffer"),
+            tag,
+        )
+        .map_err(|e| e.kind)
+        .unwrap();
     }
     wait_until("the target to hold the four reads", || {
         q.poll(|d| panic!("a held read completed: {d:?}"));
@@ -732,7 +739,10 @@ fn target_gone_fails_io_after_ctrlr_loss_timeout() {
                 seen.push(Seen::State(s));
             }
         }
-        assert!(Instant::now() < deadline, "stuck after the target went: {seen:?}");
+        assert!(
+            Instant::now() < deadline,
+            "stuck after the target went: {seen:?}"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
     // Reset, at least one failed reconnect, give up; only then do the held reads fail.
@@ -751,10 +761,14 @@ fn target_gone_fails_io_after_ctrlr_loss_timeout() {
     // Not before the timeout: the controller's clock started after `gone_at`, so this lower
     // bound holds however slow the machine is.
     let failed_after = failed_after.unwrap();
-    assert!(failed_after >= loss_timeout, "failed after {failed_after:?}");
-    wait_until("the host's reconnect attempt to reach the gone target", || {
-        f.knobs.refused.load(Ordering::SeqCst) > 0
-    });
+    assert!(
+        failed_after >= loss_timeout,
+        "failed after {failed_after:?}"
+    );
+    wait_until(
+        "the host's reconnect attempt to reach the gone target",
+        || f.knobs.refused.load(Ordering::SeqCst) > 0,
+    );
     assert_eq!(c.state(), CtrlrState::Failed);
     let refused = q.read(1, 0, 8, DmaBuf::zeroed(4096).expect("DMA buffer"), 9);
     assert!(

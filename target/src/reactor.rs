@@ -896,8 +896,8 @@ mod tests {
     fn idle_reactor_sleeps_and_wakes_for_messages() {
         // A sleep only an event can end: without the wake-up the message would wait an hour,
         // far past the 30 s the test waits for it.
-        let r = Reactors::start_with_max_sleep(test_config(1, 50), Duration::from_secs(3600))
-            .unwrap();
+        let r =
+            Reactors::start_with_max_sleep(test_config(1, 50), Duration::from_secs(3600)).unwrap();
         let h = r.get(0).unwrap().clone();
         let shared = h.shared.clone();
         wait_until("the idle reactor to sleep", || {

@@ -141,7 +141,11 @@ fn happy(hdgst: bool, ddgst: bool) {
             PduBody::C2HData(d) => {
                 let cid = d.cccid.get();
                 let got = data.entry(cid).or_default();
-                assert_eq!(d.datao.get() as usize, got.len(), "C2HData offset, CID {cid}");
+                assert_eq!(
+                    d.datao.get() as usize,
+                    got.len(),
+                    "C2HData offset, CID {cid}"
+                );
                 got.extend_from_slice(&p.data);
                 if !p.hdr.success() {
                     continue;
@@ -157,7 +161,9 @@ fn happy(hdgst: bool, ddgst: bool) {
         );
     }
     for (cid, i) in reads {
-        let status = completed.get(&cid).unwrap_or_else(|| panic!("CID {cid} never completed"));
+        let status = completed
+            .get(&cid)
+            .unwrap_or_else(|| panic!("CID {cid} never completed"));
         assert!(status.is_success(), "read {i} (CID {cid}): {status}");
         let at = i as usize * 4096;
         assert!(

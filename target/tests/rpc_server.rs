@@ -256,7 +256,10 @@ fn a_request_split_across_writes_is_answered_once_whole() {
         // Spaces the writes out so that plexd reads them apart (not a wait for anything),
         // and checks it does not answer a part.
         std::thread::sleep(Duration::from_millis(30));
-        assert!(nothing_to_read(&mut s), "answered before the request was whole");
+        assert!(
+            nothing_to_read(&mut s),
+            "answered before the request was whole"
+        );
     }
     s.write_all(last).unwrap();
     let r = read_value(&mut s).unwrap();
@@ -319,7 +322,10 @@ fn a_client_leaving_mid_request_does_not_disturb_others() {
     assert_eq!(read_value(&mut other).unwrap()["id"], 7);
     // The leaver goes mid-request; plexd closing its side shows it has seen that.
     leaver.shutdown(std::net::Shutdown::Write).unwrap();
-    assert!(closed(&mut leaver), "plexd did not close the half-sent connection");
+    assert!(
+        closed(&mut leaver),
+        "plexd did not close the half-sent connection"
+    );
     drop(leaver);
     other
         .write_all(br#"{"jsonrpc":"2.0","id":8,"method":"bdev_get_bdevs"}"#)

@@ -379,7 +379,9 @@ impl Client {
         match self.ending(READ_DEADLINE) {
             Ending::Closed => None,
             Ending::TermReq(fes) => Some(fes),
-            Ending::Silent => panic!("plexd neither closed nor terminated within {READ_DEADLINE:?}"),
+            Ending::Silent => {
+                panic!("plexd neither closed nor terminated within {READ_DEADLINE:?}")
+            }
         }
     }
 
