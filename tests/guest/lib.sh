@@ -39,6 +39,11 @@
 #                                   to what nvmf_subsystem_get_controllers said
 # Host side:
 #   free_tcp_port                   a TCP port nobody listens on, on 127.0.0.1
+# SPDK's own programs as peers (../shared/spdk/bin, absent on some machines):
+#   spdk_bin NAME                   prints the path of SPDK's program NAME; fails if absent
+#   spdk_prepare MEM_MB             installs the Debian packages SPDK's programs need and
+#                                   grows the hugepage reservation by MEM_MB (never shrinks
+#                                   it); spdk_restore puts the machine's count back
 # Waiting (never a bare sleep):
 #   wait_until TIMEOUT_S CMD [ARG...]   runs CMD every 0.1 s until it succeeds; fails after
 #                                       TIMEOUT_S seconds
@@ -343,4 +348,42 @@ wait_for_plexd() {
 no_controllers() {
     CTRLS=$(rpc nvmf_subsystem_get_controllers "{\"nqn\": \"$1\"}")
     [ "$CTRLS" = "[]" ]
+}
+
+# ---- SPDK's programs ---------------------------------------------------------
+
+SPDK_BIN_DIR=$GUEST_LIB_REPO/../shared/spdk/bin
+SPDK_PACKAGES=(libnuma1 libuuid1 libssl3 libkeyutils1 libaio1)
+SPDK_PREVIOUS_PAGES=
+
+spdk_bin() {
+    [ -x "$SPDK_BIN_DIR/$1" ] || return 1
+    echo "$(cd "$SPDK_BIN_DIR" && pwd)/$1"
+}
+
+hugepages_nr_file() {
+    echo "/sys/kernel/mm/hugepages/hugepages-$(awk '/^Hugepagesize:/ { print $2 }' /proc/meminfo)kB/nr_hugepages"
+}
+
+spdk_prepare() {
+    local mem_mb=$1 missing p page_kb nr_file
+    missing=$(for p in "${SPDK_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
+    if [ -n "$missing" ]; then
+        echo "# installing" $missing
+        # shellcheck disable=SC2086 # one package a word
+        { apt-get update -q && apt-get install -y -q $missing; } >&2 ||
+            { echo "apt-get install $missing failed" >&2; return 1; }
+    fi
+    nr_file=$(hugepages_nr_file)
+    page_kb=$(awk '/^Hugepagesize:/ { print $2 }' /proc/meminfo)
+    SPDK_PREVIOUS_PAGES=$(cat "$nr_file")
+    # A BDF that does not exist: setup.sh must touch no NVMe device of this machine.
+    PCI_ALLOWED=ffff:ff:1f.7 HUGEMEM=$(((SPDK_PREVIOUS_PAGES * page_kb) / 1024 + mem_mb + 64)) \
+        "$GUEST_LIB_REPO/scripts/setup.sh" >/dev/null 2>&1 ||
+        { echo "scripts/setup.sh could not reserve ${mem_mb} MiB more of hugepages" >&2; return 1; }
+}
+
+spdk_restore() {
+    [ -n "$SPDK_PREVIOUS_PAGES" ] || return 0
+    echo "$SPDK_PREVIOUS_PAGES" >"$(hugepages_nr_file)" 2>/dev/null
 }

@@ -26,10 +26,8 @@ RESULTS=(
     "128 KiB rw mix over 2 queue pairs per namespace"
     "plexd never panicked"
 )
-SPDK_BIN=$(cd "$REPO/../shared/spdk/bin" 2>/dev/null && pwd)
-PERF=${SPDK_BIN:+$SPDK_BIN/spdk_nvme_perf}
-if [ -z "$PERF" ] || [ ! -x "$PERF" ]; then
-    for r in "${RESULTS[@]}"; do skip "$r" "no spdk_nvme_perf in $REPO/../shared/spdk/bin"; done
+if ! PERF=$(spdk_bin spdk_nvme_perf); then
+    for r in "${RESULTS[@]}"; do skip "$r" "no spdk_nvme_perf in $SPDK_BIN_DIR"; done
     finish
 fi
 
@@ -37,33 +35,17 @@ PLEXD=${PLEXD:-$REPO/build/release/plexd}
 [ -x "$PLEXD" ] || bail "plexd built" "missing $PLEXD: cargo build --release -p plexd -p initiator"
 
 # ---- what spdk_nvme_perf needs: its libraries and hugepages ------------------------------------
-SPDK_PACKAGES="libnuma1 libuuid1 libssl3 libkeyutils1 libaio1"
-missing=$(for p in $SPDK_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
-if [ -n "$missing" ]; then
-    echo "# installing $missing"
-    { apt-get update -q && apt-get install -y -q $missing; } >&2 ||
-        bail "${RESULTS[0]}" "apt-get install $missing failed"
-fi
-
-PAGE_KB=$(awk '/^Hugepagesize:/ { print $2 }' /proc/meminfo)
-NR_FILE=/sys/kernel/mm/hugepages/hugepages-${PAGE_KB}kB/nr_hugepages
-PREVIOUS_PAGES=$(cat "$NR_FILE")
 PERF_MEM_MB=512
-
 WORK=$(mktemp -d /tmp/spdk-perf-plexd.XXXXXX)
 SOCK=$WORK/plexd.sock
 PLEXD_PID=
 cleanup() {
     [ -n "$PLEXD_PID" ] && kill "$PLEXD_PID" 2>/dev/null && wait "$PLEXD_PID" 2>/dev/null
-    echo "$PREVIOUS_PAGES" >"$NR_FILE" 2>/dev/null
+    spdk_restore
     rm -rf "$WORK"
 }
 trap cleanup EXIT
-
-# Only ever grow the reservation, so programs of others keep their pages.
-want_mb=$(((PREVIOUS_PAGES * PAGE_KB) / 1024 + PERF_MEM_MB + 64))
-PCI_ALLOWED=ffff:ff:1f.7 HUGEMEM=$want_mb "$REPO/scripts/setup.sh" >"$WORK/setup.log" 2>&1 ||
-    bail "${RESULTS[0]}" "scripts/setup.sh: $(tail -n1 "$WORK/setup.log")"
+spdk_prepare "$PERF_MEM_MB" 2>"$WORK/prepare.err" || bail "${RESULTS[0]}" "$(tail -n1 "$WORK/prepare.err")"
 
 # ---- plexd ------------------------------------------------------------------------------------
 ANY_HOST=nqn.2026-12.io.plexstor:spdk-perf-any
