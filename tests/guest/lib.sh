@@ -44,6 +44,9 @@
 #   spdk_prepare MEM_MB             installs the Debian packages SPDK's programs need and
 #                                   grows the hugepage reservation by MEM_MB (never shrinks
 #                                   it); spdk_restore puts the machine's count back
+#   spdk_rpc_install                SPDK's JSON-RPC client (PyPI spdk==$SPDK_PY_VERSION, in a
+#                                   venv under .guest/ so the host's Python is never touched),
+#                                   installed or replaced as needed; sets SPDK_RPC
 # Waiting (never a bare sleep):
 #   wait_until TIMEOUT_S CMD [ARG...]   runs CMD every 0.1 s until it succeeds; fails after
 #                                       TIMEOUT_S seconds
@@ -386,4 +389,21 @@ spdk_prepare() {
 spdk_restore() {
     [ -n "$SPDK_PREVIOUS_PAGES" ] || return 0
     echo "$SPDK_PREVIOUS_PAGES" >"$(hugepages_nr_file)" 2>/dev/null
+}
+
+# The client version the tests were written against; newer ones may send new parameters.
+SPDK_PY_VERSION=${SPDK_PY_VERSION:-26.9}
+SPDK_VENV=${PLEXSTOR_SPDK_VENV:-$GUEST_LIB_REPO/.guest/spdk-venv}
+SPDK_RPC=$SPDK_VENV/bin/spdk-rpc
+
+spdk_rpc_version() { "$SPDK_VENV/bin/pip" show spdk 2>/dev/null | sed -n 's/^Version: //p'; }
+
+spdk_rpc_install() {
+    if [ "$(spdk_rpc_version)" != "$SPDK_PY_VERSION" ]; then
+        echo "# installing spdk==$SPDK_PY_VERSION from PyPI into $SPDK_VENV"
+        { python3 -m venv "$SPDK_VENV" && "$SPDK_VENV/bin/pip" install -q "spdk==$SPDK_PY_VERSION"; } >&2 ||
+            { echo "pip install spdk==$SPDK_PY_VERSION into $SPDK_VENV failed" >&2; return 1; }
+    fi
+    [ "$(spdk_rpc_version)" = "$SPDK_PY_VERSION" ] && "$SPDK_RPC" --help 2>&1 | grep -q -- '--server' ||
+        { echo "spdk-rpc in $SPDK_VENV is '$(spdk_rpc_version)', not $SPDK_PY_VERSION, or does not run" >&2; return 1; }
 }

@@ -14,24 +14,14 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 . "$REPO/tests/guest/lib.sh"
 plan 47
 
-VENV=${PLEXSTOR_SPDK_VENV:-$REPO/.guest/spdk-venv}
-# The client version these tests were written against; newer ones may send new parameters.
-SPDK_PY_VERSION=${SPDK_PY_VERSION:-26.9}
-
 # ---- spdk-rpc ---------------------------------------------------------------------------------
-spdk_version() { "$VENV/bin/pip" show spdk 2>/dev/null | sed -n 's/^Version: //p'; }
-if [ "$(spdk_version)" != "$SPDK_PY_VERSION" ]; then
-    echo "# installing spdk==$SPDK_PY_VERSION from PyPI into $VENV"
-    { python3 -m venv "$VENV" && "$VENV/bin/pip" install -q "spdk==$SPDK_PY_VERSION"; } >&2 ||
-        bail "install spdk-rpc" "pip install spdk==$SPDK_PY_VERSION into $VENV failed"
-fi
 # The venv is kept between runs: what is there must be the version asked for, and run.
-installed=$(spdk_version)
-if [ "$installed" = "$SPDK_PY_VERSION" ] && "$VENV/bin/spdk-rpc" --help 2>&1 | grep -q -- '--server'; then
-    pass "spdk-rpc $installed installed and runs"
+if spdk_rpc_install 2>"${TMPDIR:-/tmp}/spdk-rpc-install.$$"; then
+    pass "spdk-rpc $(spdk_rpc_version) installed and runs"
 else
-    bail "spdk-rpc $SPDK_PY_VERSION installed and runs" "found version '${installed:-none}' in $VENV"
+    bail "spdk-rpc $SPDK_PY_VERSION installed and runs" "$(tail -n1 "${TMPDIR:-/tmp}/spdk-rpc-install.$$")"
 fi
+rm -f "${TMPDIR:-/tmp}/spdk-rpc-install.$$"
 
 # ---- plexd ------------------------------------------------------------------------------------
 if [ -z "${PLEXD:-}" ]; then
@@ -64,7 +54,7 @@ done
 [ -S "$SOCK" ] || bail "start plexd" "no socket: $(tail -n 3 "$WORK/plexd.log")"
 pass "plexd started"
 
-rpc() { "$VENV/bin/spdk-rpc" -s "$SOCK" -t 10 "$@"; }
+rpc() { "$SPDK_RPC" -s "$SOCK" -t 10 "$@"; }
 
 # expect NAME PYTHON-ASSERTION METHOD [ARGS...]: runs spdk-rpc; its stdout must succeed and
 # satisfy the assertion, a Python expression over `out` (text) and `j` (parsed JSON, or None).
