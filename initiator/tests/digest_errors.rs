@@ -6,7 +6,8 @@
 //! Data Transfer Error (never success with the corrupt data) and keeps the connection; a
 //! header digest mismatch ends the connection with an H2CTermReq (FES Header Digest Error).
 
-use std::io::{Read, Write};
+mod common;
+
 use std::net::{TcpListener, TcpStream};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -16,13 +17,11 @@ use std::time::{Duration, Instant};
 use dma::DmaBuf;
 use initiator::qpair::IoCompletion;
 use initiator::{Controller, CtrlrOpts, Digests, IoError, IoQpair, TransportId};
-use nvme_spec::fabrics::{Connect, PropertyGet, PropertySet};
-use nvme_spec::identify::IdentifyController;
-use nvme_spec::tcp::{fes, C2HData, CapsuleResp, IcResp, ParseOptions, PduBody, PduHeader, Role};
-use nvme_spec::{Command, Completion, FromZeros, IntoBytes, Status};
+use nvme_spec::tcp::{fes, C2HData, PduBody, PduHeader};
+use nvme_spec::{Command, IntoBytes, Status};
 
-const BS: usize = 512;
-const NBLOCKS: u64 = 4096;
+use common::{accept_icreq, identify_data, read_pdu, Conn, BS, NBLOCKS};
+
 const NQN: &str = "nqn.2024-01.io.fake:digests";
 /// No LBA: nothing to corrupt.
 const NONE: u64 = u64::MAX;
@@ -75,47 +74,7 @@ fn disk(slba: u64, nlb: usize) -> Vec<u8> {
         .collect()
 }
 
-struct Conn {
-    s: TcpStream,
-    hd: bool,
-    dd: bool,
-    cc: u32,
-    qid: u16,
-}
-
 impl Conn {
-    /// Sends a PDU header (+ data) with the digests in force; `bad_*` flips one.
-    fn send(
-        &mut self,
-        hdr: &[u8],
-        data: Option<&[u8]>,
-        bad_hdgst: bool,
-        bad_ddgst: bool,
-    ) -> std::io::Result<()> {
-        let mut b = hdr.to_vec();
-        if self.hd {
-            let d = crc32c::crc32c(hdr) ^ u32::from(bad_hdgst);
-            b.extend_from_slice(&d.to_le_bytes());
-        }
-        if let Some(data) = data {
-            b.extend_from_slice(data);
-            if self.dd {
-                let d = crc32c::crc32c(data) ^ u32::from(bad_ddgst);
-                b.extend_from_slice(&d.to_le_bytes());
-            }
-        }
-        self.s.write_all(&b)
-    }
-
-    fn resp(&mut self, cid: u16, status: Status, dw0: u32, dw1: u32) -> std::io::Result<()> {
-        let mut cqe = Completion::new(cid, status);
-        cqe.result.set(dw0);
-        cqe.dw1.set(dw1);
-        cqe.sqid.set(self.qid);
-        let r = CapsuleResp::new(cqe, self.hd);
-        self.send(r.as_bytes(), None, false, false)
-    }
-
     /// The whole read in one C2HData PDU, with the SUCCESS flag or followed by a response.
     fn c2h(
         &mut self,
@@ -135,7 +94,7 @@ impl Conn {
             0,
         )
         .expect("C2HData header");
-        self.send(h.as_bytes(), Some(data), bad.0, bad.1)?;
+        self.send_with(h.as_bytes(), Some(data), bad.0, bad.1)?;
         if success_flag {
             Ok(())
         } else {
@@ -145,38 +104,11 @@ impl Conn {
 }
 
 fn serve(s: TcpStream, k: &Knobs) -> std::io::Result<()> {
-    s.set_nodelay(true)?;
-    let mut rd = s.try_clone()?;
-    let mut icreq = [0u8; 128];
-    rd.read_exact(&mut icreq)?;
-    let h = PduHeader::parse(&icreq, &ParseOptions::new(Role::Controller)).expect("valid ICReq");
-    let PduBody::IcReq(req) = h.body else {
-        panic!("expected ICReq")
-    };
     // Grant a digest only if asked for it and the knob allows it.
-    let mut c = Conn {
-        s,
-        hd: req.hdgst() && k.grant_hdgst,
-        dd: req.ddgst() && k.grant_ddgst,
-        cc: 0,
-        qid: 0,
-    };
-    let ic = IcResp::new(0, c.hd, c.dd, 8192);
-    c.s.write_all(ic.as_bytes())?;
-    let opts = ParseOptions {
-        hdgst: c.hd,
-        ddgst: c.dd,
-        ..ParseOptions::new(Role::Controller)
-    };
+    let (mut c, mut rd, opts) = accept_icreq(s, k.grant_hdgst, k.grant_ddgst)?;
     loop {
-        let mut ch = [0u8; 8];
-        rd.read_exact(&mut ch)?;
-        let plen = u32::from_le_bytes([ch[4], ch[5], ch[6], ch[7]]) as usize;
-        assert!((8..=1 << 20).contains(&plen), "host sent PLEN {plen}");
-        let mut pdu = vec![0u8; plen];
-        pdu[..8].copy_from_slice(&ch);
-        rd.read_exact(&mut pdu[8..])?;
-        if ch[0] == 0x02 {
+        let pdu = read_pdu(&mut rd)?;
+        if pdu[0] == 0x02 {
             // H2CTermReq (never has digests): note why, then the connection is over.
             let fes = u16::from_le_bytes([pdu[8], pdu[9]]);
             k.host_term_fes.lock().unwrap().push(fes);
@@ -188,34 +120,10 @@ fn serve(s: TcpStream, k: &Knobs) -> std::io::Result<()> {
             panic!("unexpected PDU from host: {:?}", h.pdu_type)
         };
         let cmd = cap.cmd;
-        let cid = cmd.cid();
         if cmd.is_fabrics() {
-            if let Some(con) = Connect::from_command(&cmd) {
-                assert_eq!(data.len(), 1024, "Connect data in-capsule");
+            c.fabrics(&cmd, data, |_| {
                 k.connects.fetch_add(1, Ordering::Relaxed);
-                c.qid = con.qid;
-                c.resp(cid, Status::SUCCESS, 1, 0)?;
-            } else if let Some(pg) = PropertyGet::from_command(&cmd) {
-                let v: u64 = match pg.offset {
-                    0x00 => 127 | (1 << 16) | (1 << 24), // MQES 127, CQR, TO 500 ms
-                    0x08 => 0x0001_0400,
-                    0x14 => u64::from(c.cc),
-                    0x1c => {
-                        let rdy = c.cc & 1;
-                        let shst = if (c.cc >> 14) & 3 != 0 { 2 << 2 } else { 0 };
-                        u64::from(rdy | shst)
-                    }
-                    _ => 0,
-                };
-                c.resp(cid, Status::SUCCESS, v as u32, (v >> 32) as u32)?;
-            } else if let Some(ps) = PropertySet::from_command(&cmd) {
-                if ps.offset == 0x14 {
-                    c.cc = ps.value as u32;
-                }
-                c.resp(cid, Status::SUCCESS, 0, 0)?;
-            } else {
-                c.resp(cid, Status::INVALID_OPCODE, 0, 0)?;
-            }
+            })?;
         } else if c.qid == 0 {
             admin(&mut c, &cmd)?;
         } else {
@@ -228,28 +136,9 @@ fn admin(c: &mut Conn, cmd: &Command) -> std::io::Result<()> {
     let cid = cmd.cid();
     match cmd.opcode {
         0x06 => {
-            let mut b = vec![0u8; 4096];
-            match cmd.cdw10.get() as u8 {
-                1 => {
-                    let mut id = IdentifyController::new_zeroed();
-                    id.set_model("digests");
-                    id.set_serial("1");
-                    id.mdts = 5;
-                    id.kas.set(1);
-                    id.sgls.set(1);
-                    id.ioccsz.set((64 + 4096) / 16);
-                    id.iorcsz.set(1);
-                    id.nn.set(1);
-                    b.copy_from_slice(id.as_bytes());
-                }
-                2 => b[..4].copy_from_slice(&1u32.to_le_bytes()),
-                0 => {
-                    b[..8].copy_from_slice(&NBLOCKS.to_le_bytes());
-                    b[8..16].copy_from_slice(&NBLOCKS.to_le_bytes());
-                    b[128 + 2] = 9; // LBAF0: 512-byte blocks
-                }
-                _ => return c.resp(cid, Status::INVALID_FIELD, 0, 0),
-            }
+            let Some(b) = identify_data(cmd.cdw10.get() as u8, "digests", "1") else {
+                return c.resp(cid, Status::INVALID_FIELD, 0, 0);
+            };
             c.c2h(cid, &b, false, (false, false))
         }
         0x09 => c.resp(cid, Status::SUCCESS, (3 << 16) | 3, 0),

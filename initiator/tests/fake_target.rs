@@ -4,6 +4,8 @@
 //! nvme-spec's validating parser) and can misbehave on request (a response for a CID that does
 //! not exist) to exercise the host's failure handling and reconnect.
 
+mod common;
+
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -17,16 +19,10 @@ use initiator::discovery;
 use initiator::qpair::IoCompletion;
 use initiator::trid::DISCOVERY_NQN;
 use initiator::{Controller, CtrlrEvent, CtrlrOpts, CtrlrState, IoError, TransportId};
-use nvme_spec::fabrics::{Connect, PropertyGet, PropertySet};
-use nvme_spec::identify::IdentifyController;
-use nvme_spec::tcp::{C2HData, CapsuleResp, IcResp, ParseOptions, PduBody, PduHeader, Role, R2T};
-use nvme_spec::{Command, Completion, FromZeros, IntoBytes, Status};
+use nvme_spec::tcp::{C2HData, PduBody, PduHeader, R2T};
+use nvme_spec::{Command, IntoBytes, Status};
 
-const BS: usize = 512;
-const NBLOCKS: u64 = 4096;
-const MAXH2C: u32 = 8192;
-/// In-capsule writes up to 4 KiB; larger ones need R2T.
-const IOCCSZ: u32 = (64 + 4096) / 16;
+use common::{accept_icreq, identify_data, read_pdu, Conn, BS, MAXH2C, NBLOCKS};
 
 #[derive(Default)]
 struct Knobs {
@@ -170,38 +166,7 @@ fn serve_until_hang_up(s: TcpStream, k: &Knobs, disk: &Mutex<Vec<u8>>) -> std::i
     }
 }
 
-struct Conn {
-    s: TcpStream,
-    hd: bool,
-    dd: bool,
-    cc: u32,
-    qid: u16,
-}
-
 impl Conn {
-    fn send(&mut self, hdr: &[u8], data: Option<&[u8]>) -> std::io::Result<()> {
-        let mut b = hdr.to_vec();
-        if self.hd {
-            b.extend_from_slice(&crc32c::crc32c(hdr).to_le_bytes());
-        }
-        if let Some(d) = data {
-            b.extend_from_slice(d);
-            if self.dd {
-                b.extend_from_slice(&crc32c::crc32c(d).to_le_bytes());
-            }
-        }
-        self.s.write_all(&b)
-    }
-
-    fn resp(&mut self, cid: u16, status: Status, dw0: u32, dw1: u32) -> std::io::Result<()> {
-        let mut cqe = Completion::new(cid, status);
-        cqe.result.set(dw0);
-        cqe.dw1.set(dw1);
-        cqe.sqid.set(self.qid);
-        let r = CapsuleResp::new(cqe, self.hd);
-        self.send(r.as_bytes(), None)
-    }
-
     fn c2h(&mut self, cid: u16, data: &[u8], success: bool) -> std::io::Result<()> {
         // Two PDUs when there is enough data, to exercise offsets.
         let half = if data.len() >= 1024 {
@@ -239,37 +204,11 @@ struct PendingWrite {
 }
 
 fn serve(s: TcpStream, k: &Knobs, disk: &Mutex<Vec<u8>>) -> std::io::Result<()> {
-    s.set_nodelay(true)?;
-    let mut s2 = s.try_clone()?;
-    let mut icreq = [0u8; 128];
-    s2.read_exact(&mut icreq)?;
-    let h = PduHeader::parse(&icreq, &ParseOptions::new(Role::Controller)).expect("valid ICReq");
-    let PduBody::IcReq(req) = h.body else {
-        panic!("expected ICReq")
-    };
-    let mut c = Conn {
-        s,
-        hd: req.hdgst(),
-        dd: req.ddgst(),
-        cc: 0,
-        qid: 0,
-    };
-    let ic = IcResp::new(0, c.hd, c.dd, MAXH2C);
-    c.s.write_all(ic.as_bytes())?;
-    let opts = ParseOptions {
-        hdgst: c.hd,
-        ddgst: c.dd,
-        ..ParseOptions::new(Role::Controller)
-    };
+    // Every digest the host asks for is granted.
+    let (mut c, mut s2, opts) = accept_icreq(s, true, true)?;
     let mut writes: HashMap<u16, PendingWrite> = HashMap::new();
     loop {
-        let mut ch = [0u8; 8];
-        s2.read_exact(&mut ch)?;
-        let plen = u32::from_le_bytes([ch[4], ch[5], ch[6], ch[7]]) as usize;
-        assert!((8..=1 << 20).contains(&plen), "host sent PLEN {plen}");
-        let mut pdu = vec![0u8; plen];
-        pdu[..8].copy_from_slice(&ch);
-        s2.read_exact(&mut pdu[8..])?;
+        let pdu = read_pdu(&mut s2)?;
         let h = PduHeader::parse(&pdu, &opts).expect("host PDU must be valid");
         let data = &pdu[h.data_range()];
         if let Some(r) = h.data_digest_range() {
@@ -286,38 +225,13 @@ fn serve(s: TcpStream, k: &Knobs, disk: &Mutex<Vec<u8>>) -> std::io::Result<()> 
             }
             PduBody::CapsuleCmd(cap) => {
                 let cmd = cap.cmd;
-                let cid = cmd.cid();
                 if cmd.is_fabrics() {
-                    if let Some(con) = Connect::from_command(&cmd) {
+                    c.fabrics(&cmd, data, |con| {
                         k.connects.fetch_add(1, Ordering::Relaxed);
-                        assert_eq!(data.len(), 1024, "Connect data in-capsule");
                         // SQ flow control off on I/O queues only (CATTR bit 2).
                         let want = if con.qid == 0 { 0 } else { 1 << 2 };
                         assert_eq!(con.cattr, want, "Connect CATTR of queue {}", con.qid);
-                        c.qid = con.qid;
-                        c.resp(cid, Status::SUCCESS, 1, 0)?;
-                    } else if let Some(pg) = PropertyGet::from_command(&cmd) {
-                        let v: u64 = match pg.offset {
-                            // MQES 127, CQR, TO 1 (500 ms)
-                            0x00 => 127 | (1 << 16) | (1 << 24),
-                            0x08 => 0x0001_0400,
-                            0x14 => c.cc as u64,
-                            0x1c => {
-                                let rdy = c.cc & 1;
-                                let shst = if (c.cc >> 14) & 3 != 0 { 2 << 2 } else { 0 };
-                                (rdy | shst) as u64
-                            }
-                            _ => 0,
-                        };
-                        c.resp(cid, Status::SUCCESS, v as u32, (v >> 32) as u32)?;
-                    } else if let Some(ps) = PropertySet::from_command(&cmd) {
-                        if ps.offset == 0x14 {
-                            c.cc = ps.value as u32;
-                        }
-                        c.resp(cid, Status::SUCCESS, 0, 0)?;
-                    } else {
-                        c.resp(cid, Status::INVALID_OPCODE, 0, 0)?;
-                    }
+                    })?;
                 } else if c.qid == 0 {
                     admin(&mut c, &cmd, k)?;
                 } else {
@@ -370,29 +284,9 @@ fn admin(c: &mut Conn, cmd: &Command, k: &Knobs) -> std::io::Result<()> {
     let cid = cmd.cid();
     match cmd.opcode {
         0x06 => {
-            let cns = cmd.cdw10.get() as u8;
-            let mut b = vec![0u8; 4096];
-            match cns {
-                1 => {
-                    let mut id = IdentifyController::new_zeroed();
-                    id.set_model("fake");
-                    id.set_serial("1234");
-                    id.mdts = 5; // 128 KiB
-                    id.kas.set(1);
-                    id.sgls.set(1);
-                    id.ioccsz.set(IOCCSZ);
-                    id.iorcsz.set(1);
-                    id.nn.set(1);
-                    b.copy_from_slice(id.as_bytes());
-                }
-                2 => b[..4].copy_from_slice(&1u32.to_le_bytes()),
-                0 => {
-                    b[..8].copy_from_slice(&NBLOCKS.to_le_bytes());
-                    b[8..16].copy_from_slice(&NBLOCKS.to_le_bytes());
-                    b[128 + 2] = 9; // LBAF0: 512-byte blocks
-                }
-                _ => return c.resp(cid, Status::INVALID_FIELD, 0, 0),
-            }
+            let Some(b) = identify_data(cmd.cdw10.get() as u8, "fake", "1234") else {
+                return c.resp(cid, Status::INVALID_FIELD, 0, 0);
+            };
             c.c2h(cid, &b, false)?;
             c.resp(cid, Status::SUCCESS, 0, 0)
         }

@@ -759,6 +759,18 @@ mod tests {
         (t, s, l, opts)
     }
 
+    /// The connection every test's Connect arrives on: one peer, reactor 0, no digests.
+    fn conn_info<'a>(l: &'a ListenAddr, opts: &'a Arc<TransportOpts>) -> ConnInfo<'a> {
+        ConnInfo {
+            listen: l,
+            peer: "p",
+            reactor: 0,
+            opts,
+            hdgst: false,
+            ddgst: false,
+        }
+    }
+
     fn connect_cmd(qid: u16, sqsize: u32) -> Command {
         Connect {
             recfmt: 0,
@@ -780,14 +792,7 @@ mod tests {
     #[test]
     fn connect_checks_subsystem_host_and_queue() {
         let (t, s, l, opts) = setup();
-        let info = ConnInfo {
-            listen: &l,
-            peer: "p",
-            reactor: 0,
-            opts: &opts,
-            hdgst: false,
-            ddgst: false,
-        };
+        let info = conn_info(&l, &opts);
         let host = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-000000000001";
         // Unknown subsystem: invalid parameters pointing at SUBNQN in the data.
         let e = connect(
@@ -852,14 +857,7 @@ mod tests {
     #[test]
     fn connect_with_an_empty_hostnqn_needs_allow_any_host() {
         let (t, s, l, opts) = setup();
-        let info = ConnInfo {
-            listen: &l,
-            peer: "p",
-            reactor: 0,
-            opts: &opts,
-            hdgst: false,
-            ddgst: false,
-        };
+        let info = conn_info(&l, &opts);
         let e = connect(&t, &info, &connect_cmd(0, 32), &data(&s.nqn, "", 0xFFFF))
             .err()
             .unwrap();
@@ -897,14 +895,7 @@ mod tests {
     fn identify_and_namespace_events() {
         let (t, s, l, opts) = setup();
         s.set_allow_any_host(true);
-        let info = ConnInfo {
-            listen: &l,
-            peer: "p",
-            reactor: 0,
-            opts: &opts,
-            hdgst: false,
-            ddgst: false,
-        };
+        let info = conn_info(&l, &opts);
         let c = connect(
             &t,
             &info,
