@@ -3,7 +3,8 @@
 #   1. builds the workspace (release: the guest runs these binaries, and speed matters there),
 #   2. cargo's unit and integration tests, every test binary even after a failure; as root,
 #      also the tests marked #[ignore = "needs root: ..."],
-#   3. host tests (tests/host/*.sh): hugepages, SPDK's own JSON-RPC client, the deploy/
+#   3. host tests (tests/host/*.sh): hugepages, SPDK's own JSON-RPC client and programs
+#      (nvmf_tgt, spdk_nvme_perf, bdevperf from ../shared/spdk/bin) as peers, the deploy/
 #      manifests against the Kubernetes schema, plexd on the host reached from the test
 #      guest, the fuzz targets' smoke run,
 #   4. guest tests (tests/guest/*.sh) inside one QEMU guest running Debian's kernel, where the
@@ -31,7 +32,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --no-guest) use_guest=no ;;
         --only) only=${2:?--only needs a pattern}; shift ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^set -euo/{/^set -euo/d;p}' "$0"; exit 0 ;;
         *) echo "test.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
