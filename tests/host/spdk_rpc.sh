@@ -12,7 +12,7 @@ set -u
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 # shellcheck source=../guest/lib.sh
 . "$REPO/tests/guest/lib.sh"
-plan 47
+plan 53
 
 # ---- spdk-rpc ---------------------------------------------------------------------------------
 # The venv is kept between runs: what is there must be the version asked for, and run.
@@ -191,6 +191,20 @@ expect "bdev_nvme_get_controllers" '[c["name"] for c in j] == ["R0"]' bdev_nvme_
 expect "bdev_get_bdevs -b R0n1" 'j[0]["num_blocks"] == 16384 and j[0]["block_size"] == 512' \
     bdev_get_bdevs -b R0n1
 expect "bdev_nvme_detach_controller" 'out.strip() == ""' bdev_nvme_detach_controller R0
+# The host list: named hosts only, then back.
+HOSTNQN=nqn.2014-08.org.nvmexpress:uuid:5b0c7a52-6e34-4f5e-9d0a-2f4ad1b0c001
+subsystem_is() { echo '[s for s in j if s["nqn"] == "'"$NQN"'"][0]'"$1"; }
+expect "nvmf_subsystem_add_host" 'out.strip() == ""' nvmf_subsystem_add_host "$NQN" "$HOSTNQN"
+expect "nvmf_subsystem_allow_any_host --no-allow-any-host" 'out.strip() == ""' \
+    nvmf_subsystem_allow_any_host "$NQN" --no-allow-any-host
+expect "nvmf_get_subsystems shows the named host only" \
+    "$(subsystem_is '["allow_any_host"] is False') and $(subsystem_is '["hosts"]') == [{'nqn': '$HOSTNQN'}]" \
+    nvmf_get_subsystems
+expect "nvmf_subsystem_remove_host" 'out.strip() == ""' nvmf_subsystem_remove_host "$NQN" "$HOSTNQN"
+expect "nvmf_subsystem_allow_any_host --allow-any-host" 'out.strip() == ""' \
+    nvmf_subsystem_allow_any_host "$NQN" --allow-any-host
+expect "nvmf_get_subsystems: any host again, none named" \
+    "$(subsystem_is '["allow_any_host"] is True') and $(subsystem_is '["hosts"]') == []" nvmf_get_subsystems
 expect "nvmf_subsystem_remove_listener" 'out.strip() == ""' \
     nvmf_subsystem_remove_listener "$NQN" -t tcp -a 127.0.0.1 -s "$PORT" -f ipv4
 expect "nvmf_subsystem_remove_ns" 'out.strip() == ""' nvmf_subsystem_remove_ns "$NQN" 1
