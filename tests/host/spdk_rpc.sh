@@ -12,7 +12,7 @@ set -u
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 # shellcheck source=../guest/lib.sh
 . "$REPO/tests/guest/lib.sh"
-plan 53
+plan 54
 
 # ---- spdk-rpc ---------------------------------------------------------------------------------
 # The venv is kept between runs: what is there must be the version asked for, and run.
@@ -211,5 +211,14 @@ expect "nvmf_subsystem_remove_ns" 'out.strip() == ""' nvmf_subsystem_remove_ns "
 expect "nvmf_delete_subsystem" 'out.strip() == ""' nvmf_delete_subsystem "$NQN"
 expect "bdev_malloc_delete (NS0)" 'out.strip() == ""' bdev_malloc_delete NS0
 
+# Every method plexd serves must be driven through spdk-rpc by one of these scripts, so a new
+# method cannot skip SPDK's client.
+untested=$(rpc rpc_get_methods | python3 -c 'import json, sys; print("\n".join(json.load(sys.stdin)))' |
+    while read -r m; do grep -qw -- "$m" "$REPO"/tests/host/spdk_rpc*.sh || echo "$m"; done)
+if [ -z "$untested" ]; then
+    pass "every method plexd serves is driven through spdk-rpc"
+else
+    fail "every method plexd serves is driven through spdk-rpc" "not here: $(echo $untested)"
+fi
 kill -0 "$PLEXD_PID" 2>/dev/null && pass "plexd still running" || fail "plexd still running" "it died"
 finish
