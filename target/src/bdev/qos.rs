@@ -9,7 +9,11 @@
 //! (limit / 1000, at least one I/O or 512 bytes) and a signed remainder. An I/O passes while
 //! the remainder of every limit it counts against is positive, so one I/O larger than a slice's
 //! quota still passes now and then; the overrun is a debt that later slices pay back first.
-//! Unused budget is not saved: a slice starts with at most one slice's quota.
+//! Unused budget is not saved past a slice. Budget is refilled lazily, by the first I/O (or
+//! poll of queued I/O) that sees a new slice, rather than by a 1 ms poller; when slices went
+//! by unseen because the reactor was busy elsewhere, asleep or descheduled, their quota is
+//! granted then, as SPDK's poller grants every slice that passed since it last ran; at most
+//! [`MAX_CATCHUP_SLICES`], so an idle bdev cannot bank more than 10 ms of budget.
 //!
 //! **Several reactors, one bdev.** SPDK funnels a limited bdev's I/O to one QoS thread. plexd
 //! does not move I/O between reactors (a channel has one owner, and its buffers and
@@ -36,6 +40,8 @@ pub const MIN_IOS_PER_SEC: u64 = 1000;
 const MIN_IO_PER_SLICE: i64 = 1;
 const MIN_BYTES_PER_SLICE: i64 = 512;
 const MIB: u64 = 1024 * 1024;
+/// Slices of quota a late refill may grant at once: the longest a reactor sleeps (10 ms).
+pub const MAX_CATCHUP_SLICES: i64 = 10;
 
 /// The limits as SPDK's RPC names them; 0 = unlimited.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -147,8 +153,8 @@ impl Qos {
         }
     }
 
-    /// Starts a new slice if `now_ns` is past the current one: leftovers are dropped, a debt
-    /// is paid from the slices that went by, and no more than one slice's quota is held.
+    /// Starts a new slice if `now_ns` is past the current one: leftovers are dropped, and the
+    /// quota of each slice that went by (up to [`MAX_CATCHUP_SLICES`]) pays any debt first.
     pub fn refill(&self, now_ns: u64) {
         let slice = now_ns / TIMESLICE_NS;
         let cur = self.slice.load(Ordering::Acquire);
@@ -160,14 +166,14 @@ impl Qos {
         {
             return;
         }
-        let passed = (slice - cur).min(i64::MAX as u64) as i64;
+        let passed = (slice - cur).min(MAX_CATCHUP_SLICES as u64) as i64;
         for b in &self.buckets {
             let q = b.per_slice.load(Ordering::Acquire);
             if q == 0 {
                 continue;
             }
             let left = b.remaining.swap(0, Ordering::AcqRel);
-            let fresh = left.min(0).saturating_add(q.saturating_mul(passed)).min(q);
+            let fresh = left.min(0).saturating_add(q.saturating_mul(passed));
             b.remaining.fetch_add(fresh, Ordering::AcqRel);
         }
         self.refills.fetch_add(1, Ordering::Relaxed);
@@ -290,8 +296,20 @@ mod tests {
         assert_eq!(admitted(&q, MS, IoType::Write, 4096, 100), 10);
         // Other types are not limited.
         assert_eq!(admitted(&q, MS, IoType::Flush, 0, 5), 5);
-        // Leftovers are not saved: after an idle second, one slice's worth.
-        assert_eq!(admitted(&q, 1000 * MS, IoType::Read, 512, 100), 10);
+        // Leftovers are not saved, and an idle second banks only the catch-up bound.
+        assert_eq!(admitted(&q, 1000 * MS, IoType::Read, 512, 1000), 100);
+    }
+
+    #[test]
+    fn a_late_refill_grants_the_slices_that_went_by() {
+        let q = qos(QosLimits {
+            rw_ios_per_sec: 10_000,
+            ..Default::default()
+        });
+        assert_eq!(admitted(&q, 0, IoType::Read, 512, 100), 10);
+        // Nobody looked during slices 1 and 2: at slice 3, three slices' quota.
+        assert_eq!(admitted(&q, 3 * MS, IoType::Read, 512, 100), 30);
+        assert_eq!(admitted(&q, 4 * MS, IoType::Read, 512, 100), 10);
     }
 
     #[test]
@@ -333,9 +351,14 @@ mod tests {
             ..Default::default()
         });
         assert!(q.try_admit(0, IoType::Write, 65536));
-        // 100 slices later the debt is gone, and only one slice's quota is there.
-        assert!(q.try_admit(100 * MS, IoType::Write, 4096));
-        assert!(!q.try_admit(100 * MS, IoType::Write, 4096));
+        // The debt is paid at 1048 bytes per slice, up to ten slices per refill.
+        let mut t = 0;
+        for _ in 0..6 {
+            t += 10 * MS;
+            assert!(!q.try_admit(t, IoType::Write, 4096));
+        }
+        t += 10 * MS; // 70 slices: 73360 - 64488 = 8872 bytes left, two 4 KiB writes and a bit
+        assert_eq!(admitted(&q, t, IoType::Write, 4096, 10), 3);
     }
 
     #[test]
