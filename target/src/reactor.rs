@@ -959,6 +959,35 @@ mod tests {
     }
 
     #[test]
+    fn a_reactor_sleeps_until_a_requested_wake_up() {
+        // A poller waiting for time (as rate-limited I/O does): idle, but asks to be run again
+        // 2 ms on. Sleeps last an hour unless cut short, so every deadline the poller sees
+        // pass proves a sleep ended at the time it asked for, not at MAX_SLEEP.
+        let r =
+            Reactors::start_with_max_sleep(test_config(1, 50), Duration::from_secs(3600)).unwrap();
+        let h = r.get(0).unwrap().clone();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let seen2 = seen.clone();
+        let mut deadline = 0u64;
+        h.send(move |ctx| {
+            ctx.add_poller(fn_poller("timer", move |_| {
+                let now = now_ns();
+                if deadline != 0 && now >= deadline {
+                    seen2.fetch_add(1, Ordering::SeqCst);
+                    deadline = 0;
+                }
+                if deadline == 0 {
+                    deadline = now + 2_000_000;
+                }
+                wake_by(deadline);
+                PollStatus::Idle
+            }));
+        });
+        wait_until("five timed wake-ups", || seen.load(Ordering::SeqCst) >= 5);
+        assert!(h.shared.stats.sleeps.load(Ordering::SeqCst) >= 5);
+    }
+
+    #[test]
     fn stop_drops_pollers_on_their_thread() {
         struct Flag(Arc<AtomicBool>);
         impl Drop for Flag {
