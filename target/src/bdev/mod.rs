@@ -532,6 +532,13 @@ impl IoChannel {
     /// Starts queued I/O as far as the budget allows, in order; if some must still wait, asks
     /// the reactor to wake when the next slice begins.
     fn release_throttled(&mut self) {
+        if self.entry.is_removed() {
+            // Deleted while they waited: they end as any I/O to a deleted bdev does.
+            while let Some(io) = self.throttled.pop_front() {
+                self.rejected.push_back(io.complete(IoStatus::Aborted));
+            }
+            return;
+        }
         let now = crate::reactor::now_ns();
         let qos = &self.entry.qos;
         while let Some(io) = self.throttled.front() {
@@ -888,6 +895,30 @@ pub(crate) mod tests {
         }
         assert_eq!(out.iter().filter(|&&t| t != 99).count(), 10);
         assert_eq!(ch.throttled(), 0);
+    }
+
+    #[test]
+    fn io_waiting_for_budget_is_aborted_when_its_bdev_is_deleted() {
+        let (reg, e) = null_entry("q2");
+        e.qos.set_limits(
+            qos::QosLimits {
+                rw_ios_per_sec: 1000,
+                ..Default::default()
+            },
+            crate::reactor::now_ns(),
+        );
+        let mut ch = e.open_channel().unwrap();
+        for i in 0..4 {
+            ch.submit(BdevIo::read(i, 1, buf(512, 0), i)).unwrap();
+        }
+        assert!(ch.throttled() >= 3);
+        reg.unregister("q2", "null").unwrap();
+        let mut out = Vec::new();
+        while out.len() < 4 {
+            ch.poll(&mut |c| out.push(c.status));
+        }
+        assert!(out.iter().filter(|s| **s == IoStatus::Aborted).count() >= 3);
+        assert_eq!((ch.throttled(), ch.in_flight()), (0, 0));
     }
 
     #[test]
