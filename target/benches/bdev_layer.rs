@@ -3,17 +3,35 @@
 //! bound what the layer adds to every NVMe-oF I/O.
 //!
 //! Run: `cargo bench -p plexd --bench bdev_layer` (or benches/run.sh).
+//!
+//! `cargo bench -p plexd --bench bdev_layer -- qos` runs only the rate-limit rows: the same
+//! null-bdev reads with no limit (the path every unlimited bdev takes), and with a limit set
+//! so high it never holds an I/O back (the admission arithmetic on every I/O).
+//! `benches/qos.py --baseline REV` compares the first against a build from before QoS existed.
 
 use plexd::bdev::malloc::MallocBdev;
 use plexd::bdev::null::NullBdev;
+use plexd::bdev::qos::QosLimits;
 use plexd::bdev::{Bdev, BdevIo, BdevRegistry, IoBufs, IoType};
 use std::sync::Arc;
 use std::time::Instant;
 use uuid::Uuid;
 
 fn run(name: &str, bdev: Arc<dyn Bdev>, io_type: IoType, qd: usize, total: u64) {
+    run_with(name, bdev, io_type, qd, total, |_| {})
+}
+
+fn run_with(
+    name: &str,
+    bdev: Arc<dyn Bdev>,
+    io_type: IoType,
+    qd: usize,
+    total: u64,
+    setup: impl FnOnce(&plexd::bdev::BdevEntry),
+) {
     let reg = BdevRegistry::default();
     let entry = reg.register(bdev).unwrap();
+    setup(&entry);
     let mut ch = entry.open_channel().unwrap();
     let blocks = entry.info().num_blocks();
     let bs = entry.info().block_size as u64;
@@ -53,8 +71,28 @@ fn run(name: &str, bdev: Arc<dyn Bdev>, io_type: IoType, qd: usize, total: u64) 
     );
 }
 
+fn qos_rows(total: u64) {
+    println!("bdev layer, QoS cost, one thread, 4 KiB reads, {total} I/Os per row");
+    for qd in [1, 32] {
+        let null = NullBdev::new("n".into(), 1 << 20, 512, Uuid::new_v4()).unwrap();
+        run("no-limit", Arc::new(null), IoType::Read, qd, total);
+        let null = NullBdev::new("n".into(), 1 << 20, 512, Uuid::new_v4()).unwrap();
+        run_with("qos-on", Arc::new(null), IoType::Read, qd, total, |e| {
+            // 10^12 IOPS: the budget is checked and drawn on every I/O but never runs out.
+            let l = QosLimits {
+                rw_ios_per_sec: 1_000_000_000_000,
+                ..Default::default()
+            };
+            e.qos.set_limits(l, plexd::reactor::now_ns());
+        });
+    }
+}
+
 fn main() {
     let total = 2_000_000;
+    if std::env::args().skip(1).any(|a| a == "qos") {
+        return qos_rows(total);
+    }
     println!("bdev layer, one thread, 4 KiB I/O, {total} I/Os per row");
     for qd in [1, 32, 128] {
         for t in [IoType::Read, IoType::Write] {

@@ -44,6 +44,13 @@ impl App {
                 .filter_map(|e| e.bdev().config())
                 .map(|(method, params)| json!({"method": method, "params": params})),
         );
+        // Rate limits after every bdev exists, as SPDK writes them.
+        bdev.extend(
+            self.bdevs
+                .list()
+                .iter()
+                .filter_map(crate::bdev::rpc::qos_config),
+        );
         json!({"subsystems": [
             {"subsystem": "bdev", "config": bdev},
             {"subsystem": "nvmf", "config": self.nvmf.save_config()},

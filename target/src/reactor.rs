@@ -46,6 +46,20 @@ fn fresh_now_ns() -> u64 {
 
 thread_local! {
     static LOOP_NOW_NS: Cell<u64> = const { Cell::new(0) };
+    static WAKE_BY_NS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Asks the current reactor not to sleep past `deadline_ns` (on [`now_ns`]'s clock): work that
+/// is waiting for time rather than for an event (I/O held back by a rate limit) calls it on
+/// every pass it still waits. The earliest request of a pass wins; it is forgotten at the
+/// start of the next pass. Off a reactor it does nothing that matters.
+pub fn wake_by(deadline_ns: u64) {
+    WAKE_BY_NS.with(|c| {
+        let cur = c.get();
+        if cur == 0 || deadline_ns < cur {
+            c.set(deadline_ns.max(1));
+        }
+    });
 }
 
 /// A closure run on a reactor thread.
@@ -602,6 +616,8 @@ struct Reactor {
     idle_poll: Duration,
     /// Longest single `epoll_wait` (MAX_SLEEP outside tests).
     max_sleep: Duration,
+    /// The kernel lacks `epoll_pwait2`.
+    no_pwait2: bool,
 }
 
 impl Reactor {
@@ -664,6 +680,7 @@ impl Reactor {
             },
             idle_poll: Duration::from_micros(cfg.idle_poll_us),
             max_sleep,
+            no_pwait2: false,
         })
     }
 
@@ -673,6 +690,7 @@ impl Reactor {
         let mut loops: u64 = 0;
         while !self.shared.stop.load(Ordering::Acquire) {
             refresh_loop_clock();
+            WAKE_BY_NS.with(|c| c.set(0));
             let busy = self.run_once();
             let now = Instant::now();
             let spent = now.duration_since(loop_start).as_nanos() as u64;
@@ -762,22 +780,44 @@ impl Reactor {
             }));
     }
 
+    /// `epoll_wait` with a nanosecond timeout (`epoll_pwait2`), or milliseconds rounded up on
+    /// kernels before 5.11.
+    fn epoll_wait(&mut self, events: &mut [libc::epoll_event; 16], timeout: Duration) -> i32 {
+        let epfd = self.ctx.epoll.as_raw_fd();
+        if !self.no_pwait2 {
+            let ts = libc::timespec {
+                tv_sec: timeout.as_secs() as libc::time_t,
+                tv_nsec: timeout.subsec_nanos() as libc::c_long,
+            };
+            // SAFETY: epoll_pwait2 writes at most 16 events into our array and reads `ts`.
+            let n =
+                unsafe { libc::epoll_pwait2(epfd, events.as_mut_ptr(), 16, &ts, std::ptr::null()) };
+            if n >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ENOSYS) {
+                return n;
+            }
+            self.no_pwait2 = true;
+        }
+        let ms = timeout.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as i32;
+        // SAFETY: epoll_wait writes at most 16 events into our array.
+        unsafe { libc::epoll_wait(epfd, events.as_mut_ptr(), 16, ms) }
+    }
+
     fn sleep(&mut self) {
-        let shared = &self.shared;
+        let shared = self.shared.clone();
         shared.sleeping.store(true, Ordering::SeqCst);
         std::sync::atomic::fence(Ordering::SeqCst);
-        if shared.queue.is_empty() && !shared.stop.load(Ordering::Acquire) {
+        // A poller waiting for time (a rate limit's next slice) bounds the sleep.
+        let mut timeout = self.max_sleep;
+        let deadline = WAKE_BY_NS.with(Cell::get);
+        if deadline != 0 {
+            timeout = timeout.min(Duration::from_nanos(
+                deadline.saturating_sub(fresh_now_ns()),
+            ));
+        }
+        if shared.queue.is_empty() && !shared.stop.load(Ordering::Acquire) && !timeout.is_zero() {
             shared.stats.sleeps.fetch_add(1, Ordering::Relaxed);
             let mut events: [libc::epoll_event; 16] = [libc::epoll_event { events: 0, u64: 0 }; 16];
-            // SAFETY: epoll_wait writes at most 16 events into our array.
-            let n = unsafe {
-                libc::epoll_wait(
-                    self.ctx.epoll.as_raw_fd(),
-                    events.as_mut_ptr(),
-                    events.len() as i32,
-                    self.max_sleep.as_millis().min(i32::MAX as u128) as i32,
-                )
-            };
+            let n = self.epoll_wait(&mut events, timeout);
             if n > 0 {
                 shared.stats.wakeups.fetch_add(1, Ordering::Relaxed);
             }
@@ -916,6 +956,35 @@ mod tests {
             shared.stats.sleeps.load(Ordering::SeqCst) > sleeps
         });
         assert_eq!(shared.stats.wakeups.load(Ordering::SeqCst), wakeups + 1);
+    }
+
+    #[test]
+    fn a_reactor_sleeps_until_a_requested_wake_up() {
+        // A poller waiting for time (as rate-limited I/O does): idle, but asks to be run again
+        // 2 ms on. Sleeps last an hour unless cut short, so every deadline the poller sees
+        // pass proves a sleep ended at the time it asked for, not at MAX_SLEEP.
+        let r =
+            Reactors::start_with_max_sleep(test_config(1, 50), Duration::from_secs(3600)).unwrap();
+        let h = r.get(0).unwrap().clone();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let seen2 = seen.clone();
+        let mut deadline = 0u64;
+        h.send(move |ctx| {
+            ctx.add_poller(fn_poller("timer", move |_| {
+                let now = now_ns();
+                if deadline != 0 && now >= deadline {
+                    seen2.fetch_add(1, Ordering::SeqCst);
+                    deadline = 0;
+                }
+                if deadline == 0 {
+                    deadline = now + 2_000_000;
+                }
+                wake_by(deadline);
+                PollStatus::Idle
+            }));
+        });
+        wait_until("five timed wake-ups", || seen.load(Ordering::SeqCst) >= 5);
+        assert!(h.shared.stats.sleeps.load(Ordering::SeqCst) >= 5);
     }
 
     #[test]

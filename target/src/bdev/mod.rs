@@ -7,9 +7,11 @@
 //! re-entrant calls. The layer checks ranges and buffer shapes before a module sees an I/O, and
 //! keeps per-channel statistics that `bdev_get_iostat` sums.
 
+pub mod histogram;
 pub mod malloc;
 pub mod null;
 pub mod nvme;
+pub mod qos;
 pub mod rpc;
 pub mod uring;
 
@@ -374,6 +376,10 @@ pub struct BdevEntry {
     /// Stats of open channels, and the sum of closed ones.
     channel_stats: Mutex<Vec<Arc<IoStats>>>,
     closed_stats: IoStats,
+    /// Rate limits, shared by every channel (`bdev_set_qos_limit`).
+    pub qos: qos::Qos,
+    /// Latency histogram control (`bdev_enable_histogram`).
+    pub histogram: histogram::HistogramCtl,
 }
 
 impl BdevEntry {
@@ -432,8 +438,11 @@ impl BdevEntry {
             inner,
             stats,
             rejected: VecDeque::new(),
+            throttled: VecDeque::new(),
             in_flight: 0,
             block_size: self.info().block_size as u64,
+            hist: None,
+            hist_gen: 0,
         })
     }
 
@@ -464,8 +473,13 @@ pub struct IoChannel {
     stats: Arc<IoStats>,
     /// I/O refused by the layer's checks, completed on the next poll.
     rejected: VecDeque<IoCompletion>,
+    /// Accepted I/O waiting for QoS budget, in submission order.
+    throttled: VecDeque<BdevIo>,
     in_flight: usize,
     block_size: u64,
+    /// This channel's latency histogram while one is enabled, and the setting it follows.
+    hist: Option<Arc<histogram::Histogram>>,
+    hist_gen: u64,
 }
 
 impl IoChannel {
@@ -473,9 +487,16 @@ impl IoChannel {
         &self.entry
     }
 
-    /// I/O submitted and not yet handed back by `poll`.
+    /// I/O submitted and not yet handed back by `poll`, including I/O waiting for QoS budget.
     pub fn in_flight(&self) -> usize {
         self.in_flight
+    }
+
+    /// I/O held back by the bdev's rate limits. These need no device completion, only time:
+    /// `poll` releases them, and has asked the reactor to wake by the next budget slice
+    /// ([`crate::reactor::wake_by`]), so a consumer need not keep its reactor spinning for them.
+    pub fn throttled(&self) -> usize {
+        self.throttled.len()
     }
 
     /// Starts `io`. Invalid I/O is not refused here but completed with an error status by the
@@ -487,9 +508,56 @@ impl IoChannel {
             self.in_flight += 1;
             return Ok(());
         }
-        self.inner.submit(io)?;
+        // One relaxed load when the bdev has no limit (and nothing is still queued).
+        let qos = &self.entry.qos;
+        if (qos.is_active() || !self.throttled.is_empty()) && qos::Qos::limits_type(io.io_type) {
+            let bytes = io.num_blocks * self.block_size;
+            if !self.throttled.is_empty() || !qos.try_admit(io.submitted_ns, io.io_type, bytes) {
+                qos.note_queued();
+                self.throttled.push_back(io);
+                self.in_flight += 1;
+                return Ok(());
+            }
+            if let Err(io) = self.inner.submit(io) {
+                qos.give_back(io.io_type, bytes);
+                return Err(io);
+            }
+        } else {
+            self.inner.submit(io)?;
+        }
         self.in_flight += 1;
         Ok(())
+    }
+
+    /// Starts queued I/O as far as the budget allows, in order; if some must still wait, asks
+    /// the reactor to wake when the next slice begins.
+    fn release_throttled(&mut self) {
+        if self.entry.is_removed() {
+            // Deleted while they waited: they end as any I/O to a deleted bdev does.
+            while let Some(io) = self.throttled.pop_front() {
+                self.rejected.push_back(io.complete(IoStatus::Aborted));
+            }
+            return;
+        }
+        let now = crate::reactor::now_ns();
+        let qos = &self.entry.qos;
+        while let Some(io) = self.throttled.front() {
+            let bytes = io.num_blocks * self.block_size;
+            let (io_type, active) = (io.io_type, qos.is_active());
+            if active && !qos.try_admit(now, io_type, bytes) {
+                crate::reactor::wake_by(qos::Qos::next_slice_ns(now));
+                return;
+            }
+            let io = self.throttled.pop_front().expect("front exists");
+            if let Err(io) = self.inner.submit(io) {
+                // The device is full: try again on the next poll.
+                if active {
+                    qos.give_back(io_type, bytes);
+                }
+                self.throttled.push_front(io);
+                return;
+            }
+        }
     }
 
     fn check(&self, io: &BdevIo) -> Result<(), IoStatus> {
@@ -522,18 +590,34 @@ impl IoChannel {
 
     /// Hands finished I/O to `done`; returns how many.
     pub fn poll(&mut self, done: &mut dyn FnMut(IoCompletion)) -> usize {
+        if !self.throttled.is_empty() {
+            self.release_throttled();
+        }
+        let gen = self.entry.histogram.generation();
+        if gen != self.hist_gen {
+            // Enabled, disabled or reset since the last poll (rare): follow the new setting.
+            if let Some(old) = self.hist.take() {
+                self.entry.histogram.channel_closed(old);
+            }
+            self.hist = self.entry.histogram.channel_histogram();
+            self.hist_gen = gen;
+        }
         let stats = &self.stats;
+        let hist = self.hist.as_deref();
         let bs = self.block_size;
         let mut n = 0;
-        while let Some(c) = self.rejected.pop_front() {
+        let mut finish = |c: IoCompletion| {
             stats.record(&c, bs);
+            if let Some(h) = hist {
+                h.record(&c);
+            }
             done(c);
+        };
+        while let Some(c) = self.rejected.pop_front() {
+            finish(c);
             n += 1;
         }
-        n += self.inner.poll(&mut |c| {
-            stats.record(&c, bs);
-            done(c);
-        });
+        n += self.inner.poll(&mut finish);
         self.in_flight -= n.min(self.in_flight);
         n
     }
@@ -541,6 +625,9 @@ impl IoChannel {
 
 impl Drop for IoChannel {
     fn drop(&mut self) {
+        if let Some(h) = self.hist.take() {
+            self.entry.histogram.channel_closed(h);
+        }
         self.entry.closed_stats.add(&self.stats);
         self.entry
             .channel_stats
@@ -595,6 +682,8 @@ impl BdevRegistry {
             removed: AtomicBool::new(false),
             channel_stats: Mutex::new(Vec::new()),
             closed_stats: IoStats::default(),
+            qos: Default::default(),
+            histogram: Default::default(),
         });
         r.by_name.insert(entry.name().to_string(), entry.clone());
         r.order.push(entry.name().to_string());
@@ -731,6 +820,131 @@ pub(crate) mod tests {
         let mut b = DmaBuf::new(len).unwrap();
         b.fill(fill);
         smallvec::smallvec![b]
+    }
+
+    fn null_entry(name: &str) -> (BdevRegistry, Arc<BdevEntry>) {
+        let reg = BdevRegistry::default();
+        let b = null::NullBdev::new(name.into(), 1 << 20, 512, Uuid::new_v4()).unwrap();
+        let e = reg.register(Arc::new(b)).unwrap();
+        (reg, e)
+    }
+
+    /// Submits `n` reads at once and polls until all are back; returns the completions.
+    fn burst(ch: &mut IoChannel, n: u64) -> Vec<IoCompletion> {
+        for i in 0..n {
+            ch.submit(BdevIo::read(i, 1, buf(512, 0), i)).unwrap();
+        }
+        let mut out = Vec::new();
+        while (out.len() as u64) < n {
+            ch.poll(&mut |c| out.push(c));
+            std::thread::yield_now();
+        }
+        out
+    }
+
+    #[test]
+    fn a_rate_limit_queues_a_burst_and_releases_it_one_slice_at_a_time() {
+        let (_reg, e) = null_entry("q0");
+        // 1000 IOPS: one I/O per 1 ms slice.
+        e.qos.set_limits(
+            qos::QosLimits {
+                rw_ios_per_sec: 1000,
+                ..Default::default()
+            },
+            crate::reactor::now_ns(),
+        );
+        let mut ch = e.open_channel().unwrap();
+        let refills = e.qos.refills_total();
+        let done = burst(&mut ch, 6);
+        // All completed, in order, none failed; five waited, each for a slice of its own.
+        assert!(done.iter().all(|c| c.status.is_ok()));
+        assert_eq!(
+            done.iter().map(|c| c.tag).collect::<Vec<_>>(),
+            [0, 1, 2, 3, 4, 5]
+        );
+        assert_eq!(e.qos.queued_total(), 5);
+        assert!(e.qos.refills_total() - refills >= 5);
+        assert_eq!(ch.in_flight(), 0);
+        assert_eq!(ch.throttled(), 0);
+    }
+
+    #[test]
+    fn without_a_limit_nothing_waits_and_lifting_one_releases_the_queue() {
+        let (_reg, e) = null_entry("q1");
+        let mut ch = e.open_channel().unwrap();
+        burst(&mut ch, 50);
+        assert_eq!(e.qos.queued_total(), 0);
+        e.qos.set_limits(
+            qos::QosLimits {
+                rw_ios_per_sec: 1000,
+                ..Default::default()
+            },
+            crate::reactor::now_ns(),
+        );
+        for i in 0..10 {
+            ch.submit(BdevIo::read(i, 1, buf(512, 0), i)).unwrap();
+        }
+        // Flushes are not limited: it passes the queued reads.
+        ch.submit(BdevIo::no_data(IoType::Flush, 0, 0, 99)).unwrap();
+        assert!(ch.throttled() >= 9);
+        e.qos
+            .set_limits(qos::QosLimits::default(), crate::reactor::now_ns());
+        let mut out = Vec::new();
+        while out.len() < 11 {
+            ch.poll(&mut |c| out.push(c.tag));
+        }
+        assert_eq!(out.iter().filter(|&&t| t != 99).count(), 10);
+        assert_eq!(ch.throttled(), 0);
+    }
+
+    #[test]
+    fn io_waiting_for_budget_is_aborted_when_its_bdev_is_deleted() {
+        let (reg, e) = null_entry("q2");
+        e.qos.set_limits(
+            qos::QosLimits {
+                rw_ios_per_sec: 1000,
+                ..Default::default()
+            },
+            crate::reactor::now_ns(),
+        );
+        let mut ch = e.open_channel().unwrap();
+        for i in 0..4 {
+            ch.submit(BdevIo::read(i, 1, buf(512, 0), i)).unwrap();
+        }
+        assert!(ch.throttled() >= 3);
+        reg.unregister("q2", "null").unwrap();
+        let mut out = Vec::new();
+        while out.len() < 4 {
+            ch.poll(&mut |c| out.push(c.status));
+        }
+        assert!(out.iter().filter(|s| **s == IoStatus::Aborted).count() >= 3);
+        assert_eq!((ch.throttled(), ch.in_flight()), (0, 0));
+    }
+
+    #[test]
+    fn latency_histogram_counts_each_completion_once() {
+        let (_reg, e) = null_entry("h0");
+        let mut ch = e.open_channel().unwrap();
+        burst(&mut ch, 3);
+        assert!(e.histogram.snapshot().is_none());
+        e.histogram.enable(
+            histogram::HistShape::new(histogram::GRANULARITY_DEFAULT, 0, u64::MAX).unwrap(),
+            Some(IoType::Read),
+        );
+        burst(&mut ch, 7);
+        ch.submit(BdevIo::write(0, 1, buf(512, 0), 0)).unwrap();
+        while ch.in_flight() > 0 {
+            ch.poll(&mut |_| {});
+        }
+        let (_, counts) = e.histogram.snapshot().unwrap();
+        assert_eq!(counts.iter().sum::<u64>(), 7, "only reads after the enable");
+        drop(ch);
+        let (_, counts) = e.histogram.snapshot().unwrap();
+        assert_eq!(
+            counts.iter().sum::<u64>(),
+            7,
+            "kept after the channel closed"
+        );
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! JSON-RPC methods of the bdev layer and its RAM modules, with SPDK's names and parameters.
 
+use super::histogram::{encode_counts, HistShape, GRANULARITY_DEFAULT};
 use super::malloc::MallocBdev;
 use super::null::NullBdev;
+use super::qos::QosLimits;
 use super::uring::UringBdev;
 use super::{Bdev, BdevEntry, IoType};
 use crate::app::App;
@@ -66,6 +68,28 @@ struct GetIostat {
     name: Option<String>,
     /// SPDK's client asks by a list of names.
     names: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetQosLimit {
+    name: String,
+    rw_ios_per_sec: Option<u64>,
+    rw_mbytes_per_sec: Option<u64>,
+    r_mbytes_per_sec: Option<u64>,
+    w_mbytes_per_sec: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnableHistogram {
+    name: String,
+    enable: bool,
+    /// One I/O type by SPDK's name (`read`, `write`, …); absent: all.
+    opc: Option<String>,
+    granularity: Option<u8>,
+    min_nsec: Option<u64>,
+    max_nsec: Option<u64>,
 }
 
 /// A physical block size other than the logical one would be a layout we do not keep.
@@ -151,6 +175,103 @@ pub fn register(m: &mut Methods) {
         tracing::info!("deleted uring bdev {}", p.name);
         Ok::<_, RpcError>(true)
     });
+    m.add(
+        "bdev_set_qos_limit",
+        |app: Arc<App>, p: SetQosLimit| async move {
+            let entry = app.bdevs.get(&p.name)?;
+            if p.rw_ios_per_sec.is_none()
+                && p.rw_mbytes_per_sec.is_none()
+                && p.r_mbytes_per_sec.is_none()
+                && p.w_mbytes_per_sec.is_none()
+            {
+                return Err(RpcError::invalid_params(
+                    "bdev_set_qos_limit: give at least one of rw_ios_per_sec, \
+                     rw_mbytes_per_sec, r_mbytes_per_sec, w_mbytes_per_sec (0 = unlimited)",
+                ));
+            }
+            // As SPDK: a limit not given keeps its current value.
+            let cur = entry.qos.limits();
+            let asked = QosLimits {
+                rw_ios_per_sec: p.rw_ios_per_sec.unwrap_or(cur.rw_ios_per_sec),
+                rw_mbytes_per_sec: p.rw_mbytes_per_sec.unwrap_or(cur.rw_mbytes_per_sec),
+                r_mbytes_per_sec: p.r_mbytes_per_sec.unwrap_or(cur.r_mbytes_per_sec),
+                w_mbytes_per_sec: p.w_mbytes_per_sec.unwrap_or(cur.w_mbytes_per_sec),
+            };
+            let limits = asked
+                .normalized()
+                .map_err(|e| RpcError::errno(libc::EINVAL, format!("bdev_set_qos_limit: {e}")))?;
+            if limits.rw_ios_per_sec != asked.rw_ios_per_sec {
+                tracing::warn!(
+                    "bdev {}: rw_ios_per_sec {} is not a multiple of {}; rounded up to {}",
+                    p.name,
+                    asked.rw_ios_per_sec,
+                    super::qos::MIN_IOS_PER_SEC,
+                    limits.rw_ios_per_sec
+                );
+            }
+            entry.qos.set_limits(limits, crate::reactor::now_ns());
+            tracing::info!("bdev {}: QoS limits {limits:?}", p.name);
+            Ok::<_, RpcError>(true)
+        },
+    );
+    m.add(
+        "bdev_enable_histogram",
+        |app: Arc<App>, p: EnableHistogram| async move {
+            let entry = app.bdevs.get(&p.name)?;
+            if !p.enable {
+                entry.histogram.disable();
+                return Ok::<_, RpcError>(true);
+            }
+            let io_type = match &p.opc {
+                None => None,
+                Some(name) => Some(
+                    IoType::ALL
+                        .into_iter()
+                        .find(|t| io_type_name(*t) == *name)
+                        .ok_or_else(|| {
+                            RpcError::errno(
+                                libc::EINVAL,
+                                format!(
+                                    "bdev_enable_histogram: invalid I/O type {name:?} \
+                                     (bdev_get_bdevs lists them under supported_io_types)"
+                                ),
+                            )
+                        })?,
+                ),
+            };
+            // plexd's tick is a nanosecond, so SPDK's nanosecond bounds are ticks already.
+            let shape = HistShape::new(
+                p.granularity.map_or(GRANULARITY_DEFAULT, u32::from),
+                p.min_nsec.unwrap_or(0),
+                p.max_nsec.unwrap_or(u64::MAX),
+            )
+            .map_err(|e| RpcError::errno(libc::EINVAL, format!("bdev_enable_histogram: {e}")))?;
+            entry.histogram.enable(shape, io_type);
+            Ok(true)
+        },
+    );
+    m.add(
+        "bdev_get_histogram",
+        |app: Arc<App>, p: ByName| async move {
+            let entry = app.bdevs.get(&p.name)?;
+            let (shape, counts) = entry.histogram.snapshot().ok_or_else(|| {
+                RpcError::errno(
+                    libc::EFAULT,
+                    format!(
+                        "histogram of bdev {} is not enabled; call bdev_enable_histogram first",
+                        p.name
+                    ),
+                )
+            })?;
+            Ok::<_, RpcError>(json!({
+                "histogram": encode_counts(&counts),
+                "granularity": shape.granularity,
+                "min_range": shape.min_range,
+                "max_range": shape.max_range,
+                "tsc_rate": 1_000_000_000u64,
+            }))
+        },
+    );
     m.add("bdev_get_bdevs", |app: Arc<App>, p: GetBdevs| async move {
         let list = match p.name {
             Some(n) => vec![app.bdevs.get(&n)?],
@@ -180,20 +301,42 @@ pub fn register(m: &mut Methods) {
     );
 }
 
+/// SPDK's name of an I/O type (`read`, `write_zeroes`, …).
+fn io_type_name(t: IoType) -> String {
+    serde_json::to_value(t)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default()
+}
+
+/// The `bdev_set_qos_limit` call that restores `e`'s limits, for `save_config`; `None` when it
+/// has none. Like SPDK, it names only the limits that are set.
+pub fn qos_config(e: &Arc<BdevEntry>) -> Option<Value> {
+    let l = e.qos.limits();
+    if l.is_unlimited() {
+        return None;
+    }
+    let mut params = serde_json::Map::new();
+    params.insert("name".into(), json!(e.name()));
+    for (k, v) in [
+        ("rw_ios_per_sec", l.rw_ios_per_sec),
+        ("rw_mbytes_per_sec", l.rw_mbytes_per_sec),
+        ("r_mbytes_per_sec", l.r_mbytes_per_sec),
+        ("w_mbytes_per_sec", l.w_mbytes_per_sec),
+    ] {
+        if v != 0 {
+            params.insert(k.into(), json!(v));
+        }
+    }
+    Some(json!({"method": "bdev_set_qos_limit", "params": params}))
+}
+
 /// One bdev as `bdev_get_bdevs` shows it (SPDK's field names).
 pub fn describe(e: &Arc<BdevEntry>) -> Value {
     let info = e.info();
     let io_types: serde_json::Map<String, Value> = IoType::ALL
         .iter()
-        .map(|t| {
-            let name = serde_json::to_value(t)
-                .ok()
-                .and_then(|v| v.as_str().map(String::from));
-            (
-                name.unwrap_or_default(),
-                Value::Bool(info.io_types.contains(*t)),
-            )
-        })
+        .map(|t| (io_type_name(*t), Value::Bool(info.io_types.contains(*t))))
         .collect();
     let bdev: &Arc<dyn Bdev> = e.bdev();
     let mut driver = serde_json::Map::new();
@@ -211,6 +354,7 @@ pub fn describe(e: &Arc<BdevEntry>) -> Value {
         "write_cache": info.write_cache,
         "required_alignment": info.required_alignment,
         "supported_io_types": io_types,
+        "assigned_rate_limits": e.qos.limits(),
         "driver_specific": driver,
     })
 }

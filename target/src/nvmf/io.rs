@@ -134,6 +134,19 @@ impl NsTable {
         n
     }
 
+    /// I/O that waits on a device (in flight, less what a rate limit holds back: the
+    /// channel wakes its reactor for those itself).
+    pub fn awaiting_device(&self) -> usize {
+        self.in_flight()
+            - self
+                .table
+                .iter()
+                .flatten()
+                .map(|n| n.chan.throttled())
+                .sum::<usize>()
+            - self.draining.iter().map(|c| c.throttled()).sum::<usize>()
+    }
+
     /// I/O submitted and not yet completed, over every channel.
     pub fn in_flight(&self) -> usize {
         self.table

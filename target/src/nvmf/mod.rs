@@ -232,6 +232,49 @@ pub struct NvmfTarget {
     genctr: AtomicU64,
     /// Round-robin cursor for spreading connections over reactors.
     next_reactor: AtomicUsize,
+    /// Counters of each reactor's poll group, by reactor id (`nvmf_get_stats`).
+    poll_groups: Mutex<Vec<Arc<PollGroupStats>>>,
+}
+
+/// What `nvmf_get_stats` reports of one poll group (one per reactor, as SPDK has one per
+/// thread). Written only by connections of that reactor, with plain loads and stores.
+#[derive(Default, Debug)]
+pub struct PollGroupStats {
+    pub admin_qpairs: AtomicU64,
+    pub io_qpairs: AtomicU64,
+    pub current_admin_qpairs: AtomicU64,
+    pub current_io_qpairs: AtomicU64,
+    /// Commands that found their bdev's queue full and waited to be resubmitted (SPDK counts
+    /// its I/O-wait queue entries here).
+    pub pending_bdev_io: AtomicU64,
+    /// Commands completed on I/O queues.
+    pub completed_nvme_io: AtomicU64,
+}
+
+impl PollGroupStats {
+    /// Adds `v` (which may be -1 as a wrapping add) to a counter only this reactor writes.
+    pub fn bump(c: &AtomicU64, v: u64) {
+        c.store(c.load(Ordering::Relaxed).wrapping_add(v), Ordering::Relaxed);
+    }
+
+    pub fn qpair_opened(&self, admin: bool) {
+        let (total, cur) = if admin {
+            (&self.admin_qpairs, &self.current_admin_qpairs)
+        } else {
+            (&self.io_qpairs, &self.current_io_qpairs)
+        };
+        Self::bump(total, 1);
+        Self::bump(cur, 1);
+    }
+
+    pub fn qpair_closed(&self, admin: bool) {
+        let cur = if admin {
+            &self.current_admin_qpairs
+        } else {
+            &self.current_io_qpairs
+        };
+        Self::bump(cur, u64::MAX);
+    }
 }
 
 impl Default for NvmfTarget {
@@ -241,6 +284,7 @@ impl Default for NvmfTarget {
             discovery: Arc::new(Subsystem::new_discovery()),
             genctr: AtomicU64::new(0),
             next_reactor: AtomicUsize::new(0),
+            poll_groups: Mutex::new(Vec::new()),
         }
     }
 }
@@ -248,6 +292,15 @@ impl Default for NvmfTarget {
 impl NvmfTarget {
     fn lock(&self) -> std::sync::MutexGuard<'_, TargetInner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The counters of reactor `reactor`'s poll group.
+    pub fn poll_group_stats(&self, reactor: usize) -> Arc<PollGroupStats> {
+        let mut g = self.poll_groups.lock().unwrap_or_else(|e| e.into_inner());
+        while g.len() <= reactor {
+            g.push(Arc::default());
+        }
+        g[reactor].clone()
     }
 
     pub fn transport(&self) -> Option<Arc<TransportOpts>> {

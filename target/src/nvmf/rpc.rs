@@ -34,6 +34,12 @@ struct CreateTransport {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct GetStats {
+    tgt_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct GetTransports {
     trtype: Option<String>,
     tgt_name: Option<String>,
@@ -219,6 +225,10 @@ pub fn register(m: &mut Methods) {
             Ok::<_, RpcError>(true)
         },
     );
+    m.add("nvmf_get_stats", |app: Arc<App>, p: GetStats| async move {
+        one_target(&p.tgt_name)?;
+        Ok::<_, RpcError>(get_stats(&app))
+    });
     m.add(
         "nvmf_get_transports",
         |app: Arc<App>, p: GetTransports| async move {
@@ -437,4 +447,34 @@ pub fn register(m: &mut Methods) {
         },
     );
     let _ = hex_upper;
+}
+
+/// `nvmf_get_stats` in SPDK's shape: one poll group per reactor, named as SPDK names its
+/// groups. What plexd does not have is reported as SPDK reports an idle group: the TCP
+/// transport entry carries only `trtype` (plexd keeps no per-transport buffer pools or
+/// device counters to report).
+fn get_stats(app: &App) -> serde_json::Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    let has_tcp = app.nvmf.transport().is_some();
+    let groups: Vec<serde_json::Value> = (0..app.reactors.len())
+        .map(|i| {
+            let s = app.nvmf.poll_group_stats(i);
+            let transports: Vec<serde_json::Value> = if has_tcp {
+                vec![serde_json::json!({"trtype": "TCP"})]
+            } else {
+                Vec::new()
+            };
+            serde_json::json!({
+                "name": format!("nvmf_tgt_poll_group_{i:03}"),
+                "admin_qpairs": s.admin_qpairs.load(Relaxed),
+                "io_qpairs": s.io_qpairs.load(Relaxed),
+                "current_admin_qpairs": s.current_admin_qpairs.load(Relaxed),
+                "current_io_qpairs": s.current_io_qpairs.load(Relaxed),
+                "pending_bdev_io": s.pending_bdev_io.load(Relaxed),
+                "completed_nvme_io": s.completed_nvme_io.load(Relaxed),
+                "transports": transports,
+            })
+        })
+        .collect();
+    serde_json::json!({"tick_rate": 1_000_000_000u64, "poll_groups": groups})
 }

@@ -201,7 +201,9 @@ const BDEV_GET_IOSTAT: &[Foreign] = &[
 /// Every method plexd shares with SPDK, with its table: a method missing here is a test failure,
 /// so a new one gets its client's parameters checked.
 const TABLES: &[(&str, &[Foreign])] = &[
+    ("bdev_enable_histogram", &[]),
     ("bdev_get_bdevs", &[]),
+    ("bdev_get_histogram", &[]),
     ("bdev_get_iostat", BDEV_GET_IOSTAT),
     ("bdev_malloc_create", BDEV_MALLOC_CREATE),
     ("bdev_malloc_delete", &[]),
@@ -210,6 +212,7 @@ const TABLES: &[(&str, &[Foreign])] = &[
     ("bdev_nvme_attach_controller", BDEV_NVME_ATTACH_CONTROLLER),
     ("bdev_nvme_detach_controller", &[]),
     ("bdev_nvme_get_controllers", &[]),
+    ("bdev_set_qos_limit", &[]),
     ("bdev_uring_create", &[]),
     ("bdev_uring_delete", &[]),
     ("framework_get_config", &[]),
@@ -218,6 +221,7 @@ const TABLES: &[(&str, &[Foreign])] = &[
     ("nvmf_create_subsystem", NVMF_CREATE_SUBSYSTEM),
     ("nvmf_create_transport", NVMF_CREATE_TRANSPORT),
     ("nvmf_delete_subsystem", &[]),
+    ("nvmf_get_stats", &[]),
     ("nvmf_get_subsystems", &[]),
     ("nvmf_get_transports", &[]),
     ("nvmf_subsystem_add_host", NVMF_SUBSYSTEM_ADD_HOST),

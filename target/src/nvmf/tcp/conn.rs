@@ -201,6 +201,8 @@ pub struct Conn {
     watching_write: bool,
     close_deadline: u64,
     last_timer_check: u64,
+    /// This reactor's poll-group counters.
+    pg: Arc<crate::nvmf::PollGroupStats>,
 }
 
 impl Conn {
@@ -218,6 +220,7 @@ impl Conn {
             .map(|a| a.to_string())
             .unwrap_or_else(|_| "?".into());
         let fd = sock.as_raw_fd();
+        let pg = target.poll_group_stats(reactor);
         let mut c = Conn {
             sock,
             fd,
@@ -251,6 +254,7 @@ impl Conn {
             watching_write: false,
             close_deadline: 0,
             last_timer_check: 0,
+            pg,
         };
         c.grow_slots(PRE_CONNECT_SLOTS);
         Ok(c)
@@ -310,7 +314,8 @@ impl Conn {
             }
         }
         // Keep the reactor awake while a bdev owes us completions: it does not wake us.
-        if self.qid != 0 && (!self.retry.is_empty() || self.ns.in_flight() > 0) {
+        // (I/O held back by a rate limit does not count: its channel sets the wake-up.)
+        if self.qid != 0 && (!self.retry.is_empty() || self.ns.awaiting_device() > 0) {
             busy = true;
         }
         match self.flush() {
@@ -348,6 +353,7 @@ impl Conn {
     /// Unhooks the queue from its controller.
     fn release_queue(&mut self) {
         if let Some(c) = self.ctrl.take() {
+            self.pg.qpair_closed(self.qid == 0);
             if self.qid == 0 {
                 c.destroy();
             } else {
@@ -933,6 +939,7 @@ impl Conn {
                             self.ns.refresh(&c.ctrl.subsys);
                         }
                         self.ctrl = Some(c.ctrl);
+                        self.pg.qpair_opened(self.qid == 0);
                         self.complete(si, Status::SUCCESS, u32::from(cntlid));
                         self.grow_slots(c.sqsize as usize + EXTRA_SLOTS);
                     }
@@ -1059,6 +1066,7 @@ impl Conn {
             let s = &mut self.slots[si as usize];
             s.pending = 0;
             s.buf = io.bufs.into_iter().next();
+            crate::nvmf::PollGroupStats::bump(&self.pg.pending_bdev_io, 1);
             self.retry.push_back(si);
         }
     }
@@ -1100,6 +1108,7 @@ impl Conn {
         }
         s.next_range = i as u16;
         if stalled {
+            crate::nvmf::PollGroupStats::bump(&self.pg.pending_bdev_io, 1);
             self.retry.push_back(si);
             return;
         }
@@ -1231,6 +1240,9 @@ impl Conn {
 
     /// Finishes a command: read data (if any) then the response, or just the response.
     fn complete(&mut self, si: u16, status: Status, dw0: u32) {
+        if self.qid != 0 {
+            crate::nvmf::PollGroupStats::bump(&self.pg.completed_nvme_io, 1);
+        }
         let s = &mut self.slots[si as usize];
         let cid = s.cmd.cid();
         let with_data = status.is_success()
