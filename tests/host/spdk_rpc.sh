@@ -4,9 +4,7 @@
 #
 #   tests/host/spdk_rpc.sh        prints "ok - NAME" / "not ok - NAME: REASON"; exit 1 on failure
 #
-# spdk-rpc lives in a venv under .guest/ (gitignored, kept across `cargo clean`, already where
-# the project caches its test tooling), so the host's Python is never touched.
-# PLEXD=path/to/plexd skips the build; SPDK_PY_VERSION picks the client version.
+# PLEXD=path/to/plexd skips the build; see tests/host/lib/spdk_rpc_common.sh.
 set -u
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -14,73 +12,10 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 . "$REPO/tests/guest/lib.sh"
 plan 54
 
-# ---- spdk-rpc ---------------------------------------------------------------------------------
-# The venv is kept between runs: what is there must be the version asked for, and run.
-if spdk_rpc_install 2>"${TMPDIR:-/tmp}/spdk-rpc-install.$$"; then
-    pass "spdk-rpc $(spdk_rpc_version) installed and runs"
-else
-    bail "spdk-rpc $SPDK_PY_VERSION installed and runs" "$(tail -n1 "${TMPDIR:-/tmp}/spdk-rpc-install.$$")"
-fi
-rm -f "${TMPDIR:-/tmp}/spdk-rpc-install.$$"
-
-# ---- plexd ------------------------------------------------------------------------------------
-if [ -z "${PLEXD:-}" ]; then
-    # Release, as scripts/test.sh has just built it: then this is a no-op.
-    (cd "$REPO" && cargo build -q --release -p plexd --bin plexd) ||
-        bail "build plexd" "cargo build failed"
-    PLEXD=$REPO/build/release/plexd
-fi
-# On disk, not tmpfs, so the uring bdev gets O_DIRECT.
-mkdir -p "$REPO/build"
-WORK=$(mktemp -d "$REPO/build/spdk-rpc.XXXXXX")
-SOCK=$WORK/plexd.sock
-PLEXD_PID=
-cleanup() {
-    if [ -n "$PLEXD_PID" ]; then
-        kill "$PLEXD_PID" 2>/dev/null
-        wait "$PLEXD_PID" 2>/dev/null
-    fi
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-"$PLEXD" --no-pin -m 0x1 -r "$SOCK" >"$WORK/plexd.log" 2>&1 &
-PLEXD_PID=$!
-for _ in $(seq 100); do
-    [ -S "$SOCK" ] && break
-    kill -0 "$PLEXD_PID" 2>/dev/null || break
-    sleep 0.1
-done
-[ -S "$SOCK" ] || bail "start plexd" "no socket: $(tail -n 3 "$WORK/plexd.log")"
-pass "plexd started"
-
-rpc() { "$SPDK_RPC" -s "$SOCK" -t 10 "$@"; }
-
-# expect NAME PYTHON-ASSERTION METHOD [ARGS...]: runs spdk-rpc; its stdout must succeed and
-# satisfy the assertion, a Python expression over `out` (text) and `j` (parsed JSON, or None).
-expect() {
-    local name=$1 cond=$2 out rc=0
-    shift 2
-    out=$(rpc "$@" 2>&1) || rc=$?
-    if [ "$rc" != 0 ]; then
-        printf '%s\n' "$out" | tail -n 12 | sed 's/^/# /'
-        fail "$name" "spdk-rpc $1 exited $rc"
-        return
-    fi
-    if OUT=$out python3 -c '
-import json, os, sys
-out = os.environ["OUT"]
-try:
-    j = json.loads(out)
-except ValueError:
-    j = None
-sys.exit(0 if eval("(" + sys.argv[1] + ")") else 1)' "$cond"; then
-        pass "$name"
-    else
-        printf '%s\n' "$out" | head -n 20 | sed 's/^/# /'
-        fail "$name" "output does not satisfy: $cond"
-    fi
-}
+# shellcheck source=lib/spdk_rpc_common.sh
+. "$REPO/tests/host/lib/spdk_rpc_common.sh"
+spdk_rpc_venv
+spdk_rpc_plexd -m 0x1
 
 IMG=$WORK/uring0.img
 truncate -s 16M "$IMG"
@@ -152,19 +87,6 @@ fi
 # plexd exports a namespace and attaches it back through its own listener with bdev_nvme.
 NQN=nqn.2016-06.io.spdk:spdk-rpc-test
 PORT=$(free_tcp_port)
-
-# refused NAME PATTERN METHOD [ARGS...]: spdk-rpc must fail, and its output match PATTERN.
-refused() {
-    local name=$1 pattern=$2 out rc=0
-    shift 2
-    out=$(rpc "$@" 2>&1) || rc=$?
-    if [ "$rc" != 0 ] && printf '%s' "$out" | grep -q -- "$pattern"; then
-        pass "$name"
-    else
-        printf '%s\n' "$out" | tail -n 8 | sed 's/^/# /'
-        fail "$name" "exit $rc, no '$pattern' in the output"
-    fi
-}
 
 # A feature plexd lacks, asked for: refused by name and value, not as an unknown field.
 refused "nvmf_create_transport -t TCP --dif-insert-or-strip is refused by name" \

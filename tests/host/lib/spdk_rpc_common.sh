@@ -4,29 +4,13 @@
 #   spdk_rpc_plexd ARGS "plexd started" (plexd ARGS on a fresh socket; killed at exit)
 # then offers rpc, expect and refused. Files below tests/host/lib/ are not tests themselves.
 #
-# spdk-rpc lives in a venv under .guest/ (gitignored, kept across `cargo clean`), so the host's
-# Python is never touched. PLEXD=path/to/plexd skips the build; SPDK_PY_VERSION picks the
-# client version; PLEXSTOR_SPDK_VENV moves the venv.
-
-VENV=${PLEXSTOR_SPDK_VENV:-$REPO/.guest/spdk-venv}
-# The client version these tests were written against; newer ones may send new parameters.
-SPDK_PY_VERSION=${SPDK_PY_VERSION:-26.9}
-
-spdk_version() { "$VENV/bin/pip" show spdk 2>/dev/null | sed -n 's/^Version: //p'; }
+# The venv is lib.sh's (spdk_rpc_install). PLEXD=path/to/plexd skips the build.
 
 spdk_rpc_venv() {
-    if [ "$(spdk_version)" != "$SPDK_PY_VERSION" ]; then
-        echo "# installing spdk==$SPDK_PY_VERSION from PyPI into $VENV"
-        { python3 -m venv "$VENV" && "$VENV/bin/pip" install -q "spdk==$SPDK_PY_VERSION"; } >&2 ||
-            bail "install spdk-rpc" "pip install spdk==$SPDK_PY_VERSION into $VENV failed"
-    fi
-    local installed
-    installed=$(spdk_version)
-    if [ "$installed" = "$SPDK_PY_VERSION" ] && "$VENV/bin/spdk-rpc" --help 2>&1 | grep -q -- '--server'; then
-        pass "spdk-rpc $installed installed and runs"
-    else
-        bail "spdk-rpc $SPDK_PY_VERSION installed and runs" "found version '${installed:-none}' in $VENV"
-    fi
+    local err
+    err=$(spdk_rpc_install 2>&1 >/dev/null) ||
+        bail "spdk-rpc $SPDK_PY_VERSION installed and runs" "$(tail -n1 <<<"$err")"
+    pass "spdk-rpc $(spdk_rpc_version) installed and runs"
 }
 
 PLEXD_PID=
@@ -67,7 +51,7 @@ spdk_rpc_plexd() {
     fi
 }
 
-rpc() { "$VENV/bin/spdk-rpc" -s "$SOCK" -t 10 "$@"; }
+rpc() { "$SPDK_RPC" -s "$SOCK" -t 10 "$@"; }
 
 # expect NAME PYTHON-ASSERTION METHOD [ARGS...]: runs spdk-rpc; its stdout must succeed and
 # satisfy the assertion, a Python expression over `out` (text) and `j` (parsed JSON, or None).
