@@ -93,6 +93,8 @@ impl Methods {
         crate::bdev::nvme::rpc::register(&mut m);
         crate::nvmf::rpc::register(&mut m);
         spdk_settings::register(&mut m);
+        #[cfg(feature = "fault-injection")]
+        crate::fatal::injection::register(&mut m);
         m
     }
 

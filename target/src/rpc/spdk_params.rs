@@ -251,6 +251,7 @@ pub fn table(method: &str) -> Option<&'static [Foreign]> {
     TABLES
         .iter()
         .chain(super::spdk_settings::TABLES)
+        .chain(super::spdk_settings::TEST_ONLY)
         .find(|(m, _)| *m == method)
         .map(|(_, t)| *t)
 }

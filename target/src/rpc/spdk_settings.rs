@@ -187,6 +187,13 @@ pub(crate) const TABLES: &[(&str, &[Foreign])] = &[
     ("sock_set_default_impl", SOCK_SET_DEFAULT_IMPL),
 ];
 
+/// Methods of test builds only (cargo feature `fault-injection`), which take no SPDK
+/// parameters.
+#[cfg(feature = "fault-injection")]
+pub(crate) const TEST_ONLY: &[(&str, &[Foreign])] = &[(crate::fatal::injection::METHOD, &[])];
+#[cfg(not(feature = "fault-injection"))]
+pub(crate) const TEST_ONLY: &[(&str, &[Foreign])] = &[];
+
 /// What is left once the table took out every parameter it accepts: nothing. A name the table
 /// does not know stays, and is refused by name.
 #[derive(Deserialize)]

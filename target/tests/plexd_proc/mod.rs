@@ -111,6 +111,16 @@ impl Plexd {
         }
     }
 
+    /// Sends one request and does not wait for the answer (plexd may exit instead).
+    pub fn send_only(&self, method: &str, params: Value) {
+        let mut s = UnixStream::connect(&self.sock).expect("plexd's socket");
+        let req = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+        s.write_all(req.to_string().as_bytes()).unwrap();
+        // Half-close only: plexd may still answer, nobody reads it.
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        std::mem::forget(s);
+    }
+
     pub fn ok(&self, method: &str, params: Value) -> Value {
         self.call(method, params)
             .unwrap_or_else(|e| panic!("{method} failed: {e:?}"))
