@@ -129,6 +129,15 @@ test_args=()
 set +e
 cargo test "${cargo_args[@]}" -- "${test_args[@]}" 2>&1 | tee "$cargo_log"
 cargo_rc=${PIPESTATUS[0]}
+# plexd's panic policy, with the panics injected by a test-only build (cargo feature
+# fault-injection), then plain binaries again for the tests below.
+if [ -z "$only" ] || [[ panic_policy == *"$only"* ]]; then
+    cargo test --release -p plexd --features fault-injection --test panic_policy 2>&1 |
+        tee -a "$cargo_log"
+    rc=${PIPESTATUS[0]}
+    [ "$rc" -ne 0 ] && cargo_rc=$rc
+    cargo build --release -p plexd --bins
+fi
 set -e
 # One "Running …" or "Doc-tests …" line per test binary, each answered by one
 # "test result: ok. 16 passed; 0 failed; 1 ignored; …" line.

@@ -57,16 +57,34 @@ impl App {
         ]})
     }
 
-    /// Replays a saved configuration. Stops at the first failing call and says which.
+    /// Replays a saved configuration, ours or SPDK's. Stops at the first failing call and
+    /// says which. A section's `"config"` is a list of calls, or `null` (SPDK writes that for a
+    /// subsystem with nothing to save); anything else is an error naming the section, never a
+    /// section skipped in silence.
     pub async fn load_config(self: &Arc<Self>, config: &Value) -> Result<(), RpcError> {
         let subsystems = config
             .get("subsystems")
             .and_then(Value::as_array)
             .ok_or_else(|| RpcError::invalid_params("config has no \"subsystems\" array"))?;
-        for sub in subsystems {
-            let name = sub.get("subsystem").and_then(Value::as_str).unwrap_or("?");
-            let Some(calls) = sub.get("config").and_then(Value::as_array) else {
-                continue;
+        for (s, sub) in subsystems.iter().enumerate() {
+            let name = sub
+                .get("subsystem")
+                .and_then(Value::as_str)
+                .ok_or_else(|| {
+                    RpcError::invalid_params(format!(
+                        "subsystems[{s}] has no \"subsystem\" name: {}",
+                        brief(sub)
+                    ))
+                })?;
+            let calls = match sub.get("config") {
+                None | Some(Value::Null) => continue,
+                Some(Value::Array(calls)) => calls,
+                Some(other) => {
+                    return Err(RpcError::invalid_params(format!(
+                        "subsystem {name}: \"config\" must be a list of calls (or null), not {}",
+                        brief(other)
+                    )))
+                }
             };
             for (i, call) in calls.iter().enumerate() {
                 let method = call.get("method").and_then(Value::as_str).ok_or_else(|| {
@@ -86,4 +104,18 @@ impl App {
         }
         Ok(())
     }
+}
+
+/// A JSON value for an error message, cut short.
+fn brief(v: &Value) -> String {
+    let mut s = v.to_string();
+    if s.len() > 80 {
+        let mut end = 77;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push_str("...");
+    }
+    s
 }

@@ -5,9 +5,11 @@
 //! - [`nvmf`]: the NVMe-oF target (subsystems, controllers, discovery, NVMe/TCP).
 //! - [`rpc`]: the JSON-RPC control socket.
 //! - [`app`]: the daemon's shared state and configuration save/load.
+//! - [`fatal`]: a panic anywhere ends the process, loudly, for its supervisor to restart.
 
 pub mod app;
 pub mod bdev;
+pub mod fatal;
 pub mod nvmf;
 pub mod reactor;
 pub mod rpc;

@@ -293,6 +293,8 @@ impl ReactorHandle {
 /// A poller's entry in its reactor.
 struct PollerSlot {
     id: u64,
+    /// The poller's name, kept for the panic report (`fatal`) and `framework_get_reactors`.
+    name: Box<str>,
     poller: Box<dyn Poller>,
     runs: u64,
     busy_runs: u64,
@@ -344,6 +346,7 @@ impl ReactorCtx {
         let id = self.next_poller_id;
         self.new_pollers.push(PollerSlot {
             id,
+            name: poller.name().into(),
             poller,
             runs: 0,
             busy_runs: 0,
@@ -487,13 +490,18 @@ impl Reactors {
             let ready = ready_tx.clone();
             let t = std::thread::Builder::new()
                 .name(format!("reactor_{}", shared.core))
-                .spawn(move || match Reactor::new(shared, all, &cfg, max_sleep) {
-                    Ok(mut r) => {
-                        let _ = ready.send(Ok(()));
-                        r.run();
-                    }
-                    Err(e) => {
-                        let _ = ready.send(Err(e));
+                .spawn(move || {
+                    // A panic on a reactor ends the process (see `fatal`): a reactor that
+                    // died alone would leave its connections and callers hanging.
+                    crate::fatal::enter_reactor();
+                    match Reactor::new(shared, all, &cfg, max_sleep) {
+                        Ok(mut r) => {
+                            let _ = ready.send(Ok(()));
+                            r.run();
+                        }
+                        Err(e) => {
+                            let _ = ready.send(Err(e));
+                        }
                     }
                 })
                 .map_err(|source| ReactorError::Sys {
@@ -742,6 +750,7 @@ impl Reactor {
         let mut finished = false;
         for slot in &mut self.pollers {
             slot.runs += 1;
+            crate::fatal::set_poller(Some(&slot.name));
             match slot.poller.poll(&mut self.ctx) {
                 PollStatus::Busy => {
                     slot.busy_runs += 1;
@@ -754,6 +763,7 @@ impl Reactor {
                 }
             }
         }
+        crate::fatal::set_poller(None);
         if finished || !self.ctx.removed.is_empty() {
             let removed = std::mem::take(&mut self.ctx.removed);
             self.pollers.retain(|s| !removed.contains(&s.id));
@@ -773,7 +783,7 @@ impl Reactor {
         self.ctx
             .poller_infos
             .extend(self.pollers.iter().map(|s| PollerInfo {
-                name: s.poller.name().to_string(),
+                name: s.name.to_string(),
                 id: s.id,
                 run_count: s.runs,
                 busy_count: s.busy_runs,

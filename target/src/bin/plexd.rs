@@ -11,7 +11,13 @@ use std::path::PathBuf;
 #[command(
     name = "plexd",
     version,
-    about = "plexstor node daemon: NVMe volumes over NVMe-oF"
+    about = "plexstor node daemon: NVMe volumes over NVMe-oF",
+    after_help = "Exit status: 0 after SIGTERM or SIGINT; 1 when plexd cannot start (bad \
+arguments, a config it refuses, a socket in use); 70 when plexd hit a bug (a panic on any \
+thread): it prints the thread, the reactor's poller, the panic message and its location, then \
+exits at once rather than run on with a dead reactor. Run it under a supervisor that restarts \
+it (systemd Restart=on-failure with RestartPreventExitStatus=1, or a Kubernetes pod); hosts \
+reconnect to the restarted target."
 )]
 struct Args {
     /// Cores to run reactors on: a hex mask (0x3) or a list ([0,1], 0-1).
@@ -42,6 +48,8 @@ struct Args {
 }
 
 fn main() {
+    // First: a panic on any thread from here on ends plexd with status 70 (see plexd::fatal).
+    plexd::fatal::install_process_wide();
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log));

@@ -11,8 +11,8 @@
 //! - [`controller::Controller`]: one per admin queue; shared by its admin and I/O queues, which
 //!   may live on different reactors. Admin commands run on the admin queue's reactor; I/O
 //!   queues only read its `failed` flag.
-//! - [`tcp`]: listeners accept on one reactor and hand each connection round-robin to a
-//!   reactor's poll group; one poller per reactor drives all its connections with
+//! - [`tcp`]: listeners accept on a thread of their own and hand each connection round-robin
+//!   to a reactor's poll group; one poller per reactor drives all its connections with
 //!   non-blocking sockets.
 
 pub mod controller;

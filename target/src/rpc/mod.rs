@@ -8,6 +8,7 @@
 pub mod framework;
 pub mod server;
 pub mod spdk_params;
+pub mod spdk_settings;
 
 use crate::app::App;
 use serde::de::DeserializeOwned;
@@ -91,6 +92,9 @@ impl Methods {
         crate::bdev::rpc::register(&mut m);
         crate::bdev::nvme::rpc::register(&mut m);
         crate::nvmf::rpc::register(&mut m);
+        spdk_settings::register(&mut m);
+        #[cfg(feature = "fault-injection")]
+        crate::fatal::injection::register(&mut m);
         m
     }
 

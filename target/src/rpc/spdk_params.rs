@@ -21,6 +21,10 @@ pub enum Json {
     Str(&'static str),
     /// `[]`.
     EmptyList,
+    /// `{}`: what is left of an object parameter once its members' entries took them out.
+    EmptyObject,
+    /// A list holding exactly these strings, in any order.
+    Strs(&'static [&'static str]),
 }
 
 impl Json {
@@ -30,6 +34,11 @@ impl Json {
             Json::Int(i) => v.as_i64() == Some(i),
             Json::Str(s) => v.as_str() == Some(s),
             Json::EmptyList => v.as_array().is_some_and(|a| a.is_empty()),
+            Json::EmptyObject => v.as_object().is_some_and(|o| o.is_empty()),
+            Json::Strs(want) => v.as_array().is_some_and(|a| {
+                a.len() == want.len()
+                    && want.iter().all(|w| a.iter().any(|x| x.as_str() == Some(w)))
+            }),
         }
     }
 }
@@ -41,6 +50,8 @@ impl std::fmt::Display for Json {
             Json::Int(i) => write!(f, "{i}"),
             Json::Str(s) => write!(f, "{s:?}"),
             Json::EmptyList => write!(f, "[]"),
+            Json::EmptyObject => write!(f, "{{}}"),
+            Json::Strs(list) => write!(f, "{list:?}"),
         }
     }
 }
@@ -64,23 +75,23 @@ pub struct Foreign {
     pub accepts: Accepts,
 }
 
-const fn any(name: &'static str) -> Foreign {
+pub(crate) const fn any(name: &'static str) -> Foreign {
     Foreign {
         name,
         accepts: Accepts::Any,
     }
 }
 
-const fn only(name: &'static str, values: &'static [Json]) -> Foreign {
+pub(crate) const fn only(name: &'static str, values: &'static [Json]) -> Foreign {
     Foreign {
         name,
         accepts: Accepts::Only(values),
     }
 }
 
-const FALSE: &[Json] = &[Json::Bool(false)];
-const ZERO: &[Json] = &[Json::Int(0)];
-const ABSENT: &[Json] = &[];
+pub(crate) const FALSE: &[Json] = &[Json::Bool(false)];
+pub(crate) const ZERO: &[Json] = &[Json::Int(0)];
+pub(crate) const ABSENT: &[Json] = &[];
 
 const NVMF_CREATE_TRANSPORT: &[Foreign] = &[
     // SPDK's per-poll-group iobuf caches: plexd's buffers are its own.
@@ -238,9 +249,15 @@ const TABLES: &[(&str, &[Foreign])] = &[
     ("spdk_get_version", &[]),
 ];
 
-/// The table of `method`; `None` for a method SPDK does not have.
+/// The table of `method`; `None` for a method SPDK does not have. The settings methods of
+/// SPDK's subsystems that plexd lacks keep their tables in `spdk_settings`.
 pub fn table(method: &str) -> Option<&'static [Foreign]> {
-    TABLES.iter().find(|(m, _)| *m == method).map(|(_, t)| *t)
+    TABLES
+        .iter()
+        .chain(super::spdk_settings::TABLES)
+        .chain(super::spdk_settings::TEST_ONLY)
+        .find(|(m, _)| *m == method)
+        .map(|(_, t)| *t)
 }
 
 /// Removes from `params` each parameter of `method`'s table that carries an accepted value;
