@@ -374,3 +374,7 @@ fn to_result(s: Status) -> Result<(), IoError> {
         Err(IoError::Nvme(s))
     }
 }
+
+#[cfg(test)]
+#[path = "qpair_reconnect_tests.rs"]
+mod reconnect_tests;
