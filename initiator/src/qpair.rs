@@ -197,8 +197,9 @@ impl<B: IoBuf> IoQpair<B> {
     }
 
     /// Sends queued commands, receives completions and hands each to `on_done`; also drives
-    /// reconnection after a controller reset and the I/O timeout. Returns the number of
-    /// completions delivered. With nothing outstanding it makes no system call.
+    /// reconnection after a controller reset (a step per poll, never waiting on the network)
+    /// and the I/O timeout. Returns the number of completions delivered. With nothing
+    /// outstanding and connected, it makes no system call.
     pub fn poll(&mut self, mut on_done: impl FnMut(IoCompletion<B>)) -> usize {
         let sh = &*self.shared;
         let epoch = sh.epoch.load(Ordering::Acquire);
