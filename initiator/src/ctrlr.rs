@@ -101,11 +101,26 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// A controller's shared state before its first association: resetting, no controller ID.
+    pub(crate) fn new(opts: &CtrlrOpts) -> Self {
+        Shared {
+            state: AtomicU8::new(CtrlrState::Resetting as u8),
+            epoch: AtomicU64::new(1),
+            cntlid: AtomicU32::new(0xffff),
+            fail_io: AtomicBool::new(false),
+            reset_req: AtomicBool::new(false),
+            aborts: Default::default(),
+            qids: Default::default(),
+            reconnect_delay: opts.reconnect_delay,
+            io_timeout: opts.io_timeout,
+        }
+    }
+
     pub fn state(&self) -> CtrlrState {
         CtrlrState::from_u8(self.state.load(Ordering::Acquire))
     }
 
-    fn set_state(&self, s: CtrlrState) {
+    pub(crate) fn set_state(&self, s: CtrlrState) {
         self.state.store(s as u8, Ordering::Release);
     }
 
@@ -277,17 +292,7 @@ impl Controller {
             connect_timeout: opts.connect_timeout,
             in_capsule_max: ADMIN_IN_CAPSULE,
         };
-        let shared = Arc::new(Shared {
-            state: AtomicU8::new(CtrlrState::Resetting as u8),
-            epoch: AtomicU64::new(1),
-            cntlid: AtomicU32::new(0xffff),
-            fail_io: AtomicBool::new(false),
-            reset_req: AtomicBool::new(false),
-            aborts: Default::default(),
-            qids: Default::default(),
-            reconnect_delay: opts.reconnect_delay,
-            io_timeout: opts.io_timeout,
-        });
+        let shared = Arc::new(Shared::new(&opts));
         let mut c = Controller {
             trid: trid.clone(),
             opts,

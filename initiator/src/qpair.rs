@@ -15,7 +15,7 @@ use tracing::{debug, info, warn};
 use crate::buf::IoBuf;
 use crate::ctrlr::{CtrlrState, Shared};
 use crate::error::{IoError, SubmitError, SubmitErrorKind};
-use crate::transport::{Dir, Done, Queue};
+use crate::transport::{ConnectProgress, Dir, Done, Queue};
 
 /// Data direction of a raw command given to [`IoQpair::submit`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +51,9 @@ pub struct IoQpair<B: IoBuf> {
     shared: Arc<Shared>,
     /// Controller association (epoch) this queue is connected to.
     epoch: u64,
+    /// The association a connection attempt in progress is for.
+    attempt_epoch: u64,
+    /// No new connection attempt before this (reconnect_delay after a failed one).
     next_try: Instant,
     last_scan: Instant,
     max_xfer: u32,
@@ -62,6 +65,7 @@ impl<B: IoBuf> IoQpair<B> {
             q,
             shared,
             epoch,
+            attempt_epoch: epoch,
             next_try: Instant::now(),
             last_scan: Instant::now(),
             max_xfer,
@@ -193,8 +197,9 @@ impl<B: IoBuf> IoQpair<B> {
     }
 
     /// Sends queued commands, receives completions and hands each to `on_done`; also drives
-    /// reconnection after a controller reset and the I/O timeout. Returns the number of
-    /// completions delivered. With nothing outstanding it makes no system call.
+    /// reconnection after a controller reset (a step per poll, never waiting on the network)
+    /// and the I/O timeout. Returns the number of completions delivered. With nothing
+    /// outstanding and connected, it makes no system call.
     pub fn poll(&mut self, mut on_done: impl FnMut(IoCompletion<B>)) -> usize {
         let sh = &*self.shared;
         let epoch = sh.epoch.load(Ordering::Acquire);
@@ -209,6 +214,10 @@ impl<B: IoBuf> IoQpair<B> {
         }
         if !self.q.is_connected() {
             if sh.fail_io.load(Ordering::Relaxed) {
+                // A failed path does not keep connecting; the next attempt starts afresh.
+                if self.q.is_connecting() {
+                    self.q.disconnect();
+                }
                 self.q
                     .fail_all(Status::HOST_PATHING_ERROR, &mut |d: Done<B>| {
                         n += 1;
@@ -221,31 +230,14 @@ impl<B: IoBuf> IoQpair<B> {
                     });
                 return n;
             }
-            let now = Instant::now();
-            if sh.state() != CtrlrState::Connected || epoch == self.epoch || now < self.next_try {
+            if !self.advance_reconnect(epoch) {
                 return 0;
-            }
-            let cntlid = sh.cntlid.load(Ordering::Acquire) as u16;
-            match self.q.connect(cntlid) {
-                Ok(_) => {
-                    info!(
-                        qid = self.q.qid(),
-                        cntlid,
-                        resent = self.q.outstanding(),
-                        "I/O queue reconnected"
-                    );
-                    self.epoch = epoch;
-                }
-                Err(e) => {
-                    warn!(qid = self.q.qid(), "I/O queue reconnect failed: {e}");
-                    self.next_try = now + sh.reconnect_delay;
-                    return 0;
-                }
             }
         }
         if !self.q.busy() {
             return 0;
         }
+        let sh = &*self.shared;
         let res = self.q.poll(&mut |d: Done<B>| {
             n += 1;
             on_done(IoCompletion {
@@ -272,6 +264,54 @@ impl<B: IoBuf> IoQpair<B> {
             }
         }
         n
+    }
+
+    /// Drives the rejoin of controller association `epoch` after a reset, a step per poll: the
+    /// transport's connect never blocks, so neither does the owner's reactor. Returns whether
+    /// the queue is connected now.
+    fn advance_reconnect(&mut self, epoch: u64) -> bool {
+        let sh = &*self.shared;
+        if self.q.is_connecting() && self.attempt_epoch != epoch {
+            // Reset again meanwhile: that attempt joins an association that is gone.
+            debug!(
+                qid = self.q.qid(),
+                "controller reset during reconnect: starting over"
+            );
+            self.q.disconnect();
+        }
+        if !self.q.is_connecting() {
+            if sh.state() != CtrlrState::Connected
+                || epoch == self.epoch
+                || Instant::now() < self.next_try
+            {
+                return false;
+            }
+            let cntlid = sh.cntlid.load(Ordering::Acquire) as u16;
+            if let Err(e) = self.q.start_connect(cntlid) {
+                warn!(qid = self.q.qid(), "I/O queue reconnect failed: {e}");
+                self.next_try = Instant::now() + sh.reconnect_delay;
+                return false;
+            }
+            self.attempt_epoch = epoch;
+        }
+        match self.q.poll_connect() {
+            Ok(ConnectProgress::InProgress) => false,
+            Ok(ConnectProgress::Connected { cntlid }) => {
+                info!(
+                    qid = self.q.qid(),
+                    cntlid,
+                    resent = self.q.outstanding(),
+                    "I/O queue reconnected"
+                );
+                self.epoch = self.attempt_epoch;
+                true
+            }
+            Err(e) => {
+                warn!(qid = self.q.qid(), "I/O queue reconnect failed: {e}");
+                self.next_try = Instant::now() + sh.reconnect_delay;
+                false
+            }
+        }
     }
 
     /// SPDK's timeout action "abort": an expired command gets an Abort; if it is still there one
@@ -335,3 +375,7 @@ fn to_result(s: Status) -> Result<(), IoError> {
         Err(IoError::Nvme(s))
     }
 }
+
+#[cfg(test)]
+#[path = "qpair_reconnect_tests.rs"]
+mod reconnect_tests;

@@ -9,7 +9,9 @@
 //! Queues are dispatched through the [`Queue`] enum rather than a trait object so the hot path
 //! stays a direct, inlinable call. Adding PCIe (VFIO) or RDMA means adding a variant and
 //! implementing the same inherent methods as [`crate::tcp::queue::TcpQueue`]:
-//! `connect(cntlid)`, `disconnect()`, `submit(sqe, dir, buf, tag)`, `poll(on_done)`,
+//! `start_connect(cntlid)` and `poll_connect()` (a connection advanced by polls that never
+//! block, for queues owned by reactors), `connect(cntlid)` (the same, waited for, for
+//! control-plane threads), `is_connecting()`, `disconnect()`, `submit(sqe, dir, buf, tag)`, `poll(on_done)`,
 //! `flush()`, `fail_all(..)`, `for_each_active(..)`, `outstanding()`, `busy()`,
 //! `is_connected()`, `depth()`, `wait_readable(..)`. For PCIe "connect" is Create I/O CQ/SQ
 //! and "poll" reads the completion queue in memory; the layers above do not change.
@@ -21,7 +23,7 @@ use nvme_spec::{Command, Status};
 use crate::buf::IoBuf;
 use crate::error::Result;
 use crate::tcp::queue::TcpQueue;
-pub(crate) use crate::tcp::queue::{ConnParams, Dir, Done};
+pub(crate) use crate::tcp::queue::{ConnParams, ConnectProgress, Dir, Done};
 
 /// One queue of some transport.
 pub(crate) enum Queue<B> {
@@ -40,8 +42,21 @@ impl<B: IoBuf> Queue<B> {
     pub fn new_tcp(p: ConnParams) -> Self {
         Queue::Tcp(TcpQueue::new(p))
     }
+    /// Connects and waits for it: control-plane threads only.
     pub fn connect(&mut self, cntlid: u16) -> Result<u16> {
         each!(self, q => q.connect(cntlid))
+    }
+    /// Starts connecting without waiting; [`Queue::poll_connect`] carries it on.
+    pub fn start_connect(&mut self, cntlid: u16) -> Result<()> {
+        each!(self, q => q.start_connect(cntlid))
+    }
+    /// Advances a connection attempt with non-blocking calls only. An error ends the attempt.
+    pub fn poll_connect(&mut self) -> Result<ConnectProgress> {
+        each!(self, q => q.poll_connect())
+    }
+    #[inline]
+    pub fn is_connecting(&self) -> bool {
+        each!(self, q => q.is_connecting())
     }
     pub fn disconnect(&mut self) {
         each!(self, q => q.disconnect())

@@ -18,10 +18,11 @@ use std::time::{Duration, Instant};
 use nvme_spec::cmd::flags::PSDT_SGL_MPTR_CONTIG;
 use nvme_spec::{Command, SglDescriptor, Status};
 use smallvec::SmallVec;
+use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{debug, warn};
 
 use nvme_spec::fabrics::{Connect, ConnectData};
-use nvme_spec::tcp::{fes, IcReq, ParseOptions, PduBody, PduHeader, PduType, Role};
+use nvme_spec::tcp::{fes, IcReq, IcResp, ParseOptions, PduBody, PduHeader, PduType, Role};
 use nvme_spec::IntoBytes;
 
 use super::pdu::{self, Wire, MAX_HDR};
@@ -56,6 +57,61 @@ pub(crate) struct ConnParams {
     pub connect_timeout: Duration,
     /// Largest write carried in the capsule (IOCCSZ*16 - 64 for I/O queues, 8 KiB for admin).
     pub in_capsule_max: usize,
+}
+
+/// Where a queue's connection stands. A (re)connection walks these steps in order, each
+/// advanced only by non-blocking calls from [`TcpQueue::poll_connect`], so the owner's thread
+/// (a reactor) never waits on the network. Every step carries its deadline: the connect
+/// timeout from when the step began; a step still unfinished then fails the attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ConnState {
+    /// No socket: never connected, connection lost, or a failed attempt.
+    Down,
+    /// TCP handshake in flight (connect returned EINPROGRESS): waiting for writability.
+    /// `cntlid` is the controller ID the Fabrics Connect will ask for.
+    TcpHandshake { cntlid: u16, deadline: Instant },
+    /// Sending ICReq; `sent` of its bytes have gone out.
+    SendingIcReq {
+        cntlid: u16,
+        sent: usize,
+        deadline: Instant,
+    },
+    /// Collecting ICResp, which may arrive in pieces; `got` bytes are in so far.
+    AwaitingIcResp {
+        cntlid: u16,
+        got: usize,
+        deadline: Instant,
+    },
+    /// Sending the Fabrics Connect capsule; `sent` of its bytes have gone out.
+    SendingConnect { sent: usize, deadline: Instant },
+    /// Waiting for the Fabrics Connect response.
+    AwaitingConnectResp { deadline: Instant },
+    /// Connected: commands flow.
+    Up,
+}
+
+/// What one [`TcpQueue::poll_connect`] achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ConnectProgress {
+    /// Not there yet: poll again later.
+    InProgress,
+    /// Connected to the controller with this ID.
+    Connected { cntlid: u16 },
+}
+
+/// How far ICResp has arrived.
+enum IcRespRead {
+    Partial { got: usize },
+    Complete(IcResp),
+}
+
+/// Pending until `deadline`, a timeout of `step` after it.
+fn still_pending(deadline: Instant, step: &'static str) -> Result<ConnectProgress> {
+    if Instant::now() >= deadline {
+        Err(Error::Timeout(step))
+    } else {
+        Ok(ConnectProgress::InProgress)
+    }
 }
 
 /// A finished command, handed to the queue's owner.
@@ -178,7 +234,11 @@ const fn connect_cid(depth: u16) -> u16 {
 
 pub(crate) struct TcpQueue<B> {
     pub params: ConnParams,
+    /// Present from the start of a connection attempt until disconnection.
     sock: Option<TcpStream>,
+    conn: ConnState,
+    /// ICReq or the Fabrics Connect capsule while either is being sent.
+    handshake_tx: Vec<u8>,
     wire: Wire,
     popts: ParseOptions,
     maxh2cdata: u32,
@@ -212,6 +272,8 @@ impl<B: IoBuf> TcpQueue<B> {
         TcpQueue {
             params,
             sock: None,
+            conn: ConnState::Down,
+            handshake_tx: Vec::new(),
             wire: Wire {
                 hdgst: false,
                 ddgst: false,
@@ -254,7 +316,7 @@ impl<B: IoBuf> TcpQueue<B> {
     }
 
     pub fn is_connected(&self) -> bool {
-        self.sock.is_some()
+        self.conn == ConnState::Up
     }
 
     pub fn raw_fd(&self) -> Option<i32> {
@@ -268,48 +330,274 @@ impl<B: IoBuf> TcpQueue<B> {
 
     // ---------------------------------------------------------------- connection
 
-    /// Opens the socket, exchanges ICReq/ICResp and sends Fabrics Connect with `cntlid`
-    /// (0xFFFF for the admin queue: dynamic controller). Blocks up to the connect timeout.
-    /// Commands still active from a previous connection are sent again afterwards.
-    pub fn connect(&mut self, cntlid: u16) -> Result<u16> {
+    /// Starts a (re)connection with Fabrics Connect for `cntlid` (0xFFFF for the admin queue:
+    /// dynamic controller): opens a non-blocking socket and begins the TCP handshake. Only
+    /// non-blocking system calls; [`TcpQueue::poll_connect`] does the rest. Commands still
+    /// active from a previous connection are sent again once connected.
+    pub fn start_connect(&mut self, cntlid: u16) -> Result<()> {
         self.disconnect();
-        let p = &self.params;
-        let sock = TcpStream::connect_timeout(&p.addr, p.connect_timeout)
-            .map_err(Error::io("TCP connect"))?;
-        sock.set_nodelay(true).map_err(Error::io("TCP_NODELAY"))?;
-        sock.set_read_timeout(Some(p.connect_timeout))
-            .map_err(Error::io("socket timeout"))?;
-        sock.set_write_timeout(Some(p.connect_timeout))
-            .map_err(Error::io("socket timeout"))?;
-        // HPDA 0: no padding before C2H data; MAXR2T 0: one R2T outstanding per command.
-        let icreq = IcReq::new(0, p.hdgst, p.ddgst, 0);
-        (&sock)
-            .write_all(icreq.as_bytes())
-            .map_err(Error::io("send ICReq"))?;
-        let mut resp = [0u8; 128];
-        (&sock).read_exact(&mut resp).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                Error::Closed
-            } else {
-                Error::Io {
-                    what: "receive ICResp",
+        let addr = self.params.addr;
+        let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+            .map_err(Error::io("socket"))?;
+        sock.set_nonblocking(true)
+            .map_err(Error::io("O_NONBLOCK"))?;
+        match sock.connect(&addr.into()) {
+            // Loopback may finish at once; the writable check in TcpHandshake sees that too.
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            Err(e) => {
+                return Err(Error::Io {
+                    what: "TCP connect",
                     source: e,
+                })
+            }
+        }
+        let sock = TcpStream::from(sock);
+        sock.set_nodelay(true).map_err(Error::io("TCP_NODELAY"))?;
+        self.sock = Some(sock);
+        self.conn = ConnState::TcpHandshake {
+            cntlid,
+            deadline: self.step_deadline(),
+        };
+        Ok(())
+    }
+
+    /// Advances a connection started by [`TcpQueue::start_connect`] as far as it goes without
+    /// blocking. A step that outlives the connect timeout, or any error, fails the attempt and
+    /// leaves the queue disconnected (active commands stay in their slots).
+    pub fn poll_connect(&mut self) -> Result<ConnectProgress> {
+        let res = self.advance_connect();
+        if res.is_err() {
+            self.disconnect();
+        }
+        res
+    }
+
+    /// Connects and waits for it (up to the connect timeout per step): for control-plane
+    /// threads only, such as controller bring-up.
+    pub fn connect(&mut self, cntlid: u16) -> Result<u16> {
+        self.start_connect(cntlid)?;
+        loop {
+            if let ConnectProgress::Connected { cntlid } = self.poll_connect()? {
+                return Ok(cntlid);
+            }
+            let waiting_to_send = matches!(
+                self.conn,
+                ConnState::TcpHandshake { .. }
+                    | ConnState::SendingIcReq { .. }
+                    | ConnState::SendingConnect { .. }
+            );
+            let events = if waiting_to_send {
+                libc::POLLOUT
+            } else {
+                libc::POLLIN
+            };
+            self.wait_fd(events, Duration::from_millis(100));
+        }
+    }
+
+    /// Where the connection stands.
+    #[cfg(test)]
+    pub fn conn_state(&self) -> ConnState {
+        self.conn
+    }
+
+    /// A connection attempt is under way (started, neither connected nor failed yet).
+    pub fn is_connecting(&self) -> bool {
+        !matches!(self.conn, ConnState::Down | ConnState::Up)
+    }
+
+    fn step_deadline(&self) -> Instant {
+        Instant::now() + self.params.connect_timeout
+    }
+
+    fn advance_connect(&mut self) -> Result<ConnectProgress> {
+        loop {
+            match self.conn {
+                ConnState::Down => return Err(Error::Disconnected),
+                ConnState::Up => {
+                    return Ok(ConnectProgress::Connected {
+                        cntlid: self.cntlid,
+                    })
+                }
+                ConnState::TcpHandshake { cntlid, deadline } => {
+                    // Writable (or in error) once the handshake has finished either way.
+                    if !self.fd_ready(libc::POLLOUT) {
+                        return still_pending(deadline, "TCP connect");
+                    }
+                    let Some(sock) = &self.sock else {
+                        return Err(Error::Disconnected);
+                    };
+                    if let Some(e) = sock.take_error().map_err(Error::io("TCP connect"))? {
+                        return Err(Error::Io {
+                            what: "TCP connect",
+                            source: e,
+                        });
+                    }
+                    // HPDA 0: no padding before C2H data; MAXR2T 0: one R2T outstanding per
+                    // command.
+                    let p = &self.params;
+                    let icreq = IcReq::new(0, p.hdgst, p.ddgst, 0);
+                    self.handshake_tx.clear();
+                    self.handshake_tx.extend_from_slice(icreq.as_bytes());
+                    self.conn = ConnState::SendingIcReq {
+                        cntlid,
+                        sent: 0,
+                        deadline: self.step_deadline(),
+                    };
+                }
+                ConnState::SendingIcReq {
+                    cntlid,
+                    sent,
+                    deadline,
+                } => {
+                    let sent = self.send_handshake(sent, "send ICReq")?;
+                    if sent < self.handshake_tx.len() {
+                        self.conn = ConnState::SendingIcReq {
+                            cntlid,
+                            sent,
+                            deadline,
+                        };
+                        return still_pending(deadline, "send ICReq");
+                    }
+                    self.conn = ConnState::AwaitingIcResp {
+                        cntlid,
+                        got: 0,
+                        deadline: self.step_deadline(),
+                    };
+                }
+                ConnState::AwaitingIcResp {
+                    cntlid,
+                    got,
+                    deadline,
+                } => match self.receive_icresp(got)? {
+                    IcRespRead::Partial { got } => {
+                        self.conn = ConnState::AwaitingIcResp {
+                            cntlid,
+                            got,
+                            deadline,
+                        };
+                        return still_pending(deadline, "ICResp");
+                    }
+                    IcRespRead::Complete(ic) => {
+                        self.apply_icresp(&ic)?;
+                        self.prepare_fabrics_connect(cntlid)?;
+                        self.conn = ConnState::SendingConnect {
+                            sent: 0,
+                            deadline: self.step_deadline(),
+                        };
+                    }
+                },
+                ConnState::SendingConnect { sent, deadline } => {
+                    let sent = self.send_handshake(sent, "send Fabrics Connect")?;
+                    if sent < self.handshake_tx.len() {
+                        self.conn = ConnState::SendingConnect { sent, deadline };
+                        return still_pending(deadline, "send Fabrics Connect");
+                    }
+                    self.conn = ConnState::AwaitingConnectResp {
+                        deadline: self.step_deadline(),
+                    };
+                }
+                ConnState::AwaitingConnectResp { deadline } => {
+                    self.poll_internal()?;
+                    let Some((status, dw0)) = self.internal_done.take() else {
+                        return still_pending(deadline, "Fabrics Connect");
+                    };
+                    if !status.is_success() {
+                        return Err(Error::Nvme {
+                            cmd: "Fabrics Connect",
+                            status,
+                        });
+                    }
+                    self.cntlid = (dw0 & 0xffff) as u16;
+                    self.conn = ConnState::Up;
+                    debug!(qid = self.params.qid, cntlid = self.cntlid, ?self.wire, maxh2cdata = self.maxh2cdata, "queue connected");
+                    // Re-issue commands that were in flight on the previous connection, and
+                    // those submitted while connecting.
+                    for cid in 0..self.depth {
+                        if self.slots[cid as usize].active {
+                            self.requeue(cid);
+                        }
+                    }
+                    return Ok(ConnectProgress::Connected {
+                        cntlid: self.cntlid,
+                    });
                 }
             }
-        })?;
-        let ic = match PduHeader::parse(&resp, &ParseOptions::new(Role::Host)) {
+        }
+    }
+
+    /// Writes what the socket takes of `handshake_tx` from `sent` on; returns the new `sent`.
+    fn send_handshake(&mut self, mut sent: usize, what: &'static str) -> Result<usize> {
+        let Some(sock) = &self.sock else {
+            return Err(Error::Disconnected);
+        };
+        while sent < self.handshake_tx.len() {
+            match (&*sock).write(&self.handshake_tx[sent..]) {
+                Ok(0) => return Err(Error::Closed),
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(Error::Io { what, source: e }),
+            }
+        }
+        Ok(sent)
+    }
+
+    /// Reads ICResp bytes into the front of the staging buffer (idle until connected), never
+    /// past the end of the PDU the header announces.
+    fn receive_icresp(&mut self, mut got: usize) -> Result<IcRespRead> {
+        let opts = ParseOptions::new(Role::Host);
+        loop {
+            let need = PduHeader::bytes_needed(&self.rx[..got], &opts)
+                .map_err(|e| Error::Protocol(format!("bad ICResp: {e}")))?;
+            if got >= need {
+                break;
+            }
+            let Some(sock) = &self.sock else {
+                return Err(Error::Disconnected);
+            };
+            let Some(dst) = self.rx.get_mut(got..need) else {
+                return Err(Error::Protocol(format!("ICResp header of {need} bytes")));
+            };
+            match (&*sock).read(dst) {
+                Ok(0) => return Err(Error::Closed),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    return Ok(IcRespRead::Partial { got })
+                }
+                Err(e) => {
+                    return Err(Error::Io {
+                        what: "receive ICResp",
+                        source: e,
+                    })
+                }
+            }
+        }
+        match PduHeader::parse(&self.rx[..got], &opts) {
             Ok(PduHeader {
                 body: PduBody::IcResp(ic),
                 ..
-            }) => ic,
-            Ok(h) => {
-                return Err(Error::Protocol(format!(
-                    "expected ICResp, got {}",
-                    h.pdu_type.name()
-                )))
-            }
-            Err(e) => return Err(Error::Protocol(format!("bad ICResp: {e}"))),
-        };
+            }) => Ok(IcRespRead::Complete(ic)),
+            Ok(PduHeader {
+                body: PduBody::TermReq(t),
+                ..
+            }) => Err(Error::TermReq {
+                fes: t.fes.get(),
+                fei: t.fei.get(),
+            }),
+            Ok(h) => Err(Error::Protocol(format!(
+                "expected ICResp, got {}",
+                h.pdu_type.name()
+            ))),
+            Err(e) => Err(Error::Protocol(format!("bad ICResp: {e}"))),
+        }
+    }
+
+    /// Takes on what ICResp negotiated: digests, the controller's PDA and MAXH2CDATA.
+    fn apply_icresp(&mut self, ic: &IcResp) -> Result<()> {
+        let p = &self.params;
         // The controller may turn a digest on only if we asked for it.
         if (ic.hdgst() && !p.hdgst) || (ic.ddgst() && !p.ddgst) {
             return Err(Error::Protocol(
@@ -340,20 +628,16 @@ impl<B: IoBuf> TcpQueue<B> {
         };
         // Smaller H2CData PDUs than allowed are fine; the clamp keeps PLEN arithmetic small.
         self.maxh2cdata = ic.maxh2cdata.get().min(MAX_CHUNK);
-        sock.set_read_timeout(None)
-            .map_err(Error::io("socket timeout"))?;
-        sock.set_write_timeout(None)
-            .map_err(Error::io("socket timeout"))?;
-        sock.set_nonblocking(true)
-            .map_err(Error::io("O_NONBLOCK"))?;
-        self.sock = Some(sock);
+        // The ICResp bytes are consumed; PDUs start afresh in the staging buffer.
         self.rx_start = 0;
         self.rx_end = 0;
         self.rx_state = Rx::Hdr;
-        self.txq.clear();
-        self.tx_off = 0;
+        Ok(())
+    }
 
-        // Fabrics Connect on the reserved cid, alone on the wire.
+    /// Encodes the Fabrics Connect capsule into `handshake_tx` and opens the reserved slot
+    /// its response completes.
+    fn prepare_fabrics_connect(&mut self, cntlid: u16) -> Result<()> {
         let p = &self.params;
         let sqe = Connect {
             recfmt: 0,
@@ -369,76 +653,19 @@ impl<B: IoBuf> TcpQueue<B> {
         let cid = connect_cid(self.depth);
         self.internal_done = None;
         self.start_cmd(cid, sqe, Dir::ToCtrl, None, 0, true);
-        {
-            let slot = &mut self.slots[cid as usize];
-            // Connect data is always in-capsule; it lives in the header area after the header.
-            slot.in_capsule = false;
-            slot.sqe
-                .set_sgl1(SglDescriptor::in_capsule(0, data.len() as u32));
-            let n = self.wire.capsule_cmd(&mut slot.hdr, &slot.sqe, data.len());
-            // The header area is MAX_HDR bytes: send header + data through a scratch copy.
-            let mut all = Vec::with_capacity(n + data.len() + 4);
-            all.extend_from_slice(&slot.hdr[..n]);
-            all.extend_from_slice(data);
-            if self.wire.ddgst {
-                all.extend_from_slice(&pdu::crc(data).to_le_bytes());
-            }
-            self.send_blocking(&all)?;
-        }
-        let deadline = Instant::now() + self.params.connect_timeout;
-        let (status, dw0) = loop {
-            self.poll_internal()?;
-            if let Some(r) = self.internal_done.take() {
-                break r;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                self.disconnect();
-                return Err(Error::Timeout("Fabrics Connect"));
-            }
-            self.wait_readable(left.min(Duration::from_millis(100)));
-        };
-        if !status.is_success() {
-            self.disconnect();
-            return Err(Error::Nvme {
-                cmd: "Fabrics Connect",
-                status,
-            });
-        }
-        self.cntlid = (dw0 & 0xffff) as u16;
-        debug!(qid = self.params.qid, cntlid = self.cntlid, ?self.wire, maxh2cdata = self.maxh2cdata, "queue connected");
-        // Re-issue commands that were in flight on the previous connection.
-        for cid in 0..self.depth {
-            if self.slots[cid as usize].active {
-                self.requeue(cid);
-            }
-        }
-        Ok(self.cntlid)
-    }
-
-    fn send_blocking(&mut self, bytes: &[u8]) -> Result<()> {
-        let deadline = Instant::now() + self.params.connect_timeout;
-        let mut off = 0;
-        while off < bytes.len() {
-            let Some(sock) = &self.sock else {
-                return Err(Error::Disconnected);
-            };
-            match (&*sock).write(&bytes[off..]) {
-                Ok(0) => return Err(Error::Closed),
-                Ok(n) => off += n,
-                Err(e) if nonfatal(&e) => {
-                    if Instant::now() >= deadline {
-                        return Err(Error::Timeout("send"));
-                    }
-                    self.wait_writable(Duration::from_millis(10));
-                }
-                Err(e) => {
-                    return Err(Error::Io {
-                        what: "send",
-                        source: e,
-                    })
-                }
-            }
+        let slot = &mut self.slots[cid as usize];
+        // Connect data is always in-capsule, and larger than the slot's header area: the
+        // whole capsule goes out from `handshake_tx` instead of the transmit queue.
+        slot.in_capsule = false;
+        slot.sqe
+            .set_sgl1(SglDescriptor::in_capsule(0, data.len() as u32));
+        let n = self.wire.capsule_cmd(&mut slot.hdr, &slot.sqe, data.len());
+        self.handshake_tx.clear();
+        self.handshake_tx.extend_from_slice(&slot.hdr[..n]);
+        self.handshake_tx.extend_from_slice(data);
+        if self.wire.ddgst {
+            self.handshake_tx
+                .extend_from_slice(&pdu::crc(data).to_le_bytes());
         }
         Ok(())
     }
@@ -448,14 +675,22 @@ impl<B: IoBuf> TcpQueue<B> {
         self.wait_fd(libc::POLLIN, t)
     }
 
-    fn wait_writable(&self, t: Duration) {
-        self.wait_fd(libc::POLLOUT, t)
-    }
-
     fn wait_fd(&self, events: libc::c_short, t: Duration) {
-        let Some(fd) = self.raw_fd() else {
+        if self.raw_fd().is_none() {
             std::thread::sleep(t);
             return;
+        }
+        self.poll_fd(events, t.as_millis().clamp(1, 1000) as libc::c_int);
+    }
+
+    /// Whether the socket has one of `events` (or an error or hang-up) now, without waiting.
+    fn fd_ready(&self, events: libc::c_short) -> bool {
+        self.poll_fd(events, 0)
+    }
+
+    fn poll_fd(&self, events: libc::c_short, timeout_ms: libc::c_int) -> bool {
+        let Some(fd) = self.raw_fd() else {
+            return false;
         };
         let mut pfd = libc::pollfd {
             fd,
@@ -463,15 +698,17 @@ impl<B: IoBuf> TcpQueue<B> {
             revents: 0,
         };
         // SAFETY: pfd is a valid pollfd for the duration of the call; nfds is 1.
-        unsafe { libc::poll(&mut pfd, 1, t.as_millis().clamp(1, 1000) as libc::c_int) };
+        let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        n > 0 && pfd.revents != 0
     }
 
-    /// Closes the socket. Active commands stay in their slots (to be re-sent by `connect` or
-    /// failed by `fail_all`).
+    /// Closes the socket, abandoning any connection attempt. Active commands stay in their
+    /// slots (to be re-sent once connected again, or failed by `fail_all`).
     pub fn disconnect(&mut self) {
         if let Some(s) = self.sock.take() {
             let _ = s.shutdown(Shutdown::Both);
         }
+        self.conn = ConnState::Down;
         self.txq.clear();
         self.tx_off = 0;
         self.rx_state = Rx::Hdr;
@@ -571,7 +808,8 @@ impl<B: IoBuf> TcpQueue<B> {
             return Err(buf);
         };
         self.start_cmd(cid, sqe, dir, buf, tag, false);
-        if self.sock.is_some() {
+        // While connecting, it waits in its slot: connection completion sends every active one.
+        if self.is_connected() {
             self.requeue(cid);
         }
         Ok(cid)
@@ -753,7 +991,7 @@ impl<B: IoBuf> TcpQueue<B> {
     /// Reads what the socket has and processes complete PDUs; finished commands go to
     /// `on_done`. Returns the number of commands finished.
     pub fn poll(&mut self, on_done: &mut impl FnMut(Done<B>)) -> Result<usize> {
-        if self.sock.is_none() {
+        if !self.is_connected() {
             return Err(Error::Disconnected);
         }
         self.flush()?;

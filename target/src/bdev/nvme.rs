@@ -3,8 +3,8 @@
 //! Ownership, as built:
 //! - **Controller**: one control-plane thread per attached controller (`bdev_nvme-{name}`)
 //!   owns the `initiator::Controller` from connect to detach. It polls it every few ms
-//!   (keep-alive, AER, reset/reconnect, which may block for the connect timeout, so never on a
-//!   reactor), turns namespace events into bdev registrations and resizes, publishes the state
+//!   (keep-alive, AER, the controller's reset/reconnect, whose admin-queue bring-up may block
+//!   for the connect timeout, so never on a reactor), turns namespace events into bdev registrations and resizes, publishes the state
 //!   for `bdev_nvme_get_controllers`, and runs detach. Being the only owner serialises attach,
 //!   namespace events and detach without locks on the controller. A controller that stays
 //!   down past a positive `ctrlr_loss_timeout_sec` deletes itself and its bdevs, as SPDK's
@@ -14,6 +14,10 @@
 //!   to its reactor, where it lives in a thread-local map keyed by controller id
 //!   (`Bdev::open_channel` gets no `ReactorCtx`, so `ctx.local` is out of reach there; the map
 //!   has the same per-reactor lifetime). One poller per (controller, reactor) polls it.
+//!   After a controller reset the qpair rejoins the new association from that poller: its
+//!   connection advances a step per poll with non-blocking calls only, so a slow or dead
+//!   target never stalls the reactor; a step stuck past the connect timeout fails the
+//!   attempt, retried after `reconnect_delay_sec`.
 //! - **Channels**: every channel of every namespace of that controller on that reactor shares
 //!   the qpair. A command's tag is `channel index << 32 | I/O slot`; the poller routes each
 //!   completion into that channel's slab slot and, when the I/O's last piece is in, onto the
@@ -880,7 +884,8 @@ fn install_qpair(
             };
             let n = qp.poll(|c| ReactorQp::route(chans, free_chans, c.tag, c.result));
             // The qpair has no descriptor the reactor could sleep on, so it spins while I/O
-            // is in flight; while disconnected, the reactor's 10 ms nap is fine.
+            // is in flight; while disconnected or reconnecting (a step per poll), the
+            // reactor's 10 ms nap is fine.
             if n > 0 || (qp.outstanding() > 0 && qp.is_connected()) {
                 PollStatus::Busy
             } else {
