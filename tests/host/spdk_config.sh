@@ -6,8 +6,7 @@
 #
 #   tests/host/spdk_config.sh     prints "ok - NAME" / "not ok - NAME: REASON"; exit 1 on failure
 #
-# spdk-rpc comes from the venv tests/host/spdk_rpc.sh keeps under .guest/ (installed here if
-# missing). PLEXD=path/to/plexd skips the build.
+# spdk-rpc comes from lib.sh's spdk_rpc_install. PLEXD=path/to/plexd skips the build.
 set -u
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -15,14 +14,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 . "$REPO/tests/guest/lib.sh"
 plan 8
 
-VENV=${PLEXSTOR_SPDK_VENV:-$REPO/.guest/spdk-venv}
-SPDK_PY_VERSION=${SPDK_PY_VERSION:-26.9}
-if [ "$("$VENV/bin/pip" show spdk 2>/dev/null | sed -n 's/^Version: //p')" != "$SPDK_PY_VERSION" ]; then
-    echo "# installing spdk==$SPDK_PY_VERSION from PyPI into $VENV"
-    { python3 -m venv "$VENV" && "$VENV/bin/pip" install -q "spdk==$SPDK_PY_VERSION"; } >&2 ||
-        bail "install spdk-rpc" "pip install spdk==$SPDK_PY_VERSION into $VENV failed"
-fi
-check "spdk-rpc $SPDK_PY_VERSION runs" "$VENV/bin/spdk-rpc" --help || bail "spdk-rpc" "does not run"
+check "spdk-rpc $SPDK_PY_VERSION installed and runs" spdk_rpc_install || bail "spdk-rpc" "not installed"
 
 if [ -z "${PLEXD:-}" ]; then
     (cd "$REPO" && cargo build -q --release -p plexd --bin plexd) || bail "build plexd" "cargo build failed"
@@ -56,7 +48,7 @@ start_plexd() {
     PIDS+=($!)
     wait_until 20 test -S "$SOCK"
 }
-srpc() { "$VENV/bin/spdk-rpc" -s "$SOCK" -t 10 "$@"; }
+srpc() { "$SPDK_RPC" -s "$SOCK" -t 10 "$@"; }
 
 # What the file describes is there: bdevs, transport, subsystem with namespaces and listener.
 target_is_there() {
@@ -91,7 +83,7 @@ if start_plexd rpc; then
     fi
 else
     fail "plexd started" "no socket: $(tail -n 3 "$WORK/rpc.log")"
-    for n in "load_config" "load_config made" "listener" "refusal"; do skip "$n" "no plexd"; done
+    for n in "load_config" "load_config made" "listener" "refusal"; do fail "$n" "not run: no plexd"; done
 fi
 
 # ---- plexd -c ---------------------------------------------------------------------------------

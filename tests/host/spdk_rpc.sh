@@ -133,10 +133,15 @@ expect "nvmf_subsystem_remove_ns" 'out.strip() == ""' nvmf_subsystem_remove_ns "
 expect "nvmf_delete_subsystem" 'out.strip() == ""' nvmf_delete_subsystem "$NQN"
 expect "bdev_malloc_delete (NS0)" 'out.strip() == ""' bdev_malloc_delete NS0
 
-# Every method plexd serves must be driven through spdk-rpc by one of these scripts, so a new
-# method cannot skip SPDK's client.
+# Every method plexd serves must be driven through spdk-rpc by one of the spdk_* scripts, or
+# be in the SPDK save_config file that spdk_config.sh replays with spdk-rpc load_config, so a
+# new method cannot skip SPDK's client.
 untested=$(rpc rpc_get_methods | python3 -c 'import json, sys; print("\n".join(json.load(sys.stdin)))' |
-    while read -r m; do grep -qw -- "$m" "$REPO"/tests/host/spdk_rpc*.sh || echo "$m"; done)
+    while read -r m; do
+        grep -qw -- "$m" "$REPO"/tests/host/spdk_*.sh ||
+            grep -q "\"method\": \"$m\"" "$REPO/target/tests/data/spdk-save_config-nvmf_tgt.json" ||
+            echo "$m"
+    done)
 if [ -z "$untested" ]; then
     pass "every method plexd serves is driven through spdk-rpc"
 else
