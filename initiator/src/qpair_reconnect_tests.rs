@@ -355,85 +355,77 @@ fn with_watchdog(test: impl FnOnce() + Send + 'static) {
     }
 }
 
+/// One rejoin that succeeds: the peer (following `script`, one connection) takes the ICReq,
+/// `while_held` drives the queue while the peer holds the ICResp back, then the rejoin must
+/// finish (Connect, the waiting read, read back), and dropping the queue hangs up.
+fn rejoin_with_icresp_held(
+    script: Script,
+    while_held: impl FnOnce(&mut IoQpair<Vec<u8>>, &Peer, &mut Vec<IoCompletion<Vec<u8>>>),
+) {
+    let peer = start_peer(script, 1);
+    let mut qp = rejoining_qpair(
+        peer.port,
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+    );
+    let mut done = Vec::new();
+    poll_until_seen(&mut qp, &peer, Seen::IcReq { conn: 1 }, &mut done);
+    while_held(&mut qp, &peer, &mut done);
+    poll_until_seen(
+        &mut qp,
+        &peer,
+        Seen::Connect {
+            qid: 1,
+            cntlid: CNTLID,
+        },
+        &mut done,
+    );
+    poll_until_seen(&mut qp, &peer, Seen::Read, &mut done);
+    expect_read_back(&mut qp, &mut done);
+    drop(qp);
+    peer.expect(Seen::HungUp { conn: 1 });
+    peer.finish();
+}
+
 #[test]
 fn reconnect_advances_across_polls_that_return_while_the_target_holds_icresp() {
     with_watchdog(|| {
-        let peer = start_peer(Script::WholeOnGo, 1);
-        let mut qp = rejoining_qpair(
-            peer.port,
-            Duration::from_secs(60),
-            Duration::from_millis(50),
-        );
-        let mut done = Vec::new();
-        poll_until_seen(&mut qp, &peer, Seen::IcReq { conn: 1 }, &mut done);
-        for i in 0..POLLS_WHILE_HELD {
-            assert_eq!(qp.poll(|c| done.push(c)), 0);
-            let st = conn_state(&qp);
-            assert!(
-                matches!(st, ConnState::AwaitingIcResp { got: 0, .. }),
-                "poll {i} while ICResp is held: state {st:?}"
-            );
-            assert!(!qp.is_connected());
-            assert_eq!(qp.outstanding(), 1, "the read waits for the connection");
-        }
-        peer.go.send(()).unwrap();
-        poll_until_seen(
-            &mut qp,
-            &peer,
-            Seen::Connect {
-                qid: 1,
-                cntlid: CNTLID,
-            },
-            &mut done,
-        );
-        poll_until_seen(&mut qp, &peer, Seen::Read, &mut done);
-        expect_read_back(&mut qp, &mut done);
-        drop(qp);
-        peer.expect(Seen::HungUp { conn: 1 });
-        peer.finish();
+        rejoin_with_icresp_held(Script::WholeOnGo, |qp, peer, done| {
+            for i in 0..POLLS_WHILE_HELD {
+                assert_eq!(qp.poll(|c| done.push(c)), 0);
+                let st = conn_state(qp);
+                assert!(
+                    matches!(st, ConnState::AwaitingIcResp { got: 0, .. }),
+                    "poll {i} while ICResp is held: state {st:?}"
+                );
+                assert!(!qp.is_connected());
+                assert_eq!(qp.outstanding(), 1, "the read waits for the connection");
+            }
+            peer.go.send(()).unwrap();
+        });
     });
 }
 
 #[test]
 fn icresp_arriving_byte_by_byte_is_assembled_across_polls() {
     with_watchdog(|| {
-        let peer = start_peer(Script::BytewiseOnGo, 1);
-        let mut qp = rejoining_qpair(
-            peer.port,
-            Duration::from_secs(60),
-            Duration::from_millis(50),
-        );
-        let mut done = Vec::new();
-        poll_until_seen(&mut qp, &peer, Seen::IcReq { conn: 1 }, &mut done);
-        const ICRESP_LEN: usize = 128;
-        for sent in 1..=ICRESP_LEN {
-            peer.go
-                .send(())
-                .expect("the peer is waiting for its go-ahead");
-            poll_until_seen(&mut qp, &peer, Seen::IcRespBytes(sent), &mut done);
-            if sent < ICRESP_LEN {
-                poll_until_state(
-                    &mut qp,
-                    &format!("holding {sent} ICResp bytes"),
-                    |st| matches!(st, ConnState::AwaitingIcResp { got, .. } if got == sent),
-                    &mut done,
-                );
+        rejoin_with_icresp_held(Script::BytewiseOnGo, |qp, peer, done| {
+            const ICRESP_LEN: usize = 128;
+            for sent in 1..=ICRESP_LEN {
+                peer.go
+                    .send(())
+                    .expect("the peer is waiting for its go-ahead");
+                poll_until_seen(qp, peer, Seen::IcRespBytes(sent), done);
+                if sent < ICRESP_LEN {
+                    poll_until_state(
+                        qp,
+                        &format!("holding {sent} ICResp bytes"),
+                        |st| matches!(st, ConnState::AwaitingIcResp { got, .. } if got == sent),
+                        done,
+                    );
+                }
             }
-        }
-        poll_until_seen(
-            &mut qp,
-            &peer,
-            Seen::Connect {
-                qid: 1,
-                cntlid: CNTLID,
-            },
-            &mut done,
-        );
-        poll_until_seen(&mut qp, &peer, Seen::Read, &mut done);
-        expect_read_back(&mut qp, &mut done);
-        drop(qp);
-        peer.expect(Seen::HungUp { conn: 1 });
-        peer.finish();
+        });
     });
 }
 

@@ -8,9 +8,7 @@ mod nvmf_tcp_common;
 mod plexd_proc;
 
 use nvme_spec::cmd::Command;
-use nvme_spec::fabrics::{PropertySet, PropertySize};
-use nvme_spec::regs::{offset as reg, Cc};
-use nvmf_tcp_common::{Client, HOST};
+use nvmf_tcp_common::Client;
 use plexd_proc::*;
 use serde_json::{json, Value};
 
@@ -118,23 +116,9 @@ fn check_target(d: &Plexd, port: u16) {
 /// each namespace.
 fn host_connects(port: u16) {
     let mut admin = Client::connect(port);
-    admin.ic(false, false);
-    let c = admin.fabrics_connect(0, 0xFFFF, CNODE1, HOST);
-    assert!(c.status().is_success(), "admin connect: {}", c.status());
-    let cntlid = c.result.get() as u16;
-    let cc = PropertySet {
-        size: PropertySize::Four,
-        offset: reg::CC,
-        value: u64::from(Cc::enable_default().0),
-    };
-    let cid = admin.cid();
-    admin.send_cmd(cc.to_command(cid), &[]);
-    assert!(admin.wait(cid, &[]).0.status().is_success(), "CC.EN");
-
+    let cntlid = admin.admin_up_to(CNODE1, false, false);
     let mut io = Client::connect(port);
-    io.ic(false, false);
-    let c = io.fabrics_connect(1, cntlid, CNODE1, HOST);
-    assert!(c.status().is_success(), "I/O connect: {}", c.status());
+    io.io_up_to(CNODE1, cntlid, 1, false, false);
     for (nsid, block) in [(1u32, 512usize), (2, 4096)] {
         let data: Vec<u8> = (0..block).map(|i| (i as u8) ^ (nsid as u8)).collect();
         let (cqe, _) = io.run(Command::write_blocks(nsid, 7, 1, false), &data, 0, true);

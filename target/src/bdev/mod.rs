@@ -829,6 +829,17 @@ pub(crate) mod tests {
         (reg, e)
     }
 
+    /// Limits `e` to `ios_per_sec` reads and writes a second, from now.
+    fn limit_iops(e: &BdevEntry, ios_per_sec: u64) {
+        e.qos.set_limits(
+            qos::QosLimits {
+                rw_ios_per_sec: ios_per_sec,
+                ..Default::default()
+            },
+            crate::reactor::now_ns(),
+        );
+    }
+
     /// Submits `n` reads at once and polls until all are back; returns the completions.
     fn burst(ch: &mut IoChannel, n: u64) -> Vec<IoCompletion> {
         for i in 0..n {
@@ -846,13 +857,7 @@ pub(crate) mod tests {
     fn a_rate_limit_queues_a_burst_and_releases_it_one_slice_at_a_time() {
         let (_reg, e) = null_entry("q0");
         // 1000 IOPS: one I/O per 1 ms slice.
-        e.qos.set_limits(
-            qos::QosLimits {
-                rw_ios_per_sec: 1000,
-                ..Default::default()
-            },
-            crate::reactor::now_ns(),
-        );
+        limit_iops(&e, 1000);
         let mut ch = e.open_channel().unwrap();
         let refills = e.qos.refills_total();
         let done = burst(&mut ch, 6);
@@ -874,13 +879,7 @@ pub(crate) mod tests {
         let mut ch = e.open_channel().unwrap();
         burst(&mut ch, 50);
         assert_eq!(e.qos.queued_total(), 0);
-        e.qos.set_limits(
-            qos::QosLimits {
-                rw_ios_per_sec: 1000,
-                ..Default::default()
-            },
-            crate::reactor::now_ns(),
-        );
+        limit_iops(&e, 1000);
         for i in 0..10 {
             ch.submit(BdevIo::read(i, 1, buf(512, 0), i)).unwrap();
         }
@@ -900,13 +899,7 @@ pub(crate) mod tests {
     #[test]
     fn io_waiting_for_budget_is_aborted_when_its_bdev_is_deleted() {
         let (reg, e) = null_entry("q2");
-        e.qos.set_limits(
-            qos::QosLimits {
-                rw_ios_per_sec: 1000,
-                ..Default::default()
-            },
-            crate::reactor::now_ns(),
-        );
+        limit_iops(&e, 1000);
         let mut ch = e.open_channel().unwrap();
         for i in 0..4 {
             ch.submit(BdevIo::read(i, 1, buf(512, 0), i)).unwrap();

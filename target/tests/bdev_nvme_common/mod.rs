@@ -7,13 +7,15 @@
 
 use initiator::{Controller, CtrlrOpts, IoError, IoQpair, TransportId};
 use serde_json::{json, Value};
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub const PLEXD: &str = env!("CARGO_BIN_EXE_plexd");
+#[path = "../plexd_proc/mod.rs"]
+mod plexd_proc;
+
+pub use plexd_proc::{free_port, PLEXD};
+use plexd_proc::{read_log, rpc_call, wait_until_up};
 pub const NQN_A: &str = "nqn.2024-01.io.plexstor:bdev-nvme-a";
 pub const NQN_B: &str = "nqn.2024-01.io.plexstor:bdev-nvme-b";
 
@@ -22,14 +24,6 @@ pub fn temp_dir() -> tempfile::TempDir {
         .prefix("bdev-nvme-")
         .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
         .unwrap()
-}
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A plexd process on a socket in `dir`; killed when dropped.
@@ -64,45 +58,18 @@ impl Plexd {
             .stderr(out)
             .spawn()
             .expect("spawn plexd");
-        let p = Plexd { child, sock, log };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while UnixStream::connect(&p.sock).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "plexd did not come up:\n{}",
-                p.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let mut p = Plexd { child, sock, log };
+        wait_until_up(&mut p.child, &p.sock, &p.log);
         p
     }
 
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        read_log(&self.log)
     }
 
     /// One JSON-RPC call: Ok(result) or Err((code, message)).
     pub fn call(&self, method: &str, params: Value) -> Result<Value, (i64, String)> {
-        let mut s = UnixStream::connect(&self.sock).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let req = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
-        s.write_all(req.to_string().as_bytes()).unwrap();
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
-        loop {
-            let n = s.read(&mut chunk).expect("rpc reply");
-            assert!(n > 0, "plexd closed the socket during {method}");
-            buf.extend_from_slice(&chunk[..n]);
-            if let Ok(v) = serde_json::from_slice::<Value>(&buf) {
-                if let Some(e) = v.get("error") {
-                    return Err((
-                        e["code"].as_i64().unwrap_or(0),
-                        e["message"].as_str().unwrap_or("").to_string(),
-                    ));
-                }
-                return Ok(v["result"].clone());
-            }
-        }
+        rpc_call(&self.sock, method, params)
     }
 
     pub fn ok(&self, method: &str, params: Value) -> Value {

@@ -344,8 +344,13 @@ impl Client {
 
     /// ICReq, admin Connect, CC.EN = 1. Returns the cntlid.
     pub fn admin_up(&mut self, hdgst: bool, ddgst: bool) -> u16 {
+        self.admin_up_to(NQN, hdgst, ddgst)
+    }
+
+    /// [`Client::admin_up`] to subsystem `subnqn`.
+    pub fn admin_up_to(&mut self, subnqn: &str, hdgst: bool, ddgst: bool) -> u16 {
         self.ic(hdgst, ddgst);
-        let c = self.fabrics_connect(0, 0xFFFF, NQN, HOST);
+        let c = self.fabrics_connect(0, 0xFFFF, subnqn, HOST);
         assert!(c.status().is_success(), "admin connect: {}", c.status());
         let cntlid = c.result.get() as u16;
         let cc = PropertySet {
@@ -368,8 +373,13 @@ impl Client {
     }
 
     pub fn io_up(&mut self, cntlid: u16, qid: u16, hdgst: bool, ddgst: bool) {
+        self.io_up_to(NQN, cntlid, qid, hdgst, ddgst)
+    }
+
+    /// [`Client::io_up`] to subsystem `subnqn`.
+    pub fn io_up_to(&mut self, subnqn: &str, cntlid: u16, qid: u16, hdgst: bool, ddgst: bool) {
         self.ic(hdgst, ddgst);
-        let c = self.fabrics_connect(qid, cntlid, NQN, HOST);
+        let c = self.fabrics_connect(qid, cntlid, subnqn, HOST);
         assert!(c.status().is_success(), "I/O connect: {}", c.status());
     }
 

@@ -59,56 +59,17 @@ impl Plexd {
     /// Starts plexd and waits until it answers on its socket.
     pub fn start(extra: &[&str]) -> Plexd {
         let mut d = Self::spawn(extra);
-        let deadline = Instant::now() + DEADLINE;
-        while UnixStream::connect(&d.sock).is_err() {
-            if let Ok(Some(st)) = d.child.try_wait() {
-                panic!("plexd exited ({st}) at start: {}", d.log_text());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "plexd did not come up: {}",
-                d.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_until_up(&mut d.child, &d.sock, &d.log);
         d
     }
 
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        read_log(&self.log)
     }
 
     /// One JSON-RPC call: the result, or the error's (code, message).
     pub fn call(&self, method: &str, params: Value) -> Result<Value, (i64, String)> {
-        let mut s = UnixStream::connect(&self.sock).expect("plexd's socket");
-        s.set_read_timeout(Some(DEADLINE)).unwrap();
-        let mut req = json!({"jsonrpc": "2.0", "id": 1, "method": method});
-        if !params.is_null() {
-            req["params"] = params;
-        }
-        s.write_all(req.to_string().as_bytes()).unwrap();
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 65536];
-        let reply: Value = loop {
-            let mut it = serde_json::Deserializer::from_slice(&buf).into_iter::<Value>();
-            match it.next() {
-                Some(Ok(v)) => break v,
-                Some(Err(e)) if !e.is_eof() => panic!("plexd sent bad JSON: {e}"),
-                _ => {}
-            }
-            let n = s
-                .read(&mut chunk)
-                .unwrap_or_else(|e| panic!("{method}: no answer: {e}"));
-            assert!(n > 0, "{method}: plexd closed without answering");
-            buf.extend_from_slice(&chunk[..n]);
-        };
-        match reply.get("error") {
-            Some(e) => Err((
-                e["code"].as_i64().unwrap_or(0),
-                e["message"].as_str().unwrap_or("").to_string(),
-            )),
-            None => Ok(reply["result"].clone()),
-        }
+        rpc_call(&self.sock, method, params)
     }
 
     /// Sends one request and does not wait for the answer (plexd may exit instead).
@@ -182,4 +143,59 @@ pub fn write_json(dir: &Path, name: &str, v: &Value) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, serde_json::to_string_pretty(v).unwrap()).unwrap();
     p
+}
+
+/// What plexd printed to `log` so far (empty if nothing yet).
+pub fn read_log(log: &Path) -> String {
+    std::fs::read_to_string(log).unwrap_or_default()
+}
+
+/// Waits until the plexd `child` answers on `sock`; panics, with its `log`, if it exits or
+/// [`DEADLINE`] passes first.
+pub fn wait_until_up(child: &mut Child, sock: &Path, log: &Path) {
+    let deadline = Instant::now() + DEADLINE;
+    while UnixStream::connect(sock).is_err() {
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("plexd exited ({st}) at start: {}", read_log(log));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "plexd did not come up: {}",
+            read_log(log)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One JSON-RPC call to the plexd on `sock`: the result, or the error's (code, message).
+pub fn rpc_call(sock: &Path, method: &str, params: Value) -> Result<Value, (i64, String)> {
+    let mut s = UnixStream::connect(sock).expect("plexd's socket");
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut req = json!({"jsonrpc": "2.0", "id": 1, "method": method});
+    if !params.is_null() {
+        req["params"] = params;
+    }
+    s.write_all(req.to_string().as_bytes()).unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 65536];
+    let reply: Value = loop {
+        let mut it = serde_json::Deserializer::from_slice(&buf).into_iter::<Value>();
+        match it.next() {
+            Some(Ok(v)) => break v,
+            Some(Err(e)) if !e.is_eof() => panic!("plexd sent bad JSON: {e}"),
+            _ => {}
+        }
+        let n = s
+            .read(&mut chunk)
+            .unwrap_or_else(|e| panic!("{method}: no answer: {e}"));
+        assert!(n > 0, "{method}: plexd closed without answering");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    match reply.get("error") {
+        Some(e) => Err((
+            e["code"].as_i64().unwrap_or(0),
+            e["message"].as_str().unwrap_or("").to_string(),
+        )),
+        None => Ok(reply["result"].clone()),
+    }
 }
