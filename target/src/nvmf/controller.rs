@@ -228,6 +228,11 @@ pub fn connect(
     if ctrl.hostnqn != hostnqn {
         return Err(invalid_param(InvalidParamIn::Data, cdo::HOSTNQN));
     }
+    // The same host, not only the same NQN: another host reusing an NQN must not join a
+    // controller it did not create.
+    if ctrl.hostid != d.hostid {
+        return Err(invalid_param(InvalidParamIn::Data, cdo::HOSTID));
+    }
     if ctrl.is_failed() {
         return Err(invalid_param(InvalidParamIn::Data, cdo::CNTLID));
     }
@@ -844,6 +849,14 @@ mod tests {
         assert_eq!(csts & 1, 1);
         let io = connect(&t, &info, &connect_cmd(1, 128), &data(&s.nqn, host, cntlid)).unwrap();
         assert_eq!(io.qid, 1);
+        // Same host NQN, another host ID: not this controller's host.
+        let mut other_host = data(&s.nqn, host, cntlid);
+        other_host[..16].copy_from_slice(&[8; 16]);
+        let e = connect(&t, &info, &connect_cmd(2, 128), &other_host)
+            .err()
+            .unwrap();
+        assert!(e.0.same_code(Status::CONNECT_INVALID_PARAMETERS));
+        assert_eq!(e.1, invalid_param(InvalidParamIn::Data, cdo::HOSTID).1);
         // Same qid twice, unknown cntlid.
         assert!(connect(&t, &info, &connect_cmd(1, 128), &data(&s.nqn, host, cntlid)).is_err());
         assert!(connect(&t, &info, &connect_cmd(2, 128), &data(&s.nqn, host, 999)).is_err());
