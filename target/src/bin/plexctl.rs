@@ -5,6 +5,7 @@
 //! own subcommand enum and printer.
 
 use clap::{Parser, Subcommand};
+use plexd::rpc::server::{Frame, Framer};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -113,16 +114,17 @@ impl Client {
         self.stream
             .write_all(req.to_string().as_bytes())
             .map_err(io)?;
-        let mut buf = Vec::new();
+        // plexd's own framer: a large reply (20 K bdevs) arrives in many reads, and parsing
+        // the whole buffer again after each one made listing them quadratic.
+        let mut framer = Framer::default();
         let mut chunk = [0u8; 16384];
         let resp = loop {
-            let mut s = serde_json::Deserializer::from_slice(&buf).into_iter::<Value>();
-            match s.next() {
-                Some(Ok(v)) => break v,
-                Some(Err(e)) if !e.is_eof() => {
+            match framer.next_frame() {
+                Frame::Value(v, _) => break v,
+                Frame::Malformed(e) => {
                     return Err(CallError::Transport(format!("plexd sent bad JSON: {e}")))
                 }
-                _ => {}
+                Frame::Incomplete => {}
             }
             let n = self.stream.read(&mut chunk).map_err(io)?;
             if n == 0 {
@@ -130,7 +132,7 @@ impl Client {
                     "plexd closed the connection without an answer".into(),
                 ));
             }
-            buf.extend_from_slice(&chunk[..n]);
+            framer.push(&chunk[..n]);
         };
         if let Some(e) = resp.get("error") {
             return match (e["code"].as_i64(), e["message"].as_str()) {
