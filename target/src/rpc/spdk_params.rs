@@ -282,33 +282,29 @@ pub fn admit(method: &str, params: &mut Value) -> Result<(), RpcError> {
         let Some(value) = obj.get(name) else {
             continue;
         };
-        let accepted = match f.accepts {
-            Accepts::Any => true,
-            Accepts::Only(values) => value.is_null() || values.iter().any(|v| v.matches(value)),
-        };
-        if !accepted {
-            return Err(refusal(method, f, value));
+        if let Accepts::Only(values) = f.accepts {
+            if !value.is_null() && !values.iter().any(|v| v.matches(value)) {
+                return Err(refusal(method, f.name, values, value));
+            }
         }
         obj.remove(name);
     }
     Ok(())
 }
 
-fn refusal(method: &str, f: &Foreign, value: &Value) -> RpcError {
-    let accepted = match f.accepts {
-        Accepts::Only([]) => "leave it out".to_string(),
-        Accepts::Only(values) => {
-            let list: Vec<String> = values.iter().map(|v| v.to_string()).collect();
-            format!(
-                "leave it out or pass {} (SPDK's default)",
-                list.join(" or ")
-            )
-        }
-        Accepts::Any => unreachable!("any value is accepted"),
+/// The error for `name=value`, where only `values` (SPDK's defaults) are accepted.
+fn refusal(method: &str, name: &str, values: &[Json], value: &Value) -> RpcError {
+    let accepted = if values.is_empty() {
+        "leave it out".to_string()
+    } else {
+        let list: Vec<String> = values.iter().map(|v| v.to_string()).collect();
+        format!(
+            "leave it out or pass {} (SPDK's default)",
+            list.join(" or ")
+        )
     };
     RpcError::invalid_params(format!(
-        "{method}: {}={value} is not supported by plexd; {accepted}",
-        f.name
+        "{method}: {name}={value} is not supported by plexd; {accepted}"
     ))
 }
 
