@@ -312,7 +312,8 @@ pub struct IoStats {
 }
 
 /// Adds to a counter that only one thread writes: a plain load and store, no locked RMW.
-fn bump(c: &AtomicU64, v: u64) {
+/// (`v` may be `u64::MAX`, a wrapping -1, for gauges.) The nvmf poll groups' counters use it too.
+pub(crate) fn bump(c: &AtomicU64, v: u64) {
     c.store(c.load(Ordering::Relaxed).wrapping_add(v), Ordering::Relaxed);
 }
 

@@ -252,19 +252,14 @@ pub struct PollGroupStats {
 }
 
 impl PollGroupStats {
-    /// Adds `v` (which may be -1 as a wrapping add) to a counter only this reactor writes.
-    pub fn bump(c: &AtomicU64, v: u64) {
-        c.store(c.load(Ordering::Relaxed).wrapping_add(v), Ordering::Relaxed);
-    }
-
     pub fn qpair_opened(&self, admin: bool) {
         let (total, cur) = if admin {
             (&self.admin_qpairs, &self.current_admin_qpairs)
         } else {
             (&self.io_qpairs, &self.current_io_qpairs)
         };
-        Self::bump(total, 1);
-        Self::bump(cur, 1);
+        crate::bdev::bump(total, 1);
+        crate::bdev::bump(cur, 1);
     }
 
     pub fn qpair_closed(&self, admin: bool) {
@@ -273,7 +268,7 @@ impl PollGroupStats {
         } else {
             &self.current_io_qpairs
         };
-        Self::bump(cur, u64::MAX);
+        crate::bdev::bump(cur, u64::MAX);
     }
 }
 

@@ -1066,7 +1066,7 @@ impl Conn {
             let s = &mut self.slots[si as usize];
             s.pending = 0;
             s.buf = io.bufs.into_iter().next();
-            crate::nvmf::PollGroupStats::bump(&self.pg.pending_bdev_io, 1);
+            crate::bdev::bump(&self.pg.pending_bdev_io, 1);
             self.retry.push_back(si);
         }
     }
@@ -1108,7 +1108,7 @@ impl Conn {
         }
         s.next_range = i as u16;
         if stalled {
-            crate::nvmf::PollGroupStats::bump(&self.pg.pending_bdev_io, 1);
+            crate::bdev::bump(&self.pg.pending_bdev_io, 1);
             self.retry.push_back(si);
             return;
         }
@@ -1241,7 +1241,7 @@ impl Conn {
     /// Finishes a command: read data (if any) then the response, or just the response.
     fn complete(&mut self, si: u16, status: Status, dw0: u32) {
         if self.qid != 0 {
-            crate::nvmf::PollGroupStats::bump(&self.pg.completed_nvme_io, 1);
+            crate::bdev::bump(&self.pg.completed_nvme_io, 1);
         }
         let s = &mut self.slots[si as usize];
         let cid = s.cmd.cid();
