@@ -18,6 +18,7 @@
 
 pub mod histogram;
 pub mod malloc;
+pub mod mirror;
 pub mod null;
 pub mod nvme;
 pub mod qos;
