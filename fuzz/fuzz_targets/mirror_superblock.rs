@@ -36,7 +36,11 @@ struct Template {
 
 fn template(block_size: u32) -> Template {
     // Three bitmap chunks at 512-byte blocks, two at 4096.
-    let plex_bytes: u64 = if block_size == 512 { 600 << 20 } else { 3 << 30 };
+    let plex_bytes: u64 = if block_size == 512 {
+        600 << 20
+    } else {
+        3 << 30
+    };
     let layout = Layout::new(block_size, plex_bytes / u64::from(block_size), 64 << 10).unwrap();
     let plexes = [
         (1, PlexState::InSync),
@@ -52,8 +56,7 @@ fn template(block_size: u32) -> Template {
         in_sync_generation: 1,
     })
     .collect();
-    let mut sb =
-        Superblock::new(MIRROR, "m0", Uuid::from_bytes([2; 16]), &layout, plexes).unwrap();
+    let mut sb = Superblock::new(MIRROR, "m0", Uuid::from_bytes([2; 16]), &layout, plexes).unwrap();
     sb.seq = 10;
     let a = sb.encode().unwrap();
     sb.seq = 11;
@@ -63,7 +66,12 @@ fn template(block_size: u32) -> Template {
     let bitmap = (0..layout.chunk_count())
         .flat_map(|i| dirty.encode_chunk(&layout, MIRROR, i).unwrap())
         .collect();
-    Template { layout, a, b, bitmap }
+    Template {
+        layout,
+        a,
+        b,
+        bitmap,
+    }
 }
 
 fn patch(base: &[u8], with: &[u8]) -> Vec<u8> {
@@ -146,7 +154,10 @@ fuzz_target!(|data: &[u8]| {
         match problems.iter().find(|p| p.index == i) {
             Some(p) => {
                 assert_eq!(p.regions, regions);
-                assert!(regions.clone().all(|r| bm.test(r)), "chunk {i} not all dirty");
+                assert!(
+                    regions.clone().all(|r| bm.test(r)),
+                    "chunk {i} not all dirty"
+                );
             }
             None => {
                 let raw = &bitmap[i as usize * bs..][..bs];
