@@ -214,9 +214,7 @@ impl BufView {
         // No other view exists, so none can overlap.
         *writable = true;
         if *start == 0 && *len == buf.len() {
-            let Repr::Part { buf, .. } =
-                std::mem::replace(&mut self.repr, Repr::Moving)
-            else {
+            let Repr::Part { buf, .. } = std::mem::replace(&mut self.repr, Repr::Moving) else {
                 unreachable!("matched Part above");
             };
             match Arc::try_unwrap(buf) {
@@ -246,8 +244,7 @@ impl BufView {
     /// Turns a whole buffer into a range of a shared one (one allocation, once).
     fn make_part(&mut self) {
         if let Repr::Whole(_) = self.repr {
-            let Repr::Whole(b) = std::mem::replace(&mut self.repr, Repr::Moving)
-            else {
+            let Repr::Whole(b) = std::mem::replace(&mut self.repr, Repr::Moving) else {
                 unreachable!("matched Whole above");
             };
             let len = b.len();
@@ -353,7 +350,11 @@ mod tests {
         assert_eq!((v.len(), c.len(), d.len()), (8192, 4096, 4096));
         assert_eq!((c.iova(), d.iova()), (iova + 8192, iova + 12288));
         c.bytes_mut().unwrap().fill(0xcc);
-        assert_eq!(d[0], (12288 % 256) as u8, "a neighbour's bytes are untouched");
+        assert_eq!(
+            d[0],
+            (12288 % 256) as u8,
+            "a neighbour's bytes are untouched"
+        );
         // Pieces join only in order and only with their neighbour.
         let d = v.unsplit(d).unwrap_err();
         c.unsplit(d).unwrap();

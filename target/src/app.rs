@@ -15,20 +15,31 @@ pub struct App {
     pub nvmf: Arc<crate::nvmf::NvmfTarget>,
     /// Remote NVMe-oF controllers attached as bdevs (`bdev_nvme_*`).
     pub nvme: crate::bdev::nvme::NvmeModule,
+    /// Mirrors (`bdev_mirror_*`).
+    pub mirror: crate::bdev::mirror::MirrorModule,
     pub started: Instant,
 }
 
 impl App {
     pub fn start(reactor_config: ReactorConfig) -> Result<Arc<App>, crate::reactor::ReactorError> {
         let reactors = Reactors::start(reactor_config)?;
-        Ok(Arc::new(App {
+        let app = Arc::new(App {
             reactors,
             bdevs: BdevRegistry::default(),
             methods: Methods::all(),
             nvmf: Arc::default(),
             nvme: Default::default(),
+            mirror: Default::default(),
             started: Instant::now(),
-        }))
+        });
+        // Modules' examine steps: a mirror takes back a plex whose bdev reappears.
+        let weak = Arc::downgrade(&app);
+        app.bdevs.add_examiner(move |e| {
+            if let Some(app) = weak.upgrade() {
+                app.mirror.examine(e);
+            }
+        });
+        Ok(app)
     }
 
     /// The configuration as SPDK writes it: subsystems in dependency order, each a list of the

@@ -1052,6 +1052,7 @@ pub(crate) mod tests {
 
     /// Limits `e` to `ios_per_sec` reads and writes a second, from now.
     fn limit_iops(e: &BdevEntry, ios_per_sec: u64) {
+        crate::reactor::refresh_loop_clock();
         e.qos.set_limits(
             qos::QosLimits {
                 rw_ios_per_sec: ios_per_sec,
@@ -1062,14 +1063,19 @@ pub(crate) mod tests {
     }
 
     /// Submits `n` reads at once and polls until all are back; returns the completions.
+    /// The submissions see the clock as it was last read (by `limit_iops`, as a reactor's loop
+    /// pass reads it once), so a slow first buffer allocation cannot spread them over slices;
+    /// each poll pass reads the clock again.
     fn burst(ch: &mut IoChannel, n: u64) -> Vec<IoCompletion> {
-        for i in 0..n {
-            ch.submit(BdevIo::read(i, 1, buf(512, 0), i)).unwrap();
+        let bufs: Vec<IoBufs> = (0..n).map(|_| buf(512, 0)).collect();
+        for (i, b) in bufs.into_iter().enumerate() {
+            ch.submit(BdevIo::read(i as u64, 1, b, i as u64)).unwrap();
         }
         let mut out = Vec::new();
         while (out.len() as u64) < n {
-            ch.poll(&mut |c| out.push(c));
             std::thread::yield_now();
+            crate::reactor::refresh_loop_clock();
+            ch.poll(&mut |c| out.push(c));
         }
         out
     }
@@ -1081,7 +1087,9 @@ pub(crate) mod tests {
         limit_iops(&e, 1000);
         let mut ch = e.open_channel().unwrap();
         let refills = e.qos.refills_total();
+        let t0 = std::time::Instant::now();
         let done = burst(&mut ch, 6);
+        let took = t0.elapsed();
         // All completed, in order, none failed; five waited, each for a slice of its own.
         assert!(done.iter().all(|c| c.status.is_ok()));
         assert_eq!(
@@ -1089,7 +1097,11 @@ pub(crate) mod tests {
             [0, 1, 2, 3, 4, 5]
         );
         assert_eq!(e.qos.queued_total(), 5);
-        assert!(e.qos.refills_total() - refills >= 5);
+        // Five waited for a slice each: at least 4 ms passed (a lower bound only, which load
+        // can only lengthen), and budget was refilled at least once (a descheduled thread may
+        // get several slices in one refill, so not one refill per slice).
+        assert!(took >= std::time::Duration::from_millis(4), "{took:?}");
+        assert!(e.qos.refills_total() > refills);
         assert_eq!(ch.in_flight(), 0);
         assert_eq!(ch.throttled(), 0);
     }
@@ -1230,7 +1242,9 @@ pub(crate) mod tests {
         assert_eq!(c.status, IoStatus::InvalidBuffer);
         // A write may go out from a shared buffer: the device only reads it.
         let shared: IoBufs = smallvec::smallvec![whole[0].share()];
-        assert!(run_io(&mut ch, BdevIo::write(0, 1, shared, 2)).status.is_ok());
+        assert!(run_io(&mut ch, BdevIo::write(0, 1, shared, 2))
+            .status
+            .is_ok());
     }
 
     #[test]

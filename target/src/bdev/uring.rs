@@ -322,9 +322,16 @@ impl UringChannel {
             IoType::Read | IoType::Write => {
                 slot.iov.clear();
                 let read = io.io_type == IoType::Read;
-                slot.iov.extend(io.bufs.iter_mut().map(|b| libc::iovec {
-                    iov_base: if read { read_ptr(b) } else { b.as_ptr().cast_mut() }.cast(),
-                    iov_len: b.len(),
+                slot.iov.extend(io.bufs.iter_mut().map(|b| {
+                    libc::iovec {
+                        iov_base: if read {
+                            read_ptr(b)
+                        } else {
+                            b.as_ptr().cast_mut()
+                        }
+                        .cast(),
+                        iov_len: b.len(),
+                    }
                 }));
                 let (ptr, n) = (slot.iov.as_ptr(), slot.iov.len() as u32);
                 if io.io_type == IoType::Read {

@@ -218,6 +218,13 @@ const TABLES: &[(&str, &[Foreign])] = &[
     ("bdev_get_iostat", BDEV_GET_IOSTAT),
     ("bdev_malloc_create", BDEV_MALLOC_CREATE),
     ("bdev_malloc_delete", &[]),
+    // plexd's own (SPDK has no mirror of this kind): nothing of SPDK's to take out.
+    ("bdev_mirror_add_plex", &[]),
+    ("bdev_mirror_create", &[]),
+    ("bdev_mirror_delete", &[]),
+    ("bdev_mirror_get_mirrors", &[]),
+    ("bdev_mirror_remove_plex", &[]),
+    ("bdev_mirror_set_options", &[]),
     ("bdev_null_create", BDEV_NULL_CREATE),
     ("bdev_null_delete", &[]),
     ("bdev_nvme_attach_controller", BDEV_NVME_ATTACH_CONTROLLER),

@@ -23,7 +23,11 @@ fn tag(chan: u32, piece: usize, slot: u32) -> u64 {
 }
 
 fn untag(tag: u64) -> (usize, usize, u32) {
-    ((tag >> 48) as usize, (tag >> 32) as u16 as usize, tag as u32)
+    (
+        (tag >> 48) as usize,
+        (tag >> 32) as u16 as usize,
+        tag as u32,
+    )
 }
 
 /// Most channels one reactor's qpair serves (the tag has 16 bits for them).
@@ -114,7 +118,11 @@ struct ReactorQp {
 
 impl ReactorQp {
     /// Routes one finished piece, and its buffer, to its channel.
-    fn route(chans: &mut [ChanState], free_chans: &mut Vec<u32>, c: initiator::IoCompletion<BufView>) {
+    fn route(
+        chans: &mut [ChanState],
+        free_chans: &mut Vec<u32>,
+        c: initiator::IoCompletion<BufView>,
+    ) {
         let (ci, pi, ii) = untag(c.tag);
         let result = c.result;
         let Some(ch) = chans.get_mut(ci) else { return };
@@ -331,7 +339,10 @@ impl BdevChannel for NvmeChannel {
                 let end = offset + nblocks;
                 while lba < end {
                     let n = (end - lba).min(MAX_ZEROES_BLOCKS);
-                    note(0, qp.write_zeroes(nsid, lba, n as u32, deac, tag(chan, 0, i)));
+                    note(
+                        0,
+                        qp.write_zeroes(nsid, lba, n as u32, deac, tag(chan, 0, i)),
+                    );
                     lba += n;
                 }
             }

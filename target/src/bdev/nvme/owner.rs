@@ -360,7 +360,11 @@ impl Owner {
                         ns.blocks
                     );
                     // Through the registry when the bdev is there, so its users hear of it.
-                    match self.app.upgrade().and_then(|a| a.bdevs.get(&b.info.name).ok()) {
+                    match self
+                        .app
+                        .upgrade()
+                        .and_then(|a| a.bdevs.get(&b.info.name).ok())
+                    {
                         Some(e) => e.resize(ns.blocks),
                         None => b.info.set_num_blocks(ns.blocks),
                     }

@@ -1,0 +1,835 @@
+//! Building a mirror from its plexes: read each plex's superblock, decide (a pure function, so
+//! every refusal is unit-tested), write the first superblocks, start the service.
+//!
+//! The decision:
+//! - Plexes with no superblock at all (neither slot has the magic) are blank.
+//! - A plex whose superblock is damaged, or that belongs to another mirror (another UUID, or
+//!   another name), is refused with a message, and nothing is written anywhere.
+//! - No superblock on any plex: a new mirror, every plex in sync (nothing was written yet).
+//! - Otherwise the newest generation among the plexes is the truth, and its plex table says
+//!   who is in sync. A plex is a source only if that table says in sync *and* its own
+//!   superblock has that generation. No source offered: refused, naming what is missing.
+//!   Plexes that disagree are logged and noted in `bdev_mirror_get_mirrors`.
+//! - After an unclean shutdown, one source stays serving and the other in-sync plexes are
+//!   resynced in the regions the bitmap marks.
+
+use super::blockio::{self, BlockIo};
+use super::plex::{Behind, Condition, FaultReason, Plex};
+use super::service::Service;
+use super::superblock::{self, Layout, PlexState, SbError, Superblock};
+use super::{Core, MirrorBdev, Request};
+use crate::app::App;
+use crate::bdev::{BdevEntry, BdevEvent, IoStatus};
+use crate::reactor::fn_poller;
+use crate::rpc::RpcError;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+use uuid::Uuid;
+
+/// A plex as offered to create: its bdev (if present) and node.
+pub struct Offer {
+    pub location: String,
+    pub node: String,
+    pub entry: Option<Arc<BdevEntry>>,
+}
+
+/// What one plex's superblock said.
+#[derive(Debug)]
+pub enum Found {
+    Blank,
+    Missing,
+    Ours(Box<Superblock>),
+}
+
+/// The plan for one plex.
+#[derive(Debug, PartialEq)]
+pub struct PlexPlan {
+    pub uuid: Uuid,
+    pub condition: Condition,
+    pub in_sync_generation: u64,
+}
+
+#[derive(Debug)]
+pub struct Plan {
+    pub new: bool,
+    pub uuid: Uuid,
+    pub generation: u64,
+    pub seq: u64,
+    pub clean: bool,
+    /// Offers' plans, in offer order; then plexes the table names that were not offered.
+    pub plexes: Vec<PlexPlan>,
+    /// Table entries not offered: location, node.
+    pub absent: Vec<(String, String)>,
+    /// Offers whose bitmaps make up the mirror's (the sources).
+    pub sources: Vec<usize>,
+    pub notes: Vec<String>,
+}
+
+/// Decides how to assemble `name` from `found` (one per offer, with its location).
+pub fn plan(
+    name: &str,
+    want_uuid: Option<Uuid>,
+    min_generation: u64,
+    found: &[(String, Found)],
+) -> Result<Plan, String> {
+    let ours: Vec<(usize, &Superblock)> = found
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (_, f))| match f {
+            Found::Ours(sb) => Some((i, sb.as_ref())),
+            _ => None,
+        })
+        .collect();
+    for (i, sb) in &ours {
+        let loc = &found[*i].0;
+        if sb.mirror_name != name {
+            return Err(format!(
+                "plex {loc} belongs to mirror {:?} ({}), not {name:?}; refusing to touch it",
+                sb.mirror_name, sb.mirror_uuid
+            ));
+        }
+        if let Some(u) = want_uuid.filter(|u| *u != sb.mirror_uuid) {
+            return Err(format!(
+                "plex {loc} belongs to mirror {} , not {u}; refusing to touch it",
+                sb.mirror_uuid
+            ));
+        }
+        if let Some((j, other)) = ours.iter().find(|(_, o)| o.mirror_uuid != sb.mirror_uuid) {
+            return Err(format!(
+                "plexes {loc} and {} belong to different mirrors ({} and {})",
+                found[*j].0, sb.mirror_uuid, other.mirror_uuid
+            ));
+        }
+    }
+    if ours.is_empty() {
+        if found.iter().any(|(_, f)| matches!(f, Found::Missing)) {
+            return Err("a new mirror needs every plex present".into());
+        }
+        return Ok(Plan {
+            new: true,
+            uuid: want_uuid.unwrap_or_else(Uuid::new_v4),
+            generation: 1,
+            seq: 1,
+            clean: false,
+            plexes: found
+                .iter()
+                .map(|_| PlexPlan {
+                    uuid: Uuid::new_v4(),
+                    condition: Condition::InUse,
+                    in_sync_generation: 1,
+                })
+                .collect(),
+            absent: Vec::new(),
+            sources: (0..found.len()).collect(),
+            notes: vec!["new mirror: no plex had a superblock".into()],
+        });
+    }
+    let (_, newest) = ours
+        .iter()
+        .max_by_key(|(_, sb)| (sb.generation, sb.seq))
+        .expect("not empty");
+    let gen = newest.generation;
+    if gen < min_generation {
+        return Err(format!(
+            "the newest plex offered is at generation {gen}, but mirror {name} was at {min_generation}: \
+             every plex offered is stale; refusing to assemble"
+        ));
+    }
+    let table = &newest.plexes;
+    let mut notes = Vec::new();
+    for (i, sb) in &ours {
+        if sb.generation != gen {
+            notes.push(format!(
+                "plex {} is at generation {}, the newest is {gen}: it is stale",
+                found[*i].0, sb.generation
+            ));
+        }
+    }
+    let now = SystemTime::now();
+    let mut plexes = Vec::new();
+    let mut sources = Vec::new();
+    let mut offered = Vec::new();
+    for (i, (loc, f)) in found.iter().enumerate() {
+        let p = match f {
+            Found::Ours(sb) => {
+                let Some(rec) = table.iter().find(|r| r.uuid == sb.this_plex) else {
+                    return Err(format!(
+                        "plex {loc} was removed from mirror {name} (generation {gen} does not list it); \
+                         refusing to use it"
+                    ));
+                };
+                offered.push(rec.uuid);
+                if rec.state == PlexState::InSync && sb.generation == gen {
+                    sources.push(i);
+                    PlexPlan {
+                        uuid: rec.uuid,
+                        condition: Condition::InUse,
+                        in_sync_generation: gen,
+                    }
+                } else {
+                    let why = match rec.state {
+                        PlexState::New => Behind::New,
+                        PlexState::Resyncing { next_region } => Behind::Interrupted { next_region },
+                        _ if sb.generation < gen => Behind::StaleGeneration {
+                            had: sb.generation,
+                            newest: gen,
+                        },
+                        _ => Behind::Returned,
+                    };
+                    PlexPlan {
+                        uuid: rec.uuid,
+                        condition: Condition::OutOfSync {
+                            since: since_of(rec.state, now),
+                            why,
+                        },
+                        in_sync_generation: rec.in_sync_generation,
+                    }
+                }
+            }
+            Found::Blank => PlexPlan {
+                uuid: Uuid::new_v4(),
+                condition: Condition::OutOfSync {
+                    since: now,
+                    why: Behind::New,
+                },
+                in_sync_generation: 0,
+            },
+            Found::Missing => {
+                let Some(rec) = table.iter().find(|r| r.location == *loc) else {
+                    return Err(format!(
+                        "no bdev {loc}, and mirror {name} has no plex there"
+                    ));
+                };
+                offered.push(rec.uuid);
+                notes.push(format!(
+                    "plex {loc} is missing: it will be resynced when it returns"
+                ));
+                PlexPlan {
+                    uuid: rec.uuid,
+                    condition: Condition::Faulted {
+                        since: since_of(rec.state, now),
+                        why: FaultReason::Removed,
+                    },
+                    in_sync_generation: rec.in_sync_generation,
+                }
+            }
+        };
+        plexes.push(p);
+    }
+    if sources.is_empty() {
+        let in_sync: Vec<String> = table
+            .iter()
+            .filter(|r| r.state == PlexState::InSync)
+            .map(|r| r.location.clone())
+            .collect();
+        return Err(format!(
+            "no plex offered holds generation {gen} in sync (the newest superblock names {in_sync:?} \
+             in sync); refusing to assemble from stale plexes"
+        ));
+    }
+    let mut absent = Vec::new();
+    for rec in table.iter().filter(|r| !offered.contains(&r.uuid)) {
+        notes.push(format!(
+            "plex {} ({}) was not offered: it stays out of sync",
+            rec.location, rec.uuid
+        ));
+        absent.push((rec.location.clone(), rec.node.clone()));
+        plexes.push(PlexPlan {
+            uuid: rec.uuid,
+            condition: Condition::Faulted {
+                since: since_of(rec.state, now),
+                why: FaultReason::Removed,
+            },
+            in_sync_generation: rec.in_sync_generation,
+        });
+    }
+    if !newest.clean && sources.len() > 1 {
+        notes.push(
+            "unclean shutdown: regions marked in the bitmap are resynced from one source".into(),
+        );
+        for &i in &sources[1..] {
+            plexes[i].condition = Condition::OutOfSync {
+                since: now,
+                why: Behind::UncleanShutdown,
+            };
+        }
+    }
+    if plexes.len() > superblock::MAX_PLEXES {
+        return Err(format!(
+            "a mirror has at most {} plexes",
+            superblock::MAX_PLEXES
+        ));
+    }
+    Ok(Plan {
+        new: false,
+        uuid: newest.mirror_uuid,
+        generation: gen,
+        seq: newest.seq,
+        clean: newest.clean,
+        plexes,
+        absent,
+        sources,
+        notes,
+    })
+}
+
+fn since_of(state: PlexState, now: SystemTime) -> SystemTime {
+    match state {
+        PlexState::OutOfSync { since_unix_secs } if since_unix_secs > 0 => {
+            SystemTime::UNIX_EPOCH + Duration::from_secs(since_unix_secs)
+        }
+        _ => now,
+    }
+}
+
+fn io_err(what: &str, s: IoStatus) -> RpcError {
+    RpcError::errno(libc::EIO, format!("{what}: {s:?}"))
+}
+
+/// Reads what each offered plex holds at the start: its two header slots.
+async fn read_superblocks(app: &App, offers: &[Offer]) -> Result<Vec<(String, Found)>, RpcError> {
+    let home = app.reactors.handles()[0].clone();
+    let mut out = Vec::new();
+    for o in offers {
+        let Some(e) = &o.entry else {
+            out.push((o.location.clone(), Found::Missing));
+            continue;
+        };
+        let bs = e.info().block_size;
+        let ra = superblock::header_slot_range(bs, superblock::Slot::A)
+            .map_err(|err| RpcError::invalid_params(format!("plex {}: {err}", o.location)))?;
+        let rb = superblock::header_slot_range(bs, superblock::Slot::B).expect("as A");
+        let r = blockio::run(
+            &home,
+            vec![
+                BlockIo::read(e, ra.start, ra.end - ra.start),
+                BlockIo::read(e, rb.start, rb.end - rb.start),
+            ],
+        )
+        .await;
+        let mut r = r.into_iter();
+        let a = r
+            .next()
+            .expect("two")
+            .map_err(|s| io_err(&format!("reading plex {}", o.location), s))?;
+        let b = r
+            .next()
+            .expect("two")
+            .map_err(|s| io_err(&format!("reading plex {}", o.location), s))?;
+        let found = match superblock::pick_header(&a, &b, None) {
+            Ok(p) => {
+                if let Some(e) = &p.other_problem {
+                    tracing::info!(
+                        "mirror plex {}: one header slot unusable ({e}); the other is used",
+                        o.location
+                    );
+                }
+                Found::Ours(Box::new(p.superblock))
+            }
+            Err(SbError::NoValidHeader { a, b })
+                if matches!(*a, SbError::BadMagic { .. })
+                    && matches!(*b, SbError::BadMagic { .. }) =>
+            {
+                Found::Blank
+            }
+            Err(err) => {
+                return Err(RpcError::invalid_params(format!(
+                "plex {}: superblock unusable ({err}); refusing to assemble (remove it from the \
+                     list, or wipe it if it holds nothing of value)",
+                o.location
+            )))
+            }
+        };
+        out.push((o.location.clone(), found));
+    }
+    Ok(out)
+}
+
+/// Creates or assembles mirror `name` and registers it as a bdev.
+pub async fn create(
+    app: &Arc<App>,
+    name: &str,
+    want_uuid: Option<Uuid>,
+    offers: Vec<Offer>,
+    region_size: u64,
+    min_generation: u64,
+) -> Result<Arc<Core>, RpcError> {
+    crate::bdev::validate_name(name)?;
+    if app.mirror.get(name).is_some() || app.bdevs.get(name).is_ok() {
+        return Err(RpcError::errno(
+            libc::EEXIST,
+            format!("bdev {name} already exists"),
+        ));
+    }
+    if offers.is_empty() || offers.len() > superblock::MAX_PLEXES {
+        return Err(RpcError::invalid_params(format!(
+            "a mirror has 1 to {} plexes",
+            superblock::MAX_PLEXES
+        )));
+    }
+    let present: Vec<&Arc<BdevEntry>> = offers.iter().filter_map(|o| o.entry.as_ref()).collect();
+    let Some(first) = present.first() else {
+        return Err(RpcError::errno(
+            libc::ENODEV,
+            "none of the plexes' bdevs exists".to_string(),
+        ));
+    };
+    let bs = first.info().block_size;
+    if let Some(o) = present.iter().find(|e| e.info().block_size != bs) {
+        return Err(RpcError::invalid_params(format!(
+            "plex {} has {}-byte blocks, {} has {bs}: plexes must match",
+            o.name(),
+            o.info().block_size,
+            first.name()
+        )));
+    }
+    let owner = format!("mirror {name}");
+    let mut claimed: Vec<Arc<BdevEntry>> = Vec::new();
+    for e in &present {
+        if let Err(err) = e.claim(&owner) {
+            for c in &claimed {
+                c.release();
+            }
+            return Err(err.into());
+        }
+        claimed.push((*e).clone());
+    }
+    let release = || {
+        for c in &claimed {
+            c.release();
+        }
+    };
+    match build(
+        app,
+        name,
+        want_uuid,
+        &offers,
+        region_size,
+        bs,
+        min_generation,
+    )
+    .await
+    {
+        Ok(core) => Ok(core),
+        Err(e) => {
+            release();
+            Err(e)
+        }
+    }
+}
+
+async fn build(
+    app: &Arc<App>,
+    name: &str,
+    want_uuid: Option<Uuid>,
+    offers: &[Offer],
+    region_size: u64,
+    bs: u32,
+    min_generation: u64,
+) -> Result<Arc<Core>, RpcError> {
+    let found = read_superblocks(app, offers).await?;
+    let plan = plan(name, want_uuid, min_generation, &found).map_err(RpcError::invalid_params)?;
+    let smallest = offers
+        .iter()
+        .filter_map(|o| o.entry.as_ref())
+        .map(|e| e.info().num_blocks())
+        .min()
+        .expect("some plex present");
+    let layout = if plan.new {
+        Layout::new(bs, smallest, region_size)
+            .map_err(|e| RpcError::invalid_params(e.to_string()))?
+    } else {
+        let src = match &found[plan.sources[0]].1 {
+            Found::Ours(sb) => sb,
+            _ => unreachable!("sources carry superblocks"),
+        };
+        Layout::from_superblock(src, smallest).map_err(|e| {
+            RpcError::invalid_params(format!("a plex is too small for mirror {name}: {e}"))
+        })?
+    };
+    for n in &plan.notes {
+        tracing::info!("mirror {name}: {n}");
+    }
+    let home = app.reactors.handles()[0].clone();
+    // The bitmap: the union of the sources' (a damaged chunk counts as all dirty).
+    let intent = super::intent::IntentLog::new(layout.regions());
+    if !plan.new {
+        let br = layout.bitmap_range();
+        let reads = plan
+            .sources
+            .iter()
+            .filter_map(|&i| offers[i].entry.as_ref())
+            .map(|e| BlockIo::read(e, br.start, br.end - br.start))
+            .collect();
+        for r in blockio::run(&home, reads).await {
+            let bytes = r.map_err(|s| io_err("reading the bitmap", s))?;
+            let (bitmap, problems) = superblock::decode_bitmap(&layout, plan.uuid, &bytes);
+            for p in problems {
+                tracing::warn!(
+                    "mirror {name}: bitmap chunk {} unusable ({}): its regions are resynced",
+                    p.index,
+                    p.error
+                );
+            }
+            for r in bitmap.iter_set() {
+                intent.dirty.set(r);
+            }
+        }
+    }
+    let plexes: Vec<Arc<Plex>> = plan
+        .plexes
+        .iter()
+        .enumerate()
+        .map(|(i, pp)| {
+            let (location, node, entry) = match offers.get(i) {
+                Some(o) => (o.location.clone(), o.node.clone(), o.entry.clone()),
+                None => {
+                    let (l, n) = plan.absent[i - offers.len()].clone();
+                    (l, n, None)
+                }
+            };
+            Arc::new(Plex::new(
+                pp.uuid,
+                location,
+                node,
+                entry,
+                pp.condition.clone(),
+                pp.in_sync_generation,
+            ))
+        })
+        .collect();
+    let core = Arc::new(Core {
+        name: name.to_string(),
+        uuid: plan.uuid,
+        layout,
+        plexes: RwLock::new(plexes.clone()),
+        plexes_version: AtomicU64::new(1),
+        intent,
+        // Every assembly is a membership event: the generation moves on.
+        generation: AtomicU64::new(plan.generation + u64::from(!plan.new)),
+        requests: Default::default(),
+        home: home.clone(),
+        fault_tickets: AtomicU64::new(0),
+        faults_recorded: AtomicU64::new(0),
+        failed: AtomicBool::new(false),
+        resync_rate: AtomicU64::new(app.mirror.default_resync_rate()),
+        scheduled: AtomicU64::new(plan.plexes.len() as u64),
+        assembly_notes: Mutex::new(plan.notes.clone()),
+        subscriptions: Mutex::new(Vec::new()),
+    });
+    if plan.new {
+        // Zeroed bitmaps first, then headers: a crash in between leaves no header, a blank plex.
+        let zero = vec![0u8; bs as usize];
+        let mut writes = Vec::new();
+        for e in offers.iter().filter_map(|o| o.entry.as_ref()) {
+            for c in 0..layout.chunk_count() {
+                let bytes = superblock::encode_chunk(plan.uuid, c, &[], bs)
+                    .unwrap_or_else(|_| zero.clone());
+                writes.push(
+                    BlockIo::write(e, layout.chunk_block(c), &bytes)
+                        .map_err(|s| io_err("bitmap", s))?,
+                );
+            }
+        }
+        for r in blockio::run(&home, writes).await {
+            r.map_err(|s| io_err("writing the first bitmap", s))?;
+        }
+    }
+    // Start the service, and have it write the first headers before the bdev takes I/O.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let svc_core = core.clone();
+    let seq = plan.seq;
+    home.send(move |ctx| {
+        let mut svc = Service::new(svc_core.clone(), seq);
+        svc.rewrite_dirty_chunks();
+        svc.write_headers(tx);
+        let name = format!("mirror {}", svc_core.name);
+        ctx.add_poller(fn_poller(name, move |_| svc.poll()));
+    });
+    if !rx.await.unwrap_or(false) {
+        core.request(Request::Control(Box::new(|s: &mut Service| s.stop())));
+        return Err(RpcError::errno(
+            libc::EIO,
+            format!("mirror {name}: no plex took the first superblock"),
+        ));
+    }
+    watch_plexes(&core);
+    let bdev = Arc::new(MirrorBdev::new(core.clone()));
+    if let Err(e) = app.bdevs.register(bdev) {
+        core.request(Request::Control(Box::new(|s: &mut Service| s.stop())));
+        return Err(e.into());
+    }
+    app.mirror.insert(core.clone());
+    tracing::info!(
+        "mirror {name} ({}) {}: {} blocks of {bs}, {} plexes, generation {}",
+        core.uuid,
+        if plan.new { "created" } else { "assembled" },
+        core.layout.data_blocks(),
+        core.plexes().len(),
+        core.generation.load(Ordering::Acquire)
+    );
+    Ok(core)
+}
+
+/// Subscribes to each plex bdev's events: a removed plex, or one shrunk below the mirror, is
+/// faulted at once rather than discovered by a failed I/O.
+pub fn watch_plexes(core: &Arc<Core>) {
+    let mut subs = super::lock(&core.subscriptions);
+    subs.clear();
+    for (i, p) in core.plexes().iter().enumerate() {
+        let Some(e) = p.bdev() else { continue };
+        let weak = Arc::downgrade(core);
+        let need = core.layout.data_offset_blocks() + core.layout.data_blocks();
+        subs.push(e.subscribe(move |_, ev| {
+            let Some(core) = weak.upgrade() else { return };
+            let gone = match ev {
+                BdevEvent::Removed => true,
+                BdevEvent::Resized { new_blocks, .. } => new_blocks < need,
+            };
+            if gone {
+                core.fault(i, FaultReason::Removed);
+            }
+        }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bdev::mirror::superblock::PlexRecord;
+
+    fn sb(
+        name: &str,
+        uuid: Uuid,
+        this: Uuid,
+        gen: u64,
+        table: &[(Uuid, PlexState)],
+        clean: bool,
+    ) -> Found {
+        let layout = Layout::new(512, 1 << 20, 1 << 20).unwrap();
+        let plexes = table
+            .iter()
+            .enumerate()
+            .map(|(i, (u, s))| PlexRecord {
+                uuid: *u,
+                node: String::new(),
+                location: format!("p{i}"),
+                state: *s,
+                in_sync_generation: 1,
+            })
+            .collect();
+        let mut s = Superblock::new(uuid, name, this, &layout, plexes).unwrap();
+        s.generation = gen;
+        for r in &mut s.plexes {
+            r.in_sync_generation = gen;
+        }
+        s.clean = clean;
+        Found::Ours(Box::new(s))
+    }
+
+    #[test]
+    fn blank_plexes_make_a_new_mirror_all_in_sync() {
+        let p = plan(
+            "m",
+            None,
+            0,
+            &[("a".into(), Found::Blank), ("b".into(), Found::Blank)],
+        )
+        .unwrap();
+        assert!(p.new && p.plexes.iter().all(|x| x.condition == Condition::InUse));
+    }
+
+    #[test]
+    fn the_newest_generation_wins_and_a_stale_plex_is_resynced() {
+        let (m, a, b) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let found = [
+            (
+                "p0".into(),
+                sb(
+                    "m",
+                    m,
+                    a,
+                    7,
+                    &[
+                        (a, PlexState::InSync),
+                        (b, PlexState::OutOfSync { since_unix_secs: 5 }),
+                    ],
+                    true,
+                ),
+            ),
+            (
+                "p1".into(),
+                sb(
+                    "m",
+                    m,
+                    b,
+                    5,
+                    &[(a, PlexState::InSync), (b, PlexState::InSync)],
+                    true,
+                ),
+            ),
+        ];
+        let p = plan("m", None, 0, &found).unwrap();
+        assert_eq!((p.generation, p.sources.clone()), (7, vec![0]));
+        assert!(matches!(
+            p.plexes[1].condition,
+            Condition::OutOfSync {
+                why: Behind::StaleGeneration { had: 5, newest: 7 },
+                ..
+            }
+        ));
+        assert!(p.notes.iter().any(|n| n.contains("stale")), "{:?}", p.notes);
+    }
+
+    #[test]
+    fn a_stale_plex_alone_is_refused() {
+        let (m, a, b) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        // b's own superblock still says both in sync, but at generation 5; a moved to 7
+        // without b (b missed writes). Offered alone, b must not be used.
+        let found = [(
+            "p1".into(),
+            sb(
+                "m",
+                m,
+                b,
+                5,
+                &[(a, PlexState::InSync), (b, PlexState::InSync)],
+                true,
+            ),
+        )];
+        // Alone, b is the newest it can see: that is allowed (it cannot know of generation 7).
+        assert!(plan("m", None, 0, &found).is_ok());
+        let found = [
+            (
+                "p1".into(),
+                sb(
+                    "m",
+                    m,
+                    b,
+                    5,
+                    &[(a, PlexState::InSync), (b, PlexState::InSync)],
+                    true,
+                ),
+            ),
+            ("p0".into(), Found::Missing),
+        ];
+        assert!(
+            plan("m", None, 0, &found).is_ok(),
+            "p0 missing, b is the newest seen"
+        );
+        let found = [(
+            "p1".into(),
+            sb(
+                "m",
+                m,
+                b,
+                7,
+                &[
+                    (a, PlexState::InSync),
+                    (b, PlexState::OutOfSync { since_unix_secs: 1 }),
+                ],
+                true,
+            ),
+        )];
+        let e = plan("m", None, 0, &found).unwrap_err();
+        assert!(e.contains("stale"), "{e}");
+        // Alone but older than the generation the caller knows of: refused.
+        let found = [(
+            "p1".into(),
+            sb(
+                "m",
+                m,
+                b,
+                5,
+                &[(a, PlexState::InSync), (b, PlexState::InSync)],
+                true,
+            ),
+        )];
+        let e = plan("m", None, 6, &found).unwrap_err();
+        assert!(e.contains("stale"), "{e}");
+    }
+
+    #[test]
+    fn foreign_and_renamed_plexes_are_refused() {
+        let (m1, m2, a, b) = (
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+        );
+        let found = [
+            (
+                "p0".into(),
+                sb("m", m1, a, 1, &[(a, PlexState::InSync)], true),
+            ),
+            (
+                "p1".into(),
+                sb("m", m2, b, 1, &[(b, PlexState::InSync)], true),
+            ),
+        ];
+        assert!(plan("m", None, 0, &found)
+            .unwrap_err()
+            .contains("different mirrors"));
+        let found = [(
+            "p0".into(),
+            sb("other", m1, a, 1, &[(a, PlexState::InSync)], true),
+        )];
+        assert!(plan("m", None, 0, &found)
+            .unwrap_err()
+            .contains("belongs to mirror \"other\""));
+        let found = [(
+            "p0".into(),
+            sb("m", m1, a, 1, &[(a, PlexState::InSync)], true),
+        )];
+        assert!(plan("m", Some(m2), 0, &found).is_err());
+    }
+
+    #[test]
+    fn after_an_unclean_shutdown_one_source_serves_and_the_others_resync() {
+        let (m, a, b) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let t = [(a, PlexState::InSync), (b, PlexState::InSync)];
+        let found = [
+            ("p0".into(), sb("m", m, a, 3, &t, false)),
+            ("p1".into(), sb("m", m, b, 3, &t, false)),
+        ];
+        let p = plan("m", None, 0, &found).unwrap();
+        assert_eq!(p.plexes[0].condition, Condition::InUse);
+        assert!(matches!(
+            p.plexes[1].condition,
+            Condition::OutOfSync {
+                why: Behind::UncleanShutdown,
+                ..
+            }
+        ));
+        let found = [
+            ("p0".into(), sb("m", m, a, 3, &t, true)),
+            ("p1".into(), sb("m", m, b, 3, &t, true)),
+        ];
+        assert!(plan("m", None, 0, &found)
+            .unwrap()
+            .plexes
+            .iter()
+            .all(|x| x.condition == Condition::InUse));
+    }
+
+    #[test]
+    fn a_blank_plex_beside_a_mirror_gets_a_full_copy() {
+        let (m, a) = (Uuid::new_v4(), Uuid::new_v4());
+        let found = [
+            (
+                "p0".into(),
+                sb("m", m, a, 2, &[(a, PlexState::InSync)], true),
+            ),
+            ("p1".into(), Found::Blank),
+        ];
+        let p = plan("m", None, 0, &found).unwrap();
+        assert!(matches!(
+            p.plexes[1].condition,
+            Condition::OutOfSync {
+                why: Behind::New,
+                ..
+            }
+        ));
+    }
+}
