@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nvme_spec::resv::{ResvAcquire, ResvRegister, ResvRelease, ResvReport};
 use nvme_spec::{Command, Status};
 use tracing::{debug, info, warn};
 
@@ -159,6 +160,68 @@ impl<B: IoBuf> IoQpair<B> {
             None,
             tag,
         )
+    }
+
+    /// Reservation Register on namespace `r.nsid`: `crkey` and `nrkey` are written into the
+    /// first 16 bytes of `buf` (at least that long), which comes back in the completion. A
+    /// refusal by key is `IoError::Nvme` with Reservation Conflict
+    /// ([`IoError::is_reservation_conflict`]).
+    pub fn resv_register(
+        &mut self,
+        r: ResvRegister,
+        crkey: u64,
+        nrkey: u64,
+        buf: B,
+        tag: u64,
+    ) -> Result<(), SubmitError<B>> {
+        let buf = put_keys(buf, &[crkey, nrkey])?;
+        self.submit(r.to_command(), DataDir::Write, Some(buf), tag)
+    }
+
+    /// Reservation Acquire (acquire, preempt, preempt and abort) with `crkey` and `prkey` in
+    /// the first 16 bytes of `buf`.
+    pub fn resv_acquire(
+        &mut self,
+        a: ResvAcquire,
+        crkey: u64,
+        prkey: u64,
+        buf: B,
+        tag: u64,
+    ) -> Result<(), SubmitError<B>> {
+        let buf = put_keys(buf, &[crkey, prkey])?;
+        self.submit(a.to_command(), DataDir::Write, Some(buf), tag)
+    }
+
+    /// Reservation Release (release, clear) with `crkey` in the first 8 bytes of `buf`.
+    pub fn resv_release(
+        &mut self,
+        r: ResvRelease,
+        crkey: u64,
+        buf: B,
+        tag: u64,
+    ) -> Result<(), SubmitError<B>> {
+        let buf = put_keys(buf, &[crkey])?;
+        self.submit(r.to_command(), DataDir::Write, Some(buf), tag)
+    }
+
+    /// Reservation Report of namespace `nsid` into `buf` (a multiple of 4 bytes), with the
+    /// extended data structure (128-bit host IDs, what NVMe over Fabrics uses); read it with
+    /// `nvme_spec::resv::ResvStatus::parse_extended`.
+    pub fn resv_report(&mut self, nsid: u32, buf: B, tag: u64) -> Result<(), SubmitError<B>> {
+        let len = buf.len() as u64;
+        if len < 4 || len % 4 != 0 {
+            return Err(SubmitError {
+                kind: SubmitErrorKind::BadLength,
+                buf: Some(buf),
+            });
+        }
+        let cmd = ResvReport {
+            nsid,
+            len,
+            eds: true,
+        }
+        .to_command();
+        self.submit(cmd, DataDir::Read, Some(buf), tag)
     }
 
     /// Any I/O command; the transport fills in CID and the data pointer.
@@ -363,6 +426,20 @@ impl<B: IoBuf> Drop for IoQpair<B> {
         self.q.disconnect();
         self.shared.release_qid(self.q.qid());
     }
+}
+
+/// Writes little-endian keys at the start of `buf`, which must hold them.
+fn put_keys<B: IoBuf>(mut buf: B, keys: &[u64]) -> Result<B, SubmitError<B>> {
+    if buf.len() < keys.len() * 8 {
+        return Err(SubmitError {
+            kind: SubmitErrorKind::BadLength,
+            buf: Some(buf),
+        });
+    }
+    for (i, k) in keys.iter().enumerate() {
+        buf[i * 8..i * 8 + 8].copy_from_slice(&k.to_le_bytes());
+    }
+    Ok(buf)
 }
 
 #[inline]
