@@ -456,3 +456,26 @@ fn to_result(s: Status) -> Result<(), IoError> {
 #[cfg(test)]
 #[path = "qpair_reconnect_tests.rs"]
 mod reconnect_tests;
+
+#[cfg(test)]
+mod resv_tests {
+    use super::*;
+
+    #[test]
+    fn keys_go_first_little_endian_and_a_short_buffer_comes_back() {
+        let b = put_keys(vec![0xFFu8; 20], &[0x0102, 0x0A0B]).unwrap();
+        assert_eq!(&b[..9], &[2, 1, 0, 0, 0, 0, 0, 0, 0x0B]);
+        assert_eq!(&b[16..], &[0xFF; 4], "bytes past the keys untouched");
+        let e = put_keys(vec![7u8; 8], &[1, 2]).unwrap_err();
+        assert_eq!(e.kind, SubmitErrorKind::BadLength);
+        assert_eq!(e.buf.unwrap(), vec![7u8; 8]);
+    }
+
+    #[test]
+    fn a_reservation_conflict_is_told_apart() {
+        let c = IoError::Nvme(Status::RESERVATION_CONFLICT.with_dnr());
+        assert!(c.is_reservation_conflict());
+        assert!(!IoError::Nvme(Status::INVALID_FIELD).is_reservation_conflict());
+        assert!(!IoError::PathFailed.is_reservation_conflict());
+    }
+}
