@@ -209,7 +209,7 @@ impl<B: IoBuf> IoQpair<B> {
     /// `nvme_spec::resv::ResvStatus::parse_extended`.
     pub fn resv_report(&mut self, nsid: u32, buf: B, tag: u64) -> Result<(), SubmitError<B>> {
         let len = buf.len() as u64;
-        if len < 4 || len % 4 != 0 {
+        if len < 4 || !len.is_multiple_of(4) {
             return Err(SubmitError {
                 kind: SubmitErrorKind::BadLength,
                 buf: Some(buf),
