@@ -16,9 +16,11 @@
 
 mod pool;
 mod region;
+mod view;
 
 pub use pool::{stats, DmaBuf, PoolStats, MAX_BUF_SIZE, MIN_BUF_SIZE};
 pub use region::{DmaRegion, MemoryKind};
+pub use view::BufView;
 
 use thiserror::Error;
 

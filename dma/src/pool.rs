@@ -210,6 +210,12 @@ impl DmaBuf {
     pub fn iova(&self) -> u64 {
         self.ptr.as_ptr() as u64
     }
+
+    /// The first byte, without making a reference to the whole buffer (views of disjoint
+    /// ranges write through it while others read).
+    pub(crate) fn raw_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
 }
 
 impl Deref for DmaBuf {

@@ -102,6 +102,9 @@ pub enum SubmitErrorKind {
     /// number of blocks.
     #[error("invalid transfer length")]
     BadLength,
+    /// A read into a buffer other views share, which must not be written.
+    #[error("read into a read-only buffer")]
+    ReadOnlyBuffer,
     /// The controller failed or the path failed (fast_io_fail): the I/O would not run.
     #[error("path failed")]
     PathFailed,

@@ -232,7 +232,14 @@ impl<B: IoBuf> IoQpair<B> {
         buf: Option<B>,
         tag: u64,
     ) -> Result<(), SubmitError<B>> {
+        let mut buf = buf;
         let len = buf.as_ref().map_or(0, |b| b.len());
+        if dir == DataDir::Read && buf.as_mut().is_some_and(|b| b.bytes_mut().is_none()) {
+            return Err(SubmitError {
+                kind: SubmitErrorKind::ReadOnlyBuffer,
+                buf,
+            });
+        }
         if len > self.max_xfer as usize || (dir != DataDir::None && len == 0) {
             return Err(SubmitError {
                 kind: SubmitErrorKind::BadLength,

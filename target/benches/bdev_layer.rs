@@ -37,7 +37,7 @@ fn run_with(
     let bs = entry.info().block_size as u64;
     let per_io = 4096 / bs;
     let mut spare: Vec<IoBufs> = (0..qd)
-        .map(|_| smallvec::smallvec![dma::DmaBuf::zeroed(4096).unwrap()])
+        .map(|_| smallvec::smallvec![dma::DmaBuf::zeroed(4096).unwrap().into()])
         .collect();
     let mut lba: u64 = 0;
     let mut next = |bufs: IoBufs, tag: u64| {

@@ -44,7 +44,13 @@ fn fresh_now_ns() -> u64 {
     EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1
 }
 
+/// The reactor running on this thread, if any (what `Bdev::open_channel` is given).
+pub fn current() -> Option<ReactorHandle> {
+    CURRENT.with(|c| c.borrow().clone())
+}
+
 thread_local! {
+    static CURRENT: std::cell::RefCell<Option<ReactorHandle>> = const { std::cell::RefCell::new(None) };
     static LOOP_NOW_NS: Cell<u64> = const { Cell::new(0) };
     static WAKE_BY_NS: Cell<u64> = const { Cell::new(0) };
 }
@@ -693,6 +699,8 @@ impl Reactor {
     }
 
     fn run(&mut self) {
+        let me = self.ctx.handle.clone();
+        CURRENT.with(|c| *c.borrow_mut() = Some(me));
         let mut last_busy = Instant::now();
         let mut loop_start = last_busy;
         let mut loops: u64 = 0;

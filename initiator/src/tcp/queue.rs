@@ -1046,7 +1046,8 @@ impl<B: IoBuf> TcpQueue<B> {
                 let lo = s.c2h_got as usize;
                 let dst = s
                     .buf
-                    .as_deref_mut()
+                    .as_mut()
+                    .and_then(|b| b.bytes_mut())
                     .and_then(|b| b.get_mut(lo..lo + left as usize));
                 match dst {
                     Some(dst) => {
@@ -1160,7 +1161,8 @@ impl<B: IoBuf> TcpQueue<B> {
                     let lo = s.c2h_got as usize;
                     let src = &self.rx[self.rx_start..self.rx_start + take];
                     // Bounds were checked against the buffer when the PDU header arrived.
-                    if let Some(dst) = s.buf.as_deref_mut().and_then(|b| b.get_mut(lo..lo + take)) {
+                    let dst = s.buf.as_mut().and_then(|b| b.bytes_mut());
+                    if let Some(dst) = dst.and_then(|b| b.get_mut(lo..lo + take)) {
                         dst.copy_from_slice(src);
                     }
                     let crc = if self.wire.ddgst {

@@ -45,7 +45,7 @@ impl Bdev for MallocBdev {
         "malloc"
     }
 
-    fn open_channel(&self) -> Result<Box<dyn BdevChannel>, BdevError> {
+    fn open_channel(&self, _: Option<&ReactorHandle>) -> Result<Box<dyn BdevChannel>, BdevError> {
         Ok(Box::new(MallocChannel {
             mem: Arc::clone(&self.mem),
             block_size: self.info.block_size as u64,
@@ -100,13 +100,17 @@ impl BdevChannel for MallocChannel {
         };
         match io.io_type {
             IoType::Read => {
+                if io.bufs.iter().any(|b| !b.is_writable()) {
+                    self.ready.push(io.complete(IoStatus::InvalidBuffer));
+                    return Ok(());
+                }
                 let mut at = disk;
-                for b in io.bufs.iter_mut() {
+                for dst in io.bufs.iter_mut().filter_map(|b| b.bytes_mut()) {
                     // SAFETY: range() checked that [disk, disk + len) lies inside the region
                     // and that the buffers add up to len; the channel holds the region alive.
                     unsafe {
-                        std::ptr::copy_nonoverlapping(at, b.as_mut_ptr(), b.len());
-                        at = at.add(b.len());
+                        std::ptr::copy_nonoverlapping(at, dst.as_mut_ptr(), dst.len());
+                        at = at.add(dst.len());
                     }
                 }
             }
@@ -221,10 +225,13 @@ mod tests {
     #[test]
     fn a_raw_channel_checks_ranges_and_buffers_itself() {
         let bdev = MallocBdev::new("m0".into(), 16, 512, Uuid::new_v4()).unwrap();
-        let mut ch = bdev.open_channel().unwrap();
+        let mut ch = bdev.open_channel(None).unwrap();
         // The region is rounded up to a whole hugepage: the check is against it, and the
         // bdev layer's own check (against num_blocks) stays the tighter one.
         let past_the_region = (bdev.mem.len() / 512) as u64;
+        // A read-only view (another holds a share of its buffer) must not be filled.
+        let mut whole = buf(512, 0);
+        let shared: IoBufs = smallvec::smallvec![whole[0].share()];
         let cases = [
             (
                 BdevIo::read(past_the_region, 1, buf(512, 0), 1),
@@ -239,6 +246,7 @@ mod tests {
                 IoStatus::InvalidBuffer,
             ),
             (BdevIo::read(0, 8, buf(512, 0), 4), IoStatus::InvalidBuffer),
+            (BdevIo::read(0, 1, shared, 6), IoStatus::InvalidBuffer),
             (
                 BdevIo::no_data(IoType::WriteZeroes, past_the_region - 1, 2, 5),
                 IoStatus::OutOfRange,
@@ -254,7 +262,7 @@ mod tests {
     #[test]
     fn a_channel_keeps_the_disk_alive_after_the_bdev_is_gone() {
         let bdev = MallocBdev::new("m0".into(), 16, 512, Uuid::new_v4()).unwrap();
-        let mut ch = bdev.open_channel().unwrap();
+        let mut ch = bdev.open_channel(None).unwrap();
         raw_io(&mut ch, BdevIo::write(3, 1, buf(512, 0x42), 1));
         drop(bdev);
         let c = raw_io(&mut ch, BdevIo::read(3, 1, buf(512, 0), 2));

@@ -6,16 +6,26 @@
 //! buffers back. Completions are never delivered from inside `submit`, so a consumer never sees
 //! re-entrant calls. The layer checks ranges and buffer shapes before a module sees an I/O, and
 //! keeps per-channel statistics that `bdev_get_iostat` sums.
+//!
+//! For stacking (a mirror over its legs, a volume over a pool) the layer also gives:
+//! - buffers as [`BufView`]s, which a stacked device shares with every leg or splits into
+//!   pieces without copying;
+//! - the reactor a channel is opened on ([`Bdev::open_channel`]);
+//! - events when a bdev is removed or resized ([`BdevEntry::subscribe`]), so a consumer learns
+//!   it from the layer rather than from a failed I/O;
+//! - an examine step ([`BdevRegistry::add_examiner`]): each module may look at every bdev that
+//!   appears, to recognise its own metadata on it.
 
 pub mod histogram;
 pub mod malloc;
+pub mod mirror;
 pub mod null;
 pub mod nvme;
 pub mod qos;
 pub mod rpc;
 pub mod uring;
 
-use dma::DmaBuf;
+pub use dma::BufView;
 use serde_json::Value;
 use smallvec::SmallVec;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -23,6 +33,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use thiserror::Error;
 use uuid::Uuid;
+
+use crate::reactor::ReactorHandle;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -71,8 +83,9 @@ impl IoTypes {
     }
 }
 
-/// The buffers of one I/O; most I/O has one.
-pub type IoBufs = SmallVec<[DmaBuf; 2]>;
+/// The buffers of one I/O; most I/O has one. A module may share a view with several devices
+/// below it (a mirror's legs) or split it, but hands the caller back what it was given.
+pub type IoBufs = SmallVec<[BufView; 2]>;
 
 /// One I/O request. The buffers travel with it and come back in its [`IoCompletion`].
 #[derive(Debug)]
@@ -248,8 +261,13 @@ pub trait Bdev: Send + Sync + 'static {
     fn info(&self) -> &BdevInfo;
     /// The module's name, as `bdev_get_bdevs` shows it in `driver_specific`.
     fn module(&self) -> &'static str;
-    /// Opens a channel for one consumer, on the thread that will drive it.
-    fn open_channel(&self) -> Result<Box<dyn BdevChannel>, BdevError>;
+    /// Opens a channel for one consumer, on the thread that will drive it: `reactor` is that
+    /// thread's reactor, or `None` off any reactor (tests, tools), where a module that needs
+    /// per-reactor resources refuses.
+    fn open_channel(
+        &self,
+        reactor: Option<&ReactorHandle>,
+    ) -> Result<Box<dyn BdevChannel>, BdevError>;
     /// The RPC call that recreates this bdev, for `save_config`.
     fn config(&self) -> Option<(&'static str, Value)>;
     /// Module-specific facts for `bdev_get_bdevs`.
@@ -381,6 +399,44 @@ pub struct BdevEntry {
     pub qos: qos::Qos,
     /// Latency histogram control (`bdev_enable_histogram`).
     pub histogram: histogram::HistogramCtl,
+    /// Who wants to hear of removal and resizes.
+    subscribers: Mutex<Vec<(u64, Arc<EventFn>)>>,
+}
+
+/// What happened to a bdev, for those who use it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BdevEvent {
+    /// The bdev was deleted (or its device went away): I/O to it fails from now on.
+    Removed,
+    /// Its size changed; I/O is checked against the new size from now on.
+    Resized { old_blocks: u64, new_blocks: u64 },
+}
+
+/// A subscriber's handler. It runs on the thread that changed the bdev (the control plane or a
+/// controller's owner), so it must not block; a consumer on a reactor sends itself a message.
+pub type EventFn = dyn Fn(&BdevEntry, BdevEvent) + Send + Sync;
+
+static NEXT_SUBSCRIPTION: AtomicU64 = AtomicU64::new(1);
+
+/// Keeps a subscription alive; dropping it unsubscribes.
+#[must_use = "dropping a Subscription unsubscribes at once"]
+pub struct Subscription {
+    entry: std::sync::Weak<BdevEntry>,
+    id: u64,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Some(e) = self.entry.upgrade() {
+            lock(&e.subscribers).retain(|(id, _)| *id != self.id);
+        }
+    }
+}
+
+/// Locks a control-path mutex; a panic elsewhere ends plexd (see `fatal`), so poisoning only
+/// means a test thread failed, and the data is still consistent.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl BdevEntry {
@@ -428,7 +484,8 @@ impl BdevEntry {
                 name: self.name().to_string(),
             });
         }
-        let inner = self.bdev.open_channel()?;
+        let reactor = crate::reactor::current();
+        let inner = self.bdev.open_channel(reactor.as_ref())?;
         let stats = Arc::new(IoStats::default());
         self.channel_stats
             .lock()
@@ -464,6 +521,56 @@ impl BdevEntry {
 
     pub fn is_removed(&self) -> bool {
         self.removed.load(Ordering::Acquire)
+    }
+
+    /// Calls `f` when this bdev is removed or resized, until the returned guard is dropped.
+    /// A bdev already removed gets `Removed` at once.
+    pub fn subscribe(
+        self: &Arc<Self>,
+        f: impl Fn(&BdevEntry, BdevEvent) + Send + Sync + 'static,
+    ) -> Subscription {
+        let id = NEXT_SUBSCRIPTION.fetch_add(1, Ordering::Relaxed);
+        let f: Arc<EventFn> = Arc::new(f);
+        lock(&self.subscribers).push((id, f.clone()));
+        if self.is_removed() {
+            f(self, BdevEvent::Removed);
+        }
+        Subscription {
+            entry: Arc::downgrade(self),
+            id,
+        }
+    }
+
+    /// Changes the size and tells the subscribers (a module whose device changed size calls it).
+    /// Nothing happens once the bdev is removed.
+    pub fn resize(&self, new_blocks: u64) {
+        let old_blocks = self.info().num_blocks();
+        // A removed bdev has no users left to tell.
+        if old_blocks != new_blocks && !self.is_removed() {
+            self.info().set_num_blocks(new_blocks);
+            self.notify(BdevEvent::Resized {
+                old_blocks,
+                new_blocks,
+            });
+        }
+    }
+
+    /// Marks the bdev gone and tells the subscribers, once.
+    fn mark_removed(&self) {
+        if !self.removed.swap(true, Ordering::AcqRel) {
+            self.notify(BdevEvent::Removed);
+        }
+    }
+
+    fn notify(&self, ev: BdevEvent) {
+        // Handlers run without the lock, so one may subscribe or unsubscribe.
+        let subs: Vec<Arc<EventFn>> = lock(&self.subscribers)
+            .iter()
+            .map(|(_, f)| f.clone())
+            .collect();
+        for f in subs {
+            f(self, ev);
+        }
     }
 }
 
@@ -582,7 +689,9 @@ impl IoChannel {
             let shaped = io.bufs.iter().all(|b| {
                 b.iova() % align == 0 && (b.len() as u64) % self.block_size == 0 && !b.is_empty()
             });
-            if io.num_blocks == 0 || want != Some(io.buf_len() as u64) || !shaped {
+            // A read fills its buffers: never one another device or leg shares.
+            let fillable = io.io_type != IoType::Read || io.bufs.iter().all(|b| b.is_writable());
+            if io.num_blocks == 0 || want != Some(io.buf_len() as u64) || !shaped || !fillable {
                 return Err(IoStatus::InvalidBuffer);
             }
         }
@@ -658,7 +767,12 @@ struct RegistryInner {
     order: BTreeMap<u64, String>,
     seq_of: HashMap<String, u64>,
     next_seq: u64,
+    /// Modules' examine steps, run on each new bdev.
+    examiners: Vec<Arc<Examiner>>,
 }
+
+/// A module's examine step ([`BdevRegistry::add_examiner`]).
+pub type Examiner = dyn Fn(&Arc<BdevEntry>) + Send + Sync;
 
 impl RegistryInner {
     /// The name of the bdev that `name` names: itself, an alias, or a UUID as SPDK prints it.
@@ -708,6 +822,7 @@ impl BdevRegistry {
             closed_stats: IoStats::default(),
             qos: Default::default(),
             histogram: Default::default(),
+            subscribers: Mutex::new(Vec::new()),
         });
         let name = entry.name().to_string();
         for a in &entry.info().aliases {
@@ -719,7 +834,19 @@ impl BdevRegistry {
         r.order.insert(seq, name.clone());
         r.seq_of.insert(name.clone(), seq);
         r.by_name.insert(name, entry.clone());
+        let examiners = r.examiners.clone();
+        drop(r);
+        for ex in examiners {
+            ex(&entry);
+        }
         Ok(entry)
+    }
+
+    /// Adds a module's examine step: `f` sees every bdev registered from now on, right after
+    /// its registration, and may claim it (a mirror finding its superblock). It runs on the
+    /// registering thread and must not block; I/O it needs is started, not awaited.
+    pub fn add_examiner(&self, f: impl Fn(&Arc<BdevEntry>) + Send + Sync + 'static) {
+        lock(&self.inner).examiners.push(Arc::new(f));
     }
 
     /// Finds a bdev by name, alias or UUID.
@@ -755,7 +882,8 @@ impl BdevRegistry {
         if let Some(seq) = r.seq_of.remove(&real) {
             r.order.remove(&seq);
         }
-        entry.removed.store(true, Ordering::Release);
+        drop(r);
+        entry.mark_removed();
         Ok(entry)
     }
 
@@ -848,9 +976,9 @@ pub(crate) mod tests {
     }
 
     pub fn buf(len: usize, fill: u8) -> IoBufs {
-        let mut b = DmaBuf::new(len).unwrap();
+        let mut b = dma::DmaBuf::new(len).unwrap();
         b.fill(fill);
-        smallvec::smallvec![b]
+        smallvec::smallvec![b.into()]
     }
 
     /// A bdev that only has a name, aliases and a UUID: what the registry indexes.
@@ -863,7 +991,10 @@ pub(crate) mod tests {
         fn module(&self) -> &'static str {
             "named"
         }
-        fn open_channel(&self) -> Result<Box<dyn BdevChannel>, BdevError> {
+        fn open_channel(
+            &self,
+            _: Option<&ReactorHandle>,
+        ) -> Result<Box<dyn BdevChannel>, BdevError> {
             Err(BdevError::InvalidParam("no I/O here".into()))
         }
         fn config(&self) -> Option<(&'static str, Value)> {
@@ -1028,6 +1159,78 @@ pub(crate) mod tests {
             7,
             "kept after the channel closed"
         );
+    }
+
+    #[test]
+    fn subscribers_hear_of_resizes_and_removal_until_they_unsubscribe() {
+        let (reg, e) = null_entry("ev0");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        let sub = e.subscribe(move |b, ev| lock(&s2).push((b.name().to_string(), ev)));
+        let old = e.info().num_blocks();
+        e.resize(old * 2);
+        e.resize(old * 2);
+        reg.unregister("ev0", "null").unwrap();
+        assert_eq!(
+            *lock(&seen),
+            [
+                (
+                    "ev0".to_string(),
+                    BdevEvent::Resized {
+                        old_blocks: old,
+                        new_blocks: old * 2
+                    }
+                ),
+                ("ev0".to_string(), BdevEvent::Removed),
+            ],
+            "one event per change"
+        );
+        // A late subscriber to a removed bdev hears of it at once; an old one no longer.
+        drop(sub);
+        let late = Arc::new(AtomicU64::new(0));
+        let l2 = late.clone();
+        let _sub = e.subscribe(move |_, ev| {
+            assert_eq!(ev, BdevEvent::Removed);
+            l2.fetch_add(1, Ordering::Relaxed);
+        });
+        e.resize(1);
+        assert_eq!(late.load(Ordering::Relaxed), 1);
+        assert_eq!(lock(&seen).len(), 2);
+    }
+
+    #[test]
+    fn examiners_see_each_new_bdev_and_may_claim_it() {
+        let reg = BdevRegistry::default();
+        reg.register(named("before", &[], Uuid::new_v4())).unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        reg.add_examiner(move |e| {
+            lock(&s2).push(e.name().to_string());
+            if e.name().starts_with("mine") {
+                e.claim("examiner").unwrap();
+            }
+        });
+        reg.register(named("mine0", &[], Uuid::new_v4())).unwrap();
+        reg.register(named("other", &[], Uuid::new_v4())).unwrap();
+        assert_eq!(*lock(&seen), ["mine0", "other"]);
+        assert!(matches!(
+            reg.unregister("mine0", "named"),
+            Err(BdevError::Claimed { .. })
+        ));
+        assert!(reg.unregister("other", "named").is_ok());
+    }
+
+    #[test]
+    fn a_read_into_a_shared_buffer_is_refused_by_the_layer() {
+        let (_reg, e) = null_entry("rs0");
+        let mut ch = e.open_channel().unwrap();
+        let mut whole = buf(512, 0);
+        let shared: IoBufs = smallvec::smallvec![whole[0].share()];
+        let c = run_io(&mut ch, BdevIo::read(0, 1, shared, 1));
+        assert_eq!(c.status, IoStatus::InvalidBuffer);
+        // A write may go out from a shared buffer: the device only reads it.
+        let shared: IoBufs = smallvec::smallvec![whole[0].share()];
+        assert!(run_io(&mut ch, BdevIo::write(0, 1, shared, 2)).status.is_ok());
     }
 
     #[test]

@@ -36,7 +36,7 @@ impl Bdev for NullBdev {
         "null"
     }
 
-    fn open_channel(&self) -> Result<Box<dyn BdevChannel>, BdevError> {
+    fn open_channel(&self, _: Option<&ReactorHandle>) -> Result<Box<dyn BdevChannel>, BdevError> {
         Ok(Box::new(NullChannel {
             ready: ReadyQueue::default(),
         }))

@@ -171,6 +171,13 @@ impl UringBdev {
 }
 
 /// (memory, offset) alignment that O_DIRECT needs on this file, where the kernel says.
+/// Where the kernel may write a read's data. `submit` refused reads into shared views, so the
+/// buffer is writable; the null fallback can only fail the read (EFAULT), never write elsewhere.
+fn read_ptr(b: &mut BufView) -> *mut u8 {
+    b.bytes_mut()
+        .map_or(std::ptr::null_mut(), |s| s.as_mut_ptr())
+}
+
 fn dio_alignment(file: &File) -> Option<(u32, u32)> {
     // SAFETY: statx is plain data, so all-zeroes is a valid value.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
@@ -214,7 +221,7 @@ impl Bdev for UringBdev {
         "uring"
     }
 
-    fn open_channel(&self) -> Result<Box<dyn BdevChannel>, BdevError> {
+    fn open_channel(&self, _: Option<&ReactorHandle>) -> Result<Box<dyn BdevChannel>, BdevError> {
         let ring = IoUring::new(QUEUE_DEPTH).map_err(|source| BdevError::Io {
             what: format!("cannot create an io_uring for {}", self.info.name),
             source,
@@ -307,17 +314,16 @@ impl UringChannel {
                 // A DmaBuf is at most 4 MiB, so its length fits.
                 let n = b.len() as u32;
                 if io.io_type == IoType::Read {
-                    opcode::Read::new(fd, b.as_mut_ptr(), n)
-                        .offset(offset)
-                        .build()
+                    opcode::Read::new(fd, read_ptr(b), n).offset(offset).build()
                 } else {
                     opcode::Write::new(fd, b.as_ptr(), n).offset(offset).build()
                 }
             }
             IoType::Read | IoType::Write => {
                 slot.iov.clear();
+                let read = io.io_type == IoType::Read;
                 slot.iov.extend(io.bufs.iter_mut().map(|b| libc::iovec {
-                    iov_base: b.as_mut_ptr().cast(),
+                    iov_base: if read { read_ptr(b) } else { b.as_ptr().cast_mut() }.cast(),
                     iov_len: b.len(),
                 }));
                 let (ptr, n) = (slot.iov.as_ptr(), slot.iov.len() as u32);
@@ -436,7 +442,10 @@ impl BdevChannel for UringChannel {
             self.ready.push(io.complete(IoStatus::Success));
             return Ok(());
         }
-        if io.bufs.len() > IOV_MAX {
+        // The kernel writes a read's data through a raw pointer: only into buffers no other
+        // view shares (see `read_ptr`).
+        let read_only = io.io_type == IoType::Read && io.bufs.iter().any(|b| !b.is_writable());
+        if io.bufs.len() > IOV_MAX || read_only {
             self.ready.push(io.complete(IoStatus::InvalidBuffer));
             return Ok(());
         }

@@ -7,52 +7,64 @@ use crate::reactor::{fn_poller, PollStatus, ReactorCtx, ReactorHandle};
 use initiator::{IoError, IoQpair, SubmitErrorKind};
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::ops::{Deref, DerefMut};
-use std::ptr::NonNull;
 use std::rc::Rc;
 
 /// Most blocks one Write Zeroes carries (NLB is 16 bits, 0-based).
 const MAX_ZEROES_BLOCKS: u64 = 1 << 16;
 
-// ------------------------------------------------------------------------- buffer views
+/// The qpair carries pieces of bdev buffers: a buffer larger than the remote's max transfer is
+/// split into views of at most that size (no copy), joined back when all are home.
+pub(super) type Qpair = IoQpair<BufView>;
 
-/// A piece of a bdev buffer handed to the qpair. The `DmaBuf` it points into stays in the
-/// channel's in-flight slot until every piece has completed, and DMA memory never moves or
-/// is unmapped, so the view stays valid for as long as the qpair holds it.
-pub(super) struct View {
-    ptr: NonNull<u8>,
-    len: usize,
+/// A command's tag: channel (16 bits), piece (16 bits) and I/O slot (32 bits), so a completion
+/// finds its channel, I/O and the place of its buffer piece without a lookup.
+fn tag(chan: u32, piece: usize, slot: u32) -> u64 {
+    (u64::from(chan) << 48) | ((piece as u64) << 32) | u64::from(slot)
 }
 
-// SAFETY: a View is the exclusive window on its bytes (pieces of one I/O never overlap, and
-// the owning BdevIo is not touched until all pieces are back); moving it between threads is
-// moving that exclusive access.
-unsafe impl Send for View {}
-
-impl Deref for View {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        // SAFETY: ptr..ptr+len lies in a live DmaBuf held by the in-flight slot (see View).
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
+fn untag(tag: u64) -> (usize, usize, u32) {
+    ((tag >> 48) as usize, (tag >> 32) as u16 as usize, tag as u32)
 }
 
-impl DerefMut for View {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as in deref; the view is the only access to these bytes while it exists.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-pub(super) type Qpair = IoQpair<View>;
+/// Most channels one reactor's qpair serves (the tag has 16 bits for them).
+const MAX_CHANNELS: usize = 1 << 16;
 
 // ------------------------------------------------------------------------- per reactor
 
-/// One I/O in flight on a channel: the bdev I/O (owning the buffers) and its pieces.
+/// One I/O in flight on a channel: the bdev I/O, and its buffers' pieces as they come back.
 struct Inflight {
     io: BdevIo,
     pending: u32,
     status: IoStatus,
+    /// The pieces, by piece number; `None` while the qpair holds one.
+    pieces: SmallVec<[Option<BufView>; 4]>,
+    /// How many pieces each of the I/O's buffers was cut into, in order.
+    cuts: SmallVec<[u16; 2]>,
+}
+
+impl Inflight {
+    /// Joins the pieces back into the buffers the consumer gave, in its order.
+    fn rejoin(&mut self) {
+        let mut pieces = std::mem::take(&mut self.pieces).into_iter();
+        for &n in &self.cuts {
+            let mut whole: Option<BufView> = None;
+            for p in pieces.by_ref().take(n as usize).flatten() {
+                match whole.as_mut() {
+                    None => whole = Some(p),
+                    Some(w) => {
+                        if let Err(p) = w.unsplit(p) {
+                            // Not its neighbour: a bug in the cutting; keep the bytes anyway.
+                            tracing::error!("bdev_nvme: buffer piece out of order ({p:?})");
+                        }
+                    }
+                }
+            }
+            if let Some(mut w) = whole {
+                w.reclaim();
+                self.io.bufs.push(w);
+            }
+        }
+    }
 }
 
 #[derive(Default)]
@@ -80,7 +92,8 @@ impl ChanState {
     }
 
     fn finish(&mut self, i: u32) {
-        if let Some(f) = self.ios.get_mut(i as usize).and_then(Option::take) {
+        if let Some(mut f) = self.ios.get_mut(i as usize).and_then(Option::take) {
+            f.rejoin();
             self.free.push(i);
             self.inflight -= 1;
             if self.open {
@@ -100,18 +113,17 @@ struct ReactorQp {
 }
 
 impl ReactorQp {
-    /// Routes one finished piece to its channel.
-    fn route(
-        chans: &mut [ChanState],
-        free_chans: &mut Vec<u32>,
-        tag: u64,
-        result: Result<(), IoError>,
-    ) {
-        let (ci, ii) = ((tag >> 32) as usize, tag as u32);
+    /// Routes one finished piece, and its buffer, to its channel.
+    fn route(chans: &mut [ChanState], free_chans: &mut Vec<u32>, c: initiator::IoCompletion<BufView>) {
+        let (ci, pi, ii) = untag(c.tag);
+        let result = c.result;
         let Some(ch) = chans.get_mut(ci) else { return };
         let Some(f) = ch.ios.get_mut(ii as usize).and_then(Option::as_mut) else {
             return;
         };
+        if let (Some(b), Some(slot)) = (c.buf, f.pieces.get_mut(pi)) {
+            *slot = Some(b);
+        }
         if let Err(e) = result {
             if f.status.is_ok() {
                 f.status = io_status(e);
@@ -132,7 +144,7 @@ impl ReactorQp {
     fn shut(&mut self) {
         if let Some(mut qp) = self.qp.take() {
             let (chans, free) = (&mut self.chans, &mut self.free_chans);
-            qp.abort_all(|c| Self::route(chans, free, c.tag, c.result));
+            qp.abort_all(|c| Self::route(chans, free, c));
         }
     }
 }
@@ -158,7 +170,7 @@ fn io_status(e: IoError) -> IoStatus {
 
 fn submit_status(k: SubmitErrorKind) -> IoStatus {
     match k {
-        SubmitErrorKind::BadLength => IoStatus::InvalidBuffer,
+        SubmitErrorKind::BadLength | SubmitErrorKind::ReadOnlyBuffer => IoStatus::InvalidBuffer,
         SubmitErrorKind::PathFailed => IoStatus::IoError(libc::EIO),
         SubmitErrorKind::QueueFull => IoStatus::IoError(libc::EAGAIN),
     }
@@ -189,6 +201,12 @@ impl NvmeChannel {
             })?;
         let idx = {
             let mut s = slot.borrow_mut();
+            if s.free_chans.is_empty() && s.chans.len() >= MAX_CHANNELS {
+                return Err(BdevError::InvalidParam(format!(
+                    "{}: {MAX_CHANNELS} channels already share this reactor's queue",
+                    bdev.info.name
+                )));
+            }
             let st = ChanState {
                 open: true,
                 ..Default::default()
@@ -246,23 +264,25 @@ impl BdevChannel for NvmeChannel {
         if pieces > room {
             return Err(io);
         }
-        // Views are taken before the I/O moves into its slot; its buffers' bytes do not move.
-        let mut views: SmallVec<[(u64, View); 4]> = SmallVec::new();
+        // Cut each buffer into pieces the remote takes whole, as views (no copy).
+        let mut cut: SmallVec<[(u64, BufView); 4]> = SmallVec::new();
+        let mut cuts: SmallVec<[u16; 2]> = SmallVec::new();
         if io.io_type.has_data() {
             let mut lba = io.offset_blocks;
-            for b in io.bufs.iter_mut() {
-                let base = b.as_mut_ptr();
-                let mut off = 0;
-                while off < b.len() {
-                    let len = (b.len() - off).min(self.max_xfer);
-                    // SAFETY: off + len <= b.len(), so the pointer stays inside the buffer.
-                    let p = unsafe { base.add(off) };
-                    if let Some(ptr) = NonNull::new(p) {
-                        views.push((lba, View { ptr, len }));
+            for mut rest in std::mem::take(&mut io.bufs) {
+                let mut n = 0u16;
+                loop {
+                    let tail = rest.split_off(self.max_xfer.min(rest.len()));
+                    let blocks = rest.len() as u64 / self.block_size;
+                    cut.push((lba, rest));
+                    lba += blocks;
+                    n += 1;
+                    match tail {
+                        Some(t) if !t.is_empty() => rest = t,
+                        _ => break,
                     }
-                    lba += len as u64 / self.block_size;
-                    off += len;
                 }
+                cuts.push(n);
             }
         }
         let (io_type, offset, nblocks) = (io.io_type, io.offset_blocks, io.num_blocks);
@@ -270,27 +290,37 @@ impl BdevChannel for NvmeChannel {
             io,
             pending: pieces as u32,
             status: IoStatus::Success,
+            pieces: (0..cut.len()).map(|_| None).collect(),
+            cuts,
         });
-        let tag = (u64::from(self.idx) << 32) | u64::from(i);
+        let chan = self.idx;
         let nsid = self.nsid;
         let bs = self.block_size;
         let mut failed = 0u32;
         let mut first_err = None;
-        let mut note = |r: Result<(), initiator::SubmitError<View>>| {
+        let mut returned: SmallVec<[(usize, BufView); 1]> = SmallVec::new();
+        let mut note = |piece: usize, r: Result<(), initiator::SubmitError<BufView>>| {
             if let Err(e) = r {
                 failed += 1;
                 first_err.get_or_insert(submit_status(e.kind));
+                if let Some(b) = e.buf {
+                    returned.push((piece, b));
+                }
             }
         };
         match io_type {
             IoType::Read | IoType::Write => {
-                for (lba, v) in views {
-                    let n = (v.len as u64 / bs) as u32;
-                    note(if io_type == IoType::Read {
-                        qp.read(nsid, lba, n, v, tag)
-                    } else {
-                        qp.write(nsid, lba, n, v, tag)
-                    });
+                for (p, (lba, v)) in cut.into_iter().enumerate() {
+                    let n = (v.len() as u64 / bs) as u32;
+                    let t = tag(chan, p, i);
+                    note(
+                        p,
+                        if io_type == IoType::Read {
+                            qp.read(nsid, lba, n, v, t)
+                        } else {
+                            qp.write(nsid, lba, n, v, t)
+                        },
+                    );
                 }
             }
             IoType::Unmap | IoType::WriteZeroes => {
@@ -301,15 +331,18 @@ impl BdevChannel for NvmeChannel {
                 let end = offset + nblocks;
                 while lba < end {
                     let n = (end - lba).min(MAX_ZEROES_BLOCKS);
-                    note(qp.write_zeroes(nsid, lba, n as u32, deac, tag));
+                    note(0, qp.write_zeroes(nsid, lba, n as u32, deac, tag(chan, 0, i)));
                     lba += n;
                 }
             }
-            IoType::Flush | IoType::Reset => note(qp.flush(nsid, tag)),
+            IoType::Flush | IoType::Reset => note(0, qp.flush(nsid, tag(chan, 0, i))),
         }
         if failed > 0 {
             let ch = &mut s.chans[self.idx as usize];
             if let Some(f) = ch.ios[i as usize].as_mut() {
+                for (p, b) in returned {
+                    f.pieces[p] = Some(b);
+                }
                 f.pending -= failed;
                 f.status = first_err.unwrap_or(IoStatus::IoError(libc::EIO));
                 if f.pending == 0 {
@@ -379,7 +412,7 @@ pub(super) fn install_qpair(
             let Some(qp) = qp.as_mut() else {
                 return PollStatus::Done;
             };
-            let n = qp.poll(|c| ReactorQp::route(chans, free_chans, c.tag, c.result));
+            let n = qp.poll(|c| ReactorQp::route(chans, free_chans, c));
             // The qpair has no descriptor the reactor could sleep on, so it spins while I/O
             // is in flight; while disconnected or reconnecting (a step per poll), the
             // reactor's 10 ms nap is fine.
@@ -438,7 +471,7 @@ mod tests {
             max_xfer: 4096,
             gone: Arc::default(),
         };
-        let e = b.open_channel().err().expect("no qpair on this thread");
+        let e = b.open_channel(None).err().expect("no qpair on this thread");
         assert!(e.to_string().contains("no I/O queue"), "{e}");
     }
 }

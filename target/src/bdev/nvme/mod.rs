@@ -64,7 +64,7 @@ impl Bdev for NvmeBdev {
         "nvme"
     }
 
-    fn open_channel(&self) -> Result<Box<dyn BdevChannel>, BdevError> {
+    fn open_channel(&self, _: Option<&ReactorHandle>) -> Result<Box<dyn BdevChannel>, BdevError> {
         Ok(Box::new(NvmeChannel::open(self)?))
     }
 

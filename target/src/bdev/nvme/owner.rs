@@ -1,7 +1,7 @@
 //! The control-plane owner thread of one controller: bring-up, events, reconnect and the
 //! loss timeout, teardown; and `NvmeModule::attach` / `detach`, which start and stop it.
 
-use super::channel::{install_qpair, remove_qpair, View};
+use super::channel::{install_qpair, remove_qpair};
 use super::*;
 use crate::reactor::ReactorHandle;
 use initiator::{Controller, CtrlrEvent};
@@ -196,7 +196,7 @@ fn bring_up(app: Weak<App>, c: Arc<NvmeCtrlr>) -> Result<Owner, NvmeError> {
         ctrlr,
     };
     for h in &handles {
-        let qp = match owner.ctrlr.alloc_io_qpair::<View>(None) {
+        let qp = match owner.ctrlr.alloc_io_qpair::<BufView>(None) {
             Ok(q) => q,
             Err(e) if !owner.reactors.is_empty() => {
                 tracing::warn!(
@@ -359,7 +359,11 @@ impl Owner {
                         b.info.num_blocks(),
                         ns.blocks
                     );
-                    b.info.set_num_blocks(ns.blocks);
+                    // Through the registry when the bdev is there, so its users hear of it.
+                    match self.app.upgrade().and_then(|a| a.bdevs.get(&b.info.name).ok()) {
+                        Some(e) => e.resize(ns.blocks),
+                        None => b.info.set_num_blocks(ns.blocks),
+                    }
                 }
                 self.reap_zombies();
             }

@@ -1055,9 +1055,9 @@ impl Conn {
                 };
                 let n = u64::from(rw.nblocks);
                 if cmd.opcode == io::READ {
-                    BdevIo::read(rw.slba, n, smallvec![buf], tag)
+                    BdevIo::read(rw.slba, n, smallvec![buf.into()], tag)
                 } else {
-                    BdevIo::write(rw.slba, n, smallvec![buf], tag)
+                    BdevIo::write(rw.slba, n, smallvec![buf.into()], tag)
                 }
             }
             io::FLUSH => BdevIo::no_data(IoType::Flush, 0, 0, tag),
@@ -1090,7 +1090,7 @@ impl Conn {
         if let Err(io) = ns.chan.submit(io) {
             let s = &mut self.slots[si as usize];
             s.pending = 0;
-            s.buf = io.bufs.into_iter().next();
+            s.buf = io.bufs.into_iter().next().and_then(whole_buf);
             crate::bdev::bump(&self.pg.pending_bdev_io, 1);
             self.retry.push_back(si);
         }
@@ -1244,7 +1244,7 @@ impl Conn {
         if !st.is_success() && s.status.is_success() {
             s.status = st;
         }
-        if let Some(b) = c.bufs.into_iter().next() {
+        if let Some(b) = c.bufs.into_iter().next().and_then(whole_buf) {
             s.buf = Some(b);
         }
         s.pending = s.pending.saturating_sub(1);
@@ -1255,6 +1255,19 @@ impl Conn {
     }
 
     // ---- responses ----
+}
+
+/// The connection's own buffer back from a bdev. A bdev must hand back the whole buffer it was
+/// given; one that kept a share would be a bug, and the command then fails for want of its
+/// buffer rather than sending bytes someone else may still change.
+fn whole_buf(b: crate::bdev::BufView) -> Option<DmaBuf> {
+    match b.into_dma() {
+        Ok(b) => Some(b),
+        Err(v) => {
+            tracing::error!("nvmf: a bdev kept a share of an I/O buffer ({v:?})");
+            None
+        }
+    }
 }
 
 impl OutPdu {

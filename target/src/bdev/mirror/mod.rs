@@ -1,0 +1,3 @@
+//! The mirror bdev.
+
+pub mod superblock;
