@@ -435,18 +435,22 @@ impl<B: IoBuf> Drop for IoQpair<B> {
     }
 }
 
-/// Writes little-endian keys at the start of `buf`, which must hold them.
+/// Writes little-endian keys at the start of `buf`, which must hold them and be writable.
 fn put_keys<B: IoBuf>(mut buf: B, keys: &[u64]) -> Result<B, SubmitError<B>> {
-    if buf.len() < keys.len() * 8 {
-        return Err(SubmitError {
-            kind: SubmitErrorKind::BadLength,
-            buf: Some(buf),
-        });
-    }
-    for (i, k) in keys.iter().enumerate() {
-        buf[i * 8..i * 8 + 8].copy_from_slice(&k.to_le_bytes());
-    }
-    Ok(buf)
+    let kind = match buf.bytes_mut() {
+        Some(b) if b.len() >= keys.len() * 8 => {
+            for (i, k) in keys.iter().enumerate() {
+                b[i * 8..i * 8 + 8].copy_from_slice(&k.to_le_bytes());
+            }
+            return Ok(buf);
+        }
+        Some(_) => SubmitErrorKind::BadLength,
+        None => SubmitErrorKind::ReadOnlyBuffer,
+    };
+    Err(SubmitError {
+        kind,
+        buf: Some(buf),
+    })
 }
 
 #[inline]
