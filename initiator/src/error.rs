@@ -63,6 +63,14 @@ pub enum IoError {
     TimedOut,
 }
 
+impl IoError {
+    /// Whether a namespace reservation refused the command (another host holds it, or the
+    /// key did not match): retrying will not help until the reservation changes.
+    pub fn is_reservation_conflict(&self) -> bool {
+        matches!(self, IoError::Nvme(s) if s.same_code(Status::RESERVATION_CONFLICT))
+    }
+}
+
 impl std::fmt::Display for IoError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nvme_spec::resv::{ResvAcquire, ResvRegister, ResvRelease, ResvReport};
 use nvme_spec::{Command, Status};
 use tracing::{debug, info, warn};
 
@@ -159,6 +160,68 @@ impl<B: IoBuf> IoQpair<B> {
             None,
             tag,
         )
+    }
+
+    /// Reservation Register on namespace `r.nsid`: `crkey` and `nrkey` are written into the
+    /// first 16 bytes of `buf` (at least that long), which comes back in the completion. A
+    /// refusal by key is `IoError::Nvme` with Reservation Conflict
+    /// ([`IoError::is_reservation_conflict`]).
+    pub fn resv_register(
+        &mut self,
+        r: ResvRegister,
+        crkey: u64,
+        nrkey: u64,
+        buf: B,
+        tag: u64,
+    ) -> Result<(), SubmitError<B>> {
+        let buf = put_keys(buf, &[crkey, nrkey])?;
+        self.submit(r.to_command(), DataDir::Write, Some(buf), tag)
+    }
+
+    /// Reservation Acquire (acquire, preempt, preempt and abort) with `crkey` and `prkey` in
+    /// the first 16 bytes of `buf`.
+    pub fn resv_acquire(
+        &mut self,
+        a: ResvAcquire,
+        crkey: u64,
+        prkey: u64,
+        buf: B,
+        tag: u64,
+    ) -> Result<(), SubmitError<B>> {
+        let buf = put_keys(buf, &[crkey, prkey])?;
+        self.submit(a.to_command(), DataDir::Write, Some(buf), tag)
+    }
+
+    /// Reservation Release (release, clear) with `crkey` in the first 8 bytes of `buf`.
+    pub fn resv_release(
+        &mut self,
+        r: ResvRelease,
+        crkey: u64,
+        buf: B,
+        tag: u64,
+    ) -> Result<(), SubmitError<B>> {
+        let buf = put_keys(buf, &[crkey])?;
+        self.submit(r.to_command(), DataDir::Write, Some(buf), tag)
+    }
+
+    /// Reservation Report of namespace `nsid` into `buf` (a multiple of 4 bytes), with the
+    /// extended data structure (128-bit host IDs, what NVMe over Fabrics uses); read it with
+    /// `nvme_spec::resv::ResvStatus::parse_extended`.
+    pub fn resv_report(&mut self, nsid: u32, buf: B, tag: u64) -> Result<(), SubmitError<B>> {
+        let len = buf.len() as u64;
+        if len < 4 || !len.is_multiple_of(4) {
+            return Err(SubmitError {
+                kind: SubmitErrorKind::BadLength,
+                buf: Some(buf),
+            });
+        }
+        let cmd = ResvReport {
+            nsid,
+            len,
+            eds: true,
+        }
+        .to_command();
+        self.submit(cmd, DataDir::Read, Some(buf), tag)
     }
 
     /// Any I/O command; the transport fills in CID and the data pointer.
@@ -372,6 +435,24 @@ impl<B: IoBuf> Drop for IoQpair<B> {
     }
 }
 
+/// Writes little-endian keys at the start of `buf`, which must hold them and be writable.
+fn put_keys<B: IoBuf>(mut buf: B, keys: &[u64]) -> Result<B, SubmitError<B>> {
+    let kind = match buf.bytes_mut() {
+        Some(b) if b.len() >= keys.len() * 8 => {
+            for (i, k) in keys.iter().enumerate() {
+                b[i * 8..i * 8 + 8].copy_from_slice(&k.to_le_bytes());
+            }
+            return Ok(buf);
+        }
+        Some(_) => SubmitErrorKind::BadLength,
+        None => SubmitErrorKind::ReadOnlyBuffer,
+    };
+    Err(SubmitError {
+        kind,
+        buf: Some(buf),
+    })
+}
+
 #[inline]
 fn to_result(s: Status) -> Result<(), IoError> {
     if s.is_success() {
@@ -386,3 +467,26 @@ fn to_result(s: Status) -> Result<(), IoError> {
 #[cfg(test)]
 #[path = "qpair_reconnect_tests.rs"]
 mod reconnect_tests;
+
+#[cfg(test)]
+mod resv_tests {
+    use super::*;
+
+    #[test]
+    fn keys_go_first_little_endian_and_a_short_buffer_comes_back() {
+        let b = put_keys(vec![0xFFu8; 20], &[0x0102, 0x0A0B]).unwrap();
+        assert_eq!(&b[..9], &[2, 1, 0, 0, 0, 0, 0, 0, 0x0B]);
+        assert_eq!(&b[16..], &[0xFF; 4], "bytes past the keys untouched");
+        let e = put_keys(vec![7u8; 8], &[1, 2]).unwrap_err();
+        assert_eq!(e.kind, SubmitErrorKind::BadLength);
+        assert_eq!(e.buf.unwrap(), vec![7u8; 8]);
+    }
+
+    #[test]
+    fn a_reservation_conflict_is_told_apart() {
+        let c = IoError::Nvme(Status::RESERVATION_CONFLICT.with_dnr());
+        assert!(c.is_reservation_conflict());
+        assert!(!IoError::Nvme(Status::INVALID_FIELD).is_reservation_conflict());
+        assert!(!IoError::PathFailed.is_reservation_conflict());
+    }
+}

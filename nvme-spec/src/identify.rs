@@ -354,6 +354,12 @@ pub mod oncs {
     pub const COPY: u16 = 1 << 8;
 }
 
+/// CTRATT bits.
+pub mod ctratt {
+    /// 128-bit Host Identifier supported (what NVMe over Fabrics uses).
+    pub const HOST_ID_128: u32 = 1 << 0;
+}
+
 /// OAES bits (which optional asynchronous events the controller sends).
 pub mod oaes {
     /// Namespace Attribute Notices (changed namespace list).

@@ -20,6 +20,7 @@ pub mod identify;
 pub mod log;
 pub mod opcode;
 pub mod regs;
+pub mod resv;
 pub mod status;
 pub mod tcp;
 

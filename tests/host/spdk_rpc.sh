@@ -10,7 +10,7 @@ set -u
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 # shellcheck source=../guest/lib.sh
 . "$REPO/tests/guest/lib.sh"
-plan 54
+plan 60
 
 # shellcheck source=lib/spdk_rpc_common.sh
 . "$REPO/tests/host/lib/spdk_rpc_common.sh"
@@ -113,6 +113,19 @@ expect "bdev_nvme_get_controllers" '[c["name"] for c in j] == ["R0"]' bdev_nvme_
 expect "bdev_get_bdevs -b R0n1" 'j[0]["num_blocks"] == 16384 and j[0]["block_size"] == 512' \
     bdev_get_bdevs -b R0n1
 expect "bdev_nvme_detach_controller" 'out.strip() == ""' bdev_nvme_detach_controller R0
+# Reservations persist in a ptpl_file, passed as SPDK's client passes it; a damaged file is
+# refused by name, not dropped.
+echo '{"ptpl": true, "bdev_uuid": ' >"$WORK/bad.ptpl"
+expect "bdev_malloc_create for a persistent namespace" 'out.strip() == "NS1"' bdev_malloc_create -b NS1 8 512
+refused "nvmf_subsystem_add_ns --ptpl-file with a damaged file is refused, naming it" \
+    "ptpl_file $WORK/bad.ptpl" nvmf_subsystem_add_ns "$NQN" NS1 -n 2 -p "$WORK/bad.ptpl"
+expect "nvmf_subsystem_add_ns --ptpl-file" 'out.strip() == ""' \
+    nvmf_subsystem_add_ns "$NQN" NS1 -n 2 -p "$WORK/ns1.ptpl"
+expect "save_config keeps the ptpl_file" '
+"'"$WORK/ns1.ptpl"'" in [c["params"]["namespace"].get("ptpl_file") for s in j["subsystems"]
+    for c in (s["config"] or []) if c["method"] == "nvmf_subsystem_add_ns"]' save_config
+expect "nvmf_subsystem_remove_ns (2)" 'out.strip() == ""' nvmf_subsystem_remove_ns "$NQN" 2
+expect "bdev_malloc_delete (NS1)" 'out.strip() == ""' bdev_malloc_delete NS1
 # The host list: named hosts only, then back.
 HOSTNQN=nqn.2014-08.org.nvmexpress:uuid:5b0c7a52-6e34-4f5e-9d0a-2f4ad1b0c001
 subsystem_is() { echo '[s for s in j if s["nqn"] == "'"$NQN"'"][0]'"$1"; }

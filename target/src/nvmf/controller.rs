@@ -22,6 +22,7 @@ use nvme_spec::identify::{
 use nvme_spec::log::{self, lid, AsyncEvent, ErrorInfoEntry, FwSlotLog, SmartLog};
 use nvme_spec::opcode::admin;
 use nvme_spec::regs::{offset as reg, shutdown, Cap, Cc, Csts, Vs};
+use nvme_spec::resv::rescap;
 use nvme_spec::{IntoBytes, Status};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -562,7 +563,9 @@ impl Controller {
         c.nn.set(s.max_namespaces);
         c.mnan.set(s.max_namespaces);
         c.oncs
-            .set(identify::oncs::DSM | identify::oncs::WRITE_ZEROES);
+            .set(identify::oncs::DSM | identify::oncs::WRITE_ZEROES | identify::oncs::RESERVATIONS);
+        // Registrants are named by the 128-bit Host Identifier of Connect.
+        c.ctratt.set(identify::ctratt::HOST_ID_128);
         // Volatile write cache present; flush with the broadcast NSID is not supported.
         c.vwc = 0x1 | 0x4;
         c.fna = 0;
@@ -675,6 +678,16 @@ impl Controller {
                 AdminOutcome::ok(0)
             }
             fid::HOST_IDENTIFIER => AdminOutcome::err(Status::COMMAND_SEQUENCE_ERROR),
+            fid::RESERVATION_PERSISTENCE => {
+                let Some(ns) = self.subsys.namespace(cmd.nsid()) else {
+                    return AdminOutcome::err(Status::INVALID_NAMESPACE);
+                };
+                drop(st);
+                match ns.resv.set_ptpl(f.cdw11 & 1 != 0) {
+                    s if s.is_success() => AdminOutcome::ok(0),
+                    s => AdminOutcome::Done { status: s, dw0: 0 },
+                }
+            }
             _ => AdminOutcome::err(Status::INVALID_FIELD),
         }
     }
@@ -683,7 +696,11 @@ impl Controller {
         let f = GetFeatures::from_command(cmd);
         let st = self.lock();
         if f.sel == features::sel::SUPPORTED_CAPABILITIES {
-            return AdminOutcome::ok(features::capability::CHANGEABLE);
+            let mut caps = features::capability::CHANGEABLE;
+            if f.fid == fid::RESERVATION_PERSISTENCE {
+                caps |= features::capability::NS_SPECIFIC;
+            }
+            return AdminOutcome::ok(caps);
         }
         let discovery = self.is_discovery();
         let v = match f.fid {
@@ -709,6 +726,10 @@ impl Controller {
             fid::POWER_MGMT => st.power_mgmt,
             fid::INTERRUPT_COALESCING => st.int_coalescing,
             fid::WRITE_ATOMICITY => st.write_atomicity,
+            fid::RESERVATION_PERSISTENCE => match self.subsys.namespace(cmd.nsid()) {
+                Some(ns) => u32::from(ns.resv.ptpl()),
+                None => return AdminOutcome::err(Status::INVALID_NAMESPACE),
+            },
             _ => return AdminOutcome::err(Status::INVALID_FIELD),
         };
         AdminOutcome::ok(v)
@@ -728,6 +749,10 @@ pub fn identify_namespace(ns: &Namespace) -> IdentifyNamespace {
     n.nmic = 1;
     n.nguid = ns.nguid;
     n.eui64 = ns.eui64;
+    n.rescap = rescap::ALL_TYPES;
+    if ns.resv.ptpl_capable() {
+        n.rescap |= rescap::PTPL;
+    }
     n
 }
 
@@ -933,7 +958,11 @@ mod tests {
         let e = reg
             .register(Arc::new(MallocBdev::new("m0".into(), 256, 512, u).unwrap()))
             .unwrap();
-        assert_eq!(s.add_namespace(e.clone(), 0, None, None, None).unwrap(), 1);
+        assert_eq!(
+            s.add_namespace(e.clone(), 0, None, None, None, None)
+                .unwrap(),
+            1
+        );
         assert!(e.claimed_by().is_some());
         assert_eq!(c.take_event(), Some(0x0004_0002));
         assert_eq!(c.take_event(), None);

@@ -2,6 +2,7 @@
 //! per namespace, opened on the queue's reactor) and the mapping of bdev outcomes to NVMe
 //! status.
 
+use super::reservation::HostId;
 use super::subsystem::{Namespace, Subsystem};
 use crate::bdev::{IoChannel, IoCompletion, IoStatus, IoType};
 use nvme_spec::opcode::{io, DataDirection};
@@ -43,7 +44,40 @@ pub fn data_direction(cmd: &Command) -> DataDirection {
 pub fn supported_io_opcode(op: u8) -> bool {
     matches!(
         op,
-        io::READ | io::WRITE | io::FLUSH | io::WRITE_ZEROES | io::DATASET_MANAGEMENT
+        io::READ
+            | io::WRITE
+            | io::FLUSH
+            | io::WRITE_ZEROES
+            | io::DATASET_MANAGEMENT
+            | io::RESERVATION_REGISTER
+            | io::RESERVATION_REPORT
+            | io::RESERVATION_ACQUIRE
+            | io::RESERVATION_RELEASE
+    )
+}
+
+/// Whether an I/O opcode is a reservation command (run by the target, not the bdev).
+pub fn is_reservation_opcode(op: u8) -> bool {
+    matches!(
+        op,
+        io::RESERVATION_REGISTER
+            | io::RESERVATION_REPORT
+            | io::RESERVATION_ACQUIRE
+            | io::RESERVATION_RELEASE
+    )
+}
+
+/// Whether a reservation counts an opcode as a write (the Base spec's write command group,
+/// with Flush, as SPDK counts it); every other data command counts as a read.
+pub fn reservation_write_class(op: u8) -> bool {
+    matches!(
+        op,
+        io::WRITE
+            | io::WRITE_ZEROES
+            | io::DATASET_MANAGEMENT
+            | io::FLUSH
+            | io::WRITE_UNCORRECTABLE
+            | io::COPY
     )
 }
 
@@ -52,6 +86,41 @@ pub struct NsIo {
     pub ns: Arc<Namespace>,
     pub chan: IoChannel,
     pub block_shift: u32,
+    /// This queue's host's rights under the namespace's reservation, as of `resv_gen`.
+    resv_gen: u64,
+    may_read: bool,
+    may_write: bool,
+}
+
+impl NsIo {
+    /// Whether the reservation lets `host` run a read (or write) command now. One atomic
+    /// load unless the reservation changed since this queue last looked.
+    pub fn resv_allows(&mut self, host: &HostId, write: bool) -> bool {
+        let gen = self.ns.resv.access_gen();
+        if gen != self.resv_gen {
+            let a = self.ns.resv.access(host);
+            self.resv_gen = gen;
+            self.may_read = a.read;
+            self.may_write = a.write;
+        }
+        if write {
+            self.may_write
+        } else {
+            self.may_read
+        }
+    }
+
+    /// The status a data command of `host` that arrived when the abort count was `seen` must
+    /// end with instead of reaching the bdev, if any.
+    pub fn resv_refusal(&mut self, host: &HostId, op: u8, seen: u64) -> Option<Status> {
+        if self.ns.resv.aborted_since(host, seen) {
+            return Some(Status::ABORTED_PREEMPT);
+        }
+        if !self.resv_allows(host, reservation_write_class(op)) {
+            return Some(Status::RESERVATION_CONFLICT.with_dnr());
+        }
+        None
+    }
 }
 
 /// A queue's namespaces, indexed by NSID - 1, refreshed when the subsystem's generation
@@ -105,6 +174,10 @@ impl NsTable {
                         ns,
                         chan,
                         block_shift,
+                        // Forces a look at the reservation on the first command.
+                        resv_gen: u64::MAX,
+                        may_read: true,
+                        may_write: true,
                     });
                 }
                 Err(e) => tracing::warn!("nvmf: namespace {} unusable: {e}", ns.nsid),

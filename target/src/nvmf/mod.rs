@@ -18,6 +18,7 @@
 pub mod controller;
 pub mod discovery;
 pub mod io;
+pub mod reservation;
 pub mod rpc;
 pub mod subsystem;
 pub mod tcp;
@@ -171,6 +172,8 @@ pub enum NvmfError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Ptpl(#[from] reservation::PtplError),
     #[error("host {0} already allowed")]
     HostExists(String),
     #[error("host {0} is not in the allowed list")]
@@ -184,7 +187,9 @@ pub enum NvmfError {
 impl NvmfError {
     pub fn errno(&self) -> i32 {
         match self {
-            NvmfError::InvalidParam(_) | NvmfError::Listen { .. } => libc::EINVAL,
+            NvmfError::InvalidParam(_) | NvmfError::Listen { .. } | NvmfError::Ptpl(_) => {
+                libc::EINVAL
+            }
             NvmfError::SubsystemExists(_)
             | NvmfError::TransportExists(_)
             | NvmfError::NsidExists { .. }

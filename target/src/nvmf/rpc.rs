@@ -84,6 +84,8 @@ struct NsParams {
     nguid: Option<String>,
     eui64: Option<String>,
     anagrpid: Option<u32>,
+    /// Where reservations persist (SPDK's JSON layout); reloaded when the namespace is added.
+    ptpl_file: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -329,8 +331,12 @@ pub fn register(m: &mut Methods) {
                     })
                 })
                 .transpose()?;
+            if n.ptpl_file.as_deref() == Some("") {
+                return Err(RpcError::invalid_params("ptpl_file must name a file"));
+            }
+            let ptpl = n.ptpl_file.as_deref().map(std::path::Path::new);
             let bdev = app.bdevs.get(&n.bdev_name)?;
-            let nsid = s.add_namespace(bdev, n.nsid, uuid, nguid, eui64)?;
+            let nsid = s.add_namespace(bdev, n.nsid, uuid, nguid, eui64, ptpl)?;
             tracing::info!("nvmf: {} namespace {nsid} = bdev {}", p.nqn, n.bdev_name);
             Ok::<_, RpcError>(nsid)
         },

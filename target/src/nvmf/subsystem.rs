@@ -1,6 +1,7 @@
 //! NVMe subsystems: identity, namespaces, allowed hosts, listeners and live controllers.
 
 use super::controller::Controller;
+use super::reservation::Reservations;
 use super::{NvmfError, DEFAULT_SERIAL, MODEL_NUMBER};
 use crate::bdev::BdevEntry;
 use serde_json::{json, Value};
@@ -78,6 +79,8 @@ pub struct Namespace {
     pub uuid: Uuid,
     pub nguid: [u8; 16],
     pub eui64: [u8; 8],
+    /// Registrants and the reservation held, shared by every controller.
+    pub resv: Reservations,
     /// The size controllers were last told about, to notice a resize.
     seen_blocks: AtomicU64,
 }
@@ -91,6 +94,7 @@ impl Namespace {
         uuid: Option<Uuid>,
         nguid: Option<[u8; 16]>,
         eui64: Option<[u8; 8]>,
+        resv: Reservations,
     ) -> Namespace {
         let base = bdev.info().uuid;
         let uuid = uuid.unwrap_or(base);
@@ -110,6 +114,7 @@ impl Namespace {
             uuid,
             nguid,
             eui64,
+            resv,
             seen_blocks,
         }
     }
@@ -319,7 +324,8 @@ impl Subsystem {
         self.lock().allow_any_host = v;
     }
 
-    /// Adds a namespace; `nsid` 0 picks the lowest free one. Claims the bdev.
+    /// Adds a namespace; `nsid` 0 picks the lowest free one. Claims the bdev. With a
+    /// `ptpl_file`, reservations persist there and what it holds comes back.
     pub fn add_namespace(
         &self,
         bdev: Arc<BdevEntry>,
@@ -327,7 +333,14 @@ impl Subsystem {
         uuid: Option<Uuid>,
         nguid: Option<[u8; 16]>,
         eui64: Option<[u8; 8]>,
+        ptpl_file: Option<&std::path::Path>,
     ) -> Result<u32, NvmfError> {
+        // Read before taking any lock or claim: a bad file leaves nothing half done.
+        let bdev_uuid = bdev.info().uuid;
+        let resv = match ptpl_file {
+            Some(p) => Reservations::with_ptpl_file(bdev_uuid, p)?,
+            None => Reservations::new(bdev_uuid),
+        };
         let mut g = self.lock();
         let nsid = if nsid == 0 {
             (1..=self.max_namespaces)
@@ -348,7 +361,7 @@ impl Subsystem {
                 nsid,
             });
         }
-        let ns = Namespace::new(nsid, bdev.clone(), uuid, nguid, eui64);
+        let ns = Namespace::new(nsid, bdev.clone(), uuid, nguid, eui64, resv);
         if g.namespaces.values().any(|n| n.uuid == ns.uuid) {
             return Err(NvmfError::InvalidParam(format!(
                 "uuid {} is already used by another namespace of {}",
@@ -538,15 +551,19 @@ impl Subsystem {
                             "params": {"nqn": self.nqn, "host": h}}));
         }
         for n in g.namespaces.values() {
+            let mut ns = json!({
+                "nsid": n.nsid,
+                "bdev_name": n.bdev.name(),
+                "uuid": n.uuid.to_string(),
+                "nguid": hex_upper(&n.nguid),
+                "eui64": hex_upper(&n.eui64),
+            });
+            if let Some(p) = n.resv.ptpl_file() {
+                ns["ptpl_file"] = json!(p.display().to_string());
+            }
             out.push(json!({"method": "nvmf_subsystem_add_ns", "params": {
                 "nqn": self.nqn,
-                "namespace": {
-                    "nsid": n.nsid,
-                    "bdev_name": n.bdev.name(),
-                    "uuid": n.uuid.to_string(),
-                    "nguid": hex_upper(&n.nguid),
-                    "eui64": hex_upper(&n.eui64),
-                }
+                "namespace": ns,
             }}));
         }
         for l in &g.listeners {

@@ -131,10 +131,8 @@ const NVMF_CREATE_SUBSYSTEM: &[Foreign] = &[
     only("admin_label", ABSENT),
 ];
 
-const NVMF_SUBSYSTEM_ADD_NS: &[Foreign] = &[
-    only("namespace.ptpl_file", ABSENT),
-    only("namespace.no_auto_visible", FALSE),
-];
+// `namespace.ptpl_file` is plexd's own parameter now (reservations persist there).
+const NVMF_SUBSYSTEM_ADD_NS: &[Foreign] = &[only("namespace.no_auto_visible", FALSE)];
 
 const NVMF_SUBSYSTEM_ADD_LISTENER: &[Foreign] = &[
     only("secure_channel", FALSE),
@@ -334,9 +332,15 @@ mod tests {
         );
         // Nested, and null as absent.
         let mut p = json!({"nqn": "n", "namespace": {"bdev_name": "M0", "no_auto_visible": false,
-            "ptpl_file": null}});
+            "ptpl_file": "/var/lib/ns1"}});
         admit("nvmf_subsystem_add_ns", &mut p).unwrap();
-        assert_eq!(p, json!({"nqn": "n", "namespace": {"bdev_name": "M0"}}));
+        assert_eq!(
+            p,
+            json!({"nqn": "n", "namespace": {"bdev_name": "M0", "ptpl_file": "/var/lib/ns1"}})
+        );
+        let mut p = json!({"nqn": "n", "admin_label": null});
+        admit("nvmf_create_subsystem", &mut p).unwrap();
+        assert_eq!(p, json!({"nqn": "n"}));
     }
 
     #[test]

@@ -13,7 +13,9 @@
 //! `DmaBuf` from the pool's per-thread cache.
 
 use super::super::controller::{self, AdminOutcome, ConnInfo, Controller, MAX_AERS};
-use super::super::io::{data_direction, nvme_status, supported_io_opcode, NsTable};
+use super::super::io::{
+    data_direction, is_reservation_opcode, nvme_status, supported_io_opcode, NsTable,
+};
 use super::super::subsystem::ListenAddr;
 use super::super::{NvmfTarget, TransportOpts};
 use crate::bdev::{BdevIo, IoCompletion, IoType};
@@ -76,6 +78,8 @@ struct Slot {
     /// Next DSM range to submit.
     next_range: u16,
     status: Status,
+    /// The namespace's preempt-and-abort count when the command arrived.
+    abort_seen: u64,
 }
 
 impl Default for Slot {
@@ -90,6 +94,7 @@ impl Default for Slot {
             pending: 0,
             next_range: 0,
             status: Status::SUCCESS,
+            abort_seen: 0,
         }
     }
 }
@@ -775,11 +780,18 @@ impl Conn {
         };
         self.sqhd = (self.sqhd + 1) % self.sqsize.max(1);
         let dir = data_direction(&cmd);
+        // A preempt-and-abort after this point aborts the command if it has not run yet.
+        let abort_seen = if self.qid != 0 && !cmd.is_fabrics() {
+            self.ns.get(cmd.nsid()).map_or(0, |n| n.ns.resv.abort_gen())
+        } else {
+            0
+        };
         let s = &mut self.slots[si as usize];
         *s = Slot {
             cmd,
             dir,
             state: SlotState::RecvData,
+            abort_seen,
             ..Slot::default()
         };
         let sgl = cmd.sgl1();
@@ -878,7 +890,9 @@ impl Conn {
         if u64::from(rw.nblocks) << ns.block_shift != u64::from(xfer) {
             return Some(Status::SGL_INVALID_DATA_LENGTH.with_dnr());
         }
-        None
+        // No point asking for data a reservation will refuse (it is checked again at exec).
+        let host = self.ctrl.as_ref()?.hostid;
+        ns.resv_refusal(&host, cmd.opcode, self.slots[si as usize].abort_seen)
     }
 
     /// Skips `data_len` bytes of PDU data (and its digest) that no command wants.
@@ -1009,9 +1023,20 @@ impl Conn {
             return self.complete(si, Status::INVALID_OPCODE.with_dnr(), 0);
         }
         let nsid = cmd.nsid();
+        let Some(host) = self.ctrl.as_ref().map(|c| c.hostid) else {
+            return self.complete(si, Status::COMMAND_SEQUENCE_ERROR.with_dnr(), 0);
+        };
         let Some(ns) = self.ns.get(nsid) else {
             return self.complete(si, Status::INVALID_NAMESPACE.with_dnr(), 0);
         };
+        if is_reservation_opcode(cmd.opcode) {
+            return self.exec_reservation(si, &cmd);
+        }
+        // Checked here, at the last step before the bdev, so commands that waited (for data,
+        // for a full queue) see a preempt that happened meanwhile.
+        if let Some(st) = ns.resv_refusal(&host, cmd.opcode, self.slots[si as usize].abort_seen) {
+            return self.complete(si, st, 0);
+        }
         let nblocks_dev = ns.ns.num_blocks();
         let shift = ns.block_shift;
         let s = &mut self.slots[si as usize];
@@ -1080,6 +1105,11 @@ impl Conn {
             return self.complete(si, Status::INVALID_NAMESPACE.with_dnr(), 0);
         };
         let dev_blocks = ns.ns.num_blocks();
+        // Ranges resubmitted after a full queue must not slip past a preempt either.
+        let refusal = match self.ctrl.as_ref() {
+            Some(c) => ns.resv_refusal(&c.hostid, cmd.opcode, self.slots[si as usize].abort_seen),
+            None => Some(Status::COMMAND_SEQUENCE_ERROR.with_dnr()),
+        };
         let s = &mut self.slots[si as usize];
         let Some(buf) = s.buf.as_ref() else {
             return self.complete(si, Status::SGL_INVALID_DATA_LENGTH.with_dnr(), 0);
@@ -1088,6 +1118,10 @@ impl Conn {
             return self.complete(si, Status::INTERNAL, 0);
         };
         let mut i = s.next_range as usize;
+        if let Some(st) = refusal {
+            s.status = st;
+            i = ranges.len();
+        }
         let mut stalled = false;
         while i < ranges.len() {
             let r = ranges[i];
@@ -1119,6 +1153,41 @@ impl Conn {
             // The last completion finishes the command.
             s.next_range = u16::MAX;
         }
+    }
+
+    /// Reservation Register, Acquire, Release or Report: run at once on the namespace's
+    /// reservation state, never at the bdev.
+    fn exec_reservation(&mut self, si: u16, cmd: &Command) {
+        use nvme_spec::resv::{ResvAcquire, ResvRegister, ResvRelease, ResvReport};
+        let (Some(ctrl), Some(ns)) = (self.ctrl.as_ref(), self.ns.get(cmd.nsid())) else {
+            return self.complete(si, Status::INVALID_NAMESPACE.with_dnr(), 0);
+        };
+        let host = ctrl.hostid;
+        let resv = &ns.ns.resv;
+        let s = &mut self.slots[si as usize];
+        let mut empty: [u8; 0] = [];
+        let data: &mut [u8] = match s.buf.as_mut() {
+            Some(b) => &mut b[..],
+            None => &mut empty,
+        };
+        let status = match cmd.opcode {
+            io::RESERVATION_REGISTER => {
+                resv.register(&host, &ResvRegister::from_command(cmd), data)
+            }
+            io::RESERVATION_ACQUIRE => resv.acquire(&host, &ResvAcquire::from_command(cmd), data),
+            io::RESERVATION_RELEASE => resv.release(&host, &ResvRelease::from_command(cmd), data),
+            io::RESERVATION_REPORT => resv.report(&ResvReport::from_command(cmd), data),
+            _ => Status::INVALID_OPCODE.with_dnr(),
+        };
+        if !status.is_success() {
+            tracing::debug!(
+                "nvmf/tcp {}: {} on namespace {}: {status}",
+                self.peer,
+                cmd.opcode_name(false),
+                cmd.nsid()
+            );
+        }
+        self.complete(si, status, 0);
     }
 
     /// Polls bdev completions and retries I/O that found a queue full.

@@ -44,7 +44,8 @@ fn world() -> &'static World {
         let b = MallocBdev::new("fuzz0".into(), 256, 512, uuid::Uuid::from_u128(1))
             .expect("malloc bdev");
         let e = bdevs.register(Arc::new(b)).expect("register");
-        s.add_namespace(e, 1, None, None, None).expect("namespace");
+        s.add_namespace(e, 1, None, None, None, None)
+            .expect("namespace");
         let listener = TcpListener::bind("127.0.0.1:0").expect("loopback listener");
         let port = listener.local_addr().expect("bound").port();
         let listen = ListenAddr {
