@@ -148,15 +148,22 @@ expect "bdev_malloc_delete (NS0)" 'out.strip() == ""' bdev_malloc_delete NS0
 
 # Every method plexd serves must be driven through spdk-rpc by one of the spdk_* scripts, or
 # be in the SPDK save_config file that spdk_config.sh replays with spdk-rpc load_config, so a
-# new method cannot skip SPDK's client.
+# new method cannot skip SPDK's client. plexd's own methods, which SPDK's client does not know
+# (bdev_mirror_*), must instead be called by a test of their own under target/tests/.
 untested=$(rpc rpc_get_methods | python3 -c 'import json, sys; print("\n".join(json.load(sys.stdin)))' |
     while read -r m; do
+        case $m in
+        bdev_mirror_*)
+            grep -qw -- "\"$m\"" "$REPO"/target/tests/mirror_*.rs || echo "$m"
+            continue
+            ;;
+        esac
         grep -qw -- "$m" "$REPO"/tests/host/spdk_*.sh ||
             grep -q "\"method\": \"$m\"" "$REPO/target/tests/data/spdk-save_config-nvmf_tgt.json" ||
             echo "$m"
     done)
 if [ -z "$untested" ]; then
-    pass "every method plexd serves is driven through spdk-rpc"
+    pass "every method plexd serves is driven through spdk-rpc (plexd's own: by its tests)"
 else
     fail "every method plexd serves is driven through spdk-rpc" "not here: $(echo $untested)"
 fi

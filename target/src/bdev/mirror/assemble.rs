@@ -81,6 +81,7 @@ pub fn plan(
             _ => None,
         })
         .collect();
+    // Each plex against what was asked for, then against each other.
     for (i, sb) in &ours {
         let loc = &found[*i].0;
         if sb.mirror_name != name {
@@ -95,6 +96,9 @@ pub fn plan(
                 sb.mirror_uuid
             ));
         }
+    }
+    for (i, sb) in &ours {
+        let loc = &found[*i].0;
         if let Some((j, other)) = ours.iter().find(|(_, o)| o.mirror_uuid != sb.mirror_uuid) {
             return Err(format!(
                 "plexes {loc} and {} belong to different mirrors ({} and {})",
@@ -514,6 +518,7 @@ async fn build(
         faults_recorded: AtomicU64::new(0),
         failed: AtomicBool::new(false),
         resync_rate: AtomicU64::new(app.mirror.default_resync_rate()),
+        clear_interval_ms: AtomicU64::new(super::DEFAULT_CLEAR_INTERVAL_MS),
         scheduled: AtomicU64::new(plan.plexes.len() as u64),
         assembly_notes: Mutex::new(plan.notes.clone()),
         subscriptions: Mutex::new(Vec::new()),

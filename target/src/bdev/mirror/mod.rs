@@ -36,8 +36,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use superblock::Layout;
 use uuid::Uuid;
 
-/// Default resync rate limit, bytes per second (0 = unlimited).
-pub const DEFAULT_RESYNC_RATE: u64 = 0;
+/// Default interval of bitmap clearing, ms.
+pub const DEFAULT_CLEAR_INTERVAL_MS: u64 = 5000;
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -79,6 +79,10 @@ pub struct Core {
     pub failed: AtomicBool,
     /// Resync rate limit, bytes per second (0 = none).
     pub resync_rate: AtomicU64,
+    /// How often regions with no write in flight are cleared from the bitmap, in ms. Longer
+    /// keeps hot regions marked (fewer bitmap writes), at the cost of more to resync after a
+    /// crash; md's write-intent bitmap waits 5 s by default, and so do we.
+    pub clear_interval_ms: AtomicU64,
     /// How many plexes the operator asked for (scheduled), against those present (actual).
     pub scheduled: AtomicU64,
     /// Why the mirror was assembled the way it was, for `bdev_mirror_get_mirrors`.

@@ -93,6 +93,8 @@ struct SetOptions {
     name: Option<String>,
     resync_rate_mb_per_sec: Option<u64>,
     region_size: Option<u64>,
+    /// How often idle regions leave the bitmap (a mirror only).
+    bitmap_clear_interval_ms: Option<u64>,
 }
 
 fn mirror(app: &App, name: &str) -> Result<Arc<Core>, RpcError> {
@@ -254,8 +256,21 @@ pub fn register(m: &mut Methods) {
                     if let Some(r) = rate {
                         core.resync_rate.store(r, Ordering::Relaxed);
                     }
+                    if let Some(ms) = p.bitmap_clear_interval_ms {
+                        if ms == 0 {
+                            return Err(RpcError::invalid_params(
+                                "bitmap_clear_interval_ms must be at least 1",
+                            ));
+                        }
+                        core.clear_interval_ms.store(ms, Ordering::Relaxed);
+                    }
                 }
                 None => {
+                    if p.bitmap_clear_interval_ms.is_some() {
+                        return Err(RpcError::invalid_params(
+                            "bitmap_clear_interval_ms is set per mirror (give its name)",
+                        ));
+                    }
                     if let Some(r) = rate {
                         app.mirror.default_resync_rate.store(r, Ordering::Relaxed);
                     }
@@ -366,6 +381,7 @@ pub fn describe(core: &Core) -> Value {
         "regions": core.intent.regions,
         "dirty_regions": core.intent.dirty.count(),
         "resync_rate_bytes_per_sec": core.resync_rate.load(Ordering::Relaxed),
+        "bitmap_clear_interval_ms": core.clear_interval_ms.load(Ordering::Relaxed),
         "scheduled_plexes": core.scheduled.load(Ordering::Acquire),
         "actual_plexes": actual,
         "plexes": plexes,

@@ -6,7 +6,7 @@
 //! - **Bitmap**: a write to a clean region asks for its chunk; the service writes the chunk
 //!   (a snapshot of the dirty bits) to every plex taking writes, at most one write per chunk at
 //!   a time, so chunks on disk only ever gain bits between clearings; then the bits are on disk.
-//! - **Clearing**: once a second, when every plex is in sync, regions with no write in flight
+//! - **Clearing**: every `clear_interval_ms` (5 s), when every plex is in sync, regions with no write in flight
 //!   are cleared (see `intent.rs` for the ordering) and their chunks rewritten.
 //! - **Resync**: one plex at a time, region by region from a serving plex (local preferred),
 //!   each region locked against writes while it is copied; rate-limited; progress is written to
@@ -29,8 +29,6 @@ const SEC: u64 = 1_000_000_000;
 /// Where an operator request's answer goes.
 type Reply<T> = tokio::sync::oneshot::Sender<T>;
 type RemoveReply = Reply<Result<(), String>>;
-/// How often idle regions are cleared from the bitmap.
-const CLEAR_EVERY_NS: u64 = SEC;
 /// How often a faulted plex with a bdev is read to see whether it is usable again.
 const PROBE_EVERY_NS: u64 = 2 * SEC;
 /// How often resync progress is written to the superblocks.
@@ -165,7 +163,8 @@ impl Service {
         self.start_chunks();
         self.start_header();
         let now = now_ns();
-        if now - self.last_clear_ns >= CLEAR_EVERY_NS {
+        let clear_every = self.core.clear_interval_ms.load(Ordering::Relaxed) * 1_000_000;
+        if now - self.last_clear_ns >= clear_every {
             self.last_clear_ns = now;
             self.clear_idle_regions();
         }
@@ -637,9 +636,13 @@ impl Service {
             return None;
         };
         let intent = &self.core.intent;
+        // An interrupted copy resumes where it stood: all regions from there if the plex was
+        // never in sync (a new plex's full copy), else the marked ones from there (the bits of
+        // regions a plex missed stay set until every plex is in sync again).
+        let never_in_sync = t.in_sync_generation.load(Ordering::Acquire) == 0;
         let (full, start) = match &why {
             Behind::New => (true, 0),
-            Behind::Interrupted { next_region } => (false, *next_region),
+            Behind::Interrupted { next_region } => (never_in_sync, *next_region),
             _ => (false, 0),
         };
         // Writes reach the plex from now on, so what is copied stays current.
