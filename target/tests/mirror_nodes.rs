@@ -187,3 +187,62 @@ fn a_killed_plex_node_leaves_the_mirror_writable_and_returns_to_a_partial_resync
     drop(host);
     assert_plexes_match(&[&fa, &fb], data_offset, blocks);
 }
+
+#[test]
+fn a_new_owner_fences_the_old_one_which_can_no_longer_acknowledge_a_write() {
+    let dir = temp_dir();
+    let (fa, fb) = (
+        plex_file(dir.path(), "a.img"),
+        plex_file(dir.path(), "b.img"),
+    );
+    let (_b, port_b) = start_b(dir.path(), &fb, "b", None);
+    let (a, port_a) = start_a(dir.path(), &fa, port_b);
+    let mut host = Driver::connect(port_a, NQN_M);
+    let written = write_regions(&a, &mut host, 7, &[1, 2, 33]);
+    assert!(
+        a.log_text().contains("plex Bn1 reserved (Acquired)"),
+        "{}",
+        a.log_text()
+    );
+
+    // C takes the volume over from B's plex alone (A is, as far as C knows, gone).
+    let c = Plexd::start(dir.path(), "c", &["-m", "0x1"]);
+    c.ok(
+        "bdev_nvme_attach_controller",
+        json!({"name": "B", "trtype": "tcp", "adrfam": "ipv4", "traddr": "127.0.0.1",
+               "trsvcid": port_b.to_string(), "subnqn": NQN_A}),
+    );
+    c.ok(
+        "bdev_mirror_create",
+        json!({"name": "m", "plexes": ["Bn1"]}),
+    );
+    assert!(c.log_text().contains("preempted"), "{}", c.log_text());
+    let mc = c.ok("bdev_mirror_get_mirrors", json!({"name": "m"}))[0].clone();
+    assert_eq!(mc["state"], "degraded", "A's plex is not C's: {mc:#}");
+
+    // A's next write reaches B's plex, is refused, and A acknowledges nothing from now on.
+    let bs = host.block_size;
+    let lba = 5 * REGION / 512;
+    let r = host.write(lba, pattern(99, lba, 4096, bs));
+    assert!(
+        matches!(&r, Err(e) if e.is_reservation_conflict()),
+        "{r:?}\n{}",
+        a.log_text()
+    );
+    let r = host.write(0, pattern(98, 0, 4096, bs));
+    assert!(
+        r.is_err(),
+        "a fenced owner refuses even writes its local plex could take: {r:?}"
+    );
+
+    // Everything A acknowledged is on C's volume.
+    let port_c = free_port();
+    c.export(NQN_M, "m", port_c, json!({"trtype": "TCP"}));
+    let mut host_c = Driver::connect(port_c, NQN_M);
+    for (lba, data) in &written {
+        assert!(
+            host_c.read(*lba, data.len()).unwrap() == *data,
+            "LBA {lba} on the new owner"
+        );
+    }
+}

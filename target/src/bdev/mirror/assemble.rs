@@ -455,6 +455,7 @@ async fn build(
     for n in &plan.notes {
         tracing::info!("mirror {name}: {n}");
     }
+    fence_remote_plexes(app, name, plan.uuid, offers).await?;
     let home = app.reactors.handles()[0].clone();
     // The bitmap: the union of the sources' (a damaged chunk counts as all dirty).
     let intent = super::intent::IntentLog::new(layout.regions());
@@ -517,6 +518,7 @@ async fn build(
         fault_tickets: AtomicU64::new(0),
         faults_recorded: AtomicU64::new(0),
         failed: AtomicBool::new(false),
+        fenced: AtomicBool::new(false),
         resync_rate: AtomicU64::new(app.mirror.default_resync_rate()),
         clear_interval_ms: AtomicU64::new(super::DEFAULT_CLEAR_INTERVAL_MS),
         scheduled: AtomicU64::new(plan.plexes.len() as u64),
@@ -575,6 +577,54 @@ async fn build(
         core.generation.load(Ordering::Acquire)
     );
     Ok(core)
+}
+
+/// Takes the reservation of every remote plex before any superblock is written: from here on
+/// a previous owner can no longer write them.
+async fn fence_remote_plexes(
+    app: &App,
+    name: &str,
+    mirror: Uuid,
+    offers: &[Offer],
+) -> Result<(), RpcError> {
+    for o in offers {
+        let Some(e) = &o.entry else { continue };
+        if e.bdev().module() != "nvme" {
+            continue;
+        }
+        let ds = e.bdev().driver_specific();
+        let (Some(ctrlr), Some(nsid)) = (ds["ctrlr_name"].as_str(), ds["nsid"].as_u64()) else {
+            continue;
+        };
+        let Some(c) = app.nvme.get(ctrlr) else {
+            continue;
+        };
+        let spec = c.spec.clone();
+        let key = super::fence::key_for(mirror, &spec.hostid);
+        let loc = o.location.clone();
+        let r = tokio::task::spawn_blocking(move || super::fence::take(&spec, nsid as u32, key))
+            .await
+            .map_err(|e| RpcError::internal(format!("fencing {loc}: {e}")))?;
+        match r {
+            Ok(super::fence::Fenced::Preempted { previous_key }) => tracing::warn!(
+                "mirror {name}: plex {} was held by another owner (key {previous_key:#x}): preempted; \
+                 that owner can no longer write it",
+                o.location
+            ),
+            Ok(f) => tracing::info!("mirror {name}: plex {} reserved ({f:?})", o.location),
+            Err(err) => {
+                return Err(RpcError::errno(
+                    libc::EIO,
+                    format!(
+                        "mirror {name}: cannot take the reservation of remote plex {} ({err}); \
+                         refusing to write it without fencing",
+                        o.location
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Subscribes to each plex bdev's events: a removed plex, or one shrunk below the mirror, is

@@ -23,6 +23,12 @@ use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use super::RESERVATION_CONFLICT;
+
+fn is_reservation_conflict(s: IoStatus) -> bool {
+    s == RESERVATION_CONFLICT
+}
+
 /// A leg: this channel's view of one plex.
 struct Leg {
     plex: Arc<Plex>,
@@ -310,6 +316,11 @@ impl MirrorChannel {
             if plex.role() == Role::Serving {
                 m.served += 1;
             }
+        } else if is_reservation_conflict(c.status) {
+            // Another owner took this plex: this instance must stop acknowledging writes at
+            // once, or they would be lost to the new owner.
+            core.mark_fenced(&plex.location);
+            m.first_error = Some(c.status);
         } else {
             let was_serving = plex.role() == Role::Serving;
             tracing::warn!(
@@ -354,8 +365,10 @@ impl MirrorChannel {
             b.reclaim();
         }
         // A write the superblocks could not record a fault for, in a mirror that failed, may
-        // be missing from the plex a crash would bring back: it fails.
-        let ok = m.served > 0 && !(m.ticket > 0 && core.failed.load(Ordering::Acquire));
+        // be missing from the plex a crash would bring back: it fails. So does anything a
+        // fenced instance did.
+        let fenced = core.fenced.load(Ordering::Acquire);
+        let ok = m.served > 0 && !fenced && !(m.ticket > 0 && core.failed.load(Ordering::Acquire));
         let status = if ok {
             IoStatus::Success
         } else {
@@ -375,7 +388,7 @@ impl MirrorChannel {
                 Some(Stage::Regions) => {
                     if self.core.failed.load(Ordering::Acquire) {
                         let m = self.ios[s as usize].as_mut().expect("live");
-                        m.first_error = Some(IoStatus::IoError(libc::EIO));
+                        m.first_error = Some(self.core.failed_status());
                         self.finish(s);
                     } else if self.enter_regions(s) {
                         self.issue(s);
@@ -393,7 +406,7 @@ impl MirrorChannel {
 impl BdevChannel for MirrorChannel {
     fn submit(&mut self, io: BdevIo) -> Result<(), BdevIo> {
         if self.core.failed.load(Ordering::Acquire) {
-            self.ready.push(io.complete(IoStatus::IoError(libc::EIO)));
+            self.ready.push(io.complete(self.core.failed_status()));
             return Ok(());
         }
         self.sync_legs();

@@ -19,6 +19,7 @@
 pub mod assemble;
 pub mod blockio;
 pub mod channel;
+pub mod fence;
 pub mod intent;
 pub mod plex;
 pub mod rpc;
@@ -38,6 +39,10 @@ use uuid::Uuid;
 
 /// Default interval of bitmap clearing, ms.
 pub const DEFAULT_CLEAR_INTERVAL_MS: u64 = 5000;
+
+/// What a remote plex answers a host whose reservation was preempted.
+pub const RESERVATION_CONFLICT: crate::bdev::IoStatus =
+    crate::bdev::IoStatus::Nvme { sct: 0, sc: 0x83 };
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -75,8 +80,11 @@ pub struct Core {
     pub home: ReactorHandle,
     fault_tickets: AtomicU64,
     faults_recorded: AtomicU64,
-    /// No serving plex is left: all I/O fails.
+    /// No serving plex is left, or another owner fenced this one: all I/O fails.
     pub failed: AtomicBool,
+    /// Another owner took a plex's reservation: this instance must never acknowledge a write
+    /// again (its writes would be lost to the new owner).
+    pub fenced: AtomicBool,
     /// Resync rate limit, bytes per second (0 = none).
     pub resync_rate: AtomicU64,
     /// How often regions with no write in flight are cleared from the bitmap, in ms. Longer
@@ -148,6 +156,28 @@ impl Core {
     /// Whether the superblocks record every fault up to `ticket`.
     pub fn fault_recorded(&self, ticket: u64) -> bool {
         self.faults_recorded.load(Ordering::Acquire) >= ticket
+    }
+
+    /// Another owner took plex `location`'s reservation (a Reservation Conflict on any I/O to
+    /// it, data or metadata): this instance stops.
+    pub fn mark_fenced(&self, location: &str) {
+        if !self.fenced.swap(true, Ordering::AcqRel) {
+            tracing::error!(
+                "mirror {}: plex {location} answered Reservation Conflict: another owner has \
+                 taken over; this instance fails all I/O from now on",
+                self.name
+            );
+        }
+        self.failed.store(true, Ordering::Release);
+    }
+
+    /// The status I/O of a failed mirror ends with.
+    pub fn failed_status(&self) -> crate::bdev::IoStatus {
+        if self.fenced.load(Ordering::Acquire) {
+            RESERVATION_CONFLICT
+        } else {
+            crate::bdev::IoStatus::IoError(libc::EIO)
+        }
     }
 
     /// Mirror block `b` on a plex.

@@ -474,6 +474,11 @@ impl Service {
             return;
         };
         let ok = c.status.is_ok();
+        if c.status == super::RESERVATION_CONFLICT {
+            if let Some(p) = self.core.plex(plex) {
+                self.core.mark_fenced(&p.location);
+            }
+        }
         match op {
             Op::Header { plex } => {
                 let serving = self

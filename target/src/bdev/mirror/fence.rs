@@ -1,0 +1,169 @@
+//! Fencing: only one mirror instance may write a set of plexes. The owner holds a Write
+//! Exclusive reservation on each remote plex's namespace, as the NVMe standard intends; a new
+//! owner preempts (and aborts) the old one's, after which every write of the old owner to that
+//! plex fails with Reservation Conflict, and its mirror stops acknowledging writes (see
+//! `channel.rs`), so two owners can never both acknowledge.
+//!
+//! The commands go on a short-lived connection of their own with the same host NQN and host
+//! ID as the `bdev_nvme` controller of the plex: a registrant is a host, so the reservation
+//! covers that controller's queues, and nothing on the reactors waits for it.
+
+use crate::bdev::nvme::AttachSpec;
+use initiator::{Controller, CtrlrOpts, IoError, IoQpair};
+use nvme_spec::resv::{racqa, rrega, ResvAcquire, ResvRegister, ResvStatus, ResvType};
+use std::time::{Duration, Instant};
+
+/// How long one reservation command may take.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The reservation key of this owner for this mirror: the same after a restart, different for
+/// another owner node or another mirror.
+pub fn key_for(mirror: uuid::Uuid, hostid: &[u8; 16]) -> u64 {
+    let u = uuid::Uuid::new_v5(&mirror, hostid);
+    u64::from_le_bytes(u.as_bytes()[..8].try_into().expect("8 bytes")).max(1)
+}
+
+/// What fencing found and did on one plex.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Fenced {
+    /// Nobody held it: we took it.
+    Acquired,
+    /// We held it already.
+    AlreadyOurs,
+    /// Another host held it: preempted (its queued commands aborted).
+    Preempted { previous_key: u64 },
+}
+
+struct Session {
+    ctrlr: Controller,
+    qp: IoQpair<Vec<u8>>,
+    tag: u64,
+}
+
+impl Session {
+    fn open(spec: &AttachSpec) -> Result<Session, String> {
+        let opts = CtrlrOpts {
+            hostnqn: spec.hostnqn.clone(),
+            hostid: spec.hostid,
+            num_io_queues: 1,
+            io_timeout: Some(COMMAND_TIMEOUT),
+            ..CtrlrOpts::default()
+        };
+        let mut ctrlr = Controller::connect(&spec.trid, &opts)
+            .map_err(|e| format!("connecting to {}: {e}", spec.trid))?;
+        let qp = ctrlr
+            .alloc_io_qpair(Some(8))
+            .map_err(|e| format!("I/O queue on {}: {e}", spec.trid))?;
+        Ok(Session { ctrlr, qp, tag: 0 })
+    }
+
+    /// Runs one command submitted by `submit` to completion.
+    fn run(
+        &mut self,
+        what: &str,
+        submit: impl FnOnce(&mut IoQpair<Vec<u8>>, u64) -> Result<(), initiator::SubmitError<Vec<u8>>>,
+    ) -> Result<Result<Vec<u8>, IoError>, String> {
+        self.tag += 1;
+        let tag = self.tag;
+        submit(&mut self.qp, tag).map_err(|e| format!("{what}: not sent ({:?})", e.kind))?;
+        let t0 = Instant::now();
+        loop {
+            let mut out = None;
+            self.ctrlr.poll();
+            self.qp.poll(|c| {
+                if c.tag == tag {
+                    out = Some(c.result.map(|_| c.buf.unwrap_or_default()));
+                }
+            });
+            if let Some(r) = out {
+                return Ok(r);
+            }
+            if t0.elapsed() > COMMAND_TIMEOUT {
+                return Err(format!("{what}: no answer in {COMMAND_TIMEOUT:?}"));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+}
+
+/// Takes the Write Exclusive reservation of namespace `nsid` behind `spec` with `key`,
+/// preempting any other holder. Blocking: run it off the reactors.
+pub fn take(spec: &AttachSpec, nsid: u32, key: u64) -> Result<Fenced, String> {
+    let mut s = Session::open(spec)?;
+    // Register our key; a registration of ours under another key is replaced.
+    let reg = |iekey, action| ResvRegister {
+        nsid,
+        rrega: action,
+        iekey,
+        cptpl: 0,
+    };
+    let r = s.run("Reservation Register", |qp, t| {
+        qp.resv_register(reg(false, rrega::REGISTER), 0, key, vec![0; 16], t)
+    })?;
+    if let Err(e) = r {
+        if !e.is_reservation_conflict() {
+            return Err(format!("Reservation Register: {e}"));
+        }
+        s.run("Reservation Register (replace)", |qp, t| {
+            qp.resv_register(reg(true, rrega::REPLACE), 0, key, vec![0; 16], t)
+        })?
+        .map_err(|e| format!("Reservation Register (replace): {e}"))?;
+    }
+    let report = s
+        .run("Reservation Report", |qp, t| {
+            qp.resv_report(nsid, vec![0; 4096], t)
+        })?
+        .map_err(|e| format!("Reservation Report: {e}"))?;
+    let status = ResvStatus::parse_extended(&report).ok_or("Reservation Report: unreadable")?;
+    let holder = status.registrants.iter().find(|r| r.2).map(|r| (r.0, r.1));
+    let we = ResvType::WriteExclusive as u8;
+    let acquire = |action, prkey| {
+        move |qp: &mut IoQpair<Vec<u8>>, t| {
+            let a = ResvAcquire {
+                nsid,
+                racqa: action,
+                iekey: false,
+                rtype: we,
+            };
+            qp.resv_acquire(a, key, prkey, vec![0; 16], t)
+        }
+    };
+    let outcome = match holder {
+        Some((hostid, _))
+            if hostid == spec.hostid && status.rtype == Some(ResvType::WriteExclusive) =>
+        {
+            Fenced::AlreadyOurs
+        }
+        Some((hostid, holder_key)) if hostid != spec.hostid => {
+            s.run(
+                "Reservation Acquire (preempt and abort)",
+                acquire(racqa::PREEMPT_AND_ABORT, holder_key),
+            )?
+            .map_err(|e| format!("Reservation Acquire (preempt and abort): {e}"))?;
+            Fenced::Preempted {
+                previous_key: holder_key,
+            }
+        }
+        _ => {
+            s.run("Reservation Acquire", acquire(racqa::ACQUIRE, 0))?
+                .map_err(|e| format!("Reservation Acquire: {e}"))?;
+            Fenced::Acquired
+        }
+    };
+    Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_stable_per_owner_and_mirror_and_never_zero() {
+        let (m1, m2) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        let (h1, h2) = ([1u8; 16], [2u8; 16]);
+        assert_eq!(key_for(m1, &h1), key_for(m1, &h1));
+        assert_ne!(key_for(m1, &h1), key_for(m1, &h2));
+        assert_ne!(key_for(m1, &h1), key_for(m2, &h1));
+        assert_ne!(key_for(m1, &h1), 0);
+    }
+}
