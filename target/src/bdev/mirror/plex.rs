@@ -102,6 +102,8 @@ pub struct ResyncProgress {
     pub bytes_copied: u64,
     /// Copy rate over the last measurement, bytes per second.
     pub rate_bps: u64,
+    /// How long the copy took, once finished.
+    pub duration_ms: u64,
 }
 
 /// A plex's condition, with the reason for it.

@@ -358,6 +358,7 @@ pub fn describe(core: &Core) -> Value {
                     "full": r.full,
                     "regions": r.regions_done,
                     "bytes_copied": r.bytes_copied,
+                        "duration_ms": r.duration_ms,
                 })),
             })
         })

@@ -861,6 +861,7 @@ impl Service {
             progress.regions_done = rs.regions.len() as u64;
             progress.bytes_copied = rs.bytes;
             progress.next_region = core.intent.regions;
+            progress.duration_ms = (now_ns() - rs.started_ns) / 1_000_000;
             *super::lock(&t.last_resync) = Some(progress);
         }
         t.set_condition(Condition::InUse);
