@@ -12,7 +12,11 @@ use std::time::{Duration, Instant};
 #[derive(Args, Debug)]
 pub struct VolumeArgs {
     /// The nodes file (JSON; see the README). Volumes are recorded in NAME.state.json beside it.
-    #[arg(short = 'f', long = "nodes-file", default_value = "/etc/plexstor/nodes.json")]
+    #[arg(
+        short = 'f',
+        long = "nodes-file",
+        default_value = "/etc/plexstor/nodes.json"
+    )]
     pub nodes_file: PathBuf,
     #[command(subcommand)]
     pub cmd: VolumeCmd,

@@ -321,7 +321,10 @@ impl Cluster {
                 Ok(rec)
             }
             Err(e) => {
-                self.say(&format!("creating {} failed ({e}); undoing what was made", o.name));
+                self.say(&format!(
+                    "creating {} failed ({e}); undoing what was made",
+                    o.name
+                ));
                 let mut r = Report::default();
                 let left = self.teardown(&rec, &mut r);
                 if !left.is_empty() {
@@ -342,7 +345,9 @@ impl Cluster {
         let names = self.names_of(rec);
         for n in rec.nodes() {
             let mut c = self.client(&n)?;
-            let bdevs = c.call("bdev_get_bdevs", Value::Null).map_err(node_err(&n))?;
+            let bdevs = c
+                .call("bdev_get_bdevs", Value::Null)
+                .map_err(node_err(&n))?;
             let subs = c
                 .call("nvmf_get_subsystems", Value::Null)
                 .map_err(node_err(&n))?;
@@ -439,7 +444,12 @@ impl Cluster {
                 .map_err(node_err(&p.node))?;
             }
         }
-        self.say(&format!("{}: plex bdev {} ({})", p.node, p.bdev, size::human(rec.plex_size)));
+        self.say(&format!(
+            "{}: plex bdev {} ({})",
+            p.node,
+            p.bdev,
+            size::human(rec.plex_size)
+        ));
         Ok(())
     }
 
@@ -476,7 +486,10 @@ impl Cluster {
             Err(err) if err.is_exists() => {}
             Err(err) => return Err(e(err)),
         }
-        self.say(&format!("{}: plex {} exported as {nqn} to {host}", node.name, p.bdev));
+        self.say(&format!(
+            "{}: plex {} exported as {nqn} to {host}",
+            node.name, p.bdev
+        ));
         Ok(())
     }
 
@@ -515,7 +528,12 @@ impl Cluster {
 
     /// `bdev_mirror_create` on `owner` over the plexes' recorded locations; records the
     /// mirror's size and generation.
-    fn assemble(&mut self, rec: &mut VolumeRecord, owner: &Node, min_gen: u64) -> Result<(), Error> {
+    fn assemble(
+        &mut self,
+        rec: &mut VolumeRecord,
+        owner: &Node,
+        min_gen: u64,
+    ) -> Result<(), Error> {
         let plexes: Vec<Value> = rec
             .plexes
             .iter()
@@ -532,7 +550,8 @@ impl Cluster {
         .map_err(&e)?;
         let m = mirror_of(&mut c, &rec.name).map_err(&e)?;
         rec.generation = m["generation"].as_u64().unwrap_or(rec.generation);
-        rec.mirror_size = m["num_blocks"].as_u64().unwrap_or(0) * m["block_size"].as_u64().unwrap_or(0);
+        rec.mirror_size =
+            m["num_blocks"].as_u64().unwrap_or(0) * m["block_size"].as_u64().unwrap_or(0);
         self.say(&format!(
             "{}: mirror {} assembled at generation {} ({} state)",
             owner.name,
@@ -577,12 +596,18 @@ impl Cluster {
         let mut rec = Self::record(&st, name)?;
         let mut c = self.client(&rec.owner)?;
         let mirror = mirror_of(&mut c, name).map_err(node_err(&rec.owner))?;
-        if let Some(g) = mirror["generation"].as_u64().filter(|&g| g > rec.generation) {
+        if let Some(g) = mirror["generation"]
+            .as_u64()
+            .filter(|&g| g > rec.generation)
+        {
             rec.generation = g;
             st.state.volumes.insert(name.to_string(), rec.clone());
             st.save().map_err(Error::Files)?;
         }
-        Ok(Description { record: rec, mirror })
+        Ok(Description {
+            record: rec,
+            mirror,
+        })
     }
 
     pub fn list(&mut self) -> Result<Vec<ListRow>, Error> {
@@ -632,17 +657,25 @@ impl Cluster {
             )));
         };
         if rec.owner == new_owner {
-            return Err(Error::Refused(format!("volume {name} is already owned by {new_owner}")));
+            return Err(Error::Refused(format!(
+                "volume {name} is already owned by {new_owner}"
+            )));
         }
         let mut new_client = self.client(new_owner)?;
         let old = self.node(&rec.owner)?;
         let mut report = Report::default();
-        self.say(&format!("moving volume {name} from {} to {new_owner}", old.name));
+        self.say(&format!(
+            "moving volume {name} from {} to {new_owner}",
+            old.name
+        ));
 
         // 1. The old owner, if it answers, lets go: no export, no mirror, no controllers.
         match self.client(&old.name) {
             Ok(_) => {
-                self.say(&format!("{}: old owner answers; taking the volume down there", old.name));
+                self.say(&format!(
+                    "{}: old owner answers; taking the volume down there",
+                    old.name
+                ));
                 let left = self.teardown_owner_part(&rec, &old.name);
                 if let Err(e) = left {
                     return Err(Error::Refused(format!(
@@ -651,7 +684,10 @@ impl Cluster {
                     )));
                 }
             }
-            Err(e) => self.warn(&mut report, format!("old owner {e}; fencing it off the plexes instead")),
+            Err(e) => self.warn(
+                &mut report,
+                format!("old owner {e}; fencing it off the plexes instead"),
+            ),
         }
         // 2. Fence: the old owner's host leaves every plex export. The new owner's own plex
         //    stops being exported at all (its namespace would hold the claim the mirror needs).
@@ -671,9 +707,16 @@ impl Cluster {
             let r = if i == own {
                 c.call("nvmf_delete_subsystem", json!({"nqn": nqn}))
             } else {
-                c.call("nvmf_subsystem_remove_host", json!({"nqn": nqn, "host": old.host_nqn}))
+                c.call(
+                    "nvmf_subsystem_remove_host",
+                    json!({"nqn": nqn, "host": old.host_nqn}),
+                )
             };
             match r {
+                Ok(_) if i == own => self.say(&format!(
+                    "{}: stopped exporting {nqn} (the new mirror takes the plex)",
+                    p.node
+                )),
                 Ok(_) => self.say(&format!("{}: {} fenced off {nqn}", p.node, old.name)),
                 Err(e) if e.is_gone() => {}
                 Err(e) => return Err(node_err(&p.node)(e)),
@@ -687,19 +730,20 @@ impl Cluster {
                 continue;
             }
             if let Err(e) = self.client(&p.node) {
-                self.warn(&mut report, format!("{e}; plex {} stays out until it returns", p.bdev));
+                self.warn(
+                    &mut report,
+                    format!("{e}; plex {} stays out until it returns", p.bdev),
+                );
                 continue;
             }
-            let ok = self
-                .export_plex(&rec, i, &owner.host_nqn)
-                .and_then(|_| {
-                    // A controller left from an earlier ownership of this node goes first.
-                    let _ = new_client.call(
-                        "bdev_nvme_detach_controller",
-                        json!({"name": plex_bdev(name, i)}),
-                    );
-                    self.attach_plex(&rec, i, &owner)
-                });
+            let ok = self.export_plex(&rec, i, &owner.host_nqn).and_then(|_| {
+                // A controller left from an earlier ownership of this node goes first.
+                let _ = new_client.call(
+                    "bdev_nvme_detach_controller",
+                    json!({"name": plex_bdev(name, i)}),
+                );
+                self.attach_plex(&rec, i, &owner)
+            });
             match ok {
                 Ok(()) => rec.plexes[i].location = remote_plex_bdev(name, i),
                 Err(e) => self.warn(&mut report, format!("{e}; plex {} stays out", p.bdev)),
@@ -734,7 +778,10 @@ impl Cluster {
             if !left.is_empty() {
                 self.warn(
                     &mut report,
-                    format!("forgetting {name} although {} still hold parts of it", left.join(", ")),
+                    format!(
+                        "forgetting {name}; parts of it may be left on {}",
+                        left.join(", ")
+                    ),
                 );
             }
             st.state.volumes.remove(name);
@@ -812,7 +859,10 @@ impl Cluster {
                 continue;
             }
             for (m, params) in [
-                ("nvmf_delete_subsystem", json!({"nqn": plex_nqn(&rec.name, i)})),
+                (
+                    "nvmf_delete_subsystem",
+                    json!({"nqn": plex_nqn(&rec.name, i)}),
+                ),
                 (delete, json!({"name": p.bdev})),
             ] {
                 if gone_or_done(&mut c, m, &params).map_err(node_err(node))? {
@@ -944,7 +994,10 @@ mod tests {
         let b = vol("b", &["n1"]);
         let nodes = ["n1", "n2", "n3", "n4"];
         assert_eq!(pick_least_used(&nodes, &[], 2).unwrap(), ["n1", "n2"]);
-        assert_eq!(pick_least_used(&nodes, &[&a, &b], 3).unwrap(), ["n3", "n4", "n2"]);
+        assert_eq!(
+            pick_least_used(&nodes, &[&a, &b], 3).unwrap(),
+            ["n3", "n4", "n2"]
+        );
         let e = pick_least_used(&nodes[..1], &[], 2).unwrap_err();
         assert!(e.to_string().contains("only 1 available"), "{e}");
     }

@@ -75,8 +75,7 @@ pub struct Nodes {
 pub fn check_node_name(n: &str) -> Result<(), String> {
     let ok = !n.is_empty()
         && n.len() <= 32
-        && n
-            .chars()
+        && n.chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
     if ok {
         Ok(())

@@ -112,7 +112,11 @@ impl Client {
                     what: format!("not JSON: {e}"),
                 })
             }
-            None => return Err(broken("plexd closed the connection without an answer".into())),
+            None => {
+                return Err(broken(
+                    "plexd closed the connection without an answer".into(),
+                ))
+            }
         };
         if resp.get("id") != Some(&json!(id)) {
             return Err(RpcError::Protocol {
@@ -133,10 +137,12 @@ impl Client {
                 }),
             };
         }
-        resp.get("result").cloned().ok_or_else(|| RpcError::Protocol {
-            method: method.into(),
-            what: format!("neither result nor error: {resp}"),
-        })
+        resp.get("result")
+            .cloned()
+            .ok_or_else(|| RpcError::Protocol {
+                method: method.into(),
+                what: format!("neither result nor error: {resp}"),
+            })
     }
 }
 

@@ -28,7 +28,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "g" | "gb" | "gib" => 30,
         "t" | "tb" | "tib" => 40,
         "p" | "pb" | "pib" => 50,
-        u => return Err(format!("size {s:?}: unknown unit {u:?} (use K, M, G, T or P)")),
+        u => {
+            return Err(format!(
+                "size {s:?}: unknown unit {u:?} (use K, M, G, T or P)"
+            ))
+        }
     };
     let bytes = match num.split_once('.') {
         None => num
@@ -171,9 +175,15 @@ mod tests {
             for region in [64 << 10, 1 << 20, 1 << 30] {
                 let plex = plex_bytes_for(size, region).unwrap();
                 let data = mirror_data_bytes(plex, region);
-                assert!(data >= size, "size {size} region {region}: plex {plex} gives {data}");
+                assert!(
+                    data >= size,
+                    "size {size} region {region}: plex {plex} gives {data}"
+                );
                 // Not wasteful: at most the alignment beyond what is needed.
-                assert!(data < size + (2 << 20), "size {size} region {region}: {data}");
+                assert!(
+                    data < size + (2 << 20),
+                    "size {size} region {region}: {data}"
+                );
                 assert_eq!(plex % (1 << 20), 0);
             }
         }

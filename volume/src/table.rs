@@ -51,12 +51,7 @@ impl Table {
 
 /// 134 → "2m14s", 45 → "45s", 3700 → "1h1m", 90000 → "1d1h".
 pub fn age(secs: u64) -> String {
-    let (d, h, m, s) = (
-        secs / 86400,
-        secs / 3600 % 24,
-        secs / 60 % 60,
-        secs % 60,
-    );
+    let (d, h, m, s) = (secs / 86400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
     if d > 0 {
         format!("{d}d{h}h")
     } else if h > 0 {
@@ -116,7 +111,10 @@ pub fn describe(mirror: &Value) -> Result<String, String> {
             s("node"),
             s("state"),
             s("condition"),
-            p["out_of_sync_age_sec"].as_u64().map(age).unwrap_or_default(),
+            p["out_of_sync_age_sec"]
+                .as_u64()
+                .map(age)
+                .unwrap_or_default(),
             resync_progress(&p["resync"]),
             // The mirror reports no progress of a plex being removed yet (it drops such a
             // plex from the list at once); the column is kept so scripts see a stable shape.
@@ -184,8 +182,14 @@ Scheduled Plexes / Actual Plexes: 2/2
             ]
         });
         let text = describe(&m).unwrap();
-        assert!(text.contains("  v.p0       n1     Down   Faulted    5s\n"), "{text}");
-        assert!(text.ends_with("Scheduled Plexes / Actual Plexes: 2/1\n"), "{text}");
+        assert!(
+            text.contains("  v.p0       n1     Down   Faulted    5s\n"),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("Scheduled Plexes / Actual Plexes: 2/1\n"),
+            "{text}"
+        );
         assert!(!resync_running(&m));
         assert!(describe(&json!({"name": "x"})).is_err());
     }
