@@ -242,6 +242,15 @@ fn a_volume_outlives_its_owner_killed_and_is_read_back_through_the_new_owner() {
     assert!(ok, "{err}");
     assert!(out.starts_with("Plexes:\n  NAME "), "{out}");
     assert!(out.contains(" Down "), "{out}");
+    // Nothing resyncs (n1's plex is gone): --watch says so and stops after one table.
+    let (ok, out, err) = plexctl(&["describe", "vol1", "--watch"]);
+    assert!(ok && err.contains("no resync running: stopped watching"), "{err}");
+    assert_eq!(out.matches("Plexes:\n").count(), 1, "{out}");
+    let (ok, out, err) = plexctl(&["describe", "vol1", "--json"]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["volume"]["owner"], "n2", "{v:#}");
+    assert_eq!(v["mirror"]["plexes"][0]["state"], "Down", "{v:#}");
     let (ok, out, err) = plexctl(&["list"]);
     assert!(ok, "{err}");
     assert!(
