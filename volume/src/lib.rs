@@ -282,7 +282,7 @@ impl Cluster {
                     node.data_dir
                         .as_ref()
                         .expect("checked when the nodes file was read")
-                        .join(format!("{}.img", plex_bytes_name(&o.name, i))),
+                        .join(format!("{}.img", plex_bdev(&o.name, i))),
                 ),
                 Backend::Malloc => None,
             };
@@ -884,11 +884,6 @@ impl Cluster {
 struct Names {
     bdevs: Vec<String>,
     subsystems: Vec<String>,
-}
-
-/// The file name stem of plex `i` (the same as its bdev).
-fn plex_bytes_name(name: &str, i: usize) -> String {
-    plex_bdev(name, i)
 }
 
 fn first_value(v: &Value) -> String {
