@@ -52,6 +52,9 @@ enum Cmd {
     Version,
     /// The configuration that `plexd -c FILE` loads back, as JSON.
     SaveConfig,
+    /// Volumes mirrored across the nodes of a nodes file (-s is not used: each node's
+    /// socket comes from that file).
+    Volume(plexstor_volume::cli::VolumeArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -164,6 +167,11 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<(), CallError> {
     let timeout = Duration::try_from_secs_f64(args.timeout.max(0.0)).unwrap_or(Duration::ZERO);
+    // Volumes talk to many nodes; the volume crate does it all.
+    if let Cmd::Volume(v) = args.cmd {
+        return plexstor_volume::cli::run(v, timeout)
+            .map_err(|e| CallError::Transport(e.to_string()));
+    }
     // Parse what we can before connecting, so a typo never reaches plexd.
     let params = match &args.cmd {
         Cmd::Call {
@@ -201,6 +209,7 @@ fn run(args: Args) -> Result<(), CallError> {
         ),
         Cmd::Version => println!("{}", version(&c.call("spdk_get_version", None)?)?),
         Cmd::SaveConfig => print_json(&c.call("save_config", None)?),
+        Cmd::Volume(_) => unreachable!("dispatched above"),
     }
     Ok(())
 }

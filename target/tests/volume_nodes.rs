@@ -1,0 +1,335 @@
+//! Volumes across three real plexd processes on loopback, driven through the
+//! `plexstor-volume` library as `plexctl volume` drives it: create, write through the
+//! volume's NVMe/TCP export, lose or move the owner, read everything back through the new
+//! owner, delete.
+
+mod bdev_nvme_common;
+
+use bdev_nvme_common::*;
+use plexstor_volume::{Cluster, CreateOpts, Error};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const MIB: u64 = 1 << 20;
+
+struct Nodes {
+    procs: Vec<Plexd>,
+    ports: Vec<u16>,
+    file: PathBuf,
+}
+
+impl Nodes {
+    fn start(dir: &Path, backend: &str) -> Nodes {
+        let mut procs = Vec::new();
+        let mut ports = Vec::new();
+        let mut entries = Vec::new();
+        for i in 1..=3 {
+            let name = format!("n{i}");
+            let p = Plexd::start(dir, &name, &["-m", "0x1"]);
+            let port = free_port();
+            entries.push(json!({
+                "name": name, "rpc_socket": p.sock, "storage_addr": "127.0.0.1",
+                "port": port, "data_dir": dir.join(format!("{name}-data")),
+            }));
+            procs.push(p);
+            ports.push(port);
+        }
+        let file = dir.join("nodes.json");
+        let text = json!({"backend": backend, "nodes": entries});
+        std::fs::write(&file, serde_json::to_string_pretty(&text).unwrap()).unwrap();
+        Nodes { procs, ports, file }
+    }
+
+    fn cluster(&self) -> Cluster {
+        let mut c = Cluster::open(&self.file).unwrap();
+        c.timeout = Duration::from_secs(30);
+        c.progress = Box::new(|m| eprintln!("volume: {m}"));
+        c
+    }
+
+    fn node(&self, i: usize) -> &Plexd {
+        &self.procs[i - 1]
+    }
+
+    fn logs(&self) -> String {
+        self.procs
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("--- n{} ---\n{}", i + 1, p.log_text()))
+            .collect()
+    }
+}
+
+fn create(c: &mut Cluster, name: &str, size: u64, nodes: &[&str]) -> Result<(), Error> {
+    c.create(&CreateOpts {
+        name: name.into(),
+        size,
+        mirror_count: nodes.len(),
+        nodes: Some(nodes.iter().map(|n| n.to_string()).collect()),
+        region_size: None,
+    })
+    .map(|_| ())
+}
+
+fn subsystem(p: &Plexd, nqn: &str) -> Option<Value> {
+    p.call("nvmf_get_subsystems", json!({"nqn": nqn}))
+        .ok()
+        .map(|v| v[0].clone())
+}
+
+fn hosts(s: &Value) -> Vec<String> {
+    s["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["nqn"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn names_on(p: &Plexd, vol: &str) -> Vec<String> {
+    let mut v: Vec<String> = p
+        .ok("bdev_get_bdevs", Value::Null)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap().to_string())
+        .filter(|n| n.starts_with(vol))
+        .collect();
+    v.extend(
+        p.ok("nvmf_get_subsystems", Value::Null)
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["nqn"].as_str().unwrap().to_string())
+            .filter(|n| n.contains(&format!("vol-{vol}"))),
+    );
+    v
+}
+
+/// Writes 64 KiB patterns spread over the volume; returns what each acknowledged write put.
+fn write_spread(host: &mut Driver, seed: u64, blocks: u64, n: u64) -> Vec<(u64, Vec<u8>)> {
+    let bs = host.block_size;
+    let len = 64 << 10;
+    (0..n)
+        .map(|k| {
+            let lba = (blocks - (len / bs) as u64) * k / n;
+            let data = pattern(seed + k, lba, len, bs);
+            host.write(lba, data.clone())
+                .unwrap_or_else(|e| panic!("write at LBA {lba}: {e}"));
+            (lba, data)
+        })
+        .collect()
+}
+
+fn read_back(host: &mut Driver, written: &[(u64, Vec<u8>)]) {
+    for (lba, data) in written {
+        let got = host
+            .read(*lba, data.len())
+            .unwrap_or_else(|e| panic!("read at LBA {lba}: {e}"));
+        assert!(
+            got == *data,
+            "LBA {lba} does not read back what was written"
+        );
+    }
+}
+
+#[test]
+fn a_volume_outlives_its_owner_killed_and_is_read_back_through_the_new_owner() {
+    let dir = temp_dir();
+    let mut nodes = Nodes::start(dir.path(), "uring");
+    let mut c = nodes.cluster();
+    let nqn = plexstor_volume::volume_nqn("vol1");
+
+    // Bad requests change nothing and say why.
+    let e = create(&mut c, "vol1", 32 * MIB, &["n1", "n1"]).unwrap_err();
+    assert!(e.to_string().contains("given twice"), "{e}");
+    let e = create(&mut c, "vol1", 32 * MIB, &["n1", "n9"]).unwrap_err();
+    assert!(e.to_string().contains("no node \"n9\""), "{e}");
+    let e = create(&mut c, "vol 1", 32 * MIB, &["n1"]).unwrap_err();
+    assert!(e.to_string().contains("must be 1-48"), "{e}");
+
+    create(&mut c, "vol1", 32 * MIB, &["n1", "n2"])
+        .unwrap_or_else(|e| panic!("{e}\n{}", nodes.logs()));
+    let e = create(&mut c, "vol1", 32 * MIB, &["n2", "n3"]).unwrap_err();
+    assert!(e.to_string().contains("exists"), "{e}");
+
+    // n2's plex is exported to n1's host alone; n1 runs the mirror over both.
+    let p1 = subsystem(nodes.node(2), &plexstor_volume::plex_nqn("vol1", 1)).expect("plex export");
+    assert_eq!(p1["allow_any_host"], false, "{p1:#}");
+    assert_eq!(hosts(&p1), ["nqn.2024-01.io.plexstor:node:n1"]);
+    let m = nodes
+        .node(1)
+        .ok("bdev_mirror_get_mirrors", json!({"name": "vol1"}))[0]
+        .clone();
+    assert_eq!(m["state"], "online", "{m:#}");
+    let blocks = m["num_blocks"].as_u64().unwrap();
+    assert!(blocks * 512 >= 32 * MIB, "{m:#}");
+    let generation_at_create = m["generation"].as_u64().unwrap();
+
+    // The new owner must hold a plex.
+    let e = c.attach("vol1", "n3").unwrap_err();
+    assert!(e.to_string().contains("holds no plex"), "{e}");
+
+    let mut host = Driver::connect(nodes.ports[0], &nqn);
+    let written = write_spread(&mut host, 7, blocks, 24);
+    drop(host);
+
+    // The owner dies without a word; the volume moves to n2, which holds the other plex.
+    nodes.procs[0].kill();
+    // Had the mirror been seen at a later generation than n2's plex holds, that plex is
+    // stale and the move is refused; a failed move can simply be run again.
+    let state_file = dir.path().join("nodes.state.json");
+    let good = std::fs::read_to_string(&state_file).unwrap();
+    let mut v: Value = serde_json::from_str(&good).unwrap();
+    v["volumes"]["vol1"]["generation"] = json!(generation_at_create + 5);
+    std::fs::write(&state_file, v.to_string()).unwrap();
+    let e = c.attach("vol1", "n2").unwrap_err();
+    assert!(e.to_string().contains("stale"), "{e}");
+    std::fs::write(&state_file, good).unwrap();
+    let report = c
+        .attach("vol1", "n2")
+        .unwrap_or_else(|e| panic!("attach: {e}\n{}", nodes.logs()));
+    assert!(
+        report.warnings.iter().any(|w| w.contains("old owner")),
+        "the dead owner is reported: {:?}",
+        report.warnings
+    );
+
+    let mut host = Driver::connect(nodes.ports[1], &nqn);
+    read_back(&mut host, &written);
+    // Still writable on one plex.
+    let more = write_spread(&mut host, 99, blocks, 4);
+    read_back(&mut host, &more);
+    drop(host);
+
+    let d = c.describe("vol1").unwrap();
+    assert_eq!(d.record.owner, "n2");
+    assert!(d.record.generation > generation_at_create, "{:?}", d.record);
+    let plexes = d.mirror["plexes"].as_array().unwrap();
+    let by_node = |n: &str| plexes.iter().find(|p| p["node"] == n).unwrap().clone();
+    assert_eq!(by_node("n1")["state"], "Down", "{:#}", d.mirror);
+    assert_eq!(by_node("n1")["name"], "vol1.p0", "{:#}", d.mirror);
+    assert_eq!(by_node("n2")["state"], "Up", "{:#}", d.mirror);
+    assert_eq!(by_node("n2")["condition"], "InUse", "{:#}", d.mirror);
+    let text = plexstor_volume::table::describe(&d.mirror).unwrap();
+    let p0_line = text.lines().find(|l| l.contains("vol1.p0")).unwrap();
+    assert!(
+        p0_line.contains(" n1 ") && p0_line.contains(" Down "),
+        "{text}"
+    );
+    assert!(
+        text.ends_with("Scheduled Plexes / Actual Plexes: 2/1\n"),
+        "{text}"
+    );
+
+    // The same through plexctl.
+    let plexctl = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_plexctl"))
+            .arg("volume")
+            .arg("-f")
+            .arg(&nodes.file)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = plexctl(&["describe", "vol1"]);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("Plexes:\n  NAME "), "{out}");
+    assert!(out.contains(" Down "), "{out}");
+    // Nothing resyncs (n1's plex is gone): --watch says so and stops after one table.
+    let (ok, out, err) = plexctl(&["describe", "vol1", "--watch"]);
+    assert!(ok && err.contains("no resync running: stopped watching"), "{err}");
+    assert_eq!(out.matches("Plexes:\n").count(), 1, "{out}");
+    let (ok, out, err) = plexctl(&["describe", "vol1", "--json"]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["volume"]["owner"], "n2", "{v:#}");
+    assert_eq!(v["mirror"]["plexes"][0]["state"], "Down", "{v:#}");
+    let (ok, out, err) = plexctl(&["list"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.lines()
+            .nth(1)
+            .is_some_and(|l| l.starts_with("vol1") && l.contains("n1,n2")),
+        "{out}"
+    );
+    let (ok, _, err) = plexctl(&["create", "x", "--size", "10Q"]);
+    assert!(!ok && err.contains("unknown unit"), "{err}");
+    let (ok, _, err) = plexctl(&["attach", "nosuch", "--node", "n2"]);
+    assert!(!ok && err.contains("no volume nosuch"), "{err}");
+
+    let rows = c.list().unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        (rows[0].owner.as_str(), rows[0].state.as_str()),
+        ("n2", "degraded")
+    );
+
+    // n1 cannot be reached: delete cleans n2, keeps the record, and --force forgets it.
+    let e = c.delete("vol1", false).unwrap_err();
+    assert!(e.to_string().contains("n1"), "{e}");
+    assert_eq!(names_on(nodes.node(2), "vol1"), Vec::<String>::new());
+    assert!(!dir.path().join("n2-data/vol1.p1.img").exists());
+    c.delete("vol1", true).unwrap();
+    assert!(c.list().unwrap().is_empty());
+}
+
+#[test]
+fn a_planned_move_fences_the_old_owner_and_delete_leaves_nothing() {
+    let dir = temp_dir();
+    let nodes = Nodes::start(dir.path(), "malloc");
+    let mut c = nodes.cluster();
+    let nqn = plexstor_volume::volume_nqn("v3");
+    // Three plexes, on the least-used nodes (all of them).
+    c.create(&CreateOpts {
+        name: "v3".into(),
+        size: 16 * MIB,
+        mirror_count: 3,
+        nodes: None,
+        region_size: Some(256 << 10),
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", nodes.logs()));
+    let d = c.describe("v3").unwrap();
+    assert_eq!(d.record.owner, "n1");
+    let blocks = d.mirror["num_blocks"].as_u64().unwrap();
+    assert_eq!(d.mirror["region_size"], 256 << 10);
+    let mut host = Driver::connect(nodes.ports[0], &nqn);
+    let written = write_spread(&mut host, 3, blocks, 8);
+    drop(host);
+
+    c.attach("v3", "n3")
+        .unwrap_or_else(|e| panic!("{e}\n{}", nodes.logs()));
+    // The old owner let go of everything and its plex went to n3; n2's plex admits n3 and
+    // no longer n1.
+    assert!(subsystem(nodes.node(1), &nqn).is_none());
+    assert!(nodes
+        .node(1)
+        .call("bdev_mirror_get_mirrors", json!({"name": "v3"}))
+        .is_err());
+    for (i, node) in [(0, 1), (1, 2)] {
+        let s = subsystem(nodes.node(node), &plexstor_volume::plex_nqn("v3", i)).unwrap();
+        assert_eq!(hosts(&s), ["nqn.2024-01.io.plexstor:node:n3"], "{s:#}");
+    }
+    // n3's own plex is no longer exported: the mirror there holds it.
+    assert!(subsystem(nodes.node(3), &plexstor_volume::plex_nqn("v3", 2)).is_none());
+
+    let mut host = Driver::connect(nodes.ports[2], &nqn);
+    read_back(&mut host, &written);
+    drop(host);
+    let d = c.describe("v3").unwrap();
+    assert_eq!(d.mirror["actual_plexes"], 3, "{:#}", d.mirror);
+
+    c.delete("v3", false).unwrap();
+    for i in 1..=3 {
+        assert_eq!(names_on(nodes.node(i), "v3"), Vec::<String>::new(), "n{i}");
+        let ctrls = nodes.node(i).ok("bdev_nvme_get_controllers", Value::Null);
+        assert_eq!(ctrls, json!([]), "n{i}");
+    }
+    assert!(c.list().unwrap().is_empty());
+}

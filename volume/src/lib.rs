@@ -1,0 +1,1011 @@
+//! Volumes mirrored across plexd nodes: where their plexes go, how each node is told to build
+//! its part over JSON-RPC, how a volume moves to another node when its owner dies, and how it
+//! is taken down. `plexctl volume` is a thin command line over this crate; the CSI driver
+//! will call it too.
+//!
+//! A volume `NAME` of N plexes (1–3) on nodes n₀…n_{N-1}, n₀ the owner:
+//! - plex i is bdev `NAME.p<i>` on node nᵢ (a file through `bdev_uring_create`, or RAM);
+//! - each plex off the owner is exported by its node as `…:vol-NAME-p<i>`, to the owner's
+//!   host NQN only, and attached on the owner as controller `NAME.p<i>` (bdev `NAME.p<i>n1`);
+//! - the owner runs `bdev_mirror_create NAME` over the plexes, and exports the mirror as
+//!   `nqn.2024-01.io.plexstor:vol-NAME` for any host.
+//!
+//! Fencing a dead owner is, for now, taking its host NQN off every plex export it could reach
+//! (`nvmf_subsystem_remove_host`, which also drops its live connections). TODO(fencing):
+//! plexd's target implements NVMe reservations, but the mirror does not take one on its
+//! plexes yet; once it does, `attach` should preempt-and-abort the old owner's registration
+//! on each plex instead, which also holds against an old owner that comes back with its saved
+//! config and reassembles from its own plex.
+
+pub mod cli;
+pub mod nodes;
+pub mod rpc;
+pub mod size;
+pub mod state;
+pub mod table;
+
+use nodes::{Backend, Node, Nodes};
+use rpc::{Client, RpcError};
+use serde_json::{json, Value};
+use state::{PlexRecord, StateFile, VolumeRecord};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Where volume NQNs live.
+pub const NQN_PREFIX: &str = "nqn.2024-01.io.plexstor";
+/// How long a teardown step may find its object busy (a claim being let go) before it is
+/// reported as failed.
+const BUSY_DEADLINE: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad input: nothing was changed.
+    #[error("{0}")]
+    Invalid(String),
+    /// A node failed a step.
+    #[error("node {node}: {source}")]
+    Node { node: String, source: RpcError },
+    /// The state or nodes file.
+    #[error("{0}")]
+    Files(String),
+    /// The operation cannot be done as things are (and says why).
+    #[error("{0}")]
+    Refused(String),
+}
+
+fn node_err(node: &str) -> impl Fn(RpcError) -> Error + '_ {
+    move |source| Error::Node {
+        node: node.to_string(),
+        source,
+    }
+}
+
+pub fn volume_nqn(name: &str) -> String {
+    format!("{NQN_PREFIX}:vol-{name}")
+}
+
+pub fn plex_nqn(name: &str, i: usize) -> String {
+    format!("{NQN_PREFIX}:vol-{name}-p{i}")
+}
+
+/// A plex's bdev on its own node; also the name of its controller on the owner.
+pub fn plex_bdev(name: &str, i: usize) -> String {
+    format!("{name}.p{i}")
+}
+
+/// A remote plex's bdev on the owner: namespace 1 of controller `NAME.p<i>`.
+pub fn remote_plex_bdev(name: &str, i: usize) -> String {
+    format!("{name}.p{i}n1")
+}
+
+/// Volume names go into bdev names, NQNs, file names and the mirror's 64-byte name field.
+pub fn check_volume_name(n: &str) -> Result<(), Error> {
+    let ok = (1..=48).contains(&n.len())
+        && n.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "volume name {n:?} must be 1-48 letters, digits, '-' or '_', starting with a letter or digit"
+        )))
+    }
+}
+
+/// `volume create`'s request.
+#[derive(Clone, Debug)]
+pub struct CreateOpts {
+    pub name: String,
+    pub size: u64,
+    pub mirror_count: usize,
+    /// Chosen nodes, the owner first; else the least used are picked.
+    pub nodes: Option<Vec<String>>,
+    pub region_size: Option<u64>,
+}
+
+/// Picks `count` nodes for a new volume: those holding the fewest plexes, ties in the nodes
+/// file's order.
+pub fn pick_least_used(
+    candidates: &[&str],
+    volumes: &[&VolumeRecord],
+    count: usize,
+) -> Result<Vec<String>, Error> {
+    if candidates.len() < count {
+        return Err(Error::Refused(format!(
+            "{count} plexes need {count} nodes, only {} available ({})",
+            candidates.len(),
+            candidates.join(", ")
+        )));
+    }
+    let used = |n: &str| {
+        volumes
+            .iter()
+            .flat_map(|v| &v.plexes)
+            .filter(|p| p.node == n)
+            .count()
+    };
+    let mut by_use: Vec<(usize, usize, &str)> = candidates
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (used(n), i, *n))
+        .collect();
+    by_use.sort();
+    Ok(by_use
+        .into_iter()
+        .take(count)
+        .map(|(_, _, n)| n.to_string())
+        .collect())
+}
+
+/// What `describe` found.
+#[derive(Debug, Clone)]
+pub struct Description {
+    pub record: VolumeRecord,
+    /// The owner's `bdev_mirror_get_mirrors` entry.
+    pub mirror: Value,
+}
+
+/// One line of `volume list`.
+#[derive(Debug, Clone)]
+pub struct ListRow {
+    pub name: String,
+    pub size: u64,
+    pub owner: String,
+    pub plexes: Vec<String>,
+    /// The mirror's state on the owner (online, degraded, failed), or why it is not known.
+    pub state: String,
+}
+
+/// What a command that visits several nodes did, and what it had to skip.
+#[derive(Debug, Default, Clone)]
+pub struct Report {
+    pub warnings: Vec<String>,
+}
+
+/// The cluster as the nodes file describes it.
+pub struct Cluster {
+    pub nodes: Nodes,
+    /// Bounds each RPC's read and write.
+    pub timeout: Duration,
+    /// Told each step as it happens (plexctl prints them).
+    pub progress: Box<dyn FnMut(&str)>,
+}
+
+impl Cluster {
+    pub fn open(nodes_file: &Path) -> Result<Cluster, Error> {
+        Ok(Cluster {
+            nodes: Nodes::load(nodes_file).map_err(Error::Files)?,
+            timeout: Duration::from_secs(60),
+            progress: Box::new(|_| {}),
+        })
+    }
+
+    fn say(&mut self, msg: &str) {
+        (self.progress)(msg);
+    }
+
+    fn warn(&mut self, report: &mut Report, msg: String) {
+        (self.progress)(&format!("warning: {msg}"));
+        report.warnings.push(msg);
+    }
+
+    fn state(&self) -> Result<StateFile, Error> {
+        StateFile::open(&self.nodes.state_path()).map_err(Error::Files)
+    }
+
+    fn node(&self, name: &str) -> Result<Node, Error> {
+        self.nodes.get(name).cloned().map_err(Error::Invalid)
+    }
+
+    /// A connection to `node`'s plexd.
+    pub fn client(&self, node: &str) -> Result<Client, Error> {
+        let n = self.node(node)?;
+        Client::connect(&n.rpc_socket, self.timeout).map_err(node_err(node))
+    }
+
+    fn record(st: &StateFile, name: &str) -> Result<VolumeRecord, Error> {
+        st.state
+            .volumes
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::Invalid(format!("no volume {name} in {}", st.path().display())))
+    }
+
+    // ---- create -------------------------------------------------------------------------
+
+    pub fn create(&mut self, o: &CreateOpts) -> Result<VolumeRecord, Error> {
+        check_volume_name(&o.name)?;
+        if !(1..=3).contains(&o.mirror_count) {
+            return Err(Error::Invalid(format!(
+                "mirror count {} must be 1, 2 or 3",
+                o.mirror_count
+            )));
+        }
+        let region = o.region_size.unwrap_or(size::DEFAULT_REGION);
+        let plex_size = size::plex_bytes_for(o.size, region).map_err(Error::Invalid)?;
+        let mut st = self.state()?;
+        if st.state.volumes.contains_key(&o.name) {
+            return Err(Error::Invalid(format!("volume {} exists", o.name)));
+        }
+        let mut report = Report::default();
+        let chosen = match &o.nodes {
+            Some(list) => {
+                if list.len() != o.mirror_count {
+                    return Err(Error::Invalid(format!(
+                        "{} nodes given for {} plexes",
+                        list.len(),
+                        o.mirror_count
+                    )));
+                }
+                for (i, n) in list.iter().enumerate() {
+                    self.node(n)?;
+                    if list[..i].contains(n) {
+                        return Err(Error::Invalid(format!("node {n} is given twice")));
+                    }
+                }
+                list.clone()
+            }
+            None => {
+                // Only nodes that answer are candidates.
+                let names: Vec<String> = self.nodes.nodes.iter().map(|n| n.name.clone()).collect();
+                let mut up = Vec::new();
+                for n in &names {
+                    match self.client(n) {
+                        Ok(_) => up.push(n.as_str()),
+                        Err(e) => self.warn(&mut report, format!("{e}; not placing plexes there")),
+                    }
+                }
+                let vols: Vec<&VolumeRecord> = st.state.volumes.values().collect();
+                pick_least_used(&up, &vols, o.mirror_count)?
+            }
+        };
+        let owner = chosen[0].clone();
+        let backend = self.nodes.backend;
+        let mut rec = VolumeRecord {
+            name: o.name.clone(),
+            size: o.size,
+            plex_size,
+            region_size: region,
+            mirror_size: 0,
+            owner: owner.clone(),
+            former_owners: Vec::new(),
+            nqn: volume_nqn(&o.name),
+            plexes: Vec::new(),
+            generation: 0,
+            deleting: false,
+        };
+        for (i, n) in chosen.iter().enumerate() {
+            let node = self.node(n)?;
+            let file = match backend {
+                Backend::Uring => Some(
+                    node.data_dir
+                        .as_ref()
+                        .expect("checked when the nodes file was read")
+                        .join(format!("{}.img", plex_bdev(&o.name, i))),
+                ),
+                Backend::Malloc => None,
+            };
+            rec.plexes.push(PlexRecord {
+                node: n.clone(),
+                bdev: plex_bdev(&o.name, i),
+                file,
+                location: if *n == owner {
+                    plex_bdev(&o.name, i)
+                } else {
+                    remote_plex_bdev(&o.name, i)
+                },
+            });
+        }
+        self.preflight(&rec)?;
+        self.say(&format!(
+            "creating volume {} ({}, plexes of {}) on {}",
+            o.name,
+            size::human(o.size),
+            size::human(plex_size),
+            chosen.join(", ")
+        ));
+        match self.build(&mut rec) {
+            Ok(()) => {
+                st.state.volumes.insert(rec.name.clone(), rec.clone());
+                st.save().map_err(Error::Files)?;
+                self.say(&format!(
+                    "volume {} ready: {} at {}:{} ({} plexes, mirror {})",
+                    rec.name,
+                    rec.nqn,
+                    self.node(&owner)?.storage_addr,
+                    self.node(&owner)?.port,
+                    rec.plexes.len(),
+                    size::human(rec.mirror_size)
+                ));
+                Ok(rec)
+            }
+            Err(e) => {
+                self.say(&format!(
+                    "creating {} failed ({e}); undoing what was made",
+                    o.name
+                ));
+                let mut r = Report::default();
+                let left = self.teardown(&rec, &mut r);
+                if !left.is_empty() {
+                    self.say(&format!(
+                        "could not undo on {}: remove the leftovers by hand",
+                        left.join(", ")
+                    ));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Refuses before anything is made: every node answers, and none already has a bdev,
+    /// subsystem or file of the names this volume will use (a leftover, or someone else's,
+    /// that an undo would then delete).
+    fn preflight(&mut self, rec: &VolumeRecord) -> Result<(), Error> {
+        let names = self.names_of(rec);
+        for n in rec.nodes() {
+            let mut c = self.client(&n)?;
+            let bdevs = c
+                .call("bdev_get_bdevs", Value::Null)
+                .map_err(node_err(&n))?;
+            let subs = c
+                .call("nvmf_get_subsystems", Value::Null)
+                .map_err(node_err(&n))?;
+            let has = |list: &Value, key: &str, name: &str| {
+                list.as_array()
+                    .is_some_and(|l| l.iter().any(|x| x[key] == name))
+            };
+            for b in names.bdevs.iter().chain(std::iter::once(&rec.name)) {
+                if has(&bdevs, "name", b) {
+                    return Err(Error::Refused(format!("node {n} already has a bdev {b}")));
+                }
+            }
+            for s in &names.subsystems {
+                if has(&subs, "nqn", s) {
+                    return Err(Error::Refused(format!(
+                        "node {n} already has a subsystem {s}"
+                    )));
+                }
+            }
+        }
+        for p in &rec.plexes {
+            if let Some(f) = &p.file {
+                if f.exists() {
+                    return Err(Error::Refused(format!(
+                        "plex file {} exists; refusing to overwrite it",
+                        f.display()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn names_of(&self, rec: &VolumeRecord) -> Names {
+        let n = rec.plexes.len();
+        Names {
+            bdevs: (0..n)
+                .flat_map(|i| [plex_bdev(&rec.name, i), remote_plex_bdev(&rec.name, i)])
+                .collect(),
+            subsystems: std::iter::once(rec.nqn.clone())
+                .chain((0..n).map(|i| plex_nqn(&rec.name, i)))
+                .collect(),
+        }
+    }
+
+    /// Makes every part of a new volume, in order; the caller undoes all on failure.
+    fn build(&mut self, rec: &mut VolumeRecord) -> Result<(), Error> {
+        let owner = self.node(&rec.owner)?;
+        for i in 0..rec.plexes.len() {
+            let p = rec.plexes[i].clone();
+            self.make_plex_bdev(rec, &p)?;
+            if p.node != owner.name {
+                self.export_plex(rec, i, &owner.host_nqn)?;
+                self.attach_plex(rec, i, &owner)?;
+            }
+        }
+        self.assemble(rec, &owner, 0)?;
+        if rec.mirror_size < rec.size {
+            return Err(Error::Refused(format!(
+                "the mirror came out at {} bytes, less than the {} asked for (plexes too small)",
+                rec.mirror_size, rec.size
+            )));
+        }
+        self.export_volume(rec, &owner)
+    }
+
+    fn make_plex_bdev(&mut self, rec: &VolumeRecord, p: &PlexRecord) -> Result<(), Error> {
+        let blocks = rec.plex_size / size::BLOCK_SIZE;
+        let mut c = self.client(&p.node)?;
+        match &p.file {
+            Some(f) => {
+                if let Some(dir) = f.parent() {
+                    std::fs::create_dir_all(dir)
+                        .map_err(|e| Error::Files(format!("{}: {e}", dir.display())))?;
+                }
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(f)
+                    .map_err(|e| Error::Files(format!("plex file {}: {e}", f.display())))?;
+                file.set_len(rec.plex_size)
+                    .map_err(|e| Error::Files(format!("plex file {}: {e}", f.display())))?;
+                c.call(
+                    "bdev_uring_create",
+                    json!({"name": p.bdev, "filename": f, "block_size": size::BLOCK_SIZE}),
+                )
+                .map_err(node_err(&p.node))?;
+            }
+            None => {
+                c.call(
+                    "bdev_malloc_create",
+                    json!({"name": p.bdev, "num_blocks": blocks, "block_size": size::BLOCK_SIZE}),
+                )
+                .map_err(node_err(&p.node))?;
+            }
+        }
+        self.say(&format!(
+            "{}: plex bdev {} ({})",
+            p.node,
+            p.bdev,
+            size::human(rec.plex_size)
+        ));
+        Ok(())
+    }
+
+    /// Exports plex `i` from its node to `host` only; an existing export gets `host` added.
+    fn export_plex(&mut self, rec: &VolumeRecord, i: usize, host: &str) -> Result<(), Error> {
+        let p = &rec.plexes[i];
+        let node = self.node(&p.node)?;
+        let nqn = plex_nqn(&rec.name, i);
+        let mut c = self.client(&node.name)?;
+        let e = node_err(&node.name);
+        ensure_transport(&mut c).map_err(&e)?;
+        match c.call(
+            "nvmf_create_subsystem",
+            json!({"nqn": nqn, "allow_any_host": false}),
+        ) {
+            Ok(_) => {
+                call_busy(
+                    &mut c,
+                    "nvmf_subsystem_add_ns",
+                    &json!({"nqn": nqn, "namespace": {"bdev_name": p.bdev}}),
+                )
+                .map_err(&e)?;
+                c.call(
+                    "nvmf_subsystem_add_listener",
+                    json!({"nqn": nqn, "listen_address": listen_address(&node)}),
+                )
+                .map_err(&e)?;
+            }
+            Err(err) if err.is_exists() => {}
+            Err(err) => return Err(e(err)),
+        }
+        match c.call("nvmf_subsystem_add_host", json!({"nqn": nqn, "host": host})) {
+            Ok(_) => {}
+            Err(err) if err.is_exists() => {}
+            Err(err) => return Err(e(err)),
+        }
+        self.say(&format!(
+            "{}: plex {} exported as {nqn} to {host}",
+            node.name, p.bdev
+        ));
+        Ok(())
+    }
+
+    /// Attaches plex `i`'s export on `owner` as controller `NAME.p<i>`.
+    fn attach_plex(&mut self, rec: &VolumeRecord, i: usize, owner: &Node) -> Result<(), Error> {
+        let p = &rec.plexes[i];
+        let node = self.node(&p.node)?;
+        let mut c = self.client(&owner.name)?;
+        // Reconnect forever (a plex node that reboots comes back), but fail I/O after a
+        // second so the mirror faults the plex instead of stalling the volume.
+        c.call(
+            "bdev_nvme_attach_controller",
+            json!({
+                "name": plex_bdev(&rec.name, i),
+                "trtype": "tcp",
+                "adrfam": adrfam(&node.storage_addr),
+                "traddr": node.storage_addr,
+                "trsvcid": node.port.to_string(),
+                "subnqn": plex_nqn(&rec.name, i),
+                "hostnqn": owner.host_nqn,
+                "ctrlr_loss_timeout_sec": -1,
+                "reconnect_delay_sec": 1,
+                "fast_io_fail_timeout_sec": 1,
+            }),
+        )
+        .map_err(node_err(&owner.name))?;
+        self.say(&format!(
+            "{}: attached plex {} from {} as {}",
+            owner.name,
+            p.bdev,
+            p.node,
+            remote_plex_bdev(&rec.name, i)
+        ));
+        Ok(())
+    }
+
+    /// `bdev_mirror_create` on `owner` over the plexes' recorded locations; records the
+    /// mirror's size and generation.
+    fn assemble(
+        &mut self,
+        rec: &mut VolumeRecord,
+        owner: &Node,
+        min_gen: u64,
+    ) -> Result<(), Error> {
+        let plexes: Vec<Value> = rec
+            .plexes
+            .iter()
+            .map(|p| json!({"bdev": p.location, "node": p.node}))
+            .collect();
+        let mut c = self.client(&owner.name)?;
+        let e = node_err(&owner.name);
+        call_busy(
+            &mut c,
+            "bdev_mirror_create",
+            &json!({"name": rec.name, "plexes": plexes, "region_size": rec.region_size,
+                    "min_generation": min_gen}),
+        )
+        .map_err(&e)?;
+        let m = mirror_of(&mut c, &rec.name).map_err(&e)?;
+        rec.generation = m["generation"].as_u64().unwrap_or(rec.generation);
+        rec.mirror_size =
+            m["num_blocks"].as_u64().unwrap_or(0) * m["block_size"].as_u64().unwrap_or(0);
+        self.say(&format!(
+            "{}: mirror {} assembled at generation {} ({} state)",
+            owner.name,
+            rec.name,
+            rec.generation,
+            m["state"].as_str().unwrap_or("?")
+        ));
+        Ok(())
+    }
+
+    fn export_volume(&mut self, rec: &VolumeRecord, owner: &Node) -> Result<(), Error> {
+        let mut c = self.client(&owner.name)?;
+        let e = node_err(&owner.name);
+        ensure_transport(&mut c).map_err(&e)?;
+        c.call(
+            "nvmf_create_subsystem",
+            json!({"nqn": rec.nqn, "allow_any_host": true}),
+        )
+        .map_err(&e)?;
+        c.call(
+            "nvmf_subsystem_add_ns",
+            json!({"nqn": rec.nqn, "namespace": {"bdev_name": rec.name}}),
+        )
+        .map_err(&e)?;
+        c.call(
+            "nvmf_subsystem_add_listener",
+            json!({"nqn": rec.nqn, "listen_address": listen_address(owner)}),
+        )
+        .map_err(&e)?;
+        self.say(&format!(
+            "{}: volume exported as {} on {}:{}",
+            owner.name, rec.nqn, owner.storage_addr, owner.port
+        ));
+        Ok(())
+    }
+
+    // ---- describe and list ----------------------------------------------------------------
+
+    /// The volume as its owner's mirror reports it; the generation seen is recorded.
+    pub fn describe(&mut self, name: &str) -> Result<Description, Error> {
+        let mut st = self.state()?;
+        let mut rec = Self::record(&st, name)?;
+        let mut c = self.client(&rec.owner)?;
+        let mirror = mirror_of(&mut c, name).map_err(node_err(&rec.owner))?;
+        if let Some(g) = mirror["generation"]
+            .as_u64()
+            .filter(|&g| g > rec.generation)
+        {
+            rec.generation = g;
+            st.state.volumes.insert(name.to_string(), rec.clone());
+            st.save().map_err(Error::Files)?;
+        }
+        Ok(Description {
+            record: rec,
+            mirror,
+        })
+    }
+
+    pub fn list(&mut self) -> Result<Vec<ListRow>, Error> {
+        let st = self.state()?;
+        let mut rows = Vec::new();
+        for rec in st.state.volumes.values() {
+            let state = if rec.deleting {
+                "deleting".to_string()
+            } else {
+                match self.client(&rec.owner) {
+                    Err(_) => "owner unreachable".to_string(),
+                    Ok(mut c) => match mirror_of(&mut c, &rec.name) {
+                        Ok(m) => m["state"].as_str().unwrap_or("?").to_string(),
+                        Err(e) if e.is_gone() => "no mirror on owner".into(),
+                        Err(e) => format!("error: {e}"),
+                    },
+                }
+            };
+            rows.push(ListRow {
+                name: rec.name.clone(),
+                size: rec.size,
+                owner: rec.owner.clone(),
+                plexes: rec.plexes.iter().map(|p| p.node.clone()).collect(),
+                state,
+            });
+        }
+        Ok(rows)
+    }
+
+    // ---- attach (failover) ----------------------------------------------------------------
+
+    /// Moves volume `name` to `new_owner`, which must hold one of its plexes. Nodes that do
+    /// not answer are skipped with a warning: that is the failover case.
+    pub fn attach(&mut self, name: &str, new_owner: &str) -> Result<Report, Error> {
+        let mut st = self.state()?;
+        let mut rec = Self::record(&st, name)?;
+        let owner = self.node(new_owner)?;
+        if rec.deleting {
+            return Err(Error::Refused(format!(
+                "volume {name} is being deleted; finish with volume delete"
+            )));
+        }
+        let Some(own) = rec.plexes.iter().position(|p| p.node == new_owner) else {
+            return Err(Error::Refused(format!(
+                "node {new_owner} holds no plex of {name} (plexes on {}); the new owner must hold one",
+                rec.plexes.iter().map(|p| p.node.as_str()).collect::<Vec<_>>().join(", ")
+            )));
+        };
+        if rec.owner == new_owner {
+            return Err(Error::Refused(format!(
+                "volume {name} is already owned by {new_owner}"
+            )));
+        }
+        let mut new_client = self.client(new_owner)?;
+        let old = self.node(&rec.owner)?;
+        let mut report = Report::default();
+        self.say(&format!(
+            "moving volume {name} from {} to {new_owner}",
+            old.name
+        ));
+
+        // 1. The old owner, if it answers, lets go: no export, no mirror, no controllers.
+        match self.client(&old.name) {
+            Ok(_) => {
+                self.say(&format!(
+                    "{}: old owner answers; taking the volume down there",
+                    old.name
+                ));
+                let left = self.teardown_owner_part(&rec, &old.name);
+                if let Err(e) = left {
+                    return Err(Error::Refused(format!(
+                        "old owner {} answers but could not let go of {name}: {e}; not moving it",
+                        old.name
+                    )));
+                }
+            }
+            Err(e) => self.warn(
+                &mut report,
+                format!("old owner {e}; fencing it off the plexes instead"),
+            ),
+        }
+        // 2. Fence: the old owner's host leaves every plex export. The new owner's own plex
+        //    stops being exported at all (its namespace would hold the claim the mirror needs).
+        for i in 0..rec.plexes.len() {
+            let p = rec.plexes[i].clone();
+            if p.node == old.name {
+                continue;
+            }
+            let nqn = plex_nqn(name, i);
+            let mut c = match self.client(&p.node) {
+                Ok(c) => c,
+                Err(e) => {
+                    self.warn(&mut report, format!("{e}; cannot fence {nqn} there"));
+                    continue;
+                }
+            };
+            let r = if i == own {
+                c.call("nvmf_delete_subsystem", json!({"nqn": nqn}))
+            } else {
+                c.call(
+                    "nvmf_subsystem_remove_host",
+                    json!({"nqn": nqn, "host": old.host_nqn}),
+                )
+            };
+            match r {
+                Ok(_) if i == own => self.say(&format!(
+                    "{}: stopped exporting {nqn} (the new mirror takes the plex)",
+                    p.node
+                )),
+                Ok(_) => self.say(&format!("{}: {} fenced off {nqn}", p.node, old.name)),
+                Err(e) if e.is_gone() => {}
+                Err(e) => return Err(node_err(&p.node)(e)),
+            }
+        }
+        // 3. Every other plex that answers is exported to the new owner and attached there.
+        for i in 0..rec.plexes.len() {
+            let p = rec.plexes[i].clone();
+            if i == own {
+                rec.plexes[i].location = p.bdev.clone();
+                continue;
+            }
+            if let Err(e) = self.client(&p.node) {
+                self.warn(
+                    &mut report,
+                    format!("{e}; plex {} stays out until it returns", p.bdev),
+                );
+                continue;
+            }
+            let ok = self.export_plex(&rec, i, &owner.host_nqn).and_then(|_| {
+                // A controller left from an earlier ownership of this node goes first.
+                let _ = new_client.call(
+                    "bdev_nvme_detach_controller",
+                    json!({"name": plex_bdev(name, i)}),
+                );
+                self.attach_plex(&rec, i, &owner)
+            });
+            match ok {
+                Ok(()) => rec.plexes[i].location = remote_plex_bdev(name, i),
+                Err(e) => self.warn(&mut report, format!("{e}; plex {} stays out", p.bdev)),
+            }
+        }
+        // 4. The mirror, refusing plexes older than what was last seen, and its export.
+        let min_gen = rec.generation;
+        self.assemble(&mut rec, &owner, min_gen)?;
+        self.export_volume(&rec, &owner)?;
+        if !rec.former_owners.contains(&old.name) {
+            rec.former_owners.push(old.name.clone());
+        }
+        rec.former_owners.retain(|n| n != new_owner);
+        rec.owner = new_owner.to_string();
+        st.state.volumes.insert(name.to_string(), rec);
+        st.save().map_err(Error::Files)?;
+        self.say(&format!("volume {name} is now owned by {new_owner}"));
+        Ok(report)
+    }
+
+    // ---- delete ---------------------------------------------------------------------------
+
+    /// Takes the volume down on every node that answers. Nodes that do not keep the record
+    /// (marked deleting) so a later delete finishes; `force` drops it anyway.
+    pub fn delete(&mut self, name: &str, force: bool) -> Result<Report, Error> {
+        let mut st = self.state()?;
+        let mut rec = Self::record(&st, name)?;
+        let mut report = Report::default();
+        self.say(&format!("deleting volume {name}"));
+        let left = self.teardown(&rec, &mut report);
+        if left.is_empty() || force {
+            if !left.is_empty() {
+                self.warn(
+                    &mut report,
+                    format!(
+                        "forgetting {name}; parts of it may be left on {}",
+                        left.join(", ")
+                    ),
+                );
+            }
+            st.state.volumes.remove(name);
+            st.save().map_err(Error::Files)?;
+            self.say(&format!("volume {name} deleted"));
+            Ok(report)
+        } else {
+            rec.deleting = true;
+            st.state.volumes.insert(name.to_string(), rec);
+            st.save().map_err(Error::Files)?;
+            Err(Error::Refused(format!(
+                "volume {name}: {} could not be cleaned; run delete again once they answer \
+                 (or with --force to forget them)",
+                left.join(", ")
+            )))
+        }
+    }
+
+    /// Takes down everything of `rec` on every node, in reverse order of creation. Returns
+    /// the nodes where something may be left.
+    fn teardown(&mut self, rec: &VolumeRecord, report: &mut Report) -> Vec<String> {
+        let mut left = Vec::new();
+        // Owners first: their mirrors claim what the plex nodes export.
+        let mut order = rec.nodes();
+        order.sort_by_key(|n| !(n == &rec.owner || rec.former_owners.contains(n)));
+        for n in order {
+            if let Err(e) = self.client(&n) {
+                self.warn(report, format!("{e}; skipped"));
+                left.push(n);
+                continue;
+            }
+            let r = self
+                .teardown_owner_part(rec, &n)
+                .and_then(|_| self.teardown_plex_part(rec, &n));
+            if let Err(e) = r {
+                self.warn(report, e.to_string());
+                left.push(n);
+            }
+        }
+        left
+    }
+
+    /// On `node`: the volume's export, its mirror and the controllers to other nodes' plexes.
+    fn teardown_owner_part(&mut self, rec: &VolumeRecord, node: &str) -> Result<(), Error> {
+        let mut c = self.client(node)?;
+        let mut steps = vec![
+            ("nvmf_delete_subsystem", json!({"nqn": rec.nqn})),
+            ("bdev_mirror_delete", json!({"name": rec.name})),
+        ];
+        for (i, p) in rec.plexes.iter().enumerate() {
+            if p.node != node {
+                steps.push((
+                    "bdev_nvme_detach_controller",
+                    json!({"name": plex_bdev(&rec.name, i)}),
+                ));
+            }
+        }
+        for (m, params) in steps {
+            if gone_or_done(&mut c, m, &params).map_err(node_err(node))? {
+                self.say(&format!("{node}: {m} {}", first_value(&params)));
+            }
+        }
+        Ok(())
+    }
+
+    /// On `node`: its plexes' exports, bdevs and files.
+    fn teardown_plex_part(&mut self, rec: &VolumeRecord, node: &str) -> Result<(), Error> {
+        let mut c = self.client(node)?;
+        let delete = match self.nodes.backend {
+            Backend::Uring => "bdev_uring_delete",
+            Backend::Malloc => "bdev_malloc_delete",
+        };
+        for (i, p) in rec.plexes.iter().enumerate() {
+            if p.node != node {
+                continue;
+            }
+            for (m, params) in [
+                (
+                    "nvmf_delete_subsystem",
+                    json!({"nqn": plex_nqn(&rec.name, i)}),
+                ),
+                (delete, json!({"name": p.bdev})),
+            ] {
+                if gone_or_done(&mut c, m, &params).map_err(node_err(node))? {
+                    self.say(&format!("{node}: {m} {}", first_value(&params)));
+                }
+            }
+            if let Some(f) = &p.file {
+                match std::fs::remove_file(f) {
+                    Ok(()) => self.say(&format!("{node}: removed {}", f.display())),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(Error::Files(format!("{}: {e}", f.display()))),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Names {
+    bdevs: Vec<String>,
+    subsystems: Vec<String>,
+}
+
+fn first_value(v: &Value) -> String {
+    v.as_object()
+        .and_then(|o| o.values().next())
+        .and_then(|x| x.as_str())
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Calls `method`, again while the answer is "busy": a mirror being deleted lets go of its
+/// plexes' claims shortly after `bdev_mirror_delete` returns.
+fn call_busy(c: &mut Client, method: &str, params: &Value) -> Result<Value, RpcError> {
+    let t0 = Instant::now();
+    loop {
+        match c.call(method, params.clone()) {
+            Err(e) if e.code() == Some(-(libc::EBUSY as i64)) && t0.elapsed() < BUSY_DEADLINE => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Runs a delete step: Ok(true) if it removed something, Ok(false) if it was already gone.
+fn gone_or_done(c: &mut Client, method: &str, params: &Value) -> Result<bool, RpcError> {
+    match call_busy(c, method, params) {
+        Ok(_) => Ok(true),
+        Err(e) if e.is_gone() => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+fn ensure_transport(c: &mut Client) -> Result<(), RpcError> {
+    let t = c.call("nvmf_get_transports", Value::Null)?;
+    if t.as_array().is_some_and(|a| !a.is_empty()) {
+        return Ok(());
+    }
+    match c.call("nvmf_create_transport", json!({"trtype": "TCP"})) {
+        Err(e) if !e.is_exists() => Err(e),
+        _ => Ok(()),
+    }
+}
+
+fn adrfam(addr: &str) -> &'static str {
+    if addr.contains(':') {
+        "IPv6"
+    } else {
+        "IPv4"
+    }
+}
+
+fn listen_address(n: &Node) -> Value {
+    json!({"trtype": "TCP", "adrfam": adrfam(&n.storage_addr), "traddr": n.storage_addr,
+           "trsvcid": n.port.to_string()})
+}
+
+fn mirror_of(c: &mut Client, name: &str) -> Result<Value, RpcError> {
+    let v = c.call("bdev_mirror_get_mirrors", json!({"name": name}))?;
+    v.get(0).cloned().ok_or_else(|| RpcError::Protocol {
+        method: "bdev_mirror_get_mirrors".into(),
+        what: format!("no entry for {name}: {v}"),
+    })
+}
+
+/// The nodes file plexctl uses when none is given.
+pub fn default_nodes_file() -> PathBuf {
+    PathBuf::from("/etc/plexstor/nodes.json")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vol(name: &str, nodes: &[&str]) -> VolumeRecord {
+        VolumeRecord {
+            name: name.into(),
+            size: 1,
+            plex_size: 1,
+            region_size: 1 << 20,
+            mirror_size: 1,
+            owner: nodes[0].into(),
+            former_owners: vec![],
+            nqn: volume_nqn(name),
+            plexes: nodes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| PlexRecord {
+                    node: n.to_string(),
+                    bdev: plex_bdev(name, i),
+                    file: None,
+                    location: plex_bdev(name, i),
+                })
+                .collect(),
+            generation: 1,
+            deleting: false,
+        }
+    }
+
+    #[test]
+    fn least_used_nodes_first_ties_in_file_order() {
+        let a = vol("a", &["n1", "n2"]);
+        let b = vol("b", &["n1"]);
+        let nodes = ["n1", "n2", "n3", "n4"];
+        assert_eq!(pick_least_used(&nodes, &[], 2).unwrap(), ["n1", "n2"]);
+        assert_eq!(
+            pick_least_used(&nodes, &[&a, &b], 3).unwrap(),
+            ["n3", "n4", "n2"]
+        );
+        let e = pick_least_used(&nodes[..1], &[], 2).unwrap_err();
+        assert!(e.to_string().contains("only 1 available"), "{e}");
+    }
+
+    #[test]
+    fn names() {
+        assert_eq!(volume_nqn("v1"), "nqn.2024-01.io.plexstor:vol-v1");
+        assert_eq!(plex_nqn("v1", 2), "nqn.2024-01.io.plexstor:vol-v1-p2");
+        assert_eq!(remote_plex_bdev("v1", 1), "v1.p1n1");
+        assert!(check_volume_name("pvc-0a1b").is_ok());
+        for bad in ["", "-x", "a b", "a.b", "x/y", &"a".repeat(49)] {
+            let e = check_volume_name(bad).unwrap_err();
+            assert!(e.to_string().contains("must be 1-48"), "{bad:?}: {e}");
+        }
+    }
+}
