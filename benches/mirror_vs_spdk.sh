@@ -155,11 +155,11 @@ read -r full_bytes full_ms full_regions <<<"$full"
 stop_all
 resync_mibs=$(python3 -c "print($full_bytes / 1048576 / ($full_ms / 1000))")
 
-# Partial: plex b leaves (faulted by removing its file's bdev is not possible while claimed,
-# so the mirror is reassembled with b missing, 1 % of regions written, then b comes back).
+# Partial: the mirror is reassembled with plex b missing, 1 % of the regions are written,
+# then b's bdev comes back (the examine step hands it to the mirror).
 daemon plexd a 0x1
 rpc bdev_uring_create "{\"name\": \"a\", \"filename\": \"$shm/a.img\", \"block_size\": 512}" >/dev/null
-rpc bdev_mirror_create '{"name": "R0", "plexes": ["a", "b"]}' >/dev/null
+rpc bdev_mirror_create '{"name": "R0", "plexes": ["a", "b"], "allow_degraded": true}' >/dev/null
 rpc bdev_mirror_set_options '{"name": "R0", "bitmap_clear_interval_ms": 3600000}' >/dev/null
 port=$(free_tcp_port)
 export_bdev R0 "$port"

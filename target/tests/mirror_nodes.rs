@@ -214,7 +214,7 @@ fn a_new_owner_fences_the_old_one_which_can_no_longer_acknowledge_a_write() {
     );
     c.ok(
         "bdev_mirror_create",
-        json!({"name": "m", "plexes": ["Bn1"]}),
+        json!({"name": "m", "plexes": ["Bn1"], "allow_degraded": true}),
     );
     assert!(c.log_text().contains("preempted"), "{}", c.log_text());
     let mc = c.ok("bdev_mirror_get_mirrors", json!({"name": "m"}))[0].clone();

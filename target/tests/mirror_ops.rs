@@ -268,8 +268,20 @@ fn assembly_refuses_damaged_foreign_and_stale_plexes_and_touches_nothing() {
         let b = &p.ok("bdev_get_bdevs", json!({"name": u}))[0];
         assert_eq!(b["claimed"], false, "{u}: {b:#}");
     }
-    // The undamaged plex alone still assembles: degraded, the other plex listed as down.
-    p.ok("bdev_mirror_create", json!({"name": "m", "plexes": ["u0"]}));
+    // The undamaged plex alone: not unasked (its partner was in sync, and might have gone on
+    // without it), but when the caller says the others are fenced: degraded, the other
+    // plex listed as down.
+    let e = p
+        .call("bdev_mirror_create", json!({"name": "m", "plexes": ["u0"]}))
+        .unwrap_err();
+    assert!(
+        e.1.contains("missing") && e.1.contains("allow_degraded"),
+        "{e:?}"
+    );
+    p.ok(
+        "bdev_mirror_create",
+        json!({"name": "m", "plexes": ["u0"], "allow_degraded": true}),
+    );
     let m = get(&p);
     assert_eq!(m["state"], "degraded", "{m:#}");
     assert_eq!(

@@ -10,12 +10,13 @@
 //! - the owner runs `bdev_mirror_create NAME` over the plexes, and exports the mirror as
 //!   `nqn.2024-01.io.plexstor:vol-NAME` for any host.
 //!
-//! Fencing a dead owner is, for now, taking its host NQN off every plex export it could reach
-//! (`nvmf_subsystem_remove_host`, which also drops its live connections). TODO(fencing):
-//! plexd's target implements NVMe reservations, but the mirror does not take one on its
-//! plexes yet; once it does, `attach` should preempt-and-abort the old owner's registration
-//! on each plex instead, which also holds against an old owner that comes back with its saved
-//! config and reassembles from its own plex.
+//! Fencing a dead owner: its host NQN comes off every plex export it could reach
+//! (`nvmf_subsystem_remove_host`, which also drops its live connections), and the new owner's
+//! `bdev_mirror_create` takes a Write Exclusive reservation on every remote plex, preempting
+//! and aborting the old owner's, so an old owner that reaches a plex again gets Reservation
+//! Conflict and stops acknowledging writes. An old owner restarting from its saved config
+//! cannot serve its own plex alone either: without `allow_degraded` (which only `attach`
+//! passes) the mirror refuses to assemble while a plex its superblock calls in sync is missing.
 
 pub mod cli;
 pub mod nodes;
@@ -545,7 +546,7 @@ impl Cluster {
             &mut c,
             "bdev_mirror_create",
             &json!({"name": rec.name, "plexes": plexes, "region_size": rec.region_size,
-                    "min_generation": min_gen}),
+                    "min_generation": min_gen, "allow_degraded": true}),
         )
         .map_err(&e)?;
         let m = mirror_of(&mut c, &rec.name).map_err(&e)?;

@@ -27,6 +27,21 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 use uuid::Uuid;
 
+/// What the caller of `bdev_mirror_create` says beyond the plexes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AssembleOpts {
+    /// The mirror's UUID, if the caller knows it: plexes of another are refused.
+    pub uuid: Option<Uuid>,
+    /// The generation the caller last saw: plexes all older are stale, refused.
+    pub min_generation: u64,
+    /// Assemble even when a plex the newest superblock calls in sync is missing. Off by
+    /// default, as md will not start a degraded array unasked: a node restarting from its
+    /// saved configuration, cut off from its other plexes, could otherwise serve its own
+    /// plex after another node took the volume over. A control plane that fenced the
+    /// others (`plexctl volume attach`) sets it.
+    pub allow_degraded: bool,
+}
+
 /// A plex as offered to create: its bdev (if present) and node.
 pub struct Offer {
     pub location: String,
@@ -67,12 +82,8 @@ pub struct Plan {
 }
 
 /// Decides how to assemble `name` from `found` (one per offer, with its location).
-pub fn plan(
-    name: &str,
-    want_uuid: Option<Uuid>,
-    min_generation: u64,
-    found: &[(String, Found)],
-) -> Result<Plan, String> {
+pub fn plan(name: &str, opts: &AssembleOpts, found: &[(String, Found)]) -> Result<Plan, String> {
+    let (want_uuid, min_generation) = (opts.uuid, opts.min_generation);
     let ours: Vec<(usize, &Superblock)> = found
         .iter()
         .enumerate()
@@ -248,6 +259,31 @@ pub fn plan(
             in_sync_generation: rec.in_sync_generation,
         });
     }
+    if !opts.allow_degraded {
+        let offered_ok: Vec<Uuid> = plexes
+            .iter()
+            .zip(
+                found
+                    .iter()
+                    .map(|(_, f)| !matches!(f, Found::Missing))
+                    .chain(std::iter::repeat(false)),
+            )
+            .filter(|(_, present)| *present)
+            .map(|(p, _)| p.uuid)
+            .collect();
+        let missing: Vec<&str> = table
+            .iter()
+            .filter(|r| r.state == PlexState::InSync && !offered_ok.contains(&r.uuid))
+            .map(|r| r.location.as_str())
+            .collect();
+        if !missing.is_empty() {
+            return Err(format!(
+                "plexes in sync at generation {gen} are missing: {missing:?}; assembling without \
+                 them could serve stale data if another node took the volume over. Bring them \
+                 back, or pass allow_degraded once the others are known fenced"
+            ));
+        }
+    }
     if !newest.clean && sources.len() > 1 {
         notes.push(
             "unclean shutdown: regions marked in the bitmap are resynced from one source".into(),
@@ -354,10 +390,9 @@ async fn read_superblocks(app: &App, offers: &[Offer]) -> Result<Vec<(String, Fo
 pub async fn create(
     app: &Arc<App>,
     name: &str,
-    want_uuid: Option<Uuid>,
     offers: Vec<Offer>,
     region_size: u64,
-    min_generation: u64,
+    opts: AssembleOpts,
 ) -> Result<Arc<Core>, RpcError> {
     crate::bdev::validate_name(name)?;
     if app.mirror.get(name).is_some() || app.bdevs.get(name).is_ok() {
@@ -404,17 +439,7 @@ pub async fn create(
             c.release();
         }
     };
-    match build(
-        app,
-        name,
-        want_uuid,
-        &offers,
-        region_size,
-        bs,
-        min_generation,
-    )
-    .await
-    {
+    match build(app, name, &offers, region_size, bs, &opts).await {
         Ok(core) => Ok(core),
         Err(e) => {
             release();
@@ -426,14 +451,13 @@ pub async fn create(
 async fn build(
     app: &Arc<App>,
     name: &str,
-    want_uuid: Option<Uuid>,
     offers: &[Offer],
     region_size: u64,
     bs: u32,
-    min_generation: u64,
+    opts: &AssembleOpts,
 ) -> Result<Arc<Core>, RpcError> {
     let found = read_superblocks(app, offers).await?;
-    let plan = plan(name, want_uuid, min_generation, &found).map_err(RpcError::invalid_params)?;
+    let plan = plan(name, opts, &found).map_err(RpcError::invalid_params)?;
     let smallest = offers
         .iter()
         .filter_map(|o| o.entry.as_ref())
@@ -683,12 +707,46 @@ mod tests {
         Found::Ours(Box::new(s))
     }
 
+    fn lenient() -> AssembleOpts {
+        AssembleOpts {
+            allow_degraded: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_missing_in_sync_plex_stops_assembly_unless_allowed() {
+        let (m, a, b) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let t = [(a, PlexState::InSync), (b, PlexState::InSync)];
+        let found = [
+            ("p0".into(), sb("m", m, a, 3, &t, true)),
+            ("p1".into(), Found::Missing),
+        ];
+        let e = plan("m", &AssembleOpts::default(), &found).unwrap_err();
+        assert!(e.contains("missing") && e.contains("p1"), "{e}");
+        let only = [("p0".into(), sb("m", m, a, 3, &t, true))];
+        assert!(
+            plan("m", &AssembleOpts::default(), &only).is_err(),
+            "not offered is missing too"
+        );
+        assert!(plan("m", &lenient(), &found).is_ok());
+        // A plex already out of sync in the table is not needed.
+        let t = [
+            (a, PlexState::InSync),
+            (b, PlexState::OutOfSync { since_unix_secs: 1 }),
+        ];
+        let found = [
+            ("p0".into(), sb("m", m, a, 3, &t, true)),
+            ("p1".into(), Found::Missing),
+        ];
+        assert!(plan("m", &AssembleOpts::default(), &found).is_ok());
+    }
+
     #[test]
     fn blank_plexes_make_a_new_mirror_all_in_sync() {
         let p = plan(
             "m",
-            None,
-            0,
+            &AssembleOpts::default(),
             &[("a".into(), Found::Blank), ("b".into(), Found::Blank)],
         )
         .unwrap();
@@ -725,7 +783,7 @@ mod tests {
                 ),
             ),
         ];
-        let p = plan("m", None, 0, &found).unwrap();
+        let p = plan("m", &lenient(), &found).unwrap();
         assert_eq!((p.generation, p.sources.clone()), (7, vec![0]));
         assert!(matches!(
             p.plexes[1].condition,
@@ -754,7 +812,7 @@ mod tests {
             ),
         )];
         // Alone, b is the newest it can see: that is allowed (it cannot know of generation 7).
-        assert!(plan("m", None, 0, &found).is_ok());
+        assert!(plan("m", &lenient(), &found).is_ok());
         let found = [
             (
                 "p1".into(),
@@ -770,7 +828,7 @@ mod tests {
             ("p0".into(), Found::Missing),
         ];
         assert!(
-            plan("m", None, 0, &found).is_ok(),
+            plan("m", &lenient(), &found).is_ok(),
             "p0 missing, b is the newest seen"
         );
         let found = [(
@@ -787,7 +845,7 @@ mod tests {
                 true,
             ),
         )];
-        let e = plan("m", None, 0, &found).unwrap_err();
+        let e = plan("m", &lenient(), &found).unwrap_err();
         assert!(e.contains("stale"), "{e}");
         // Alone but older than the generation the caller knows of: refused.
         let found = [(
@@ -801,7 +859,15 @@ mod tests {
                 true,
             ),
         )];
-        let e = plan("m", None, 6, &found).unwrap_err();
+        let e = plan(
+            "m",
+            &AssembleOpts {
+                min_generation: 6,
+                ..lenient()
+            },
+            &found,
+        )
+        .unwrap_err();
         assert!(e.contains("stale"), "{e}");
     }
 
@@ -823,21 +889,29 @@ mod tests {
                 sb("m", m2, b, 1, &[(b, PlexState::InSync)], true),
             ),
         ];
-        assert!(plan("m", None, 0, &found)
+        assert!(plan("m", &lenient(), &found)
             .unwrap_err()
             .contains("different mirrors"));
         let found = [(
             "p0".into(),
             sb("other", m1, a, 1, &[(a, PlexState::InSync)], true),
         )];
-        assert!(plan("m", None, 0, &found)
+        assert!(plan("m", &lenient(), &found)
             .unwrap_err()
             .contains("belongs to mirror \"other\""));
         let found = [(
             "p0".into(),
             sb("m", m1, a, 1, &[(a, PlexState::InSync)], true),
         )];
-        assert!(plan("m", Some(m2), 0, &found).is_err());
+        assert!(plan(
+            "m",
+            &AssembleOpts {
+                uuid: Some(m2),
+                ..lenient()
+            },
+            &found
+        )
+        .is_err());
     }
 
     #[test]
@@ -848,7 +922,7 @@ mod tests {
             ("p0".into(), sb("m", m, a, 3, &t, false)),
             ("p1".into(), sb("m", m, b, 3, &t, false)),
         ];
-        let p = plan("m", None, 0, &found).unwrap();
+        let p = plan("m", &lenient(), &found).unwrap();
         assert_eq!(p.plexes[0].condition, Condition::InUse);
         assert!(matches!(
             p.plexes[1].condition,
@@ -861,7 +935,7 @@ mod tests {
             ("p0".into(), sb("m", m, a, 3, &t, true)),
             ("p1".into(), sb("m", m, b, 3, &t, true)),
         ];
-        assert!(plan("m", None, 0, &found)
+        assert!(plan("m", &lenient(), &found)
             .unwrap()
             .plexes
             .iter()
@@ -878,7 +952,7 @@ mod tests {
             ),
             ("p1".into(), Found::Blank),
         ];
-        let p = plan("m", None, 0, &found).unwrap();
+        let p = plan("m", &lenient(), &found).unwrap();
         assert!(matches!(
             p.plexes[1].condition,
             Condition::OutOfSync {

@@ -55,6 +55,9 @@ struct Create {
     /// all older than that are stale, and assembling from them is refused.
     #[serde(default)]
     min_generation: u64,
+    /// Assemble even when a plex in sync is missing (see `AssembleOpts::allow_degraded`).
+    #[serde(default)]
+    allow_degraded: bool,
 }
 
 #[derive(Deserialize)]
@@ -135,8 +138,12 @@ pub fn register(m: &mut Methods) {
                     node: pp.node,
                 })
                 .collect();
-            let core =
-                assemble::create(&app, &p.name, p.uuid, offers, region, p.min_generation).await?;
+            let opts = assemble::AssembleOpts {
+                uuid: p.uuid,
+                min_generation: p.min_generation,
+                allow_degraded: p.allow_degraded,
+            };
+            let core = assemble::create(&app, &p.name, offers, region, opts).await?;
             Ok::<_, RpcError>(json!(core.name))
         },
     );
