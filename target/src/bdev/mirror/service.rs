@@ -41,8 +41,8 @@ enum Op {
     Header { plex: usize },
     Chunk { chunk: u32, plex: usize },
     ProbeHeader { plex: usize, slot: Slot },
-    CopyRead,
-    CopyWrite,
+    CopyRead { region: u64 },
+    CopyWrite { region: u64 },
     Wipe { plex: usize },
 }
 
@@ -75,6 +75,7 @@ struct Probe {
     slots: [Option<Vec<u8>>; 2],
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum CopyStep {
     /// Waiting for writes in the region to drain.
     Locking,
@@ -82,19 +83,40 @@ enum CopyStep {
     Writing,
 }
 
+/// One region being copied.
+struct Copy {
+    region: u64,
+    /// Blocks of it copied so far.
+    done: u64,
+    step: CopyStep,
+}
+
+/// Regions copied at once: reads from the source overlap writes to the target.
+const COPY_WINDOW: usize = 4;
+
 struct Resync {
     target: usize,
     source: usize,
     regions: Vec<u64>,
-    pos: usize,
-    /// Blocks of the current region copied so far.
-    done_in_region: u64,
-    step: CopyStep,
-    buf: Option<BufView>,
+    /// Index in `regions` of the next region to start.
+    next: usize,
+    /// Regions finished.
+    finished: usize,
+    active: Vec<Copy>,
     started_ns: u64,
     bytes: u64,
     last_progress_ns: u64,
     rate_mark: (u64, u64),
+}
+
+impl Resync {
+    /// The region a restart resumes at: every region before it is copied.
+    fn resume_point(&self, regions: u64) -> u64 {
+        let started = self.active.iter().map(|c| c.region).min();
+        started
+            .or_else(|| self.regions.get(self.next).copied())
+            .unwrap_or(regions)
+    }
 }
 
 pub struct Service {
@@ -514,7 +536,7 @@ impl Service {
                 }
             }
             Op::ProbeHeader { plex, slot } => self.probe_done(plex, slot, c),
-            Op::CopyRead | Op::CopyWrite => self.copy_done(plex, c),
+            Op::CopyRead { region } | Op::CopyWrite { region } => self.copy_done(plex, region, c),
             Op::Wipe { plex } => {
                 if let Some((pending, _)) = self.wipes.get_mut(&plex) {
                     *pending -= 1;
@@ -687,10 +709,9 @@ impl Service {
             target,
             source,
             regions,
-            pos: 0,
-            done_in_region: 0,
-            step: CopyStep::Locking,
-            buf: None,
+            next: 0,
+            finished: 0,
+            active: Vec::new(),
             started_ns: now,
             bytes: 0,
             last_progress_ns: now,
@@ -709,96 +730,105 @@ impl Service {
         }
         let core = self.core.clone();
         let rs = self.resync.as_mut().expect("checked");
-        if rs.pos >= rs.regions.len() {
+        if rs.next >= rs.regions.len() && rs.active.is_empty() {
             return self.finish_resync();
         }
-        let CopyStep::Locking = rs.step else {
-            return false;
-        };
         let rate = core.resync_rate.load(Ordering::Relaxed);
-        if rate > 0 {
+        let over_rate = rate > 0 && {
             let elapsed = now_ns().saturating_sub(rs.started_ns).max(1);
-            if rs.bytes as u128 * SEC as u128 > rate as u128 * elapsed as u128 {
-                crate::reactor::wake_by(now_ns() + SEC / 100);
-                return false;
+            rs.bytes as u128 * SEC as u128 > rate as u128 * elapsed as u128
+        };
+        if over_rate {
+            crate::reactor::wake_by(now_ns() + SEC / 100);
+        } else {
+            while rs.active.len() < COPY_WINDOW && rs.next < rs.regions.len() {
+                rs.active.push(Copy {
+                    region: rs.regions[rs.next],
+                    done: 0,
+                    step: CopyStep::Locking,
+                });
+                rs.next += 1;
             }
         }
-        let r = rs.regions[rs.pos];
-        if !core.intent.try_lock(r) {
-            return true;
+        let locked: Vec<u64> = rs
+            .active
+            .iter_mut()
+            .filter(|c| c.step == CopyStep::Locking && core.intent.try_lock(c.region))
+            .map(|c| c.region)
+            .collect();
+        let waiting = rs.active.iter().any(|c| c.step == CopyStep::Locking);
+        for r in &locked {
+            self.copy_next_piece(*r);
         }
-        self.copy_next_piece()
+        !locked.is_empty() || waiting
     }
 
-    fn copy_next_piece(&mut self) -> bool {
-        let core = self.core.clone();
-        let rs = self.resync.as_mut().expect("resync running");
-        let r = rs.regions[rs.pos];
-        let range = core.layout.region_range(r);
-        let bs = u64::from(core.layout.block_size());
-        let start = range.start + rs.done_in_region;
-        let n = (range.end - start).min(COPY_PIECE / bs).max(1);
-        let Ok(buf) = BufView::new((n * bs) as usize) else {
-            core.intent.unlock(r);
-            return false;
-        };
-        rs.step = CopyStep::Reading;
-        let io = BdevIo::read(core.plex_block(start), n, smallvec::smallvec![buf], 0);
-        let source = rs.source;
-        if !self.submit(source, io, Op::CopyRead) {
-            self.abort_resync("the source plex refused a read");
-        }
-        true
-    }
-
-    fn copy_done(&mut self, plex: usize, c: IoCompletion) {
+    /// Reads the next piece of region `r` (locked) from the source.
+    fn copy_next_piece(&mut self, r: u64) {
         let core = self.core.clone();
         let Some(rs) = self.resync.as_mut() else {
             return;
         };
-        let r = rs.regions[rs.pos];
+        let Some(c) = rs.active.iter_mut().find(|c| c.region == r) else {
+            return;
+        };
+        let range = core.layout.region_range(r);
+        let bs = u64::from(core.layout.block_size());
+        let start = range.start + c.done;
+        let n = (range.end - start).min(COPY_PIECE / bs).max(1);
+        let Ok(buf) = BufView::new((n * bs) as usize) else {
+            // No memory now: let the region go and try it again on a later pass.
+            core.intent.unlock(r);
+            c.step = CopyStep::Locking;
+            return;
+        };
+        c.step = CopyStep::Reading;
+        let io = BdevIo::read(core.plex_block(start), n, smallvec::smallvec![buf], 0);
+        let source = rs.source;
+        if !self.submit(source, io, Op::CopyRead { region: r }) {
+            self.abort_resync("the source plex refused a read");
+        }
+    }
+
+    fn copy_done(&mut self, plex: usize, r: u64, c: IoCompletion) {
+        let core = self.core.clone();
+        let Some(rs) = self.resync.as_mut() else {
+            return;
+        };
+        let Some(copy) = rs.active.iter_mut().find(|x| x.region == r) else {
+            return;
+        };
         if !c.status.is_ok() {
             let why = FaultReason::IoFailed {
                 io_type: c.io_type,
                 status: c.status,
             };
-            core.intent.unlock(r);
             let t = core.fault(plex, why);
             self.header.ticket_wanted = self.header.ticket_wanted.max(t);
             self.abort_resync("a copy I/O failed");
             return;
         }
-        match rs.step {
+        let at = core.plex_block(core.layout.region_range(r).start + copy.done);
+        match copy.step {
             CopyStep::Reading => {
-                rs.step = CopyStep::Writing;
-                let mut bufs = c.bufs;
-                rs.buf = None;
-                let io = BdevIo::write(
-                    core.plex_block(core.layout.region_range(r).start + rs.done_in_region),
-                    c.num_blocks,
-                    std::mem::take(&mut bufs),
-                    0,
-                );
+                copy.step = CopyStep::Writing;
+                let io = BdevIo::write(at, c.num_blocks, c.bufs, 0);
                 let target = rs.target;
-                if !self.submit(target, io, Op::CopyWrite) {
-                    core.intent.unlock(r);
+                if !self.submit(target, io, Op::CopyWrite { region: r }) {
                     self.abort_resync("the plex being resynced refused a write");
                 }
             }
             CopyStep::Writing => {
-                let bs = u64::from(core.layout.block_size());
-                rs.bytes += c.num_blocks * bs;
-                rs.done_in_region += c.num_blocks;
+                rs.bytes += c.num_blocks * u64::from(core.layout.block_size());
+                copy.done += c.num_blocks;
                 let range = core.layout.region_range(r);
-                if range.start + rs.done_in_region < range.end {
-                    rs.step = CopyStep::Locking;
-                    self.copy_next_piece();
+                if range.start + copy.done < range.end {
+                    self.copy_next_piece(r);
                     return;
                 }
                 core.intent.unlock(r);
-                rs.pos += 1;
-                rs.done_in_region = 0;
-                rs.step = CopyStep::Locking;
+                rs.active.retain(|x| x.region != r);
+                rs.finished += 1;
                 self.note_progress();
             }
             CopyStep::Locking => {}
@@ -820,12 +850,8 @@ impl Service {
         if now - mark_ns >= SEC / 2 {
             rs.rate_mark = (now, rs.bytes);
         }
-        let next = rs
-            .regions
-            .get(rs.pos)
-            .copied()
-            .unwrap_or(core.intent.regions);
-        let (done, bytes) = (rs.pos as u64, rs.bytes);
+        let next = rs.resume_point(core.intent.regions);
+        let (done, bytes) = (rs.finished as u64, rs.bytes);
         if let Some(t) = core.plex(rs.target) {
             t.update_progress(|p| {
                 p.regions_done = done;
@@ -867,15 +893,17 @@ impl Service {
         t.set_condition(Condition::InUse);
         t.set_role(Role::Serving);
         core.generation.fetch_add(1, Ordering::AcqRel);
-        core.failed.store(false, Ordering::Release);
+        if !core.fenced.load(Ordering::Acquire) {
+            core.failed.store(false, Ordering::Release);
+        }
         self.header.wanted = true;
         true
     }
 
     fn abort_resync(&mut self, why: &str) {
         let Some(rs) = self.resync.take() else { return };
-        if let Some(&r) = rs.regions.get(rs.pos) {
-            self.core.intent.unlock(r);
+        for c in &rs.active {
+            self.core.intent.unlock(c.region);
         }
         let core = &self.core;
         if let Some(t) = core.plex(rs.target) {
