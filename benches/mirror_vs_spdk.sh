@@ -7,9 +7,9 @@
 #   - plexd: one malloc; a mirror over two local mallocs (SPDK raid1's shape); a mirror over a
 #     local malloc and a remote one (a second plexd on core 1, attached with bdev_nvme): the
 #     product's shape, whose remote leg shares core 1 with plexperf.
-# Resync (plexd): a full copy to an added plex vs `dd` of the same bytes between the same kind
-# of files (tmpfs), and a partial resync after 1 % of the regions were written while a plex was
-# away vs a full resync of the same mirror.
+# Resync (plexd): a full copy to an added plex vs `dd` (O_DIRECT, 1 MiB) of the same bytes
+# between the same kind of files (ext4 under build/, which the uring bdev opens O_DIRECT), and a
+# partial resync after 1 % of the regions were written while a plex was away vs a full resync.
 #
 # Usage: benches/mirror_vs_spdk.sh [SECONDS (default 5)]
 # Needs release builds; SPDK's rows need ../shared/spdk/bin/nvmf_tgt. Run on a quiet machine.
@@ -26,6 +26,8 @@ tgt=$(spdk_bin nvmf_tgt) || tgt=
 spdk_rpc_install
 [ -n "$tgt" ] && spdk_prepare 1024
 work=$(mktemp -d /tmp/mirror-bench.XXXXXX)
+quiet="$(uptime | sed 's/.*load average/load average/') before the run"
+
 pids=()
 cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
@@ -119,7 +121,7 @@ done
 echo "# Mirror write cost, SPDK nvmf_tgt (v26.05) and plexd side by side"
 echo
 echo "4 KiB random writes over NVMe/TCP loopback, target on core 0, plexperf on core 1, ${secs} s per run."
-echo "Quiet: $(uptime | sed 's/.*load average/load average/') before the run."
+echo "Quiet: nothing else ran (no build, no helper); $quiet."
 echo
 echo "| target | bdev | QD32 IOPS | vs its single malloc | QD1 mean latency (µs) |"
 echo "|---|---|---:|---:|---:|"
@@ -135,12 +137,12 @@ row plexd pair "mirror over 2 mallocs"
 row plexd remote "mirror: local malloc + remote malloc (2nd plexd, core 1)"
 
 # ---- resync: a full copy against dd, a partial one against a full one ----------------------
-shm=$(mktemp -d /dev/shm/mirror-bench.XXXXXX)
+shm=$(mktemp -d "$repo/build/mirror-bench.XXXXXX")
 trap 'cleanup; rm -rf "$shm"' EXIT
 for f in a b c; do truncate -s ${MB}M "$shm/$f.img"; done
 dd if=/dev/urandom of="$shm/a.img" bs=1M count=$MB conv=notrunc status=none
 t0=$(date +%s.%N)
-dd if="$shm/a.img" of="$shm/c.img" bs=1M conv=notrunc,fsync status=none
+dd if="$shm/a.img" of="$shm/c.img" bs=1M iflag=direct oflag=direct conv=notrunc status=none
 t1=$(date +%s.%N)
 dd_mibs=$(python3 -c "print($MB / ($t1 - $t0))")
 
@@ -174,7 +176,7 @@ read -r part_bytes part_ms part_regions <<<"$part"
 stop_all
 
 echo
-echo "## Resync (plexd, ${MB} MiB plexes on tmpfs, 1 MiB regions)"
+echo "## Resync (plexd, ${MB} MiB file plexes on ext4, O_DIRECT, 1 MiB regions)"
 echo
 echo "| copy | regions | bytes | time | rate |"
 echo "|---|---:|---:|---:|---:|"
@@ -182,7 +184,7 @@ python3 - "$MB" "$t0" "$t1" "$full_bytes" "$full_ms" "$full_regions" "$part_byte
 import sys
 mb, t0, t1, fb, fms, fr, pb, pms, pr = sys.argv[1:]
 dd_s = float(t1) - float(t0)
-print(f"| dd of the same bytes (bs=1M, fsync) | – | {int(mb) << 20:,} | {dd_s * 1000:.0f} ms | {int(mb) / dd_s:,.0f} MiB/s |")
+print(f"| dd of the same bytes (bs=1M, O_DIRECT) | – | {int(mb) << 20:,} | {dd_s * 1000:.0f} ms | {int(mb) / dd_s:,.0f} MiB/s |")
 print(f"| full resync (added plex) | {fr} | {int(fb):,} | {fms} ms | {int(fb) / 1048576 / (int(fms) / 1000):,.0f} MiB/s |")
 print(f"| partial resync (1 % of regions written while away) | {pr} | {int(pb):,} | {pms} ms | – |")
 print()
