@@ -246,3 +246,96 @@ fn a_new_owner_fences_the_old_one_which_can_no_longer_acknowledge_a_write() {
         );
     }
 }
+
+#[test]
+fn a_three_plex_mirror_losing_two_plexes_in_turn_serves_from_the_last_and_rebuilds_both() {
+    let dir = temp_dir();
+    let files: Vec<PathBuf> = ["a.img", "b.img", "c.img"]
+        .iter()
+        .map(|f| plex_file(dir.path(), f))
+        .collect();
+    let (mut b, port_b) = start_b(dir.path(), &files[1], "b", None);
+    let (mut c, port_c) = start_b(dir.path(), &files[2], "c", None);
+    let a = Plexd::start(dir.path(), "a", &["-m", "0x3"]);
+    a.ok(
+        "bdev_uring_create",
+        json!({"name": "plexA", "filename": files[0].to_str().unwrap(), "block_size": 512}),
+    );
+    for (name, port) in [("B", port_b), ("C", port_c)] {
+        a.ok(
+            "bdev_nvme_attach_controller",
+            json!({"name": name, "trtype": "tcp", "adrfam": "ipv4", "traddr": "127.0.0.1",
+                   "trsvcid": port.to_string(), "subnqn": NQN_A,
+                   "ctrlr_loss_timeout_sec": -1, "reconnect_delay_sec": 1,
+                   "fast_io_fail_timeout_sec": 1}),
+        );
+    }
+    a.ok(
+        "bdev_mirror_create",
+        json!({"name": "m", "plexes": ["plexA", "Bn1", "Cn1"]}),
+    );
+    a.ok(
+        "bdev_mirror_set_options",
+        json!({"name": "m", "bitmap_clear_interval_ms": 200}),
+    );
+    let port_a = free_port();
+    a.export(NQN_M, "m", port_a, json!({"trtype": "TCP"}));
+    let blocks = mirror(&a)["num_blocks"].as_u64().unwrap();
+    let data_offset = PLEX_BYTES / 512 - blocks;
+
+    let mut host = Driver::connect(port_a, NQN_M);
+    let mut written = write_regions(&a, &mut host, 1, &[0, 4]);
+    wait_mirror(&a, "clean", Duration::from_secs(30), |m| {
+        m["dirty_regions"] == 0
+    });
+
+    // B goes, then C: the last plex serves alone.
+    b.kill();
+    written.extend(write_regions(&a, &mut host, 10, &[10]));
+    wait_mirror(&a, "without B", Duration::from_secs(10), |m| {
+        m["plexes"][1]["condition"] == "Faulted"
+    });
+    c.kill();
+    written.extend(write_regions(&a, &mut host, 20, &[20]));
+    let m = wait_mirror(&a, "on its last plex", Duration::from_secs(10), |m| {
+        m["plexes"][2]["condition"] == "Faulted"
+    });
+    assert_eq!(
+        (m["state"].clone(), m["actual_plexes"].clone()),
+        (json!("degraded"), json!(1)),
+        "{m:#}"
+    );
+    let newest: std::collections::BTreeMap<u64, Vec<u8>> = written.iter().cloned().collect();
+    for (lba, data) in &newest {
+        assert!(
+            host.read(*lba, data.len()).unwrap() == *data,
+            "LBA {lba} from the last plex"
+        );
+    }
+
+    // Both return and are rebuilt, each with the regions marked since the first left.
+    let _b2 = start_b(dir.path(), &files[1], "b2", Some(port_b));
+    let _c2 = start_b(dir.path(), &files[2], "c2", Some(port_c));
+    let m = wait_mirror(&a, "in sync on 3 plexes", Duration::from_secs(90), |m| {
+        m["state"] == "online" && m["actual_plexes"] == 3
+    });
+    for p in [1, 2] {
+        let last = &m["plexes"][p]["last_resync"];
+        assert_eq!(
+            (last["full"].clone(), last["regions"].clone()),
+            (json!(false), json!(2)),
+            "plex {p}: {m:#}"
+        );
+    }
+    for (lba, data) in &newest {
+        assert!(
+            host.read(*lba, data.len()).unwrap() == *data,
+            "LBA {lba} after the rebuild"
+        );
+    }
+    wait_mirror(&a, "clean", Duration::from_secs(30), |m| {
+        m["dirty_regions"] == 0
+    });
+    drop(host);
+    assert_plexes_match(&[&files[0], &files[1], &files[2]], data_offset, blocks);
+}
