@@ -21,15 +21,52 @@ fn plex_file(dir: &Path, name: &str) -> PathBuf {
     p
 }
 
-/// B: a file plex exported on a fresh port; its saved config to restart it the same way.
+/// A UUID that stays the same for `file` (FNV-1a of its path).
+fn uuid_for(file: &Path) -> String {
+    let h = file
+        .to_str()
+        .unwrap()
+        .bytes()
+        .fold(0xcbf29ce484222325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+        });
+    format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        h >> 32,
+        (h >> 16) & 0xffff,
+        h & 0xfff,
+        (h >> 4) & 0xfff,
+        h & 0xffff_ffff_ffff
+    )
+}
+
+/// B: a file plex exported on a fresh port (or `port`, to come back where it was).
 fn start_b(dir: &Path, file: &Path, tag: &str, port: Option<u16>) -> (Plexd, u16) {
     let b = Plexd::start(dir, tag, &["-m", "0x1"]);
+    // The same UUID on every start, as a restart from save_config keeps it: the namespace's
+    // reservation file names the bdev it belongs to.
     b.ok(
         "bdev_uring_create",
-        json!({"name": "plexB", "filename": file.to_str().unwrap(), "block_size": 512}),
+        json!({"name": "plexB", "filename": file.to_str().unwrap(), "block_size": 512,
+               "uuid": uuid_for(file)}),
     );
     let port = port.unwrap_or_else(free_port);
-    b.export(NQN_A, "plexB", port, json!({"trtype": "TCP"}));
+    // The namespace keeps its reservations beside the plex, so a restart keeps the fence.
+    let ptpl = file.with_extension("ptpl");
+    b.ok("nvmf_create_transport", json!({"trtype": "TCP"}));
+    b.ok(
+        "nvmf_create_subsystem",
+        json!({"nqn": NQN_A, "allow_any_host": true, "serial_number": "SN0001"}),
+    );
+    b.ok(
+        "nvmf_subsystem_add_ns",
+        json!({"nqn": NQN_A, "namespace": {"bdev_name": "plexB", "ptpl_file": ptpl.to_str().unwrap()}}),
+    );
+    b.ok(
+        "nvmf_subsystem_add_listener",
+        json!({"nqn": NQN_A, "listen_address": {"trtype": "TCP", "adrfam": "IPv4",
+                "traddr": "127.0.0.1", "trsvcid": port.to_string()}}),
+    );
     (b, port)
 }
 
@@ -195,15 +232,25 @@ fn a_new_owner_fences_the_old_one_which_can_no_longer_acknowledge_a_write() {
         plex_file(dir.path(), "a.img"),
         plex_file(dir.path(), "b.img"),
     );
-    let (_b, port_b) = start_b(dir.path(), &fb, "b", None);
+    let (mut b, port_b) = start_b(dir.path(), &fb, "b", None);
     let (a, port_a) = start_a(dir.path(), &fa, port_b);
     let mut host = Driver::connect(port_a, NQN_M);
-    let written = write_regions(&a, &mut host, 7, &[1, 2, 33]);
+    let mut written = write_regions(&a, &mut host, 7, &[1, 2, 33]);
     assert!(
-        a.log_text().contains("plex Bn1 reserved (Acquired)"),
+        a.log_text()
+            .contains("plex Bn1 reserved (Acquired { persistent: true })"),
         "{}",
         a.log_text()
     );
+
+    // B restarts: its namespace brings A's reservation back from its ptpl_file.
+    // What A acknowledges meanwhile reaches B's plex by resync.
+    b.kill();
+    written.extend(write_regions(&a, &mut host, 70, &[40]));
+    let (_b2, _) = start_b(dir.path(), &fb, "b2", Some(port_b));
+    wait_mirror(&a, "whole again", Duration::from_secs(60), |m| {
+        m["state"] == "online"
+    });
 
     // C takes the volume over from B's plex alone (A is, as far as C knows, gone).
     let c = Plexd::start(dir.path(), "c", &["-m", "0x1"]);
@@ -216,7 +263,11 @@ fn a_new_owner_fences_the_old_one_which_can_no_longer_acknowledge_a_write() {
         "bdev_mirror_create",
         json!({"name": "m", "plexes": ["Bn1"], "allow_degraded": true}),
     );
-    assert!(c.log_text().contains("preempted"), "{}", c.log_text());
+    assert!(
+        c.log_text().contains("was held by another owner"),
+        "A's reservation survived B's restart, and C preempted it: {}",
+        c.log_text()
+    );
     let mc = c.ok("bdev_mirror_get_mirrors", json!({"name": "m"}))[0].clone();
     assert_eq!(mc["state"], "degraded", "A's plex is not C's: {mc:#}");
 

@@ -467,10 +467,16 @@ impl Cluster {
             json!({"nqn": nqn, "allow_any_host": false}),
         ) {
             Ok(_) => {
+                // A file plex keeps its namespace's reservations beside it (SPDK's
+                // ptpl_file), so the owner's fence outlives a restart of this node.
+                let mut ns = json!({"bdev_name": p.bdev});
+                if let Some(f) = &p.file {
+                    ns["ptpl_file"] = json!(f.with_extension("ptpl"));
+                }
                 call_busy(
                     &mut c,
                     "nvmf_subsystem_add_ns",
-                    &json!({"nqn": nqn, "namespace": {"bdev_name": p.bdev}}),
+                    &json!({"nqn": nqn, "namespace": ns}),
                 )
                 .map_err(&e)?;
                 c.call(
@@ -870,8 +876,13 @@ impl Cluster {
                     self.say(&format!("{node}: {m} {}", first_value(&params)));
                 }
             }
-            if let Some(f) = &p.file {
-                match std::fs::remove_file(f) {
+            // The plex file and its namespace's reservation file.
+            for f in p
+                .file
+                .iter()
+                .flat_map(|f| [f.clone(), f.with_extension("ptpl")])
+            {
+                match std::fs::remove_file(&f) {
                     Ok(()) => self.say(&format!("{node}: removed {}", f.display())),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                     Err(e) => return Err(Error::Files(format!("{}: {e}", f.display()))),

@@ -630,7 +630,7 @@ async fn fence_remote_plexes(
             .await
             .map_err(|e| RpcError::internal(format!("fencing {loc}: {e}")))?;
         match r {
-            Ok(super::fence::Fenced::Preempted { previous_key }) => tracing::warn!(
+            Ok(super::fence::Fenced::Preempted { previous_key, .. }) => tracing::warn!(
                 "mirror {name}: plex {} was held by another owner (key {previous_key:#x}): preempted; \
                  that owner can no longer write it",
                 o.location

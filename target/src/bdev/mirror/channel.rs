@@ -371,6 +371,9 @@ impl MirrorChannel {
         let ok = m.served > 0 && !fenced && !(m.ticket > 0 && core.failed.load(Ordering::Acquire));
         let status = if ok {
             IoStatus::Success
+        } else if fenced {
+            // Whichever I/O met the other owner's reservation first, this one ends the same way.
+            RESERVATION_CONFLICT
         } else {
             m.first_error.unwrap_or(IoStatus::IoError(libc::EIO))
         };

@@ -10,7 +10,8 @@
 
 use crate::bdev::nvme::AttachSpec;
 use initiator::{Controller, CtrlrOpts, IoError, IoQpair};
-use nvme_spec::resv::{racqa, rrega, ResvAcquire, ResvRegister, ResvStatus, ResvType};
+use nvme_spec::resv::{cptpl, racqa, rrega, ResvAcquire, ResvRegister, ResvStatus, ResvType};
+use nvme_spec::Status;
 use std::time::{Duration, Instant};
 
 /// How long one reservation command may take.
@@ -25,13 +26,41 @@ pub fn key_for(mirror: uuid::Uuid, hostid: &[u8; 16]) -> u64 {
 
 /// What fencing found and did on one plex.
 #[derive(Debug, PartialEq, Eq)]
+/// `persistent`: the namespace keeps the reservation across a restart of its node.
 pub enum Fenced {
     /// Nobody held it: we took it.
-    Acquired,
+    Acquired { persistent: bool },
     /// We held it already.
-    AlreadyOurs,
+    AlreadyOurs { persistent: bool },
     /// Another host held it: preempted (its queued commands aborted).
-    Preempted { previous_key: u64 },
+    Preempted { previous_key: u64, persistent: bool },
+}
+
+/// Registers `key` (replacing a key of ours already there) with `cptpl`; the command's own
+/// outcome inside, a failure to get an answer outside.
+fn register(
+    s: &mut Session,
+    nsid: u32,
+    key: u64,
+    cptpl: u8,
+) -> Result<Result<(), IoError>, String> {
+    let reg = |iekey, action| ResvRegister {
+        nsid,
+        rrega: action,
+        iekey,
+        cptpl,
+    };
+    let r = s.run("Reservation Register", |qp, t| {
+        qp.resv_register(reg(false, rrega::REGISTER), 0, key, vec![0; 16], t)
+    })?;
+    match r {
+        Err(e) if e.is_reservation_conflict() => Ok(s
+            .run("Reservation Register (replace)", |qp, t| {
+                qp.resv_register(reg(true, rrega::REPLACE), 0, key, vec![0; 16], t)
+            })?
+            .map(|_| ())),
+        other => Ok(other.map(|_| ())),
+    }
 }
 
 struct Session {
@@ -90,25 +119,23 @@ impl Session {
 /// preempting any other holder. Blocking: run it off the reactors.
 pub fn take(spec: &AttachSpec, nsid: u32, key: u64) -> Result<Fenced, String> {
     let mut s = Session::open(spec)?;
-    // Register our key; a registration of ours under another key is replaced.
-    let reg = |iekey, action| ResvRegister {
-        nsid,
-        rrega: action,
-        iekey,
-        cptpl: 0,
-    };
-    let r = s.run("Reservation Register", |qp, t| {
-        qp.resv_register(reg(false, rrega::REGISTER), 0, key, vec![0; 16], t)
-    })?;
-    if let Err(e) = r {
-        if !e.is_reservation_conflict() {
-            return Err(format!("Reservation Register: {e}"));
+    // Persist through power loss where the namespace keeps its reservations in a file, so a
+    // restart of the plex's node does not drop the fence; plexd (like SPDK) refuses PTPL with
+    // Invalid Field on a namespace without one, and then the reservation lives in memory only.
+    let persistent = match register(&mut s, nsid, key, cptpl::PERSIST)? {
+        Ok(()) => true,
+        Err(e) if matches!(&e, IoError::Nvme(st) if st.same_code(Status::INVALID_FIELD)) => {
+            tracing::warn!(
+                "{}: namespace {nsid} cannot persist reservations (no ptpl_file there): a \
+                 restart of that node drops this fence until the mirror is assembled again",
+                spec.trid
+            );
+            register(&mut s, nsid, key, cptpl::NO_CHANGE)?
+                .map_err(|e| format!("Reservation Register: {e}"))?;
+            false
         }
-        s.run("Reservation Register (replace)", |qp, t| {
-            qp.resv_register(reg(true, rrega::REPLACE), 0, key, vec![0; 16], t)
-        })?
-        .map_err(|e| format!("Reservation Register (replace): {e}"))?;
-    }
+        Err(e) => return Err(format!("Reservation Register: {e}")),
+    };
     let report = s
         .run("Reservation Report", |qp, t| {
             qp.resv_report(nsid, vec![0; 4096], t)
@@ -132,7 +159,7 @@ pub fn take(spec: &AttachSpec, nsid: u32, key: u64) -> Result<Fenced, String> {
         Some((hostid, _))
             if hostid == spec.hostid && status.rtype == Some(ResvType::WriteExclusive) =>
         {
-            Fenced::AlreadyOurs
+            Fenced::AlreadyOurs { persistent }
         }
         Some((hostid, holder_key)) if hostid != spec.hostid => {
             s.run(
@@ -142,12 +169,13 @@ pub fn take(spec: &AttachSpec, nsid: u32, key: u64) -> Result<Fenced, String> {
             .map_err(|e| format!("Reservation Acquire (preempt and abort): {e}"))?;
             Fenced::Preempted {
                 previous_key: holder_key,
+                persistent,
             }
         }
         _ => {
             s.run("Reservation Acquire", acquire(racqa::ACQUIRE, 0))?
                 .map_err(|e| format!("Reservation Acquire: {e}"))?;
-            Fenced::Acquired
+            Fenced::Acquired { persistent }
         }
     };
     Ok(outcome)
