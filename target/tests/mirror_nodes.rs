@@ -4,11 +4,13 @@
 //! from their files.
 
 mod bdev_nvme_common;
+mod mirror_common;
 
 use bdev_nvme_common::*;
-use serde_json::{json, Value};
+use mirror_common::*;
+use serde_json::json;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const NQN_M: &str = "nqn.2024-01.io.plexstor:mirror-m";
 const PLEX_BYTES: u64 = 64 << 20;
@@ -99,48 +101,6 @@ fn start_a(dir: &Path, file: &Path, port_b: u16) -> (Plexd, u16) {
     (a, port)
 }
 
-fn mirror(a: &Plexd) -> Value {
-    a.ok("bdev_mirror_get_mirrors", json!({"name": "m"}))[0].clone()
-}
-
-/// Polls the mirror until `cond` holds.
-fn wait_mirror(a: &Plexd, what: &str, within: Duration, cond: impl Fn(&Value) -> bool) -> Value {
-    let t0 = Instant::now();
-    loop {
-        let m = mirror(a);
-        if cond(&m) {
-            return m;
-        }
-        assert!(
-            t0.elapsed() < within,
-            "mirror never {what} in {within:?}: {m:#}\n{}",
-            a.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// The data areas of two plex files are the same, block by block.
-fn assert_plexes_match(files: &[&Path], data_offset: u64, blocks: u64) {
-    let read = |p: &Path| {
-        let all = std::fs::read(p).unwrap();
-        all[(data_offset * 512) as usize..((data_offset + blocks) * 512) as usize].to_vec()
-    };
-    let first = read(files[0]);
-    for f in &files[1..] {
-        let other = read(f);
-        if let Some(b) = (0..blocks as usize)
-            .find(|&b| first[b * 512..(b + 1) * 512] != other[b * 512..(b + 1) * 512])
-        {
-            panic!(
-                "{} and {} differ at mirror block {b}",
-                files[0].display(),
-                f.display()
-            );
-        }
-    }
-}
-
 /// Writes one MiB-sized pattern into each region of `regions` (at its start), checks they read back.
 fn write_regions(a: &Plexd, host: &mut Driver, seed: u64, regions: &[u64]) -> Vec<(u64, Vec<u8>)> {
     let bs = host.block_size as u64;
@@ -171,7 +131,6 @@ fn a_killed_plex_node_leaves_the_mirror_writable_and_returns_to_a_partial_resync
         (json!(2), json!(2))
     );
     let blocks = m["num_blocks"].as_u64().unwrap();
-    let data_offset = PLEX_BYTES / 512 - blocks;
     assert!(blocks > 32 * REGION / 512, "{m:#}");
 
     let mut host = Driver::connect(port_a, NQN_M);
@@ -182,7 +141,7 @@ fn a_killed_plex_node_leaves_the_mirror_writable_and_returns_to_a_partial_resync
         m["dirty_regions"] == 0
     });
     drop(host);
-    assert_plexes_match(&[&fa, &fb], data_offset, blocks);
+    assert_plexes_match(&[&fa, &fb], &mirror(&a));
 
     // B dies. Writes go on, to A alone, once the failed plex is on record.
     b.kill();
@@ -222,7 +181,7 @@ fn a_killed_plex_node_leaves_the_mirror_writable_and_returns_to_a_partial_resync
         m["dirty_regions"] == 0
     });
     drop(host);
-    assert_plexes_match(&[&fa, &fb], data_offset, blocks);
+    assert_plexes_match(&[&fa, &fb], &mirror(&a));
 }
 
 #[test]
@@ -331,8 +290,6 @@ fn a_three_plex_mirror_losing_two_plexes_in_turn_serves_from_the_last_and_rebuil
     );
     let port_a = free_port();
     a.export(NQN_M, "m", port_a, json!({"trtype": "TCP"}));
-    let blocks = mirror(&a)["num_blocks"].as_u64().unwrap();
-    let data_offset = PLEX_BYTES / 512 - blocks;
 
     let mut host = Driver::connect(port_a, NQN_M);
     let mut written = write_regions(&a, &mut host, 1, &[0, 4]);
@@ -388,5 +345,5 @@ fn a_three_plex_mirror_losing_two_plexes_in_turn_serves_from_the_last_and_rebuil
         m["dirty_regions"] == 0
     });
     drop(host);
-    assert_plexes_match(&[&files[0], &files[1], &files[2]], data_offset, blocks);
+    assert_plexes_match(&[&files[0], &files[1], &files[2]], &mirror(&a));
 }

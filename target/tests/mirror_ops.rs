@@ -3,11 +3,13 @@
 //! shutdown, and a resync cut short). Every test ends comparing the plexes' files block by block.
 
 mod bdev_nvme_common;
+mod mirror_common;
 
 use bdev_nvme_common::*;
-use serde_json::{json, Value};
+use mirror_common::*;
+use serde_json::json;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const NQN_M: &str = "nqn.2024-01.io.plexstor:mirror-ops";
 const PLEX_BYTES: u64 = 64 << 20;
@@ -49,54 +51,6 @@ impl Node {
 
     fn file(&self, i: usize) -> &Path {
         &self.files[i]
-    }
-}
-
-fn get(p: &Plexd) -> Value {
-    p.ok("bdev_mirror_get_mirrors", json!({"name": "m"}))[0].clone()
-}
-
-fn wait_mirror(p: &Plexd, what: &str, within: Duration, cond: impl Fn(&Value) -> bool) -> Value {
-    let t0 = Instant::now();
-    loop {
-        let m = get(p);
-        if cond(&m) {
-            return m;
-        }
-        assert!(
-            t0.elapsed() < within,
-            "mirror never {what}: {m:#}\n{}",
-            p.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn all_in_use(m: &Value) -> bool {
-    m["plexes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .all(|p| p["condition"] == "InUse")
-}
-
-/// The data areas of the plex files are the same, block by block.
-fn assert_plexes_match(files: &[&Path], m: &Value) {
-    let blocks = m["num_blocks"].as_u64().unwrap() as usize;
-    let off = (PLEX_BYTES / 512) as usize - blocks;
-    let read = |p: &Path| std::fs::read(p).unwrap()[off * 512..(off + blocks) * 512].to_vec();
-    let first = read(files[0]);
-    for f in &files[1..] {
-        let other = read(f);
-        if let Some(b) =
-            (0..blocks).find(|&b| first[b * 512..(b + 1) * 512] != other[b * 512..(b + 1) * 512])
-        {
-            panic!(
-                "{} and {} differ at mirror block {b}",
-                files[0].display(),
-                f.display()
-            );
-        }
     }
 }
 
@@ -166,7 +120,7 @@ fn plexes_are_added_removed_and_the_mirror_reassembled_from_its_superblocks() {
         "bdev_mirror_set_options",
         json!({"name": "m", "resync_rate_mb_per_sec": 3}),
     );
-    assert_eq!(get(&p)["resync_rate_bytes_per_sec"], 3 << 20);
+    assert_eq!(mirror(&p)["resync_rate_bytes_per_sec"], 3 << 20);
     let e = p
         .call(
             "bdev_mirror_set_options",
@@ -180,7 +134,7 @@ fn plexes_are_added_removed_and_the_mirror_reassembled_from_its_superblocks() {
         "bdev_mirror_remove_plex",
         json!({"name": "m", "plex": "u1"}),
     );
-    let m = get(&p);
+    let m = mirror(&p);
     assert_eq!(m["plexes"].as_array().unwrap().len(), 2, "{m:#}");
     assert!(m["generation"].as_u64().unwrap() > g_added);
     let head = std::fs::read(node.file(1)).unwrap();
@@ -201,7 +155,7 @@ fn plexes_are_added_removed_and_the_mirror_reassembled_from_its_superblocks() {
         "bdev_mirror_create",
         json!({"name": "m", "plexes": ["u0", "u2"]}),
     );
-    let m = get(&p);
+    let m = mirror(&p);
     assert!(all_in_use(&m), "a clean mirror needs no resync: {m:#}");
     assert!(m["generation"].as_u64().unwrap() > g_added, "{m:#}");
     p.ok(
@@ -220,7 +174,7 @@ fn assembly_refuses_damaged_foreign_and_stale_plexes_and_touches_nothing() {
         "bdev_mirror_create",
         json!({"name": "m", "plexes": ["u0", "u1"]}),
     );
-    let gen = get(&p)["generation"].as_u64().unwrap();
+    let gen = mirror(&p)["generation"].as_u64().unwrap();
     p.ok("bdev_mirror_delete", json!({"name": "m"}));
     p.ok(
         "bdev_mirror_create",
@@ -282,7 +236,7 @@ fn assembly_refuses_damaged_foreign_and_stale_plexes_and_touches_nothing() {
         "bdev_mirror_create",
         json!({"name": "m", "plexes": ["u0"], "allow_degraded": true}),
     );
-    let m = get(&p);
+    let m = mirror(&p);
     assert_eq!(m["state"], "degraded", "{m:#}");
     assert_eq!(
         (
@@ -315,7 +269,7 @@ fn an_owner_killed_mid_resync_resumes_and_an_unclean_stop_resyncs_marked_regions
     );
     let port = export(&p);
     let mut written = write_regions(&p, port, 1, &[2, 3, 50]);
-    assert_eq!(get(&p)["dirty_regions"], 3);
+    assert_eq!(mirror(&p)["dirty_regions"], 3);
     std::fs::write(&cfg, p.ok("save_config", json!({})).to_string()).unwrap();
     p.kill();
 

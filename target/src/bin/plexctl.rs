@@ -5,7 +5,9 @@
 //! own subcommand enum and printer.
 
 use clap::{Parser, Subcommand};
+// 1536 → "1.5 KiB": the volume crate's, so sizes read the same in every table.
 use plexd::rpc::server::{Frame, Framer};
+use plexstor_volume::size::human as human_bytes;
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -246,24 +248,6 @@ impl Table {
             text += &line(&mut r.iter().map(String::as_str));
         }
         text
-    }
-}
-
-/// 1536 → "1.5 KiB".
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else if v.fract() == 0.0 {
-        format!("{v:.0} {}", UNITS[u])
-    } else {
-        format!("{v:.1} {}", UNITS[u])
     }
 }
 
