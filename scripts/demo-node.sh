@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The node side of scripts/demo.sh, run inside the test guest: the kernel's NVMe/TCP initiator
+# The node side of scripts/demo-host.sh, run inside the test guest: the kernel's NVMe/TCP initiator
 # connects to plexd on the host (10.0.2.2), then a filesystem goes on the volume.
 set -euo pipefail
 : "${NQN:?}" "${PORT:?}"

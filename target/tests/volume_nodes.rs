@@ -210,6 +210,9 @@ fn a_volume_outlives_its_owner_killed_and_is_read_back_through_the_new_owner() {
     let by_node = |n: &str| plexes.iter().find(|p| p["node"] == n).unwrap().clone();
     assert_eq!(by_node("n1")["state"], "Down", "{:#}", d.mirror);
     assert_eq!(by_node("n1")["name"], "vol1.p0", "{:#}", d.mirror);
+    // Known on n2 by the bdev its controller will make once n1 is back, so that attaching
+    // that controller on n2 gives the plex back to the mirror (the examine step).
+    assert_eq!(by_node("n1")["bdev"], "vol1.p0n1", "{:#}", d.mirror);
     assert_eq!(by_node("n2")["state"], "Up", "{:#}", d.mirror);
     assert_eq!(by_node("n2")["condition"], "InUse", "{:#}", d.mirror);
     let text = plexstor_volume::table::describe(&d.mirror).unwrap();
@@ -244,7 +247,10 @@ fn a_volume_outlives_its_owner_killed_and_is_read_back_through_the_new_owner() {
     assert!(out.contains(" Down "), "{out}");
     // Nothing resyncs (n1's plex is gone): --watch says so and stops after one table.
     let (ok, out, err) = plexctl(&["describe", "vol1", "--watch"]);
-    assert!(ok && err.contains("no resync running: stopped watching"), "{err}");
+    assert!(
+        ok && err.contains("no resync running: stopped watching"),
+        "{err}"
+    );
     assert_eq!(out.matches("Plexes:\n").count(), 1, "{out}");
     let (ok, out, err) = plexctl(&["describe", "vol1", "--json"]);
     assert!(ok, "{err}");

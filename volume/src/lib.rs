@@ -736,6 +736,10 @@ impl Cluster {
                 rec.plexes[i].location = p.bdev.clone();
                 continue;
             }
+            // On the new owner this plex is remote whether or not its node answers now: the
+            // mirror must know it by the bdev its controller will make (`NAME.p<i>n1`), so
+            // that the examine step takes it back when that controller is attached later.
+            rec.plexes[i].location = remote_plex_bdev(name, i);
             if let Err(e) = self.client(&p.node) {
                 self.warn(
                     &mut report,
@@ -751,9 +755,8 @@ impl Cluster {
                 );
                 self.attach_plex(&rec, i, &owner)
             });
-            match ok {
-                Ok(()) => rec.plexes[i].location = remote_plex_bdev(name, i),
-                Err(e) => self.warn(&mut report, format!("{e}; plex {} stays out", p.bdev)),
+            if let Err(e) = ok {
+                self.warn(&mut report, format!("{e}; plex {} stays out", p.bdev));
             }
         }
         // 4. The mirror, refusing plexes older than what was last seen, and its export.

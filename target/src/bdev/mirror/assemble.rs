@@ -53,7 +53,10 @@ pub struct Offer {
 #[derive(Debug)]
 pub enum Found {
     Blank,
-    Missing,
+    /// No bdev at the offered location; `node` is the node the caller says holds the plex.
+    Missing {
+        node: String,
+    },
     Ours(Box<Superblock>),
 }
 
@@ -118,7 +121,10 @@ pub fn plan(name: &str, opts: &AssembleOpts, found: &[(String, Found)]) -> Resul
         }
     }
     if ours.is_empty() {
-        if found.iter().any(|(_, f)| matches!(f, Found::Missing)) {
+        if found
+            .iter()
+            .any(|(_, f)| matches!(f, Found::Missing { .. }))
+        {
             return Err("a new mirror needs every plex present".into());
         }
         return Ok(Plan {
@@ -210,8 +216,24 @@ pub fn plan(name: &str, opts: &AssembleOpts, found: &[(String, Found)]) -> Resul
                 },
                 in_sync_generation: 0,
             },
-            Found::Missing => {
-                let Some(rec) = table.iter().find(|r| r.location == *loc) else {
+            Found::Missing { node } => {
+                // Known by its location; else by its node, when a single plex of the table is
+                // there and no offer takes it under its own name: a new owner reaches a plex
+                // another way (its NVMe controller's namespace) than the owner that wrote the
+                // table did (its local bdev), and must still know it when it returns.
+                let by_node = || {
+                    let mut there = table.iter().filter(|r| {
+                        !node.is_empty()
+                            && r.node == *node
+                            && !found.iter().any(|(l, _)| *l == r.location)
+                            && !ours.iter().any(|(_, sb)| sb.this_plex == r.uuid)
+                    });
+                    match (there.next(), there.next()) {
+                        (Some(r), None) => Some(r),
+                        _ => None,
+                    }
+                };
+                let Some(rec) = table.iter().find(|r| r.location == *loc).or_else(by_node) else {
                     return Err(format!(
                         "no bdev {loc}, and mirror {name} has no plex there"
                     ));
@@ -265,7 +287,7 @@ pub fn plan(name: &str, opts: &AssembleOpts, found: &[(String, Found)]) -> Resul
             .zip(
                 found
                     .iter()
-                    .map(|(_, f)| !matches!(f, Found::Missing))
+                    .map(|(_, f)| !matches!(f, Found::Missing { .. }))
                     .chain(std::iter::repeat(false)),
             )
             .filter(|(_, present)| *present)
@@ -333,7 +355,12 @@ async fn read_superblocks(app: &App, offers: &[Offer]) -> Result<Vec<(String, Fo
     let mut out = Vec::new();
     for o in offers {
         let Some(e) = &o.entry else {
-            out.push((o.location.clone(), Found::Missing));
+            out.push((
+                o.location.clone(),
+                Found::Missing {
+                    node: o.node.clone(),
+                },
+            ));
             continue;
         };
         let bs = e.info().block_size;
@@ -715,12 +742,51 @@ mod tests {
     }
 
     #[test]
+    fn a_missing_plex_offered_under_another_name_is_known_by_its_node() {
+        let (m, a, b) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let t = [(a, PlexState::InSync), (b, PlexState::InSync)];
+        // The table as n2 (the old owner) wrote it: its own plex p0 local, n3's p1.
+        let mut on_b = sb("m", m, b, 3, &t, false);
+        if let Found::Ours(s) = &mut on_b {
+            s.plexes[0].node = "n2".into();
+            s.plexes[1].node = "n3".into();
+        }
+        // n3 assembles with n2 down: n2's plex is offered as the namespace it will come back as.
+        let missing = |node: &str| Found::Missing { node: node.into() };
+        let found = [("p0n1".into(), missing("n2")), ("p1".into(), on_b)];
+        let p = plan("m", &lenient(), &found).unwrap();
+        assert_eq!(p.plexes[0].uuid, a, "{p:?}");
+        assert!(p.absent.is_empty(), "{p:?}");
+        assert!(
+            matches!(p.plexes[0].condition, Condition::Faulted { .. }),
+            "{p:?}"
+        );
+        // Unknown node, or a location no plex has: refused as before.
+        let Found::Ours(s) = &found[1].1 else {
+            unreachable!()
+        };
+        for (loc, node) in [("p0n1", "n9"), ("p0n1", "")] {
+            let f = [
+                (loc.to_string(), missing(node)),
+                ("p1".into(), Found::Ours(s.clone())),
+            ];
+            let e = plan("m", &lenient(), &f).unwrap_err();
+            assert!(e.contains("has no plex there"), "{e}");
+        }
+    }
+
+    #[test]
     fn a_missing_in_sync_plex_stops_assembly_unless_allowed() {
         let (m, a, b) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
         let t = [(a, PlexState::InSync), (b, PlexState::InSync)];
         let found = [
             ("p0".into(), sb("m", m, a, 3, &t, true)),
-            ("p1".into(), Found::Missing),
+            (
+                "p1".into(),
+                Found::Missing {
+                    node: String::new(),
+                },
+            ),
         ];
         let e = plan("m", &AssembleOpts::default(), &found).unwrap_err();
         assert!(e.contains("missing") && e.contains("p1"), "{e}");
@@ -737,7 +803,12 @@ mod tests {
         ];
         let found = [
             ("p0".into(), sb("m", m, a, 3, &t, true)),
-            ("p1".into(), Found::Missing),
+            (
+                "p1".into(),
+                Found::Missing {
+                    node: String::new(),
+                },
+            ),
         ];
         assert!(plan("m", &AssembleOpts::default(), &found).is_ok());
     }
@@ -825,7 +896,12 @@ mod tests {
                     true,
                 ),
             ),
-            ("p0".into(), Found::Missing),
+            (
+                "p0".into(),
+                Found::Missing {
+                    node: String::new(),
+                },
+            ),
         ];
         assert!(
             plan("m", &lenient(), &found).is_ok(),
