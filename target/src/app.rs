@@ -36,7 +36,7 @@ impl App {
         let weak = Arc::downgrade(&app);
         app.bdevs.add_examiner(move |e| {
             if let Some(app) = weak.upgrade() {
-                app.mirror.examine(e);
+                app.mirror.examine(&app, e);
             }
         });
         Ok(app)

@@ -639,21 +639,16 @@ async fn fence_remote_plexes(
     offers: &[Offer],
 ) -> Result<(), RpcError> {
     for o in offers {
-        let Some(e) = &o.entry else { continue };
-        if e.bdev().module() != "nvme" {
-            continue;
-        }
-        let ds = e.bdev().driver_specific();
-        let (Some(ctrlr), Some(nsid)) = (ds["ctrlr_name"].as_str(), ds["nsid"].as_u64()) else {
-            continue;
-        };
-        let Some(c) = app.nvme.get(ctrlr) else {
+        let Some((spec, nsid)) = o
+            .entry
+            .as_ref()
+            .and_then(|e| super::fence::remote_of(app, e))
+        else {
             continue;
         };
-        let spec = c.spec.clone();
         let key = super::fence::key_for(mirror, &spec.hostid);
         let loc = o.location.clone();
-        let r = tokio::task::spawn_blocking(move || super::fence::take(&spec, nsid as u32, key))
+        let r = tokio::task::spawn_blocking(move || super::fence::take(&spec, nsid, key, true))
             .await
             .map_err(|e| RpcError::internal(format!("fencing {loc}: {e}")))?;
         match r {

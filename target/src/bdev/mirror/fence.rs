@@ -24,6 +24,19 @@ pub fn key_for(mirror: uuid::Uuid, hostid: &[u8; 16]) -> u64 {
     u64::from_le_bytes(u.as_bytes()[..8].try_into().expect("8 bytes")).max(1)
 }
 
+/// The controller and namespace behind `e`, if it is a remote plex (a `bdev_nvme` bdev).
+pub fn remote_of(app: &crate::app::App, e: &crate::bdev::BdevEntry) -> Option<(AttachSpec, u32)> {
+    if e.bdev().module() != "nvme" {
+        return None;
+    }
+    let ds = e.bdev().driver_specific();
+    let ctrlr = app.nvme.get(ds["ctrlr_name"].as_str()?)?;
+    Some((
+        ctrlr.spec.clone(),
+        u32::try_from(ds["nsid"].as_u64()?).ok()?,
+    ))
+}
+
 /// What fencing found and did on one plex.
 #[derive(Debug, PartialEq, Eq)]
 /// `persistent`: the namespace keeps the reservation across a restart of its node.
@@ -115,9 +128,42 @@ impl Session {
     }
 }
 
+/// Why fencing did not take a plex.
+#[derive(Debug)]
+pub enum FenceError {
+    /// Another host holds it, and we were not to preempt: another owner took over.
+    HeldByOther {
+        key: u64,
+    },
+    Failed(String),
+}
+
+impl std::fmt::Display for FenceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FenceError::HeldByOther { key } => write!(f, "another owner holds it (key {key:#x})"),
+            FenceError::Failed(e) => f.write_str(e),
+        }
+    }
+}
+
+impl From<String> for FenceError {
+    fn from(e: String) -> Self {
+        FenceError::Failed(e)
+    }
+}
+
+impl From<&str> for FenceError {
+    fn from(e: &str) -> Self {
+        FenceError::Failed(e.to_string())
+    }
+}
+
 /// Takes the Write Exclusive reservation of namespace `nsid` behind `spec` with `key`,
-/// preempting any other holder. Blocking: run it off the reactors.
-pub fn take(spec: &AttachSpec, nsid: u32, key: u64) -> Result<Fenced, String> {
+/// preempting any other holder if `preempt` (an owner taking over), else refusing to (a plex
+/// coming back to a running mirror: another holder means another owner took over).
+/// Blocking: run it off the reactors.
+pub fn take(spec: &AttachSpec, nsid: u32, key: u64, preempt: bool) -> Result<Fenced, FenceError> {
     let mut s = Session::open(spec)?;
     // Persist through power loss where the namespace keeps its reservations in a file, so a
     // restart of the plex's node does not drop the fence; plexd (like SPDK) refuses PTPL with
@@ -134,7 +180,7 @@ pub fn take(spec: &AttachSpec, nsid: u32, key: u64) -> Result<Fenced, String> {
                 .map_err(|e| format!("Reservation Register: {e}"))?;
             false
         }
-        Err(e) => return Err(format!("Reservation Register: {e}")),
+        Err(e) => return Err(format!("Reservation Register: {e}").into()),
     };
     let report = s
         .run("Reservation Report", |qp, t| {
@@ -160,6 +206,9 @@ pub fn take(spec: &AttachSpec, nsid: u32, key: u64) -> Result<Fenced, String> {
             if hostid == spec.hostid && status.rtype == Some(ResvType::WriteExclusive) =>
         {
             Fenced::AlreadyOurs { persistent }
+        }
+        Some((hostid, holder_key)) if hostid != spec.hostid && !preempt => {
+            return Err(FenceError::HeldByOther { key: holder_key })
         }
         Some((hostid, holder_key)) if hostid != spec.hostid => {
             s.run(

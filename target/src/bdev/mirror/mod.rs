@@ -293,7 +293,7 @@ impl MirrorModule {
 
     /// The examine step: a bdev that appears under the name of a missing plex is offered
     /// back to its mirror, which checks its superblock before using it.
-    pub fn examine(&self, e: &Arc<crate::bdev::BdevEntry>) {
+    pub fn examine(&self, app: &crate::app::App, e: &Arc<crate::bdev::BdevEntry>) {
         for core in self.all() {
             for (i, p) in core.plexes().iter().enumerate() {
                 let missing = p.bdev().is_none_or(|b| b.is_removed());
@@ -308,7 +308,37 @@ impl MirrorModule {
                         e.name()
                     );
                     p.set_bdev(Some(e.clone()));
-                    core.request(Request::Returned { plex: i });
+                    let Some((spec, nsid)) = fence::remote_of(app, e) else {
+                        core.request(Request::Returned { plex: i });
+                        continue;
+                    };
+                    // A remote plex is fenced again before it is used: its node may have
+                    // restarted without its reservations, or another owner may hold them.
+                    // Off this (registering) thread: the commands wait for the network.
+                    let (core, location) = (core.clone(), p.location.clone());
+                    let key = fence::key_for(core.uuid, &spec.hostid);
+                    let spawned = std::thread::Builder::new()
+                        .name(format!("fence {location}"))
+                        .spawn(move || match fence::take(&spec, nsid, key, false) {
+                            Ok(f) => {
+                                tracing::info!(
+                                    "mirror {}: plex {location} reserved ({f:?})",
+                                    core.name
+                                );
+                                core.request(Request::Returned { plex: i });
+                            }
+                            Err(fence::FenceError::HeldByOther { .. }) => {
+                                core.mark_fenced(&location)
+                            }
+                            Err(err) => tracing::error!(
+                                "mirror {}: returning plex {location} not used: cannot take its \
+                                 reservation ({err})",
+                                core.name
+                            ),
+                        });
+                    if let Err(err) = spawned {
+                        tracing::error!("mirror: no thread to fence {}: {err}", e.name());
+                    }
                 }
             }
         }
