@@ -106,7 +106,6 @@ struct Resync {
     started_ns: u64,
     bytes: u64,
     last_progress_ns: u64,
-    rate_mark: (u64, u64),
 }
 
 impl Resync {
@@ -715,7 +714,6 @@ impl Service {
             started_ns: now,
             bytes: 0,
             last_progress_ns: now,
-            rate_mark: (now, 0),
         })
     }
 
@@ -841,15 +839,10 @@ impl Service {
             return;
         };
         let now = now_ns();
-        let (mark_ns, mark_bytes) = rs.rate_mark;
-        let rate = if now > mark_ns {
-            ((rs.bytes - mark_bytes) as u128 * SEC as u128 / (now - mark_ns) as u128) as u64
-        } else {
-            0
-        };
-        if now - mark_ns >= SEC / 2 {
-            rs.rate_mark = (now, rs.bytes);
-        }
+        // The average since the copy began: regions finish in bursts (four at a time, and a
+        // rate limit lets them go in steps), so a short window swings by 10x.
+        let elapsed = now.saturating_sub(rs.started_ns).max(1);
+        let rate = (rs.bytes as u128 * SEC as u128 / elapsed as u128) as u64;
         let next = rs.resume_point(core.intent.regions);
         let (done, bytes) = (rs.finished as u64, rs.bytes);
         if let Some(t) = core.plex(rs.target) {
