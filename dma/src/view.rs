@@ -115,22 +115,13 @@ impl BufView {
     /// Another view of the same bytes. Both this view and the new one become read-only until
     /// [`reclaim`](Self::reclaim) finds one of them alone again.
     pub fn share(&mut self) -> BufView {
-        self.make_part();
-        let Repr::Part {
-            buf,
-            start,
-            len,
-            writable,
-        } = &mut self.repr
-        else {
-            unreachable!("make_part leaves a Part");
-        };
-        *writable = false;
+        let p = self.make_part();
+        *p.writable = false;
         BufView {
             repr: Repr::Part {
-                buf: buf.clone(),
-                start: *start,
-                len: *len,
+                buf: p.buf.clone(),
+                start: *p.start,
+                len: *p.len,
                 writable: false,
             },
         }
@@ -143,25 +134,16 @@ impl BufView {
         if at > self.len() {
             return None;
         }
-        self.make_part();
-        let Repr::Part {
-            buf,
-            start,
-            len,
-            writable,
-        } = &mut self.repr
-        else {
-            unreachable!("make_part leaves a Part");
-        };
+        let p = self.make_part();
         let tail = BufView {
             repr: Repr::Part {
-                buf: buf.clone(),
-                start: *start + at,
-                len: *len - at,
-                writable: *writable,
+                buf: p.buf.clone(),
+                start: *p.start + at,
+                len: *p.len - at,
+                writable: *p.writable,
             },
         };
-        *len = at;
+        *p.len = at;
         Some(tail)
     }
 
@@ -242,7 +224,9 @@ impl BufView {
     }
 
     /// Turns a whole buffer into a range of a shared one (one allocation, once).
-    fn make_part(&mut self) {
+    /// Turns a whole buffer into a range of a shared one (one allocation, once), and lends
+    /// out that range's fields.
+    fn make_part(&mut self) -> PartMut<'_> {
         if let Repr::Whole(_) = self.repr {
             let Repr::Whole(b) = std::mem::replace(&mut self.repr, Repr::Moving) else {
                 unreachable!("matched Whole above");
@@ -255,7 +239,31 @@ impl BufView {
                 writable: true,
             };
         }
+        let Repr::Part {
+            buf,
+            start,
+            len,
+            writable,
+        } = &mut self.repr
+        else {
+            // Moving never outlives the method that set it; Whole was converted above.
+            unreachable!("a view is a Part once make_part returns");
+        };
+        PartMut {
+            buf,
+            start,
+            len,
+            writable,
+        }
     }
+}
+
+/// The fields of a `Repr::Part`, lent by `make_part`.
+struct PartMut<'a> {
+    buf: &'a Arc<DmaBuf>,
+    start: &'a mut usize,
+    len: &'a mut usize,
+    writable: &'a mut bool,
 }
 
 impl Deref for BufView {

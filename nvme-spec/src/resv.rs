@@ -175,6 +175,15 @@ impl ResvRegister {
     }
 }
 
+/// CDW10 of Acquire and Release: the action (bits 2:0), IEKEY (3) and RTYPE (15:8).
+fn action_cdw10(action: u8, iekey: bool, rtype: u8) -> u32 {
+    u32::from(action & 7) | (u32::from(iekey) << 3) | (u32::from(rtype) << 8)
+}
+
+fn split_action_cdw10(d: u32) -> (u8, bool, u8) {
+    ((d & 7) as u8, d & (1 << 3) != 0, (d >> 8) as u8)
+}
+
 /// Reservation Acquire (CDW10: RACQA 2:0, IEKEY 3, RTYPE 15:8; data [`AcquireData`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ResvAcquire {
@@ -191,12 +200,12 @@ pub struct ResvAcquire {
 impl ResvAcquire {
     /// Decodes the command's fields.
     pub fn from_command(c: &Command) -> Self {
-        let d = c.cdw10.get();
+        let (action, iekey, rtype) = split_action_cdw10(c.cdw10.get());
         ResvAcquire {
             nsid: c.nsid(),
-            racqa: (d & 7) as u8,
-            iekey: d & (1 << 3) != 0,
-            rtype: (d >> 8) as u8,
+            racqa: action,
+            iekey,
+            rtype,
         }
     }
 
@@ -204,9 +213,8 @@ impl ResvAcquire {
     pub fn to_command(&self) -> Command {
         let mut c = Command::new(io::RESERVATION_ACQUIRE);
         c.set_nsid(self.nsid);
-        c.cdw10.set(
-            u32::from(self.racqa & 7) | (u32::from(self.iekey) << 3) | (u32::from(self.rtype) << 8),
-        );
+        c.cdw10
+            .set(action_cdw10(self.racqa, self.iekey, self.rtype));
         c
     }
 }
@@ -230,12 +238,12 @@ impl ResvRelease {
 
     /// Decodes the command's fields.
     pub fn from_command(c: &Command) -> Self {
-        let d = c.cdw10.get();
+        let (action, iekey, rtype) = split_action_cdw10(c.cdw10.get());
         ResvRelease {
             nsid: c.nsid(),
-            rrela: (d & 7) as u8,
-            iekey: d & (1 << 3) != 0,
-            rtype: (d >> 8) as u8,
+            rrela: action,
+            iekey,
+            rtype,
         }
     }
 
@@ -243,9 +251,8 @@ impl ResvRelease {
     pub fn to_command(&self) -> Command {
         let mut c = Command::new(io::RESERVATION_RELEASE);
         c.set_nsid(self.nsid);
-        c.cdw10.set(
-            u32::from(self.rrela & 7) | (u32::from(self.iekey) << 3) | (u32::from(self.rtype) << 8),
-        );
+        c.cdw10
+            .set(action_cdw10(self.rrela, self.iekey, self.rtype));
         c
     }
 }

@@ -72,6 +72,18 @@ fn start_b(dir: &Path, file: &Path, tag: &str, port: Option<u16>) -> (Plexd, u16
     (b, port)
 }
 
+/// Attaches a plex node's export on `a` as controller `name` (bdev `<name>n1`): I/O fails
+/// fast while the node is away, and the controller keeps reconnecting.
+fn attach_plex(a: &Plexd, name: &str, port: u16) {
+    a.ok(
+        "bdev_nvme_attach_controller",
+        json!({"name": name, "trtype": "tcp", "adrfam": "ipv4", "traddr": "127.0.0.1",
+               "trsvcid": port.to_string(), "subnqn": NQN_A,
+               "ctrlr_loss_timeout_sec": -1, "reconnect_delay_sec": 1,
+               "fast_io_fail_timeout_sec": 1}),
+    );
+}
+
 /// A: its own file plex, B's plex attached (I/O fails fast while B is away, the controller
 /// keeps reconnecting), and the mirror exported for the host.
 fn start_a(dir: &Path, file: &Path, port_b: u16) -> (Plexd, u16) {
@@ -80,13 +92,7 @@ fn start_a(dir: &Path, file: &Path, port_b: u16) -> (Plexd, u16) {
         "bdev_uring_create",
         json!({"name": "plexA", "filename": file.to_str().unwrap(), "block_size": 512}),
     );
-    a.ok(
-        "bdev_nvme_attach_controller",
-        json!({"name": "B", "trtype": "tcp", "adrfam": "ipv4", "traddr": "127.0.0.1",
-               "trsvcid": port_b.to_string(), "subnqn": NQN_A,
-               "ctrlr_loss_timeout_sec": -1, "reconnect_delay_sec": 1,
-               "fast_io_fail_timeout_sec": 1}),
-    );
+    attach_plex(&a, "B", port_b);
     a.ok(
         "bdev_mirror_create",
         json!({"name": "m", "plexes": [{"bdev": "plexA", "node": "a"}, {"bdev": "Bn1", "node": "b"}]}),
@@ -272,13 +278,7 @@ fn a_three_plex_mirror_losing_two_plexes_in_turn_serves_from_the_last_and_rebuil
         json!({"name": "plexA", "filename": files[0].to_str().unwrap(), "block_size": 512}),
     );
     for (name, port) in [("B", port_b), ("C", port_c)] {
-        a.ok(
-            "bdev_nvme_attach_controller",
-            json!({"name": name, "trtype": "tcp", "adrfam": "ipv4", "traddr": "127.0.0.1",
-                   "trsvcid": port.to_string(), "subnqn": NQN_A,
-                   "ctrlr_loss_timeout_sec": -1, "reconnect_delay_sec": 1,
-                   "fast_io_fail_timeout_sec": 1}),
-        );
+        attach_plex(&a, name, port);
     }
     a.ok(
         "bdev_mirror_create",

@@ -171,8 +171,15 @@ pub enum IoStatus {
 }
 
 impl IoStatus {
+    /// What a remote NVMe namespace answers a host whose reservation another host took.
+    pub const RESERVATION_CONFLICT: IoStatus = IoStatus::Nvme { sct: 0, sc: 0x83 };
+
     pub fn is_ok(self) -> bool {
         self == IoStatus::Success
+    }
+
+    pub fn is_reservation_conflict(self) -> bool {
+        self == IoStatus::RESERVATION_CONFLICT
     }
 }
 
@@ -435,7 +442,7 @@ impl Drop for Subscription {
 
 /// Locks a control-path mutex; a panic elsewhere ends plexd (see `fatal`), so poisoning only
 /// means a test thread failed, and the data is still consistent.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 

@@ -23,17 +23,15 @@ use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::RESERVATION_CONFLICT;
-
-fn is_reservation_conflict(s: IoStatus) -> bool {
-    s == RESERVATION_CONFLICT
-}
-
 /// A leg: this channel's view of one plex.
 struct Leg {
     plex: Arc<Plex>,
     ch: Option<IoChannel>,
     reads: u32,
+    /// A plex on this node, read first (taken when the channel opens: no lock per read).
+    local: bool,
+    /// The plex's bdev change count and role when the channel was last opened (or tried).
+    opened: Option<(u64, Role)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,8 +55,8 @@ struct MirrorIo {
     first_error: Option<IoStatus>,
     /// Fault ticket to wait for before completing.
     ticket: u64,
-    /// Legs a read has tried (bit per leg).
-    tried: u32,
+    /// Legs a read has tried (a read tries each serving plex at most once).
+    tried: SmallVec<[usize; 3]>,
 }
 
 pub struct MirrorChannel {
@@ -104,19 +102,28 @@ impl MirrorChannel {
                     plex: p,
                     ch: None,
                     reads: 0,
+                    local: false,
+                    opened: None,
                 });
             }
         }
+        // Atomic loads only, on every submit; the plex's lock only when something changed.
         for leg in &mut self.legs {
+            let changes = leg.plex.bdev_changes();
+            let role = leg.plex.role();
             let stale = leg.ch.as_ref().is_some_and(|c| {
-                c.entry().is_removed()
-                    || leg.plex.bdev().is_none_or(|b| !Arc::ptr_eq(&b, c.entry()))
+                c.entry().is_removed() || leg.opened.is_some_and(|(seen, _)| seen != changes)
             });
             if stale && leg.ch.as_ref().is_some_and(|c| c.in_flight() == 0) {
                 leg.ch = None;
             }
-            if leg.ch.is_none() && leg.plex.role() != Role::Idle {
-                leg.ch = leg.plex.bdev().and_then(|b| b.open_channel().ok());
+            if leg.ch.is_none() && role != Role::Idle && leg.opened != Some((changes, role)) {
+                // Tried once per bdev and role: a plex that cannot be opened here is not
+                // retried on every I/O.
+                leg.opened = Some((changes, role));
+                let bdev = leg.plex.bdev();
+                leg.local = bdev.as_ref().is_some_and(|b| b.bdev().module() != "nvme");
+                leg.ch = bdev.and_then(|b| b.open_channel().ok());
             }
         }
     }
@@ -229,15 +236,15 @@ impl MirrorChannel {
             .iter()
             .enumerate()
             .filter(|(i, l)| {
-                m.tried & (1 << i) == 0 && l.plex.role() == Role::Serving && l.ch.is_some()
+                !m.tried.contains(i) && l.plex.role() == Role::Serving && l.ch.is_some()
             })
-            .min_by_key(|(_, l)| (!l.plex.is_local(), l.reads))
+            .min_by_key(|(_, l)| (!l.local, l.reads))
             .map(|(i, _)| i);
         let Some(li) = pick else {
             m.first_error.get_or_insert(IoStatus::IoError(libc::EIO));
             return self.finish(s);
         };
-        m.tried |= 1 << li;
+        m.tried.push(li);
         m.pending = 1;
         let bufs = std::mem::take(&mut m.io.bufs);
         let io = BdevIo::read(
@@ -316,7 +323,7 @@ impl MirrorChannel {
             if plex.role() == Role::Serving {
                 m.served += 1;
             }
-        } else if is_reservation_conflict(c.status) {
+        } else if c.status.is_reservation_conflict() {
             // Another owner took this plex: this instance must stop acknowledging writes at
             // once, or they would be lost to the new owner.
             core.mark_fenced(&plex.location);
@@ -373,7 +380,7 @@ impl MirrorChannel {
             IoStatus::Success
         } else if fenced {
             // Whichever I/O met the other owner's reservation first, this one ends the same way.
-            RESERVATION_CONFLICT
+            IoStatus::RESERVATION_CONFLICT
         } else {
             m.first_error.unwrap_or(IoStatus::IoError(libc::EIO))
         };
@@ -412,6 +419,14 @@ impl BdevChannel for MirrorChannel {
             self.ready.push(io.complete(self.core.failed_status()));
             return Ok(());
         }
+        // The bdev layer checks ranges, but `open_channel` is public: past the end, the region
+        // arithmetic below would index past the write-intent log.
+        let end = io.offset_blocks.checked_add(io.num_blocks);
+        let ranged = !matches!(io.io_type, IoType::Flush | IoType::Reset);
+        if ranged && end.is_none_or(|e| e > self.core.layout.data_blocks()) {
+            self.ready.push(io.complete(IoStatus::OutOfRange));
+            return Ok(());
+        }
         self.sync_legs();
         let first = self.regions_of(&io).start;
         let s = self.alloc(MirrorIo {
@@ -422,7 +437,7 @@ impl BdevChannel for MirrorChannel {
             served: 0,
             first_error: None,
             ticket: 0,
-            tried: 0,
+            tried: SmallVec::new(),
         });
         let writes = self.ios[s as usize].as_ref().is_some_and(|m| {
             matches!(

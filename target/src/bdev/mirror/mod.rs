@@ -40,13 +40,7 @@ use uuid::Uuid;
 /// Default interval of bitmap clearing, ms.
 pub const DEFAULT_CLEAR_INTERVAL_MS: u64 = 5000;
 
-/// What a remote plex answers a host whose reservation was preempted.
-pub const RESERVATION_CONFLICT: crate::bdev::IoStatus =
-    crate::bdev::IoStatus::Nvme { sct: 0, sc: 0x83 };
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+pub(crate) use crate::bdev::lock;
 
 /// What channels ask of the service.
 pub enum Request {
@@ -174,7 +168,7 @@ impl Core {
     /// The status I/O of a failed mirror ends with.
     pub fn failed_status(&self) -> crate::bdev::IoStatus {
         if self.fenced.load(Ordering::Acquire) {
-            RESERVATION_CONFLICT
+            crate::bdev::IoStatus::RESERVATION_CONFLICT
         } else {
             crate::bdev::IoStatus::IoError(libc::EIO)
         }
@@ -213,15 +207,7 @@ impl Bdev for MirrorBdev {
             .core
             .plexes()
             .iter()
-            .filter(|p| {
-                !matches!(
-                    p.condition(),
-                    plex::Condition::Faulted {
-                        why: FaultReason::Removing,
-                        ..
-                    }
-                )
-            })
+            .filter(|p| !p.is_removed())
             .map(|p| json!({"bdev": p.location, "node": p.node}))
             .collect();
         Some((

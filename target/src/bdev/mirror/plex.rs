@@ -183,6 +183,8 @@ pub struct Plex {
     pub in_sync_generation: std::sync::atomic::AtomicU64,
     /// How the last finished resync went.
     pub last_resync: Mutex<Option<ResyncProgress>>,
+    /// Bumped whenever `bdev` changes, so channels notice with one load, no lock.
+    bdev_changes: std::sync::atomic::AtomicU64,
 }
 
 impl Plex {
@@ -207,6 +209,7 @@ impl Plex {
             condition: Mutex::new(condition),
             in_sync_generation: in_sync_generation.into(),
             last_resync: Mutex::new(None),
+            bdev_changes: Default::default(),
         }
     }
 
@@ -243,6 +246,24 @@ impl Plex {
 
     pub fn set_bdev(&self, b: Option<Arc<BdevEntry>>) {
         *super::lock(&self.bdev) = b;
+        self.bdev_changes.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// How many times the bdev changed: a channel whose leg saw another count reopens it.
+    pub fn bdev_changes(&self) -> u64 {
+        self.bdev_changes.load(Ordering::Acquire)
+    }
+
+    /// Taken out by the operator (`bdev_mirror_remove_plex`): a tombstone, kept only so that
+    /// plex indices stay the same.
+    pub fn is_removed(&self) -> bool {
+        matches!(
+            self.condition(),
+            Condition::Faulted {
+                why: FaultReason::Removing,
+                ..
+            }
+        )
     }
 
     /// Up while its bdev is there.

@@ -164,7 +164,7 @@ pub fn register(m: &mut Methods) {
         "bdev_mirror_add_plex",
         |app: Arc<App>, p: AddPlex| async move {
             let core = mirror(&app, &p.name)?;
-            let live = core.plexes().iter().filter(|x| !removed(x)).count();
+            let live = core.plexes().iter().filter(|x| !x.is_removed()).count();
             if live >= super::superblock::MAX_PLEXES {
                 return Err(RpcError::invalid_params(format!(
                     "mirror {} already has {live} plexes, the most it can have",
@@ -214,7 +214,9 @@ pub fn register(m: &mut Methods) {
             let plexes = core.plexes();
             let i = plexes
                 .iter()
-                .position(|x| !removed(x) && (x.location == p.plex || x.uuid.to_string() == p.plex))
+                .position(|x| {
+                    !x.is_removed() && (x.location == p.plex || x.uuid.to_string() == p.plex)
+                })
                 .ok_or_else(|| {
                     RpcError::errno(
                         libc::ENODEV,
@@ -293,16 +295,6 @@ pub fn register(m: &mut Methods) {
     );
 }
 
-fn removed(p: &Plex) -> bool {
-    matches!(
-        p.condition(),
-        Condition::Faulted {
-            why: super::plex::FaultReason::Removing,
-            ..
-        }
-    )
-}
-
 /// A mirror as `bdev_mirror_get_mirrors` shows it.
 pub fn describe(core: &Core) -> Value {
     let now = SystemTime::now();
@@ -311,7 +303,7 @@ pub fn describe(core: &Core) -> Value {
         .plexes()
         .iter()
         .enumerate()
-        .filter(|(_, p)| !removed(p))
+        .filter(|(_, p)| !p.is_removed())
         .map(|(i, p)| {
             let c = p.condition();
             let age = c

@@ -31,6 +31,8 @@ type Reply<T> = tokio::sync::oneshot::Sender<T>;
 type RemoveReply = Reply<Result<(), String>>;
 /// How often a faulted plex with a bdev is read to see whether it is usable again.
 const PROBE_EVERY_NS: u64 = 2 * SEC;
+/// How often, with no resync running, a plex to resync is looked for.
+const PICK_EVERY_NS: u64 = SEC / 10;
 /// How often resync progress is written to the superblocks.
 const PROGRESS_EVERY_NS: u64 = 2 * SEC;
 /// The largest piece resync copies at once (a region may be larger).
@@ -133,6 +135,12 @@ pub struct Service {
     wipes: HashMap<usize, (u32, Option<RemoveReply>)>,
     last_clear_ns: u64,
     last_probe_ns: u64,
+    /// When a plex to resync was last looked for (not on every pass: it takes locks).
+    last_pick_ns: u64,
+    /// The plexes as of `plexes_seen`, and the bdev change count each leg was opened at.
+    plexes: Vec<Arc<Plex>>,
+    plexes_seen: u64,
+    leg_seen: Vec<Option<u64>>,
     stopped: bool,
 }
 
@@ -152,6 +160,10 @@ impl Service {
             wipes: HashMap::new(),
             last_clear_ns: now_ns(),
             last_probe_ns: now_ns(),
+            last_pick_ns: 0,
+            plexes: Vec::new(),
+            plexes_seen: u64::MAX,
+            leg_seen: Vec::new(),
             stopped: false,
         }
     }
@@ -184,7 +196,11 @@ impl Service {
         self.start_chunks();
         self.start_header();
         let now = now_ns();
-        let clear_every = self.core.clear_interval_ms.load(Ordering::Relaxed) * 1_000_000;
+        let clear_every = self
+            .core
+            .clear_interval_ms
+            .load(Ordering::Relaxed)
+            .saturating_mul(1_000_000);
         if now - self.last_clear_ns >= clear_every {
             self.last_clear_ns = now;
             self.clear_idle_regions();
@@ -201,18 +217,31 @@ impl Service {
         }
     }
 
-    /// Opens a channel to each plex that has a bdev and may take I/O; drops stale ones.
+    /// Opens a channel to each plex that has a bdev; drops stale ones. Runs on every pass, so
+    /// it reads atomics only, and takes the plex list and a plex's lock only when they changed.
     fn sync_legs(&mut self) {
-        let plexes = self.core.plexes();
-        self.legs.resize_with(plexes.len(), || None);
-        for (leg, p) in self.legs.iter_mut().zip(&plexes) {
-            let stale = leg.as_ref().is_some_and(|c| {
-                c.entry().is_removed() || p.bdev().is_none_or(|b| !Arc::ptr_eq(&b, c.entry()))
-            });
+        let v = self.core.plexes_version();
+        if v != self.plexes_seen {
+            self.plexes_seen = v;
+            self.plexes = self.core.plexes();
+            self.legs.resize_with(self.plexes.len(), || None);
+            self.leg_seen.resize(self.plexes.len(), None);
+        }
+        for ((leg, seen), p) in self
+            .legs
+            .iter_mut()
+            .zip(&mut self.leg_seen)
+            .zip(&self.plexes)
+        {
+            let changes = p.bdev_changes();
+            let stale = leg
+                .as_ref()
+                .is_some_and(|c| c.entry().is_removed() || *seen != Some(changes));
             if stale && leg.as_ref().is_some_and(|c| c.in_flight() == 0) {
                 *leg = None;
             }
-            if leg.is_none() {
+            if leg.is_none() && *seen != Some(changes) {
+                *seen = Some(changes);
                 *leg = p
                     .bdev()
                     .filter(|b| !b.is_removed())
@@ -296,7 +325,7 @@ impl Service {
         self.core
             .plexes()
             .iter()
-            .filter(|p| !is_removed(p))
+            .filter(|p| !p.is_removed())
             .map(|p| PlexRecord {
                 uuid: p.uuid,
                 node: p.node.clone(),
@@ -470,7 +499,7 @@ impl Service {
         let plexes = self.core.plexes();
         let all_in_sync = plexes
             .iter()
-            .filter(|p| !is_removed(p))
+            .filter(|p| !p.is_removed())
             .all(|p| p.role() == Role::Serving);
         if !all_in_sync || self.resync.is_some() || self.core.failed.load(Ordering::Acquire) {
             return;
@@ -495,7 +524,7 @@ impl Service {
             return;
         };
         let ok = c.status.is_ok();
-        if c.status == super::RESERVATION_CONFLICT {
+        if c.status.is_reservation_conflict() {
             if let Some(p) = self.core.plex(plex) {
                 self.core.mark_fenced(&p.location);
             }
@@ -720,9 +749,11 @@ impl Service {
     /// Advances resync by what can be done now; true if it did anything.
     fn step_resync(&mut self) -> bool {
         if self.resync.is_none() {
-            if self.core.failed.load(Ordering::Acquire) {
+            let now = now_ns();
+            if self.core.failed.load(Ordering::Acquire) || now - self.last_pick_ns < PICK_EVERY_NS {
                 return false;
             }
+            self.last_pick_ns = now;
             self.resync = self.pick_resync();
             return self.resync.is_some();
         }
@@ -1030,16 +1061,6 @@ impl Service {
             }
         }
     }
-}
-
-fn is_removed(p: &Plex) -> bool {
-    matches!(
-        p.condition(),
-        Condition::Faulted {
-            why: FaultReason::Removing,
-            ..
-        }
-    )
 }
 
 fn slot_index(s: Slot) -> usize {
