@@ -309,34 +309,17 @@ start_node n2 || die "plexd on n2 does not restart"
 note "n2: plexd pid ${PID[n2]} (a fresh start: it remembers nothing but the plex file)"
 start_writer $(($(last_acked) + 1))
 note "the writer goes on through n3 from seq $(($(last_acked) + 1))"
-# plexctl volume has no command yet to bring back a plex whose node returned (attach skipped
-# it while n2 was down): what it would do is done here with plain JSON-RPC calls. n2 opens its
-# plex file again and exports it to n3's host alone; n3 attaches that export as controller
-# vol1.p0, whose namespace vol1.p0n1 is the bdev n3's mirror knows the missing plex by, so the
-# mirror's examine step takes it back, its probe finds the plex's superblock behind, and a
-# resync of the regions written while it was away follows.
-P0_FILE=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["volumes"]["vol1"]["plexes"][0]["file"])' \
-    "$WORK/nodes.state.json")
-P0_NQN=$NQN-p0
-N3_HOST=nqn.2024-01.io.plexstor:node:n3
-rejoin() {
-    echo "   n2: bdev_uring_create vol1.p0 $P0_FILE; export $P0_NQN to $N3_HOST"
-    on n2 bdev_uring_create "{\"name\": \"vol1.p0\", \"filename\": \"$P0_FILE\", \"block_size\": 512}" >/dev/null &&
-        on n2 nvmf_create_transport '{"trtype": "TCP"}' >/dev/null &&
-        on n2 nvmf_create_subsystem "{\"nqn\": \"$P0_NQN\", \"allow_any_host\": false}" >/dev/null &&
-        on n2 nvmf_subsystem_add_ns "{\"nqn\": \"$P0_NQN\", \"namespace\": {\"bdev_name\": \"vol1.p0\"}}" >/dev/null &&
-        on n2 nvmf_subsystem_add_listener "{\"nqn\": \"$P0_NQN\", \"listen_address\": {\"trtype\": \"TCP\", \"adrfam\": \"IPv4\", \"traddr\": \"${ADDR[n2]}\", \"trsvcid\": \"4420\"}}" >/dev/null &&
-        on n2 nvmf_subsystem_add_host "{\"nqn\": \"$P0_NQN\", \"host\": \"$N3_HOST\"}" >/dev/null || return 1
-    echo "   n3: bdev_nvme_attach_controller vol1.p0 -> ${ADDR[n2]}:4420 $P0_NQN"
-    on n3 bdev_nvme_attach_controller "{\"name\": \"vol1.p0\", \"trtype\": \"tcp\", \"adrfam\": \"ipv4\", \"traddr\": \"${ADDR[n2]}\", \"trsvcid\": \"4420\", \"subnqn\": \"$P0_NQN\", \"hostnqn\": \"$N3_HOST\", \"ctrlr_loss_timeout_sec\": -1, \"reconnect_delay_sec\": 1, \"fast_io_fail_timeout_sec\": 1}" >/dev/null
-}
 # The resync here copies some 70 MiB: at the default rate it is over before anyone sees it, so
 # n3's mirror gets a rate limit for the show.
 on n3 bdev_mirror_set_options "{\"name\": \"$VOL\", \"resync_rate_mb_per_sec\": ${RESYNC_MB_S:-8}}" >/dev/null ||
     die "bdev_mirror_set_options on n3 failed"
 note "n3: resync rate limited to ${RESYNC_MB_S:-8} MiB/s so that the resync can be watched"
 STEP="bringing n2's plex back"
-rejoin || die "could not bring n2's plex back"
+# n2 opens its plex file again and exports it to n3's host alone; n3 attaches it where its
+# mirror knows the missing plex, and the mirror fences it, reads its superblock and resyncs
+# the regions written while it was away.
+vol rejoin "$VOL" 2>&1 | sed 's/^/   /'
+[ "${PIPESTATUS[0]}" = 0 ] || die "volume rejoin failed"
 if wait_until 30 mirror_is "p[0]['condition'] in ('Resyncing', 'InUse')"; then
     note "n3's mirror took vol1.p0 back: $(mirror_of "p[0]['condition']")"
 else

@@ -4,6 +4,7 @@
 //! owner, delete.
 
 mod bdev_nvme_common;
+mod mirror_common;
 
 use bdev_nvme_common::*;
 use plexstor_volume::{Cluster, CreateOpts, Error};
@@ -338,4 +339,112 @@ fn a_planned_move_fences_the_old_owner_and_delete_leaves_nothing() {
         assert_eq!(ctrls, json!([]), "n{i}");
     }
     assert!(c.list().unwrap().is_empty());
+}
+
+#[test]
+fn the_dead_owner_returns_and_its_plex_rejoins_with_only_what_it_missed() {
+    let dir = temp_dir();
+    let mut nodes = Nodes::start(dir.path(), "uring");
+    let mut c = nodes.cluster();
+    let nqn = plexstor_volume::volume_nqn("vol1");
+    create(&mut c, "vol1", 32 * MIB, &["n1", "n2"])
+        .unwrap_or_else(|e| panic!("{e}\n{}", nodes.logs()));
+    let d = c.describe("vol1").unwrap();
+    let blocks = d.mirror["num_blocks"].as_u64().unwrap();
+    let regions = d.mirror["regions"].as_u64().unwrap();
+    let region = d.mirror["region_size"].as_u64().unwrap();
+    nodes.node(1).ok(
+        "bdev_mirror_set_options",
+        json!({"name": "vol1", "bitmap_clear_interval_ms": 200}),
+    );
+    let mut host = Driver::connect(nodes.ports[0], &nqn);
+    let mut written = write_spread(&mut host, 11, blocks, 16);
+    drop(host);
+    // Both plexes hold all of it and the bitmap has emptied: what follows counts only what
+    // n1 misses.
+    let t0 = std::time::Instant::now();
+    while c.describe("vol1").unwrap().mirror["dirty_regions"] != 0 {
+        assert!(t0.elapsed() < Duration::from_secs(30), "{}", nodes.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // The owner dies; n2 takes the volume over and is written to while n1 is away.
+    nodes.procs[0].kill();
+    c.attach("vol1", "n2")
+        .unwrap_or_else(|e| panic!("attach: {e}\n{}", nodes.logs()));
+    let mut host = Driver::connect(nodes.ports[1], &nqn);
+    let missed = write_spread(&mut host, 77, blocks, 4);
+    drop(host);
+    let mut touched: Vec<u64> = missed
+        .iter()
+        .flat_map(|(lba, data)| {
+            let (first, end) = (lba * 512, lba * 512 + data.len() as u64);
+            first / region..end.div_ceil(region)
+        })
+        .collect();
+    touched.dedup();
+
+    // While n1 is down, rejoin says so and changes nothing.
+    let r = c.rejoin("vol1").unwrap();
+    assert!(
+        r.warnings.iter().any(|w| w.contains("vol1.p0 stays out")),
+        "{:?}",
+        r.warnings
+    );
+
+    // n1 comes back knowing nothing but its plex file; plexctl brings its plex back.
+    nodes.procs[0] = Plexd::start(dir.path(), "n1", &["-m", "0x1"]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_plexctl"))
+        .args(["volume", "-f"])
+        .arg(&nodes.file)
+        .args(["rejoin", "vol1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}\n{}", nodes.logs());
+    assert!(err.contains("n1: plex vol1.p0 opened again"), "{err}");
+    assert!(err.contains("plex vol1.p0 is back"), "{err}");
+
+    let t0 = std::time::Instant::now();
+    let m = loop {
+        let m = c.describe("vol1").unwrap().mirror;
+        if m["state"] == "online" {
+            break m;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "never online again: {m:#}\n{}",
+            nodes.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let p0 = &m["plexes"][0];
+    let last = &p0["last_resync"];
+    assert_eq!(last["full"], false, "{m:#}");
+    // Only the regions written while n1 was away were copied.
+    let n = touched.len() as u64;
+    assert_eq!(last["regions"], n, "{touched:?} {m:#}");
+    assert_eq!(last["bytes_copied"], n * region, "{m:#}");
+    assert!(n < regions / 4, "{m:#}");
+
+    // A second rejoin finds nothing to do.
+    let r = c.rejoin("vol1").unwrap();
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+
+    // Every acknowledged write reads back, and the plexes match block by block.
+    let mut host = Driver::connect(nodes.ports[1], &nqn);
+    // (Earlier writes that the later ones overwrote are left out.)
+    let overlaps = |(a, x): &(u64, Vec<u8>), (b, y): &(u64, Vec<u8>)| {
+        a * 512 < b * 512 + y.len() as u64 && b * 512 < a * 512 + x.len() as u64
+    };
+    written.retain(|w| !missed.iter().any(|m| overlaps(w, m)));
+    written.extend(missed);
+    read_back(&mut host, &written);
+    drop(host);
+    let files = [
+        dir.path().join("n1-data/vol1.p0.img"),
+        dir.path().join("n2-data/vol1.p1.img"),
+    ];
+    mirror_common::assert_plexes_match(&[&files[0], &files[1]], &m);
+    c.delete("vol1", false).unwrap();
 }

@@ -60,6 +60,8 @@ pub enum VolumeCmd {
         #[arg(long)]
         node: String,
     },
+    /// Bring back the plexes whose nodes returned; each resyncs only what it missed.
+    Rejoin { name: String },
     /// Take a volume down on every node and delete its plexes.
     Delete {
         name: String,
@@ -158,6 +160,12 @@ pub fn run(args: VolumeArgs, timeout: Duration) -> Result<(), Error> {
                     "moved with {} warning(s): the plexes skipped rejoin once their nodes answer",
                     r.warnings.len()
                 );
+            }
+        }
+        VolumeCmd::Rejoin { name } => {
+            let r = c.rejoin(&name)?;
+            if !r.warnings.is_empty() {
+                eprintln!("{} plex(es) could not rejoin yet", r.warnings.len());
             }
         }
         VolumeCmd::Delete { name, force } => {

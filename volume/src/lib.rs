@@ -37,6 +37,9 @@ pub const NQN_PREFIX: &str = "nqn.2024-01.io.plexstor";
 /// How long a teardown step may find its object busy (a claim being let go) before it is
 /// reported as failed.
 const BUSY_DEADLINE: Duration = Duration::from_secs(30);
+/// How long `rejoin` waits for the mirror to take a plex back (fencing and reading its
+/// superblock over the network).
+const REJOIN_DEADLINE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -772,6 +775,142 @@ impl Cluster {
         st.save().map_err(Error::Files)?;
         self.say(&format!("volume {name} is now owned by {new_owner}"));
         Ok(report)
+    }
+
+    // ---- rejoin ---------------------------------------------------------------------------
+
+    /// Brings back the plexes of `name` that its mirror misses (state Down) and whose nodes
+    /// answer again: each plex file is opened again, exported to the owner alone and attached
+    /// there, where the mirror's examine step takes the plex back, fences it and resyncs what
+    /// it missed. A former owner that answers again is first cleared of the volume, so its
+    /// stale mirror and export cannot be used.
+    pub fn rejoin(&mut self, name: &str) -> Result<Report, Error> {
+        let mut st = self.state()?;
+        let mut rec = Self::record(&st, name)?;
+        if rec.deleting {
+            return Err(Error::Refused(format!(
+                "volume {name} is being deleted; finish with volume delete"
+            )));
+        }
+        let owner = self.node(&rec.owner)?;
+        let mut oc = self.client(&owner.name).map_err(|e| {
+            Error::Refused(format!(
+                "{e}; the owner must run the mirror (move the volume with volume attach)"
+            ))
+        })?;
+        let mut report = Report::default();
+        for n in rec.former_owners.clone() {
+            if self.client(&n).is_err() {
+                continue;
+            }
+            match self.teardown_owner_part(&rec, &n) {
+                Ok(()) => {
+                    self.say(&format!("{n}: former owner answers; cleared of {name}"));
+                    rec.former_owners.retain(|x| x != &n);
+                }
+                Err(e) => self.warn(&mut report, format!("{n}: former owner not cleared: {e}")),
+            }
+        }
+        let mirror = mirror_of(&mut oc, name).map_err(node_err(&owner.name))?;
+        let down: Vec<usize> = (0..rec.plexes.len())
+            .filter(|&i| {
+                mirror["plexes"].as_array().is_some_and(|ps| {
+                    ps.iter()
+                        .any(|p| p["bdev"] == rec.plexes[i].location && p["state"] == "Down")
+                })
+            })
+            .collect();
+        if down.is_empty() {
+            self.say(&format!("every plex of {name} is up on {}", owner.name));
+        }
+        for i in down {
+            let p = rec.plexes[i].clone();
+            if let Err(e) = self.client(&p.node) {
+                self.warn(&mut report, format!("{e}; plex {} stays out", p.bdev));
+                continue;
+            }
+            let back = self.reopen_plex_bdev(&p).and_then(|_| {
+                self.export_plex(&rec, i, &owner.host_nqn)?;
+                // A controller left from before (reconnecting to the lost export) goes first.
+                let _ = oc.call(
+                    "bdev_nvme_detach_controller",
+                    json!({"name": plex_bdev(name, i)}),
+                );
+                self.attach_plex(&rec, i, &owner)
+            });
+            match back {
+                Ok(()) => match self.wait_plex_up(&mut oc, name, &p.location) {
+                    Some(c) => self.say(&format!("{}: plex {} is back ({c})", owner.name, p.bdev)),
+                    None => self.warn(
+                        &mut report,
+                        format!(
+                            "{}: the mirror did not take plex {} back; see its log",
+                            owner.name, p.bdev
+                        ),
+                    ),
+                },
+                Err(e) => self.warn(&mut report, format!("{e}; plex {} stays out", p.bdev)),
+            }
+        }
+        st.state.volumes.insert(name.to_string(), rec);
+        st.save().map_err(Error::Files)?;
+        Ok(report)
+    }
+
+    /// Makes plex `p`'s bdev exist on its node again, from its file: after a restart plexd
+    /// knows nothing of it. A plex kept in RAM is gone with the process it lived in.
+    fn reopen_plex_bdev(&mut self, p: &PlexRecord) -> Result<(), Error> {
+        let mut c = self.client(&p.node)?;
+        let e = node_err(&p.node);
+        match c.call("bdev_get_bdevs", json!({"name": p.bdev})) {
+            Ok(_) => return Ok(()),
+            Err(err) if err.is_gone() => {}
+            Err(err) => return Err(e(err)),
+        }
+        let Some(f) = &p.file else {
+            return Err(Error::Refused(format!(
+                "{}: plex {} lived in RAM and was lost with its plexd",
+                p.node, p.bdev
+            )));
+        };
+        if !f.exists() {
+            return Err(Error::Refused(format!(
+                "{}: plex file {} is gone",
+                p.node,
+                f.display()
+            )));
+        }
+        c.call(
+            "bdev_uring_create",
+            json!({"name": p.bdev, "filename": f, "block_size": size::BLOCK_SIZE}),
+        )
+        .map_err(e)?;
+        self.say(&format!(
+            "{}: plex {} opened again from {}",
+            p.node,
+            p.bdev,
+            f.display()
+        ));
+        Ok(())
+    }
+
+    /// Waits (a bounded time) for the owner's mirror to see the plex at `location` Up; its
+    /// condition then, or None.
+    fn wait_plex_up(&mut self, oc: &mut Client, name: &str, location: &str) -> Option<String> {
+        let t0 = Instant::now();
+        while t0.elapsed() < REJOIN_DEADLINE {
+            let m = mirror_of(oc, name).ok()?;
+            let p = m["plexes"]
+                .as_array()?
+                .iter()
+                .find(|p| p["bdev"] == location)?
+                .clone();
+            if p["state"] == "Up" && p["condition"] != "Faulted" {
+                return Some(p["condition"].as_str().unwrap_or("?").to_string());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        None
     }
 
     // ---- delete ---------------------------------------------------------------------------
