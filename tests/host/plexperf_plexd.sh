@@ -8,7 +8,7 @@ set -uo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 # shellcheck source=tests/guest/lib.sh
 . "$REPO/tests/guest/lib.sh"
-plan 10
+plan 13
 
 PLEXD=${PLEXD:-$REPO/build/release/plexd}
 PLEXPERF=${PLEXPERF:-$REPO/build/release/plexperf}
@@ -93,6 +93,21 @@ run_verify "1 MiB sequential writes and reads (MDTS-sized)" -q 8 -o 1048576 -w r
 # One queue pair per -P per namespace: plexperf must ask for all of them.
 RUN_TRID="trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:$PORT subnqn:$TWO_NS" \
     run_verify "a subsystem with two namespaces, 2 qpairs each" -P 2 -q 8 -c 0x3 -o 4096 -w randrw -M 50
+
+# --verify-state carries the record of acknowledged writes from one run to the next (as a
+# failover test needs): a later read-only run checks what the first one wrote ...
+STATE=$WORK/verify-state.json
+run_verify "--verify-state: the writes of one run" -q 32 -o 4096 -w randrw -M 30 --size 8388608 --verify-state "$STATE"
+run_verify "--verify-state: a later run reads them all back" -q 32 -o 4096 -w read --size 8388608 --verify-state "$STATE"
+# ... and catches blocks changed behind its back: a run that keeps no record rewrites them.
+"$PLEXPERF" -r "$TRID" --verify -t 1 --warmup 0 -q 32 -o 4096 -w randwrite --size 8388608 >/dev/null 2>&1
+stale=$("$PLEXPERF" -r "$TRID" --verify --json -t 1 --warmup 0 -q 32 -o 4096 -w read --size 8388608 \
+    --verify-state "$STATE" 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["verify"]["mismatches"])')
+if [ "${stale:-0}" -gt 0 ]; then
+    pass "--verify-state: blocks rewritten by another writer are caught ($stale mismatches)"
+else
+    fail "--verify-state: blocks rewritten by another writer are caught" "mismatches: ${stale:-no report}"
+fi
 
 # The connections spread over both reactors while connected, and go away after. plexperf
 # runs long enough to be seen; the poll below ends as soon as all its queues are up.

@@ -1,5 +1,6 @@
 //! plexperf: NVMe-oF I/O benchmark and verifier, after SPDK's `spdk_nvme_perf`.
 
+mod state;
 mod verify;
 mod worker;
 
@@ -53,6 +54,11 @@ struct Cli {
     /// Write self-describing blocks and check every read (LBA, generation, CRC32C).
     #[arg(long)]
     verify: bool,
+    /// With --verify: load what an earlier run acknowledged from FILE (if it exists), check
+    /// every block against it, and save this run's record there at exit. A write that failed
+    /// or was in flight may read back as either its data or what was there before.
+    #[arg(long = "verify-state", value_name = "FILE", requires = "verify")]
+    verify_state: Option<std::path::PathBuf>,
     /// Use only the first BYTES of each namespace (default: all).
     #[arg(long)]
     size: Option<u64>,
@@ -310,6 +316,10 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         .map(|d| d.as_secs())
         .unwrap_or(1) as u32)
         | 1;
+    let mut prior = match &cli.verify_state {
+        Some(p) => Some(state::Prior::load(p, cli.io_size)?),
+        None => None,
+    };
     let mut names = Vec::new();
     let mut digests = Vec::new();
     let mut per_core: Vec<Vec<Job>> = (0..cores.len()).map(|_| Vec::new()).collect();
@@ -397,7 +407,11 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                     run_id,
                     seed: cli.seed ^ (ns_index as u64 * 7919 + p * 104_729 + 1),
                 };
-                let job = Job::new(spec, qp).map_err(|e| {
+                let before = match prior.as_mut() {
+                    Some(p) => p.take(ns_index, lo, hi)?,
+                    None => None,
+                };
+                let job = Job::new(spec, qp, before).map_err(|e| {
                     format!("I/O buffers of -q {} -o {}: {e}", cli.depth, cli.io_size)
                 })?;
                 per_core[next % cores.len()].push(job);
@@ -526,6 +540,13 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         );
     } else {
         print_table(&report);
+    }
+    if let (Some(path), Some(p)) = (&cli.verify_state, &prior) {
+        let jobs = results.iter_mut().filter_map(|r| {
+            let (lo, hi) = r.range;
+            r.units.take().map(|u| (r.ns_index, lo, hi, u))
+        });
+        p.save(path, jobs)?;
     }
     for c in ctrlrs {
         if let Err(e) = c.detach() {

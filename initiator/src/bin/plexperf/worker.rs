@@ -39,6 +39,8 @@ pub struct JobSpec {
 #[derive(Default)]
 pub struct JobResult {
     pub ns_index: usize,
+    /// The job's unit range [lo, hi).
+    pub range: (u64, u64),
     pub ios: u64,
     pub bytes: u64,
     pub reads: u64,
@@ -50,6 +52,18 @@ pub struct JobResult {
     pub mismatches: u64,
     pub mismatch_samples: Vec<String>,
     pub first_error: Option<String>,
+    /// With --verify: what each unit of this job's range last held, for --verify-state.
+    pub units: Option<UnitsState>,
+}
+
+/// What --verify knows of each unit (one I/O's worth of blocks) in a job's range.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UnitsState {
+    /// The generation of the last write acknowledged (0: none known).
+    pub acked: Vec<u64>,
+    /// The generation of a later write that failed or never completed (0: none): the unit may
+    /// hold it or `acked`, and the next read settles which.
+    pub maybe: Vec<u64>,
 }
 
 struct IoCtx {
@@ -68,7 +82,7 @@ pub struct Job {
     inflight: usize,
     cursor: u64,
     rng: u64,
-    gens: Vec<u32>,
+    units: UnitsState,
     busy: Vec<bool>,
     res: JobResult,
     measuring: bool,
@@ -76,14 +90,23 @@ pub struct Job {
 
 impl Job {
     /// Buffers come from the DMA pool (hugepages where reserved), as plexd's own I/O does.
-    pub fn new(spec: JobSpec, qp: IoQpair<DmaBuf>) -> Result<Job, dma::DmaError> {
+    /// `prior`: what an earlier run left in this range (--verify-state).
+    pub fn new(
+        spec: JobSpec,
+        qp: IoQpair<DmaBuf>,
+        prior: Option<UnitsState>,
+    ) -> Result<Job, dma::DmaError> {
         let io_bytes = (spec.io_blocks * spec.block_size) as usize;
         let n = spec.depth;
-        let units = (spec.units_hi - spec.units_lo) as usize;
-        let (gens, busy) = if spec.verify {
-            (vec![0u32; units], vec![false; units])
+        let count = (spec.units_hi - spec.units_lo) as usize;
+        let (units, busy) = if spec.verify {
+            let u = prior.unwrap_or_else(|| UnitsState {
+                acked: vec![0; count],
+                maybe: vec![0; count],
+            });
+            (u, vec![false; count])
         } else {
-            (Vec::new(), Vec::new())
+            (UnitsState::default(), Vec::new())
         };
         Ok(Job {
             bufs: (0..n)
@@ -101,10 +124,11 @@ impl Job {
             inflight: 0,
             cursor: spec.units_lo,
             rng: spec.seed | 1,
-            gens,
+            units,
             busy,
             res: JobResult {
                 ns_index: spec.ns_index,
+                range: (spec.units_lo, spec.units_hi),
                 ..Default::default()
             },
             measuring: false,
@@ -168,8 +192,14 @@ impl Job {
             let i = (unit - s.units_lo) as usize;
             self.busy[i] = true;
             if !read {
-                let g = self.gens[i].wrapping_add(1);
-                gen = (u64::from(s.run_id) << 32) | u64::from(g);
+                // Above anything this run wrote here, failed writes included, so that every
+                // write leaves a generation of its own.
+                let last = self.units.acked[i].max(self.units.maybe[i]);
+                gen = if last >> 32 == u64::from(s.run_id) {
+                    last + 1
+                } else {
+                    (u64::from(s.run_id) << 32) | 1
+                };
                 let bs = s.block_size as usize;
                 for (k, b) in buf.chunks_mut(bs).enumerate() {
                     verify::fill(b, lba + k as u64, gen);
@@ -227,14 +257,32 @@ impl Job {
             self.busy[i] = false;
             if result.is_ok() {
                 if read {
-                    let known = self.gens[i];
-                    let want = (known != 0).then(|| (u64::from(s.run_id) << 32) | u64::from(known));
+                    let (acked, maybe) = (self.units.acked[i], self.units.maybe[i]);
                     let bs = s.block_size as usize;
                     let lba0 = unit * s.io_blocks as u64;
                     if let Some(b) = &buf {
+                        // A write of unknown outcome may have landed: if the unit holds it,
+                        // that is what it holds from now on.
+                        let landed = maybe != 0
+                            && b.chunks(bs).enumerate().all(|(k, blk)| {
+                                verify::check(blk, lba0 + k as u64, Some(maybe)) == Check::Ok
+                            });
+                        if landed {
+                            self.units.acked[i] = maybe;
+                        }
+                        if maybe != 0 {
+                            self.units.maybe[i] = 0;
+                        }
+                        let want = (self.units.acked[i] != 0).then_some(self.units.acked[i]);
                         for (k, blk) in b.chunks(bs).enumerate() {
                             let lba = lba0 + k as u64;
-                            match verify::check(blk, lba, want) {
+                            let check = if maybe != 0 && acked == 0 && !landed {
+                                // Never acknowledged here: unwritten is as good as written.
+                                verify::check(blk, lba, None)
+                            } else {
+                                verify::check(blk, lba, want)
+                            };
+                            match check {
                                 Check::Ok => self.res.verified_blocks += 1,
                                 Check::Unwritten => self.res.unwritten_blocks += 1,
                                 Check::Bad(why) => {
@@ -249,8 +297,11 @@ impl Job {
                         }
                     }
                 } else {
-                    self.gens[i] = gen as u32;
+                    self.units.acked[i] = gen;
+                    self.units.maybe[i] = 0;
                 }
+            } else if !read {
+                self.units.maybe[i] = gen;
             }
         }
         self.bufs[slot] = buf;
@@ -371,6 +422,16 @@ pub fn run(
     jobs.into_iter()
         .map(|mut j| {
             j.qp.abort_all(|_| {});
+            if j.spec.verify {
+                // Writes still in flight (their buffers out) may or may not have landed.
+                for (slot, b) in j.bufs.iter().enumerate() {
+                    let c = &j.ctx[slot];
+                    if b.is_none() && !c.read {
+                        j.units.maybe[(c.unit - j.spec.units_lo) as usize] = c.gen;
+                    }
+                }
+                j.res.units = Some(std::mem::take(&mut j.units));
+            }
             j.res
         })
         .collect()
