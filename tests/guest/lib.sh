@@ -329,6 +329,19 @@ wait_until() {
 
 # ---- plexd -------------------------------------------------------------------
 
+# plex_files_differ FILE1 FILE2 BLOCKS: "same" if the data areas of two plex files (their last
+# BLOCKS 512-byte blocks, where a mirror keeps data) match, else the first block that differs.
+plex_files_differ() {
+    python3 - "$@" <<'EOF'
+import sys
+a, b, n = open(sys.argv[1], "rb").read(), open(sys.argv[2], "rb").read(), int(sys.argv[3])
+oa, ob = len(a) - n * 512, len(b) - n * 512
+bad = next((i for i in range(n)
+            if a[oa + i * 512:oa + (i + 1) * 512] != b[ob + i * 512:ob + (i + 1) * 512]), None)
+print("same" if bad is None else f"differ at mirror block {bad}")
+EOF
+}
+
 rpc() {
     "$PLEXCTL" -s "$SOCK" call --compact "$@"
 }

@@ -157,14 +157,7 @@ else
     fail "bitmap clean after the writer stopped" "$(mirror m)"
 fi
 blocks=$(mirror "m['num_blocks']")
-same=$(python3 - "$WORK/n1.img" "$WORK/n2.img" "$blocks" <<'EOF'
-import sys
-a, b, n = open(sys.argv[1], "rb").read(), open(sys.argv[2], "rb").read(), int(sys.argv[3])
-off = len(a) - n * 512
-bad = next((i for i in range(n) if a[off + i * 512:off + (i + 1) * 512] != b[off + i * 512:off + (i + 1) * 512]), None)
-print("same" if bad is None else f"differ at mirror block {bad}")
-EOF
-)
+same=$(plex_files_differ "$WORK/n1.img" "$WORK/n2.img" "$blocks")
 [ "$same" = same ] && pass "the two plexes are the same, block by block ($blocks blocks)" ||
     fail "the two plexes are the same, block by block" "$same"
 kill -0 "${PIDS[1]}" 2>/dev/null && pass "n1's plexd still running" || fail "n1's plexd still running" "it died: $(tail -n3 "$WORK/n1.log")"

@@ -5,7 +5,7 @@ mod verify;
 mod worker;
 
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -421,8 +421,15 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
     }
 
     let stop = Arc::new(AtomicBool::new(false));
+    // SIGINT or SIGTERM ends the run early, as -t would: in-flight I/O drains, then the
+    // report (and --verify-state) is written.
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(sig, on_stop_signal as *const () as libc::sighandler_t) };
+    }
     let warmup = Duration::from_secs(cli.warmup);
     let duration = Duration::from_secs(cli.time);
+    let started = std::time::Instant::now();
     let mut handles = Vec::new();
     for (i, jobs) in per_core.into_iter().enumerate() {
         if jobs.is_empty() {
@@ -442,6 +449,9 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
     let mut reconnects = 0u64;
     let mut was_down = vec![false; ctrlrs.len()];
     while handles.iter().any(|h| !h.is_finished()) {
+        if STOP_SIGNAL.load(Ordering::Relaxed) && !stop.swap(true, Ordering::Relaxed) {
+            eprintln!("plexperf: stopping early on a signal");
+        }
         for (i, c) in ctrlrs.iter_mut().enumerate() {
             c.poll();
             while let Some(ev) = c.next_event() {
@@ -466,7 +476,13 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         results.extend(h.join().map_err(|_| "worker thread panicked".to_string())?);
     }
 
-    let secs = duration.as_secs_f64().max(1e-9);
+    // A run stopped early by a signal measured for less than -t.
+    let secs = started
+        .elapsed()
+        .saturating_sub(warmup)
+        .min(duration)
+        .as_secs_f64()
+        .max(1e-9);
     let mut per_ns: Vec<(u64, u64, u64, u64, u64, Histogram)> = names
         .iter()
         .map(|_| (0, 0, 0, 0, 0, Histogram::new()))
@@ -558,6 +574,12 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+static STOP_SIGNAL: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    STOP_SIGNAL.store(true, Ordering::Relaxed);
 }
 
 fn print_table(r: &Report) {
