@@ -1,14 +1,37 @@
 #!/usr/bin/env python3
-"""NVMe/TCP benchmark: plexd (one reactor, core 0) against plexperf (core 1) over loopback.
+"""NVMe/TCP over loopback: plexd and SPDK's nvmf_tgt side by side in one run, each driven by
+SPDK's spdk_nvme_perf and by plexperf, with the machine's ceiling (benches/tcp_ceiling).
 
-For each bdev (null, malloc) it runs 4 KiB randread/randwrite at QD1, QD32, QD128 and 128 KiB
-sequential read/write at QD32, prints one table and writes it, with the machine and the exact
-commands, to benches/reports/nvmf_tcp-<date>.md. It also samples plexd's CPU use while idle,
-since an idle SPDK target burns its whole core.
+Targets on core 0 (plexd: one reactor; SPDK: nvmf_tgt -m 0x1), hosts on core 1 (-c 0x2), one
+connection over 127.0.0.1. Each target exports a null and a malloc bdev (512 B blocks) as two
+subsystems, with the same transport options (TRANSPORT below). Rows: 4 KiB randread/randwrite
+at QD1, QD32, QD128 and 128 KiB sequential read/write at QD32, per bdev.
 
-Usage: benches/nvmf_tcp.py [--time 5] [--reps 1] [--bdevs null,malloc] [--idle-poll-us 1000]
-Needs release builds (cargo build --release) and, for fair numbers, hugepages
-(HUGEMEM=1024 scripts/setup.sh). Run on a quiet machine; figures move by ±20 % here.
+Interleaved: both targets run for the whole run, the one not being measured frozen (SIGSTOP),
+so neither start-up nor an idle poller weighs on the other. For each repetition: the ceiling
+once (both targets frozen), then for each bdev and row, each target in turn with each host
+against it; the order of targets and of hosts is reversed every other repetition. The report
+gives medians of the repetitions:
+  - plexd ÷ SPDK: plexd's rate over nvmf_tgt's, the same host (spdk_nvme_perf) against both;
+  - plexperf ÷ spdk_nvme_perf: our host over SPDK's, against the same target (one column each);
+  - ÷ ceiling: each target's rate (host spdk_nvme_perf) over the loopback ceiling's ops/s at
+    the same shape and queue depth (4 KiB rows only);
+  - idle CPU of each target (3 s, no host connected): SPDK polls; plexd should not.
+It is written, with the machine, its load before and after, and the exact commands, to
+benches/reports/nvmf_tcp-<date>.md.
+
+SPDK's programs are looked for in ../shared/spdk/bin (or $SPDK_BIN_DIR). Where they are absent
+the run says so and measures plexd with plexperf only (and the ceiling). Their runtime
+packages are installed if missing, as tests/guest/lib.sh does; as root, hugepages are reserved
+with scripts/setup.sh for the run and the machine's count is put back at the end.
+
+Usage: benches/nvmf_tcp.py [--time 5] [--reps 3] [--bdevs null,malloc]
+                           [--workloads 'randread qd32,128k'] [--no-spdk] [--no-ceiling]
+       benches/nvmf_tcp.py --time 1 --reps 1 --bdevs null --workloads '4k randread qd32'
+                           (a quick check that it works; not a measurement)
+A --workloads item selects the rows whose label has all its words, e.g. "qd1", "randwrite",
+"4k randread qd128". Needs release builds (cargo build --release). Run on a quiet machine
+(nothing else on the two cores: no build, no other benchmark); the report records the load.
 """
 
 import argparse
@@ -16,6 +39,10 @@ import datetime
 import json
 import os
 import platform
+import re
+import shlex
+import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -26,7 +53,16 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLEXD = os.path.join(REPO, "build/release/plexd")
 PLEXPERF = os.path.join(REPO, "build/release/plexperf")
+CEILING = os.path.join(REPO, "build/release/tcp_ceiling")
+SPDK_BIN_DIR = os.path.normpath(os.environ.get("SPDK_BIN_DIR", os.path.join(REPO, "../shared/spdk/bin")))
+# As tests/guest/lib.sh's SPDK_PACKAGES (../shared/spdk/README.md).
+SPDK_PACKAGES = ["libnuma1", "libuuid1", "libssl3", "libkeyutils1", "libaio1"]
 NQN = "nqn.2026-11.io.plexstor:bench"
+TARGET_CORES = "0x1"
+HOST_CORES = "0x2"
+SPDK_TGT_MEM_MB = 1024   # nvmf_tgt -s: the 512 MiB malloc bdev and the transport's buffers
+SPDK_PERF_MEM_MB = 256   # spdk_nvme_perf -s: QD128 x 128 KiB of buffers, with room to spare
+HUGEPAGES_MB = SPDK_TGT_MEM_MB + SPDK_PERF_MEM_MB + 1024  # + plexd's malloc and pools, plexperf
 
 WORKLOADS = [  # (label, pattern, io size, queue depth)
     ("4k randread qd1", "randread", 4096, 1),
@@ -39,29 +75,33 @@ WORKLOADS = [  # (label, pattern, io size, queue depth)
     ("128k write qd32", "write", 131072, 32),
 ]
 
-# SPDK's nvmf_tgt + spdk_nvme_perf on a machine like ours (2 cores, one each, loopback), as
-# quoted by issue 4: IOPS, or MB/s (10^6) for the 128 KiB rows. Not measured side by side with
-# us (SPDK cannot be built here), so the ratio is a pointer, not a verdict: runs move ±20 %.
-SPDK_REFERENCE = {
-    ("null", "4k randread qd32"): ("iops", 360_000),
-    ("null", "4k randwrite qd32"): ("iops", 380_000),
-    ("malloc", "4k randread qd1"): ("iops", 42_000),
-    ("malloc", "4k randread qd32"): ("iops", 245_000),
-    ("malloc", "4k randwrite qd32"): ("iops", 210_000),
-    ("malloc", "128k read qd32"): ("mb_s", 1_780),
-    ("malloc", "128k write qd32"): ("mb_s", 1_760),
+BDEVS = {  # kind -> (create method, params other than the name)
+    "null": ("bdev_null_create", {"num_blocks": 8 << 20, "block_size": 512}),
+    "malloc": ("bdev_malloc_create", {"num_blocks": 1 << 20, "block_size": 512}),
 }
 
-BDEVS = {  # name -> (create method, params)
-    "null": ("bdev_null_create", {"name": "bench", "num_blocks": 8 << 20, "block_size": 512}),
-    "malloc": ("bdev_malloc_create", {"name": "bench", "num_blocks": 1 << 20, "block_size": 512}),
-}
+# The same on both targets, spelled out where their defaults differ (SPDK's in-capsule data is
+# 4 KiB and its max_io_size 128 KiB; plexd's are 8 KiB and 1 MiB). c2h_success is on in both.
+TRANSPORT = {"trtype": "TCP", "max_queue_depth": 128, "in_capsule_data_size": 8192,
+             "max_io_size": 131072, "io_unit_size": 131072}
+
+TARGET_NAMES = {"plexd": "plexd", "spdk": "nvmf_tgt"}
+HOST_NAMES = {"spdk": "spdk_nvme_perf", "plexperf": "plexperf"}
 
 
 class Rpc:
-    def __init__(self, path):
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(path)
+    def __init__(self, path, timeout=60.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            self.sock = socket.socket(socket.AF_UNIX)
+            try:
+                self.sock.connect(path)
+                break
+            except OSError:
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
         self.id = 0
 
     def call(self, method, params=None):
@@ -74,7 +114,7 @@ class Rpc:
         while True:
             chunk = self.sock.recv(1 << 16)
             if not chunk:
-                raise RuntimeError(f"plexd closed the socket during {method}")
+                raise RuntimeError(f"the target closed the socket during {method}")
             buf += chunk
             try:
                 resp = json.loads(buf)
@@ -84,6 +124,9 @@ class Rpc:
                 raise RuntimeError(f"{method}: {resp['error']}")
             return resp["result"]
 
+    def close(self):
+        self.sock.close()
+
 
 def free_port():
     with socket.socket() as s:
@@ -92,122 +135,620 @@ def free_port():
 
 
 def cpu_seconds(pid):
+    """User + system CPU seconds of process PID, all its threads."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-class Plexd:
-    def __init__(self, bdev, port, idle_poll_us):
-        self.dir = tempfile.mkdtemp(prefix="plexbench.")
-        self.sock = os.path.join(self.dir, "plexd.sock")
-        self.log = open(os.path.join(self.dir, "plexd.log"), "w")
-        self.cmd = [PLEXD, "-m", "0x1", "-r", self.sock, "--idle-poll-us", str(idle_poll_us)]
+def spdk_bin(name):
+    path = os.path.join(SPDK_BIN_DIR, name)
+    return path if os.access(path, os.X_OK) else None
+
+
+class Target:
+    """An NVMe-oF target process on core 0, "plexd" or "spdk" (nvmf_tgt), listening on PORT
+    with one subsystem per export (bdev kind, bdev name, subsystem NQN)."""
+
+    def __init__(self, kind, exports, port, idle_poll_us=1000, transport=None):
+        self.kind = kind
+        self.dir = tempfile.mkdtemp(prefix=f"{kind}bench.")
+        self.sock = os.path.join(self.dir, f"{kind}.sock")
+        self.logpath = os.path.join(self.dir, f"{kind}.log")
+        self.log = open(self.logpath, "w")
+        if kind == "plexd":
+            self.cmd = [PLEXD, "-m", TARGET_CORES, "-r", self.sock, "--idle-poll-us", str(idle_poll_us)]
+        else:
+            self.cmd = [spdk_bin("nvmf_tgt"), "-m", TARGET_CORES, "-s", str(SPDK_TGT_MEM_MB), "-r", self.sock]
         self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        for _ in range(100):
-            if os.path.exists(self.sock):
-                break
-            time.sleep(0.05)
-        rpc = Rpc(self.sock)
-        method, params = BDEVS[bdev]
-        rpc.call(method, params)
-        rpc.call("nvmf_create_transport", {"trtype": "TCP"})
-        rpc.call("nvmf_create_subsystem", {"nqn": NQN, "allow_any_host": True})
-        rpc.call("nvmf_subsystem_add_ns", {"nqn": NQN, "namespace": {"bdev_name": "bench"}})
-        rpc.call("nvmf_subsystem_add_listener", {"nqn": NQN, "listen_address": {
-            "trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": str(port)}})
-        self.rpc = rpc
+        self.paused = False
+        self.config = []  # (method, params), in order: the report prints them
+        try:
+            deadline = time.monotonic() + 60
+            while not os.path.exists(self.sock):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.name} did not start: {self.log_tail()}")
+                time.sleep(0.05)
+            self.rpc = Rpc(self.sock)
+            if kind == "spdk":
+                self.rpc.call("framework_wait_init")
+            for bdev, name, nqn in exports:
+                method, params = BDEVS[bdev]
+                self.configure(method, dict(params, name=name))
+            self.configure("nvmf_create_transport", transport or {"trtype": "TCP"})
+            for bdev, name, nqn in exports:
+                self.configure("nvmf_create_subsystem", {"nqn": nqn, "allow_any_host": True})
+                self.configure("nvmf_subsystem_add_ns", {"nqn": nqn, "namespace": {"bdev_name": name}})
+                self.configure("nvmf_subsystem_add_listener", {"nqn": nqn, "listen_address": {
+                    "trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": str(port)}})
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def name(self):
+        return TARGET_NAMES[self.kind]
+
+    def configure(self, method, params):
+        self.rpc.call(method, params)
+        self.config.append((method, params))
+
+    def log_tail(self):
+        self.log.flush()
+        with open(self.logpath, errors="replace") as f:
+            return " | ".join(f.read().strip().splitlines()[-3:])
+
+    def pause(self):
+        if not self.paused:
+            os.kill(self.proc.pid, signal.SIGSTOP)
+            self.paused = True
+
+    def resume(self):
+        if self.paused:
+            os.kill(self.proc.pid, signal.SIGCONT)
+            self.paused = False
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def idle_cpu_pct(self, seconds=3.0):
+        c0 = cpu_seconds(self.proc.pid)
+        time.sleep(seconds)
+        return (cpu_seconds(self.proc.pid) - c0) / seconds * 100
 
     def stop(self):
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
+        if self.proc.poll() is None:
+            self.resume()
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if hasattr(self, "rpc"):
+            self.rpc.close()
         self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def plexperf_cmd(port, pattern, size, qd, seconds):
-    trid = f"trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:{port} subnqn:{NQN}"
-    return [PLEXPERF, "-r", trid, "-q", str(qd), "-o", str(size), "-w", pattern,
-            "-t", str(seconds), "-c", "0x2", "--json"]
+class Plexd(Target):
+    """plexd exporting one bdev of kind BDEV, named "bench", as NQN (what benches/qos.py uses),
+    with plexd's default transport options."""
+
+    def __init__(self, bdev, port, idle_poll_us=1000):
+        super().__init__("plexd", [(bdev, "bench", NQN)], port, idle_poll_us)
+
+
+def trid(port, nqn=NQN):
+    return f"trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:{port} subnqn:{nqn}"
+
+
+def plexperf_cmd(port, pattern, size, qd, seconds, nqn=NQN, warmup=1):
+    return [PLEXPERF, "-r", trid(port, nqn), "-q", str(qd), "-o", str(size), "-w", pattern,
+            "-t", str(seconds), "--warmup", str(warmup), "-c", HOST_CORES, "--json"]
 
 
 def run_perf(cmd):
+    """Runs plexperf; its "total": iops, mib_s, latency_us {avg_us, min_us, max_us, p99_us, …}."""
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if out.returncode != 0:
         raise RuntimeError(f"plexperf failed ({out.returncode}): {out.stderr.strip()[-500:]}")
     return json.loads(out.stdout)["total"]
 
 
+def spdk_perf_cmd(port, pattern, size, qd, seconds, nqn=NQN, warmup=1):
+    # -L: software latency tracking, for the percentiles (a histogram tally per I/O on top of
+    # the time stamps spdk_nvme_perf takes anyway for its average).
+    return [spdk_bin("spdk_nvme_perf"), "-r", trid(port, nqn), "-q", str(qd), "-o", str(size),
+            "-w", pattern, "-t", str(seconds), "-a", str(warmup), "-c", HOST_CORES,
+            "-s", str(SPDK_PERF_MEM_MB), "-L"]
+
+
+# "Total : IOPS MiB/s Average min max" (latencies in µs), after the per-namespace lines.
+SPDK_TOTAL = re.compile(r"^Total\s*:\s*([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*$", re.M)
+# -L's summary: one block per namespace and core, "  99.00000% :   123.456us".
+SPDK_SUMMARY = re.compile(r"^Summary latency data for ", re.M)
+SPDK_PERCENTILE = re.compile(r"^\s*([\d.]+)%\s*:\s*([\d.]+)us\s*$", re.M)
+# SPDK's host logs this for each I/O queue it has itself disconnected while tearing down
+# (against SPDK's own nvmf_tgt too): not an error of the run.
+SPDK_TEARDOWN = re.compile(r"DISCONNECTED\] CQ transport error -6 ")
+
+
+def parse_spdk_perf(text):
+    """spdk_nvme_perf's output as plexperf's "total" shape; percentiles only where its -L
+    summary is there for exactly one namespace and core (None otherwise)."""
+    m = SPDK_TOTAL.search(text)
+    if not m:
+        raise ValueError("no Total line")
+    iops, mib_s, avg, lo, hi = (float(x) for x in m.groups())
+    pct = {}
+    if len(SPDK_SUMMARY.findall(text)) == 1:
+        block = text[SPDK_SUMMARY.search(text).end():]
+        for p, us in SPDK_PERCENTILE.findall(block):
+            pct.setdefault(round(float(p), 5), float(us))
+    errors = [line for line in text.splitlines()
+              if "*ERROR*" in line and not SPDK_TEARDOWN.search(line)]
+    return {"iops": iops, "mib_s": mib_s, "error_lines": errors,
+            "latency_us": {"avg_us": avg, "min_us": lo, "max_us": hi,
+                           "p99_us": pct.get(99.0), "p99_9_us": pct.get(99.9)}}
+
+
+def run_spdk_perf(cmd, seconds):
+    with tempfile.TemporaryDirectory(prefix="spdkperf.") as cwd:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120, cwd=cwd)
+    text = out.stdout + out.stderr
+    try:
+        res = parse_spdk_perf(text)
+    except ValueError as e:
+        tail = " | ".join(text.strip().splitlines()[-4:])
+        raise RuntimeError(f"spdk_nvme_perf exited {out.returncode}, {e}: {tail}") from None
+    if out.returncode != 0 or res["iops"] <= 0:
+        raise RuntimeError(f"spdk_nvme_perf exited {out.returncode} with {res['iops']} IOPS")
+    return res
+
+
+def ceiling_cmd(shapes, qds, seconds):
+    return [CEILING, "-w", ",".join(shapes), "-q", ",".join(str(q) for q in qds),
+            "-o", "4096", "-t", str(seconds), "--warmup", "1", "--target-core", "0",
+            "--host-core", "1", "--json"]
+
+
+def run_ceiling(cmd):
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"tcp_ceiling failed ({out.returncode}): {out.stderr.strip()[-500:]}")
+    return {(r["workload"], r["qd"]): r for r in json.loads(out.stdout)["rows"]}
+
+
+def ceiling_key(label):
+    """The ceiling's (shape, qd) for a 4 KiB random row, else None."""
+    m = re.fullmatch(r"4k rand(read|write) qd(\d+)", label)
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def select_workloads(spec):
+    if not spec:
+        return list(WORKLOADS)
+    chosen = []
+    for item in spec.split(","):
+        words = item.split()
+        hits = [w for w in WORKLOADS if all(x in w[0].split() for x in words)]
+        if not hits:
+            sys.exit(f"--workloads: '{item}' matches no row of: {', '.join(w[0] for w in WORKLOADS)}")
+        chosen += [w for w in hits if w not in chosen]
+    return [w for w in WORKLOADS if w in chosen]
+
+
+# ---- the machine ------------------------------------------------------------------------------
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def meminfo(key):
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def proc_times():
+    """{pid: (name, CPU seconds)} of every process."""
+    tck = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                s = f.read()
+        except OSError:
+            continue
+        name = s[s.index("(") + 1:s.rindex(")")]
+        fields = s.rsplit(")", 1)[1].split()
+        out[int(pid)] = (name, (int(fields[11]) + int(fields[12])) / tck)
+    return out
+
+
+def machine_activity(seconds=2.0):
+    """(busy % of all cores, [(name, pid, % of a core)] of processes over 1 %) over SECONDS."""
+    def stat():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]
+    t0, i0 = stat()
+    p0 = proc_times()
+    time.sleep(seconds)
+    t1, i1 = stat()
+    p1 = proc_times()
+    busy = 100.0 * (1 - (i1 - i0) / max(t1 - t0, 1))
+    me = os.getpid()
+    others = sorted(((name, pid, (c - p0[pid][1]) / seconds * 100)
+                     for pid, (name, c) in p1.items() if pid in p0 and pid != me),
+                    key=lambda x: -x[2])
+    return busy, [o for o in others if o[2] >= 1.0]
+
+
+def describe_activity(act):
+    busy, others = act
+    who = ", ".join(f"{n} (pid {p}) {pct:.0f} %" for n, p, pct in others[:5]) or "none"
+    return f"all cores {busy:.0f} % busy; processes over 1 % of a core: {who}"
+
+
+def load_avg():
+    return "/".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+# ---- SPDK's prerequisites -----------------------------------------------------------------------
+
+def install_spdk_packages():
+    missing = [p for p in SPDK_PACKAGES
+               if subprocess.run(["dpkg", "-s", p], capture_output=True).returncode != 0]
+    if missing:
+        print(f"installing {' '.join(missing)} (SPDK's runtime packages)", flush=True)
+        subprocess.run(["apt-get", "update", "-q"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["apt-get", "install", "-y", "-q"] + missing, check=True, stdout=subprocess.DEVNULL)
+
+
+def reserve_hugepages(mb):
+    """Grows the hugepage reservation by MB with scripts/setup.sh, as tests/guest/lib.sh's
+    spdk_prepare does; returns a function that puts the machine's count back, or None."""
+    if os.geteuid() != 0:
+        print("not root: hugepages left as they are", flush=True)
+        return None
+    page_kb = meminfo("Hugepagesize")
+    nr_file = f"/sys/kernel/mm/hugepages/hugepages-{page_kb}kB/nr_hugepages"
+    with open(nr_file) as f:
+        before = int(f.read())
+    env = dict(os.environ, PCI_ALLOWED="ffff:ff:1f.7",  # a BDF that does not exist: no device is touched
+               HUGEMEM=str(before * page_kb // 1024 + mb + 64))
+    r = subprocess.run([os.path.join(REPO, "scripts/setup.sh")], env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        print(f"scripts/setup.sh could not reserve {mb} MiB more of hugepages: "
+              f"{r.stderr.strip()[-300:]}", flush=True)
+
+    def restore():
+        with open(nr_file, "w") as f:
+            f.write(str(before))
+    return restore
+
+
+# ---- the run ------------------------------------------------------------------------------------
+
+def median_of(runs, key):
+    vals = [key(r) for r in runs if key(r) is not None]
+    return statistics.median(vals) if vals else None
+
+
+def summarize(runs):
+    """Medians of a cell's repetitions, and their spread (max−min over the median IOPS)."""
+    iops = [r["iops"] for r in runs]
+    lat = lambda k: median_of(runs, lambda r: r["latency_us"].get(k))  # noqa: E731
+    med = statistics.median(iops)
+    return {"iops": med, "mib_s": median_of(runs, lambda r: r["mib_s"]),
+            "avg_us": lat("avg_us"), "p99_us": lat("p99_us"), "p99_9_us": lat("p99_9_us"),
+            "spread": (max(iops) - min(iops)) / med if med else 0.0, "n": len(runs),
+            "error_lines": sum(len(r.get("error_lines", [])) for r in runs),
+            "io_errors": sum(r.get("errors", 0) for r in runs)}
+
+
+def fmt_rate(label, cell, qd1_latency=True):
+    """IOPS in K for 4 KiB rows, MiB/s for 128 KiB; QD1 with its mean latency."""
+    if cell is None:
+        return "–"
+    if label.startswith("128k"):
+        return f"{cell['mib_s']:,.0f} MiB/s"
+    s = f"{cell['iops'] / 1000:,.0f} K"
+    if qd1_latency and label.endswith(" qd1"):
+        s += f" ({cell['avg_us']:.1f} µs)"
+    return s
+
+
+def rate(label, cell):
+    return cell["mib_s"] if label.startswith("128k") else cell["iops"]
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}" if a is not None and b else "–"
+
+
+def fnum(v, f="{:.1f}"):
+    return f.format(v) if v is not None else "–"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--time", type=int, default=5, help="seconds per run (after 1 s warm-up)")
-    ap.add_argument("--reps", type=int, default=1, help="runs per cell; the median is reported")
+    ap.add_argument("--time", type=int, default=5, help="measured seconds per run (after 1 s warm-up)")
+    ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions; medians are reported")
     ap.add_argument("--bdevs", default="null,malloc")
-    ap.add_argument("--idle-poll-us", type=int, default=1000)
+    ap.add_argument("--workloads", "--rows", dest="workloads",
+                    help="comma-separated rows to run, each by words of its label (default: all)")
+    ap.add_argument("--no-spdk", action="store_true", help="plexd and plexperf only, even where SPDK is there")
+    ap.add_argument("--no-ceiling", action="store_true", help="skip benches/tcp_ceiling")
+    ap.add_argument("--idle-poll-us", type=int, default=1000, help="plexd --idle-poll-us")
     ap.add_argument("--report", help="report file (default benches/reports/nvmf_tcp-DATE.md)")
     args = ap.parse_args()
-    for binary in (PLEXD, PLEXPERF):
+    bdevs = args.bdevs.split(",")
+    for b in bdevs:
+        if b not in BDEVS:
+            sys.exit(f"--bdevs: unknown bdev '{b}' (known: {', '.join(BDEVS)})")
+    workloads = select_workloads(args.workloads)
+    for binary in [PLEXD, PLEXPERF] + ([] if args.no_ceiling else [CEILING]):
         if not os.access(binary, os.X_OK):
             sys.exit(f"{binary} is missing: run cargo build --release first")
 
-    rows = []
-    idle = {}
-    commands = []
-    for bdev in args.bdevs.split(","):
-        port = free_port()
-        plexd = Plexd(bdev, port, args.idle_poll_us)
-        commands.append(" ".join(plexd.cmd))
-        try:
-            time.sleep(1.0)
-            c0 = cpu_seconds(plexd.proc.pid)
-            time.sleep(3.0)
-            idle[bdev] = (cpu_seconds(plexd.proc.pid) - c0) / 3.0 * 100
-            for label, pattern, size, qd in WORKLOADS:
-                cmd = plexperf_cmd(port, pattern, size, qd, args.time)
-                if not commands or commands[-1] != " ".join(cmd):
-                    commands.append(" ".join(cmd))
-                runs = [run_perf(cmd) for _ in range(args.reps)]
-                med = sorted(runs, key=lambda r: r["iops"])[len(runs) // 2]
-                lat = med["latency_us"]
-                rows.append((bdev, label, med["iops"], med["mib_s"], lat["avg_us"],
-                             lat["p99_us"], lat["p99_9_us"],
-                             statistics.pstdev([r["iops"] for r in runs]) if len(runs) > 1 else 0.0))
-                print(f"{bdev:7} {label:20} {med['iops']:>10.0f} IOPS {med['mib_s']:>9.1f} MiB/s "
-                      f"avg {lat['avg_us']:.1f} us p99 {lat['p99_us']:.1f} us", flush=True)
-        finally:
-            plexd.stop()
-
-    table = ["| bdev | workload | IOPS | MiB/s | avg µs | p99 µs | p99.9 µs | vs SPDK's figure |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for bdev, label, iops, mib, avg, p99, p999, _ in rows:
-        ref = SPDK_REFERENCE.get((bdev, label))
-        if ref is None:
-            vs = ""
-        elif ref[0] == "iops":
-            vs = f"{iops / ref[1]:.2f}× of {ref[1] / 1000:.0f} K"
-        else:
-            vs = f"{mib * 1.048576 / ref[1]:.2f}× of {ref[1] / 1000:.2f} GB/s"
-        table.append(f"| {bdev} | {label} | {iops:,.0f} | {mib:,.1f} | {avg:.1f} | {p99:.1f} | {p999:.1f} | {vs} |")
-    idle_line = ", ".join(f"{b}: {v:.1f} %" for b, v in idle.items())
-    text = "\n".join(table)
-    print()
-    print(text)
-    print(f"\nplexd CPU while idle (3 s sample): {idle_line}")
+    spdk_missing = [n for n in ("nvmf_tgt", "spdk_nvme_perf") if not spdk_bin(n)]
+    if args.no_spdk:
+        spdk_note = "SPDK left out (--no-spdk): plexd only."
+    elif spdk_missing:
+        spdk_note = (f"SPDK's {' and '.join(spdk_missing)} not found in {SPDK_BIN_DIR}: plexd only, "
+                     "so no plexd ÷ SPDK.")
+    else:
+        spdk_note = None
+    with_spdk = spdk_note is None
+    if spdk_note:
+        print(spdk_note, flush=True)
+    targets_kinds = ["plexd", "spdk"] if with_spdk else ["plexd"]
+    host_kinds = ["spdk", "plexperf"] if with_spdk else ["plexperf"]
+    # The host whose figures compare targets, and the targets with the ceiling.
+    ref_host = "spdk" if with_spdk else "plexperf"
+    ceil_keys = sorted({k for w in workloads if (k := ceiling_key(w[0]))})
+    with_ceiling = not args.no_ceiling and bool(ceil_keys)
 
     now = datetime.datetime.now()
+    quiet_before = machine_activity()
+    load_before = load_avg()
+    print(f"load average {load_before}; {describe_activity(quiet_before)}", flush=True)
+
+    if with_spdk:
+        install_spdk_packages()
+    restore_hugepages = reserve_hugepages(HUGEPAGES_MB)
+    hugepages = meminfo("HugePages_Total") * meminfo("Hugepagesize") // 1024
+
+    commands = []
+
+    def note(cmd):
+        line = shlex.join(cmd)
+        if line not in commands:
+            commands.append(line)
+
+    ports = {}
+    for kind in targets_kinds:
+        while (p := free_port()) in ports.values():
+            pass
+        ports[kind] = p
+    exports = [(b, f"bench_{b}", f"{NQN}-{b}") for b in bdevs]
+    targets = {}
+    results = {}  # (bdev, label, target, host) -> [run, ...]
+    ceiling_runs = {}  # (shape, qd) -> [row, ...]
+    idle = {}
+    try:
+        for kind in targets_kinds:
+            for t in targets.values():
+                t.pause()
+            print(f"starting {TARGET_NAMES[kind]}", flush=True)
+            targets[kind] = Target(kind, exports, ports[kind], args.idle_poll_us, TRANSPORT)
+            note(targets[kind].cmd)
+
+        def only(kind):
+            """Lets the target KIND run (None: no target) and freezes the others."""
+            for k, t in targets.items():
+                if k != kind:
+                    t.pause()
+            if kind:
+                targets[kind].resume()
+                time.sleep(0.2)  # let it finish whatever the freeze interrupted
+
+        for kind in targets_kinds:
+            only(kind)
+            time.sleep(1.0)
+            idle[kind] = targets[kind].idle_cpu_pct()
+            print(f"{TARGET_NAMES[kind]} idle: {idle[kind]:.1f} % of a core", flush=True)
+
+        for rep in range(args.reps):
+            order = targets_kinds if rep % 2 == 0 else targets_kinds[::-1]
+            horder = host_kinds if rep % 2 == 0 else host_kinds[::-1]
+            if with_ceiling:
+                only(None)
+                cmd = ceiling_cmd(sorted({s for s, _ in ceil_keys}), sorted({q for _, q in ceil_keys}), args.time)
+                note(cmd)
+                for key, row in run_ceiling(cmd).items():
+                    ceiling_runs.setdefault(key, []).append(row)
+                print(f"rep {rep + 1}: ceiling " + ", ".join(
+                    f"{s} qd{q} {ceiling_runs[(s, q)][-1]['ops_s']:,.0f}/s" for s, q in ceil_keys), flush=True)
+            for bdev, _, nqn in exports:
+                for label, pattern, size, qd in workloads:
+                    for tk in order:
+                        only(tk)
+                        for hk in horder:
+                            if hk == "spdk":
+                                cmd = spdk_perf_cmd(ports[tk], pattern, size, qd, args.time, nqn)
+                                r = run_spdk_perf(cmd, args.time)
+                            else:
+                                cmd = plexperf_cmd(ports[tk], pattern, size, qd, args.time, nqn)
+                                r = run_perf(cmd)
+                            note(cmd)
+                            if not targets[tk].alive():
+                                raise RuntimeError(f"{targets[tk].name} exited: {targets[tk].log_tail()}")
+                            results.setdefault((bdev, label, tk, hk), []).append(r)
+                            lat = r["latency_us"]
+                            print(f"rep {rep + 1}: {bdev:6} {label:18} {TARGET_NAMES[tk]:8} <- {HOST_NAMES[hk]:14} "
+                                  f"{r['iops']:>10,.0f} IOPS {r['mib_s']:>9,.1f} MiB/s avg {lat['avg_us']:.1f} µs",
+                                  flush=True)
+    finally:
+        for t in targets.values():
+            t.stop()
+        if restore_hugepages:
+            restore_hugepages()
+    for kind, t in targets.items():
+        commands.append(f"# {TARGET_NAMES[kind]}'s configuration, JSON-RPC on its -r socket, in order:")
+        commands += [f"#   {method} {json.dumps(params)}" for method, params in t.config]
+    quiet_after = machine_activity()
+    load_after = load_avg()
+
+    cells = {k: summarize(v) for k, v in results.items()}
+    ceiling = {}
+    for key, rows in ceiling_runs.items():
+        ceiling[key] = {"ops_s": statistics.median(r["ops_s"] for r in rows),
+                        "avg_us": statistics.median(r["avg_us"] for r in rows),
+                        "target_cpu": rows[len(rows) // 2]["target_cpu"],
+                        "host_cpu": rows[len(rows) // 2]["host_cpu"]}
+
+    # ---- the tables ----
+    main_rows = []
+    if with_spdk:
+        head = ("| bdev | workload | SPDK nvmf_tgt | plexd | plexd ÷ SPDK | plexperf ÷ spdk_nvme_perf "
+                "(plexd) | plexperf ÷ spdk_nvme_perf (nvmf_tgt) |")
+        sep = "|---|---|---:|---:|---:|---:|---:|"
+        if with_ceiling:
+            head += " plexd ÷ ceiling | nvmf_tgt ÷ ceiling |"
+            sep += "---:|---:|"
+    else:
+        head = "| bdev | workload | plexd (plexperf) | avg µs | p99 µs |"
+        sep = "|---|---|---:|---:|---:|"
+        if with_ceiling:
+            head += " plexd ÷ ceiling |"
+            sep += "---:|"
+    main_rows += [head, sep]
+    for bdev in bdevs:
+        for label, *_ in workloads:
+            c = lambda tk, hk: cells.get((bdev, label, tk, hk))  # noqa: E731
+            ck = ceiling_key(label)
+            ceil = ceiling.get(ck) if with_ceiling and ck else None
+            pd = c("plexd", ref_host)
+            if with_spdk:
+                sp = c("spdk", "spdk")
+                pp, ps = c("plexd", "plexperf"), c("spdk", "plexperf")
+                line = (f"| {bdev} | {label} | {fmt_rate(label, sp)} | {fmt_rate(label, pd)} | "
+                        f"**{ratio(rate(label, pd), rate(label, sp))}** | "
+                        f"{ratio(rate(label, pp), rate(label, pd))} | {ratio(rate(label, ps), rate(label, sp))} |")
+                if with_ceiling:
+                    line += (f" {ratio(pd['iops'], ceil['ops_s']) if ceil else '–'} |"
+                             f" {ratio(sp['iops'], ceil['ops_s']) if ceil else '–'} |")
+            else:
+                line = (f"| {bdev} | {label} | {fmt_rate(label, pd, False)} | {fnum(pd['avg_us'])} | "
+                        f"{fnum(pd['p99_us'])} |")
+                if with_ceiling:
+                    line += f" {ratio(pd['iops'], ceil['ops_s']) if ceil else '–'} |"
+            main_rows.append(line)
+
+    ceil_rows = []
+    if with_ceiling:
+        ceil_rows = ["| shape (4 KiB) | QD | ops/s | MiB/s | mean µs | target core usr/sys % | host core usr/sys % |",
+                     "|---|---:|---:|---:|---:|---:|---:|"]
+        for (shape, qd) in ceil_keys:
+            r = ceiling[(shape, qd)]
+            ceil_rows.append(f"| {shape} | {qd} | {r['ops_s']:,.0f} | {r['ops_s'] * 4096 / 1048576:,.1f} | "
+                             f"{r['avg_us']:.1f} | {r['target_cpu']['user_pct']:.0f}/{r['target_cpu']['sys_pct']:.0f} | "
+                             f"{r['host_cpu']['user_pct']:.0f}/{r['host_cpu']['sys_pct']:.0f} |")
+
+    cell_rows = ["| bdev | workload | target | host | IOPS | MiB/s | avg µs | p99 µs | p99.9 µs | spread |",
+                 "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    errors = io_errors = 0
+    for bdev in bdevs:
+        for label, *_ in workloads:
+            for tk in targets_kinds:
+                for hk in host_kinds:
+                    x = cells[(bdev, label, tk, hk)]
+                    errors += x["error_lines"]
+                    io_errors += x["io_errors"]
+                    cell_rows.append(f"| {bdev} | {label} | {TARGET_NAMES[tk]} | {HOST_NAMES[hk]} | "
+                                     f"{x['iops']:,.0f} | {x['mib_s']:,.1f} | {fnum(x['avg_us'])} | "
+                                     f"{fnum(x['p99_us'])} | {fnum(x['p99_9_us'])} | {x['spread'] * 100:.0f} % |")
+
+    idle_line = "; ".join(f"{TARGET_NAMES[k]} {v:.1f} % of a core" for k, v in idle.items())
+    git = subprocess.run(["git", "-C", REPO, "describe", "--always", "--dirty"],
+                         capture_output=True, text=True).stdout.strip()
+    machine = (f"{platform.node()}: {cpu_model()}, {os.cpu_count()} cores, "
+               f"{meminfo('MemTotal') // 1024:,} MiB, kernel {platform.release()}; "
+               f"{hugepages:,} MiB of hugepages reserved during the run")
+    how = (f"Targets on core 0 (plexd, one reactor, --idle-poll-us {args.idle_poll_us}"
+           + ("; SPDK v26.05 nvmf_tgt -m 0x1" if with_spdk else "") + "), hosts on core 1 (plexperf"
+           + (", spdk_nvme_perf -L" if with_spdk else "") + "), NVMe/TCP over 127.0.0.1, one connection. "
+           f"Each target exports {', '.join(f'a {b} bdev' for b in bdevs)} (512 B blocks) with the same "
+           f"transport options {json.dumps(TRANSPORT)}. {args.time} s per run after 1 s warm-up; "
+           f"{args.reps} repetition(s), interleaved (per repetition: the ceiling, then for each row "
+           "each target in turn, the other frozen with SIGSTOP, with each host; the order reversed "
+           "every other repetition); medians.")
+
+    out = []
+    out.append(f"# NVMe/TCP over loopback, {now:%Y-%m-%d %H:%M}\n")
+    out.append(f"Commit {git}; {machine}.\n")
+    out.append(how + "\n")
+    if spdk_note:
+        out.append(f"**{spdk_note}**\n")
+    out.append(f"Quiet? Load average (1/5/15 min) {load_before} at the start, {load_after} at the end. "
+               f"Over 2 s before the run: {describe_activity(quiet_before)}. "
+               f"Over 2 s after it: {describe_activity(quiet_after)}.\n")
+    if with_spdk:
+        out.append("## plexd and SPDK's nvmf_tgt, the same host (spdk_nvme_perf) against both\n")
+        out.append("IOPS (4 KiB; QD1 with its mean latency) or MiB/s (128 KiB). plexperf ÷ "
+                   "spdk_nvme_perf: our host over SPDK's against the same target. ÷ ceiling: the "
+                   "target's IOPS (spdk_nvme_perf) over the loopback ceiling's ops/s for the same "
+                   "shape and queue depth.\n")
+    else:
+        out.append("## plexd (host plexperf)\n")
+    out.append("\n".join(main_rows) + "\n")
+    if with_ceiling:
+        out.append("## The ceiling: benches/tcp_ceiling, same run\n")
+        out.append("One loopback TCP connection, target side on core 0, host side on core 1, both "
+                   "spinning on non-blocking sockets; NVMe/TCP's PDU sizes (read: 72 B command out, "
+                   "24 B C2H header + 4 KiB back with the success flag; write: 72 B + 4 KiB out, "
+                   "24 B response back), no NVMe processing: what the kernel alone costs. Medians.\n")
+        out.append("\n".join(ceil_rows) + "\n")
+    out.append("## Every target and host (medians; spread: (max − min) ÷ median of the IOPS)\n")
+    if with_spdk:
+        out.append("spdk_nvme_perf's p99 and p99.9 are from its -L summary.\n")
+    out.append("\n".join(cell_rows) + "\n")
+    if errors:
+        out.append(f"spdk_nvme_perf printed {errors} error line(s) other than its teardown's "
+                   "\"CQ transport error -6\".\n")
+    if io_errors:
+        out.append(f"plexperf counted {io_errors} failed I/O(s).\n")
+    out.append(f"## Idle CPU (3 s, no host connected)\n\n{idle_line}\n")
+    out.append("## Commands\n\n```\n" + "\n".join(commands) + "\n```\n")
+    text = "\n".join(out)
+
+    print()
+    print("\n".join(main_rows))
+    if with_ceiling:
+        print()
+        print("\n".join(ceil_rows))
+    print(f"\nidle: {idle_line}")
+    print(f"load average {load_before} at the start, {load_after} at the end")
+
     report = args.report or os.path.join(REPO, "benches/reports", f"nvmf_tcp-{now:%Y%m%d-%H%M}.md")
     os.makedirs(os.path.dirname(report), exist_ok=True)
-    git = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
-                         capture_output=True, text=True).stdout.strip()
     with open(report, "w") as f:
-        f.write(f"# NVMe/TCP over loopback, {now:%Y-%m-%d %H:%M}\n\n")
-        f.write(f"Commit {git}; {platform.node()}, {os.cpu_count()} cores, kernel {platform.release()}; "
-                f"plexd one reactor on core 0, plexperf on core 1; {args.time} s per run after 1 s "
-                f"warm-up, median of {args.reps}.\n\n")
-        f.write(text + "\n\n")
-        f.write("The last column compares with SPDK's figures quoted in issue 4 (nvmf_tgt and "
-                "spdk_nvme_perf on a machine like this one), not measured in this run.\n\n")
-        f.write(f"plexd CPU while idle (3 s sample): {idle_line}\n\n")
-        f.write("Commands:\n\n```\n" + "\n".join(commands) + "\n```\n")
+        f.write(text)
     print(f"\nreport: {report}")
 
 

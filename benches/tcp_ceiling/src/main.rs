@@ -1,0 +1,597 @@
+//! tcp_ceiling: what the kernel alone costs for NVMe/TCP traffic over loopback, so that a
+//! target's throughput per core can be stated as a fraction of what the machine allows.
+//!
+//! One TCP connection on 127.0.0.1: a "host" thread (pinned to `--host-core`) keeps QD commands
+//! in flight against a "target" thread (pinned to `--target-core`). The PDUs have NVMe/TCP's
+//! sizes and common headers, and nothing else is done with them: no NVMe command is decoded, no
+//! bdev is called, no buffer is looked up. Per 4 KiB I/O:
+//!
+//! - read:  host sends a CapsuleCmd (72 B); target sends C2HData (24 B header + 4 KiB) with
+//!   LAST_PDU|SUCCESS set (c2h_success, the default of plexd and SPDK), or, with `--read-resp`,
+//!   also a 24 B CapsuleResp.
+//! - write: host sends a CapsuleCmd with the data in capsule (72 B + 4 KiB); target sends a
+//!   CapsuleResp (24 B: 8 B common header + 16 B completion).
+//!
+//! Both sides use non-blocking sockets with TCP_NODELAY and batch whatever is there: one recv
+//! of up to 256 KiB, then one writev of every reply that is due, with the data sent from one
+//! static buffer (no copy in user space). By default both spin, as a polling target does on its
+//! own core; `--block` sleeps in poll(2) when there is nothing to do. Each side's user and
+//! system CPU over the measured window is printed too.
+//!
+//! Usage: tcp_ceiling [-w read,write] [-q 1,32,128] [-o 4096] [-t 2] [--json]
+
+use std::io::{self, Read};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+
+const CH_LEN: usize = 8;
+const CMD_HLEN: usize = 72;
+const C2H_HLEN: usize = 24;
+const RESP_LEN: usize = 24;
+const PDU_CAPSULE_CMD: u8 = 0x04;
+const PDU_CAPSULE_RESP: u8 = 0x05;
+const PDU_C2H_DATA: u8 = 0x07;
+const C2H_LAST_PDU: u8 = 0x04;
+const C2H_SUCCESS: u8 = 0x08;
+const RECV_BUF: usize = 256 << 10;
+const IOV_MAX: usize = 1024;
+
+/// Phases the host announces to the target, so both measure the same window.
+const WARMUP: u8 = 0;
+const MEASURING: u8 = 1;
+const DONE: u8 = 2;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tcp_ceiling",
+    about = "Loopback TCP pair exchanging NVMe/TCP-sized PDUs at a queue depth, no NVMe processing: the kernel's share, per core"
+)]
+struct Cli {
+    /// Traffic shapes, comma-separated.
+    #[arg(short = 'w', long, value_delimiter = ',', default_value = "read,write")]
+    workloads: Vec<Shape>,
+    /// Queue depths, comma-separated.
+    #[arg(
+        short = 'q',
+        long = "qd",
+        value_delimiter = ',',
+        default_value = "1,32,128"
+    )]
+    qds: Vec<usize>,
+    /// Data bytes per I/O.
+    #[arg(short = 'o', long, default_value_t = 4096)]
+    io_size: usize,
+    /// Measured seconds per row.
+    #[arg(short = 't', long, default_value_t = 2.0)]
+    time: f64,
+    /// Warm-up seconds per row, before measuring.
+    #[arg(long, default_value_t = 0.5)]
+    warmup: f64,
+    /// Core of the target side.
+    #[arg(long, default_value_t = 0)]
+    target_core: usize,
+    /// Core of the host side.
+    #[arg(long, default_value_t = 1)]
+    host_core: usize,
+    /// Sleep in poll(2) when there is nothing to do, instead of spinning.
+    #[arg(long)]
+    block: bool,
+    /// Reads: a 24 B CapsuleResp after the data too (a target with c2h_success off).
+    #[arg(long)]
+    read_resp: bool,
+    /// One JSON object on stdout instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Shape {
+    Read,
+    Write,
+}
+
+impl Shape {
+    fn name(self) -> &'static str {
+        match self {
+            Shape::Read => "read",
+            Shape::Write => "write",
+        }
+    }
+}
+
+/// An NVMe/TCP PDU header of `hlen` bytes (common header filled in, the rest zero) for a PDU
+/// carrying `data_len` bytes of data right after it.
+fn pdu_header(pdu_type: u8, flags: u8, hlen: usize, data_len: usize) -> Vec<u8> {
+    let mut h = vec![0u8; hlen];
+    h[0] = pdu_type;
+    h[1] = flags;
+    h[2] = hlen as u8;
+    h[3] = if data_len > 0 { hlen as u8 } else { 0 };
+    h[4..8].copy_from_slice(&((hlen + data_len) as u32).to_le_bytes());
+    h
+}
+
+/// What one I/O puts on the wire from each side: (host's segments, target's segments).
+fn messages(shape: Shape, io_size: usize, read_resp: bool) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    let data = vec![0x5au8; io_size];
+    let resp = pdu_header(PDU_CAPSULE_RESP, 0, RESP_LEN, 0);
+    match shape {
+        Shape::Read => {
+            let cmd = pdu_header(PDU_CAPSULE_CMD, 0, CMD_HLEN, 0);
+            let flags = if read_resp {
+                C2H_LAST_PDU
+            } else {
+                C2H_LAST_PDU | C2H_SUCCESS
+            };
+            let c2h = pdu_header(PDU_C2H_DATA, flags, C2H_HLEN, io_size);
+            let mut reply = vec![c2h, data];
+            if read_resp {
+                reply.push(resp);
+            }
+            (vec![cmd], reply)
+        }
+        Shape::Write => {
+            let cmd = pdu_header(PDU_CAPSULE_CMD, 0, CMD_HLEN, io_size);
+            (vec![cmd, data], vec![resp])
+        }
+    }
+}
+
+/// True for a PDU that ends an I/O on the side receiving it: a command (target side), a
+/// response, or C2H data carrying the success flag (host side).
+fn ends_io(pdu_type: u8, flags: u8) -> bool {
+    pdu_type == PDU_CAPSULE_CMD
+        || pdu_type == PDU_CAPSULE_RESP
+        || (pdu_type == PDU_C2H_DATA && flags & C2H_SUCCESS != 0)
+}
+
+/// Splits the received byte stream into PDUs by their common header's PLEN.
+#[derive(Default)]
+struct Framer {
+    ch: [u8; CH_LEN],
+    have: usize,
+    rest: usize,
+    ends: bool,
+}
+
+impl Framer {
+    /// Takes received bytes; returns how many I/Os the PDUs they complete ended.
+    fn feed(&mut self, mut b: &[u8]) -> usize {
+        let mut ios = 0;
+        while !b.is_empty() {
+            if self.rest == 0 {
+                let take = (CH_LEN - self.have).min(b.len());
+                self.ch[self.have..self.have + take].copy_from_slice(&b[..take]);
+                self.have += take;
+                b = &b[take..];
+                if self.have < CH_LEN {
+                    break;
+                }
+                self.have = 0;
+                let plen = u32::from_le_bytes([self.ch[4], self.ch[5], self.ch[6], self.ch[7]]);
+                assert!(plen as usize > CH_LEN, "PDU length {plen} in the stream");
+                self.rest = plen as usize - CH_LEN;
+                self.ends = ends_io(self.ch[0], self.ch[1]);
+            } else {
+                let take = self.rest.min(b.len());
+                self.rest -= take;
+                b = &b[take..];
+                if self.rest == 0 && self.ends {
+                    ios += 1;
+                }
+            }
+        }
+        ios
+    }
+}
+
+/// Messages due on one side, all of the same shape, sent with writev straight from `segs`.
+struct Outbox {
+    segs: Vec<Vec<u8>>,
+    msg_len: usize,
+    /// Whole messages not yet completely sent.
+    queued: usize,
+    /// Bytes of the first of them already sent.
+    off: usize,
+    iov: Vec<libc::iovec>,
+}
+
+impl Outbox {
+    fn new(segs: Vec<Vec<u8>>) -> Outbox {
+        let msg_len = segs.iter().map(Vec::len).sum();
+        Outbox {
+            segs,
+            msg_len,
+            queued: 0,
+            off: 0,
+            iov: Vec::with_capacity(IOV_MAX),
+        }
+    }
+
+    /// One writev of as much as is due; true when it sent anything.
+    fn flush(&mut self, fd: RawFd) -> io::Result<bool> {
+        if self.queued == 0 {
+            return Ok(false);
+        }
+        let msgs = (IOV_MAX / self.segs.len()).min(self.queued);
+        self.iov.clear();
+        let mut skip = self.off;
+        for _ in 0..msgs {
+            for s in &self.segs {
+                if skip >= s.len() {
+                    skip -= s.len();
+                    continue;
+                }
+                self.iov.push(libc::iovec {
+                    iov_base: s[skip..].as_ptr() as *mut libc::c_void,
+                    iov_len: s.len() - skip,
+                });
+                skip = 0;
+            }
+        }
+        // SAFETY: every iovec points into `self.segs`, alive and unchanged during the call.
+        let n = unsafe { libc::writev(fd, self.iov.as_ptr(), self.iov.len() as libc::c_int) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::WouldBlock {
+                Ok(false)
+            } else {
+                Err(e)
+            };
+        }
+        let sent = self.off + n as usize;
+        self.queued -= sent / self.msg_len;
+        self.off = sent % self.msg_len;
+        Ok(n > 0)
+    }
+}
+
+fn pin(core: usize) -> io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; CPU_SET writes inside it; sched_setaffinity(0) pins the
+    // calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(core, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// This thread's (user, system) CPU time so far.
+fn thread_cpu() -> (Duration, Duration) {
+    // SAFETY: rusage is plain data, filled in by getrusage.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_THREAD, &mut ru);
+        ru
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    (tv(ru.ru_utime), tv(ru.ru_stime))
+}
+
+/// Share of one core spent in user space and in the kernel between two samples.
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    user_pct: f64,
+    sys_pct: f64,
+}
+
+struct Window {
+    at: Instant,
+    cpu: (Duration, Duration),
+}
+
+impl Window {
+    fn now() -> Window {
+        Window {
+            at: Instant::now(),
+            cpu: thread_cpu(),
+        }
+    }
+
+    fn cpu_until(&self, end: &Window) -> Cpu {
+        let wall = (end.at - self.at).as_secs_f64().max(1e-9);
+        Cpu {
+            user_pct: (end.cpu.0 - self.cpu.0).as_secs_f64() / wall * 100.0,
+            sys_pct: (end.cpu.1 - self.cpu.1).as_secs_f64() / wall * 100.0,
+        }
+    }
+}
+
+fn wait_readable(fd: RawFd, want_write: bool) {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN | if want_write { libc::POLLOUT } else { 0 },
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut p, 1, 10) };
+}
+
+fn setup(stream: &TcpStream) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    stream.set_nonblocking(true)
+}
+
+struct Job {
+    core: usize,
+    block: bool,
+    segs: Vec<Vec<u8>>,
+    phase: Arc<AtomicU8>,
+}
+
+/// The target: answers every I/O the host sends until the host closes; its CPU in the window.
+fn target(listener: TcpListener, job: Job) -> io::Result<Cpu> {
+    pin(job.core)?;
+    let (mut stream, _) = listener.accept()?;
+    setup(&stream)?;
+    let fd = stream.as_raw_fd();
+    let mut out = Outbox::new(job.segs);
+    let mut framer = Framer::default();
+    let mut buf = vec![0u8; RECV_BUF];
+    let mut seen = WARMUP;
+    let (mut from, mut cpu) = (None, Cpu::default());
+    loop {
+        let mut busy = out.flush(fd)?;
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                busy = true;
+                out.queued += framer.feed(&buf[..n]);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break,
+            Err(e) => return Err(e),
+        }
+        let phase = job.phase.load(Ordering::Relaxed);
+        if phase != seen {
+            seen = phase;
+            match phase {
+                MEASURING => from = Some(Window::now()),
+                _ => {
+                    if let Some(f) = &from {
+                        cpu = f.cpu_until(&Window::now());
+                    }
+                }
+            }
+        }
+        if !busy && job.block {
+            wait_readable(fd, out.queued > 0);
+        }
+    }
+    Ok(cpu)
+}
+
+struct HostResult {
+    ios: u64,
+    secs: f64,
+    cpu: Cpu,
+}
+
+/// The host: keeps `qd` I/Os in flight, measures after the warm-up, then drains and closes.
+fn host(addr: SocketAddr, job: Job, qd: usize, warmup: f64, time: f64) -> io::Result<HostResult> {
+    pin(job.core)?;
+    let mut stream = TcpStream::connect(addr)?;
+    setup(&stream)?;
+    let fd = stream.as_raw_fd();
+    let mut out = Outbox::new(job.segs);
+    let mut framer = Framer::default();
+    let mut buf = vec![0u8; RECV_BUF];
+    out.queued = qd;
+    let (mut issued, mut completed) = (qd as u64, 0u64);
+    let measure_at = Instant::now() + Duration::from_secs_f64(warmup);
+    let length = Duration::from_secs_f64(time);
+    let mut from: Option<(Window, u64)> = None;
+    let mut result = None;
+    loop {
+        let mut busy = out.flush(fd)?;
+        match stream.read(&mut buf) {
+            Ok(0) => return Err(io::Error::other("the target closed the connection")),
+            Ok(n) => {
+                busy = true;
+                let done = framer.feed(&buf[..n]);
+                completed += done as u64;
+                if result.is_none() {
+                    out.queued += done;
+                    issued += done as u64;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+        if result.is_some() {
+            if completed == issued {
+                break;
+            }
+        } else {
+            match &from {
+                None if Instant::now() >= measure_at => {
+                    job.phase.store(MEASURING, Ordering::Relaxed);
+                    from = Some((Window::now(), completed));
+                }
+                Some((w, c0)) if w.at.elapsed() >= length => {
+                    let end = Window::now();
+                    job.phase.store(DONE, Ordering::Relaxed);
+                    result = Some(HostResult {
+                        ios: completed - c0,
+                        secs: (end.at - w.at).as_secs_f64(),
+                        cpu: w.cpu_until(&end),
+                    });
+                }
+                _ => {}
+            }
+        }
+        if !busy && job.block {
+            wait_readable(fd, out.queued > 0);
+        }
+    }
+    stream.shutdown(Shutdown::Write)?;
+    Ok(result.expect("measured before draining"))
+}
+
+struct Row {
+    shape: Shape,
+    qd: usize,
+    ops_s: f64,
+    avg_us: f64,
+    host: Cpu,
+    target: Cpu,
+}
+
+fn run_row(cli: &Cli, shape: Shape, qd: usize) -> io::Result<Row> {
+    let (host_segs, target_segs) = messages(shape, cli.io_size, cli.read_resp);
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let phase = Arc::new(AtomicU8::new(WARMUP));
+    let tjob = Job {
+        core: cli.target_core,
+        block: cli.block,
+        segs: target_segs,
+        phase: phase.clone(),
+    };
+    let hjob = Job {
+        core: cli.host_core,
+        block: cli.block,
+        segs: host_segs,
+        phase,
+    };
+    let t = thread::Builder::new()
+        .name("target".into())
+        .spawn(move || target(listener, tjob))?;
+    let (warmup, time) = (cli.warmup, cli.time);
+    let h = thread::Builder::new()
+        .name("host".into())
+        .spawn(move || host(addr, hjob, qd, warmup, time))?;
+    let hr = h
+        .join()
+        .map_err(|_| io::Error::other("host thread panicked"))?;
+    let tr = t
+        .join()
+        .map_err(|_| io::Error::other("target thread panicked"))?;
+    let (hr, tcpu) = (hr?, tr?);
+    let ops_s = hr.ios as f64 / hr.secs;
+    Ok(Row {
+        shape,
+        qd,
+        ops_s,
+        avg_us: qd as f64 / ops_s * 1e6,
+        host: hr.cpu,
+        target: tcpu,
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if cli.qds.contains(&0) || cli.io_size == 0 || cli.time <= 0.0 {
+        eprintln!("tcp_ceiling: queue depths, --io-size and --time must be positive");
+        return ExitCode::from(2);
+    }
+    let mode = if cli.block { "poll(2)" } else { "spin" };
+    if !cli.json {
+        println!(
+            "loopback TCP, one connection, target core {}, host core {}, {} B I/O, {mode} when idle, \
+             {} s per row after {} s warm-up",
+            cli.target_core, cli.host_core, cli.io_size, cli.time, cli.warmup
+        );
+        println!(
+            "{:6} {:>4} {:>12} {:>10} {:>8}  {:>15}  {:>15}",
+            "shape", "qd", "ops/s", "MiB/s", "avg µs", "target usr/sys%", "host usr/sys%"
+        );
+    }
+    let mut rows = Vec::new();
+    for &shape in &cli.workloads {
+        for &qd in &cli.qds {
+            let row = match run_row(&cli, shape, qd) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("tcp_ceiling: {} qd{qd}: {e}", shape.name());
+                    return ExitCode::FAILURE;
+                }
+            };
+            if !cli.json {
+                println!(
+                    "{:6} {:>4} {:>12.0} {:>10.1} {:>8.2}  {:>7.0}/{:<7.0}  {:>7.0}/{:<7.0}",
+                    row.shape.name(),
+                    row.qd,
+                    row.ops_s,
+                    row.ops_s * cli.io_size as f64 / 1048576.0,
+                    row.avg_us,
+                    row.target.user_pct,
+                    row.target.sys_pct,
+                    row.host.user_pct,
+                    row.host.sys_pct
+                );
+            }
+            rows.push(row);
+        }
+    }
+    if cli.json {
+        let cpu = |c: Cpu| {
+            format!(
+                "{{\"user_pct\": {:.1}, \"sys_pct\": {:.1}}}",
+                c.user_pct, c.sys_pct
+            )
+        };
+        let items: Vec<String> = rows
+            .iter()
+            .map(|r| {
+                format!(
+                    "{{\"workload\": \"{}\", \"qd\": {}, \"io_size\": {}, \"ops_s\": {:.1}, \
+                     \"mib_s\": {:.2}, \"avg_us\": {:.3}, \"target_cpu\": {}, \"host_cpu\": {}}}",
+                    r.shape.name(),
+                    r.qd,
+                    cli.io_size,
+                    r.ops_s,
+                    r.ops_s * cli.io_size as f64 / 1048576.0,
+                    r.avg_us,
+                    cpu(r.target),
+                    cpu(r.host)
+                )
+            })
+            .collect();
+        println!(
+            "{{\"mode\": \"{mode}\", \"read_resp\": {}, \"target_core\": {}, \"host_core\": {}, \
+             \"time_s\": {}, \"rows\": [{}]}}",
+            cli.read_resp,
+            cli.target_core,
+            cli.host_core,
+            cli.time,
+            items.join(", ")
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn framer_counts_ios_across_any_split() {
+        let (cmd, reply) = messages(Shape::Read, 4096, false);
+        let one: Vec<u8> = reply.concat();
+        let stream: Vec<u8> = one.repeat(3);
+        for cut in [1, 7, 8, 9, 100, 4119, 4120, 4121, 10_000] {
+            let mut f = Framer::default();
+            let n = f.feed(&stream[..cut]) + f.feed(&stream[cut..]);
+            assert_eq!(n, 3, "cut at {cut}");
+        }
+        let mut f = Framer::default();
+        assert_eq!(f.feed(&cmd.concat().repeat(5)), 5);
+        let (_, reply) = messages(Shape::Read, 4096, true);
+        let mut f = Framer::default();
+        assert_eq!(f.feed(&reply.concat().repeat(4)), 4);
+        let (cmd, reply) = messages(Shape::Write, 4096, false);
+        assert_eq!(cmd.concat().len(), 72 + 4096);
+        assert_eq!(reply.concat().len(), 24);
+    }
+}
