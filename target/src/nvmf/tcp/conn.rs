@@ -19,7 +19,6 @@ use super::super::io::{
 use super::super::subsystem::ListenAddr;
 use super::super::{NvmfTarget, TransportOpts};
 use crate::bdev::{BdevIo, IoCompletion, IoType};
-use crate::reactor::ReactorCtx;
 use dma::DmaBuf;
 use nvme_spec::cmd::{sgl_subtype, sgl_type, DatasetManagement, DsmRange, ReadWrite, WriteZeroes};
 use nvme_spec::fabrics::{PropertyGet, PropertySet};
@@ -203,7 +202,12 @@ pub struct Conn {
     sqsize: u16,
     sqhd: u16,
     epoch: u32,
-    watching_write: bool,
+    /// The socket may have bytes to read: set by the poll group when the kernel says so,
+    /// cleared when a read finds nothing. No read is tried while it is clear.
+    rx_ready: bool,
+    /// The socket may take more bytes: cleared when a write would block, set again by the
+    /// poll group when the kernel says there is room.
+    tx_ready: bool,
     close_deadline: u64,
     last_timer_check: u64,
     /// This reactor's poll-group counters.
@@ -256,7 +260,8 @@ impl Conn {
             sqsize: PRE_CONNECT_SLOTS as u16,
             sqhd: 0,
             epoch: 0,
-            watching_write: false,
+            rx_ready: true,
+            tx_ready: true,
             close_deadline: 0,
             last_timer_check: 0,
             pg,
@@ -284,22 +289,25 @@ impl Conn {
         self.retry.reserve(n);
     }
 
-    /// One poll. Returns (did work, finished for good).
-    pub fn poll(&mut self, ctx: &mut ReactorCtx) -> (bool, bool) {
-        let (busy, done) = self.step();
-        if done {
-            ctx.unwatch_fd(self.fd);
-            return (busy, true);
-        }
-        let want_write = !self.out.is_empty();
-        if want_write != self.watching_write && self.state != State::Draining {
-            self.watching_write = want_write;
-            let _ = ctx.watch_fd(self.fd, want_write);
-        }
-        (busy, false)
+    /// What the kernel reported for the socket: bytes to read (or a hang-up, which a read
+    /// finds), room to write.
+    pub fn set_ready(&mut self, rx: bool, tx: bool) {
+        self.rx_ready |= rx;
+        self.tx_ready |= tx;
     }
 
-    /// The work of one poll, without the reactor (the fuzz harness drives it directly).
+    /// Whether the next loop must poll this connection: it has bytes to read or send, I/O in
+    /// flight, or is closing. An idle connection is not polled until its socket has news
+    /// (or the poll group's timer sweep, for keep-alive and controller events).
+    pub fn wants_poll(&self) -> bool {
+        self.rx_ready
+            || (self.tx_ready && !self.out.is_empty())
+            || !self.retry.is_empty()
+            || self.ns.in_flight() > 0
+            || matches!(self.state, State::Closing | State::Draining)
+    }
+
+    /// The work of one poll (the poll group and the fuzz harness drive it).
     /// Returns (did work, finished for good).
     pub fn step(&mut self) -> (bool, bool) {
         let mut busy = false;
@@ -438,13 +446,19 @@ impl Conn {
             self.rlen -= self.rpos;
             self.rpos = 0;
         }
+        if !self.rx_ready {
+            return Ok(false);
+        }
         match self.sock.read(&mut self.rbuf[self.rlen..]) {
             Ok(0) => Err(Fatal::Gone),
             Ok(n) => {
                 self.rlen += n;
                 Ok(true)
             }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => Ok(false),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                self.rx_ready = false;
+                Ok(false)
+            }
             Err(e) if e.kind() == ErrorKind::Interrupted => Ok(true),
             Err(_) => Err(Fatal::Gone),
         }
@@ -573,6 +587,8 @@ impl Conn {
                     Ok(false) => 0,
                     Err(e) => return Err(e),
                 }
+            } else if !self.rx_ready {
+                0
             } else {
                 let iov = [
                     libc::iovec {
@@ -593,7 +609,10 @@ impl Conn {
                 }
                 if r < 0 {
                     let e = std::io::Error::last_os_error();
-                    if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted {
+                    if e.kind() == ErrorKind::WouldBlock {
+                        self.rx_ready = false;
+                        0
+                    } else if e.kind() == ErrorKind::Interrupted {
                         0
                     } else {
                         return Err(Fatal::Gone);
@@ -1406,7 +1425,7 @@ impl Conn {
     /// Writes queued PDUs with as few writev calls as the socket allows.
     fn flush(&mut self) -> std::io::Result<bool> {
         let mut busy = false;
-        while !self.out.is_empty() {
+        while self.tx_ready && !self.out.is_empty() {
             let mut iov: [libc::iovec; MAX_IOV] = [libc::iovec {
                 iov_base: std::ptr::null_mut(),
                 iov_len: 0,
@@ -1456,7 +1475,10 @@ impl Conn {
             if r < 0 {
                 let e = std::io::Error::last_os_error();
                 match e.kind() {
-                    ErrorKind::WouldBlock => break,
+                    ErrorKind::WouldBlock => {
+                        self.tx_ready = false;
+                        break;
+                    }
                     ErrorKind::Interrupted => continue,
                     _ => return Err(e),
                 }

@@ -2,10 +2,12 @@
 
 pub mod conn;
 pub mod fuzzing;
+pub mod group;
 pub mod listener;
 
-use crate::reactor::{fn_poller, PollStatus, ReactorCtx};
+use crate::reactor::{fn_poller, ReactorCtx};
 use conn::Conn;
+use group::PollGroup;
 
 /// Connections handed to this reactor and not yet picked up by its poll group.
 #[derive(Default)]
@@ -19,38 +21,27 @@ struct Inbox {
 /// Hands `conn` to the poll group of the reactor we run on, starting the group's poller on
 /// first use. One poller drives every connection of the reactor.
 pub fn add_conn(ctx: &mut ReactorCtx, conn: Box<Conn>) {
-    if let Err(e) = ctx.watch_fd(conn.fd(), false) {
-        tracing::warn!("nvmf/tcp: cannot watch connection from {}: {e}", conn.peer);
-    }
     let inbox = ctx.local::<Inbox>();
     inbox.new.push(conn);
     if inbox.started {
         return;
     }
-    inbox.started = true;
-    let mut conns: Vec<Box<Conn>> = Vec::with_capacity(64);
+    let mut group = match PollGroup::new(ctx) {
+        Ok(g) => g,
+        Err(e) => {
+            // The connection is dropped (closed); the next one tries again.
+            tracing::error!("nvmf/tcp: no poll group on reactor {}: {e}", ctx.id());
+            ctx.local::<Inbox>().new.clear();
+            return;
+        }
+    };
+    ctx.local::<Inbox>().started = true;
     let name = format!("nvmf_tcp_poll_group_{:03}", ctx.id());
     ctx.add_poller(fn_poller(name, move |ctx| {
         let inbox = ctx.local::<Inbox>();
-        if !inbox.new.is_empty() {
-            conns.append(&mut inbox.new);
+        for c in inbox.new.drain(..) {
+            group.add(c);
         }
-        let mut busy = false;
-        let mut i = 0;
-        while i < conns.len() {
-            let (b, done) = conns[i].poll(ctx);
-            busy |= b;
-            if done {
-                let c = conns.swap_remove(i);
-                tracing::debug!("nvmf/tcp: connection from {} closed", c.peer);
-            } else {
-                i += 1;
-            }
-        }
-        if busy {
-            PollStatus::Busy
-        } else {
-            PollStatus::Idle
-        }
+        group.poll()
     }));
 }
