@@ -38,6 +38,14 @@ use std::sync::Arc;
 const NO_SLOT: u16 = u16::MAX;
 /// Receive buffer: room for many small PDUs per read.
 const RBUF_LEN: usize = 128 << 10;
+/// Receive buffers a reactor keeps for its connections between bursts (16 MiB at most).
+const SPARE_RBUFS_MAX: usize = 128;
+
+thread_local! {
+    /// This reactor's receive buffers not held by any connection.
+    static SPARE_RBUFS: std::cell::RefCell<Vec<Box<[u8]>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
 /// Largest header we send inline: a termination request with 128 bytes of offending header.
 const OUT_HDR_MAX: usize = 24 + 128;
 /// Slots before Connect (Connect itself, maybe a few more in flight).
@@ -243,7 +251,8 @@ impl Conn {
             hdgst: false,
             ddgst: false,
             hpda: 0,
-            rbuf: vec![0u8; RBUF_LEN].into_boxed_slice(),
+            // Taken when bytes arrive, given back when idle (`take_rbuf`, `release_rbuf`).
+            rbuf: Box::default(),
             rpos: 0,
             rlen: 0,
             rx: Rx::Header,
@@ -251,7 +260,8 @@ impl Conn {
             cur_hdr_len: 0,
             slots: Vec::new(),
             free: Vec::new(),
-            out: VecDeque::with_capacity(64),
+            // Grows to what the connection's load needs; an idle one keeps none.
+            out: VecDeque::new(),
             retry: VecDeque::new(),
             aers: Vec::with_capacity(MAX_AERS),
             ns: NsTable::default(),
@@ -270,6 +280,37 @@ impl Conn {
         Ok(c)
     }
 
+    /// Gives the connection a receive buffer before a read: a spare one of this reactor's
+    /// if there is one.
+    fn take_rbuf(&mut self) {
+        if self.rbuf.is_empty() {
+            self.rbuf = SPARE_RBUFS
+                .with(|s| s.borrow_mut().pop())
+                .unwrap_or_else(|| vec![0u8; RBUF_LEN].into_boxed_slice());
+        }
+    }
+
+    /// Gives the receive buffer back while the connection has nothing buffered and nothing
+    /// to read, so an idle connection holds none.
+    fn release_rbuf(&mut self) {
+        if self.rbuf.is_empty()
+            || self.rx_ready
+            || self.rpos != self.rlen
+            || !matches!(self.rx, Rx::Header)
+        {
+            return;
+        }
+        let b = std::mem::take(&mut self.rbuf);
+        self.rpos = 0;
+        self.rlen = 0;
+        SPARE_RBUFS.with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < SPARE_RBUFS_MAX {
+                s.push(b);
+            }
+        });
+    }
+
     pub fn fd(&self) -> RawFd {
         self.fd
     }
@@ -285,8 +326,6 @@ impl Conn {
         let mut fresh: Vec<u16> = (old as u16..n as u16).rev().collect();
         fresh.append(&mut self.free);
         self.free = fresh;
-        self.out.reserve(2 * n);
-        self.retry.reserve(n);
     }
 
     /// What the kernel reported for the socket: bytes to read (or a hang-up, which a read
@@ -344,6 +383,7 @@ impl Conn {
             self.release_queue();
             return (true, true);
         }
+        self.release_rbuf();
         (busy, false)
     }
 
@@ -438,6 +478,10 @@ impl Conn {
     /// Reads more bytes into `rbuf` so that at least `need` are available from `rpos`.
     /// Returns false when the socket has nothing now.
     fn fill(&mut self, need: usize) -> Result<bool, Fatal> {
+        if !self.rx_ready {
+            return Ok(false);
+        }
+        self.take_rbuf();
         if self.rpos == self.rlen {
             self.rpos = 0;
             self.rlen = 0;
@@ -445,9 +489,6 @@ impl Conn {
             self.rbuf.copy_within(self.rpos..self.rlen, 0);
             self.rlen -= self.rpos;
             self.rpos = 0;
-        }
-        if !self.rx_ready {
-            return Ok(false);
         }
         match self.sock.read(&mut self.rbuf[self.rlen..]) {
             Ok(0) => Err(Fatal::Gone),
@@ -590,6 +631,7 @@ impl Conn {
             } else if !self.rx_ready {
                 0
             } else {
+                self.take_rbuf();
                 let iov = [
                     libc::iovec {
                         iov_base: dst as *mut libc::c_void,

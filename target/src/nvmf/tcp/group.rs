@@ -19,6 +19,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 const SWEEP_MS: u64 = 50;
 /// Events taken from the kernel per loop; more wait for the next loop.
 const EVENTS: usize = 256;
+/// After this many connections closed, the sweep hands freed heap back to the kernel.
+const TRIM_AFTER_CLOSES: usize = 64;
 
 pub struct PollGroup {
     epoll: OwnedFd,
@@ -31,6 +33,8 @@ pub struct PollGroup {
     queued: Vec<bool>,
     events: Vec<libc::epoll_event>,
     last_sweep: u64,
+    /// Connections closed since the heap was last trimmed.
+    closed: usize,
 }
 
 impl PollGroup {
@@ -53,6 +57,7 @@ impl PollGroup {
             queued: Vec::new(),
             events: vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS],
             last_sweep: 0,
+            closed: 0,
         })
     }
 
@@ -123,6 +128,14 @@ impl PollGroup {
         let now = controller::now_ms();
         if now.saturating_sub(self.last_sweep) >= SWEEP_MS {
             self.last_sweep = now;
+            if self.closed >= TRIM_AFTER_CLOSES {
+                // Many small frees (slots, queues) sit in malloc's arenas otherwise: a
+                // host that opened and closed thousands of connections would leave their
+                // memory with plexd for good.
+                self.closed = 0;
+                // SAFETY: malloc_trim only returns free heap pages to the kernel.
+                unsafe { libc::malloc_trim(0) };
+            }
             for t in 0..self.conns.len() {
                 if self.conns[t].is_some() {
                     self.enqueue(t);
@@ -152,6 +165,7 @@ impl PollGroup {
                 }
                 tracing::debug!("nvmf/tcp: connection from {} closed", c.peer);
                 self.free_tokens.push(t);
+                self.closed += 1;
             } else if c.wants_poll() {
                 self.enqueue(t);
             }

@@ -1,0 +1,232 @@
+#!/usr/bin/env python3
+"""Idle connections against a busy one: what each idle NVMe/TCP connection costs plexd.
+
+One plexd (one reactor, core 0, malloc bdev) serves a busy host (plexperf, core 1, 4 KiB
+randread QD32) while N other connections sit idle: each has done ICReq and a Fabrics Connect
+of an admin queue, then sends nothing. For N in 0, 100, 1000, 4000 it reports the busy host's
+IOPS (and the ratio to N = 0) and plexd's resident memory per idle connection; then closes
+them and reports whether plexd's memory came back.
+
+Given several plexd binaries (--plexd A --plexd B), it runs each in turn for every N, in the
+same run, so a change to the poll group is measured side by side with what it replaces.
+
+Usage: benches/idle_conns.py [--time 4] [--counts 0,100,1000,4000] [--plexd PATH ...]
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PLEXPERF = os.path.join(REPO, "build/release/plexperf")
+NQN = "nqn.2026-12.io.plexstor:idle-bench"
+HOSTNQN = "nqn.2026-12.io.plexstor:idle-host"
+
+
+def rpc(sock_path, method, params=None):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sock_path)
+    req = {"jsonrpc": "2.0", "id": 1, "method": method}
+    if params is not None:
+        req["params"] = params
+    s.sendall(json.dumps(req).encode())
+    buf = b""
+    while True:
+        chunk = s.recv(1 << 16)
+        if not chunk:
+            raise RuntimeError(f"plexd closed the socket during {method}")
+        buf += chunk
+        try:
+            resp = json.loads(buf)
+        except ValueError:
+            continue
+        s.close()
+        if "error" in resp:
+            raise RuntimeError(f"{method}: {resp['error']}")
+        return resp["result"]
+
+
+def icreq():
+    # Common header: ICReq (0), flags, HLEN 128, PDO 0, PLEN 128; PFV 0, HPDA 0, no digests,
+    # MAXR2T 0.
+    return struct.pack("<BBBBI", 0x00, 0, 128, 0, 128) + bytes(120)
+
+
+def connect_capsule(cid):
+    """A Fabrics Connect of an admin queue (QID 0, SQSIZE 31, no keep-alive) with its 1 KiB
+    of data in the capsule."""
+    data = bytearray(1024)
+    data[0:16] = os.urandom(16)  # host identifier
+    data[16:18] = struct.pack("<H", 0xFFFF)  # any controller
+    data[256:256 + len(NQN)] = NQN.encode()
+    data[512:512 + len(HOSTNQN)] = HOSTNQN.encode()
+    sqe = bytearray(64)
+    sqe[0] = 0x7F  # Fabrics
+    sqe[1] = 0x40  # SGL, data in the capsule
+    struct.pack_into("<H", sqe, 2, cid)
+    sqe[4] = 0x01  # Connect
+    # SGL: data block, offset 0 (in capsule), length 1024, type 0x01 subtype 0x01.
+    struct.pack_into("<QI", sqe, 24, 0, 1024)
+    sqe[39] = 0x01  # data block descriptor, offset subtype
+    struct.pack_into("<HH", sqe, 40, 0, 0)  # RECFMT 0, QID 0
+    struct.pack_into("<H", sqe, 44, 31)  # SQSIZE (0's based)
+    struct.pack_into("<I", sqe, 48, 0)  # KATO 0: none
+    hlen = 8 + 64
+    return struct.pack("<BBBBI", 0x04, 0, hlen, hlen, hlen + 1024) + bytes(sqe) + bytes(data)
+
+
+def recv_exact(s, n):
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise RuntimeError("plexd closed an idle connection")
+        buf += chunk
+    return buf
+
+
+def open_idle(port, n):
+    """N connected admin queues, pipelined in batches so 4,000 take seconds, not minutes."""
+    socks = []
+    batch = 200
+    for start in range(0, n, batch):
+        group = []
+        for _ in range(min(batch, n - start)):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(icreq())
+            group.append(s)
+        for s in group:
+            recv_exact(s, 128)  # ICResp
+            s.sendall(connect_capsule(1))
+        for s in group:
+            hdr = recv_exact(s, 8)
+            rest = recv_exact(s, struct.unpack_from("<I", hdr, 4)[0] - 8)
+            status = struct.unpack_from("<H", rest, 14)[0] >> 1
+            if hdr[0] != 0x05 or status != 0:
+                raise RuntimeError(f"Connect failed: PDU type {hdr[0]}, status {status:#x}")
+        socks.extend(group)
+    return socks
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def loadavg():
+    with open("/proc/loadavg") as f:
+        return f.read().split()[0]
+
+
+class Target:
+    def __init__(self, binary, port):
+        self.dir = tempfile.mkdtemp(prefix="idlebench.")
+        self.sock = os.path.join(self.dir, "plexd.sock")
+        self.log = open(os.path.join(self.dir, "plexd.log"), "w")
+        self.proc = subprocess.Popen([binary, "-m", "0x1", "-r", self.sock],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        for _ in range(200):
+            if os.path.exists(self.sock):
+                break
+            time.sleep(0.05)
+        rpc(self.sock, "bdev_malloc_create", {"name": "m", "num_blocks": 262144, "block_size": 512})
+        rpc(self.sock, "nvmf_create_transport", {"trtype": "TCP"})
+        rpc(self.sock, "nvmf_create_subsystem", {"nqn": NQN, "allow_any_host": True,
+                                                 "max_cntlid": 65519})
+        rpc(self.sock, "nvmf_subsystem_add_ns", {"nqn": NQN, "namespace": {"bdev_name": "m"}})
+        rpc(self.sock, "nvmf_subsystem_add_listener", {"nqn": NQN, "listen_address": {
+            "trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": str(port)}})
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=20)
+        self.log.close()
+
+
+def busy_iops(port, seconds):
+    trid = f"trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:{port} subnqn:{NQN}"
+    out = subprocess.run([PLEXPERF, "-r", trid, "-q", "32", "-o", "4096", "-w", "randread",
+                          "-t", str(seconds), "-c", "0x2", "--json"],
+                         capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise RuntimeError(f"plexperf: {out.stderr.strip()[-300:]}")
+    return json.loads(out.stdout)["total"]["iops"]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--time", type=int, default=4)
+    ap.add_argument("--counts", default="0,100,1000,4000")
+    ap.add_argument("--plexd", action="append",
+                    help="plexd binary (repeatable; default build/release/plexd)")
+    args = ap.parse_args()
+    binaries = args.plexd or [os.path.join(REPO, "build/release/plexd")]
+    counts = [int(c) for c in args.counts.split(",")]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max(counts) * 2 + 1024
+    if hard < want:
+        sys.exit(f"need {want} open files (ulimit -Hn is {hard})")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+    load_start = loadavg()
+    rows = []
+    for binary in binaries:
+        port = 14420 + len(rows)
+        t = Target(binary, port)
+        try:
+            base = None
+            for n in counts:
+                rss0 = rss_kib(t.proc.pid)
+                socks = open_idle(port, n)
+                rss1 = rss_kib(t.proc.pid)
+                iops = busy_iops(port, args.time)
+                for s in socks:
+                    s.close()
+                time.sleep(1)  # let plexd see the closes before reading its memory
+                rss2 = rss_kib(t.proc.pid)
+                base = base or iops
+                rows.append({"plexd": binary, "idle": n, "iops": iops, "ratio": iops / base,
+                             "kib_per_conn": (rss1 - rss0) / n if n else None,
+                             "rss_before": rss0, "rss_open": rss1, "rss_after": rss2})
+                print(f"{binary}: {n:5} idle: {iops:10,.0f} IOPS ({iops / base:.2f}x), "
+                      f"RSS {rss0} -> {rss1} -> {rss2} KiB"
+                      + (f", {(rss1 - rss0) / n:.1f} KiB per idle connection" if n else ""),
+                      flush=True)
+        finally:
+            t.stop()
+    load_end = loadavg()
+
+    os.makedirs(os.path.join(REPO, "benches/reports"), exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M")
+    path = os.path.join(REPO, f"benches/reports/idle_conns-{stamp}.md")
+    with open(path, "w") as f:
+        f.write(f"# Idle connections against a busy one ({stamp})\n\n")
+        f.write(f"Machine: {platform.node()}, {os.cpu_count()} CPUs, {platform.release()}. "
+                f"Load average {load_start} at the start, {load_end} at the end.\n\n")
+        f.write(f"plexd on core 0 (malloc, 512 B blocks); plexperf on core 1, 4 KiB randread "
+                f"QD32 for {args.time} s while N other connections (ICReq + admin Connect) "
+                f"sit idle.\n\n")
+        f.write("| plexd | idle | IOPS | vs 0 idle | KiB RSS per idle conn | RSS after close (KiB) |\n")
+        f.write("|---|---:|---:|---:|---:|---:|\n")
+        for r in rows:
+            per = f"{r['kib_per_conn']:.1f}" if r["kib_per_conn"] is not None else ""
+            f.write(f"| {r['plexd']} | {r['idle']} | {r['iops']:,.0f} | {r['ratio']:.2f} | "
+                    f"{per} | {r['rss_after']} (from {r['rss_before']}) |\n")
+        f.write(f"\nCommand: `{' '.join(sys.argv)}`\n")
+    print(f"report: {path}")
+
+
+if __name__ == "__main__":
+    main()
