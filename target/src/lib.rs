@@ -10,6 +10,7 @@
 pub mod app;
 pub mod bdev;
 pub mod fatal;
+pub mod lograte;
 pub mod nvmf;
 pub mod reactor;
 pub mod rpc;

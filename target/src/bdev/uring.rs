@@ -390,7 +390,7 @@ impl UringChannel {
             Err(e) => {
                 if !self.submit_warned {
                     self.submit_warned = true;
-                    tracing::warn!("io_uring submit failed: {e}; retrying on the next poll");
+                    crate::log_limited!(WARN, "io_uring submit failed: {e}; retrying on the next poll");
                 }
             }
         }

@@ -52,6 +52,12 @@ pub struct TransportOpts {
     pub sock_priority: u32,
     pub abort_timeout_sec: u32,
     pub zcopy: bool,
+    /// A connection must finish ICReq and its Connect this long after it was accepted, or
+    /// it is closed (0: never). Half-open or silent connections otherwise live forever.
+    pub connect_timeout_ms: u32,
+    /// A PDU begun and then left without a new byte this long is fatal to its connection
+    /// (0: never).
+    pub pdu_stall_timeout_ms: u32,
 }
 
 impl Default for TransportOpts {
@@ -71,6 +77,8 @@ impl Default for TransportOpts {
             sock_priority: 0,
             abort_timeout_sec: 1,
             zcopy: false,
+            connect_timeout_ms: 10_000,
+            pdu_stall_timeout_ms: 10_000,
         }
     }
 }

@@ -28,6 +28,9 @@ struct CreateTransport {
     sock_priority: Option<u32>,
     abort_timeout_sec: Option<u32>,
     zcopy: Option<bool>,
+    /// plexd's own: see `TransportOpts`.
+    connect_timeout_ms: Option<u32>,
+    pdu_stall_timeout_ms: Option<u32>,
     acceptor_poll_rate: Option<u32>,
     control_msg_num: Option<u32>,
 }
@@ -166,6 +169,8 @@ pub fn transport_json(t: &TransportOpts) -> Value {
         "sock_priority": t.sock_priority,
         "abort_timeout_sec": t.abort_timeout_sec,
         "zcopy": t.zcopy,
+        "connect_timeout_ms": t.connect_timeout_ms,
+        "pdu_stall_timeout_ms": t.pdu_stall_timeout_ms,
     })
 }
 
@@ -219,6 +224,12 @@ pub fn register(m: &mut Methods) {
             }
             if let Some(v) = p.zcopy {
                 t.zcopy = v;
+            }
+            if let Some(v) = p.connect_timeout_ms {
+                t.connect_timeout_ms = v;
+            }
+            if let Some(v) = p.pdu_stall_timeout_ms {
+                t.pdu_stall_timeout_ms = v;
             }
             // Polling tunables of SPDK's acceptor: our listeners wake on readiness instead.
             let _ = (p.acceptor_poll_rate, p.control_msg_num);

@@ -60,6 +60,11 @@ pub struct Target {
 impl Target {
     /// plexd with two reactors, a malloc bdev exported as namespace 1 of NQN on a free port.
     pub fn start(allow_any_host: bool) -> Target {
+        Target::start_with(allow_any_host, json!({"trtype": "TCP"}))
+    }
+
+    /// [`Target::start`] with `transport` as the `nvmf_create_transport` parameters.
+    pub fn start_with(allow_any_host: bool, transport: Value) -> Target {
         let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
         let app = App::start(ReactorConfig {
             cores: vec![0, 1 % ncpu],
@@ -77,8 +82,7 @@ impl Target {
             json!({"name": "Malloc0", "num_blocks": BLOCKS, "block_size": 512}),
         )
         .unwrap();
-        t.rpc("nvmf_create_transport", json!({"trtype": "TCP"}))
-            .unwrap();
+        t.rpc("nvmf_create_transport", transport).unwrap();
         t.rpc(
             "nvmf_create_subsystem",
             json!({"nqn": NQN, "allow_any_host": allow_any_host, "serial_number": "SN1"}),

@@ -216,6 +216,9 @@ pub struct Conn {
     /// The socket may take more bytes: cleared when a write would block, set again by the
     /// poll group when the kernel says there is room.
     tx_ready: bool,
+    /// When the connection was accepted, and when a byte last arrived (`now_ms`).
+    born_ms: u64,
+    last_rx_ms: u64,
     close_deadline: u64,
     last_timer_check: u64,
     /// This reactor's poll-group counters.
@@ -272,6 +275,8 @@ impl Conn {
             epoch: 0,
             rx_ready: true,
             tx_ready: true,
+            born_ms: controller::now_ms(),
+            last_rx_ms: controller::now_ms(),
             close_deadline: 0,
             last_timer_check: 0,
             pg,
@@ -360,6 +365,7 @@ impl Conn {
                     busy |= self.poll_io();
                     self.check_controller();
                 }
+                self.check_deadlines();
             }
             State::Closing | State::Draining => {
                 busy |= self.ns.poll(&mut |_| {}) > 0;
@@ -385,6 +391,30 @@ impl Conn {
         }
         self.release_rbuf();
         (busy, false)
+    }
+
+    /// Closes a connection that has not finished connecting in time, or whose host stopped
+    /// in the middle of a PDU.
+    fn check_deadlines(&mut self) {
+        let connecting = self.ctrl.is_none();
+        let partial = self.rpos != self.rlen || !matches!(self.rx, Rx::Header);
+        if !(connecting || partial) || !matches!(self.state, State::AwaitIcReq | State::Ready) {
+            return;
+        }
+        let now = controller::now_ms();
+        let (connect, stall) = (
+            u64::from(self.opts.connect_timeout_ms),
+            u64::from(self.opts.pdu_stall_timeout_ms),
+        );
+        let why = if connecting && connect > 0 && now.saturating_sub(self.born_ms) > connect {
+            format!("no ICReq and Connect within {connect} ms")
+        } else if partial && stall > 0 && now.saturating_sub(self.last_rx_ms) > stall {
+            format!("a PDU stalled for {stall} ms")
+        } else {
+            return;
+        };
+        crate::log_limited!(INFO, "nvmf/tcp {}: {why}; closing", self.peer);
+        self.close();
     }
 
     /// Closes without a termination request (controller failed, host closed).
@@ -419,7 +449,8 @@ impl Conn {
         match f {
             Fatal::Gone => self.begin_drain(),
             Fatal::Term { fes, fei, why } => {
-                tracing::warn!(
+                crate::log_limited!(
+                    WARN,
                     "nvmf/tcp {}: protocol error ({}): {why}; terminating",
                     self.peer,
                     fes::name(fes)
@@ -494,6 +525,7 @@ impl Conn {
             Ok(0) => Err(Fatal::Gone),
             Ok(n) => {
                 self.rlen += n;
+                self.last_rx_ms = controller::now_ms();
                 Ok(true)
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
@@ -660,6 +692,7 @@ impl Conn {
                         return Err(Fatal::Gone);
                     }
                 } else {
+                    self.last_rx_ms = controller::now_ms();
                     let r = r as usize;
                     let n = r.min(want);
                     if ddgst {
@@ -703,7 +736,8 @@ impl Conn {
         }
         let si = slot;
         if !digest_ok {
-            tracing::warn!(
+            crate::log_limited!(
+                WARN,
                 "nvmf/tcp {}: data digest mismatch in {} data of cid {}; failing the command",
                 self.peer,
                 if kind == DataKind::H2C {
@@ -834,7 +868,7 @@ impl Conn {
     fn handle_capsule(&mut self, cmd: Command, data_len: u32, ddgst: bool) {
         let Some(si) = self.free.pop() else {
             // The host exceeded its queue size: answer without a slot.
-            tracing::warn!("nvmf/tcp {}: more commands than the queue size", self.peer);
+            crate::log_limited!(WARN, "nvmf/tcp {}: more commands than the queue size", self.peer);
             self.send_resp(cmd.cid(), Status::COMMAND_SEQUENCE_ERROR.with_dnr(), 0);
             self.discard(data_len, ddgst);
             return;
@@ -894,7 +928,7 @@ impl Conn {
             match DmaBuf::new(xfer_len as usize) {
                 Ok(b) => s.buf = Some(b),
                 Err(e) => {
-                    tracing::warn!("nvmf/tcp: no buffer for {xfer_len} bytes: {e}");
+                    crate::log_limited!(WARN, "nvmf/tcp: no buffer for {xfer_len} bytes: {e}");
                     fail = Some(Status::INTERNAL);
                 }
             }
@@ -1019,7 +1053,8 @@ impl Conn {
                         self.grow_slots(c.sqsize as usize + EXTRA_SLOTS);
                     }
                     Err((status, dw0)) => {
-                        tracing::info!(
+                        crate::log_limited!(
+                            INFO,
                             "nvmf/tcp {}: Connect rejected: {}",
                             self.peer,
                             status.name_in(true)

@@ -79,12 +79,12 @@ pub fn start(
                         let id = h.id();
                         h.send(move |ctx| match Conn::new(sock, t, o, a, id) {
                             Ok(c) => super::add_conn(ctx, Box::new(c)),
-                            Err(e) => tracing::warn!("nvmf/tcp: cannot set up connection: {e}"),
+                            Err(e) => crate::log_limited!(WARN, "nvmf/tcp: cannot set up connection: {e}"),
                         });
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                     Err(e) => {
-                        tracing::warn!("nvmf/tcp: accept on {addr}: {e}");
+                        crate::log_limited!(WARN, "nvmf/tcp: accept on {addr}: {e}");
                         std::thread::sleep(ERROR_BACKOFF);
                     }
                 }
