@@ -180,6 +180,7 @@ fn main() {
         .with_env_filter(filter)
         .with_target(false)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(args) {
         Ok(true) => {}
@@ -333,6 +334,9 @@ fn check_bdev(entry: &BdevEntry, spec: &Spec) -> anyhow::Result<()> {
             spec.io_size,
             info.size_bytes()
         );
+    }
+    if let (Some(owner), true) = (entry.claimed_by(), spec.read_pct < 100) {
+        bail!("{name} is claimed by {owner}: writes into it would go under its owner");
     }
     for (t, wanted) in [
         (IoType::Read, spec.read_pct > 0),
