@@ -1,0 +1,199 @@
+#!/usr/bin/env bash
+# A bdev module's own cost, no network: our bdevperf and SPDK's bdevperf side by side, in one
+# run, on the same JSON config (a malloc bdev of 1 Mi 512-byte blocks, as benches/nvmf_tcp.py
+# uses), both on core 0 (-m 0x1):
+#   4 KiB randread QD32, 4 KiB randwrite QD32, 4 KiB randread QD1
+# Each row runs REPS times per program, interleaved (SPDK first on odd repetitions, ours first
+# on even ones), TIME seconds each; the table gives the medians and ours ÷ SPDK. The report,
+# with the load average at start and end, the busiest processes at start, and the exact
+# commands, goes to benches/reports/bdevperf-<date>.md (or --out).
+#
+# Usage: benches/bdevperf_vs_spdk.sh [--time SECONDS (5)] [--reps N (3)] [--out FILE]
+# Needs build/release/bdevperf (cargo build --release -p plexd --bin bdevperf). SPDK's rows
+# need ../shared/spdk/bin/bdevperf, root and hugepages (reserved here through
+# scripts/setup.sh, and given back at the end); without it, ours runs alone and the report
+# says so. Run on a quiet machine: nothing else may use core 0.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=../tests/guest/lib.sh
+. "$repo/tests/guest/lib.sh"
+
+secs=5
+reps=3
+out=
+while [ $# -gt 0 ]; do
+    case $1 in
+    --time) secs=$2; shift 2 ;;
+    --reps) reps=$2; shift 2 ;;
+    --out) out=$2; shift 2 ;;
+    -h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
+    *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+[[ $secs =~ ^[0-9]+$ && $secs -gt 0 ]] || { echo "--time takes whole seconds (SPDK's -t does)" >&2; exit 2; }
+[[ $reps =~ ^[0-9]+$ && $reps -gt 0 ]] || { echo "--reps takes a count" >&2; exit 2; }
+
+ours=$repo/build/release/bdevperf
+[ -x "$ours" ] || { echo "no $ours: cargo build --release -p plexd --bin bdevperf" >&2; exit 2; }
+stamp=$(date +%Y%m%d-%H%M)
+out=${out:-$repo/benches/reports/bdevperf-$stamp.md}
+work=$(mktemp -d /tmp/bdevperf-vs-spdk.XXXXXX)
+
+# SPDK's memory: the 512 MiB disk, its I/O pools and DPDK's own.
+SPDK_MEM_MB=1024
+spdk=$(spdk_bin bdevperf) || spdk=
+spdk_note=
+spdk_mem=(-s "$SPDK_MEM_MB")
+hugepages_ok=
+cleanup() {
+    [ -n "$spdk" ] && spdk_restore
+    rm -rf "$work"
+}
+trap cleanup EXIT
+if [ -n "$spdk" ]; then
+    if spdk_prepare "$SPDK_MEM_MB" >&2; then
+        hugepages_ok=1
+    else
+        # Both then run on ordinary memory: ours falls back to it by itself.
+        spdk_mem=(--no-huge -s "$SPDK_MEM_MB")
+        spdk_note="Hugepages could not be reserved: SPDK ran with --no-huge and ours on ordinary memory."
+    fi
+    spdk_version=$("$spdk" -v 2>&1 | grep -o 'SPDK v[^ ]*' | head -n1 || true)
+else
+    spdk_note="SPDK's bdevperf is absent (no $SPDK_BIN_DIR/bdevperf): ours ran alone."
+fi
+
+config=$work/malloc.json
+cat >"$config" <<'EOF'
+{"subsystems": [{"subsystem": "bdev", "config": [
+  {"method": "bdev_malloc_create",
+   "params": {"name": "Malloc0", "num_blocks": 1048576, "block_size": 512}}]}]}
+EOF
+
+# name workload io_size qd
+rows=(
+    "randread 4096 32"
+    "randwrite 4096 32"
+    "randread 4096 1"
+)
+
+# command PROG WORKLOAD SIZE QD: the command line, one word per line.
+command_for() {
+    if [ "$1" = spdk ]; then
+        printf '%s\n' "$spdk" -m 0x1 "${spdk_mem[@]}" -r "$work/spdk.sock" --json "$config" \
+            -q "$4" -o "$3" -w "$2" -t "$secs"
+    else
+        printf '%s\n' "$ours" -m 0x1 -c "$config" -q "$4" -o "$3" -w "$2" -t "$secs"
+    fi
+}
+
+# measure PROG ROW REP: one run; appends "prog row rep iops mib_s avg_us" to results.
+results=$work/results.txt
+measure() {
+    local prog=$1 row=$2 rep=$3 log=$work/$1-$2-$3.log cmd summary rc=0
+    # shellcheck disable=SC2086 # one row field a word
+    mapfile -t cmd < <(command_for "$prog" ${rows[$row]})
+    (cd "$work" && timeout $((secs + 120)) "${cmd[@]}") >"$log" 2>&1 || rc=$?
+    # Both print SPDK's table: "Total : <IOPS> <MiB/s> <Fail/s> <TO/s> <avg> <min> <max>",
+    # SPDK's with carriage returns in it.
+    summary=$(tr '\r' '\n' <"$log" | awk '$1 == "Total" && $2 == ":" { print $3, $4, $5, $7 }' | tail -n1)
+    read -r iops mibs fails avg <<<"$summary"
+    if [ "$rc" != 0 ] || [ -z "$iops" ] || [ "$fails" != "0.00" ]; then
+        echo "$prog failed on row $row (exit $rc, Total: ${summary:-none}):" >&2
+        tail -n 20 "$log" >&2
+        exit 1
+    fi
+    echo "$prog $row $rep $iops $mibs $avg" >>"$results"
+    printf '  %-5s %-22s rep %d: %12s IOPS %9s us\n' "$prog" "${rows[$row]}" "$rep" "$iops" "$avg" >&2
+}
+
+load_start=$(cut -d' ' -f1-3 /proc/loadavg)
+busiest=$(ps -eo pcpu,comm --sort=-pcpu | sed -n 2,6p | awk '{ printf "%s %s%%; ", $2, $1 }')
+hugepages=$(awk '/^HugePages_(Total|Free)/ { printf "%s %s ", $1, $2 }' /proc/meminfo)
+echo "bdevperf_vs_spdk: ${#rows[@]} rows x $reps reps x ${secs} s, load average $load_start" >&2
+: >"$results"
+for ((rep = 1; rep <= reps; rep++)); do
+    for ((row = 0; row < ${#rows[@]}; row++)); do
+        order="spdk ours"
+        [ $((rep % 2)) = 0 ] && order="ours spdk"
+        for prog in $order; do
+            [ "$prog" = spdk ] && [ -z "$spdk" ] && continue
+            measure "$prog" "$row" "$rep"
+        done
+    done
+done
+load_end=$(cut -d' ' -f1-3 /proc/loadavg)
+
+{
+    echo "# bdevperf: plexd's bdev layer and SPDK's, no network, side by side"
+    echo
+    echo "Malloc bdev (1,048,576 blocks of 512 B), both programs on core 0 (\`-m 0x1\`), ${secs} s per"
+    echo "run, $reps repetition(s) per row, interleaved, medians. $(date '+%Y-%m-%d %H:%M %Z')."
+    echo
+    echo "- plexstor: $(git -C "$repo" rev-parse --short HEAD)$(git -C "$repo" diff --quiet HEAD -- 2>/dev/null || echo ' (with uncommitted changes)'), \`build/release/bdevperf\`"
+    echo "- SPDK: ${spdk_version:-absent}${spdk:+, \`$spdk\`}"
+    echo "- machine: $(nproc) CPUs, $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo), kernel $(uname -r)"
+    echo "- load average (1, 5, 15 min): $load_start at start, $load_end at end"
+    echo "- busiest processes at start (ps %CPU, lifetime averages): ${busiest% }"
+    echo "- hugepages for the run: $hugepages${hugepages_ok:+(grown by scripts/setup.sh, given back after)}"
+    fallbacks=$(cat "$work"/ours-*.log | grep -c "NOT ENOUGH HUGEPAGES" || true)
+    [ "$fallbacks" = 0 ] || echo "- ours found too few hugepages in $fallbacks run(s) and used ordinary locked memory there"
+    if [ -n "$spdk_note" ]; then echo "- $spdk_note"; fi
+    echo
+    python3 - "$results" "${rows[@]}" <<'EOF'
+import statistics, sys
+path, rows = sys.argv[1], sys.argv[2:]
+runs = {}
+for line in open(path):
+    prog, row, rep, iops, mibs, avg = line.split()
+    runs.setdefault((prog, int(row)), []).append((float(iops), float(mibs), float(avg)))
+def med(prog, row, i):
+    v = runs.get((prog, row))
+    return statistics.median(x[i] for x in v) if v else None
+def label(spec):
+    wl, size, qd = spec.split()
+    return f"{int(size) // 1024} KiB {wl} QD{qd}"
+def fmt(v, spec):
+    return "–" if v is None else format(v, spec)
+print("| workload | SPDK bdevperf IOPS | ours IOPS | ours ÷ SPDK | SPDK avg latency (µs) | ours avg latency (µs) |")
+print("|---|---:|---:|---:|---:|---:|")
+for r, spec in enumerate(rows):
+    s, o = med("spdk", r, 0), med("ours", r, 0)
+    ratio = "–" if s is None or o is None else f"{o / s:.2f}"
+    print(f"| {label(spec)} | {fmt(s, ',.0f')} | {fmt(o, ',.0f')} | {ratio} "
+          f"| {fmt(med('spdk', r, 2), '.2f')} | {fmt(med('ours', r, 2), '.2f')} |")
+print()
+print("Every run (IOPS):")
+print()
+for r, spec in enumerate(rows):
+    for prog in ("spdk", "ours"):
+        if (prog, r) in runs:
+            print(f"- {label(spec)}, {'SPDK' if prog == 'spdk' else 'ours'}: " + ", ".join(f"{x[0]:,.0f}" for x in runs[(prog, r)]))
+EOF
+    echo
+    echo "Average latency is from submission until the program handles the completion (both"
+    echo "resubmit from there), so at a fixed depth it is QD ÷ IOPS in both columns."
+    echo
+    echo "## Commands"
+    echo
+    echo "Run as \`benches/bdevperf_vs_spdk.sh --time $secs --reps $reps\`. Each run, with \`$config\`:"
+    echo
+    echo '```json'
+    cat "$config"
+    echo '```'
+    echo
+    echo '```sh'
+    for ((row = 0; row < ${#rows[@]}; row++)); do
+        for prog in spdk ours; do
+            [ "$prog" = spdk ] && [ -z "$spdk" ] && continue
+            # shellcheck disable=SC2086
+            command_for "$prog" ${rows[$row]} | paste -sd' '
+        done
+    done
+    echo '```'
+} >"$out.tmp"
+mv "$out.tmp" "$out"
+cat "$out"
+echo >&2
+echo "report: $out" >&2
