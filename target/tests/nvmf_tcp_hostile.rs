@@ -4,7 +4,7 @@
 
 mod nvmf_tcp_common;
 use nvme_spec::tcp::IcReq;
-use nvme_spec::{Command, IntoBytes};
+use nvme_spec::{Command, IntoBytes, Status};
 use nvmf_tcp_common::*;
 use serde_json::json;
 use std::io::{Read, Write};
@@ -157,4 +157,90 @@ fn many_idle_connections_cost_nothing_once_closed() {
         .rpc("nvmf_subsystem_get_qpairs", json!({"nqn": NQN}))
         .unwrap();
     assert_eq!(qp.as_array().unwrap().len(), 2, "the bystander's two: {qp}");
+}
+
+/// The next PDU within `within`: (type, raw bytes), or None if nothing came.
+fn next_pdu(c: &mut Client, within: Duration) -> Option<(u8, Vec<u8>)> {
+    c.s.set_read_timeout(Some(within)).unwrap();
+    let mut ch = [0u8; 8];
+    match c.s.read_exact(&mut ch) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return None,
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return None,
+        Err(e) => panic!("reading from plexd: {e}"),
+    }
+    let plen = u32::from_le_bytes(ch[4..8].try_into().unwrap()) as usize;
+    let mut raw = ch.to_vec();
+    raw.resize(plen, 0);
+    c.s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.s.read_exact(&mut raw[8..]).unwrap();
+    Some((ch[0], raw))
+}
+
+const R2T: u8 = 0x09;
+const CAPSULE_RESP: u8 = 0x05;
+
+/// Counts R2Ts and responses (with their status code type and code) until nothing more comes
+/// for `quiet`.
+fn collect(c: &mut Client, quiet: Duration) -> (usize, Vec<(u8, u8)>) {
+    let (mut r2ts, mut resps) = (0, Vec::new());
+    while let Some((t, raw)) = next_pdu(c, quiet) {
+        match t {
+            R2T => r2ts += 1,
+            CAPSULE_RESP => {
+                let sf = u16::from_le_bytes([raw[8 + 14], raw[8 + 15]]) >> 1;
+                resps.push((((sf >> 8) & 7) as u8, (sf & 0xff) as u8));
+            }
+            other => panic!("unexpected PDU type {other:#x}"),
+        }
+    }
+    (r2ts, resps)
+}
+
+#[test]
+fn a_host_that_never_answers_its_r2ts_holds_only_its_share_and_only_for_a_while() {
+    // A data budget of 16 × 128 KiB = 2 MiB, and R2Ts answered within 500 ms.
+    let t = Target::start_with(
+        true,
+        json!({"trtype": "TCP", "num_shared_buffers": 16, "io_unit_size": 131072,
+               "data_timeout_ms": 500}),
+    );
+    let mut greedy_admin = Client::connect(t.port);
+    let cntlid = greedy_admin.admin_up(false, false);
+    let mut greedy = Client::connect(t.port);
+    greedy.io_up(cntlid, 1, false, false);
+    // 24 writes of 128 KiB by R2T, none ever answered.
+    for k in 0..24u64 {
+        let mut cmd = Command::write_blocks(1, k * 256, 256, false).with_cid(100 + k as u16);
+        cmd.set_sgl1(nvme_spec::cmd::SglDescriptor::tcp_transport(128 << 10));
+        greedy.send_cmd(cmd, &[]);
+    }
+    // Alone, it may hold the whole budget: 16 R2Ts; the other 8 commands wait, in order.
+    let (r2ts, resps) = collect(&mut greedy, Duration::from_millis(200));
+    assert_eq!((r2ts, resps.len()), (16, 0), "{resps:?}");
+
+    // Meanwhile a neighbour's verified I/O goes on (its reads take buffers too).
+    let mut by = Bystander::new(t.port);
+    for _ in 0..5 {
+        by.check();
+    }
+
+    // Past the data timeout, the unanswered writes fail with a transport error and give their
+    // buffers back; the waiting 8 then get their R2Ts, and fail the same way in turn.
+    let mut r2ts = 0;
+    let mut resps = Vec::new();
+    let t0 = std::time::Instant::now();
+    while resps.len() < 24 && t0.elapsed() < Duration::from_secs(30) {
+        let (r, s) = collect(&mut greedy, Duration::from_millis(100));
+        r2ts += r;
+        resps.extend(s);
+    }
+    assert_eq!(r2ts, 8, "the waiting commands' R2Ts");
+    let transient = (
+        Status::TRANSIENT_TRANSPORT_ERROR.sct,
+        Status::TRANSIENT_TRANSPORT_ERROR.sc,
+    );
+    assert_eq!(resps.len(), 24, "{resps:?}");
+    assert!(resps.iter().all(|r| *r == transient), "{resps:?}");
+    by.check();
 }

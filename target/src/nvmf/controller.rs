@@ -84,6 +84,8 @@ pub struct Controller {
     events_pending: AtomicBool,
     kato_ms: AtomicU32,
     last_keep_alive: AtomicU64,
+    /// Bytes of the target's data budget its queues hold (`budget::DataBudget`).
+    pub data_held: AtomicU64,
     pub admin_sqsize: u16,
 }
 
@@ -303,6 +305,7 @@ impl Controller {
             events_pending: AtomicBool::new(false),
             kato_ms: AtomicU32::new(kato_ms),
             last_keep_alive: AtomicU64::new(now_ms()),
+            data_held: AtomicU64::new(0),
             admin_sqsize,
         }
     }

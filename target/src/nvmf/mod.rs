@@ -15,6 +15,7 @@
 //!   to a reactor's poll group; one poller per reactor drives all its connections with
 //!   non-blocking sockets.
 
+pub mod budget;
 pub mod controller;
 pub mod discovery;
 pub mod io;
@@ -58,6 +59,10 @@ pub struct TransportOpts {
     /// A PDU begun and then left without a new byte this long is fatal to its connection
     /// (0: never).
     pub pdu_stall_timeout_ms: u32,
+    /// A write whose R2T the host leaves unanswered this long fails with a transport error
+    /// and frees its buffer; a connection whose host takes none of the data sent to it this
+    /// long is closed (0: never).
+    pub data_timeout_ms: u32,
 }
 
 impl Default for TransportOpts {
@@ -79,6 +84,7 @@ impl Default for TransportOpts {
             zcopy: false,
             connect_timeout_ms: 10_000,
             pdu_stall_timeout_ms: 10_000,
+            data_timeout_ms: 30_000,
         }
     }
 }
@@ -247,6 +253,8 @@ pub struct NvmfTarget {
     next_reactor: AtomicUsize,
     /// Counters of each reactor's poll group, by reactor id (`nvmf_get_stats`).
     poll_groups: Mutex<Vec<Arc<PollGroupStats>>>,
+    /// In-flight data buffers lent to hosts (`num_shared_buffers` × `io_unit_size`).
+    pub data_budget: budget::DataBudget,
 }
 
 /// What `nvmf_get_stats` reports of one poll group (one per reactor, as SPDK has one per
@@ -293,6 +301,7 @@ impl Default for NvmfTarget {
             genctr: AtomicU64::new(0),
             next_reactor: AtomicUsize::new(0),
             poll_groups: Mutex::new(Vec::new()),
+            data_budget: budget::DataBudget::default(),
         }
     }
 }
@@ -321,6 +330,8 @@ impl NvmfTarget {
         if g.transport.is_some() {
             return Err(NvmfError::TransportExists(opts.trtype));
         }
+        self.data_budget
+            .set_limit(u64::from(opts.num_shared_buffers) * u64::from(opts.io_unit_size));
         g.transport = Some(Arc::new(opts));
         Ok(())
     }

@@ -31,6 +31,7 @@ struct CreateTransport {
     /// plexd's own: see `TransportOpts`.
     connect_timeout_ms: Option<u32>,
     pdu_stall_timeout_ms: Option<u32>,
+    data_timeout_ms: Option<u32>,
     acceptor_poll_rate: Option<u32>,
     control_msg_num: Option<u32>,
 }
@@ -171,6 +172,7 @@ pub fn transport_json(t: &TransportOpts) -> Value {
         "zcopy": t.zcopy,
         "connect_timeout_ms": t.connect_timeout_ms,
         "pdu_stall_timeout_ms": t.pdu_stall_timeout_ms,
+        "data_timeout_ms": t.data_timeout_ms,
     })
 }
 
@@ -230,6 +232,9 @@ pub fn register(m: &mut Methods) {
             }
             if let Some(v) = p.pdu_stall_timeout_ms {
                 t.pdu_stall_timeout_ms = v;
+            }
+            if let Some(v) = p.data_timeout_ms {
+                t.data_timeout_ms = v;
             }
             // Polling tunables of SPDK's acceptor: our listeners wake on readiness instead.
             let _ = (p.acceptor_poll_rate, p.control_msg_num);

@@ -64,6 +64,8 @@ enum SlotState {
     RecvData,
     /// R2T sent, waiting for H2CData.
     AwaitH2C,
+    /// Waiting in `buf_waiting` for the data budget to lend it a buffer.
+    AwaitBuf,
     /// At the bdev.
     Exec,
     /// An AER held until an event.
@@ -87,6 +89,10 @@ struct Slot {
     status: Status,
     /// The namespace's preempt-and-abort count when the command arrived.
     abort_seen: u64,
+    /// When it last began waiting for the host (an R2T sent or answered in part).
+    waiting_since_ms: u64,
+    /// Bytes of the target's data budget its buffer holds.
+    charged: u32,
 }
 
 impl Default for Slot {
@@ -102,6 +108,8 @@ impl Default for Slot {
             next_range: 0,
             status: Status::SUCCESS,
             abort_seen: 0,
+            waiting_since_ms: 0,
+            charged: 0,
         }
     }
 }
@@ -219,6 +227,12 @@ pub struct Conn {
     /// When the connection was accepted, and when a byte last arrived (`now_ms`).
     born_ms: u64,
     last_rx_ms: u64,
+    /// When bytes last left for the host.
+    last_tx_ms: u64,
+    /// Slots waiting for H2CData after an R2T (AwaitH2C).
+    awaiting_h2c: u16,
+    /// Commands waiting, in arrival order, for the data budget (AwaitBuf).
+    buf_waiting: VecDeque<u16>,
     close_deadline: u64,
     last_timer_check: u64,
     /// This reactor's poll-group counters.
@@ -277,6 +291,9 @@ impl Conn {
             tx_ready: true,
             born_ms: controller::now_ms(),
             last_rx_ms: controller::now_ms(),
+            last_tx_ms: controller::now_ms(),
+            awaiting_h2c: 0,
+            buf_waiting: VecDeque::new(),
             close_deadline: 0,
             last_timer_check: 0,
             pg,
@@ -347,6 +364,7 @@ impl Conn {
         self.rx_ready
             || (self.tx_ready && !self.out.is_empty())
             || !self.retry.is_empty()
+            || !self.buf_waiting.is_empty()
             || self.ns.in_flight() > 0
             || matches!(self.state, State::Closing | State::Draining)
     }
@@ -362,10 +380,12 @@ impl Conn {
                     Err(f) => self.fatal(f),
                 }
                 if matches!(self.state, State::Ready) {
+                    if !self.buf_waiting.is_empty() {
+                        busy |= self.admit_waiting();
+                    }
                     busy |= self.poll_io();
                     self.check_controller();
                 }
-                self.check_deadlines();
             }
             State::Closing | State::Draining => {
                 busy |= self.ns.poll(&mut |_| {}) > 0;
@@ -393,15 +413,26 @@ impl Conn {
         (busy, false)
     }
 
-    /// Closes a connection that has not finished connecting in time, or whose host stopped
-    /// in the middle of a PDU.
-    fn check_deadlines(&mut self) {
+    /// The poll group's periodic look at a connection, news or not: what the host has left
+    /// too long. A connection that has not finished connecting in time, whose host stopped
+    /// in the middle of a PDU, or that has not taken data we send for `data_timeout_ms`, is
+    /// closed; a write whose R2T the host has not answered in that time fails with a
+    /// transport error and frees its buffer.
+    pub fn sweep(&mut self) {
+        if !matches!(self.state, State::AwaitIcReq | State::Ready) {
+            return;
+        }
         let connecting = self.ctrl.is_none();
         let partial = self.rpos != self.rlen || !matches!(self.rx, Rx::Header);
-        if !(connecting || partial) || !matches!(self.state, State::AwaitIcReq | State::Ready) {
+        let blocked = !self.tx_ready && !self.out.is_empty();
+        if !(connecting || partial || blocked || self.awaiting_h2c > 0) {
             return;
         }
         let now = controller::now_ms();
+        let data = u64::from(self.opts.data_timeout_ms);
+        if data > 0 && self.awaiting_h2c > 0 {
+            self.fail_unanswered_r2ts(now, data);
+        }
         let (connect, stall) = (
             u64::from(self.opts.connect_timeout_ms),
             u64::from(self.opts.pdu_stall_timeout_ms),
@@ -410,11 +441,40 @@ impl Conn {
             format!("no ICReq and Connect within {connect} ms")
         } else if partial && stall > 0 && now.saturating_sub(self.last_rx_ms) > stall {
             format!("a PDU stalled for {stall} ms")
+        } else if blocked && data > 0 && now.saturating_sub(self.last_tx_ms) > data {
+            format!("the host took none of the data sent to it for {data} ms")
         } else {
             return;
         };
         crate::log_limited!(INFO, "nvmf/tcp {}: {why}; closing", self.peer);
         self.close();
+    }
+
+    /// Ends the writes whose R2T went unanswered for `timeout` ms, so their buffers go back.
+    fn fail_unanswered_r2ts(&mut self, now: u64, timeout: u64) {
+        let receiving = match self.rx {
+            Rx::Data { slot, .. } | Rx::Digest { slot, .. } => slot,
+            Rx::Header => NO_SLOT,
+        };
+        for si in 0..self.slots.len() as u16 {
+            let s = &self.slots[si as usize];
+            if s.state != SlotState::AwaitH2C
+                || si == receiving
+                || now.saturating_sub(s.waiting_since_ms) <= timeout
+            {
+                continue;
+            }
+            crate::log_limited!(
+                WARN,
+                "nvmf/tcp {}: R2T for cid {} unanswered for {timeout} ms; failing the command",
+                self.peer,
+                s.cmd.cid()
+            );
+            self.slots[si as usize].state = SlotState::Exec;
+            self.awaiting_h2c -= 1;
+            self.slots[si as usize].buf = None;
+            self.complete(si, Status::TRANSIENT_TRANSPORT_ERROR, 0);
+        }
     }
 
     /// Closes without a termination request (controller failed, host closed).
@@ -435,6 +495,9 @@ impl Conn {
 
     /// Unhooks the queue from its controller.
     fn release_queue(&mut self) {
+        for si in 0..self.slots.len() as u16 {
+            self.uncharge(si);
+        }
         if let Some(c) = self.ctrl.take() {
             self.pg.qpair_closed(self.qid == 0);
             if self.qid == 0 {
@@ -755,7 +818,7 @@ impl Conn {
         }
         let s = &self.slots[si as usize];
         if kind == DataKind::H2C && s.recvd < s.xfer_len {
-            self.slots[si as usize].state = SlotState::AwaitH2C;
+            self.await_h2c(si);
             return;
         }
         if s.status.is_success() {
@@ -834,6 +897,7 @@ impl Conn {
                 }
                 s.recvd += datal;
                 s.state = SlotState::RecvData;
+                self.awaiting_h2c -= 1;
                 self.rpos += hdr.data_offset.max(hlen as u32) as usize;
                 self.rx = Rx::Data {
                     slot: ttag,
@@ -868,7 +932,11 @@ impl Conn {
     fn handle_capsule(&mut self, cmd: Command, data_len: u32, ddgst: bool) {
         let Some(si) = self.free.pop() else {
             // The host exceeded its queue size: answer without a slot.
-            crate::log_limited!(WARN, "nvmf/tcp {}: more commands than the queue size", self.peer);
+            crate::log_limited!(
+                WARN,
+                "nvmf/tcp {}: more commands than the queue size",
+                self.peer
+            );
             self.send_resp(cmd.cid(), Status::COMMAND_SEQUENCE_ERROR.with_dnr(), 0);
             self.discard(data_len, ddgst);
             return;
@@ -924,7 +992,9 @@ impl Conn {
         if fail.is_none() && self.ctrl.is_none() && !is_connect {
             fail = Some(Status::COMMAND_SEQUENCE_ERROR);
         }
-        if fail.is_none() && xfer_len > 0 {
+        // In-capsule data is already on its way and small (in_capsule_data_size): it gets a
+        // buffer at once. Transfers by R2T or C2H wait for the data budget below.
+        if fail.is_none() && data_len > 0 {
             match DmaBuf::new(xfer_len as usize) {
                 Ok(b) => s.buf = Some(b),
                 Err(e) => {
@@ -950,21 +1020,88 @@ impl Conn {
             };
             return;
         }
-        if xfer_len > 0 && dir == DataDirection::HostToController {
+        if xfer_len > 0 {
             // Check what we can before asking for data the command would not use.
-            if let Some(st) = self.precheck_write(si) {
-                self.complete(si, st, 0);
-                return;
+            if dir == DataDirection::HostToController {
+                if let Some(st) = self.precheck_write(si) {
+                    self.complete(si, st, 0);
+                    return;
+                }
             }
-            self.slots[si as usize].state = SlotState::AwaitH2C;
-            let r2t = R2T::new(cmd.cid(), si, 0, xfer_len, self.hdgst);
-            let mut p = OutPdu::empty();
-            p.hdr[..24].copy_from_slice(r2t.as_bytes());
-            p.hlen = 24;
-            self.push_out(p);
+            self.slots[si as usize].state = SlotState::AwaitBuf;
+            self.buf_waiting.push_back(si);
+            self.admit_waiting();
             return;
         }
         self.exec(si);
+    }
+
+    /// Starts waiting transfers, in arrival order, while the data budget lends them
+    /// buffers: a write gets its R2T, a read is executed. Returns whether any started.
+    fn admit_waiting(&mut self) -> bool {
+        let mut started = false;
+        while let Some(&si) = self.buf_waiting.front() {
+            if self.slots[si as usize].state != SlotState::AwaitBuf {
+                // Ended while it waited (an abort, a reset): nothing to start.
+                self.buf_waiting.pop_front();
+                continue;
+            }
+            let Some(ctrl) = self.ctrl.as_ref() else {
+                break;
+            };
+            let len = self.slots[si as usize].xfer_len;
+            let budget = &self.target.data_budget;
+            if !budget.try_take(&ctrl.data_held, u64::from(len)) {
+                break;
+            }
+            let buf = match DmaBuf::new(len as usize) {
+                Ok(b) => b,
+                Err(e) => {
+                    // The memory itself is short: wait for buffers to come back, as when
+                    // the budget is.
+                    budget.give_back(&ctrl.data_held, u64::from(len));
+                    crate::log_limited!(WARN, "nvmf/tcp: no buffer for {len} bytes yet: {e}");
+                    break;
+                }
+            };
+            self.buf_waiting.pop_front();
+            started = true;
+            let s = &mut self.slots[si as usize];
+            s.buf = Some(buf);
+            s.charged = len;
+            if s.dir == DataDirection::HostToController {
+                let cid = s.cmd.cid();
+                self.await_h2c(si);
+                let r2t = R2T::new(cid, si, 0, len, self.hdgst);
+                let mut p = OutPdu::empty();
+                p.hdr[..24].copy_from_slice(r2t.as_bytes());
+                p.hlen = 24;
+                self.push_out(p);
+            } else {
+                self.exec(si);
+            }
+        }
+        started
+    }
+
+    /// Gives slot `si`'s share of the data budget back.
+    fn uncharge(&mut self, si: u16) {
+        let s = &mut self.slots[si as usize];
+        if s.charged == 0 {
+            return;
+        }
+        let len = u64::from(std::mem::take(&mut s.charged));
+        if let Some(c) = self.ctrl.as_ref() {
+            self.target.data_budget.give_back(&c.data_held, len);
+        }
+    }
+
+    /// Slot `si` waits for the host's H2CData from now.
+    fn await_h2c(&mut self, si: u16) {
+        let s = &mut self.slots[si as usize];
+        s.state = SlotState::AwaitH2C;
+        s.waiting_since_ms = controller::now_ms();
+        self.awaiting_h2c += 1;
     }
 
     /// An I/O write's namespace and range, checked before its R2T.
@@ -1494,6 +1631,13 @@ impl Conn {
         if s.state == SlotState::Free {
             return;
         }
+        if s.state == SlotState::AwaitH2C {
+            self.awaiting_h2c -= 1;
+        }
+        if s.charged > 0 {
+            self.uncharge(si);
+        }
+        let s = &mut self.slots[si as usize];
         s.state = SlotState::Free;
         s.buf = None;
         self.free.push(si);
@@ -1561,6 +1705,7 @@ impl Conn {
                 }
             }
             busy = true;
+            self.last_tx_ms = controller::now_ms();
             let mut left = r as u32;
             while left > 0 {
                 let Some(p) = self.out.front_mut() else { break };

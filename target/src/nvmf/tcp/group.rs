@@ -137,7 +137,8 @@ impl PollGroup {
                 unsafe { libc::malloc_trim(0) };
             }
             for t in 0..self.conns.len() {
-                if self.conns[t].is_some() {
+                if let Some(c) = self.conns[t].as_mut() {
+                    c.sweep();
                     self.enqueue(t);
                 }
             }
