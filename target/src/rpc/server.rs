@@ -265,11 +265,16 @@ impl Framer {
     }
 }
 
-async fn write_json(stream: &mut UnixStream, v: &Value) -> std::io::Result<()> {
+/// Writes `v` and a newline; returns how many bytes that was.
+async fn write_json(stream: &mut UnixStream, v: &Value) -> std::io::Result<usize> {
     let mut out = serde_json::to_vec(v).unwrap_or_default();
     out.push(b'\n');
-    stream.write_all(&out).await
+    stream.write_all(&out).await.map(|_| out.len())
 }
+
+/// Replies this large leave their JSON tree's many small blocks in malloc's arenas; after
+/// one, the heap is trimmed so plexd's memory returns to what it holds for good.
+const TRIM_AFTER_REPLY_BYTES: usize = 1 << 20;
 
 fn error_reply(e: RpcError) -> Value {
     json!({"jsonrpc": "2.0", "id": null, "error": {"code": e.code, "message": e.message}})
@@ -284,8 +289,16 @@ async fn serve_connection(app: Arc<App>, mut stream: UnixStream) {
             match framer.next_frame() {
                 Frame::Value(req, _) => {
                     if let Some(resp) = handle_request(app.clone(), req).await {
-                        if write_json(&mut stream, &resp).await.is_err() {
-                            return;
+                        let written = write_json(&mut stream, &resp).await;
+                        drop(resp);
+                        match written {
+                            Err(_) => return,
+                            Ok(n) if n >= TRIM_AFTER_REPLY_BYTES => {
+                                // SAFETY: malloc_trim only returns free heap pages to the
+                                // kernel.
+                                unsafe { libc::malloc_trim(0) };
+                            }
+                            Ok(_) => {}
                         }
                     }
                 }
