@@ -244,3 +244,35 @@ fn a_host_that_never_answers_its_r2ts_holds_only_its_share_and_only_for_a_while(
     assert!(resps.iter().all(|r| *r == transient), "{resps:?}");
     by.check();
 }
+
+#[test]
+fn a_host_that_never_reads_its_data_is_cut_off_and_nobody_else_notices() {
+    let t = Target::start_with(true, json!({"trtype": "TCP", "data_timeout_ms": 500}));
+    let mut by = Bystander::new(t.port);
+    let mut deaf_admin = Client::connect(t.port);
+    let cntlid = deaf_admin.admin_up(false, false);
+    let mut deaf = Client::connect(t.port);
+    deaf.io_up(cntlid, 1, false, false);
+    let qpairs = || {
+        t.rpc("nvmf_subsystem_get_qpairs", json!({"nqn": NQN}))
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    assert_eq!(qpairs(), 4);
+    // 4 MiB of reads it never takes: the socket fills and plexd's sends stop.
+    for k in 0..32u64 {
+        let mut cmd = Command::read_blocks(1, k * 256, 256).with_cid(200 + k as u16);
+        cmd.set_sgl1(nvme_spec::cmd::SglDescriptor::tcp_transport(128 << 10));
+        deaf.send_cmd(cmd, &[]);
+    }
+    by.check();
+    // Past the data timeout its I/O queue is closed; its admin queue and the bystander stay.
+    wait_until("the deaf host's I/O queue closed", || qpairs() == 3);
+    by.check();
+    assert!(
+        matches!(deaf.ending(Duration::from_secs(10)), Ending::Closed),
+        "closed without a termination request"
+    );
+}
