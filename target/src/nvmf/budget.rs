@@ -5,9 +5,12 @@
 //! default), the total is bounded; unlike a plain pool, no controller may hold more than an
 //! equal share among the controllers holding any. A command that would go over waits, in
 //! order, on its connection (no R2T is sent, no read is started) until buffers come back,
-//! so a host that asks for too much slows itself and not its neighbours. A controller that
-//! holds nothing may always take one command's worth, even past the total, so that no host
-//! waits forever behind others.
+//! so a host that asks for too much slows itself and not its neighbours.
+//!
+//! A host that took the whole pool while alone keeps it until its commands end; a host that
+//! arrives then must still get its share at once, not wait behind it. So a controller under
+//! its share may go past the total, up to twice the total (and one holding nothing always
+//! gets one command): the pool is the target's intent, twice the pool its bound on memory.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -41,12 +44,13 @@ impl DataBudget {
             return true; // no transport yet: nothing to bound
         }
         let mine = held.load(Ordering::Relaxed);
-        if mine > 0 {
-            let holders = self.holders.load(Ordering::Relaxed).max(1);
-            let share = limit / holders;
-            if mine + len > share || self.used.load(Ordering::Relaxed) + len > limit {
-                return false;
-            }
+        let holders = self.holders.load(Ordering::Relaxed) + u64::from(mine == 0);
+        let share = limit / holders.max(1);
+        // A controller holding nothing always gets one command, so none waits forever.
+        if mine > 0
+            && (mine + len > share || self.used.load(Ordering::Relaxed) + len > 2 * limit)
+        {
+            return false;
         }
         self.used.fetch_add(len, Ordering::Relaxed);
         if held.fetch_add(len, Ordering::Relaxed) == 0 {
@@ -79,8 +83,12 @@ mod tests {
             taken += 1;
         }
         assert_eq!(taken, 8);
-        // A newcomer always gets one command's worth, even past the total ...
-        assert!(b.try_take(&modest, 1 << 20));
+        // A newcomer gets its half at once, past the total ...
+        for _ in 0..4 {
+            assert!(b.try_take(&modest, 1 << 20));
+        }
+        assert!(!b.try_take(&modest, 1 << 20), "its share is half");
+        assert_eq!(b.usage(), (12 << 20, 8 << 20));
         // ... and the greedy one, now over its half, gets nothing until it is under it.
         for _ in 0..4 {
             b.give_back(&greedy, 1 << 20);
@@ -88,10 +96,15 @@ mod tests {
         }
         b.give_back(&greedy, 1 << 20);
         assert!(b.try_take(&greedy, 1 << 20), "3 MiB of a 4 MiB share");
-        // The newcomer takes its share too.
-        assert!(b.try_take(&modest, 1 << 20));
-        assert_eq!(b.usage(), (6 << 20, 8 << 20));
-        b.give_back(&modest, 2 << 20);
+        assert_eq!(b.usage(), (8 << 20, 8 << 20));
+        // Never past twice the total, whatever the shares.
+        let third = AtomicU64::new(0);
+        b.set_limit(2 << 20);
+        assert!(b.try_take(&third, 1 << 20), "one command for a newcomer");
+        assert!(!b.try_take(&third, 1 << 20));
+        b.give_back(&third, 1 << 20);
+        b.set_limit(8 << 20);
+        b.give_back(&modest, 4 << 20);
         b.give_back(&greedy, 4 << 20);
         assert_eq!(b.usage(), (0, 8 << 20));
         assert_eq!(b.holders.load(Ordering::Relaxed), 0);

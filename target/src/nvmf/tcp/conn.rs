@@ -359,12 +359,13 @@ impl Conn {
 
     /// Whether the next loop must poll this connection: it has bytes to read or send, I/O in
     /// flight, or is closing. An idle connection is not polled until its socket has news
-    /// (or the poll group's timer sweep, for keep-alive and controller events).
+    /// (or the poll group's timer sweep, for keep-alive and controller events). Commands
+    /// waiting for the data budget do not count: they are tried again whenever the
+    /// connection is polled (its own I/O completing frees budget) and at every sweep.
     pub fn wants_poll(&self) -> bool {
         self.rx_ready
             || (self.tx_ready && !self.out.is_empty())
             || !self.retry.is_empty()
-            || !self.buf_waiting.is_empty()
             || self.ns.in_flight() > 0
             || matches!(self.state, State::Closing | State::Draining)
     }
