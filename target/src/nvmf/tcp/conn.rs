@@ -585,9 +585,15 @@ impl Conn {
             self.rlen -= self.rpos;
             self.rpos = 0;
         }
+        let room = self.rbuf.len() - self.rlen;
         match self.sock.read(&mut self.rbuf[self.rlen..]) {
             Ok(0) => Err(Fatal::Gone),
             Ok(n) => {
+                // A short read emptied the socket: the next byte to arrive raises a new
+                // edge, so no read that would only say EAGAIN is needed.
+                if n < room {
+                    self.rx_ready = false;
+                }
                 self.rlen += n;
                 self.last_rx_ms = controller::now_ms();
                 Ok(true)
@@ -758,6 +764,9 @@ impl Conn {
                 } else {
                     self.last_rx_ms = controller::now_ms();
                     let r = r as usize;
+                    if r < want + self.rbuf.len() {
+                        self.rx_ready = false; // short: the socket is empty (see `fill`)
+                    }
                     let n = r.min(want);
                     if ddgst {
                         if let Some(b) = self.slots[slot as usize].buf.as_ref() {
