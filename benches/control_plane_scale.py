@@ -10,14 +10,15 @@ Usage: benches/control_plane_scale.py [--bdevs 5000] [--subsystems 1000]
 """
 
 import argparse
-import json
 import os
-import socket
 import subprocess
+import sys
 import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from nvmf_tcp import Rpc  # noqa: E402  (one JSON-RPC client for every bench)
 PLEXD = os.path.join(REPO, "build/release/plexd")
 
 
@@ -27,25 +28,10 @@ class Plexd:
         path = os.path.join(self.dir, "plexd.sock")
         self.proc = subprocess.Popen([PLEXD, "-m", "0x1", "-r", path],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(200):
-            if os.path.exists(path):
-                break
-            time.sleep(0.05)
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(path)
-        self.reader = self.sock.makefile("rb")
-        self.id = 0
+        self.rpc = Rpc(path)
 
     def call(self, method, params=None):
-        self.id += 1
-        req = {"jsonrpc": "2.0", "id": self.id, "method": method}
-        if params is not None:
-            req["params"] = params
-        self.sock.sendall(json.dumps(req).encode())
-        resp = json.loads(self.reader.readline())
-        if "error" in resp:
-            raise RuntimeError(f"{method}: {resp['error']}")
-        return resp["result"]
+        return self.rpc.call(method, params)
 
     def rss_kib(self):
         with open(f"/proc/{self.proc.pid}/status") as f:

@@ -28,32 +28,11 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from nvmf_tcp import Rpc  # noqa: E402  (one JSON-RPC client for every bench)
 PLEXPERF = os.path.join(REPO, "build/release/plexperf")
 NQN = "nqn.2026-12.io.plexstor:idle-bench"
 HOSTNQN = "nqn.2026-12.io.plexstor:idle-host"
-
-
-def rpc(sock_path, method, params=None):
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(sock_path)
-    req = {"jsonrpc": "2.0", "id": 1, "method": method}
-    if params is not None:
-        req["params"] = params
-    s.sendall(json.dumps(req).encode())
-    buf = b""
-    while True:
-        chunk = s.recv(1 << 16)
-        if not chunk:
-            raise RuntimeError(f"plexd closed the socket during {method}")
-        buf += chunk
-        try:
-            resp = json.loads(buf)
-        except ValueError:
-            continue
-        s.close()
-        if "error" in resp:
-            raise RuntimeError(f"{method}: {resp['error']}")
-        return resp["result"]
 
 
 def icreq():
@@ -179,16 +158,13 @@ class Target:
         self.log = open(os.path.join(self.dir, "plexd.log"), "w")
         self.proc = subprocess.Popen([binary, "-m", "0x1", "-r", self.sock],
                                      stdout=self.log, stderr=subprocess.STDOUT)
-        for _ in range(200):
-            if os.path.exists(self.sock):
-                break
-            time.sleep(0.05)
-        rpc(self.sock, "bdev_malloc_create", {"name": "m", "num_blocks": 262144, "block_size": 512})
-        rpc(self.sock, "nvmf_create_transport", {"trtype": "TCP"})
-        rpc(self.sock, "nvmf_create_subsystem", {"nqn": NQN, "allow_any_host": True,
+        rpc = Rpc(self.sock).call
+        rpc("bdev_malloc_create", {"name": "m", "num_blocks": 262144, "block_size": 512})
+        rpc("nvmf_create_transport", {"trtype": "TCP"})
+        rpc("nvmf_create_subsystem", {"nqn": NQN, "allow_any_host": True,
                                                  "max_cntlid": 65519})
-        rpc(self.sock, "nvmf_subsystem_add_ns", {"nqn": NQN, "namespace": {"bdev_name": "m"}})
-        rpc(self.sock, "nvmf_subsystem_add_listener", {"nqn": NQN, "listen_address": {
+        rpc("nvmf_subsystem_add_ns", {"nqn": NQN, "namespace": {"bdev_name": "m"}})
+        rpc("nvmf_subsystem_add_listener", {"nqn": NQN, "listen_address": {
             "trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": str(port)}})
 
     def stop(self):
