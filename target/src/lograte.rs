@@ -2,7 +2,7 @@
 //! the rest, and says how many it dropped in the next line it lets through. A host that
 //! fails a million commands gets a few lines and a count, not a million lines.
 //!
-//! ```ignore
+//! ```text
 //! log_limited!(WARN, "nvmf/tcp {}: no buffer for {len} bytes: {e}", peer);
 //! ```
 
