@@ -101,7 +101,11 @@ mod tests {
             assert_eq!(l.check_at(t0 + 5), None);
         }
         let next = t0 + WINDOW.as_millis() as u64;
-        assert_eq!(l.check_at(next), Some(1000), "the first line of a window says what was dropped");
+        assert_eq!(
+            l.check_at(next),
+            Some(1000),
+            "the first line of a window says what was dropped"
+        );
         assert_eq!(l.check_at(next), Some(0));
     }
 }

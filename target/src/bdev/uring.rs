@@ -390,7 +390,10 @@ impl UringChannel {
             Err(e) => {
                 if !self.submit_warned {
                     self.submit_warned = true;
-                    crate::log_limited!(WARN, "io_uring submit failed: {e}; retrying on the next poll");
+                    crate::log_limited!(
+                        WARN,
+                        "io_uring submit failed: {e}; retrying on the next poll"
+                    );
                 }
             }
         }

@@ -47,9 +47,7 @@ impl DataBudget {
         let holders = self.holders.load(Ordering::Relaxed) + u64::from(mine == 0);
         let share = limit / holders.max(1);
         // A controller holding nothing always gets one command, so none waits forever.
-        if mine > 0
-            && (mine + len > share || self.used.load(Ordering::Relaxed) + len > 2 * limit)
-        {
+        if mine > 0 && (mine + len > share || self.used.load(Ordering::Relaxed) + len > 2 * limit) {
             return false;
         }
         self.used.fetch_add(len, Ordering::Relaxed);

@@ -79,7 +79,9 @@ pub fn start(
                         let id = h.id();
                         h.send(move |ctx| match Conn::new(sock, t, o, a, id) {
                             Ok(c) => super::add_conn(ctx, Box::new(c)),
-                            Err(e) => crate::log_limited!(WARN, "nvmf/tcp: cannot set up connection: {e}"),
+                            Err(e) => {
+                                crate::log_limited!(WARN, "nvmf/tcp: cannot set up connection: {e}")
+                            }
                         });
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
