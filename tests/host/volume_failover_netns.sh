@@ -139,14 +139,18 @@ fi
 
 check "volume attach $VOL --node n2 (n1 does not answer)" vol attach "$VOL" --node n2 || finish
 
-# Every write n1 acknowledged reads back through n2: a sequential pass over the whole span.
-(perf after-failover "$NET.2" -q 32 -w read -t 3)
-read -r ios errors mism verified <<<"$(verdict after-failover)"
-if [ "${errors:-1}" = 0 ] && [ "${mism:-1}" = 0 ] && [ "${verified:-0}" -ge $((SPAN / 512)) ]; then
-    pass "every write n1 acknowledged reads back through n2 ($verified blocks checked, the span $((SPAN / 512)) at least once)"
-else
-    fail "every write n1 acknowledged reads back through n2" "$ios I/Os, $errors errors, $mism mismatches, $verified blocks checked"
-fi
+# read_back NAME WHAT: a sequential --verify pass over the whole span through n2 must check
+# every block at least once, with no error and no mismatch.
+read_back() {
+    (perf "$1" "$NET.2" -q 32 -w read -t 3)
+    read -r ios errors mism verified <<<"$(verdict "$1")"
+    if [ "${errors:-1}" = 0 ] && [ "${mism:-1}" = 0 ] && [ "${verified:-0}" -ge $((SPAN / 512)) ]; then
+        pass "$2 ($verified blocks checked, the span $((SPAN / 512)) at least once)"
+    else
+        fail "$2" "$ios I/Os, $errors errors, $mism mismatches, $verified blocks checked"
+    fi
+}
+read_back after-failover "every write n1 acknowledged reads back through n2"
 (perf degraded "$NET.2" -q 16 -w randrw -M 30 -t 2)
 read -r ios errors mism verified <<<"$(verdict degraded)"
 if [ "${ios:-0}" -gt 0 ] && [ "$errors" = 0 ] && [ "$mism" = 0 ] && is_true "m['state'] == 'degraded'"; then
@@ -177,13 +181,7 @@ case "$copied" in
     *) fail "partial resync of the $missed regions n1 missed" "(full, regions copied, of) = $copied" ;;
 esac
 
-(perf after-rejoin "$NET.2" -q 32 -w read -t 3)
-read -r ios errors mism verified <<<"$(verdict after-rejoin)"
-if [ "${errors:-1}" = 0 ] && [ "${mism:-1}" = 0 ] && [ "${verified:-0}" -ge $((SPAN / 512)) ]; then
-    pass "every acknowledged write still reads back ($verified blocks checked)"
-else
-    fail "every acknowledged write still reads back" "$ios I/Os, $errors errors, $mism mismatches, $verified blocks checked"
-fi
+read_back after-rejoin "every acknowledged write still reads back"
 
 wait_until 20 is_true "m['dirty_regions'] == 0"
 same=$(plex_files_differ "$WORK/n1-data/$VOL.p0.img" "$WORK/n2-data/$VOL.p1.img" "$(mirror "m['num_blocks']")")
