@@ -360,10 +360,13 @@ fn the_dead_owner_returns_and_its_plex_rejoins_with_only_what_it_missed() {
     let mut host = Driver::connect(nodes.ports[0], &nqn);
     let mut written = write_spread(&mut host, 11, blocks, 16);
     drop(host);
-    // Both plexes hold all of it and the bitmap has emptied: what follows counts only what
-    // n1 misses.
+    // Both plexes hold all of it and the bitmap has emptied, on disk too (n2 assembles from
+    // what its plex's bitmap says): what follows counts only what n1 misses.
     let t0 = std::time::Instant::now();
-    while c.describe("vol1").unwrap().mirror["dirty_regions"] != 0 {
+    while {
+        let m = c.describe("vol1").unwrap().mirror;
+        m["dirty_regions"] != 0 || m["bitmap_writes_pending"] != 0
+    } {
         assert!(t0.elapsed() < Duration::from_secs(30), "{}", nodes.logs());
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -572,6 +572,7 @@ async fn build(
         fenced: AtomicBool::new(false),
         resync_rate: AtomicU64::new(app.mirror.default_resync_rate()),
         clear_interval_ms: AtomicU64::new(super::DEFAULT_CLEAR_INTERVAL_MS),
+        bitmap_writes_pending: AtomicU64::new(0),
         scheduled: AtomicU64::new(plan.plexes.len() as u64),
         assembly_notes: Mutex::new(plan.notes.clone()),
         subscriptions: Mutex::new(Vec::new()),

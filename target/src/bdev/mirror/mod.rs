@@ -85,6 +85,10 @@ pub struct Core {
     /// keeps hot regions marked (fewer bitmap writes), at the cost of more to resync after a
     /// crash; md's write-intent bitmap waits 5 s by default, and so do we.
     pub clear_interval_ms: AtomicU64,
+    /// Bitmap chunks changed in memory and not yet written to every plex. Raised before the
+    /// service clears a bit, so a reader that sees the bit gone and this at 0 knows the
+    /// plexes' bitmaps say the same.
+    pub bitmap_writes_pending: AtomicU64,
     /// How many plexes the operator asked for (scheduled), against those present (actual).
     pub scheduled: AtomicU64,
     /// Why the mirror was assembled the way it was, for `bdev_mirror_get_mirrors`.

@@ -380,6 +380,7 @@ pub fn describe(core: &Core) -> Value {
         "region_size": region,
         "regions": core.intent.regions,
         "dirty_regions": core.intent.dirty.count(),
+        "bitmap_writes_pending": core.bitmap_writes_pending.load(Ordering::SeqCst),
         "resync_rate_bytes_per_sec": core.resync_rate.load(Ordering::Relaxed),
         "bitmap_clear_interval_ms": core.clear_interval_ms.load(Ordering::Relaxed),
         "scheduled_plexes": core.scheduled.load(Ordering::Acquire),

@@ -210,6 +210,9 @@ impl Service {
             self.probe_faulted();
         }
         busy |= self.step_resync();
+        self.core
+            .bitmap_writes_pending
+            .store(self.bitmap_chunks_unwritten(), Ordering::SeqCst);
         if busy || !self.ops.is_empty() || self.resync.is_some() {
             PollStatus::Busy
         } else {
@@ -506,6 +509,12 @@ impl Service {
         }
         let intent = &self.core.intent;
         let dirty: Vec<u64> = intent.dirty.iter_set().collect();
+        // Counted before any bit goes (see `Core::bitmap_writes_pending`); made exact at the
+        // end of the pass.
+        self.core.bitmap_writes_pending.store(
+            self.bitmap_chunks_unwritten() + dirty.len() as u64,
+            Ordering::SeqCst,
+        );
         for r in dirty {
             let c = self.core.layout.chunk_of(r);
             if self.chunks_busy.contains_key(&c) || self.chunks_wanted.contains(&c) {
@@ -1044,6 +1053,10 @@ impl Service {
             .map(|r| layout.chunk_of(r))
             .collect();
         self.chunks_wanted.extend(chunks);
+    }
+
+    fn bitmap_chunks_unwritten(&self) -> u64 {
+        (self.chunks_wanted.len() + self.chunks_busy.len()) as u64
     }
 
     pub fn is_quiet(&self) -> bool {
