@@ -17,6 +17,8 @@ pub struct App {
     pub nvme: crate::bdev::nvme::NvmeModule,
     /// Mirrors (`bdev_mirror_*`).
     pub mirror: crate::bdev::mirror::MirrorModule,
+    /// Volume stores (`bdev_lvol_*`).
+    pub lvol: crate::bdev::lvol::LvolModule,
     pub started: Instant,
 }
 
@@ -30,13 +32,16 @@ impl App {
             nvmf: Arc::default(),
             nvme: Default::default(),
             mirror: Default::default(),
+            lvol: Default::default(),
             started: Instant::now(),
         });
-        // Modules' examine steps: a mirror takes back a plex whose bdev reappears.
+        // Modules' examine steps: a mirror takes back a plex whose bdev reappears; a bdev
+        // that holds a volume store is loaded as one.
         let weak = Arc::downgrade(&app);
         app.bdevs.add_examiner(move |e| {
             if let Some(app) = weak.upgrade() {
                 app.mirror.examine(&app, e);
+                app.lvol.examine(&app, e);
             }
         });
         Ok(app)

@@ -17,6 +17,7 @@
 //!   appears, to recognise its own metadata on it.
 
 pub mod histogram;
+pub mod lvol;
 pub mod malloc;
 pub mod mirror;
 pub mod null;

@@ -92,6 +92,7 @@ impl Methods {
         crate::bdev::rpc::register(&mut m);
         crate::bdev::nvme::rpc::register(&mut m);
         crate::bdev::mirror::rpc::register(&mut m);
+        crate::bdev::lvol::rpc::register(&mut m);
         crate::nvmf::rpc::register(&mut m);
         spdk_settings::register(&mut m);
         #[cfg(feature = "fault-injection")]

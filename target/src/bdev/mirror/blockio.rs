@@ -6,7 +6,8 @@ use crate::bdev::{BdevEntry, BdevIo, BufView, IoStatus, IoType};
 use crate::reactor::{fn_poller, PollStatus, ReactorHandle};
 use std::sync::Arc;
 
-/// One I/O of a batch. A read gets a buffer of `nblocks` blocks; a write brings `data`.
+/// One I/O of a batch. A read gets a buffer of `nblocks` blocks; a write brings `data`; any
+/// other type (write zeroes, unmap) carries none.
 pub struct BlockIo {
     pub bdev: Arc<BdevEntry>,
     pub io_type: IoType,
@@ -67,6 +68,7 @@ pub async fn run(home: &ReactorHandle, batch: Vec<BlockIo>) -> Vec<Result<Vec<u8
             let bs = io.bdev.info().block_size as usize;
             let bufs = match io.data {
                 Some(b) => smallvec::smallvec![b],
+                None if io.io_type != IoType::Read => smallvec::SmallVec::new(),
                 None => match BufView::new(io.nblocks as usize * bs) {
                     Ok(b) => smallvec::smallvec![b],
                     Err(_) => {

@@ -1,0 +1,306 @@
+//! Volume stores on one real plexd, over a file (uring) base, driven through JSON-RPC with
+//! SPDK's method names and read and written over NVMe/TCP: thin allocation, zeroes where
+//! nothing was written, snapshots and clones, a full store, and the store found again after
+//! plexd is killed with `kill -9`.
+
+mod bdev_nvme_common;
+
+use bdev_nvme_common::*;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+const CLUSTER: u64 = MIB;
+
+struct Node {
+    dir: tempfile::TempDir,
+    file: PathBuf,
+}
+
+impl Node {
+    fn new(bytes: u64) -> Node {
+        let dir = temp_dir();
+        let file = dir.path().join("base.img");
+        std::fs::File::create(&file)
+            .unwrap()
+            .set_len(bytes)
+            .unwrap();
+        Node { dir, file }
+    }
+
+    fn start(&self, tag: &str) -> Plexd {
+        let p = Plexd::start(self.dir.path(), tag, &["-m", "0x1"]);
+        p.ok(
+            "bdev_uring_create",
+            json!({"name": "base", "filename": self.file.to_str().unwrap(), "block_size": 512}),
+        );
+        p
+    }
+}
+
+fn lvols(p: &Plexd) -> Vec<Value> {
+    p.ok("bdev_lvol_get_lvols", json!({}))
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn lvol(p: &Plexd, name: &str) -> Value {
+    lvols(p)
+        .into_iter()
+        .find(|l| l["name"] == name)
+        .unwrap_or_else(|| panic!("no lvol {name}: {:?}", lvols(p)))
+}
+
+fn store(p: &Plexd) -> Value {
+    p.ok("bdev_lvol_get_lvstores", json!({}))[0].clone()
+}
+
+/// Exports bdev `bdev` as its own subsystem on a free port; returns the port and NQN.
+fn export(p: &Plexd, bdev: &str, n: u32) -> (u16, String) {
+    let nqn = format!("nqn.2024-01.io.plexstor:lvol-{n}");
+    let port = free_port();
+    let _ = p.call("nvmf_create_transport", json!({"trtype": "TCP"}));
+    p.ok(
+        "nvmf_create_subsystem",
+        json!({"nqn": nqn, "allow_any_host": true, "serial_number": format!("SN{n}")}),
+    );
+    p.ok(
+        "nvmf_subsystem_add_ns",
+        json!({"nqn": nqn, "namespace": {"bdev_name": bdev}}),
+    );
+    p.ok(
+        "nvmf_subsystem_add_listener",
+        json!({"nqn": nqn, "listen_address": {"trtype": "TCP", "adrfam": "IPv4",
+                "traddr": "127.0.0.1", "trsvcid": port.to_string()}}),
+    );
+    (port, nqn)
+}
+
+#[test]
+fn thin_lvols_snapshots_and_clones_keep_their_data_across_a_kill() {
+    let node = Node::new(96 * MIB);
+    let mut p = node.start("a");
+    let lvs = p.ok(
+        "bdev_lvol_create_lvstore",
+        json!({"bdev_name": "base", "lvs_name": "lvs", "cluster_sz": CLUSTER}),
+    );
+    let s = store(&p);
+    assert_eq!(s["uuid"], lvs);
+    let total = s["total_data_clusters"].as_u64().unwrap();
+    assert_eq!(s["free_clusters"], total);
+    assert!(total > 64 && total < 96, "{s}");
+
+    // A thin lvol: nothing allocated until written; a thick one: everything at once.
+    let v1 = p.ok(
+        "bdev_lvol_create",
+        json!({"lvol_name": "v1", "size_in_mib": 32, "thin_provision": true, "lvs_name": "lvs"}),
+    );
+    p.ok(
+        "bdev_lvol_create",
+        json!({"lvol_name": "thick", "size_in_mib": 4, "thin_provision": false, "lvs_name": "lvs"}),
+    );
+    assert_eq!(lvol(&p, "v1")["num_allocated_clusters"], 0);
+    assert_eq!(lvol(&p, "thick")["num_allocated_clusters"], 4);
+    assert_eq!(store(&p)["free_clusters"], total - 4);
+    let b = &p.ok("bdev_get_bdevs", json!({"name": "lvs/v1"}))[0];
+    assert_eq!(b["name"], v1);
+    assert_eq!(b["num_blocks"], 32 * MIB / 512);
+
+    let (port, nqn) = export(&p, "lvs/v1", 1);
+    let mut host = Driver::connect(port, &nqn);
+    assert!(
+        host.read(0, 8192).unwrap().iter().all(|&b| b == 0),
+        "never written reads zeroes"
+    );
+    // Writes: one inside a cluster, one across a cluster boundary.
+    let across = CLUSTER / 512 - 8;
+    let w1 = pattern(1, 100, 64 << 10, 512);
+    let w2 = pattern(2, across, 8192, 512);
+    host.write(100, w1.clone()).unwrap();
+    host.write(across, w2.clone()).unwrap();
+    assert_eq!(host.read(100, w1.len()).unwrap(), w1);
+    assert_eq!(host.read(across, w2.len()).unwrap(), w2);
+    // The rest of a newly allocated cluster reads zeroes.
+    assert!(host.read(0, 100 * 512).unwrap().iter().all(|&b| b == 0));
+    assert_eq!(lvol(&p, "v1")["num_allocated_clusters"], 2);
+
+    // Snapshot: a point in time; the lvol goes on writing over it.
+    let snap = p.ok(
+        "bdev_lvol_snapshot",
+        json!({"lvol_name": "lvs/v1", "snapshot_name": "snap1"}),
+    );
+    let w3 = pattern(3, 100, 4096, 512);
+    host.write(100, w3.clone()).unwrap();
+    let mut now = w1.clone();
+    now[..4096].copy_from_slice(&w3);
+    assert_eq!(host.read(100, now.len()).unwrap(), now);
+    let sn = lvol(&p, "snap1");
+    assert_eq!(sn["is_snapshot"], true);
+    assert_eq!(sn["uuid"], snap);
+    assert_eq!(sn["num_allocated_clusters"], 2);
+    assert_eq!(lvol(&p, "v1")["is_clone"], true);
+    assert_eq!(
+        lvol(&p, "v1")["num_allocated_clusters"],
+        1,
+        "copied on write"
+    );
+
+    // A clone of the snapshot sees the snapshot's data, and its writes stay its own.
+    p.ok(
+        "bdev_lvol_clone",
+        json!({"snapshot_name": "lvs/snap1", "clone_name": "c1"}),
+    );
+    let (cport, cnqn) = export(&p, "lvs/c1", 2);
+    let mut chost = Driver::connect(cport, &cnqn);
+    assert_eq!(chost.read(100, w1.len()).unwrap(), w1);
+    assert_eq!(chost.read(across, w2.len()).unwrap(), w2);
+    let w4 = pattern(4, across, 4096, 512);
+    chost.write(across, w4.clone()).unwrap();
+    assert_eq!(
+        host.read(across, w2.len()).unwrap(),
+        w2,
+        "the origin is untouched"
+    );
+
+    // The snapshot cannot go while clones depend on it, and says which.
+    let (_, msg) = p
+        .call("bdev_lvol_delete", json!({"name": "lvs/snap1"}))
+        .unwrap_err();
+    assert!(msg.contains("c1") && msg.contains("v1"), "{msg}");
+
+    // Writes to a snapshot are refused.
+    let (sport, snqn) = export(&p, "lvs/snap1", 3);
+    let mut shost = Driver::connect(sport, &snqn);
+    assert!(shost.write(0, vec![1u8; 512]).is_err());
+    assert_eq!(shost.read(100, w1.len()).unwrap(), w1);
+    drop((host, chost, shost));
+
+    // kill -9, then the base comes back: examine finds the store and every lvol.
+    p.kill();
+    let p = node.start("b");
+    let t0 = Instant::now();
+    while p
+        .ok("bdev_lvol_get_lvstores", json!({}))
+        .as_array()
+        .unwrap()
+        .is_empty()
+    {
+        assert!(t0.elapsed() < Duration::from_secs(10), "{}", p.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let names: Vec<String> = lvols(&p)
+        .iter()
+        .map(|l| l["name"].as_str().unwrap().to_string())
+        .collect();
+    for n in ["v1", "thick", "snap1", "c1"] {
+        assert!(names.contains(&n.to_string()), "{names:?}");
+    }
+    let (port, nqn) = export(&p, "lvs/v1", 1);
+    let mut host = Driver::connect(port, &nqn);
+    assert_eq!(host.read(100, now.len()).unwrap(), now);
+    assert_eq!(host.read(across, w2.len()).unwrap(), w2);
+    let (cport, cnqn) = export(&p, "lvs/c1", 2);
+    let mut chost = Driver::connect(cport, &cnqn);
+    let mut cexp = w2.clone();
+    cexp[..4096].copy_from_slice(&w4);
+    assert_eq!(chost.read(across, cexp.len()).unwrap(), cexp);
+    assert_eq!(chost.read(100, w1.len()).unwrap(), w1);
+}
+
+#[test]
+fn a_full_store_fails_the_write_that_needs_a_cluster_and_nothing_else() {
+    let node = Node::new(32 * MIB);
+    let p = node.start("a");
+    p.ok(
+        "bdev_lvol_create_lvstore",
+        json!({"bdev_name": "base", "lvs_name": "lvs", "cluster_sz": CLUSTER}),
+    );
+    let total = store(&p)["total_data_clusters"].as_u64().unwrap();
+    // Two thin lvols, each as large as the whole store.
+    for n in ["a", "b"] {
+        p.ok(
+            "bdev_lvol_create",
+            json!({"lvol_name": n, "size_in_mib": total, "thin_provision": true, "lvs_name": "lvs"}),
+        );
+    }
+    let (pa, na) = export(&p, "lvs/a", 1);
+    let (pb, nb) = export(&p, "lvs/b", 2);
+    let mut a = Driver::connect(pa, &na);
+    let mut b = Driver::connect(pb, &nb);
+    b.write(0, vec![7u8; 4096]).unwrap();
+    // a takes every cluster left.
+    for i in 0..total - 1 {
+        a.write(i * CLUSTER / 512, vec![1u8; 4096])
+            .unwrap_or_else(|e| panic!("cluster {i}: {e}"));
+    }
+    assert_eq!(store(&p)["free_clusters"], 0);
+    let e = a
+        .write((total - 1) * CLUSTER / 512, vec![1u8; 4096])
+        .unwrap_err();
+    assert!(
+        format!("{e:?}").contains("sct: 0, sc: 129"),
+        "Capacity Exceeded, not {e:?}"
+    );
+    // Writes into allocated clusters go on, in both lvols; reads too.
+    a.write(8, vec![2u8; 4096]).unwrap();
+    b.write(8, vec![3u8; 4096]).unwrap();
+    assert!(b.read(0, 4096).unwrap().iter().all(|&x| x == 7));
+    // Unmapping a whole cluster gives it back, and the failed write then succeeds.
+    p.ok("bdev_lvol_get_lvols", json!({}));
+    let freed = p.call(
+        "bdev_lvol_resize",
+        json!({"name": "lvs/a", "size_in_mib": total - 2}),
+    );
+    assert!(freed.is_ok(), "{freed:?}");
+    assert_eq!(store(&p)["free_clusters"], 1);
+    b.write(5 * CLUSTER / 512, vec![4u8; 4096]).unwrap();
+    assert!(b
+        .read(5 * CLUSTER / 512, 4096)
+        .unwrap()
+        .iter()
+        .all(|&x| x == 4));
+    assert_eq!(store(&p)["free_clusters"], 0);
+}
+
+#[test]
+fn damaged_metadata_is_refused_at_examine_naming_the_block() {
+    let node = Node::new(32 * MIB);
+    let mut p = node.start("a");
+    p.ok(
+        "bdev_lvol_create_lvstore",
+        json!({"bdev_name": "base", "lvs_name": "lvs", "cluster_sz": CLUSTER}),
+    );
+    p.ok(
+        "bdev_lvol_create",
+        json!({"lvol_name": "v", "size_in_mib": 4, "thin_provision": true, "lvs_name": "lvs"}),
+    );
+    p.kill();
+    // Flip a byte in the current superblock (slot 1, page 1) and in the other slot.
+    let mut bytes = std::fs::read(&node.file).unwrap();
+    bytes[4096 + 20] ^= 0xff;
+    bytes[20] ^= 0xff;
+    std::fs::write(&node.file, &bytes).unwrap();
+    let p = node.start("b");
+    let t0 = Instant::now();
+    while !p.log_text().contains("store not loaded") {
+        assert!(t0.elapsed() < Duration::from_secs(10), "{}", p.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = p.log_text();
+    assert!(
+        log.contains("slot 1 (page 1)") && log.contains("checksum"),
+        "{log}"
+    );
+    assert!(p
+        .ok("bdev_lvol_get_lvstores", json!({}))
+        .as_array()
+        .unwrap()
+        .is_empty());
+    // The base was not claimed: it can be used (or a store made on it again).
+    p.ok(
+        "bdev_lvol_create_lvstore",
+        json!({"bdev_name": "base", "lvs_name": "lvs2", "cluster_sz": CLUSTER}),
+    );
+}
