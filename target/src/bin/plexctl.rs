@@ -57,6 +57,25 @@ enum Cmd {
     /// Volumes mirrored across the nodes of a nodes file (-s is not used: each node's
     /// socket comes from that file).
     Volume(plexstor_volume::cli::VolumeArgs),
+    /// Logical volume stores.
+    Lvstore {
+        #[command(subcommand)]
+        cmd: LvstoreCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum LvstoreCmd {
+    /// Checks a store's metadata: every cluster owned at most once, every parent there,
+    /// the journal whole. A live store (by name) is read back from its base and compared
+    /// with plexd's view; `--file` reads a device or image directly, with no plexd.
+    Check {
+        /// The store's name (live).
+        name: Option<String>,
+        /// A file or block device holding a store (offline).
+        #[arg(long, conflicts_with = "name")]
+        file: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -174,6 +193,14 @@ fn run(args: Args) -> Result<(), CallError> {
         return plexstor_volume::cli::run(v, timeout)
             .map_err(|e| CallError::Transport(e.to_string()));
     }
+    if let Cmd::Lvstore {
+        cmd: LvstoreCmd::Check {
+            file: Some(path), ..
+        },
+    } = &args.cmd
+    {
+        return check_offline(path);
+    }
     // Parse what we can before connecting, so a typo never reaches plexd.
     let params = match &args.cmd {
         Cmd::Call {
@@ -212,8 +239,69 @@ fn run(args: Args) -> Result<(), CallError> {
         Cmd::Version => println!("{}", version(&c.call("spdk_get_version", None)?)?),
         Cmd::SaveConfig => print_json(&c.call("save_config", None)?),
         Cmd::Volume(_) => unreachable!("dispatched above"),
+        Cmd::Lvstore {
+            cmd: LvstoreCmd::Check { name, .. },
+        } => {
+            let name = name.ok_or_else(|| {
+                CallError::Transport("give a store name, or --file for an offline store".into())
+            })?;
+            let v = c.call("bdev_lvol_check_lvstore", Some(json!({"lvs_name": name})))?;
+            let problems: Vec<String> = v["problems"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|p| p.as_str().unwrap_or("?").to_string())
+                        .collect()
+                })
+                .unwrap_or_default();
+            report_check(&format!("store {name} ({})", v["uuid"]), &v, &problems)?;
+        }
     }
     Ok(())
+}
+
+/// Prints a store check; fails when it found problems.
+fn report_check(what: &str, v: &Value, problems: &[String]) -> Result<(), CallError> {
+    println!(
+        "{what}: {} clusters, {} free, {} lvols and snapshots",
+        v["total_data_clusters"], v["free_clusters"], v["lvols"]
+    );
+    if problems.is_empty() {
+        println!("no problems found");
+        return Ok(());
+    }
+    for p in problems {
+        println!("problem: {p}");
+    }
+    Err(CallError::Transport(format!(
+        "{} problems found",
+        problems.len()
+    )))
+}
+
+fn check_offline(path: &Path) -> Result<(), CallError> {
+    use plexd::bdev::lvol::image;
+    use std::io::Seek;
+    let fail = |e: String| CallError::Transport(format!("{}: {e}", path.display()));
+    let mut f = std::fs::File::open(path).map_err(|e| fail(e.to_string()))?;
+    let size = f
+        .seek(std::io::SeekFrom::End(0))
+        .map_err(|e| fail(e.to_string()))?;
+    match image::read_file(&mut f, size) {
+        Ok(Some((sb, st))) => {
+            let v = json!({
+                "total_data_clusters": st.total_clusters,
+                "free_clusters": st.free_clusters(),
+                "lvols": st.blobs.len(),
+            });
+            report_check(&format!("store {} ({})", st.name, sb.uuid), &v, &st.check())
+        }
+        Ok(None) => Err(fail("holds no volume store".into())),
+        Err(e) => {
+            println!("problem: {e}");
+            Err(fail("the store cannot be loaded".into()))
+        }
+    }
 }
 
 fn print_json(v: &Value) {

@@ -215,35 +215,44 @@ impl Superblock {
                 "superblock version {version}; this plexd reads version {VERSION}"
             ));
         }
-        let _flags = r.u32()?;
+        // Reserved fields are zero: a version that gives them a meaning bumps VERSION.
+        let mut reserved = r.u32()? as u64;
         let seq = r.u64()?;
         let uuid = r.uuid()?;
         let cluster_size = r.u64()?;
         let block_size = r.u32()?;
-        r.u32()?;
+        reserved |= r.u32()? as u64;
+        let data_offset = r.u64()?;
+        let total_clusters = r.u64()?;
+        let journal_page = r.u64()?;
+        let journal_pages = r.u64()?;
+        let ckpt_page = [r.u64()?, r.u64()?];
+        let ckpt_pages = r.u64()?;
+        let active = r.u8()?;
+        reserved |= r.take(7)?.iter().map(|&b| b as u64).sum::<u64>();
+        let ckpt_len = r.u64()?;
+        let ckpt_crc = r.u32()?;
+        reserved |= r.u32()? as u64;
+        let journal_seq = r.u64()?;
+        let used = 8 + r.pos;
+        if reserved != 0 || page[used..PAGE - 4].iter().any(|&b| b != 0) {
+            return err("superblock has bytes set in its reserved fields");
+        }
         let sb = Superblock {
             seq,
             uuid,
             cluster_size,
             block_size,
-            data_offset: r.u64()?,
-            total_clusters: r.u64()?,
-            journal_page: r.u64()?,
-            journal_pages: r.u64()?,
-            ckpt_page: [r.u64()?, r.u64()?],
-            ckpt_pages: r.u64()?,
-            active: {
-                let a = r.u8()?;
-                r.take(7)?;
-                a
-            },
-            ckpt_len: r.u64()?,
-            ckpt_crc: {
-                let c = r.u32()?;
-                r.u32()?;
-                c
-            },
-            journal_seq: r.u64()?,
+            data_offset,
+            total_clusters,
+            journal_page,
+            journal_pages,
+            ckpt_page,
+            ckpt_pages,
+            active,
+            ckpt_len,
+            ckpt_crc,
+            journal_seq,
         };
         sb.validate()?;
         Ok(sb)
@@ -262,7 +271,9 @@ impl Superblock {
         if self.active > 1 {
             return err(format!("active checkpoint {} is not 0 or 1", self.active));
         }
-        if self.total_clusters == 0 || self.total_clusters > u32::MAX as u64 - 1 {
+        // 2^26 clusters is 256 TiB at 4 MiB; the bound keeps a damaged count from making a
+        // load allocate gigabytes.
+        if self.total_clusters == 0 || self.total_clusters > 1 << 26 {
             return err(format!("{} clusters is invalid", self.total_clusters));
         }
         if self.journal_pages < 2 || self.ckpt_pages == 0 {

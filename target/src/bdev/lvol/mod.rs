@@ -13,6 +13,7 @@
 
 pub mod channel;
 pub mod format;
+pub mod image;
 pub mod rpc;
 pub mod state;
 pub mod store;

@@ -512,7 +512,7 @@ pub fn register(m: &mut Methods) {
                         let st = lock(&svc.core.state);
                         let old = lv.view();
                         if let Some(b) = st.blobs.get(&id) {
-                            let v = super::BlobView::new(id, &b.map, old.parent.clone());
+                            let v = super::BlobView::new(id, &b.dense(), old.parent.clone());
                             lock(&svc.core.views).insert(id, v.clone());
                             lv.set_view(v);
                         }
@@ -553,7 +553,7 @@ pub fn register(m: &mut Methods) {
                             let old = lv.view();
                             let st = lock(&svc.core.state);
                             if let Some(b) = st.blobs.get(&new_id) {
-                                let v = super::BlobView::new(new_id, &b.map, Some(old));
+                                let v = super::BlobView::new(new_id, &b.dense(), Some(old));
                                 lock(&svc.core.views).insert(new_id, v.clone());
                                 lv.set_view(v);
                             }
@@ -657,4 +657,51 @@ pub fn register(m: &mut Methods) {
         .await?;
         Ok::<_, RpcError>(true)
     });
+    m.add(
+        "bdev_lvol_check_lvstore",
+        |app: Arc<App>, p: StoreSel| async move {
+            let s = store_of(&app, p.lvs_name.as_deref(), p.uuid.as_deref())?;
+            Ok::<_, RpcError>(check_live(&s).await)
+        },
+    );
+}
+
+/// Reads the store's metadata back from its base, checks it, and compares it with the state
+/// in memory (a few times: a journal write may land between the two looks).
+async fn check_live(s: &StoreCore) -> Value {
+    let mut problems = lock(&s.state).check();
+    let mut matches = false;
+    for _ in 0..50 {
+        match store::read_store(&s.home, &s.base).await {
+            Ok(Some((_, disk, _))) => {
+                problems.extend(disk.check().into_iter().map(|p| format!("on disk: {p}")));
+                if disk == *lock(&s.state) {
+                    matches = true;
+                    break;
+                }
+            }
+            Ok(None) => {
+                problems.push("no store metadata on the base".into());
+                break;
+            }
+            Err(e) => {
+                problems.push(format!("on disk: {e}"));
+                break;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    problems.dedup();
+    if !matches && problems.is_empty() {
+        problems.push("the metadata on disk differs from the store in memory".into());
+    }
+    let st = lock(&s.state);
+    json!({
+        "name": st.name,
+        "uuid": s.uuid,
+        "total_data_clusters": st.total_clusters,
+        "free_clusters": st.free_clusters(),
+        "lvols": st.blobs.len(),
+        "problems": problems,
+    })
 }

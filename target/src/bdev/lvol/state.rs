@@ -8,19 +8,39 @@ use super::format::{BlobRecord, Checkpoint, Extent, Op, READ_ONLY, SNAPSHOT, THI
 use std::collections::BTreeMap;
 use uuid::Uuid;
 
-/// Map entry of an index with no cluster of its own.
+/// Map entry of an index with no cluster of its own (in the data path's dense maps).
 pub const UNALLOCATED: u32 = u32::MAX;
+/// The most clusters one blob may span (64 TiB at 4 MiB clusters): its dense map in the data
+/// path is 4 bytes per cluster.
+pub const MAX_BLOB_CLUSTERS: u64 = 1 << 24;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Blob {
     pub rec: BlobRecord,
-    /// Index → cluster, or [`UNALLOCATED`]; as long as the blob.
-    pub map: Vec<u32>,
+    /// Index → cluster, for the indexes that have one: memory follows what was written, not
+    /// the size a thin blob claims (a damaged size cannot make a load allocate much).
+    pub map: BTreeMap<u32, u32>,
 }
 
 impl Blob {
     pub fn allocated(&self) -> u64 {
-        self.map.iter().filter(|&&c| c != UNALLOCATED).count() as u64
+        self.map.len() as u64
+    }
+
+    /// The cluster of index `i`, or [`UNALLOCATED`].
+    pub fn get(&self, i: u32) -> u32 {
+        self.map.get(&i).copied().unwrap_or(UNALLOCATED)
+    }
+
+    /// The map as the data path holds it: one entry per index.
+    pub fn dense(&self) -> Vec<u32> {
+        let mut v = vec![UNALLOCATED; self.rec.clusters as usize];
+        for (&i, &c) in &self.map {
+            if let Some(e) = v.get_mut(i as usize) {
+                *e = c;
+            }
+        }
+        v
     }
     pub fn is_snapshot(&self) -> bool {
         self.rec.flags & SNAPSHOT != 0
@@ -163,15 +183,14 @@ impl State {
                     self.blob(rec.parent)?;
                 }
                 self.check_name_free(&rec.name, 0)?;
-                let n = usize::try_from(rec.clusters)
-                    .ok()
-                    .filter(|&n| n <= u32::MAX as usize)
-                    .ok_or_else(|| format!("blob {} of {} clusters", rec.id, rec.clusters))?;
+                if rec.clusters > MAX_BLOB_CLUSTERS {
+                    return bad(format!("blob {} of {} clusters", rec.id, rec.clusters));
+                }
                 self.blobs.insert(
                     rec.id,
                     Blob {
                         rec: rec.clone(),
-                        map: vec![UNALLOCATED; n],
+                        map: BTreeMap::new(),
                     },
                 );
                 self.next_blob = self.next_blob.max(rec.id.saturating_add(1));
@@ -184,7 +203,7 @@ impl State {
                     .blobs
                     .remove(id)
                     .ok_or_else(|| format!("blob {id} does not exist"))?;
-                self.release(b.map);
+                self.release(b.map.into_values().collect());
             }
             &Op::Alloc {
                 blob,
@@ -194,11 +213,11 @@ impl State {
             } => {
                 self.check_cluster_range(cluster, count)?;
                 let b = self.blob(blob)?;
-                if index as u64 + count as u64 > b.map.len() as u64 {
+                if index as u64 + count as u64 > b.rec.clusters {
                     return bad(format!("blob {blob}: index {index}+{count} past its end"));
                 }
                 for i in 0..count {
-                    if b.map[(index + i) as usize] != UNALLOCATED {
+                    if b.map.contains_key(&(index + i)) {
                         return bad(format!("blob {blob}: index {} has a cluster", index + i));
                     }
                     if self.is_used(cluster + i) {
@@ -210,36 +229,24 @@ impl State {
                 }
                 let b = self.blob_mut(blob)?;
                 for i in 0..count {
-                    b.map[(index + i) as usize] = cluster + i;
+                    b.map.insert(index + i, cluster + i);
                 }
             }
             &Op::Free { blob, index, count } => {
                 let b = self.blob_mut(blob)?;
-                let end = (index as u64 + count as u64).min(b.map.len() as u64) as usize;
-                let freed: Vec<u32> = b
-                    .map
-                    .get_mut(index as usize..end)
-                    .map(|s| {
-                        s.iter_mut()
-                            .map(|c| std::mem::replace(c, UNALLOCATED))
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let end = index.saturating_add(count);
+                let gone: Vec<u32> = b.map.range(index..end).map(|(&i, _)| i).collect();
+                let freed = gone.iter().filter_map(|i| b.map.remove(i)).collect();
                 self.release(freed);
             }
             &Op::Resize { blob, clusters } => {
-                if clusters > u32::MAX as u64 {
+                if clusters > MAX_BLOB_CLUSTERS {
                     return bad(format!("blob {blob}: {clusters} clusters"));
                 }
                 let b = self.blob_mut(blob)?;
-                let freed = if (clusters as usize) < b.map.len() {
-                    b.map.split_off(clusters as usize)
-                } else {
-                    b.map.resize(clusters as usize, UNALLOCATED);
-                    Vec::new()
-                };
+                let freed = b.map.split_off(&(clusters as u32));
                 b.rec.clusters = clusters;
-                self.release(freed);
+                self.release(freed.into_values().collect());
             }
             Op::Snapshot {
                 origin,
@@ -259,7 +266,7 @@ impl State {
                     parent: *origin,
                     ..o.rec.clone()
                 };
-                let map = vec![UNALLOCATED; o.map.len()];
+                let map = BTreeMap::new();
                 o.rec.flags |= SNAPSHOT | READ_ONLY;
                 o.rec.uuid = *uuid;
                 o.rec.name = name.clone();
@@ -315,16 +322,13 @@ impl State {
             .values()
             .map(|b| {
                 let mut extents: Vec<Extent> = Vec::new();
-                for (i, &c) in b.map.iter().enumerate() {
-                    if c == UNALLOCATED {
-                        continue;
-                    }
+                for (&i, &c) in &b.map {
                     match extents.last_mut() {
-                        Some(e) if e.index + e.count == i as u32 && e.cluster + e.count == c => {
+                        Some(e) if e.index + e.count == i && e.cluster + e.count == c => {
                             e.count += 1
                         }
                         _ => extents.push(Extent {
-                            index: i as u32,
+                            index: i,
                             cluster: c,
                             count: 1,
                         }),
@@ -379,30 +383,28 @@ impl State {
     /// Every invariant, checked from scratch: each problem found, in words.
     pub fn check(&self) -> Vec<String> {
         let mut problems = Vec::new();
-        let mut owner: Vec<Option<(u32, usize)>> = vec![None; self.total_clusters as usize];
+        // Each cluster's owner, as (blob, index); blob 0 is nobody.
+        let mut owner: Vec<(u32, u32)> = vec![(0, 0); self.total_clusters as usize];
         for b in self.blobs.values() {
-            if b.map.len() as u64 != b.rec.clusters {
-                problems.push(format!(
-                    "blob {} has {} map entries for {} clusters",
-                    b.rec.id,
-                    b.map.len(),
-                    b.rec.clusters
-                ));
-            }
-            for (i, &c) in b.map.iter().enumerate() {
-                if c == UNALLOCATED {
-                    continue;
+            if let Some((&last, _)) = b.map.last_key_value() {
+                if last as u64 >= b.rec.clusters {
+                    problems.push(format!(
+                        "blob {} maps index {last}, past its {} clusters",
+                        b.rec.id, b.rec.clusters
+                    ));
                 }
+            }
+            for (&i, &c) in &b.map {
                 match owner.get_mut(c as usize) {
                     None => problems.push(format!(
                         "blob {} index {i}: cluster {c} past the end",
                         b.rec.id
                     )),
-                    Some(Some((ob, oi))) => problems.push(format!(
+                    Some(&mut (ob, oi)) if ob != 0 => problems.push(format!(
                         "cluster {c} owned twice: blob {ob} index {oi} and blob {} index {i}",
                         b.rec.id
                     )),
-                    Some(o) => *o = Some((b.rec.id, i)),
+                    Some(o) => *o = (b.rec.id, i),
                 }
                 if c >= self.clean_from {
                     problems.push(format!(
@@ -442,8 +444,8 @@ impl State {
                 problems.push(format!("name {} is used twice", b.rec.name));
             }
         }
-        for (c, o) in owner.iter().enumerate() {
-            if o.is_some() != self.is_used(c as u32) {
+        for (c, &(ob, _)) in owner.iter().enumerate() {
+            if (ob != 0) != self.is_used(c as u32) {
                 problems.push(format!(
                     "cluster {c}: the free map says {}, the blobs say {}",
                     if self.is_used(c as u32) {
@@ -451,7 +453,7 @@ impl State {
                     } else {
                         "free"
                     },
-                    if o.is_some() { "used" } else { "free" },
+                    if ob != 0 { "used" } else { "free" },
                 ));
             }
         }
@@ -516,7 +518,7 @@ mod tests {
         assert_eq!(live.rec.uuid, Uuid::from_u128(1));
         let snap = s.by_name("snap").unwrap();
         assert!(snap.is_snapshot() && snap.is_read_only());
-        assert_eq!(snap.map[0], 3);
+        assert_eq!(snap.get(0), 3);
         assert!(s
             .apply(&Op::DeleteBlob { id: 1 })
             .unwrap_err()
@@ -568,8 +570,8 @@ mod tests {
         s.apply(&Op::CreateBlob(rec(2, "b", 2))).unwrap();
         s.apply(&alloc(1, 0, 1)).unwrap();
         // Damage that apply() would refuse, made by hand.
-        s.blobs.get_mut(&2).unwrap().map[0] = 1;
-        s.blobs.get_mut(&2).unwrap().map[1] = 6;
+        s.blobs.get_mut(&2).unwrap().map.insert(0, 1);
+        s.blobs.get_mut(&2).unwrap().map.insert(1, 6);
         let p = s.check();
         assert!(
             p.iter().any(|p| p.contains("cluster 1 owned twice")),

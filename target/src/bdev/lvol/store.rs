@@ -13,6 +13,7 @@
 //! every I/O that might still be using them has finished before they can be handed out again.
 
 use super::format::{self, Op, Superblock, PAGE};
+use super::image::{self, Resume};
 use super::state::{State, UNALLOCATED};
 use super::{lock, BlobView, LvolBdev, LvolCore};
 use crate::app::App;
@@ -141,7 +142,7 @@ impl StoreCore {
             Some(p) if depth < 256 => Some(Self::view_in(views, s, p, depth + 1)?),
             _ => None,
         };
-        let v = BlobView::new(id, &b.map, parent);
+        let v = BlobView::new(id, &b.dense(), parent);
         views.insert(id, v.clone());
         Some(v)
     }
@@ -296,47 +297,13 @@ pub async fn read_store(
     let head = r
         .remove(0)
         .map_err(|s| io_err("reading the superblocks", s))?;
-    let slots: Vec<&[u8]> = head.chunks(PAGE).collect();
-    if !slots.iter().any(|p| Superblock::has_magic(p)) {
+    let Some(sb) = image::pick_superblock(&head)? else {
         return Ok(None);
-    }
-    let mut found = Vec::new();
-    let mut why = Vec::new();
-    for (i, p) in slots.iter().enumerate() {
-        match Superblock::decode(p) {
-            Ok(sb) => found.push(sb),
-            Err(e) if Superblock::has_magic(p) => {
-                why.push(format!("superblock slot {i} (page {i}): {e}"))
-            }
-            Err(_) => {}
-        }
-    }
-    found.sort_by_key(|s| s.seq);
-    let Some(sb) = found.pop() else {
-        return Err(why.join("; "));
     };
-    if sb.block_size as u64 != bs {
-        return Err(format!(
-            "the store was made on {} byte blocks; {} has {bs}",
-            sb.block_size,
-            base.name()
-        ));
-    }
-    if sb.end_bytes() > base.info().size_bytes() {
-        return Err(format!(
-            "the store needs {} bytes; {} has only {} (truncated?)",
-            sb.end_bytes(),
-            base.name(),
-            base.info().size_bytes()
-        ));
-    }
-    let area = sb.ckpt_page[sb.active as usize];
+    image::check_fits(&sb, bs, base.info().size_bytes(), base.name())?;
+    let (ckpt_page, ckpt_pages) = image::checkpoint_pages(&sb);
     let reads = vec![
-        BlockIo::read(
-            base,
-            page_lba(area),
-            page_lba(sb.ckpt_len.div_ceil(PAGE as u64).max(1)),
-        ),
+        BlockIo::read(base, page_lba(ckpt_page), page_lba(ckpt_pages)),
         BlockIo::read(base, page_lba(sb.journal_page), page_lba(sb.journal_pages)),
     ];
     let mut r = blockio::run(home, reads).await.into_iter();
@@ -348,59 +315,8 @@ pub async fn read_store(
         .next()
         .unwrap_or(Err(IoStatus::Aborted))
         .map_err(|s| io_err("reading the journal", s))?;
-    let ckpt = &ckpt[..sb.ckpt_len as usize];
-    if crc32c::crc32c(ckpt) != sb.ckpt_crc {
-        return Err(format!(
-            "checkpoint at page {area}: checksum mismatch (superblock seq {})",
-            sb.seq
-        ));
-    }
-    let c =
-        format::Checkpoint::decode(ckpt).map_err(|e| format!("checkpoint at page {area}: {e}"))?;
-    if c.uuid != sb.uuid {
-        return Err(format!(
-            "checkpoint at page {area} belongs to store {}",
-            c.uuid
-        ));
-    }
-    let mut state = State::from_checkpoint(&c, sb.total_clusters as u32)
-        .map_err(|e| format!("checkpoint at page {area}: {e}"))?;
-    // Replay the journal from the checkpoint on, page by page, while each page is the next
-    // one in the chain.
-    let mut seq = sb.journal_seq;
-    let mut prev = None;
-    let mut stream = Vec::new();
-    let mut pages = 0;
-    while pages < sb.journal_pages {
-        let at = ((seq % sb.journal_pages) as usize) * PAGE;
-        let page = &journal[at..at + PAGE];
-        let Some(payload) = format::read_journal_page(page, &sb.uuid, seq, prev) else {
-            break;
-        };
-        stream.extend_from_slice(payload);
-        prev = Some(format::sealed_crc(page));
-        seq += 1;
-        pages += 1;
-    }
-    let txns = format::decode_txns(&stream)
-        .map_err(|e| format!("journal from page seq {}: {e}", sb.journal_seq))?;
-    for (i, t) in txns.iter().enumerate() {
-        state
-            .apply_txn(t)
-            .map_err(|e| format!("journal transaction {i} after seq {}: {e}", sb.journal_seq))?;
-    }
-    let problems = state.check();
-    if !problems.is_empty() {
-        return Err(format!("inconsistent metadata: {}", problems.join("; ")));
-    }
-    Ok(Some((sb, state, Resume { seq, prev })))
-}
-
-/// Where the journal goes on after a load: the page replay stopped at, chained to the last
-/// page it took.
-pub struct Resume {
-    pub seq: u64,
-    pub prev: Option<u32>,
+    let (state, resume) = image::replay(&sb, &ckpt, &journal)?;
+    Ok(Some((sb, state, resume)))
 }
 
 /// Loads the store on `base` if it has one (the examine step).
@@ -904,10 +820,11 @@ impl Service {
             let known = s
                 .blobs
                 .get(&blob)
-                .map(|b| b.map.get(index as usize).copied());
+                .filter(|b| (index as u64) < b.rec.clusters)
+                .map(|b| b.get(index));
             match known {
-                Some(Some(UNALLOCATED)) => self.core.view_of(&s, blob),
-                Some(Some(_)) => {
+                Some(UNALLOCATED) => self.core.view_of(&s, blob),
+                Some(_) => {
                     // Allocated meanwhile (a request that crossed the publication).
                     ticket.set(Ticket::DONE);
                     return;
@@ -1096,8 +1013,10 @@ impl Service {
             let s = lock(&self.core.state);
             s.blobs
                 .get(&blob)
-                .and_then(|b| b.map.get(index as usize..(index + count) as usize))
-                .map(|m| m.iter().copied().filter(|&c| c != UNALLOCATED).collect())
+                .map(|b| {
+                    let end = index.saturating_add(count);
+                    b.map.range(index..end).map(|(_, &c)| c).collect()
+                })
                 .unwrap_or_default()
         };
         if clusters.is_empty() {
