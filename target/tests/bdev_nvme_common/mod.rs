@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 mod plexd_proc;
 
 pub use plexd_proc::{free_port, PLEXD};
-use plexd_proc::{read_log, rpc_call, wait_until_up};
+use plexd_proc::{read_log, rpc_call, try_rpc_call, wait_until_up};
 pub const NQN_A: &str = "nqn.2024-01.io.plexstor:bdev-nvme-a";
 pub const NQN_B: &str = "nqn.2024-01.io.plexstor:bdev-nvme-b";
 
@@ -70,6 +70,15 @@ impl Plexd {
     /// One JSON-RPC call: Ok(result) or Err((code, message)).
     pub fn call(&self, method: &str, params: Value) -> Result<Value, (i64, String)> {
         rpc_call(&self.sock, method, params)
+    }
+
+    /// As `call`, with a plexd that dies mid-call an `Err` rather than a panic.
+    pub fn try_call(
+        &self,
+        method: &str,
+        params: Value,
+    ) -> Result<Result<Value, (i64, String)>, String> {
+        try_rpc_call(&self.sock, method, params)
     }
 
     pub fn ok(&self, method: &str, params: Value) -> Value {

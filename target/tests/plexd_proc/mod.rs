@@ -168,14 +168,26 @@ pub fn wait_until_up(child: &mut Child, sock: &Path, log: &Path) {
 }
 
 /// One JSON-RPC call to the plexd on `sock`: the result, or the error's (code, message).
+/// Panics when plexd cannot be reached or does not answer.
 pub fn rpc_call(sock: &Path, method: &str, params: Value) -> Result<Value, (i64, String)> {
-    let mut s = UnixStream::connect(sock).expect("plexd's socket");
+    try_rpc_call(sock, method, params).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// As [`rpc_call`], with a plexd that is gone or goes away mid-call an `Err` of its own
+/// (for tests that kill plexd under a caller).
+pub fn try_rpc_call(
+    sock: &Path,
+    method: &str,
+    params: Value,
+) -> Result<Result<Value, (i64, String)>, String> {
+    let mut s = UnixStream::connect(sock).map_err(|e| format!("plexd's socket: {e}"))?;
     s.set_read_timeout(Some(DEADLINE)).unwrap();
     let mut req = json!({"jsonrpc": "2.0", "id": 1, "method": method});
     if !params.is_null() {
         req["params"] = params;
     }
-    s.write_all(req.to_string().as_bytes()).unwrap();
+    s.write_all(req.to_string().as_bytes())
+        .map_err(|e| format!("{method}: {e}"))?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 65536];
     let reply: Value = loop {
@@ -187,15 +199,17 @@ pub fn rpc_call(sock: &Path, method: &str, params: Value) -> Result<Value, (i64,
         }
         let n = s
             .read(&mut chunk)
-            .unwrap_or_else(|e| panic!("{method}: no answer: {e}"));
-        assert!(n > 0, "{method}: plexd closed without answering");
+            .map_err(|e| format!("{method}: no answer: {e}"))?;
+        if n == 0 {
+            return Err(format!("{method}: plexd closed without answering"));
+        }
         buf.extend_from_slice(&chunk[..n]);
     };
-    match reply.get("error") {
+    Ok(match reply.get("error") {
         Some(e) => Err((
             e["code"].as_i64().unwrap_or(0),
             e["message"].as_str().unwrap_or("").to_string(),
         )),
         None => Ok(reply["result"].clone()),
-    }
+    })
 }
