@@ -550,11 +550,13 @@ pub fn encode_txn(ops: &[Op], out: &mut Vec<u8>) {
     out.extend_from_slice(&w.0);
 }
 
-/// Splits the journal's byte stream into whole transactions. A transaction cut short at the
-/// end (its last pages never written) is left out: it was never acknowledged.
-pub fn decode_txns(stream: &[u8]) -> Result<Vec<Vec<Op>>, FormatError> {
+/// Splits the journal's byte stream into whole transactions, and says how many bytes they
+/// took. A transaction cut short at the end (its last pages never written) is left out: it
+/// was never acknowledged.
+pub fn decode_txns(stream: &[u8]) -> Result<(Vec<Vec<Op>>, usize), FormatError> {
     let mut r = Reader::new(stream);
     let mut txns = Vec::new();
+    let mut whole = 0;
     while !r.at_end() {
         let Ok(len) = r.u32() else { break };
         let Ok(body) = r.take(len as usize) else {
@@ -570,8 +572,9 @@ pub fn decode_txns(stream: &[u8]) -> Result<Vec<Vec<Op>>, FormatError> {
             return err("journal transaction has bytes after its last op");
         }
         txns.push(ops);
+        whole = r.pos;
     }
-    Ok(txns)
+    Ok((txns, whole))
 }
 
 /// One journal page, sealed. `prev_crc` chains it to the page before, so a stale page left
@@ -794,10 +797,12 @@ mod tests {
         let mut stream = Vec::new();
         encode_txn(&ops(), &mut stream);
         encode_txn(&[Op::DeleteBlob { id: 5 }], &mut stream);
-        let txns = decode_txns(&stream).unwrap();
+        let (txns, used) = decode_txns(&stream).unwrap();
         assert_eq!(txns, vec![ops(), vec![Op::DeleteBlob { id: 5 }]]);
-        let cut = decode_txns(&stream[..stream.len() - 1]).unwrap();
+        assert_eq!(used, stream.len());
+        let (cut, used) = decode_txns(&stream[..stream.len() - 1]).unwrap();
         assert_eq!(cut, vec![ops()]);
+        assert!(used < stream.len() - 1, "the torn tail is not counted");
     }
 
     #[test]

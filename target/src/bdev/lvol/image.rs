@@ -13,6 +13,9 @@ use std::io::{Read, Seek, SeekFrom};
 pub struct Resume {
     pub seq: u64,
     pub prev: Option<u32>,
+    /// The journal ends inside a transaction (a torn batch): pages written after it would be
+    /// read as its continuation, so a checkpoint must come before the next journal write.
+    pub torn: bool,
 }
 
 /// The current superblock of the first two pages: `None` when neither looks like one.
@@ -104,7 +107,7 @@ pub fn replay(sb: &Superblock, ckpt: &[u8], journal: &[u8]) -> Result<(State, Re
         prev = Some(format::sealed_crc(page));
         seq += 1;
     }
-    let txns = format::decode_txns(&stream).map_err(|e| {
+    let (txns, used) = format::decode_txns(&stream).map_err(|e| {
         format!(
             "journal from page {}: {e}",
             sb.journal_page + sb.journal_seq % sb.journal_pages
@@ -122,7 +125,14 @@ pub fn replay(sb: &Superblock, ckpt: &[u8], journal: &[u8]) -> Result<(State, Re
     if !problems.is_empty() {
         return Err(format!("inconsistent metadata: {}", problems.join("; ")));
     }
-    Ok((state, Resume { seq, prev }))
+    if c.journal_seq != sb.journal_seq {
+        return Err(format!(
+            "checkpoint at page {area} follows journal page {}, the superblock says {}",
+            c.journal_seq, sb.journal_seq
+        ));
+    }
+    let torn = used < stream.len();
+    Ok((state, Resume { seq, prev, torn }))
 }
 
 /// Reads and replays a store from a file or block device (`plexctl lvstore check`, offline).
@@ -149,4 +159,65 @@ pub fn read_file(
     let journal = read(sb.journal_page, sb.journal_pages)?;
     let (state, _) = replay(&sb, &ckpt, &journal)?;
     Ok(Some((sb, state)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bdev::lvol::format::{encode_txn, journal_page, sealed_crc, Op, JOURNAL_PAYLOAD};
+    use uuid::Uuid;
+
+    /// A store of 64 clusters, its checkpoint at journal page 0, and `stream` as its journal.
+    fn image(stream: &[u8]) -> (Superblock, Vec<u8>, Vec<u8>) {
+        let uuid = Uuid::from_u128(1);
+        let st = State::new(uuid, "lvs".into(), 64, 64);
+        let ckpt = st.to_checkpoint(0).encode();
+        let sb = Superblock {
+            seq: 1,
+            uuid,
+            cluster_size: 1 << 20,
+            block_size: 512,
+            data_offset: 1 << 20,
+            total_clusters: 64,
+            journal_page: 2,
+            journal_pages: 8,
+            ckpt_page: [10, 20],
+            ckpt_pages: 10,
+            active: 0,
+            ckpt_len: ckpt.len() as u64,
+            ckpt_crc: crc32c::crc32c(&ckpt),
+            journal_seq: 0,
+        };
+        let mut journal = vec![0u8; 8 * PAGE];
+        let mut prev = 0;
+        for (i, chunk) in stream.chunks(JOURNAL_PAYLOAD).enumerate() {
+            let page = journal_page(&uuid, i as u64, prev, chunk);
+            prev = sealed_crc(&page);
+            journal[i * PAGE..(i + 1) * PAGE].copy_from_slice(&page);
+        }
+        (sb, ckpt, journal)
+    }
+
+    #[test]
+    fn a_transaction_torn_across_pages_is_left_out_and_flagged() {
+        let mut stream = Vec::new();
+        encode_txn(&[Op::RenameStore { name: "a".into() }], &mut stream);
+        // A transaction long enough to span two pages.
+        let big: Vec<Op> = (0..800)
+            .map(|i| Op::RenameStore {
+                name: format!("name-{i}"),
+            })
+            .collect();
+        encode_txn(&big, &mut stream);
+        let (sb, ckpt, journal) = image(&stream);
+        let (st, r) = replay(&sb, &ckpt, &journal).unwrap();
+        assert_eq!((st.name.as_str(), r.torn), ("name-799", false));
+        assert_eq!(r.seq, stream.len().div_ceil(JOURNAL_PAYLOAD) as u64);
+
+        // Its second page never made it.
+        let mut torn = journal.clone();
+        torn[PAGE + 100] ^= 1;
+        let (st, r) = replay(&sb, &ckpt, &torn).unwrap();
+        assert_eq!((st.name.as_str(), r.torn, r.seq), ("a", true, 1));
+    }
 }

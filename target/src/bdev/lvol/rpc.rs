@@ -138,6 +138,19 @@ fn check_name(name: &str) -> Result<(), RpcError> {
     Ok(())
 }
 
+/// A new lvol, snapshot or clone needs room in the checkpoint, which is sized for
+/// [`store::MAX_BLOBS`].
+fn room_for_one_more(s: &StoreCore) -> Result<(), RpcError> {
+    let n = lock(&s.state).blobs.len() as u64;
+    if n >= store::MAX_BLOBS {
+        return Err(RpcError::errno(
+            libc::ENOSPC,
+            format!("the store holds {n} lvols and snapshots, the most it can"),
+        ));
+    }
+    Ok(())
+}
+
 /// Validates `ops`, journals them, and answers once they are on disk.
 async fn commit(store: &StoreCore, ops: Vec<Op>) -> Result<(), RpcError> {
     let r = store
@@ -410,6 +423,7 @@ pub fn register(m: &mut Methods) {
         |app: Arc<App>, p: CreateLvol| async move {
             check_name(&p.lvol_name)?;
             let s = store_of(&app, p.lvs_name.as_deref(), p.uuid.as_deref())?;
+            room_for_one_more(&s)?;
             let clusters = clusters_for(&s, p.size_in_mib)?;
             if clusters == 0 {
                 return Err(RpcError::invalid_params("size_in_mib must be at least 1"));
@@ -530,6 +544,7 @@ pub fn register(m: &mut Methods) {
         |app: Arc<App>, p: Snapshot| async move {
             check_name(&p.snapshot_name)?;
             let (s, id, l) = lvol_of(&app, &p.lvol_name)?;
+            room_for_one_more(&s)?;
             let snap_uuid = Uuid::new_v4();
             let name = p.snapshot_name.clone();
             let lv = l.clone();
@@ -577,6 +592,7 @@ pub fn register(m: &mut Methods) {
     m.add("bdev_lvol_clone", |app: Arc<App>, p: Clone| async move {
         check_name(&p.clone_name)?;
         let (s, snap, _) = lvol_of(&app, &p.snapshot_name)?;
+        room_for_one_more(&s)?;
         let (clusters, ro) = {
             let st = lock(&s.state);
             let b = st.blob(snap).map_err(RpcError::internal)?;

@@ -187,9 +187,10 @@ pub async fn create(
     let meta_pages = format::SUPER_SLOTS + JOURNAL_PAGES + 2 * ckpt_pages;
     let data_offset = (meta_pages * PAGE as u64).div_ceil(cluster_size) * cluster_size;
     let total = size.saturating_sub(data_offset) / cluster_size;
-    if total == 0 || total >= u32::MAX as u64 {
+    if total == 0 || total > 1 << 26 {
         return Err(format!(
-            "{}: {size} bytes hold no cluster of {cluster_size} after {data_offset} bytes of metadata",
+            "{}: {size} bytes make {total} clusters of {cluster_size} after {data_offset} bytes \
+             of metadata; a store has 1 to 2^26 (use larger clusters)",
             base.name()
         ));
     }
@@ -225,9 +226,16 @@ pub async fn create(
     let home = app.reactors.handles()[0].clone();
     let res = async {
         let page_lba = |p: u64| p * PAGE as u64 / bs as u64;
-        // Old superblocks go first: a crash part-way leaves nothing that looks like a store.
-        let mut first =
-            vec![BlockIo::write(base, 0, &[0u8; 2 * PAGE]).map_err(|s| io_err("superblock", s))?];
+        // Old superblocks go first, on their own: a crash from here on leaves nothing that
+        // looks like a store until the new superblock is written, last.
+        let wipe = vec![
+            BlockIo::write(base, 0, &[0u8; 2 * PAGE]).map_err(|s| io_err("superblock", s))?,
+            BlockIo::flush(base),
+        ];
+        for r in blockio::run(&home, wipe).await {
+            r.map_err(|s| io_err("wiping old superblocks", s))?;
+        }
+        let mut first = Vec::new();
         if clear {
             let mut lba = data_offset / bs as u64;
             let end = sb.end_bytes() / bs as u64;
@@ -259,6 +267,9 @@ pub async fn create(
         for r in blockio::run(&home, first).await {
             r.map_err(|s| io_err("clearing the store", s))?;
         }
+        for r in blockio::run(&home, vec![BlockIo::flush(base)]).await {
+            r.map_err(|s| io_err("flushing", s))?;
+        }
         let slots = vec![
             // Slot seq % 2: each new superblock goes to the slot the current one is not in.
             BlockIo::write(base, page_lba(sb.seq % format::SUPER_SLOTS), &sb.encode())
@@ -266,6 +277,9 @@ pub async fn create(
         ];
         for r in blockio::run(&home, slots).await {
             r.map_err(|s| io_err("superblock", s))?;
+        }
+        for r in blockio::run(&home, vec![BlockIo::flush(base)]).await {
+            r.map_err(|s| io_err("flushing", s))?;
         }
         Ok::<_, String>(())
     }
@@ -347,6 +361,7 @@ async fn start(
     let resume = Resume {
         seq: sb.journal_seq,
         prev: None,
+        torn: false,
     };
     start_with_seq(app, base, sb, state, home, resume).await
 }
@@ -450,6 +465,10 @@ enum Meta {
     Journal,
     Checkpoint,
     Superblock,
+    /// The flush after the checkpoint, before the superblock that points at it.
+    CheckpointFlush,
+    /// The flush after the superblock, before the journal ring is reused.
+    SuperblockFlush,
     /// A fill of the cluster being allocated for `key` (a zeroing, or a copy's read or write).
     Fill {
         key: (u32, u32),
@@ -457,12 +476,26 @@ enum Meta {
     },
 }
 
+/// A journal batch goes: flush (when cluster fills precede it), write its pages, flush, and
+/// only then apply and answer.
+enum Stage {
+    PreFlush,
+    Write,
+    PostFlush,
+}
+
+struct Batch {
+    txns: Vec<(Vec<Op>, Done)>,
+    /// The page writes (one, or two when the batch wraps around the ring).
+    writes: Vec<(u64, u64, BufView)>,
+    stage: Stage,
+    left: u32,
+    err: Option<IoStatus>,
+}
+
 struct Alloc {
     cluster: u32,
     tickets: Vec<Arc<Ticket>>,
-    /// The copy buffer between its read and its write.
-    buf: Option<BufView>,
-    src: Option<u32>,
 }
 
 struct Quarantine {
@@ -484,8 +517,11 @@ pub struct Service {
     next_tag: u64,
     /// Transactions waiting for the journal, and what runs once each is on disk.
     queue: VecDeque<(Vec<Op>, Done)>,
-    /// The batch being written: its transactions and how many writes are left.
-    writing: Option<(Vec<(Vec<Op>, Done)>, u32, Option<IoStatus>)>,
+    /// The batch being written.
+    writing: Option<Batch>,
+    /// Cluster fills completed since the last flush: the next journal write flushes first,
+    /// so no mapping reaches the disk ahead of its cluster's data.
+    fills_unflushed: bool,
     next_seq: u64,
     prev_crc: Option<u32>,
     ckpt: Option<(Superblock, u32)>,
@@ -504,6 +540,19 @@ pub struct Service {
 
 impl Service {
     fn new(core: Arc<StoreCore>, resume: Resume) -> Result<Service, String> {
+        let torn = resume.torn;
+        let mut svc = Self::open(core, resume)?;
+        if torn {
+            tracing::warn!(
+                "lvol store {}: the journal ends in a torn write; writing a checkpoint first",
+                lock(&svc.core.name)
+            );
+            svc.start_checkpoint();
+        }
+        Ok(svc)
+    }
+
+    fn open(core: Arc<StoreCore>, resume: Resume) -> Result<Service, String> {
         let base = core
             .base
             .open_channel()
@@ -516,6 +565,7 @@ impl Service {
             next_tag: 1,
             queue: VecDeque::new(),
             writing: None,
+            fills_unflushed: false,
             next_seq: resume.seq,
             prev_crc: resume.prev,
             ckpt: None,
@@ -663,7 +713,7 @@ impl Service {
         // One write, or two when the batch wraps around the end of the ring.
         let start = (self.next_seq - n) % jn;
         let first_len = (jn - start).min(n) as usize * PAGE;
-        let mut writes = 0;
+        let mut writes = Vec::new();
         let bs = self.core.block_size as u64;
         let page_lba = move |p: u64| p * PAGE as u64 / bs;
         for (at, bytes) in [(start, &pages[..first_len]), (0, &pages[first_len..])] {
@@ -679,24 +729,60 @@ impl Service {
             }
             let lba = page_lba(jp + at);
             let nb = page_lba((bytes.len() / PAGE) as u64);
-            self.submit(IoType::Write, lba, nb, Some(buf), Meta::Journal);
-            writes += 1;
+            writes.push((lba, nb, buf));
         }
-        self.writing = Some((batch, writes, None));
+        let mut b = Batch {
+            txns: batch,
+            writes,
+            stage: Stage::PreFlush,
+            left: 0,
+            err: None,
+        };
+        if std::mem::take(&mut self.fills_unflushed) {
+            b.left = 1;
+            self.writing = Some(b);
+            self.submit(IoType::Flush, 0, 0, None, Meta::Journal);
+        } else {
+            self.writing = Some(b);
+            self.write_batch();
+        }
+    }
+
+    fn write_batch(&mut self) {
+        let Some(b) = self.writing.as_mut() else {
+            return;
+        };
+        b.stage = Stage::Write;
+        let writes = std::mem::take(&mut b.writes);
+        b.left = writes.len() as u32;
+        for (lba, nb, buf) in writes {
+            self.submit(IoType::Write, lba, nb, Some(buf), Meta::Journal);
+        }
     }
 
     fn journal_done(&mut self, status: IoStatus) {
-        let Some((_, left, err)) = self.writing.as_mut() else {
+        let Some(b) = self.writing.as_mut() else {
             return;
         };
-        *left -= 1;
+        b.left -= 1;
         if !status.is_ok() {
-            *err = Some(status);
+            b.err = Some(status);
         }
-        if *left > 0 {
+        if b.left > 0 {
             return;
         }
-        let (batch, _, err) = self.writing.take().expect("checked");
+        match (&b.stage, b.err) {
+            (Stage::PreFlush, None) => return self.write_batch(),
+            (Stage::Write, None) => {
+                b.stage = Stage::PostFlush;
+                b.left = 1;
+                self.submit(IoType::Flush, 0, 0, None, Meta::Journal);
+                return;
+            }
+            _ => {}
+        }
+        let b = self.writing.take().expect("checked");
+        let (batch, err) = (b.txns, b.err);
         if let Some(s) = err {
             self.fail(&format!("journal write failed: {s:?}"));
             for (_, done) in batch {
@@ -748,11 +834,19 @@ impl Service {
     }
 
     fn checkpoint_written(&mut self, status: IoStatus) {
+        if !status.is_ok() {
+            self.fail(&format!("checkpoint write failed: {status:?}"));
+            return;
+        }
+        self.submit(IoType::Flush, 0, 0, None, Meta::CheckpointFlush);
+    }
+
+    fn checkpoint_flushed(&mut self, status: IoStatus) {
         let Some((sb, _)) = self.ckpt.clone() else {
             return;
         };
         if !status.is_ok() {
-            self.fail(&format!("checkpoint write failed: {status:?}"));
+            self.fail(&format!("flush after the checkpoint failed: {status:?}"));
             return;
         }
         let page = sb.encode();
@@ -775,11 +869,19 @@ impl Service {
     }
 
     fn superblock_written(&mut self, status: IoStatus) {
+        if !status.is_ok() {
+            self.fail(&format!("superblock write failed: {status:?}"));
+            return;
+        }
+        self.submit(IoType::Flush, 0, 0, None, Meta::SuperblockFlush);
+    }
+
+    fn superblock_flushed(&mut self, status: IoStatus) {
         let Some((sb, _)) = self.ckpt.take() else {
             return;
         };
         if !status.is_ok() {
-            self.fail(&format!("superblock write failed: {status:?}"));
+            self.fail(&format!("flush after the superblock failed: {status:?}"));
             return;
         }
         // The journal starts afresh after the checkpoint: the first page chains to nothing.
@@ -870,8 +972,6 @@ impl Service {
             Alloc {
                 cluster,
                 tickets: vec![ticket],
-                buf: None,
-                src,
             },
         );
         let key = (blob, index);
@@ -946,12 +1046,14 @@ impl Service {
             self.alloc_failed(key, Ticket::FAILED);
             return;
         }
+        if !read {
+            self.fills_unflushed = true;
+        }
         if read {
-            let Some(a) = self.allocs.get_mut(&key) else {
+            let Some(a) = self.allocs.get(&key) else {
                 return;
             };
             let buf = c.bufs.into_iter().next();
-            a.buf = None;
             let lba = self.core.cluster_lba(a.cluster);
             let cb = self.core.cluster_blocks();
             self.submit(IoType::Write, lba, cb, buf, Meta::Fill { key, read: false });
@@ -988,7 +1090,6 @@ impl Service {
                     }
                     Err(_) => Ticket::FAILED,
                 };
-                let _ = a.src;
                 a.tickets.iter().for_each(|t| t.set(v));
             }),
         );
@@ -1087,6 +1188,8 @@ impl Service {
             Meta::Journal => self.journal_done(c.status),
             Meta::Checkpoint => self.checkpoint_written(c.status),
             Meta::Superblock => self.superblock_written(c.status),
+            Meta::CheckpointFlush => self.checkpoint_flushed(c.status),
+            Meta::SuperblockFlush => self.superblock_flushed(c.status),
             Meta::Fill { key, read } => self.fill_done(key, read, c),
         }
     }

@@ -27,6 +27,17 @@ impl BlockIo {
         }
     }
 
+    /// A flush of the device's write cache.
+    pub fn flush(bdev: &Arc<BdevEntry>) -> BlockIo {
+        BlockIo {
+            bdev: bdev.clone(),
+            io_type: IoType::Flush,
+            offset_blocks: 0,
+            nblocks: 0,
+            data: None,
+        }
+    }
+
     /// A write of `bytes`, padded with zeroes to whole blocks.
     pub fn write(
         bdev: &Arc<BdevEntry>,
