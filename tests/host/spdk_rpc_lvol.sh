@@ -11,7 +11,7 @@ set -u
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 # shellcheck source=../guest/lib.sh
 . "$REPO/tests/guest/lib.sh"
-plan 28
+plan 30
 # shellcheck source=lib/spdk_rpc_common.sh
 . "$REPO/tests/host/lib/spdk_rpc_common.sh"
 
@@ -54,10 +54,13 @@ expect "it says so" '[l["is_read_only"] for l in j if l["name"] == "thick"] == [
 expect "bdev_lvol_rename" 'out.strip() == ""' bdev_lvol_rename lvs/thick frozen
 expect "renamed" '"frozen" in [l["name"] for l in j] and "thick" not in [l["name"] for l in j]' \
     bdev_lvol_get_lvols
+expect "the bdev answers to its new alias" 'j[0]["aliases"] == ["lvs/frozen"]' bdev_get_bdevs -b lvs/frozen
 expect "bdev_lvol_delete of the clone" 'out.strip() == ""' bdev_lvol_delete lvs/c1
 expect "bdev_lvol_rename_lvstore" 'out.strip() == ""' bdev_lvol_rename_lvstore lvs store2
 expect "the store answers to its new name" 'j[0]["name"] == "store2"' \
     bdev_lvol_get_lvstores -l store2
+expect "its lvols' aliases follow" 'j[0]["aliases"] == ["store2/frozen"]' \
+    bdev_get_bdevs -b store2/frozen
 expect "bdev_lvol_delete_lvstore takes its lvols with it" 'out.strip() == ""' \
     bdev_lvol_delete_lvstore -l store2
 expect "no store, no lvol bdev left" 'not any(b["product_name"] == "Logical Volume" for b in j)' \

@@ -409,6 +409,9 @@ pub struct BdevEntry {
     pub histogram: histogram::HistogramCtl,
     /// Who wants to hear of removal and resizes.
     subscribers: Mutex<Vec<(u64, Arc<EventFn>)>>,
+    /// The names it answers to besides its own: the device's at first, then as renamed
+    /// ([`BdevRegistry::rename_alias`]).
+    aliases: Mutex<Vec<String>>,
 }
 
 /// What happened to a bdev, for those who use it.
@@ -458,6 +461,11 @@ impl BdevEntry {
 
     pub fn name(&self) -> &str {
         &self.bdev.info().name
+    }
+
+    /// The names it answers to besides its own.
+    pub fn aliases(&self) -> Vec<String> {
+        lock(&self.aliases).clone()
     }
 
     pub fn claimed_by(&self) -> Option<String> {
@@ -822,6 +830,7 @@ impl BdevRegistry {
                 info.uuid
             )));
         }
+        let aliases = info.aliases.clone();
         let entry = Arc::new(BdevEntry {
             bdev,
             claimed_by: Mutex::new(None),
@@ -831,6 +840,7 @@ impl BdevRegistry {
             qos: Default::default(),
             histogram: Default::default(),
             subscribers: Mutex::new(Vec::new()),
+            aliases: Mutex::new(aliases),
         });
         let name = entry.name().to_string();
         for a in &entry.info().aliases {
@@ -883,8 +893,8 @@ impl BdevRegistry {
         let mut r = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let real = entry.name().to_string();
         r.by_name.remove(&real);
-        for a in &entry.info().aliases {
-            r.aliases.remove(a);
+        for a in entry.aliases() {
+            r.aliases.remove(&a);
         }
         r.uuids.remove(&entry.info().uuid);
         if let Some(seq) = r.seq_of.remove(&real) {
@@ -893,6 +903,21 @@ impl BdevRegistry {
         drop(r);
         entry.mark_removed();
         Ok(entry)
+    }
+
+    /// Replaces alias `old` of `entry` with `new` (an lvol renamed).
+    pub fn rename_alias(&self, entry: &BdevEntry, old: &str, new: &str) -> Result<(), BdevError> {
+        let mut r = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if r.name_taken(new) {
+            return Err(BdevError::Exists(new.to_string()));
+        }
+        r.aliases.remove(old);
+        r.aliases.insert(new.to_string(), entry.name().to_string());
+        drop(r);
+        let mut a = lock(&entry.aliases);
+        a.retain(|x| x != old);
+        a.push(new.to_string());
+        Ok(())
     }
 
     /// All bdevs in creation order.

@@ -343,7 +343,7 @@ pub fn describe(e: &Arc<BdevEntry>) -> Value {
     driver.insert(bdev.module().to_string(), bdev.driver_specific());
     json!({
         "name": info.name,
-        "aliases": info.aliases,
+        "aliases": e.aliases(),
         "product_name": info.product_name,
         "block_size": info.block_size,
         "num_blocks": info.num_blocks(),

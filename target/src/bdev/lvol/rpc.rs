@@ -368,7 +368,24 @@ pub fn register(m: &mut Methods) {
                 }],
             )
             .await?;
-            *lock(&s.name) = p.new_name;
+            *lock(&s.name) = p.new_name.clone();
+            // Every lvol's alias follows: old/name becomes new/name.
+            let lvols: Vec<(u32, Arc<LvolCore>)> = lock(&s.lvols)
+                .iter()
+                .map(|(i, l)| (*i, l.clone()))
+                .collect();
+            for (id, l) in lvols {
+                let name = lock(&s.state).blob(id).map(|b| b.rec.name.clone());
+                if let (Ok(e), Ok(name)) = (app.bdevs.get(&l.uuid.to_string()), name) {
+                    let (old, new) = (
+                        format!("{}/{name}", p.old_name),
+                        format!("{}/{name}", p.new_name),
+                    );
+                    if let Err(err) = app.bdevs.rename_alias(&e, &old, &new) {
+                        tracing::warn!("lvol {}: alias {old} not renamed: {err}", l.uuid);
+                    }
+                }
+            }
             Ok::<_, RpcError>(true)
         },
     );
@@ -662,7 +679,21 @@ pub fn register(m: &mut Methods) {
     );
     m.add("bdev_lvol_rename", |app: Arc<App>, p: Rename| async move {
         check_name(&p.new_name)?;
-        let (s, id, _) = lvol_of(&app, &p.old_name)?;
+        let (s, id, l) = lvol_of(&app, &p.old_name)?;
+        let entry = app.bdevs.get(&l.uuid.to_string())?;
+        let store = lock(&s.name).clone();
+        let old = format!(
+            "{store}/{}",
+            lock(&s.state)
+                .blob(id)
+                .map_err(RpcError::internal)?
+                .rec
+                .name
+        );
+        let new = format!("{store}/{}", p.new_name);
+        if app.bdevs.get(&new).is_ok() {
+            return Err(RpcError::errno(libc::EEXIST, format!("{new} exists")));
+        }
         commit(
             &s,
             vec![Op::Rename {
@@ -671,6 +702,7 @@ pub fn register(m: &mut Methods) {
             }],
         )
         .await?;
+        app.bdevs.rename_alias(&entry, &old, &new)?;
         Ok::<_, RpcError>(true)
     });
     m.add(
