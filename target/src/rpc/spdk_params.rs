@@ -207,6 +207,15 @@ const BDEV_GET_IOSTAT: &[Foreign] = &[
     only("reset_mode", &[Json::Str("none")]),
 ];
 
+// plexd sizes a store's metadata from the base and the cluster size (4 KiB pages always).
+const BDEV_LVOL_CREATE_LVSTORE: &[Foreign] = &[
+    any("num_md_pages_per_cluster_ratio"),
+    any("md_page_size"),
+];
+// How SPDK clears an lvol's clusters when it is deleted: plexd fills every cluster (zeroes, or
+// the parent's data) when it is handed out, which is at least as strong whatever is asked.
+const BDEV_LVOL_CREATE: &[Foreign] = &[any("clear_method")];
+
 /// Every method plexd shares with SPDK, with its table: a method missing here is a test failure,
 /// so a new one gets its client's parameters checked.
 const TABLES: &[(&str, &[Foreign])] = &[
@@ -214,6 +223,19 @@ const TABLES: &[(&str, &[Foreign])] = &[
     ("bdev_get_bdevs", &[]),
     ("bdev_get_histogram", &[]),
     ("bdev_get_iostat", BDEV_GET_IOSTAT),
+    ("bdev_lvol_check_lvstore", &[]),
+    ("bdev_lvol_clone", &[]),
+    ("bdev_lvol_create", BDEV_LVOL_CREATE),
+    ("bdev_lvol_create_lvstore", BDEV_LVOL_CREATE_LVSTORE),
+    ("bdev_lvol_delete", &[]),
+    ("bdev_lvol_delete_lvstore", &[]),
+    ("bdev_lvol_get_lvols", &[]),
+    ("bdev_lvol_get_lvstores", &[]),
+    ("bdev_lvol_rename", &[]),
+    ("bdev_lvol_rename_lvstore", &[]),
+    ("bdev_lvol_resize", &[]),
+    ("bdev_lvol_set_read_only", &[]),
+    ("bdev_lvol_snapshot", &[]),
     ("bdev_malloc_create", BDEV_MALLOC_CREATE),
     ("bdev_malloc_delete", &[]),
     // plexd's own (SPDK has no mirror of this kind): nothing of SPDK's to take out.

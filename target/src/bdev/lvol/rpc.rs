@@ -18,11 +18,6 @@ struct CreateLvstore {
     lvs_name: String,
     cluster_sz: Option<u64>,
     clear_method: Option<String>,
-    /// SPDK sizes its metadata by these; ours is sized by the base and cluster size.
-    #[allow(dead_code)]
-    num_md_pages_per_cluster_ratio: Option<u64>,
-    #[allow(dead_code)]
-    md_page_size: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -53,9 +48,6 @@ struct CreateLvol {
     size_in_mib: u64,
     #[serde(default)]
     thin_provision: bool,
-    /// Clusters come zeroed (or filled from the parent) whatever is asked.
-    #[allow(dead_code)]
-    clear_method: Option<String>,
     uuid: Option<String>,
     lvs_name: Option<String>,
 }
