@@ -304,3 +304,120 @@ fn damaged_metadata_is_refused_at_examine_naming_the_block() {
         json!({"bdev_name": "base", "lvs_name": "lvs2", "cluster_sz": CLUSTER}),
     );
 }
+
+#[test]
+fn inflate_and_decouple_give_a_clone_its_own_copy_of_what_it_reads() {
+    let node = Node::new(96 * MIB);
+    let p = node.start("a");
+    p.ok(
+        "bdev_lvol_create_lvstore",
+        json!({"bdev_name": "base", "lvs_name": "lvs", "cluster_sz": CLUSTER}),
+    );
+    p.ok(
+        "bdev_lvol_create",
+        json!({"lvol_name": "v", "size_in_mib": 8, "thin_provision": true, "lvs_name": "lvs"}),
+    );
+    let (port, nqn) = export(&p, "lvs/v", 1);
+    let mut host = Driver::connect(port, &nqn);
+    let at = |cluster: u64| cluster * CLUSTER / 512 + 16;
+    let a = pattern(1, at(0), 8192, 512);
+    let b = pattern(2, at(2), 8192, 512);
+    let c = pattern(3, at(3), 8192, 512);
+    let d = pattern(4, at(5), 8192, 512);
+    host.write(at(0), a.clone()).unwrap();
+    host.write(at(2), b.clone()).unwrap();
+    // A chain: s1 holds clusters 0 and 2, s2 cluster 3, and c1, a clone of s2, cluster 5.
+    p.ok(
+        "bdev_lvol_snapshot",
+        json!({"lvol_name": "lvs/v", "snapshot_name": "s1"}),
+    );
+    host.write(at(3), c.clone()).unwrap();
+    p.ok(
+        "bdev_lvol_snapshot",
+        json!({"lvol_name": "lvs/v", "snapshot_name": "s2"}),
+    );
+    p.ok(
+        "bdev_lvol_clone",
+        json!({"snapshot_name": "lvs/s2", "clone_name": "c1"}),
+    );
+    let (cport, cnqn) = export(&p, "lvs/c1", 2);
+    let mut chost = Driver::connect(cport, &cnqn);
+    chost.write(at(5), d.clone()).unwrap();
+    let expect = |h: &mut Driver| {
+        for (lba, data) in [(at(0), &a), (at(2), &b), (at(3), &c), (at(5), &d)] {
+            assert_eq!(&h.read(lba, data.len()).unwrap(), data, "lba {lba}");
+        }
+        for cluster in [1, 4, 6, 7] {
+            let z = h.read(at(cluster), 8192).unwrap();
+            assert!(z.iter().all(|&x| x == 0), "cluster {cluster} reads zeroes");
+        }
+    };
+    expect(&mut chost);
+    let free0 = store(&p)["free_clusters"].as_u64().unwrap();
+
+    // Decouple: c1 copies what s2 itself holds (cluster 3) and hangs from s1 instead.
+    assert_eq!(
+        p.ok("bdev_lvol_decouple_parent", json!({"name": "lvs/c1"})),
+        true
+    );
+    let l = lvol(&p, "c1");
+    assert_eq!(
+        (
+            l["base_snapshot"].as_str(),
+            l["num_allocated_clusters"].as_u64()
+        ),
+        (Some("s1"), Some(2))
+    );
+    assert_eq!(
+        lvol(&p, "s2")["clones"],
+        json!(["v"]),
+        "c1 is no longer a clone of s2"
+    );
+    assert_eq!(store(&p)["free_clusters"], free0 - 1);
+    expect(&mut chost);
+
+    // Inflate: every cluster its own, thick, no parent; what it read is unchanged.
+    assert_eq!(p.ok("bdev_lvol_inflate", json!({"name": "lvs/c1"})), true);
+    let l = lvol(&p, "c1");
+    assert_eq!(l["is_clone"], false, "{l}");
+    assert_eq!(l["is_thin_provisioned"], false, "{l}");
+    assert_eq!(l["num_allocated_clusters"], 8, "{l}");
+    assert!(l.get("base_snapshot").is_none(), "{l}");
+    assert_eq!(store(&p)["free_clusters"], free0 - 7);
+    expect(&mut chost);
+    // Writes to the inflated clone stay its own; the origin still reads its data.
+    let e = pattern(5, at(0), 8192, 512);
+    chost.write(at(0), e.clone()).unwrap();
+    assert_eq!(host.read(at(0), a.len()).unwrap(), a);
+    let (_, msg) = p
+        .call("bdev_lvol_decouple_parent", json!({"name": "lvs/c1"}))
+        .unwrap_err();
+    assert!(msg.contains("no parent"), "{msg}");
+    let check = p.ok("bdev_lvol_check_lvstore", json!({"lvs_name": "lvs"}));
+    assert_eq!(check["problems"], json!([]), "{check}");
+    drop((host, chost));
+
+    // On disk: after kill -9 the clone is still whole and on its own.
+    let mut p = p;
+    p.kill();
+    let p = node.start("b");
+    let t0 = Instant::now();
+    while lvols(&p).len() < 4 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "{}", p.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let l = lvol(&p, "c1");
+    assert_eq!(
+        (
+            l["is_clone"].as_bool(),
+            l["num_allocated_clusters"].as_u64()
+        ),
+        (Some(false), Some(8))
+    );
+    let (cport, cnqn) = export(&p, "lvs/c1", 2);
+    let mut chost = Driver::connect(cport, &cnqn);
+    assert_eq!(chost.read(at(0), e.len()).unwrap(), e);
+    for (lba, data) in [(at(2), &b), (at(3), &c), (at(5), &d)] {
+        assert_eq!(&chost.read(lba, data.len()).unwrap(), data, "lba {lba}");
+    }
+}

@@ -1,6 +1,6 @@
 //! Crash consistency of a volume store, the hard way: plexd is killed with `kill -9` at a
-//! random moment while a host writes to an lvol and snapshots, clones, resizes and deletes
-//! run, then restarted, again and again. After each restart:
+//! random moment while a host writes to an lvol and snapshots, clones, resizes, deletes,
+//! inflates and decouples run, then restarted, again and again. After each restart:
 //! - the store loads, and its checker (the one `plexctl lvstore check` runs) finds nothing;
 //! - every acknowledged write reads back with its data (a write in flight at the kill may
 //!   read as its new data or as what was acknowledged before it, nothing else);
@@ -107,7 +107,7 @@ fn kill_9_at_random_points_never_loses_an_acknowledged_write_or_half_makes_an_ob
     let file = dir.path().join("base.img");
     std::fs::File::create(&file)
         .unwrap()
-        .set_len(64 * MIB)
+        .set_len(160 * MIB)
         .unwrap();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ std::process::id() as u64);
     eprintln!("seed {:#x}", rng.0);
@@ -116,6 +116,7 @@ fn kill_9_at_random_points_never_loses_an_acknowledged_write_or_half_makes_an_ob
     let mut objects: BTreeMap<String, Exp> = BTreeMap::new();
     let mut gen = 1u64;
     let mut next_name = 0u32;
+    let mut answered: BTreeMap<&'static str, usize> = BTreeMap::new();
 
     let mut p = start(dir.path(), &file, 0);
     p.ok(
@@ -217,7 +218,15 @@ fn kill_9_at_random_points_never_loses_an_acknowledged_write_or_half_makes_an_ob
             });
             sc.spawn(|| {
                 while !killed.load(Ordering::SeqCst) {
-                    control_step(&p, &mut crng, &objs, &mut next_name, &killed, round);
+                    control_step(
+                        &p,
+                        &mut crng,
+                        &objs,
+                        &mut next_name,
+                        &mut answered,
+                        &killed,
+                        round,
+                    );
                 }
             });
             std::thread::sleep(delay);
@@ -231,18 +240,19 @@ fn kill_9_at_random_points_never_loses_an_acknowledged_write_or_half_makes_an_ob
         gen = last_gen + 1;
     }
     eprintln!(
-        "{rounds} kills, {gen} writes, {} objects named",
+        "{rounds} kills, {gen} writes, {} objects named; answered: {answered:?}",
         objects.len()
     );
 }
 
-/// One snapshot, clone, delete or resize, recorded in `objs` so that an answer lost to the
+/// One snapshot, clone, delete, resize, inflate or decouple, recorded in `objs` so that an answer lost to the
 /// kill leaves the object's fate unknown (to be read after the restart) rather than guessed.
 fn control_step(
     p: &Plexd,
     rng: &mut Rng,
     objs: &Mutex<BTreeMap<String, Exp>>,
     next_name: &mut u32,
+    answered: &mut BTreeMap<&'static str, usize>,
     killed: &AtomicBool,
     round: usize,
 ) {
@@ -257,7 +267,7 @@ fn control_step(
         (of("snap"), of("clone"))
     };
     let pick = |rng: &mut Rng, v: &[String]| v[rng.below(v.len() as u64) as usize].clone();
-    let (name, call, params, makes) = match rng.below(4) {
+    let (name, call, params, makes) = match rng.below(7) {
         0 if snaps.len() < 6 => {
             *next_name += 1;
             let n = format!("snap{next_name}");
@@ -283,6 +293,27 @@ fn control_step(
             // A resize leaves the object there either way.
             (n, "bdev_lvol_resize", params, None)
         }
+        // The written lvol copies its parents' clusters while the host writes to it.
+        4 if !snaps.is_empty() => {
+            let params = json!({"name": "lvs/data"});
+            ("data".to_string(), "bdev_lvol_inflate", params, None)
+        }
+        5 if !snaps.is_empty() => {
+            let params = json!({"name": "lvs/data"});
+            (
+                "data".to_string(),
+                "bdev_lvol_decouple_parent",
+                params,
+                None,
+            )
+        }
+        // Refused while clones depend on it (as data does on its last snapshot until
+        // inflated or decoupled); making room for new snapshots otherwise.
+        6 if !snaps.is_empty() => {
+            let n = pick(rng, &snaps);
+            let params = json!({"name": format!("lvs/{n}")});
+            (n, "bdev_lvol_delete", params, Some(Exp::Absent))
+        }
         _ => {
             std::thread::sleep(Duration::from_millis(2));
             return;
@@ -293,8 +324,17 @@ fn control_step(
     }
     match p.try_call(call, params) {
         Ok(Ok(_)) => {
+            *answered.entry(call).or_default() += 1;
             if let Some(e) = makes {
                 objs.lock().unwrap().insert(name, e);
+            }
+        }
+        // Refusals that change nothing: inflated already, or not snapshotted since, so
+        // nothing to decouple from; a snapshot that clones still depend on.
+        Ok(Err(e)) if e.1.contains("no parent") || e.1.contains("depend on it") => {
+            *answered.entry("refused").or_default() += 1;
+            if makes.is_some() {
+                objs.lock().unwrap().insert(name, Exp::Present);
             }
         }
         Ok(Err(e)) => panic!("round {round}: {call} {name}: {e:?}\n{}", p.log_text()),

@@ -11,7 +11,7 @@ set -u
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 # shellcheck source=../guest/lib.sh
 . "$REPO/tests/guest/lib.sh"
-plan 30
+plan 36
 # shellcheck source=lib/spdk_rpc_common.sh
 . "$REPO/tests/host/lib/spdk_rpc_common.sh"
 
@@ -55,6 +55,18 @@ expect "bdev_lvol_rename" 'out.strip() == ""' bdev_lvol_rename lvs/thick frozen
 expect "renamed" '"frozen" in [l["name"] for l in j] and "thick" not in [l["name"] for l in j]' \
     bdev_lvol_get_lvols
 expect "the bdev answers to its new alias" 'j[0]["aliases"] == ["lvs/frozen"]' bdev_get_bdevs -b lvs/frozen
+expect "bdev_lvol_decouple_parent" 'out.strip() == ""' bdev_lvol_decouple_parent lvs/c1
+expect "c1 is no clone now; snap1 keeps v1" '
+{l["name"]: (l["is_clone"], l.get("clones")) for l in j if l["name"] in ("c1", "snap1")}
+ == {"c1": (False, None), "snap1": (False, ["v1"])}' bdev_lvol_get_lvols -l lvs
+refused "bdev_lvol_decouple_parent of an lvol without a parent" 'no parent' \
+    bdev_lvol_decouple_parent lvs/c1
+expect "bdev_lvol_inflate" 'out.strip() == ""' bdev_lvol_inflate lvs/v1
+expect "v1 is thick, whole and no clone now" '[(l["is_clone"], l["is_thin_provisioned"],
+  l["num_allocated_clusters"] == l["num_clusters"]) for l in j if l["name"] == "v1"]
+ == [(False, False, True)]' bdev_lvol_get_lvols -l lvs
+expect "bdev_lvol_delete of the snapshot no one depends on" 'out.strip() == ""' \
+    bdev_lvol_delete lvs/snap1
 expect "bdev_lvol_delete of the clone" 'out.strip() == ""' bdev_lvol_delete lvs/c1
 expect "bdev_lvol_rename_lvstore" 'out.strip() == ""' bdev_lvol_rename_lvstore lvs store2
 expect "the store answers to its new name" 'j[0]["name"] == "store2"' \

@@ -208,10 +208,8 @@ const BDEV_GET_IOSTAT: &[Foreign] = &[
 ];
 
 // plexd sizes a store's metadata from the base and the cluster size (4 KiB pages always).
-const BDEV_LVOL_CREATE_LVSTORE: &[Foreign] = &[
-    any("num_md_pages_per_cluster_ratio"),
-    any("md_page_size"),
-];
+const BDEV_LVOL_CREATE_LVSTORE: &[Foreign] =
+    &[any("num_md_pages_per_cluster_ratio"), any("md_page_size")];
 // How SPDK clears an lvol's clusters when it is deleted: plexd fills every cluster (zeroes, or
 // the parent's data) when it is handed out, which is at least as strong whatever is asked.
 const BDEV_LVOL_CREATE: &[Foreign] = &[any("clear_method")];
@@ -227,10 +225,12 @@ const TABLES: &[(&str, &[Foreign])] = &[
     ("bdev_lvol_clone", &[]),
     ("bdev_lvol_create", BDEV_LVOL_CREATE),
     ("bdev_lvol_create_lvstore", BDEV_LVOL_CREATE_LVSTORE),
+    ("bdev_lvol_decouple_parent", &[]),
     ("bdev_lvol_delete", &[]),
     ("bdev_lvol_delete_lvstore", &[]),
     ("bdev_lvol_get_lvols", &[]),
     ("bdev_lvol_get_lvstores", &[]),
+    ("bdev_lvol_inflate", &[]),
     ("bdev_lvol_rename", &[]),
     ("bdev_lvol_rename_lvstore", &[]),
     ("bdev_lvol_resize", &[]),

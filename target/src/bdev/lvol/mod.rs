@@ -6,6 +6,7 @@
 //! - `store.rs`: a store at run time: create, load (examine), and its service, the one poller
 //!   that writes metadata (the journal, checkpoints) and hands out clusters;
 //! - `channel.rs`: an lvol's data path on each reactor;
+//! - `inflate.rs`: giving an lvol clusters of its own (thick creation, inflate, decouple);
 //! - `rpc.rs`: SPDK's `bdev_lvol_*` methods.
 //!
 //! What never happens: a cluster mapped before it holds its data (zeroes, or the parent's);
@@ -14,6 +15,7 @@
 pub mod channel;
 pub mod format;
 pub mod image;
+pub mod inflate;
 pub mod rpc;
 pub mod state;
 pub mod store;
@@ -80,6 +82,17 @@ pub struct LvolCore {
     epoch: AtomicU64,
     inflight: [AtomicU64; 2],
     pub read_only: AtomicBool,
+    /// The control operation under way (snapshot, resize, inflate…): one at a time.
+    busy: Mutex<Option<&'static str>>,
+}
+
+/// Holds an lvol's control operation slot; frees it when dropped.
+pub struct Busy(Arc<LvolCore>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        *lock(&self.0.busy) = None;
+    }
 }
 
 impl LvolCore {
@@ -93,7 +106,18 @@ impl LvolCore {
             epoch: AtomicU64::new(0),
             inflight: [AtomicU64::new(0), AtomicU64::new(0)],
             read_only: AtomicBool::new(ro),
+            busy: Mutex::new(None),
         })
+    }
+
+    /// Starts control operation `what`, or says which one is under way.
+    pub fn begin(self: &Arc<Self>, what: &'static str) -> Result<Busy, String> {
+        let mut b = lock(&self.busy);
+        if let Some(other) = *b {
+            return Err(format!("{other} is under way"));
+        }
+        *b = Some(what);
+        Ok(Busy(self.clone()))
     }
 
     pub fn view(&self) -> Arc<BlobView> {

@@ -2,8 +2,9 @@
 //! drives them unchanged.
 
 use super::format::{BlobRecord, Op, READ_ONLY, THIN};
-use super::store::{self, Request, Service, StoreCore, Ticket, DEFAULT_CLUSTER_SIZE};
-use super::{lock, LvolCore};
+use super::inflate::{self, Detach};
+use super::store::{self, Service, StoreCore, DEFAULT_CLUSTER_SIZE};
+use super::{lock, Busy, LvolCore};
 use crate::app::App;
 use crate::rpc::{Methods, RpcError};
 use serde::Deserialize;
@@ -160,7 +161,7 @@ async fn commit(store: &StoreCore, ops: Vec<Op>) -> Result<(), RpcError> {
 
 /// Freezes `lvol`'s I/O, waits for what is in flight, runs `f` on the service (which may
 /// journal), and thaws the lvol once `f`'s transaction is done.
-async fn quiesced<R: Send + 'static>(
+pub(super) async fn quiesced<R: Send + 'static>(
     store: &StoreCore,
     lvol: Arc<LvolCore>,
     f: impl FnOnce(&mut Service, Box<dyn FnOnce(Result<R, String>) + Send>) + Send + 'static,
@@ -186,35 +187,10 @@ async fn quiesced<R: Send + 'static>(
     r.map_err(|e| RpcError::errno(libc::EINVAL, e))
 }
 
-/// Gives every index of blob `id` without a cluster one; returns once all are on disk.
-async fn allocate_all(s: &StoreCore, id: u32, clusters: u64) -> Result<(), RpcError> {
-    let tickets: Vec<Arc<Ticket>> = (0..clusters)
-        .map(|i| {
-            let t = Ticket::new();
-            s.request(Request::Alloc {
-                blob: id,
-                index: i as u32,
-                ticket: t.clone(),
-            });
-            t
-        })
-        .collect();
-    for t in tickets {
-        loop {
-            match t.get() {
-                Ticket::PENDING => tokio::time::sleep(std::time::Duration::from_millis(1)).await,
-                Ticket::DONE => break,
-                Ticket::NO_SPACE => {
-                    return Err(RpcError::errno(
-                        libc::ENOSPC,
-                        "the store ran out of clusters",
-                    ))
-                }
-                _ => return Err(RpcError::errno(libc::EIO, "allocating a cluster failed")),
-            }
-        }
-    }
-    Ok(())
+/// Claims `lvol`'s control slot for `what`, or answers EBUSY naming what holds it.
+fn begin(l: &Arc<LvolCore>, name: &str, what: &'static str) -> Result<Busy, RpcError> {
+    l.begin(what)
+        .map_err(|e| RpcError::errno(libc::EBUSY, format!("{name}: {e}")))
 }
 
 fn clusters_for(store: &StoreCore, mib: u64) -> Result<u64, RpcError> {
@@ -473,7 +449,8 @@ pub fn register(m: &mut Methods) {
             if !thin {
                 // Thick: every cluster now, each handed out (and zeroed where needed) as a
                 // first write would.
-                allocate_all(&s, id, clusters).await?;
+                let all: Vec<u32> = (0..clusters as u32).collect();
+                inflate::allocate(&s, id, &all, &format!("create {}", p.lvol_name)).await?;
             }
             store::register_lvol(&app, &s, id, uuid, &p.lvol_name, clusters, false)
                 .map_err(RpcError::internal)?;
@@ -484,6 +461,7 @@ pub fn register(m: &mut Methods) {
         "bdev_lvol_delete",
         |app: Arc<App>, p: ByName| async move {
             let (s, id, l) = lvol_of(&app, &p.name)?;
+            let _busy = begin(&l, &p.name, "a delete")?;
             {
                 let st = lock(&s.state);
                 let kids: Vec<String> = st.children(id).iter().map(|c| c.rec.name.clone()).collect();
@@ -516,6 +494,7 @@ pub fn register(m: &mut Methods) {
     );
     m.add("bdev_lvol_resize", |app: Arc<App>, p: Resize| async move {
         let (s, id, l) = lvol_of(&app, &p.name)?;
+        let _busy = begin(&l, &p.name, "a resize")?;
         let clusters = clusters_for(&s, p.size_in_mib)?;
         if clusters == 0 {
             return Err(RpcError::invalid_params("size_in_mib must be at least 1"));
@@ -553,6 +532,7 @@ pub fn register(m: &mut Methods) {
         |app: Arc<App>, p: Snapshot| async move {
             check_name(&p.snapshot_name)?;
             let (s, id, l) = lvol_of(&app, &p.lvol_name)?;
+            let _busy = begin(&l, &p.lvol_name, "a snapshot")?;
             room_for_one_more(&s)?;
             let snap_uuid = Uuid::new_v4();
             let name = p.snapshot_name.clone();
@@ -644,6 +624,7 @@ pub fn register(m: &mut Methods) {
         "bdev_lvol_set_read_only",
         |app: Arc<App>, p: ByName| async move {
             let (s, id, l) = lvol_of(&app, &p.name)?;
+            let _busy = begin(&l, &p.name, "set_read_only")?;
             let flags = lock(&s.state)
                 .blob(id)
                 .map(|b| b.rec.flags)
@@ -672,6 +653,7 @@ pub fn register(m: &mut Methods) {
     m.add("bdev_lvol_rename", |app: Arc<App>, p: Rename| async move {
         check_name(&p.new_name)?;
         let (s, id, l) = lvol_of(&app, &p.old_name)?;
+        let _busy = begin(&l, &p.old_name, "a rename")?;
         let entry = app.bdevs.get(&l.uuid.to_string())?;
         let store = lock(&s.name).clone();
         let old = format!(
@@ -697,6 +679,17 @@ pub fn register(m: &mut Methods) {
         app.bdevs.rename_alias(&entry, &old, &new)?;
         Ok::<_, RpcError>(true)
     });
+    for (method, how) in [
+        ("bdev_lvol_inflate", Detach::Inflate),
+        ("bdev_lvol_decouple_parent", Detach::DecoupleParent),
+    ] {
+        m.add(method, move |app: Arc<App>, p: ByName| async move {
+            let (s, id, l) = lvol_of(&app, &p.name)?;
+            let _busy = begin(&l, &p.name, method)?;
+            inflate::detach(&s, l, id, &p.name, how).await?;
+            Ok::<_, RpcError>(true)
+        });
+    }
     m.add(
         "bdev_lvol_check_lvstore",
         |app: Arc<App>, p: StoreSel| async move {
