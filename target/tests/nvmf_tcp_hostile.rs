@@ -261,9 +261,10 @@ fn a_host_that_never_reads_its_data_is_cut_off_and_nobody_else_notices() {
             .len()
     };
     assert_eq!(qpairs(), 4);
-    // 4 MiB of reads it never takes: the socket fills and plexd's sends stop.
-    for k in 0..32u64 {
-        let mut cmd = Command::read_blocks(1, k * 256, 256).with_cid(200 + k as u16);
+    // 12 MiB of reads it never takes: more than the socket buffers hold (a send buffer grows
+    // to tcp_wmem's 4 MiB, and 4 MiB sometimes fitted whole), so plexd's sends stop.
+    for k in 0..96u64 {
+        let mut cmd = Command::read_blocks(1, k % 32 * 256, 256).with_cid(200 + k as u16);
         cmd.set_sgl1(nvme_spec::cmd::SglDescriptor::tcp_transport(128 << 10));
         deaf.send_cmd(cmd, &[]);
     }
