@@ -70,6 +70,8 @@ pub struct LvolChannel {
     waiting: Vec<u32>,
     unsent: VecDeque<BdevIo>,
     ready: ReadyQueue,
+    /// The base's completions of one poll (kept to reuse its allocation).
+    completions: Vec<IoCompletion>,
 }
 
 fn tag(slot: u32, part: usize) -> u64 {
@@ -93,6 +95,7 @@ impl LvolChannel {
             waiting: Vec::new(),
             unsent: VecDeque::new(),
             ready: ReadyQueue::default(),
+            completions: Vec::new(),
         })
     }
 
@@ -174,26 +177,24 @@ impl LvolChannel {
             status: IoStatus::Success,
             cuts,
         };
-        let slot = match self.free.pop() {
-            Some(s) => {
-                self.reqs[s as usize] = Some(req);
-                s
-            }
-            None => {
-                self.reqs.push(Some(req));
-                (self.reqs.len() - 1) as u32
-            }
-        };
-        self.advance(slot);
+        let slot = self.free.pop().unwrap_or_else(|| {
+            self.reqs.push(None);
+            (self.reqs.len() - 1) as u32
+        });
+        // Issued before it is stored: most requests are moved once, into their slot.
+        self.advance_req(slot, req);
         Ok(())
     }
 
     /// Moves every part of request `slot` as far as it can go; finishes the request when all
     /// parts are done.
     fn advance(&mut self, slot: u32) {
-        let Some(mut req) = self.reqs[slot as usize].take() else {
-            return;
-        };
+        if let Some(req) = self.reqs[slot as usize].take() {
+            self.advance_req(slot, req);
+        }
+    }
+
+    fn advance_req(&mut self, slot: u32, mut req: Req) {
         let mut waits = false;
         for i in 0..req.parts.len() {
             let stage = req.parts[i].stage.clone();
@@ -318,11 +319,16 @@ impl LvolChannel {
     fn finish(&mut self, slot: u32, mut req: Req) {
         self.core.leave(req.epoch);
         if req.io.io_type.has_data() {
-            let mut pieces = req.parts.into_iter().flat_map(|p| p.bufs);
-            if req.cuts.is_empty() {
-                req.io.bufs.extend(pieces);
+            if req.parts.len() == 1 {
+                // Most I/O: one part, its buffers whole.
+                req.io.bufs = std::mem::take(&mut req.parts[0].bufs);
             } else {
-                req.io.bufs = rejoin(&mut pieces, &req.cuts);
+                let mut pieces = req.parts.into_iter().flat_map(|p| p.bufs);
+                if req.cuts.is_empty() {
+                    req.io.bufs.extend(pieces);
+                } else {
+                    req.io.bufs = rejoin(&mut pieces, &req.cuts);
+                }
             }
         }
         self.free.push(slot);
@@ -359,13 +365,14 @@ impl BdevChannel for LvolChannel {
     }
 
     fn poll(&mut self, done: &mut dyn FnMut(IoCompletion)) -> usize {
-        let mut back = Vec::new();
+        let mut back = std::mem::take(&mut self.completions);
         if self.base.in_flight() > 0 {
             self.base.poll(&mut |c| back.push(c));
         }
-        for c in back {
+        for c in back.drain(..) {
             self.base_done(c);
         }
+        self.completions = back;
         while let Some(io) = self.unsent.pop_front() {
             if let Err(io) = self.base.submit(io) {
                 self.unsent.push_front(io);
