@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
 # A bdev module's own cost, no network: our bdevperf and SPDK's bdevperf side by side, in one
-# run, on the same JSON config (a malloc bdev of 1 Mi 512-byte blocks, as benches/nvmf_tcp.py
-# uses), both on core 0 (-m 0x1):
-#   4 KiB randread QD32, 4 KiB randwrite QD32, 4 KiB randread QD1
+# run, on the same JSON configs, both on core 0 (-m 0x1). Two suites:
+#
+#   malloc (default): a malloc bdev of 1 Mi 512-byte blocks, as benches/nvmf_tcp.py uses:
+#     4 KiB randread QD32, 4 KiB randwrite QD32, 4 KiB randread QD1
+#   lvol: a volume store (4 MiB clusters) on an 8 GiB malloc bdev, against that bdev raw:
+#     4 KiB randwrite QD32 on the raw bdev and on a fully allocated (thick) lvol; 4 KiB
+#     sequential write QD32 for 1 s on the raw bdev and on a fresh thin lvol, whose every
+#     cluster is allocated during the run (the first pass; a run that wrote more than the
+#     lvol holds is flagged, as it went on over allocated clusters).
+#
 # Each row runs REPS times per program, interleaved (SPDK first on odd repetitions, ours first
 # on even ones), TIME seconds each; the table gives the medians and ours ÷ SPDK. The report,
 # with the load average at start and end, the busiest processes at start, and the exact
-# commands, goes to benches/reports/bdevperf-<date>.md (or --out).
+# commands, goes to benches/reports/<bdevperf|lvol>-<date>.md (or --out).
 #
-# Usage: benches/bdevperf_vs_spdk.sh [--time SECONDS (5)] [--reps N (3)] [--out FILE]
+# Usage: benches/bdevperf_vs_spdk.sh [--suite malloc|lvol] [--time SECONDS (5)] [--reps N (3)]
+#                                    [--out FILE]
 # Needs build/release/bdevperf (cargo build --release -p plexd --bin bdevperf). SPDK's rows
 # need ../shared/spdk/bin/bdevperf, root and hugepages (reserved here through
 # scripts/setup.sh, and given back at the end); without it, ours runs alone and the report
@@ -22,26 +30,32 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 secs=5
 reps=3
 out=
+suite=malloc
 while [ $# -gt 0 ]; do
     case $1 in
     --time) secs=$2; shift 2 ;;
     --reps) reps=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
+    --suite) suite=$2; shift 2 ;;
     -h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
 [[ $secs =~ ^[0-9]+$ && $secs -gt 0 ]] || { echo "--time takes whole seconds (SPDK's -t does)" >&2; exit 2; }
 [[ $reps =~ ^[0-9]+$ && $reps -gt 0 ]] || { echo "--reps takes a count" >&2; exit 2; }
+case $suite in malloc | lvol) ;; *) echo "--suite is malloc or lvol" >&2; exit 2 ;; esac
 
 ours=$repo/build/release/bdevperf
 [ -x "$ours" ] || { echo "no $ours: cargo build --release -p plexd --bin bdevperf" >&2; exit 2; }
 stamp=$(date +%Y%m%d-%H%M)
-out=${out:-$repo/benches/reports/bdevperf-$stamp.md}
+report_name=bdevperf
+[ "$suite" = lvol ] && report_name=lvol
+out=${out:-$repo/benches/reports/$report_name-$stamp.md}
 work=$(mktemp -d /tmp/bdevperf-vs-spdk.XXXXXX)
 
-# SPDK's memory: the 512 MiB disk, its I/O pools and DPDK's own.
+# SPDK's memory: the disk (512 MiB, or 8 GiB for lvols), its I/O pools and DPDK's own.
 SPDK_MEM_MB=1024
+[ "$suite" = lvol ] && SPDK_MEM_MB=9216
 spdk=$(spdk_bin bdevperf) || spdk=
 spdk_note=
 spdk_mem=(-s "$SPDK_MEM_MB")
@@ -64,27 +78,52 @@ else
     spdk_note="SPDK's bdevperf is absent (no $SPDK_BIN_DIR/bdevperf): ours ran alone."
 fi
 
-config=$work/malloc.json
-cat >"$config" <<'EOF'
-{"subsystems": [{"subsystem": "bdev", "config": [
-  {"method": "bdev_malloc_create",
-   "params": {"name": "Malloc0", "num_blocks": 1048576, "block_size": 512}}]}]}
-EOF
+# write_config NAME: the JSON config NAME, as $work/NAME.json.
+LVOL_BASE_BLOCKS=16777216 # 8 GiB: more than a second of sequential writes
+LVOL_MIB=8000            # about all the store holds, less its metadata
+write_config() {
+    local blocks=$LVOL_BASE_BLOCKS lvol= thin=false
+    [ "$1" = malloc ] && blocks=1048576
+    [ "$1" = thin ] && thin=true
+    case $1 in
+    thick | thin)
+        lvol=",
+  {\"method\": \"bdev_lvol_create_lvstore\", \"params\": {\"bdev_name\": \"Malloc0\", \"lvs_name\": \"lvs\"}},
+  {\"method\": \"bdev_lvol_create\", \"params\": {\"lvol_name\": \"vol\", \"size_in_mib\": $LVOL_MIB,
+   \"thin_provision\": $thin, \"lvs_name\": \"lvs\"}}"
+        ;;
+    esac
+    printf '%s\n' '{"subsystems": [{"subsystem": "bdev", "config": [' \
+        "  {\"method\": \"bdev_malloc_create\",
+   \"params\": {\"name\": \"Malloc0\", \"num_blocks\": $blocks, \"block_size\": 512}}$lvol]}]}" \
+        >"$work/$1.json"
+}
 
-# name workload io_size qd
-rows=(
-    "randread 4096 32"
-    "randwrite 4096 32"
-    "randread 4096 1"
-)
+# config workload io_size qd seconds
+if [ "$suite" = malloc ]; then
+    rows=(
+        "malloc randread 4096 32 $secs"
+        "malloc randwrite 4096 32 $secs"
+        "malloc randread 4096 1 $secs"
+    )
+else
+    rows=(
+        "base randwrite 4096 32 $secs"
+        "thick randwrite 4096 32 $secs"
+        "base write 4096 32 1"
+        "thin write 4096 32 1"
+    )
+fi
+configs=$(printf '%s\n' "${rows[@]}" | cut -d' ' -f1 | sort -u)
+for c in $configs; do write_config "$c"; done
 
-# command PROG WORKLOAD SIZE QD: the command line, one word per line.
+# command PROG CONFIG WORKLOAD SIZE QD SECONDS: the command line, one word per line.
 command_for() {
     if [ "$1" = spdk ]; then
-        printf '%s\n' "$spdk" -m 0x1 "${spdk_mem[@]}" -r "$work/spdk.sock" --json "$config" \
-            -q "$4" -o "$3" -w "$2" -t "$secs"
+        printf '%s\n' "$spdk" -m 0x1 "${spdk_mem[@]}" -r "$work/spdk.sock" --json "$work/$2.json" \
+            -q "$5" -o "$4" -w "$3" -t "$6"
     else
-        printf '%s\n' "$ours" -m 0x1 -c "$config" -q "$4" -o "$3" -w "$2" -t "$secs"
+        printf '%s\n' "$ours" -m 0x1 -c "$work/$2.json" -q "$5" -o "$4" -w "$3" -t "$6"
     fi
 }
 
@@ -94,7 +133,7 @@ measure() {
     local prog=$1 row=$2 rep=$3 log=$work/$1-$2-$3.log cmd summary rc=0
     # shellcheck disable=SC2086 # one row field a word
     mapfile -t cmd < <(command_for "$prog" ${rows[$row]})
-    (cd "$work" && timeout $((secs + 120)) "${cmd[@]}") >"$log" 2>&1 || rc=$?
+    (cd "$work" && timeout $((secs + 180)) "${cmd[@]}") >"$log" 2>&1 || rc=$?
     # Both print SPDK's table: "Total : <IOPS> <MiB/s> <Fail/s> <TO/s> <avg> <min> <max>",
     # SPDK's with carriage returns in it.
     summary=$(tr '\r' '\n' <"$log" | awk '$1 == "Total" && $2 == ":" { print $3, $4, $5, $7 }' | tail -n1)
@@ -105,7 +144,7 @@ measure() {
         exit 1
     fi
     echo "$prog $row $rep $iops $mibs $avg" >>"$results"
-    printf '  %-5s %-22s rep %d: %12s IOPS %9s us\n' "$prog" "${rows[$row]}" "$rep" "$iops" "$avg" >&2
+    printf '  %-5s %-32s rep %d: %12s IOPS %9s us\n' "$prog" "${rows[$row]}" "$rep" "$iops" "$avg" >&2
 }
 
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -126,9 +165,19 @@ done
 load_end=$(cut -d' ' -f1-3 /proc/loadavg)
 
 {
-    echo "# bdevperf: plexd's bdev layer and SPDK's, no network, side by side"
-    echo
-    echo "Malloc bdev (1,048,576 blocks of 512 B), both programs on core 0 (\`-m 0x1\`), ${secs} s per"
+    if [ "$suite" = malloc ]; then
+        echo "# bdevperf: plexd's bdev layer and SPDK's, no network, side by side"
+        echo
+        echo "Malloc bdev (1,048,576 blocks of 512 B), both programs on core 0 (\`-m 0x1\`), ${secs} s per"
+    else
+        echo "# bdevperf on lvols: plexd's volume store and SPDK's, against their base, side by side"
+        echo
+        echo "A store with 4 MiB clusters on a malloc bdev of $LVOL_BASE_BLOCKS blocks of 512 B (8 GiB); a"
+        echo "$LVOL_MIB MiB lvol on it, thick (every cluster allocated when it is made) or thin (none"
+        echo "until written). \`base\` rows run on the malloc bdev alone. Both programs on core 0"
+        echo "(\`-m 0x1\`), ${secs} s per randwrite run and 1 s per sequential one (the thin lvol's"
+        echo "first pass: each of its clusters is allocated by the run's writes),"
+    fi
     echo "run, $reps repetition(s) per row, interleaved, medians. $(date '+%Y-%m-%d %H:%M %Z')."
     echo
     echo "- plexstor: $(git -C "$repo" rev-parse --short HEAD)$(git -C "$repo" diff --quiet HEAD -- 2>/dev/null || echo ' (with uncommitted changes)'), \`build/release/bdevperf\`"
@@ -141,9 +190,9 @@ load_end=$(cut -d' ' -f1-3 /proc/loadavg)
     [ "$fallbacks" = 0 ] || echo "- ours found too few hugepages in $fallbacks run(s) and used ordinary locked memory there"
     if [ -n "$spdk_note" ]; then echo "- $spdk_note"; fi
     echo
-    python3 - "$results" "${rows[@]}" <<'EOF'
+    python3 - "$results" "$LVOL_MIB" "${rows[@]}" <<'EOF'
 import statistics, sys
-path, rows = sys.argv[1], sys.argv[2:]
+path, lvol_mib, rows = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 runs = {}
 for line in open(path):
     prog, row, rep, iops, mibs, avg = line.split()
@@ -152,8 +201,14 @@ def med(prog, row, i):
     v = runs.get((prog, row))
     return statistics.median(x[i] for x in v) if v else None
 def label(spec):
-    wl, size, qd = spec.split()
-    return f"{int(size) // 1024} KiB {wl} QD{qd}"
+    cfg, wl, size, qd, secs = spec.split()
+    what = f"{int(size) // 1024} KiB {wl} QD{qd}"
+    return what if cfg == "malloc" else f"{cfg}: {what}"
+def wrapped(prog, r):
+    """A thin first pass that wrote more than the lvol: it went on over allocated clusters."""
+    cfg, wl, size, qd, secs = rows[r].split()
+    v = runs.get((prog, r))
+    return bool(v) and cfg == "thin" and max(x[0] for x in v) * int(size) * int(secs) > lvol_mib << 20
 def fmt(v, spec):
     return "–" if v is None else format(v, spec)
 print("| workload | SPDK bdevperf IOPS | ours IOPS | ours ÷ SPDK | SPDK avg latency (µs) | ours avg latency (µs) |")
@@ -163,6 +218,27 @@ for r, spec in enumerate(rows):
     ratio = "–" if s is None or o is None else f"{o / s:.2f}"
     print(f"| {label(spec)} | {fmt(s, ',.0f')} | {fmt(o, ',.0f')} | {ratio} "
           f"| {fmt(med('spdk', r, 2), '.2f')} | {fmt(med('ours', r, 2), '.2f')} |")
+if any(r.split()[0] == "thick" for r in rows):
+    print()
+    print("Each program's lvol against its own base, same run (medians):")
+    print()
+    print("| | SPDK | ours | target (ours) |")
+    print("|---|---:|---:|---:|")
+    def within(prog, cfg, wl):
+        def find(c):
+            return next(i for i, x in enumerate(rows) if x.split()[:2] == [c, wl])
+        lv, base = med(prog, find(cfg), 0), med(prog, find("base"), 0)
+        return "–" if lv is None or base is None else f"{lv / base:.2f}"
+    print(f"| allocated (thick) lvol ÷ base, 4 KiB randwrite QD32 | {within('spdk', 'thick', 'randwrite')} "
+          f"| {within('ours', 'thick', 'randwrite')} | ≥ 0.95 |")
+    print(f"| first-write allocation (thin, first pass) ÷ base, 4 KiB write QD32 | {within('spdk', 'thin', 'write')} "
+          f"| {within('ours', 'thin', 'write')} | ≥ 0.50 |")
+    for r in range(len(rows)):
+        for prog in ("spdk", "ours"):
+            if wrapped(prog, r):
+                print()
+                print(f"Note: a {prog} run of row '{label(rows[r])}' wrote more than the lvol holds, "
+                      "so part of it ran over allocated clusters: an upper bound.")
 print()
 print("Every run (IOPS):")
 print()
@@ -177,11 +253,15 @@ EOF
     echo
     echo "## Commands"
     echo
-    echo "Run as \`benches/bdevperf_vs_spdk.sh --time $secs --reps $reps\`. Each run, with \`$config\`:"
-    echo
-    echo '```json'
-    cat "$config"
-    echo '```'
+    echo "Run as \`benches/bdevperf_vs_spdk.sh --suite $suite --time $secs --reps $reps\`. The configs:"
+    for c in $configs; do
+        echo
+        echo "\`$c.json\`:"
+        echo
+        echo '```json'
+        cat "$work/$c.json"
+        echo '```'
+    done
     echo
     echo '```sh'
     for ((row = 0; row < ${#rows[@]}; row++)); do
