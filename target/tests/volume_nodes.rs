@@ -451,3 +451,73 @@ fn the_dead_owner_returns_and_its_plex_rejoins_with_only_what_it_missed() {
     mirror_common::assert_plexes_match(&[&files[0], &files[1]], &m);
     c.delete("vol1", false).unwrap();
 }
+
+#[test]
+fn plexes_on_lvols_take_clusters_as_written_and_give_them_back_on_delete() {
+    let dir = temp_dir();
+    let nodes = Nodes::start(dir.path(), "lvol");
+    // Each node's disk: a file, a volume store on it with 1 MiB clusters.
+    for i in 1..=3 {
+        let disk = dir.path().join(format!("n{i}-disk.img"));
+        std::fs::File::create(&disk)
+            .unwrap()
+            .set_len(128 * MIB)
+            .unwrap();
+        let p = nodes.node(i);
+        p.ok(
+            "bdev_uring_create",
+            json!({"name": "disk", "filename": disk, "block_size": 512}),
+        );
+        p.ok(
+            "bdev_lvol_create_lvstore",
+            json!({"bdev_name": "disk", "lvs_name": "lvs", "cluster_sz": MIB}),
+        );
+    }
+    let store = |i: usize| nodes.node(i).ok("bdev_lvol_get_lvstores", json!({}))[0].clone();
+    let allocated = |i: usize, lvol: &str| -> u64 {
+        let all = nodes.node(i).ok("bdev_lvol_get_lvols", json!({}));
+        let l = all
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["name"] == lvol)
+            .unwrap_or_else(|| panic!("no lvol {lvol} on n{i}: {all:#}"));
+        assert_eq!(l["is_thin_provisioned"], true, "{l:#}");
+        l["num_allocated_clusters"].as_u64().unwrap()
+    };
+    let mut c = nodes.cluster();
+    create(&mut c, "lv1", 32 * MIB, &["n1", "n2"])
+        .unwrap_or_else(|e| panic!("{e}\n{}", nodes.logs()));
+    let d = c.describe("lv1").unwrap();
+    assert_eq!(d.record.plexes[0].bdev, "lvs/lv1.p0");
+    assert_eq!(d.mirror["actual_plexes"], 2, "{:#}", d.mirror);
+    let blocks = d.mirror["num_blocks"].as_u64().unwrap();
+    // Thin: only the mirror's own metadata has clusters yet.
+    let before = (allocated(1, "lv1.p0"), allocated(2, "lv1.p1"));
+    assert!(before.0 < 8 && before.1 < 8, "{before:?}");
+
+    let nqn = plexstor_volume::volume_nqn("lv1");
+    let mut host = Driver::connect(nodes.ports[0], &nqn);
+    let written = write_spread(&mut host, 7, blocks, 16);
+    read_back(&mut host, &written);
+    drop(host);
+    // Every write reached both plexes: the same clusters were taken on each node.
+    let after = (allocated(1, "lv1.p0"), allocated(2, "lv1.p1"));
+    assert!(after.0 >= before.0 + 8, "{before:?} -> {after:?}");
+    assert_eq!(after.0, after.1, "both plexes hold the same clusters");
+
+    // The mirror moves to n2, whose own plex is an lvol it opens by its alias.
+    c.attach("lv1", "n2")
+        .unwrap_or_else(|e| panic!("{e}\n{}", nodes.logs()));
+    let mut host = Driver::connect(nodes.ports[1], &nqn);
+    read_back(&mut host, &written);
+    drop(host);
+
+    c.delete("lv1", false).unwrap();
+    for i in 1..=2 {
+        let lvols = nodes.node(i).ok("bdev_lvol_get_lvols", json!({}));
+        assert_eq!(lvols, json!([]), "n{i}");
+        let s = store(i);
+        assert_eq!(s["free_clusters"], s["total_data_clusters"], "n{i}: {s:#}");
+    }
+}

@@ -4,7 +4,8 @@
 //! will call it too.
 //!
 //! A volume `NAME` of N plexes (1–3) on nodes n₀…n_{N-1}, n₀ the owner:
-//! - plex i is bdev `NAME.p<i>` on node nᵢ (a file through `bdev_uring_create`, or RAM);
+//! - plex i is bdev `NAME.p<i>` on node nᵢ (a file through `bdev_uring_create`, or RAM), or
+//!   the thin lvol `LVS/NAME.p<i>` on the node's volume store;
 //! - each plex off the owner is exported by its node as `…:vol-NAME-p<i>`, to the owner's
 //!   host NQN only, and attached on the owner as controller `NAME.p<i>` (bdev `NAME.p<i>n1`);
 //! - the owner runs `bdev_mirror_create NAME` over the plexes, and exports the mirror as
@@ -281,21 +282,28 @@ impl Cluster {
         };
         for (i, n) in chosen.iter().enumerate() {
             let node = self.node(n)?;
-            let file = match backend {
-                Backend::Uring => Some(
-                    node.data_dir
-                        .as_ref()
-                        .expect("checked when the nodes file was read")
-                        .join(format!("{}.img", plex_bdev(&o.name, i))),
+            let in_data_dir = |ext: &str| {
+                node.data_dir
+                    .as_ref()
+                    .expect("checked when the nodes file was read")
+                    .join(format!("{}.{ext}", plex_bdev(&o.name, i)))
+            };
+            let (bdev, file, ptpl_file) = match backend {
+                Backend::Uring => (plex_bdev(&o.name, i), Some(in_data_dir("img")), None),
+                Backend::Lvol => (
+                    format!("{}/{}", node.lvs_name, plex_bdev(&o.name, i)),
+                    None,
+                    Some(in_data_dir("ptpl")),
                 ),
-                Backend::Malloc => None,
+                Backend::Malloc => (plex_bdev(&o.name, i), None, None),
             };
             rec.plexes.push(PlexRecord {
                 node: n.clone(),
-                bdev: plex_bdev(&o.name, i),
+                bdev: bdev.clone(),
                 file,
+                ptpl_file,
                 location: if *n == owner {
-                    plex_bdev(&o.name, i)
+                    bdev
                 } else {
                     remote_plex_bdev(&o.name, i)
                 },
@@ -421,6 +429,28 @@ impl Cluster {
     fn make_plex_bdev(&mut self, rec: &VolumeRecord, p: &PlexRecord) -> Result<(), Error> {
         let blocks = rec.plex_size / size::BLOCK_SIZE;
         let mut c = self.client(&p.node)?;
+        if self.nodes.backend == Backend::Lvol {
+            let node = self.node(&p.node)?;
+            if let Some(dir) = node.data_dir.as_ref() {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| Error::Files(format!("{}: {e}", dir.display())))?;
+            }
+            // Thin: the plex takes clusters as the mirror writes (a resync writes only
+            // what differs).
+            c.call(
+                "bdev_lvol_create",
+                json!({"lvs_name": node.lvs_name, "lvol_name": p.lvol_name(),
+                       "size_in_mib": rec.plex_size.div_ceil(1 << 20), "thin_provision": true}),
+            )
+            .map_err(node_err(&p.node))?;
+            self.say(&format!(
+                "{}: plex lvol {} ({}, thin)",
+                p.node,
+                p.bdev,
+                size::human(rec.plex_size)
+            ));
+            return Ok(());
+        }
         match &p.file {
             Some(f) => {
                 if let Some(dir) = f.parent() {
@@ -473,8 +503,8 @@ impl Cluster {
                 // A file plex keeps its namespace's reservations beside it (SPDK's
                 // ptpl_file), so the owner's fence outlives a restart of this node.
                 let mut ns = json!({"bdev_name": p.bdev});
-                if let Some(f) = &p.file {
-                    ns["ptpl_file"] = json!(f.with_extension("ptpl"));
+                if let Some(f) = p.ptpl() {
+                    ns["ptpl_file"] = json!(f);
                 }
                 call_busy(
                     &mut c,
@@ -867,6 +897,14 @@ impl Cluster {
             Err(err) if err.is_gone() => {}
             Err(err) => return Err(e(err)),
         }
+        if self.nodes.backend == Backend::Lvol {
+            // Its store brings it back when the store's bdev appears (examine).
+            return Err(Error::Refused(format!(
+                "{}: plex lvol {} is not there: is the node's volume store loaded \
+                 (bdev_lvol_get_lvstores)?",
+                p.node, p.bdev
+            )));
+        }
         let Some(f) = &p.file else {
             return Err(Error::Refused(format!(
                 "{}: plex {} lived in RAM and was lost with its plexd",
@@ -1001,6 +1039,7 @@ impl Cluster {
         let mut c = self.client(node)?;
         let delete = match self.nodes.backend {
             Backend::Uring => "bdev_uring_delete",
+            Backend::Lvol => "bdev_lvol_delete",
             Backend::Malloc => "bdev_malloc_delete",
         };
         for (i, p) in rec.plexes.iter().enumerate() {
@@ -1019,11 +1058,7 @@ impl Cluster {
                 }
             }
             // The plex file and its namespace's reservation file.
-            for f in p
-                .file
-                .iter()
-                .flat_map(|f| [f.clone(), f.with_extension("ptpl")])
-            {
+            for f in p.file.iter().cloned().chain(p.ptpl()) {
                 match std::fs::remove_file(&f) {
                     Ok(()) => self.say(&format!("{node}: removed {}", f.display())),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -1129,6 +1164,7 @@ mod tests {
                     node: n.to_string(),
                     bdev: plex_bdev(name, i),
                     file: None,
+                    ptpl_file: None,
                     location: plex_bdev(name, i),
                 })
                 .collect(),

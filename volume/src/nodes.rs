@@ -15,7 +15,10 @@
 //! ```
 //!
 //! - `backend`: `uring` (default: a file per plex under the node's `data_dir`, served by
-//!   `bdev_uring_create`) or `malloc` (RAM, for tests: gone when plexd stops).
+//!   `bdev_uring_create`), `lvol` (a thin lvol per plex on the node's volume store, named by
+//!   `lvs_name`, default `lvs`, which the node must have: `bdev_lvol_create_lvstore` on its
+//!   disk; the plex exports' reservation files go in `data_dir`) or `malloc` (RAM, for tests:
+//!   gone when plexd stops).
 //! - `port`: the NVMe/TCP port every export of the node listens on (default 4420).
 //! - `host_nqn`: the NQN the node connects to other nodes as; plex exports admit only their
 //!   owner's. Default `nqn.2024-01.io.plexstor:node:NAME`.
@@ -30,8 +33,12 @@ pub const DEFAULT_PORT: u16 = 4420;
 pub enum Backend {
     #[default]
     Uring,
+    Lvol,
     Malloc,
 }
+
+/// The volume store the `lvol` backend uses on a node that names none.
+pub const DEFAULT_LVS: &str = "lvs";
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -42,6 +49,7 @@ struct NodeEntry {
     port: Option<u16>,
     data_dir: Option<PathBuf>,
     host_nqn: Option<String>,
+    lvs_name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -50,6 +58,7 @@ struct FileShape {
     #[serde(default)]
     backend: Backend,
     data_dir: Option<PathBuf>,
+    lvs_name: Option<String>,
     nodes: Vec<NodeEntry>,
 }
 
@@ -62,6 +71,8 @@ pub struct Node {
     pub port: u16,
     pub data_dir: Option<PathBuf>,
     pub host_nqn: String,
+    /// The node's volume store (the `lvol` backend).
+    pub lvs_name: String,
 }
 
 #[derive(Clone, Debug)]
@@ -120,9 +131,24 @@ impl Nodes {
                 }
             }
             let data_dir = e.data_dir.or_else(|| f.data_dir.clone());
-            if f.backend == Backend::Uring && data_dir.is_none() {
+            if f.backend != Backend::Malloc && data_dir.is_none() {
                 return Err(at(format!(
-                    "node {}: the uring backend needs a data_dir (for the node or the file)",
+                    "node {}: the {} backend needs a data_dir (for the node or the file)",
+                    e.name,
+                    if f.backend == Backend::Uring {
+                        "uring"
+                    } else {
+                        "lvol"
+                    }
+                )));
+            }
+            let lvs_name = e
+                .lvs_name
+                .or_else(|| f.lvs_name.clone())
+                .unwrap_or_else(|| DEFAULT_LVS.into());
+            if lvs_name.is_empty() || lvs_name.contains('/') || lvs_name.len() > 63 {
+                return Err(at(format!(
+                    "node {}: lvs_name {lvs_name:?} must be 1-63 bytes without '/'",
                     e.name
                 )));
             }
@@ -135,6 +161,7 @@ impl Nodes {
                 storage_addr: e.storage_addr,
                 port: e.port.unwrap_or(DEFAULT_PORT),
                 data_dir,
+                lvs_name,
             });
         }
         Ok(Nodes {
@@ -198,6 +225,31 @@ mod tests {
             PathBuf::from("/etc/plexstor/nodes.state.json")
         );
         assert!(n.get("n3").unwrap_err().contains("known: n1, n2"));
+    }
+
+    #[test]
+    fn lvol_names_its_store_per_node_or_for_all() {
+        let n = parse(
+            r#"{"backend": "lvol", "data_dir": "/d", "lvs_name": "fast", "nodes": [
+                {"name": "a", "rpc_socket": "/s", "storage_addr": "127.0.0.1"},
+                {"name": "b", "rpc_socket": "/t", "storage_addr": "127.0.0.2", "lvs_name": "b0"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(n.backend, Backend::Lvol);
+        assert_eq!(
+            (n.nodes[0].lvs_name.as_str(), n.nodes[1].lvs_name.as_str()),
+            ("fast", "b0")
+        );
+        let e = parse(
+            r#"{"backend": "lvol", "nodes": [{"name": "a", "rpc_socket": "/s", "storage_addr": "x"}]}"#,
+        )
+        .unwrap_err();
+        assert!(e.contains("lvol backend needs a data_dir"), "{e}");
+        let e = parse(
+            r#"{"backend": "lvol", "data_dir": "/d", "lvs_name": "a/b", "nodes": [{"name": "a", "rpc_socket": "/s", "storage_addr": "x"}]}"#,
+        )
+        .unwrap_err();
+        assert!(e.contains("without '/'"), "{e}");
     }
 
     #[test]

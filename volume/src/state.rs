@@ -22,10 +22,28 @@ pub struct PlexRecord {
     /// The file behind it (uring backend).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<PathBuf>,
+    /// Where its export keeps its reservations when there is no file to put them beside
+    /// (lvol backend).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ptpl_file: Option<PathBuf>,
     /// The bdev name the owner's mirror knows it by: `bdev` on the owner itself, the
     /// namespace of the attached controller (`NAME.p<i>n1`) elsewhere. A missing plex is
     /// offered to `bdev_mirror_create` under this name, which its superblock table records.
     pub location: String,
+}
+
+impl PlexRecord {
+    /// The reservation file of the plex's export (SPDK's `ptpl_file`), if it persists them.
+    pub fn ptpl(&self) -> Option<PathBuf> {
+        self.ptpl_file
+            .clone()
+            .or_else(|| self.file.as_ref().map(|f| f.with_extension("ptpl")))
+    }
+
+    /// The lvol's name in its store (`NAME.p<i>` of `lvs/NAME.p<i>`), for an lvol plex.
+    pub fn lvol_name(&self) -> &str {
+        self.bdev.rsplit_once('/').map_or(&self.bdev, |(_, n)| n)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -154,18 +172,30 @@ mod tests {
                     node: "n1".into(),
                     bdev: format!("{name}.p0"),
                     file: Some(format!("/d/{name}.p0.img").into()),
+                    ptpl_file: None,
                     location: format!("{name}.p0"),
                 },
+                // An lvol plex: no file, its reservations in the data dir.
                 PlexRecord {
                     node: "n2".into(),
-                    bdev: format!("{name}.p1"),
+                    bdev: format!("lvs/{name}.p1"),
                     file: None,
+                    ptpl_file: Some(format!("/d/{name}.p1.ptpl").into()),
                     location: format!("{name}.p1n1"),
                 },
             ],
             generation: 3,
             deleting: false,
         }
+    }
+
+    #[test]
+    fn a_plex_knows_its_reservation_file_and_lvol_name() {
+        let r = record("v");
+        let (file, lvol) = (&r.plexes[0], &r.plexes[1]);
+        assert_eq!(file.ptpl(), Some(PathBuf::from("/d/v.p0.ptpl")));
+        assert_eq!(lvol.ptpl(), Some(PathBuf::from("/d/v.p1.ptpl")));
+        assert_eq!((file.lvol_name(), lvol.lvol_name()), ("v.p0", "v.p1"));
     }
 
     #[test]
