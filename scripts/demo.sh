@@ -7,14 +7,15 @@
 #   makes XFS, mounts it, and a writer appends an fsync'ed, numbered line every 0.2 s
 #   -> n2 is killed (kill -9) mid-write -> `plexctl volume attach vol1 --node n3`
 #   -> the pod's node connects to n3, mounts (XFS log recovery) and finds every acknowledged line
-#   -> n2 comes back with its plex file, its plex rejoins the mirror and is resynced while the
-#   writer goes on -> both plexes InUse, every acknowledged line still there.
+#   -> n2 comes back with its disk (its volume store and the plex's lvol are found on it), its
+#   plex rejoins the mirror and is resynced while the writer goes on -> both plexes InUse, every acknowledged line still there.
 #
 # The host kernel here has no NVMe/TCP initiator, so the whole story runs inside the test guest
 # (scripts/guest/run.sh: Debian's kernel under QEMU, root, the host's / read-only). There the
 # guest's root network namespace is the pod's node, and n1, n2, n3 are network namespaces on a
 # bridge, 10.99.0.1-3, the pod's node 10.99.0.254; each runs plexd with its own socket, and
-# plexctl volume reaches them through a nodes file (file plexes, a data dir per node).
+# plexctl volume reaches them through a nodes file (backend lvol: each node's disk is a file
+# served by bdev_uring_create, with a volume store on it; each plex is a thin lvol there).
 #
 # The issue asks for a line every 10 s; here it is every 0.2 s (WRITE_INTERVAL) so that the
 # story takes a couple of minutes rather than an hour. The volume is 512 MiB, not 256: the guest's
@@ -137,8 +138,21 @@ path, work, names = sys.argv[1], sys.argv[2], sys.argv[3:]
 addr = {"n1": "${ADDR[n1]}", "n2": "${ADDR[n2]}", "n3": "${ADDR[n3]}"}
 nodes = [{"name": n, "rpc_socket": f"{work}/{n}.sock", "storage_addr": addr[n],
           "data_dir": f"{work}/{n}-data"} for n in names]
-json.dump({"backend": "uring", "nodes": nodes}, open(path, "w"), indent=2)
+json.dump({"backend": "lvol", "nodes": nodes}, open(path, "w"), indent=2)
 EOF
+}
+
+# open_disk NODE: NODE's disk (a sparse file, made the first time) as bdev "disk"; plexd's
+# examine finds the volume store on it if there is one.
+open_disk() {
+    local disk=$WORK/$1-disk.img
+    [ -e "$disk" ] || truncate -s 2G "$disk" || return 1
+    on "$1" bdev_uring_create "{\"name\": \"disk\", \"filename\": \"$disk\", \"block_size\": 512}" >/dev/null
+}
+
+make_store() {
+    open_disk "$1" &&
+        on "$1" bdev_lvol_create_lvstore '{"bdev_name": "disk", "lvs_name": "lvs"}' >/dev/null
 }
 
 # ---- the pod's node: the kernel's initiator --------------------------------------------------
@@ -241,7 +255,8 @@ make_network || die "ip could not make the namespaces and the bridge"
 for n in "${NODES[@]}"; do
     STEP="starting plexd on $n"
     start_node "$n" || die "plexd on $n does not answer"
-    note "$n: ${ADDR[$n]}, plexd pid ${PID[$n]}, socket $WORK/$n.sock"
+    make_store "$n" || die "no volume store on $n"
+    note "$n: ${ADDR[$n]}, plexd pid ${PID[$n]}, socket $WORK/$n.sock, store lvs on a 2 GiB disk"
 done
 # (The guest has no ping: create below shows that n2 reaches n3, connect that we reach n2 and n3.)
 write_nodes_file
@@ -303,10 +318,13 @@ STEP="checking after the failover"
 check_lines "after failover to n3"
 
 # ================================================================================================
-say "6. n2 comes back with its plex file; its plex rejoins the mirror on n3 and is resynced"
+say "6. n2 comes back with its disk; its plex rejoins the mirror on n3 and is resynced"
 STEP="restarting n2"
 start_node n2 || die "plexd on n2 does not restart"
-note "n2: plexd pid ${PID[n2]} (a fresh start: it remembers nothing but the plex file)"
+open_disk n2 || die "n2 cannot open its disk"
+plex_lvol_back() { on n2 bdev_get_bdevs '{"name": "lvs/vol1.p0"}' >/dev/null 2>&1; }
+wait_until 30 plex_lvol_back || die "n2's store did not bring back its plex lvs/vol1.p0"
+note "n2: plexd pid ${PID[n2]} (a fresh start); its disk opened, the store and lvs/vol1.p0 found on it"
 start_writer $(($(last_acked) + 1))
 note "the writer goes on through n3 from seq $(($(last_acked) + 1))"
 # The resync here copies some 70 MiB: at the default rate it is over before anyone sees it, so
@@ -315,7 +333,7 @@ on n3 bdev_mirror_set_options "{\"name\": \"$VOL\", \"resync_rate_mb_per_sec\": 
     die "bdev_mirror_set_options on n3 failed"
 note "n3: resync rate limited to ${RESYNC_MB_S:-8} MiB/s so that the resync can be watched"
 STEP="bringing n2's plex back"
-# n2 opens its plex file again and exports it to n3's host alone; n3 attaches it where its
+# n2 exports its plex (the lvol its store brought back) to n3's host alone; n3 attaches it where its
 # mirror knows the missing plex, and the mirror fences it, reads its superblock and resyncs
 # the regions written while it was away.
 vol rejoin "$VOL" 2>&1 | sed 's/^/   /'
