@@ -6,7 +6,8 @@
 # the kernel connects, makes and mounts xfs, and then bdev_lvol_resize grows the lvol. The
 # kernel must see the new size on the same connection (plexd raises the namespace attribute
 # changed event; the kernel rescans), and xfs_growfs must give the filesystem the new room with
-# the file written before the growth still whole.
+# the file written before the growth still whole. Then the kernel discards the whole device:
+# the lvol gives back every cluster, and the blocks read zeroes.
 #
 #   tests/guest/lvol_growth.sh          (needs: cargo build --release -p plexd)
 set -uo pipefail
@@ -14,7 +15,7 @@ set -uo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=tests/guest/lib.sh
 . "$HERE/lib.sh"
-plan 13
+plan 16
 REPO=$GUEST_LIB_REPO
 
 PLEXD=${PLEXD:-$REPO/build/release/plexd}
@@ -110,4 +111,19 @@ fi
 same_file() { cmp "$WORK/before.bin" "$MNT/before.bin" && umount "$MNT" && mount "$DEV" "$MNT" &&
     cmp "$WORK/before.bin" "$MNT/before.bin"; }
 check "the file written before the growth reads back, also after a remount" same_file
+
+allocated() {
+    rpc bdev_lvol_get_lvols '{"lvs_name": "lvs"}' |
+        python3 -c 'import json, sys; print([l["num_allocated_clusters"] for l in json.load(sys.stdin) if l["name"] == "vol"][0])'
+}
+umount "$MNT"
+before=$(allocated)
+check "blkdiscard of the whole device" blkdiscard "$DEV"
+after=$(allocated)
+if [ "${before:-0}" -gt 0 ] && [ "$after" = 0 ]; then
+    pass "the discard gave back every cluster ($before -> $after allocated)"
+else
+    fail "the discard gave back every cluster" "$before -> $after allocated"
+fi
+check "discarded blocks read zeroes" cmp -n 16777216 "$DEV" /dev/zero
 finish

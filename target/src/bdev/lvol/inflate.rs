@@ -230,27 +230,15 @@ pub async fn detach(
 mod tests {
     use super::*;
     use crate::bdev::lvol::format::{BlobRecord, READ_ONLY, SNAPSHOT};
+    use crate::bdev::lvol::state::tests::{alloc, rec};
     use uuid::Uuid;
 
     fn blob(id: u32, parent: u32, flags: u32, clusters: u64) -> Op {
         Op::CreateBlob(BlobRecord {
-            id,
             flags,
             parent,
-            uuid: Uuid::new_v4(),
-            name: format!("b{id}"),
-            clusters,
-            created: 0,
+            ..rec(id, &format!("b{id}"), clusters)
         })
-    }
-
-    fn alloc(blob: u32, index: u32, cluster: u32) -> Op {
-        Op::Alloc {
-            blob,
-            index,
-            cluster,
-            count: 1,
-        }
     }
 
     /// A chain: snapshot 1 (indexes 0, 1) ← snapshot 2 (index 2) ← clone 3 (index 3),

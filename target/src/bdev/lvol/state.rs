@@ -462,10 +462,11 @@ impl State {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn rec(id: u32, name: &str, clusters: u64) -> BlobRecord {
+    /// A thin blob with no parent (tests elsewhere in the module build on it).
+    pub(crate) fn rec(id: u32, name: &str, clusters: u64) -> BlobRecord {
         BlobRecord {
             id,
             flags: THIN,
@@ -477,7 +478,7 @@ mod tests {
         }
     }
 
-    fn alloc(blob: u32, index: u32, cluster: u32) -> Op {
+    pub(crate) fn alloc(blob: u32, index: u32, cluster: u32) -> Op {
         Op::Alloc {
             blob,
             index,
