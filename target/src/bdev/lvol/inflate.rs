@@ -11,7 +11,7 @@ use super::format::{Op, THIN};
 use super::rpc::quiesced;
 use super::state::{State, UNALLOCATED};
 use super::store::{Request, StoreCore, Ticket};
-use super::{lock, BlobView, LvolCore};
+use super::{lock, LvolCore};
 use crate::rpc::RpcError;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -186,21 +186,11 @@ pub async fn detach(
                 Ok(None) => return done(Ok(false)),
                 Err(e) => return done(Err(e)),
             };
-            if let Err(e) = svc.validate(&ops) {
-                return done(Err(e));
-            }
-            svc.commit(
+            svc.commit_checked(
                 ops,
                 Box::new(move |svc, r| {
                     if r.is_ok() {
-                        let core = &svc.core;
-                        let st = lock(&core.state);
-                        if let Some(b) = st.blobs.get(&id) {
-                            let parent = b.parent().and_then(|p| core.view_of(&st, p));
-                            let v = BlobView::new(id, &b.dense(), parent);
-                            lock(&core.views).insert(id, v.clone());
-                            lv.set_view(v);
-                        }
+                        svc.core.republish(&lv, id);
                     }
                     done(r.map(|_| true))
                 }),

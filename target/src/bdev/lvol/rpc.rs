@@ -148,11 +148,7 @@ fn room_for_one_more(s: &StoreCore) -> Result<(), RpcError> {
 async fn commit(store: &StoreCore, ops: Vec<Op>) -> Result<(), RpcError> {
     let r = store
         .on_service(move |svc: &mut Service, tx| {
-            if let Err(e) = svc.validate(&ops) {
-                let _ = tx.send(Err(e));
-                return;
-            }
-            svc.commit(ops, Box::new(move |_, r| drop(tx.send(r))));
+            svc.commit_checked(ops, Box::new(move |_, r| drop(tx.send(r))));
         })
         .await
         .map_err(RpcError::internal)?;
@@ -437,11 +433,7 @@ pub fn register(m: &mut Methods) {
                         return;
                     }
                     drop(st);
-                    if let Err(e) = svc.validate(&ops) {
-                        let _ = tx.send(Err(e));
-                        return;
-                    }
-                    svc.commit(ops, Box::new(move |_, r| drop(tx.send(r.map(|_| id)))));
+                    svc.commit_checked(ops, Box::new(move |_, r| drop(tx.send(r.map(|_| id)))));
                 })
                 .await
                 .map_err(RpcError::internal)?
@@ -480,11 +472,10 @@ pub fn register(m: &mut Methods) {
             lock(&s.lvols).remove(&id);
             quiesced(&s, l, move |svc, done| {
                 let ops = vec![Op::DeleteBlob { id }];
-                if let Err(e) = svc.validate(&ops) {
-                    return done(Err(e));
-                }
-                svc.commit(ops, Box::new(move |svc, r| {
-                    lock(&svc.core.views).remove(&id);
+                svc.commit_checked(ops, Box::new(move |svc, r| {
+                    if r.is_ok() {
+                        lock(&svc.core.views).remove(&id);
+                    }
                     done(r)
                 }));
             })
@@ -503,21 +494,12 @@ pub fn register(m: &mut Methods) {
         let lv = l.clone();
         quiesced(&s, l, move |svc, done| {
             let ops = vec![Op::Resize { blob: id, clusters }];
-            if let Err(e) = svc.validate(&ops) {
-                return done(Err(e));
-            }
-            svc.commit(
+            svc.commit_checked(
                 ops,
                 Box::new(move |svc, r| {
                     if r.is_ok() {
                         // A new view of the new length; the parents' stay shared.
-                        let st = lock(&svc.core.state);
-                        let old = lv.view();
-                        if let Some(b) = st.blobs.get(&id) {
-                            let v = super::BlobView::new(id, &b.dense(), old.parent.clone());
-                            lock(&svc.core.views).insert(id, v.clone());
-                            lv.set_view(v);
-                        }
+                        svc.core.republish(&lv, id);
                     }
                     done(r)
                 }),
@@ -546,10 +528,7 @@ pub fn register(m: &mut Methods) {
                     name,
                     created: now_secs(),
                 }];
-                if let Err(e) = svc.validate(&ops) {
-                    return done(Err(e));
-                }
-                svc.commit(
+                svc.commit_checked(
                     ops,
                     Box::new(move |svc, r| {
                         if r.is_ok() {
@@ -607,11 +586,7 @@ pub fn register(m: &mut Methods) {
                     clusters,
                     created: now_secs(),
                 })];
-                if let Err(e) = svc.validate(&ops) {
-                    let _ = tx.send(Err(e));
-                    return;
-                }
-                svc.commit(ops, Box::new(move |_, r| drop(tx.send(r.map(|_| id)))));
+                svc.commit_checked(ops, Box::new(move |_, r| drop(tx.send(r.map(|_| id)))));
             })
             .await
             .map_err(RpcError::internal)?

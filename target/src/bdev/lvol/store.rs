@@ -147,6 +147,18 @@ impl StoreCore {
         Some(v)
     }
 
+    /// Gives `lvol` (blob `id`) a new view of its map and its parent as the state has them
+    /// now (after a resize, inflate or decouple).
+    pub fn republish(&self, lvol: &LvolCore, id: u32) {
+        let st = lock(&self.state);
+        if let Some(b) = st.blobs.get(&id) {
+            let parent = b.parent().and_then(|p| self.view_of(&st, p));
+            let v = BlobView::new(id, &b.dense(), parent);
+            lock(&self.views).insert(id, v.clone());
+            lvol.set_view(v);
+        }
+    }
+
     /// Base blocks one lvol block is.
     pub fn lvol_blocks(&self, clusters: u64) -> u64 {
         clusters * self.cluster_blocks()
@@ -658,6 +670,15 @@ impl Service {
             "store {}: a metadata write failed; it takes no more changes",
             lock(&self.core.name)
         )
+    }
+
+    /// Commits `ops` once [`Service::validate`] finds they apply; `done` gets the refusal
+    /// otherwise.
+    pub fn commit_checked(&mut self, ops: Vec<Op>, done: Done) {
+        match self.validate(&ops) {
+            Ok(()) => self.commit(ops, done),
+            Err(e) => done(self, Err(e)),
+        }
     }
 
     /// Checks a transaction against the state as it is now, without changing it.
