@@ -82,21 +82,19 @@ fi
 LVOL_BASE_BLOCKS=16777216 # 8 GiB: more than a second of sequential writes
 LVOL_MIB=8000            # about all the store holds, less its metadata
 write_config() {
-    local blocks=$LVOL_BASE_BLOCKS lvol= thin=false
-    [ "$1" = malloc ] && blocks=1048576
-    [ "$1" = thin ] && thin=true
-    case $1 in
-    thick | thin)
-        lvol=",
-  {\"method\": \"bdev_lvol_create_lvstore\", \"params\": {\"bdev_name\": \"Malloc0\", \"lvs_name\": \"lvs\"}},
-  {\"method\": \"bdev_lvol_create\", \"params\": {\"lvol_name\": \"vol\", \"size_in_mib\": $LVOL_MIB,
-   \"thin_provision\": $thin, \"lvs_name\": \"lvs\"}}"
-        ;;
-    esac
-    printf '%s\n' '{"subsystems": [{"subsystem": "bdev", "config": [' \
-        "  {\"method\": \"bdev_malloc_create\",
-   \"params\": {\"name\": \"Malloc0\", \"num_blocks\": $blocks, \"block_size\": 512}}$lvol]}]}" \
-        >"$work/$1.json"
+    python3 - "$1" "$LVOL_BASE_BLOCKS" "$LVOL_MIB" >"$work/$1.json" <<'EOF'
+import json, sys
+name, blocks, mib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+config = [{"method": "bdev_malloc_create", "params": {
+    "name": "Malloc0", "num_blocks": 1048576 if name == "malloc" else blocks, "block_size": 512}}]
+if name in ("thick", "thin"):
+    config += [
+        {"method": "bdev_lvol_create_lvstore", "params": {"bdev_name": "Malloc0", "lvs_name": "lvs"}},
+        {"method": "bdev_lvol_create", "params": {"lvol_name": "vol", "size_in_mib": mib,
+                                                  "thin_provision": name == "thin", "lvs_name": "lvs"}},
+    ]
+print(json.dumps({"subsystems": [{"subsystem": "bdev", "config": config}]}, indent=1))
+EOF
 }
 
 # config workload io_size qd seconds

@@ -57,6 +57,23 @@ fn store(p: &Plexd) -> Value {
     p.ok("bdev_lvol_get_lvstores", json!({}))[0].clone()
 }
 
+/// A store named `name` on the node's base, with the tests' cluster size.
+fn create_store(p: &Plexd, name: &str) -> Value {
+    p.ok(
+        "bdev_lvol_create_lvstore",
+        json!({"bdev_name": "base", "lvs_name": name, "cluster_sz": CLUSTER}),
+    )
+}
+
+/// Waits (10 s at most, then fails showing plexd's log) until `cond` holds.
+fn wait_for(p: &Plexd, mut cond: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "{}", p.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Exports bdev `bdev` as its own subsystem on a free port; returns the port and NQN.
 fn export(p: &Plexd, bdev: &str, n: u32) -> (u16, String) {
     let nqn = format!("nqn.2024-01.io.plexstor:lvol-{n}");
@@ -82,10 +99,7 @@ fn export(p: &Plexd, bdev: &str, n: u32) -> (u16, String) {
 fn thin_lvols_snapshots_and_clones_keep_their_data_across_a_kill() {
     let node = Node::new(96 * MIB);
     let mut p = node.start("a");
-    let lvs = p.ok(
-        "bdev_lvol_create_lvstore",
-        json!({"bdev_name": "base", "lvs_name": "lvs", "cluster_sz": CLUSTER}),
-    );
+    let lvs = create_store(&p, "lvs");
     let s = store(&p);
     assert_eq!(s["uuid"], lvs);
     let total = s["total_data_clusters"].as_u64().unwrap();
@@ -180,16 +194,9 @@ fn thin_lvols_snapshots_and_clones_keep_their_data_across_a_kill() {
     // kill -9, then the base comes back: examine finds the store and every lvol.
     p.kill();
     let p = node.start("b");
-    let t0 = Instant::now();
-    while p
-        .ok("bdev_lvol_get_lvstores", json!({}))
-        .as_array()
-        .unwrap()
-        .is_empty()
-    {
-        assert!(t0.elapsed() < Duration::from_secs(10), "{}", p.log_text());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(&p, || {
+        !p.ok("bdev_lvol_get_lvstores", json!({}))[0].is_null()
+    });
     let names: Vec<String> = lvols(&p)
         .iter()
         .map(|l| l["name"].as_str().unwrap().to_string())
@@ -213,10 +220,7 @@ fn thin_lvols_snapshots_and_clones_keep_their_data_across_a_kill() {
 fn a_full_store_fails_the_write_that_needs_a_cluster_and_nothing_else() {
     let node = Node::new(32 * MIB);
     let p = node.start("a");
-    p.ok(
-        "bdev_lvol_create_lvstore",
-        json!({"bdev_name": "base", "lvs_name": "lvs", "cluster_sz": CLUSTER}),
-    );
+    create_store(&p, "lvs");
     let total = store(&p)["total_data_clusters"].as_u64().unwrap();
     // Two thin lvols, each as large as the whole store.
     for n in ["a", "b"] {
@@ -268,10 +272,7 @@ fn a_full_store_fails_the_write_that_needs_a_cluster_and_nothing_else() {
 fn damaged_metadata_is_refused_at_examine_naming_the_block() {
     let node = Node::new(32 * MIB);
     let mut p = node.start("a");
-    p.ok(
-        "bdev_lvol_create_lvstore",
-        json!({"bdev_name": "base", "lvs_name": "lvs", "cluster_sz": CLUSTER}),
-    );
+    create_store(&p, "lvs");
     p.ok(
         "bdev_lvol_create",
         json!({"lvol_name": "v", "size_in_mib": 4, "thin_provision": true, "lvs_name": "lvs"}),
@@ -283,11 +284,7 @@ fn damaged_metadata_is_refused_at_examine_naming_the_block() {
     bytes[20] ^= 0xff;
     std::fs::write(&node.file, &bytes).unwrap();
     let p = node.start("b");
-    let t0 = Instant::now();
-    while !p.log_text().contains("store not loaded") {
-        assert!(t0.elapsed() < Duration::from_secs(10), "{}", p.log_text());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(&p, || p.log_text().contains("store not loaded"));
     let log = p.log_text();
     assert!(
         log.contains("slot 1 (page 1)") && log.contains("checksum"),
@@ -299,20 +296,14 @@ fn damaged_metadata_is_refused_at_examine_naming_the_block() {
         .unwrap()
         .is_empty());
     // The base was not claimed: it can be used (or a store made on it again).
-    p.ok(
-        "bdev_lvol_create_lvstore",
-        json!({"bdev_name": "base", "lvs_name": "lvs2", "cluster_sz": CLUSTER}),
-    );
+    create_store(&p, "lvs2");
 }
 
 #[test]
 fn inflate_and_decouple_give_a_clone_its_own_copy_of_what_it_reads() {
     let node = Node::new(96 * MIB);
     let p = node.start("a");
-    p.ok(
-        "bdev_lvol_create_lvstore",
-        json!({"bdev_name": "base", "lvs_name": "lvs", "cluster_sz": CLUSTER}),
-    );
+    create_store(&p, "lvs");
     p.ok(
         "bdev_lvol_create",
         json!({"lvol_name": "v", "size_in_mib": 8, "thin_provision": true, "lvs_name": "lvs"}),
@@ -401,11 +392,7 @@ fn inflate_and_decouple_give_a_clone_its_own_copy_of_what_it_reads() {
     let mut p = p;
     p.kill();
     let p = node.start("b");
-    let t0 = Instant::now();
-    while lvols(&p).len() < 4 {
-        assert!(t0.elapsed() < Duration::from_secs(10), "{}", p.log_text());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(&p, || lvols(&p).len() >= 4);
     let l = lvol(&p, "c1");
     assert_eq!(
         (

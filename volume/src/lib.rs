@@ -429,34 +429,23 @@ impl Cluster {
     fn make_plex_bdev(&mut self, rec: &VolumeRecord, p: &PlexRecord) -> Result<(), Error> {
         let blocks = rec.plex_size / size::BLOCK_SIZE;
         let mut c = self.client(&p.node)?;
-        if self.nodes.backend == Backend::Lvol {
-            let node = self.node(&p.node)?;
-            if let Some(dir) = node.data_dir.as_ref() {
+        // The directories of what the plex keeps in files: its image, its reservations.
+        for f in p.file.iter().cloned().chain(p.ptpl()) {
+            if let Some(dir) = f.parent() {
                 std::fs::create_dir_all(dir)
                     .map_err(|e| Error::Files(format!("{}: {e}", dir.display())))?;
             }
-            // Thin: the plex takes clusters as the mirror writes (a resync writes only
-            // what differs).
-            c.call(
-                "bdev_lvol_create",
-                json!({"lvs_name": node.lvs_name, "lvol_name": p.lvol_name(),
-                       "size_in_mib": rec.plex_size.div_ceil(1 << 20), "thin_provision": true}),
-            )
-            .map_err(node_err(&p.node))?;
-            self.say(&format!(
-                "{}: plex lvol {} ({}, thin)",
-                p.node,
-                p.bdev,
-                size::human(rec.plex_size)
-            ));
-            return Ok(());
         }
-        match &p.file {
-            Some(f) => {
-                if let Some(dir) = f.parent() {
-                    std::fs::create_dir_all(dir)
-                        .map_err(|e| Error::Files(format!("{}: {e}", dir.display())))?;
-                }
+        let (method, params, lvol) = match (self.nodes.backend, &p.file) {
+            // Thin: the plex takes clusters as the mirror writes (a resync writes only what
+            // differs).
+            (Backend::Lvol, _) => (
+                "bdev_lvol_create",
+                json!({"lvs_name": self.node(&p.node)?.lvs_name, "lvol_name": p.lvol_name(),
+                       "size_in_mib": rec.plex_size.div_ceil(1 << 20), "thin_provision": true}),
+                true,
+            ),
+            (_, Some(f)) => {
                 let file = std::fs::OpenOptions::new()
                     .write(true)
                     .create_new(true)
@@ -464,22 +453,26 @@ impl Cluster {
                     .map_err(|e| Error::Files(format!("plex file {}: {e}", f.display())))?;
                 file.set_len(rec.plex_size)
                     .map_err(|e| Error::Files(format!("plex file {}: {e}", f.display())))?;
-                c.call(
+                (
                     "bdev_uring_create",
                     json!({"name": p.bdev, "filename": f, "block_size": size::BLOCK_SIZE}),
+                    false,
                 )
-                .map_err(node_err(&p.node))?;
             }
-            None => {
-                c.call(
-                    "bdev_malloc_create",
-                    json!({"name": p.bdev, "num_blocks": blocks, "block_size": size::BLOCK_SIZE}),
-                )
-                .map_err(node_err(&p.node))?;
-            }
-        }
+            (_, None) => (
+                "bdev_malloc_create",
+                json!({"name": p.bdev, "num_blocks": blocks, "block_size": size::BLOCK_SIZE}),
+                false,
+            ),
+        };
+        c.call(method, params).map_err(node_err(&p.node))?;
+        let (kind, thin) = if lvol {
+            ("lvol", ", thin")
+        } else {
+            ("bdev", "")
+        };
         self.say(&format!(
-            "{}: plex bdev {} ({})",
+            "{}: plex {kind} {} ({}{thin})",
             p.node,
             p.bdev,
             size::human(rec.plex_size)

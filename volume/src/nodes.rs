@@ -37,6 +37,17 @@ pub enum Backend {
     Malloc,
 }
 
+impl Backend {
+    /// Its name in the nodes file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Uring => "uring",
+            Backend::Lvol => "lvol",
+            Backend::Malloc => "malloc",
+        }
+    }
+}
+
 /// The volume store the `lvol` backend uses on a node that names none.
 pub const DEFAULT_LVS: &str = "lvs";
 
@@ -135,11 +146,7 @@ impl Nodes {
                 return Err(at(format!(
                     "node {}: the {} backend needs a data_dir (for the node or the file)",
                     e.name,
-                    if f.backend == Backend::Uring {
-                        "uring"
-                    } else {
-                        "lvol"
-                    }
+                    f.backend.name()
                 )));
             }
             let lvs_name = e

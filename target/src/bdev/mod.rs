@@ -468,6 +468,11 @@ impl BdevEntry {
         lock(&self.aliases).clone()
     }
 
+    /// Whether `name` is this bdev's name or one of its aliases (what the registry resolves).
+    pub fn answers_to(&self, name: &str) -> bool {
+        self.name() == name || lock(&self.aliases).iter().any(|a| a == name)
+    }
+
     pub fn claimed_by(&self) -> Option<String> {
         self.claimed_by
             .lock()

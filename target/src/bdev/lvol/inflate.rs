@@ -9,7 +9,7 @@
 
 use super::format::{Op, THIN};
 use super::rpc::quiesced;
-use super::state::{State, UNALLOCATED};
+use super::state::{Blob, State, UNALLOCATED};
 use super::store::{Request, StoreCore, Ticket};
 use super::{lock, LvolCore};
 use crate::rpc::RpcError;
@@ -35,6 +35,12 @@ impl Detach {
     }
 }
 
+/// The parent a decouple copies from.
+fn parent_of(b: &Blob) -> Result<u32, String> {
+    b.parent()
+        .ok_or_else(|| format!("{} has no parent", b.rec.name))
+}
+
 /// The indexes of blob `id` that still need a cluster of their own before `how` can finish.
 pub fn indexes_to_fill(st: &State, id: u32, how: Detach) -> Result<Vec<u32>, String> {
     let b = st.blob(id)?;
@@ -42,11 +48,8 @@ pub fn indexes_to_fill(st: &State, id: u32, how: Detach) -> Result<Vec<u32>, Str
     Ok(match how {
         Detach::Inflate => (0..b.rec.clusters as u32).filter(own).collect(),
         Detach::DecoupleParent => {
-            let p = b
-                .parent()
-                .ok_or_else(|| format!("{} has no parent", b.rec.name))?;
             let end = b.rec.clusters as u32;
-            st.blob(p)?
+            st.blob(parent_of(b)?)?
                 .map
                 .range(..end)
                 .map(|(&i, _)| i)
@@ -74,15 +77,10 @@ fn finishing_ops(st: &State, id: u32, how: Detach) -> Result<Option<Vec<Op>>, St
                 flags: b.rec.flags & !THIN,
             },
         ],
-        Detach::DecoupleParent => {
-            let p = b
-                .parent()
-                .ok_or_else(|| format!("{} has no parent", b.rec.name))?;
-            vec![Op::SetParent {
-                blob: id,
-                parent: st.blob(p)?.rec.parent,
-            }]
-        }
+        Detach::DecoupleParent => vec![Op::SetParent {
+            blob: id,
+            parent: st.blob(parent_of(b)?)?.rec.parent,
+        }],
     }))
 }
 
@@ -91,16 +89,22 @@ const COPY_BYTES_IN_FLIGHT: u64 = 32 << 20;
 
 /// Gives each of `indexes` of blob `id` a cluster, a few at a time; returns once all are on
 /// disk. `what` names the work in progress logs.
-pub async fn allocate(s: &StoreCore, id: u32, indexes: &[u32], what: &str) -> Result<(), RpcError> {
+pub async fn allocate(
+    s: &StoreCore,
+    id: u32,
+    indexes: impl ExactSizeIterator<Item = u32>,
+    what: &str,
+) -> Result<(), RpcError> {
     let window = (COPY_BYTES_IN_FLIGHT / s.cluster_size).clamp(1, 64) as usize;
     let started = Instant::now();
     let mut last_report = started;
     let mut pending: Vec<Arc<Ticket>> = Vec::with_capacity(window);
-    let mut next = indexes.iter();
+    let total = indexes.len();
+    let mut next = indexes;
     let mut done = 0usize;
     loop {
         while pending.len() < window {
-            let Some(&index) = next.next() else { break };
+            let Some(index) = next.next() else { break };
             let ticket = Ticket::new();
             s.request(Request::Alloc {
                 blob: id,
@@ -128,10 +132,7 @@ pub async fn allocate(s: &StoreCore, id: u32, indexes: &[u32], what: &str) -> Re
             Some(Ticket::NO_SPACE) => {
                 return Err(RpcError::errno(
                     libc::ENOSPC,
-                    format!(
-                        "{what}: the store ran out of clusters after {done} of {}",
-                        indexes.len()
-                    ),
+                    format!("{what}: the store ran out of clusters after {done} of {total}"),
                 ))
             }
             Some(_) => {
@@ -145,9 +146,8 @@ pub async fn allocate(s: &StoreCore, id: u32, indexes: &[u32], what: &str) -> Re
         if last_report.elapsed() >= Duration::from_secs(5) {
             last_report = Instant::now();
             tracing::info!(
-                "lvol store {}: {what}: {done} of {} clusters in {:.0?}",
+                "lvol store {}: {what}: {done} of {total} clusters in {:.0?}",
                 lock(&s.name),
-                indexes.len(),
                 started.elapsed()
             );
         }
@@ -178,7 +178,13 @@ pub async fn detach(
                 indexes.len()
             );
         }
-        allocate(s, id, &indexes, &format!("{} {name}", how.verb())).await?;
+        allocate(
+            s,
+            id,
+            indexes.into_iter(),
+            &format!("{} {name}", how.verb()),
+        )
+        .await?;
         let lv = lvol.clone();
         let finished = quiesced(s, lvol.clone(), move |svc, done| {
             let ops = match finishing_ops(&lock(&svc.core.state), id, how) {

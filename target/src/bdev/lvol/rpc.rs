@@ -441,8 +441,8 @@ pub fn register(m: &mut Methods) {
             if !thin {
                 // Thick: every cluster now, each handed out (and zeroed where needed) as a
                 // first write would.
-                let all: Vec<u32> = (0..clusters as u32).collect();
-                inflate::allocate(&s, id, &all, &format!("create {}", p.lvol_name)).await?;
+                let what = format!("create {}", p.lvol_name);
+                inflate::allocate(&s, id, 0..clusters as u32, &what).await?;
             }
             store::register_lvol(&app, &s, id, uuid, &p.lvol_name, clusters, false)
                 .map_err(RpcError::internal)?;

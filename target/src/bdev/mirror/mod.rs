@@ -281,15 +281,17 @@ impl MirrorModule {
         lock(&self.mirrors).values().cloned().collect()
     }
 
-    /// The examine step: a bdev that appears under the name (or alias) of a missing plex is offered
-    /// back to its mirror, which checks its superblock before using it.
+    /// The examine step: a bdev that appears under the name (or alias) of a missing plex is
+    /// offered back to its mirror, which checks its superblock before using it.
     pub fn examine(&self, app: &crate::app::App, e: &Arc<crate::bdev::BdevEntry>) {
         for core in self.all() {
             for (i, p) in core.plexes().iter().enumerate() {
                 let missing = p.bdev().is_none_or(|b| b.is_removed());
-                // By name or alias: an lvol plex is named by its UUID, known as `lvs/NAME`.
-                let named = p.location == e.name() || e.aliases().contains(&p.location);
-                if missing && named && e.claim(&format!("mirror {}", core.name)).is_ok() {
+                // By alias too: an lvol plex is named by its UUID, known as `lvs/NAME`.
+                if missing
+                    && e.answers_to(&p.location)
+                    && e.claim(&format!("mirror {}", core.name)).is_ok()
+                {
                     tracing::info!(
                         "mirror {}: plex {} ({}) is back",
                         core.name,
