@@ -408,3 +408,114 @@ fn inflate_and_decouple_give_a_clone_its_own_copy_of_what_it_reads() {
         assert_eq!(&chost.read(lba, data.len()).unwrap(), data, "lba {lba}");
     }
 }
+
+/// Polls the host's controller (so it takes the namespace-changed event) until namespace 1
+/// has `blocks`.
+fn wait_ns_blocks(p: &Plexd, host: &mut Driver, blocks: u64) {
+    wait_for(p, || {
+        host.ctrlr.poll();
+        host.ctrlr.namespace(1).map(|n| n.blocks) == Some(blocks)
+    });
+}
+
+#[test]
+fn a_mirror_on_lvols_grows_once_every_plex_has_and_its_host_sees_the_size() {
+    let node = Node::new(160 * MIB);
+    let p = node.start("a");
+    create_store(&p, "lvs");
+    for n in ["p0", "p1"] {
+        p.ok(
+            "bdev_lvol_create",
+            json!({"lvol_name": n, "size_in_mib": 34, "thin_provision": true, "lvs_name": "lvs"}),
+        );
+    }
+    p.ok(
+        "bdev_mirror_create",
+        json!({"name": "m", "plexes": ["lvs/p0", "lvs/p1"]}),
+    );
+    // 512-byte blocks: the mirror's metadata takes the first MiB of each plex.
+    let old_blocks = 33 * MIB / 512;
+    let (port, nqn) = export(&p, "m", 1);
+    let mut host = Driver::connect(port, &nqn);
+    assert_eq!(host.ctrlr.namespace(1).unwrap().blocks, old_blocks);
+    let tail = pattern(1, old_blocks - 8, 4096, 512);
+    host.write(old_blocks - 8, tail.clone()).unwrap();
+
+    let grow = |mib: u64| {
+        p.call(
+            "bdev_mirror_resize",
+            json!({"name": "m", "size_in_mib": mib}),
+        )
+    };
+    // Not before every plex has the room, naming the one that lacks it.
+    let e = grow(65).unwrap_err();
+    assert!(
+        e.1.contains("lvs/p0") && e.1.contains("grow it first"),
+        "{e:?}"
+    );
+    p.ok(
+        "bdev_lvol_resize",
+        json!({"name": "lvs/p0", "size_in_mib": 66}),
+    );
+    let e = grow(65).unwrap_err();
+    assert!(e.1.contains("lvs/p1"), "{e:?}");
+    p.ok(
+        "bdev_lvol_resize",
+        json!({"name": "lvs/p1", "size_in_mib": 66}),
+    );
+    let e = grow(31).unwrap_err();
+    assert!(e.1.contains("cannot shrink"), "{e:?}");
+    let e = grow(8 << 10).unwrap_err();
+    assert!(e.1.contains("covers at most 3840 MiB"), "{e:?}");
+    let generation = |p: &Plexd| {
+        p.ok("bdev_mirror_get_mirrors", json!({"name": "m"}))[0]["generation"]
+            .as_u64()
+            .unwrap()
+    };
+    let g0 = generation(&p);
+    grow(65).unwrap();
+    assert!(generation(&p) > g0, "a resize is a new generation");
+    let new_blocks = 65 * MIB / 512;
+    let bdev = &p.ok("bdev_get_bdevs", json!({"name": "m"}))[0];
+    assert_eq!(bdev["num_blocks"], new_blocks, "{bdev:#}");
+    let m = &p.ok("bdev_mirror_get_mirrors", json!({"name": "m"}))[0];
+    assert_eq!(m["regions"], 65, "{m:#}");
+
+    // The connected host learns the size from the namespace-changed event, no reconnect,
+    // and writes where there was no mirror before.
+    wait_ns_blocks(&p, &mut host, new_blocks);
+    let end = pattern(2, new_blocks - 8, 4096, 512);
+    host.write(new_blocks - 8, end.clone()).unwrap();
+    assert!(host.read(old_blocks - 8, 4096).unwrap() == tail);
+    assert!(host.read(new_blocks - 8, 4096).unwrap() == end);
+    drop(host);
+
+    // The superblocks carry the size: reassembled after kill -9, the mirror has it, and each
+    // plex alone holds both writes.
+    let mut p = p;
+    p.kill();
+    let p = node.start("b");
+    wait_for(&p, || {
+        p.call("bdev_get_bdevs", json!({"name": "lvs/p1"})).is_ok()
+    });
+    p.ok(
+        "bdev_mirror_create",
+        json!({"name": "m", "plexes": ["lvs/p0", "lvs/p1"]}),
+    );
+    let bdev = &p.ok("bdev_get_bdevs", json!({"name": "m"}))[0];
+    assert_eq!(bdev["num_blocks"], new_blocks, "{bdev:#}");
+    p.ok("bdev_mirror_delete", json!({"name": "m"}));
+    for (n, plex) in ["lvs/p0", "lvs/p1"].iter().enumerate() {
+        let (port, nqn) = export(&p, plex, 2 + n as u32);
+        let mut h = Driver::connect(port, &nqn);
+        let data = MIB / 512;
+        assert!(
+            h.read(data + old_blocks - 8, 4096).unwrap() == tail,
+            "{plex}"
+        );
+        assert!(
+            h.read(data + new_blocks - 8, 4096).unwrap() == end,
+            "{plex}"
+        );
+    }
+}

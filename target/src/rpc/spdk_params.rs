@@ -244,6 +244,7 @@ const TABLES: &[(&str, &[Foreign])] = &[
     ("bdev_mirror_delete", &[]),
     ("bdev_mirror_get_mirrors", &[]),
     ("bdev_mirror_remove_plex", &[]),
+    ("bdev_mirror_resize", &[]),
     ("bdev_mirror_set_options", &[]),
     ("bdev_null_create", BDEV_NULL_CREATE),
     ("bdev_null_delete", &[]),

@@ -500,7 +500,14 @@ async fn build(
             _ => unreachable!("sources carry superblocks"),
         };
         Layout::from_superblock(src, smallest).map_err(|e| {
-            RpcError::invalid_params(format!("a plex is too small for mirror {name}: {e}"))
+            // Name the plex: one that missed a resize must grow before it is offered again.
+            let small = offers.iter().find(|o| {
+                o.entry
+                    .as_ref()
+                    .is_some_and(|e| e.info().num_blocks() == smallest)
+            });
+            let which = small.map_or("a plex", |o| o.location.as_str());
+            RpcError::invalid_params(format!("{which} is too small for mirror {name}: {e}"))
         })?
     };
     for n in &plan.notes {
@@ -509,7 +516,7 @@ async fn build(
     fence_remote_plexes(app, name, plan.uuid, offers).await?;
     let home = app.reactors.handles()[0].clone();
     // The bitmap: the union of the sources' (a damaged chunk counts as all dirty).
-    let intent = super::intent::IntentLog::new(layout.regions());
+    let intent = super::intent::IntentLog::new(layout.regions(), layout.max_regions());
     if !plan.new {
         let br = layout.bitmap_range();
         let reads = plan
@@ -558,7 +565,9 @@ async fn build(
     let core = Arc::new(Core {
         name: name.to_string(),
         uuid: plan.uuid,
-        layout,
+        layout: RwLock::new(layout),
+        data_blocks: AtomicU64::new(layout.data_blocks()),
+        data_offset_blocks: layout.data_offset_blocks(),
         plexes: RwLock::new(plexes.clone()),
         plexes_version: AtomicU64::new(1),
         intent,
@@ -624,7 +633,7 @@ async fn build(
         "mirror {name} ({}) {}: {} blocks of {bs}, {} plexes, generation {}",
         core.uuid,
         if plan.new { "created" } else { "assembled" },
-        core.layout.data_blocks(),
+        core.data_blocks(),
         core.plexes().len(),
         core.generation.load(Ordering::Acquire)
     );
@@ -682,12 +691,12 @@ pub fn watch_plexes(core: &Arc<Core>) {
     for (i, p) in core.plexes().iter().enumerate() {
         let Some(e) = p.bdev() else { continue };
         let weak = Arc::downgrade(core);
-        let need = core.layout.data_offset_blocks() + core.layout.data_blocks();
         subs.push(e.subscribe(move |_, ev| {
             let Some(core) = weak.upgrade() else { return };
             let gone = match ev {
                 BdevEvent::Removed => true,
-                BdevEvent::Resized { new_blocks, .. } => new_blocks < need,
+                // The mirror may have grown since the subscription: compare with it now.
+                BdevEvent::Resized { new_blocks, .. } => new_blocks < core.plex_blocks_needed(),
             };
             if gone {
                 core.fault(i, FaultReason::Removed);

@@ -13,6 +13,7 @@
 
 use super::intent::Entry;
 use super::plex::{FaultReason, Plex, Role};
+use super::superblock::Layout;
 use super::Core;
 use crate::bdev::{
     BdevChannel, BdevIo, IoBufs, IoChannel, IoCompletion, IoStatus, IoType, ReadyQueue,
@@ -61,6 +62,8 @@ struct MirrorIo {
 
 pub struct MirrorChannel {
     core: Arc<Core>,
+    /// The mirror's geometry for region arithmetic (its size is read from `core`: it grows).
+    geometry: Layout,
     legs: Vec<Leg>,
     version: u64,
     ios: Vec<Option<MirrorIo>>,
@@ -79,6 +82,7 @@ fn leg_tag(slot: u32, leg: usize) -> u64 {
 impl MirrorChannel {
     pub fn new(core: Arc<Core>) -> MirrorChannel {
         let mut ch = MirrorChannel {
+            geometry: core.layout(),
             core,
             legs: Vec::new(),
             version: u64::MAX,
@@ -144,8 +148,7 @@ impl MirrorChannel {
     fn regions_of(&self, io: &BdevIo) -> Range<u64> {
         match io.io_type {
             IoType::Write | IoType::WriteZeroes | IoType::Unmap if io.num_blocks > 0 => self
-                .core
-                .layout
+                .geometry
                 .regions_of(io.offset_blocks..io.offset_blocks + io.num_blocks),
             _ => 0..0,
         }
@@ -155,8 +158,7 @@ impl MirrorChannel {
     fn enter_regions(&mut self, s: u32) -> bool {
         let m = self.ios[s as usize].as_mut().expect("live slot");
         let want = self
-            .core
-            .layout
+            .geometry
             .regions_of(m.io.offset_blocks..m.io.offset_blocks + m.io.num_blocks.max(1));
         let intent = &self.core.intent;
         let mut all_ready = true;
@@ -169,7 +171,7 @@ impl MirrorChannel {
                     m.entered.end += 1;
                     all_ready = false;
                     self.core.request(super::Request::Persist {
-                        chunk: self.core.layout.chunk_of(r),
+                        chunk: self.geometry.chunk_of(r),
                     });
                 }
                 Entry::Locked => return false,
@@ -423,7 +425,7 @@ impl BdevChannel for MirrorChannel {
         // arithmetic below would index past the write-intent log.
         let end = io.offset_blocks.checked_add(io.num_blocks);
         let ranged = !matches!(io.io_type, IoType::Flush | IoType::Reset);
-        if ranged && end.is_none_or(|e| e > self.core.layout.data_blocks()) {
+        if ranged && end.is_none_or(|e| e > self.core.data_blocks()) {
             self.ready.push(io.complete(IoStatus::OutOfRange));
             return Ok(());
         }

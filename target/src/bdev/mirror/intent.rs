@@ -80,7 +80,9 @@ pub enum Entry {
 }
 
 pub struct IntentLog {
-    pub regions: u64,
+    /// Regions of the mirror as it is now; the sets below have room for every region the
+    /// bitmap can cover, so the mirror can grow without moving them.
+    regions: AtomicU64,
     /// May differ between plexes (a write in flight, or a plex missed it).
     pub dirty: Bits,
     /// Recorded as dirty in the bitmap of every serving plex.
@@ -91,14 +93,26 @@ pub struct IntentLog {
 }
 
 impl IntentLog {
-    pub fn new(regions: u64) -> IntentLog {
+    /// A log of `regions`, able to grow to `capacity`.
+    pub fn new(regions: u64, capacity: u64) -> IntentLog {
+        let capacity = capacity.max(regions);
         IntentLog {
-            regions,
-            dirty: Bits::new(regions),
-            on_disk: Bits::new(regions),
-            locked: Bits::new(regions),
-            inflight: (0..regions).map(|_| AtomicU32::new(0)).collect(),
+            regions: AtomicU64::new(regions),
+            dirty: Bits::new(capacity),
+            on_disk: Bits::new(capacity),
+            locked: Bits::new(capacity),
+            inflight: (0..capacity).map(|_| AtomicU32::new(0)).collect(),
         }
+    }
+
+    pub fn regions(&self) -> u64 {
+        self.regions.load(SeqCst)
+    }
+
+    /// The mirror grew to `regions` (at most the capacity it was made with).
+    pub fn grow(&self, regions: u64) {
+        let cap = self.inflight.len() as u64;
+        self.regions.fetch_max(regions.min(cap), SeqCst);
     }
 
     /// A write enters region `r` (see the module rules).
@@ -153,7 +167,7 @@ mod tests {
 
     #[test]
     fn a_write_waits_for_its_bit_on_disk_and_blocks_clearing_until_it_leaves() {
-        let log = IntentLog::new(130);
+        let log = IntentLog::new(130, 130);
         assert_eq!(log.enter(129), Entry::Persisting);
         assert!(log.dirty.test(129) && !log.on_disk.test(129));
         log.on_disk.set(129);
@@ -176,7 +190,7 @@ mod tests {
 
     #[test]
     fn resync_locks_out_writes_and_waits_for_those_inside() {
-        let log = IntentLog::new(4);
+        let log = IntentLog::new(4, 4);
         log.on_disk.set(2);
         assert_eq!(log.enter(2), Entry::Ready);
         assert!(!log.try_lock(2), "a write is inside");

@@ -62,7 +62,12 @@ pub enum Request {
 pub struct Core {
     pub name: String,
     pub uuid: Uuid,
-    pub layout: Layout,
+    /// The geometry, and the size the superblocks record; changes only when the mirror grows.
+    layout: RwLock<Layout>,
+    /// `layout`'s data blocks, for the data path's range check without the lock.
+    data_blocks: AtomicU64,
+    /// Where mirror data starts on every plex; fixed for the mirror's life.
+    data_offset_blocks: u64,
     /// Plexes by index. Only ever appended to; a removed plex stays as an idle tombstone, so
     /// an index in a channel or an in-flight I/O always means the same plex.
     plexes: RwLock<Vec<Arc<Plex>>>,
@@ -98,6 +103,21 @@ pub struct Core {
 }
 
 impl Core {
+    pub fn layout(&self) -> Layout {
+        *self.layout.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The mirror's size in blocks.
+    pub fn data_blocks(&self) -> u64 {
+        self.data_blocks.load(Ordering::Acquire)
+    }
+
+    /// Takes the layout of a grown mirror (its superblocks already record it).
+    fn set_layout(&self, l: Layout) {
+        *self.layout.write().unwrap_or_else(|e| e.into_inner()) = l;
+        self.data_blocks.store(l.data_blocks(), Ordering::Release);
+    }
+
     pub fn plexes(&self) -> Vec<Arc<Plex>> {
         self.plexes
             .read()
@@ -178,9 +198,14 @@ impl Core {
         }
     }
 
+    /// The smallest plex that holds the mirror as it is now.
+    pub fn plex_blocks_needed(&self) -> u64 {
+        self.data_offset_blocks + self.data_blocks()
+    }
+
     /// Mirror block `b` on a plex.
     pub fn plex_block(&self, b: u64) -> u64 {
-        b + self.layout.data_offset_blocks()
+        b + self.data_offset_blocks
     }
 }
 
@@ -220,7 +245,7 @@ impl Bdev for MirrorBdev {
                 "name": self.info.name,
                 "uuid": self.core.uuid,
                 "plexes": plexes,
-                "region_size": self.core.layout.region_size(),
+                "region_size": self.core.layout().region_size(),
             }),
         ))
     }
@@ -235,8 +260,8 @@ impl MirrorBdev {
         let info = BdevInfo::new(
             core.name.clone(),
             "Mirror",
-            core.layout.block_size(),
-            core.layout.data_blocks(),
+            core.layout().block_size(),
+            core.data_blocks(),
             core.uuid,
             IoTypes::all(),
         );

@@ -1,5 +1,6 @@
 //! `bdev_mirror_create`, `bdev_mirror_delete`, `bdev_mirror_add_plex`,
-//! `bdev_mirror_remove_plex`, `bdev_mirror_get_mirrors`, `bdev_mirror_set_options`.
+//! `bdev_mirror_remove_plex`, `bdev_mirror_resize`, `bdev_mirror_get_mirrors`,
+//! `bdev_mirror_set_options`.
 //! SPDK has no such methods (its raid1 has no superblock of this kind); names follow SPDK's
 //! `bdev_<module>_<verb>` habit.
 
@@ -91,6 +92,14 @@ struct RemovePlex {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct Resize {
+    name: String,
+    /// The new size; a mirror only grows.
+    size_in_mib: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct SetOptions {
     /// A mirror to set; without it, the defaults for mirrors created later.
     name: Option<String>,
@@ -172,12 +181,12 @@ pub fn register(m: &mut Methods) {
                 )));
             }
             let e = app.bdevs.get(&p.bdev)?;
-            let need = core.layout.data_offset_blocks() + core.layout.data_blocks();
-            if e.info().block_size != core.layout.block_size() || e.info().num_blocks() < need {
+            let need = core.plex_blocks_needed();
+            if e.info().block_size != core.layout().block_size() || e.info().num_blocks() < need {
                 return Err(RpcError::invalid_params(format!(
                     "{} must have {}-byte blocks and at least {need} of them",
                     p.bdev,
-                    core.layout.block_size()
+                    core.layout().block_size()
                 )));
             }
             e.claim(&format!("mirror {}", p.name))?;
@@ -241,6 +250,14 @@ pub fn register(m: &mut Methods) {
         },
     );
     m.add(
+        "bdev_mirror_resize",
+        |app: Arc<App>, p: Resize| async move {
+            let core = mirror(&app, &p.name)?;
+            grow(&app, &core, p.size_in_mib).await?;
+            Ok::<_, RpcError>(true)
+        },
+    );
+    m.add(
         "bdev_mirror_get_mirrors",
         |app: Arc<App>, p: GetMirrors| async move {
             let all = match p.name {
@@ -295,10 +312,82 @@ pub fn register(m: &mut Methods) {
     );
 }
 
+/// Grows the mirror to `mib` once every plex in sync has grown: bitmap chunks that come into
+/// use are zeroed, the superblocks record the size, and then the bdev takes it (an exported
+/// namespace raises its attribute-changed event). Plexes out of the mirror must grow before
+/// they return: a plex smaller than the mirror is refused at assembly.
+async fn grow(app: &App, core: &Arc<Core>, mib: u64) -> Result<(), RpcError> {
+    let old = core.layout();
+    let bs = u64::from(old.block_size());
+    let blocks = mib
+        .checked_mul(1 << 20)
+        .map(|b| b / bs)
+        .ok_or_else(|| RpcError::invalid_params(format!("size_in_mib {mib} is too large")))?;
+    if blocks == old.data_blocks() {
+        return Ok(());
+    }
+    if blocks < old.data_blocks() {
+        return Err(RpcError::invalid_params(format!(
+            "mirror {} has {} MiB; a mirror cannot shrink",
+            core.name,
+            old.data_blocks() * bs >> 20
+        )));
+    }
+    if blocks > old.max_data_blocks() {
+        return Err(RpcError::invalid_params(format!(
+            "mirror {}'s bitmap, sized at creation, covers at most {} MiB; a larger volume needs \
+             a new mirror (or a larger region_size at creation)",
+            core.name,
+            old.max_data_blocks() * bs >> 20
+        )));
+    }
+    let serving: Vec<_> = core
+        .plexes()
+        .into_iter()
+        .filter(|p| p.role() == Role::Serving)
+        .filter_map(|p| p.bdev().map(|e| (p, e)))
+        .collect();
+    let need = old.data_offset_blocks() + blocks;
+    if let Some((p, e)) = serving.iter().find(|(_, e)| e.info().num_blocks() < need) {
+        return Err(RpcError::errno(
+            libc::EAGAIN,
+            format!(
+                "plex {} has {} blocks and needs {need}: grow it first (a remote plex's new \
+                 size arrives with its namespace-changed event)",
+                p.location,
+                e.info().num_blocks()
+            ),
+        ));
+    }
+    let smallest = serving.iter().map(|(_, e)| e.info().num_blocks()).min();
+    let new = old
+        .resized(smallest.unwrap_or(need), blocks)
+        .map_err(|e| RpcError::invalid_params(e.to_string()))?;
+    let mut zeroes = Vec::new();
+    for (_, e) in &serving {
+        for c in old.chunk_count()..new.chunk_count() {
+            let bytes = super::superblock::encode_chunk(core.uuid, c, &[], new.block_size())
+                .map_err(|e| RpcError::internal(e.to_string()))?;
+            zeroes.push(
+                super::blockio::BlockIo::write(e, new.chunk_block(c), &bytes)
+                    .map_err(|s| RpcError::errno(libc::ENOMEM, format!("{s:?}")))?,
+            );
+        }
+    }
+    for r in super::blockio::run(&core.home, zeroes).await {
+        r.map_err(|s| RpcError::errno(libc::EIO, format!("zeroing new bitmap chunks: {s:?}")))?;
+    }
+    on_service(core, move |s, tx| s.grow(new, tx))
+        .await?
+        .map_err(|e| RpcError::errno(libc::EBUSY, format!("mirror {}: {e}", core.name)))?;
+    app.bdevs.get(&core.name)?.resize(blocks);
+    Ok(())
+}
+
 /// A mirror as `bdev_mirror_get_mirrors` shows it.
 pub fn describe(core: &Core) -> Value {
     let now = SystemTime::now();
-    let region = core.layout.region_size();
+    let region = core.layout().region_size();
     let plexes: Vec<Value> = core
         .plexes()
         .iter()
@@ -375,10 +464,10 @@ pub fn describe(core: &Core) -> Value {
         "uuid": core.uuid,
         "state": state,
         "generation": core.generation.load(Ordering::Acquire),
-        "block_size": core.layout.block_size(),
-        "num_blocks": core.layout.data_blocks(),
+        "block_size": core.layout().block_size(),
+        "num_blocks": core.data_blocks(),
         "region_size": region,
-        "regions": core.intent.regions,
+        "regions": core.intent.regions(),
         "dirty_regions": core.intent.dirty.count(),
         "bitmap_writes_pending": core.bitmap_writes_pending.load(Ordering::SeqCst),
         "resync_rate_bytes_per_sec": core.resync_rate.load(Ordering::Relaxed),

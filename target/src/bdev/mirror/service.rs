@@ -15,7 +15,7 @@
 //!   superblock reads back as this mirror's, it is out of sync and resync takes it.
 
 use super::plex::{Behind, Condition, FaultReason, Plex, ResyncProgress, Role};
-use super::superblock::{self, PlexRecord, Slot, Superblock};
+use super::superblock::{self, Layout, PlexRecord, Slot, Superblock};
 use super::{Core, Request};
 use crate::bdev::{BdevIo, BufView, IoChannel, IoCompletion};
 use crate::reactor::{now_ns, PollStatus};
@@ -29,6 +29,12 @@ const SEC: u64 = 1_000_000_000;
 /// Where an operator request's answer goes.
 type Reply<T> = tokio::sync::oneshot::Sender<T>;
 type RemoveReply = Reply<Result<(), String>>;
+
+/// A growth waiting for its headers: the layout they will record, and who to tell.
+struct Growth {
+    layout: Layout,
+    reply: RemoveReply,
+}
 /// How often a faulted plex with a bdev is read to see whether it is usable again.
 const PROBE_EVERY_NS: u64 = 2 * SEC;
 /// How often, with no resync running, a plex to resync is looked for.
@@ -70,6 +76,10 @@ struct HeaderRound {
     /// Told when the next round to start is done (true if a serving plex took it).
     next_waiters: Vec<Reply<bool>>,
     waiters: Vec<Reply<bool>>,
+    /// A growth asked for; the next round records its layout.
+    growth: Option<Growth>,
+    /// The growth the round in flight records.
+    growth_in_flight: Option<Growth>,
 }
 
 struct Probe {
@@ -351,7 +361,13 @@ impl Service {
                 ..r.clone()
             })
             .collect();
-        let mut sb = Superblock::new(core.uuid, &core.name, this.uuid, &core.layout, at_one)
+        // A round that grows the mirror records the new size; the data path keeps the old one
+        // until the round is on disk.
+        let layout = match &self.header.growth_in_flight {
+            Some(g) => g.layout,
+            None => core.layout(),
+        };
+        let mut sb = Superblock::new(core.uuid, &core.name, this.uuid, &layout, at_one)
             .map_err(|e| tracing::error!("mirror {}: cannot build a superblock: {e}", core.name))
             .ok()?;
         sb.plexes = records;
@@ -362,7 +378,8 @@ impl Service {
             .encode()
             .map_err(|e| tracing::error!("mirror {}: cannot encode its superblock: {e}", core.name))
             .ok()?;
-        let slot_bytes = (core.layout.slot_blocks() * u64::from(core.layout.block_size())) as usize;
+        let slot_bytes =
+            (core.layout().slot_blocks() * u64::from(core.layout().block_size())) as usize;
         bytes.resize(slot_bytes, 0);
         Some(bytes)
     }
@@ -372,6 +389,7 @@ impl Service {
             return;
         }
         self.header.wanted = false;
+        self.header.growth_in_flight = self.header.growth.take();
         let clean = self.header.clean;
         for p in self.core.plexes() {
             if p.role() == Role::Serving {
@@ -384,7 +402,7 @@ impl Service {
         self.seq += 1;
         let seq = self.seq;
         let slot = Slot::for_seq(seq);
-        let range = self.core.layout.slot_range(slot);
+        let range = self.core.layout().slot_range(slot);
         let mut pending = 0;
         for (i, p) in self.core.plexes().iter().enumerate() {
             if p.role() == Role::Idle {
@@ -428,6 +446,9 @@ impl Service {
         core.faults_recorded
             .fetch_max(self.header.ticket_in_flight, Ordering::AcqRel);
         let ok = self.header.serving_ok > 0;
+        if let Some(g) = self.header.growth_in_flight.take() {
+            self.grown(g, ok);
+        }
         for tx in self.header.waiters.drain(..) {
             let _ = tx.send(ok);
         }
@@ -449,7 +470,7 @@ impl Service {
             .collect();
         for c in wanted {
             self.chunks_wanted.remove(&c);
-            let layout = self.core.layout;
+            let layout = self.core.layout();
             let regions = layout.regions_in_chunk(c);
             let words = (regions.start / 64) as usize..(regions.end.div_ceil(64)) as usize;
             let snap = self.core.intent.dirty.snapshot(words);
@@ -490,7 +511,7 @@ impl Service {
             while v != 0 {
                 let r = cw.first_region + wi as u64 * 64 + v.trailing_zeros() as u64;
                 v &= v - 1;
-                if r < intent.regions {
+                if r < intent.regions() {
                     intent.on_disk.set(r);
                 }
             }
@@ -516,7 +537,7 @@ impl Service {
             Ordering::SeqCst,
         );
         for r in dirty {
-            let c = self.core.layout.chunk_of(r);
+            let c = self.core.layout().chunk_of(r);
             if self.chunks_busy.contains_key(&c) || self.chunks_wanted.contains(&c) {
                 continue;
             }
@@ -601,8 +622,8 @@ impl Service {
         self.sync_legs();
         let mut pending = 0;
         for slot in [Slot::A, Slot::B] {
-            let r = self.core.layout.slot_range(slot);
-            let bs = self.core.layout.block_size() as usize;
+            let r = self.core.layout().slot_range(slot);
+            let bs = self.core.layout().block_size() as usize;
             let Ok(buf) = BufView::new((r.end - r.start) as usize * bs) else {
                 continue;
             };
@@ -712,7 +733,7 @@ impl Service {
         // Writes reach the plex from now on, so what is copied stays current.
         t.set_role(Role::WriteOnly);
         let regions: Vec<u64> = if full {
-            (start..intent.regions).collect()
+            (start..intent.regions()).collect()
         } else {
             intent.dirty.iter_set().filter(|&r| r >= start).collect()
         };
@@ -723,7 +744,7 @@ impl Service {
             t.location,
             plexes[source].location,
             regions.len(),
-            intent.regions,
+            intent.regions(),
             if full {
                 "full copy"
             } else {
@@ -736,7 +757,7 @@ impl Service {
             progress: ResyncProgress {
                 full,
                 regions_total: regions.len() as u64,
-                next_region: regions.first().copied().unwrap_or(intent.regions),
+                next_region: regions.first().copied().unwrap_or(intent.regions()),
                 ..Default::default()
             },
         });
@@ -810,8 +831,8 @@ impl Service {
         let Some(c) = rs.active.iter_mut().find(|c| c.region == r) else {
             return;
         };
-        let range = core.layout.region_range(r);
-        let bs = u64::from(core.layout.block_size());
+        let range = core.layout().region_range(r);
+        let bs = u64::from(core.layout().block_size());
         let start = range.start + c.done;
         let n = (range.end - start).min(COPY_PIECE / bs).max(1);
         let Ok(buf) = BufView::new((n * bs) as usize) else {
@@ -846,7 +867,7 @@ impl Service {
             self.abort_resync("a copy I/O failed");
             return;
         }
-        let at = core.plex_block(core.layout.region_range(r).start + copy.done);
+        let at = core.plex_block(core.layout().region_range(r).start + copy.done);
         match copy.step {
             CopyStep::Reading => {
                 copy.step = CopyStep::Writing;
@@ -857,9 +878,9 @@ impl Service {
                 }
             }
             CopyStep::Writing => {
-                rs.bytes += c.num_blocks * u64::from(core.layout.block_size());
+                rs.bytes += c.num_blocks * u64::from(core.layout().block_size());
                 copy.done += c.num_blocks;
-                let range = core.layout.region_range(r);
+                let range = core.layout().region_range(r);
                 if range.start + copy.done < range.end {
                     self.copy_next_piece(r);
                     return;
@@ -883,7 +904,7 @@ impl Service {
         // rate limit lets them go in steps), so a short window swings by 10x.
         let elapsed = now.saturating_sub(rs.started_ns).max(1);
         let rate = (rs.bytes as u128 * SEC as u128 / elapsed as u128) as u64;
-        let next = rs.resume_point(core.intent.regions);
+        let next = rs.resume_point(core.intent.regions());
         let (done, bytes) = (rs.finished as u64, rs.bytes);
         if let Some(t) = core.plex(rs.target) {
             t.update_progress(|p| {
@@ -919,7 +940,7 @@ impl Service {
         if let Condition::Resyncing { mut progress, .. } = t.condition() {
             progress.regions_done = rs.regions.len() as u64;
             progress.bytes_copied = rs.bytes;
-            progress.next_region = core.intent.regions;
+            progress.next_region = core.intent.regions();
             progress.duration_ms = (now_ns() - rs.started_ns) / 1_000_000;
             *super::lock(&t.last_resync) = Some(progress);
         }
@@ -986,7 +1007,7 @@ impl Service {
     pub fn remove_plex(&mut self, i: usize, tx: Reply<Result<(), String>>) {
         self.fault(i, FaultReason::Removing, 0);
         self.sync_legs();
-        let layout = self.core.layout;
+        let layout = self.core.layout();
         let end = layout
             .data_offset_blocks()
             .min(layout.slot_range(Slot::B).end);
@@ -1035,6 +1056,51 @@ impl Service {
         self.header.on_clean = Some(tx);
     }
 
+    /// Grows the mirror to `layout` (its plexes already hold it): the superblocks record the
+    /// new size first, then the data path takes it. `tx` hears how it went.
+    pub fn grow(&mut self, layout: Layout, tx: RemoveReply) {
+        let core = &self.core;
+        let refuse = if self.resync.is_some() {
+            Some("a resync is running; grow the mirror once it is done".to_string())
+        } else if self.header.growth.is_some() || self.header.growth_in_flight.is_some() {
+            Some("another resize is in progress".to_string())
+        } else if layout.data_blocks() <= core.data_blocks() {
+            Some(format!(
+                "{} blocks is not more than the {} the mirror has",
+                layout.data_blocks(),
+                core.data_blocks()
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = refuse {
+            let _ = tx.send(Err(why));
+            return;
+        }
+        core.generation.fetch_add(1, Ordering::AcqRel);
+        self.header.growth = Some(Growth { layout, reply: tx });
+        self.header.wanted = true;
+    }
+
+    fn grown(&mut self, g: Growth, on_disk: bool) {
+        let core = &self.core;
+        if !on_disk {
+            let _ = g
+                .reply
+                .send(Err("no plex in sync took the new superblock".into()));
+            return;
+        }
+        let old = core.data_blocks();
+        core.set_layout(g.layout);
+        core.intent.grow(g.layout.regions());
+        tracing::info!(
+            "mirror {}: grown from {old} to {} blocks",
+            core.name,
+            g.layout.data_blocks()
+        );
+        let _ = g.reply.send(Ok(()));
+    }
+
     /// Asks for a header round; `tx` hears whether it reached a serving plex.
     pub fn write_headers(&mut self, tx: Reply<bool>) {
         self.header.wanted = true;
@@ -1044,7 +1110,7 @@ impl Service {
     /// Asks for every chunk holding a dirty bit to be written (after assembly, whose bitmap is
     /// the union of several plexes').
     pub fn rewrite_dirty_chunks(&mut self) {
-        let layout = self.core.layout;
+        let layout = self.core.layout();
         let chunks: BTreeSet<u32> = self
             .core
             .intent

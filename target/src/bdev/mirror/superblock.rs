@@ -290,6 +290,27 @@ impl Layout {
         Ok(l)
     }
 
+    /// The same geometry on plexes of (at least) `plex_blocks`, with `data_blocks` of data:
+    /// how a mirror grows once every plex has. The data never moves, so the bitmap reserved at
+    /// creation bounds the growth ([`Layout::max_data_blocks`]).
+    pub fn resized(&self, plex_blocks: u64, data_blocks: u64) -> Result<Layout, SbError> {
+        Layout {
+            plex_blocks,
+            ..*self
+        }
+        .with_data_blocks(data_blocks)
+    }
+
+    /// The most regions the reserved bitmap covers.
+    pub fn max_regions(&self) -> u64 {
+        u64::from(self.bitmap_chunks) * self.regions_per_chunk()
+    }
+
+    /// The most data blocks the reserved bitmap covers.
+    pub fn max_data_blocks(&self) -> u64 {
+        self.max_regions().saturating_mul(self.region_blocks())
+    }
+
     /// The same layout with a data area of `data_blocks` (the mirror's size, the smallest of
     /// its plexes'), which must fit both the plex and the bitmap.
     pub fn with_data_blocks(&self, data_blocks: u64) -> Result<Layout, SbError> {
