@@ -511,7 +511,45 @@ fn plexes_on_lvols_take_clusters_as_written_and_give_them_back_on_delete() {
         .unwrap_or_else(|e| panic!("{e}\n{}", nodes.logs()));
     let mut host = Driver::connect(nodes.ports[1], &nqn);
     read_back(&mut host, &written);
+
+    // Grown while the host stays connected: both lvols (n1's reaches the owner with its
+    // namespace-changed event), then the mirror, whose namespace tells the host.
+    let e = c.resize("lv1", 16 * MIB).unwrap_err();
+    assert!(e.to_string().contains("only grow"), "{e}");
+    c.resize("lv1", 48 * MIB)
+        .unwrap_or_else(|e| panic!("{e}\n{}", nodes.logs()));
+    let d = c.describe("lv1").unwrap();
+    let grown = d.mirror["num_blocks"].as_u64().unwrap();
+    assert_eq!(grown * 512, 48 * MIB, "{:#}", d.mirror);
+    assert_eq!(d.record.size, 48 * MIB);
+    let t0 = std::time::Instant::now();
+    while host.ctrlr.namespace(1).unwrap().blocks != grown {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the host never saw the new size"
+        );
+        host.ctrlr.poll();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let tail = vec![(grown - 8, pattern(9, grown - 8, 4096, 512))];
+    host.write(tail[0].0, tail[0].1.clone()).unwrap();
+    read_back(&mut host, &written);
+    read_back(&mut host, &tail);
     drop(host);
+    for (i, lvol) in [(1, "lv1.p0"), (2, "lv1.p1")] {
+        let all = nodes.node(i).ok("bdev_lvol_get_lvols", json!({}));
+        let l = all
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["name"] == lvol)
+            .unwrap()
+            .clone();
+        assert!(
+            l["num_clusters"].as_u64().unwrap() * MIB >= 49 * MIB,
+            "n{i}: {l:#}"
+        );
+    }
 
     c.delete("lv1", false).unwrap();
     for i in 1..=2 {

@@ -60,6 +60,13 @@ pub enum VolumeCmd {
         #[arg(long)]
         node: String,
     },
+    /// Grow a volume in use: every plex, then the mirror; connected hosts see the new size.
+    Resize {
+        name: String,
+        /// The new usable size, e.g. 20G (binary units); volumes only grow.
+        #[arg(long)]
+        size: String,
+    },
     /// Bring back the plexes whose nodes returned; each resyncs only what it missed.
     Rejoin { name: String },
     /// Take a volume down on every node and delete its plexes.
@@ -158,6 +165,15 @@ pub fn run(args: VolumeArgs, timeout: Duration) -> Result<(), Error> {
             if !r.warnings.is_empty() {
                 eprintln!(
                     "moved with {} warning(s): the plexes skipped rejoin once their nodes answer",
+                    r.warnings.len()
+                );
+            }
+        }
+        VolumeCmd::Resize { name, size: s } => {
+            let r = c.resize(&name, size::parse_size(&s).map_err(Error::Invalid)?)?;
+            if !r.warnings.is_empty() {
+                eprintln!(
+                    "{} plex(es) not grown yet: they grow when they rejoin",
                     r.warnings.len()
                 );
             }

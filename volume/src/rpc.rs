@@ -15,6 +15,7 @@ use std::time::Duration;
 pub const ENODEV: i64 = -(libc::ENODEV as i64);
 /// `-errno` for "exists".
 pub const EEXIST: i64 = -(libc::EEXIST as i64);
+pub const EAGAIN: i64 = -(libc::EAGAIN as i64);
 /// JSON-RPC "invalid params": plexd's answer for some "no such" cases too.
 pub const INVALID_PARAMS: i64 = -32602;
 

@@ -466,6 +466,9 @@ pub fn describe(core: &Core) -> Value {
         "generation": core.generation.load(Ordering::Acquire),
         "block_size": core.layout().block_size(),
         "num_blocks": core.data_blocks(),
+        // Where data starts on each plex, and how far the bitmap lets the mirror grow.
+        "data_offset_blocks": core.layout().data_offset_blocks(),
+        "max_num_blocks": core.layout().max_data_blocks(),
         "region_size": region,
         "regions": core.intent.regions(),
         "dirty_regions": core.intent.dirty.count(),
