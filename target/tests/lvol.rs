@@ -519,3 +519,98 @@ fn a_mirror_on_lvols_grows_once_every_plex_has_and_its_host_sees_the_size() {
         );
     }
 }
+
+/// Submits a write on the host's queue without waiting; true once it completed (Ok).
+fn poll_write_done(p: &Plexd, host: &mut Driver, tag: u64, within: Duration) -> bool {
+    let t0 = Instant::now();
+    let mut done = None;
+    while done.is_none() && t0.elapsed() < within {
+        host.ctrlr.poll();
+        host.qp.poll(|c| {
+            if c.tag == tag {
+                done = Some(c.result.is_ok());
+            }
+        });
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    match done {
+        Some(ok) => {
+            assert!(ok, "the held write failed\n{}", p.log_text());
+            true
+        }
+        None => false,
+    }
+}
+
+#[test]
+fn a_quiesced_mirror_holds_writes_while_its_plexes_are_snapshotted() {
+    let node = Node::new(128 * MIB);
+    let p = node.start("a");
+    create_store(&p, "lvs");
+    for n in ["p0", "p1"] {
+        p.ok(
+            "bdev_lvol_create",
+            json!({"lvol_name": n, "size_in_mib": 8, "thin_provision": true, "lvs_name": "lvs"}),
+        );
+    }
+    p.ok(
+        "bdev_mirror_create",
+        json!({"name": "m", "plexes": ["lvs/p0", "lvs/p1"]}),
+    );
+    let (port, nqn) = export(&p, "m", 1);
+    let mut host = Driver::connect(port, &nqn);
+    let old = pattern(1, 0, 4096, 512);
+    host.write(0, old.clone()).unwrap();
+
+    let q = p.ok("bdev_mirror_quiesce", json!({"name": "m"}));
+    let in_sync: Vec<&str> = q["plexes_in_sync"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["bdev"].as_str().unwrap())
+        .collect();
+    assert_eq!(in_sync, ["lvs/p0", "lvs/p1"], "{q:#}");
+    let e = p
+        .call("bdev_mirror_quiesce", json!({"name": "m"}))
+        .unwrap_err();
+    assert!(e.1.contains("already quiesced"), "{e:?}");
+    // A write now waits; reads go on.
+    let new = pattern(2, 0, 4096, 512);
+    host.qp.write(1, 0, 8, new.clone(), 77).unwrap();
+    assert!(
+        !poll_write_done(&p, &mut host, 77, Duration::from_millis(300)),
+        "held"
+    );
+    for n in ["p0", "p1"] {
+        p.ok(
+            "bdev_lvol_snapshot",
+            json!({"lvol_name": format!("lvs/{n}"), "snapshot_name": format!("{n}-snap")}),
+        );
+    }
+    assert_eq!(p.ok("bdev_mirror_resume", json!({"name": "m"})), true);
+    assert!(
+        poll_write_done(&p, &mut host, 77, Duration::from_secs(10)),
+        "released"
+    );
+    assert!(host.read(0, 4096).unwrap() == new);
+    // Each snapshot holds the data from before the quiesce, not the held write.
+    for (i, n) in ["p0", "p1"].iter().enumerate() {
+        let (port, nqn) = export(&p, &format!("lvs/{n}-snap"), 2 + i as u32);
+        let mut h = Driver::connect(port, &nqn);
+        assert!(h.read(MIB / 512, 4096).unwrap() == old, "{n}");
+    }
+
+    // A lease that runs out lets writes go on by itself, and resume says so.
+    p.ok(
+        "bdev_mirror_quiesce",
+        json!({"name": "m", "timeout_ms": 200}),
+    );
+    host.qp.write(1, 8, 8, new.clone(), 78).unwrap();
+    assert!(
+        poll_write_done(&p, &mut host, 78, Duration::from_secs(10)),
+        "lease ended"
+    );
+    let m = &p.ok("bdev_mirror_get_mirrors", json!({"name": "m"}))[0];
+    assert_eq!(m["quiesced"], false, "{m:#}");
+    assert_eq!(p.ok("bdev_mirror_resume", json!({"name": "m"})), false);
+}

@@ -585,6 +585,9 @@ async fn build(
         scheduled: AtomicU64::new(plan.plexes.len() as u64),
         assembly_notes: Mutex::new(plan.notes.clone()),
         subscriptions: Mutex::new(Vec::new()),
+        quiesced: AtomicBool::new(false),
+        quiesce_lease: AtomicU64::new(0),
+        writers: Mutex::new(Vec::new()),
     });
     if plan.new {
         // Zeroed bitmaps first, then headers: a crash in between leaves no header, a blank plex.

@@ -21,7 +21,7 @@ use crate::bdev::{
 use smallvec::SmallVec;
 use std::collections::VecDeque;
 use std::ops::Range;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// A leg: this channel's view of one plex.
@@ -72,7 +72,15 @@ pub struct MirrorChannel {
     waiting: VecDeque<u32>,
     /// Leg I/O the leg's queue was too full for, retried on each poll.
     unsent: VecDeque<(usize, BdevIo)>,
+    /// Writes held while the mirror is quiesced (a snapshot of its plexes), in order.
+    held: VecDeque<BdevIo>,
+    /// Writes of this channel admitted and not completed; the quiesce sums every channel's.
+    writes: Arc<AtomicU64>,
     ready: ReadyQueue,
+}
+
+fn is_write(t: IoType) -> bool {
+    matches!(t, IoType::Write | IoType::WriteZeroes | IoType::Unmap)
 }
 
 fn leg_tag(slot: u32, leg: usize) -> u64 {
@@ -90,8 +98,11 @@ impl MirrorChannel {
             free: Vec::new(),
             waiting: VecDeque::new(),
             unsent: VecDeque::new(),
+            held: VecDeque::new(),
+            writes: Arc::new(AtomicU64::new(0)),
             ready: ReadyQueue::default(),
         };
+        ch.core.register_writer(&ch.writes);
         ch.sync_legs();
         ch
     }
@@ -367,6 +378,9 @@ impl MirrorChannel {
         }
         let mut m = self.ios[s as usize].take().expect("live slot");
         self.free.push(s);
+        if is_write(m.io.io_type) {
+            self.writes.fetch_sub(1, Ordering::SeqCst);
+        }
         for r in m.entered.clone() {
             core.intent.leave(r);
         }
@@ -415,6 +429,50 @@ impl MirrorChannel {
     }
 }
 
+impl MirrorChannel {
+    /// Counts a write in before looking at the quiesce flag (both SeqCst), so a quiesce that
+    /// sees no write in flight knows every later one will see the flag and wait.
+    fn admit_write(&mut self) -> bool {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        if self.core.quiesced.load(Ordering::SeqCst) {
+            self.writes.fetch_sub(1, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    /// Starts the held writes once the mirror resumes.
+    fn release_held(&mut self) {
+        while !self.held.is_empty() && self.admit_write() {
+            let io = self.held.pop_front().expect("not empty");
+            self.start(io);
+        }
+    }
+
+    fn start(&mut self, io: BdevIo) {
+        self.sync_legs();
+        let first = self.regions_of(&io).start;
+        let s = self.alloc(MirrorIo {
+            io,
+            stage: Stage::Regions,
+            entered: first..first,
+            pending: 0,
+            served: 0,
+            first_error: None,
+            ticket: 0,
+            tried: SmallVec::new(),
+        });
+        let writes = self.ios[s as usize]
+            .as_ref()
+            .is_some_and(|m| is_write(m.io.io_type));
+        if !writes || self.enter_regions(s) {
+            self.issue(s);
+        } else {
+            self.waiting.push_back(s);
+        }
+    }
+}
+
 impl BdevChannel for MirrorChannel {
     fn submit(&mut self, io: BdevIo) -> Result<(), BdevIo> {
         if self.core.failed.load(Ordering::Acquire) {
@@ -429,29 +487,11 @@ impl BdevChannel for MirrorChannel {
             self.ready.push(io.complete(IoStatus::OutOfRange));
             return Ok(());
         }
-        self.sync_legs();
-        let first = self.regions_of(&io).start;
-        let s = self.alloc(MirrorIo {
-            io,
-            stage: Stage::Regions,
-            entered: first..first,
-            pending: 0,
-            served: 0,
-            first_error: None,
-            ticket: 0,
-            tried: SmallVec::new(),
-        });
-        let writes = self.ios[s as usize].as_ref().is_some_and(|m| {
-            matches!(
-                m.io.io_type,
-                IoType::Write | IoType::WriteZeroes | IoType::Unmap
-            )
-        });
-        if !writes || self.enter_regions(s) {
-            self.issue(s);
-        } else {
-            self.waiting.push_back(s);
+        if is_write(io.io_type) && (!self.held.is_empty() || !self.admit_write()) {
+            self.held.push_back(io);
+            return Ok(());
         }
+        self.start(io);
         Ok(())
     }
 
@@ -472,6 +512,9 @@ impl BdevChannel for MirrorChannel {
         }
         if !self.waiting.is_empty() {
             self.recheck();
+        }
+        if !self.held.is_empty() {
+            self.release_held();
         }
         self.ready.drain(done)
     }

@@ -100,6 +100,14 @@ pub struct Core {
     pub assembly_notes: Mutex<Vec<String>>,
     /// Removal and resize events of the plexes' bdevs.
     subscriptions: Mutex<Vec<crate::bdev::Subscription>>,
+    /// New writes wait in their channels (`bdev_mirror_quiesce`): the plexes hold the same
+    /// data, unchanging, while each is snapshotted.
+    pub quiesced: AtomicBool,
+    /// Bumped by every quiesce and resume, so an expiring lease knows whether it is still
+    /// the one in force.
+    pub quiesce_lease: AtomicU64,
+    /// Each channel's count of writes in flight.
+    writers: Mutex<Vec<std::sync::Weak<AtomicU64>>>,
 }
 
 impl Core {
@@ -116,6 +124,21 @@ impl Core {
     fn set_layout(&self, l: Layout) {
         *self.layout.write().unwrap_or_else(|e| e.into_inner()) = l;
         self.data_blocks.store(l.data_blocks(), Ordering::Release);
+    }
+
+    fn register_writer(&self, count: &Arc<AtomicU64>) {
+        let mut w = lock(&self.writers);
+        w.retain(|c| c.strong_count() > 0);
+        w.push(Arc::downgrade(count));
+    }
+
+    /// Writes admitted by any channel and not yet completed.
+    pub fn writes_in_flight(&self) -> u64 {
+        lock(&self.writers)
+            .iter()
+            .filter_map(|c| c.upgrade())
+            .map(|c| c.load(Ordering::SeqCst))
+            .sum()
     }
 
     pub fn plexes(&self) -> Vec<Arc<Plex>> {

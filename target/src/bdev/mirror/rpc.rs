@@ -1,6 +1,6 @@
 //! `bdev_mirror_create`, `bdev_mirror_delete`, `bdev_mirror_add_plex`,
-//! `bdev_mirror_remove_plex`, `bdev_mirror_resize`, `bdev_mirror_get_mirrors`,
-//! `bdev_mirror_set_options`.
+//! `bdev_mirror_remove_plex`, `bdev_mirror_resize`, `bdev_mirror_quiesce`,
+//! `bdev_mirror_resume`, `bdev_mirror_get_mirrors`, `bdev_mirror_set_options`.
 //! SPDK has no such methods (its raid1 has no superblock of this kind); names follow SPDK's
 //! `bdev_<module>_<verb>` habit.
 
@@ -100,6 +100,23 @@ struct Resize {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct Quiesce {
+    name: String,
+    /// The lease: writes resume by themselves after this long, so a control plane that dies
+    /// mid-snapshot never leaves a volume frozen.
+    #[serde(default = "default_quiesce_ms")]
+    timeout_ms: u64,
+}
+
+fn default_quiesce_ms() -> u64 {
+    10_000
+}
+
+/// The longest lease a quiesce may ask for.
+const MAX_QUIESCE_MS: u64 = 60_000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct SetOptions {
     /// A mirror to set; without it, the defaults for mirrors created later.
     name: Option<String>,
@@ -164,7 +181,12 @@ pub fn register(m: &mut Methods) {
             app.mirror.remove(&p.name);
             // Superblocks marked clean, then the plexes are let go.
             let _ = on_service(&core, |s, tx| s.stop_clean(tx)).await;
-            core.request(Request::Control(Box::new(|s: &mut Service| s.stop())));
+            // Answered once the plexes' claims are released: the caller may use them at once.
+            let _ = on_service(&core, |s, tx| {
+                s.stop();
+                let _ = tx.send(());
+            })
+            .await;
             tracing::info!("deleted mirror {}", p.name);
             Ok::<_, RpcError>(true)
         },
@@ -255,6 +277,24 @@ pub fn register(m: &mut Methods) {
             let core = mirror(&app, &p.name)?;
             grow(&app, &core, p.size_in_mib).await?;
             Ok::<_, RpcError>(true)
+        },
+    );
+    m.add(
+        "bdev_mirror_quiesce",
+        |app: Arc<App>, p: Quiesce| async move {
+            let core = mirror(&app, &p.name)?;
+            quiesce(&core, p.timeout_ms).await
+        },
+    );
+    m.add(
+        "bdev_mirror_resume",
+        |app: Arc<App>, p: ByName| async move {
+            let core = mirror(&app, &p.name)?;
+            core.quiesce_lease.fetch_add(1, Ordering::SeqCst);
+            // False: the lease had run out, and writes went on before this call.
+            let held = core.quiesced.swap(false, Ordering::SeqCst);
+            core.home.send(|_| {});
+            Ok::<_, RpcError>(json!(held))
         },
     );
     m.add(
@@ -384,6 +424,63 @@ async fn grow(app: &App, core: &Arc<Core>, mib: u64) -> Result<(), RpcError> {
     Ok(())
 }
 
+/// Holds new writes and waits for those in flight: then every plex in sync holds the same
+/// data and keeps it until `bdev_mirror_resume` or the lease's end. Answers which plexes are
+/// in sync (the ones whose snapshots make a consistent copy).
+async fn quiesce(core: &Arc<Core>, timeout_ms: u64) -> Result<Value, RpcError> {
+    if !(1..=MAX_QUIESCE_MS).contains(&timeout_ms) {
+        return Err(RpcError::invalid_params(format!(
+            "timeout_ms must be 1 to {MAX_QUIESCE_MS}"
+        )));
+    }
+    if core.quiesced.swap(true, Ordering::SeqCst) {
+        return Err(RpcError::errno(
+            libc::EBUSY,
+            format!("mirror {} is already quiesced", core.name),
+        ));
+    }
+    let lease = core.quiesce_lease.fetch_add(1, Ordering::SeqCst) + 1;
+    let timeout = std::time::Duration::from_millis(timeout_ms);
+    let t0 = std::time::Instant::now();
+    while core.writes_in_flight() > 0 {
+        if t0.elapsed() >= timeout {
+            if core.quiesce_lease.load(Ordering::SeqCst) == lease {
+                core.quiesced.store(false, Ordering::SeqCst);
+                core.home.send(|_| {});
+            }
+            return Err(RpcError::errno(
+                libc::ETIMEDOUT,
+                format!(
+                    "mirror {}: writes in flight did not finish within {timeout_ms} ms",
+                    core.name
+                ),
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    let weak = Arc::downgrade(core);
+    tokio::spawn(async move {
+        tokio::time::sleep(timeout).await;
+        let Some(core) = weak.upgrade() else { return };
+        if core.quiesce_lease.load(Ordering::SeqCst) == lease
+            && core.quiesced.swap(false, Ordering::SeqCst)
+        {
+            tracing::warn!(
+                "mirror {}: quiesce lease of {timeout_ms} ms ran out; writes resume",
+                core.name
+            );
+            core.home.send(|_| {});
+        }
+    });
+    let serving: Vec<Value> = core
+        .plexes()
+        .iter()
+        .filter(|p| p.role() == Role::Serving)
+        .map(|p| json!({"bdev": p.location, "node": p.node}))
+        .collect();
+    Ok(json!({"plexes_in_sync": serving, "lease_ms": timeout_ms}))
+}
+
 /// A mirror as `bdev_mirror_get_mirrors` shows it.
 pub fn describe(core: &Core) -> Value {
     let now = SystemTime::now();
@@ -463,6 +560,7 @@ pub fn describe(core: &Core) -> Value {
         "name": core.name,
         "uuid": core.uuid,
         "state": state,
+        "quiesced": core.quiesced.load(Ordering::SeqCst),
         "generation": core.generation.load(Ordering::Acquire),
         "block_size": core.layout().block_size(),
         "num_blocks": core.data_blocks(),
