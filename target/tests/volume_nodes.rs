@@ -535,7 +535,6 @@ fn plexes_on_lvols_take_clusters_as_written_and_give_them_back_on_delete() {
     host.write(tail[0].0, tail[0].1.clone()).unwrap();
     read_back(&mut host, &written);
     read_back(&mut host, &tail);
-    drop(host);
     for (i, lvol) in [(1, "lv1.p0"), (2, "lv1.p1")] {
         let all = nodes.node(i).ok("bdev_lvol_get_lvols", json!({}));
         let l = all
@@ -550,6 +549,46 @@ fn plexes_on_lvols_take_clusters_as_written_and_give_them_back_on_delete() {
             "n{i}: {l:#}"
         );
     }
+
+    // A snapshot while the host stays connected, then writes over what it holds.
+    let s = c
+        .snapshot("lv1", "s1")
+        .unwrap_or_else(|e| panic!("{e}\n{}", nodes.logs()));
+    assert_eq!(s.plexes.len(), 2, "both plexes were in sync: {s:?}");
+    let over: Vec<(u64, Vec<u8>)> = written
+        .iter()
+        .take(4)
+        .map(|(lba, d)| (*lba, pattern(11, *lba, d.len(), 512)))
+        .collect();
+    for (lba, d) in &over {
+        host.write(*lba, d.clone()).unwrap();
+    }
+    drop(host);
+    // Its clone is a new mirrored volume holding the snapshot's data, in sync at once.
+    let cl = c
+        .clone_volume("lv1", "s1", "lv2")
+        .unwrap_or_else(|e| panic!("{e}\n{}", nodes.logs()));
+    assert_eq!(cl.owner, "n2", "the source's owner holds a snapshot plex");
+    let d2 = c.describe("lv2").unwrap();
+    assert_eq!(d2.mirror["num_blocks"], grown, "{:#}", d2.mirror);
+    assert_eq!(d2.mirror["state"], "online", "{:#}", d2.mirror);
+    assert_ne!(d2.mirror["uuid"], d.mirror["uuid"], "a mirror of its own");
+    for p in d2.mirror["plexes"].as_array().unwrap() {
+        assert_eq!(p["condition"], "InUse", "no resync for a copy: {p:#}");
+    }
+    let mut h2 = Driver::connect(nodes.ports[1], &plexstor_volume::volume_nqn("lv2"));
+    read_back(&mut h2, &written);
+    read_back(&mut h2, &tail);
+    // Writes to the clone leave the source alone, and the other way round.
+    h2.write(0, pattern(12, 0, 4096, 512)).unwrap();
+    drop(h2);
+    let mut host = Driver::connect(nodes.ports[1], &nqn);
+    read_back(&mut host, &over);
+    read_back(&mut host, &written[4..]);
+    drop(host);
+    let e = c.delete("lv1", false).unwrap_err();
+    assert!(e.to_string().contains("lv2 is a clone"), "{e}");
+    c.delete("lv2", false).unwrap();
 
     c.delete("lv1", false).unwrap();
     for i in 1..=2 {

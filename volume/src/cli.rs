@@ -67,6 +67,15 @@ pub enum VolumeCmd {
         #[arg(long)]
         size: String,
     },
+    /// Take a point-in-time snapshot of a volume in use (every plex in sync, at one point).
+    Snapshot { name: String, snapshot: String },
+    /// Make a new volume from a snapshot: thin clones of its plexes, mirrored at once.
+    Clone {
+        name: String,
+        snapshot: String,
+        /// The new volume's name.
+        new: String,
+    },
     /// Bring back the plexes whose nodes returned; each resyncs only what it missed.
     Rejoin { name: String },
     /// Take a volume down on every node and delete its plexes.
@@ -177,6 +186,17 @@ pub fn run(args: VolumeArgs, timeout: Duration) -> Result<(), Error> {
                     r.warnings.len()
                 );
             }
+        }
+        VolumeCmd::Snapshot { name, snapshot } => {
+            c.snapshot(&name, &snapshot)?;
+        }
+        VolumeCmd::Clone {
+            name,
+            snapshot,
+            new,
+        } => {
+            let rec = c.clone_volume(&name, &snapshot, &new)?;
+            println!("{}", rec.nqn);
         }
         VolumeCmd::Rejoin { name } => {
             let r = c.rejoin(&name)?;

@@ -21,13 +21,15 @@
 
 pub mod cli;
 pub mod nodes;
+mod resize;
 pub mod rpc;
 pub mod size;
+mod snapshot;
 pub mod state;
 pub mod table;
 
 use nodes::{Backend, Node, Nodes};
-use rpc::{Client, RpcError, EAGAIN};
+use rpc::{Client, RpcError};
 use serde_json::{json, Value};
 use state::{PlexRecord, StateFile, VolumeRecord};
 use std::path::{Path, PathBuf};
@@ -279,6 +281,8 @@ impl Cluster {
             plexes: Vec::new(),
             generation: 0,
             deleting: false,
+            snapshots: Vec::new(),
+            origin: None,
         };
         for (i, n) in chosen.iter().enumerate() {
             let node = self.node(n)?;
@@ -317,7 +321,7 @@ impl Cluster {
             size::human(plex_size),
             chosen.join(", ")
         ));
-        match self.build(&mut rec) {
+        match self.build(&mut rec, None) {
             Ok(()) => {
                 st.state.volumes.insert(rec.name.clone(), rec.clone());
                 st.save().map_err(Error::Files)?;
@@ -406,17 +410,26 @@ impl Cluster {
     }
 
     /// Makes every part of a new volume, in order; the caller undoes all on failure.
-    fn build(&mut self, rec: &mut VolumeRecord) -> Result<(), Error> {
+    /// With `from`, the plexes are clones of that snapshot's lvols, assembled as a copy.
+    fn build(
+        &mut self,
+        rec: &mut VolumeRecord,
+        from: Option<&state::SnapshotRecord>,
+    ) -> Result<(), Error> {
         let owner = self.node(&rec.owner)?;
         for i in 0..rec.plexes.len() {
             let p = rec.plexes[i].clone();
-            self.make_plex_bdev(rec, &p)?;
+            match from {
+                Some(snap) => self.clone_plex_lvol(&snap.plexes[i].1, &p)?,
+                None => self.make_plex_bdev(rec, &p)?,
+            }
             if p.node != owner.name {
                 self.export_plex(rec, i, &owner.host_nqn)?;
                 self.attach_plex(rec, i, &owner)?;
             }
         }
-        self.assemble(rec, &owner, 0)?;
+        let copy_of = rec.origin.as_ref().map(|(v, _)| v.clone());
+        self.assemble(rec, &owner, 0, copy_of.as_deref())?;
         if rec.mirror_size < rec.size {
             return Err(Error::Refused(format!(
                 "the mirror came out at {} bytes, less than the {} asked for (plexes too small)",
@@ -561,11 +574,13 @@ impl Cluster {
 
     /// `bdev_mirror_create` on `owner` over the plexes' recorded locations; records the
     /// mirror's size and generation.
+    /// `copy_of`: the plexes are copies of that volume's (clones of its snapshot).
     fn assemble(
         &mut self,
         rec: &mut VolumeRecord,
         owner: &Node,
         min_gen: u64,
+        copy_of: Option<&str>,
     ) -> Result<(), Error> {
         let plexes: Vec<Value> = rec
             .plexes
@@ -574,13 +589,12 @@ impl Cluster {
             .collect();
         let mut c = self.client(&owner.name)?;
         let e = node_err(&owner.name);
-        call_busy(
-            &mut c,
-            "bdev_mirror_create",
-            &json!({"name": rec.name, "plexes": plexes, "region_size": rec.region_size,
-                    "min_generation": min_gen, "allow_degraded": true}),
-        )
-        .map_err(&e)?;
+        let mut params = json!({"name": rec.name, "plexes": plexes, "region_size": rec.region_size,
+                                "min_generation": min_gen, "allow_degraded": true});
+        if let Some(src) = copy_of {
+            params["copy_of"] = json!(src);
+        }
+        call_busy(&mut c, "bdev_mirror_create", &params).map_err(&e)?;
         let m = mirror_of(&mut c, &rec.name).map_err(&e)?;
         rec.generation = m["generation"].as_u64().unwrap_or(rec.generation);
         rec.mirror_size =
@@ -787,7 +801,7 @@ impl Cluster {
         }
         // 4. The mirror, refusing plexes older than what was last seen, and its export.
         let min_gen = rec.generation;
-        self.assemble(&mut rec, &owner, min_gen)?;
+        self.assemble(&mut rec, &owner, min_gen, None)?;
         self.export_volume(&rec, &owner)?;
         if !rec.former_owners.contains(&old.name) {
             rec.former_owners.push(old.name.clone());
@@ -798,117 +812,6 @@ impl Cluster {
         st.save().map_err(Error::Files)?;
         self.say(&format!("volume {name} is now owned by {new_owner}"));
         Ok(report)
-    }
-
-    // ---- resize ---------------------------------------------------------------------------
-
-    /// Grows volume `name` to `new_size` bytes while it stays in use: every plex's lvol first,
-    /// then the mirror (once its owner sees every plex in sync grown; a remote plex's size
-    /// arrives with its namespace-changed event), whose namespace then tells connected hosts.
-    /// A plex whose node does not answer is grown when it rejoins.
-    pub fn resize(&mut self, name: &str, new_size: u64) -> Result<Report, Error> {
-        let mut st = self.state()?;
-        let mut rec = Self::record(&st, name)?;
-        if self.nodes.backend != Backend::Lvol {
-            return Err(Error::Refused(format!(
-                "volume resize needs plexes on volume stores (backend \"lvol\"); these are {}",
-                self.nodes.backend.name()
-            )));
-        }
-        if new_size <= rec.size {
-            return Err(Error::Invalid(format!(
-                "{} is not more than the volume's {}: volumes only grow",
-                size::human(new_size),
-                size::human(rec.size)
-            )));
-        }
-        let mut oc = self.client(&rec.owner)?;
-        let m = mirror_of(&mut oc, name).map_err(node_err(&rec.owner))?;
-        let bs = m["block_size"].as_u64().unwrap_or(size::BLOCK_SIZE);
-        let offset = m["data_offset_blocks"].as_u64().unwrap_or(0) * bs;
-        let max = m["max_num_blocks"].as_u64().unwrap_or(0) * bs;
-        let data = new_size.next_multiple_of(1 << 20);
-        if data > max {
-            return Err(Error::Refused(format!(
-                "volume {name} can grow to {} at most: its mirror's bitmap was sized at creation",
-                size::human(max)
-            )));
-        }
-        let plex_size = (offset + data).max(rec.plex_size);
-        let mut report = Report::default();
-        self.say(&format!(
-            "growing volume {name} from {} to {} (plexes of {})",
-            size::human(rec.size),
-            size::human(new_size),
-            size::human(plex_size)
-        ));
-        for p in rec.plexes.clone() {
-            if let Err(e) = self.grow_plex(&p, plex_size) {
-                self.warn(
-                    &mut report,
-                    format!("{e}; plex {} grows when it rejoins", p.bdev),
-                );
-            }
-        }
-        rec.plex_size = plex_size;
-        // The owner may not have heard of a remote plex's growth yet.
-        let t0 = Instant::now();
-        let params = json!({"name": name, "size_in_mib": data >> 20});
-        loop {
-            match oc.call("bdev_mirror_resize", params.clone()) {
-                Ok(_) => break,
-                Err(e) if e.code() == Some(EAGAIN) && t0.elapsed() < REJOIN_DEADLINE => {
-                    std::thread::sleep(Duration::from_millis(100))
-                }
-                Err(e) => {
-                    // The plexes stay grown (harmless); record it so a retry sizes from there.
-                    let owner = rec.owner.clone();
-                    st.state.volumes.insert(name.to_string(), rec);
-                    st.save().map_err(Error::Files)?;
-                    return Err(node_err(&owner)(e));
-                }
-            }
-        }
-        let m = mirror_of(&mut oc, name).map_err(node_err(&rec.owner))?;
-        rec.mirror_size = m["num_blocks"].as_u64().unwrap_or(0) * bs;
-        rec.generation = m["generation"].as_u64().unwrap_or(rec.generation);
-        rec.size = new_size;
-        self.say(&format!(
-            "{}: volume {name} is {} (mirror {}); connected hosts see the new size",
-            rec.owner,
-            size::human(rec.size),
-            size::human(rec.mirror_size)
-        ));
-        st.state.volumes.insert(name.to_string(), rec);
-        st.save().map_err(Error::Files)?;
-        Ok(report)
-    }
-
-    /// Grows plex `p`'s lvol to `plex_size` bytes if it is smaller.
-    fn grow_plex(&mut self, p: &PlexRecord, plex_size: u64) -> Result<(), Error> {
-        let mut c = self.client(&p.node)?;
-        let e = node_err(&p.node);
-        let b = c
-            .call("bdev_get_bdevs", json!({"name": p.bdev}))
-            .map_err(&e)?;
-        let have =
-            b[0]["num_blocks"].as_u64().unwrap_or(0) * b[0]["block_size"].as_u64().unwrap_or(0);
-        if have >= plex_size {
-            return Ok(());
-        }
-        c.call(
-            "bdev_lvol_resize",
-            json!({"name": p.bdev, "size_in_mib": plex_size.div_ceil(1 << 20)}),
-        )
-        .map_err(&e)?;
-        self.say(&format!(
-            "{}: plex lvol {} grown from {} to {}",
-            p.node,
-            p.bdev,
-            size::human(have),
-            size::human(plex_size)
-        ));
-        Ok(())
     }
 
     // ---- rejoin ---------------------------------------------------------------------------
@@ -1066,6 +969,19 @@ impl Cluster {
     pub fn delete(&mut self, name: &str, force: bool) -> Result<Report, Error> {
         let mut st = self.state()?;
         let mut rec = Self::record(&st, name)?;
+        // A clone's plexes read through this volume's snapshots.
+        if let Some(c) = st
+            .state
+            .volumes
+            .values()
+            .find(|v| v.origin.as_ref().is_some_and(|(o, _)| o == name))
+        {
+            return Err(Error::Refused(format!(
+                "volume {} is a clone of {name}'s snapshot {}: delete it first",
+                c.name,
+                c.origin.as_ref().map_or("", |(_, s)| s.as_str())
+            )));
+        }
         let mut report = Report::default();
         self.say(&format!("deleting volume {name}"));
         let left = self.teardown(&rec, &mut report);
@@ -1174,6 +1090,15 @@ impl Cluster {
                 }
             }
         }
+        // Snapshots after the plexes: a plex's lvol reads through its newest snapshot.
+        for snap in rec.snapshots.iter().rev() {
+            for (n, lvol) in snap.plexes.iter().filter(|(n, _)| n == node) {
+                let params = json!({"name": lvol});
+                if gone_or_done(&mut c, "bdev_lvol_delete", &params).map_err(node_err(n))? {
+                    self.say(&format!("{node}: deleted snapshot {lvol}"));
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -1278,6 +1203,8 @@ mod tests {
                 .collect(),
             generation: 1,
             deleting: false,
+            snapshots: Vec::new(),
+            origin: None,
         }
     }
 

@@ -69,6 +69,25 @@ pub struct VolumeRecord {
     /// A delete that could not reach every node left this set.
     #[serde(default)]
     pub deleting: bool,
+    /// Point-in-time copies of the volume (`plexctl volume snapshot`), oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<SnapshotRecord>,
+    /// The snapshot this volume was cloned from, as (volume, snapshot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<(String, String)>,
+}
+
+/// A snapshot of a volume: one read-only lvol per plex that was in sync when it was taken,
+/// each on its plex's node, all at the same point of the volume's writes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub name: String,
+    /// The volume's sizes when the snapshot was taken.
+    pub size: u64,
+    pub plex_size: u64,
+    pub region_size: u64,
+    /// (node, snapshot lvol as `LVS/NAME`).
+    pub plexes: Vec<(String, String)>,
 }
 
 impl VolumeRecord {
@@ -186,6 +205,8 @@ mod tests {
             ],
             generation: 3,
             deleting: false,
+            snapshots: Vec::new(),
+            origin: None,
         }
     }
 

@@ -16,7 +16,7 @@
 use super::blockio::{self, BlockIo};
 use super::plex::{Behind, Condition, FaultReason, Plex};
 use super::service::Service;
-use super::superblock::{self, Layout, PlexState, SbError, Superblock};
+use super::superblock::{self, Layout, PlexState, SbError, Slot, Superblock};
 use super::{Core, MirrorBdev, Request};
 use crate::app::App;
 use crate::bdev::{BdevEntry, BdevEvent, IoStatus};
@@ -28,7 +28,7 @@ use std::time::{Duration, SystemTime};
 use uuid::Uuid;
 
 /// What the caller of `bdev_mirror_create` says beyond the plexes.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct AssembleOpts {
     /// The mirror's UUID, if the caller knows it: plexes of another are refused.
     pub uuid: Option<Uuid>,
@@ -40,6 +40,10 @@ pub struct AssembleOpts {
     /// plex after another node took the volume over. A control plane that fenced the
     /// others (`plexctl volume attach`) sets it.
     pub allow_degraded: bool,
+    /// The plexes are copies of mirror `copy_of` taken while it was quiesced (clones of its
+    /// plexes' snapshots): they become a new mirror with its own identity, every plex in
+    /// sync, keeping the copied geometry (data stays where it is).
+    pub copy_of: Option<String>,
 }
 
 /// A plex as offered to create: its bdev (if present) and node.
@@ -84,8 +88,84 @@ pub struct Plan {
     pub notes: Vec<String>,
 }
 
+/// The plan for a new mirror made of copies of mirror `src`'s plexes, and the superblock whose
+/// geometry it keeps. Every copy must be of the same mirror, the same geometry, and of a plex
+/// that was in sync: only those hold the same data at the quiesce point.
+pub fn plan_copy<'a>(
+    src: &str,
+    opts: &AssembleOpts,
+    found: &'a [(String, Found)],
+) -> Result<(Plan, &'a Superblock), String> {
+    let mut first: Option<&Superblock> = None;
+    for (loc, f) in found {
+        let Found::Ours(sb) = f else {
+            return Err(format!(
+                "plex {loc} holds no superblock of mirror {src}: not a copy of it"
+            ));
+        };
+        if sb.mirror_name != src {
+            return Err(format!(
+                "plex {loc} is a plex of mirror {:?}, not a copy of {src:?}",
+                sb.mirror_name
+            ));
+        }
+        let own = sb.plexes.iter().find(|r| r.uuid == sb.this_plex);
+        if !own.is_some_and(|r| r.state == PlexState::InSync) {
+            return Err(format!(
+                "plex {loc} is a copy of a plex that was not in sync in mirror {src}"
+            ));
+        }
+        let geometry = |s: &Superblock| {
+            (
+                s.mirror_uuid,
+                s.block_size,
+                s.region_size,
+                s.mirror_blocks,
+                s.data_offset_blocks,
+                s.bitmap_chunks,
+            )
+        };
+        match first {
+            None => first = Some(sb),
+            Some(f) if geometry(f) != geometry(sb) => {
+                return Err(format!(
+                "plex {loc} and {} are copies of different mirrors, or taken at different sizes",
+                found[0].0
+            ))
+            }
+            Some(_) => {}
+        }
+    }
+    let sb = first.ok_or("a copy needs at least one plex")?;
+    let plan = Plan {
+        new: true,
+        uuid: opts.uuid.unwrap_or_else(Uuid::new_v4),
+        generation: 1,
+        seq: 1,
+        clean: false,
+        plexes: found
+            .iter()
+            .map(|_| PlexPlan {
+                uuid: Uuid::new_v4(),
+                condition: Condition::InUse,
+                in_sync_generation: 1,
+            })
+            .collect(),
+        absent: Vec::new(),
+        sources: (0..found.len()).collect(),
+        notes: vec![format!(
+            "copy of mirror {src} ({}) at generation {}: a new mirror, every plex in sync",
+            sb.mirror_uuid, sb.generation
+        )],
+    };
+    Ok((plan, sb))
+}
+
 /// Decides how to assemble `name` from `found` (one per offer, with its location).
 pub fn plan(name: &str, opts: &AssembleOpts, found: &[(String, Found)]) -> Result<Plan, String> {
+    if let Some(src) = &opts.copy_of {
+        return plan_copy(src, opts, found).map(|(plan, _)| plan);
+    }
     let (want_uuid, min_generation) = (opts.uuid, opts.min_generation);
     let ours: Vec<(usize, &Superblock)> = found
         .iter()
@@ -491,7 +571,18 @@ async fn build(
         .map(|e| e.info().num_blocks())
         .min()
         .expect("some plex present");
-    let layout = if plan.new {
+    let copied = match &opts.copy_of {
+        Some(src) => Some(
+            plan_copy(src, opts, &found)
+                .map_err(RpcError::invalid_params)?
+                .1,
+        ),
+        None => None,
+    };
+    let layout = if let Some(sb) = copied {
+        Layout::from_superblock(sb, smallest)
+            .map_err(|e| RpcError::invalid_params(format!("a copy is too small: {e}")))?
+    } else if plan.new {
         Layout::new(bs, smallest, region_size)
             .map_err(|e| RpcError::invalid_params(e.to_string()))?
     } else {
@@ -594,6 +685,13 @@ async fn build(
         let zero = vec![0u8; bs as usize];
         let mut writes = Vec::new();
         for e in offers.iter().filter_map(|o| o.entry.as_ref()) {
+            if copied.is_some() {
+                // Both header slots go: the copied mirror's header, at a higher sequence
+                // number, must never be read back as this plex's.
+                let slots = layout.slot_range(Slot::B).end;
+                let blank = vec![0u8; (slots * u64::from(bs)) as usize];
+                writes.push(BlockIo::write(e, 0, &blank).map_err(|s| io_err("header", s))?);
+            }
             for c in 0..layout.chunk_count() {
                 let bytes = superblock::encode_chunk(plan.uuid, c, &[], bs)
                     .unwrap_or_else(|_| zero.clone());

@@ -59,6 +59,8 @@ struct Create {
     /// Assemble even when a plex in sync is missing (see `AssembleOpts::allow_degraded`).
     #[serde(default)]
     allow_degraded: bool,
+    /// The plexes are copies of this mirror's (see `AssembleOpts::copy_of`).
+    copy_of: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -168,6 +170,7 @@ pub fn register(m: &mut Methods) {
                 uuid: p.uuid,
                 min_generation: p.min_generation,
                 allow_degraded: p.allow_degraded,
+                copy_of: p.copy_of,
             };
             let core = assemble::create(&app, &p.name, offers, region, opts).await?;
             Ok::<_, RpcError>(json!(core.name))
