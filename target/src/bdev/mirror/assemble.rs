@@ -840,6 +840,52 @@ mod tests {
         Found::Ours(Box::new(s))
     }
 
+    #[test]
+    fn copies_of_in_sync_plexes_become_a_new_mirror_and_anything_else_is_refused() {
+        let (m, a, b) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let table = [(a, PlexState::InSync), (b, PlexState::InSync)];
+        let copy = |this| sb("vol1", m, this, 9, &table, false);
+        let opts = AssembleOpts {
+            copy_of: Some("vol1".into()),
+            ..Default::default()
+        };
+        let found = vec![("c0".to_string(), copy(a)), ("c1".to_string(), copy(b))];
+        let plan = plan("vol2", &opts, &found).unwrap();
+        assert!(
+            plan.new && plan.uuid != m && plan.generation == 1,
+            "{plan:?}"
+        );
+        assert!(plan
+            .plexes
+            .iter()
+            .all(|p| p.condition == Condition::InUse && p.uuid != a && p.uuid != b));
+
+        let refused = |found: Vec<(String, Found)>, why: &str| {
+            let e = super::plan("vol2", &opts, &found).unwrap_err();
+            assert!(e.contains(why), "{e}");
+        };
+        refused(
+            vec![("c0".into(), copy(a)), ("c1".into(), Found::Blank)],
+            "holds no superblock",
+        );
+        refused(
+            vec![("c0".into(), sb("other", m, a, 9, &table, false))],
+            "not a copy of \"vol1\"",
+        );
+        let behind = [(a, PlexState::InSync), (b, PlexState::New)];
+        refused(
+            vec![("c1".into(), sb("vol1", m, b, 9, &behind, false))],
+            "was not in sync",
+        );
+        refused(
+            vec![
+                ("c0".into(), copy(a)),
+                ("c1".into(), sb("vol1", Uuid::new_v4(), b, 9, &table, false)),
+            ],
+            "copies of different mirrors",
+        );
+    }
+
     fn lenient() -> AssembleOpts {
         AssembleOpts {
             allow_degraded: true,
