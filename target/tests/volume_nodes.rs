@@ -474,14 +474,14 @@ fn plexes_on_lvols_take_clusters_as_written_and_give_them_back_on_delete() {
         );
     }
     let store = |i: usize| nodes.node(i).ok("bdev_lvol_get_lvstores", json!({}))[0].clone();
-    let allocated = |i: usize, lvol: &str| -> u64 {
+    let lvol_on = |i: usize, lvol: &str| -> Value {
         let all = nodes.node(i).ok("bdev_lvol_get_lvols", json!({}));
-        let l = all
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|l| l["name"] == lvol)
-            .unwrap_or_else(|| panic!("no lvol {lvol} on n{i}: {all:#}"));
+        let l = all.as_array().unwrap().iter().find(|l| l["name"] == lvol);
+        l.unwrap_or_else(|| panic!("no lvol {lvol} on n{i}: {all:#}"))
+            .clone()
+    };
+    let allocated = |i: usize, lvol: &str| -> u64 {
+        let l = lvol_on(i, lvol);
         assert_eq!(l["is_thin_provisioned"], true, "{l:#}");
         l["num_allocated_clusters"].as_u64().unwrap()
     };
@@ -536,14 +536,7 @@ fn plexes_on_lvols_take_clusters_as_written_and_give_them_back_on_delete() {
     read_back(&mut host, &written);
     read_back(&mut host, &tail);
     for (i, lvol) in [(1, "lv1.p0"), (2, "lv1.p1")] {
-        let all = nodes.node(i).ok("bdev_lvol_get_lvols", json!({}));
-        let l = all
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|l| l["name"] == lvol)
-            .unwrap()
-            .clone();
+        let l = lvol_on(i, lvol);
         assert!(
             l["num_clusters"].as_u64().unwrap() * MIB >= 49 * MIB,
             "n{i}: {l:#}"

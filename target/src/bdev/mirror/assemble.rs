@@ -88,6 +88,29 @@ pub struct Plan {
     pub notes: Vec<String>,
 }
 
+impl Plan {
+    /// A new mirror of `plexes` plexes, all in sync at generation 1, each a new identity.
+    fn fresh(uuid: Option<Uuid>, plexes: usize, note: String) -> Plan {
+        Plan {
+            new: true,
+            uuid: uuid.unwrap_or_else(Uuid::new_v4),
+            generation: 1,
+            seq: 1,
+            clean: false,
+            plexes: (0..plexes)
+                .map(|_| PlexPlan {
+                    uuid: Uuid::new_v4(),
+                    condition: Condition::InUse,
+                    in_sync_generation: 1,
+                })
+                .collect(),
+            absent: Vec::new(),
+            sources: (0..plexes).collect(),
+            notes: vec![note],
+        }
+    }
+}
+
 /// The plan for a new mirror made of copies of mirror `src`'s plexes, and the superblock whose
 /// geometry it keeps. Every copy must be of the same mirror, the same geometry, and of a plex
 /// that was in sync: only those hold the same data at the quiesce point.
@@ -137,28 +160,11 @@ pub fn plan_copy<'a>(
         }
     }
     let sb = first.ok_or("a copy needs at least one plex")?;
-    let plan = Plan {
-        new: true,
-        uuid: opts.uuid.unwrap_or_else(Uuid::new_v4),
-        generation: 1,
-        seq: 1,
-        clean: false,
-        plexes: found
-            .iter()
-            .map(|_| PlexPlan {
-                uuid: Uuid::new_v4(),
-                condition: Condition::InUse,
-                in_sync_generation: 1,
-            })
-            .collect(),
-        absent: Vec::new(),
-        sources: (0..found.len()).collect(),
-        notes: vec![format!(
-            "copy of mirror {src} ({}) at generation {}: a new mirror, every plex in sync",
-            sb.mirror_uuid, sb.generation
-        )],
-    };
-    Ok((plan, sb))
+    let note = format!(
+        "copy of mirror {src} ({}) at generation {}: a new mirror, every plex in sync",
+        sb.mirror_uuid, sb.generation
+    );
+    Ok((Plan::fresh(opts.uuid, found.len(), note), sb))
 }
 
 /// Decides how to assemble `name` from `found` (one per offer, with its location).
@@ -207,24 +213,11 @@ pub fn plan(name: &str, opts: &AssembleOpts, found: &[(String, Found)]) -> Resul
         {
             return Err("a new mirror needs every plex present".into());
         }
-        return Ok(Plan {
-            new: true,
-            uuid: want_uuid.unwrap_or_else(Uuid::new_v4),
-            generation: 1,
-            seq: 1,
-            clean: false,
-            plexes: found
-                .iter()
-                .map(|_| PlexPlan {
-                    uuid: Uuid::new_v4(),
-                    condition: Condition::InUse,
-                    in_sync_generation: 1,
-                })
-                .collect(),
-            absent: Vec::new(),
-            sources: (0..found.len()).collect(),
-            notes: vec!["new mirror: no plex had a superblock".into()],
-        });
+        return Ok(Plan::fresh(
+            want_uuid,
+            found.len(),
+            "new mirror: no plex had a superblock".into(),
+        ));
     }
     let (_, newest) = ours
         .iter()

@@ -373,7 +373,7 @@ async fn grow(app: &App, core: &Arc<Core>, mib: u64) -> Result<(), RpcError> {
         return Err(RpcError::invalid_params(format!(
             "mirror {} has {} MiB; a mirror cannot shrink",
             core.name,
-            old.data_blocks() * bs >> 20
+            (old.data_blocks() * bs) >> 20
         )));
     }
     if blocks > old.max_data_blocks() {
@@ -381,7 +381,7 @@ async fn grow(app: &App, core: &Arc<Core>, mib: u64) -> Result<(), RpcError> {
             "mirror {}'s bitmap, sized at creation, covers at most {} MiB; a larger volume needs \
              a new mirror (or a larger region_size at creation)",
             core.name,
-            old.max_data_blocks() * bs >> 20
+            (old.max_data_blocks() * bs) >> 20
         )));
     }
     let serving: Vec<_> = core
