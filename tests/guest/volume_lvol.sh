@@ -130,6 +130,7 @@ dd if=/dev/urandom of="$MNT/during.bin" bs=1M count=48 oflag=direct status=none 
 WRITER=$!
 sleep 0.3
 check "volume snapshot $VOL s1 while a writer writes" vol snapshot "$VOL" s1 || note "$(say_log)"
+note "plexctl: $(grep -o 'writes were held.*' "$WORK/plexctl.log")"
 if wait "$WRITER"; then pass "the writer never failed (writes only waited)"; else
     fail "the writer never failed" "dd exited $?"
 fi

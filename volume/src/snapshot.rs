@@ -38,6 +38,7 @@ impl Cluster {
                 json!({"name": name, "timeout_ms": QUIESCE_LEASE_MS}),
             )
             .map_err(node_err(&rec.owner))?;
+        let held_since = std::time::Instant::now();
         self.say(&format!("{}: volume {name} quiesced", rec.owner));
         let in_sync: Vec<&PlexRecord> = rec
             .plexes
@@ -71,7 +72,11 @@ impl Cluster {
         let held = oc
             .call("bdev_mirror_resume", json!({"name": name}))
             .map_err(node_err(&rec.owner));
-        self.say(&format!("{}: volume {name} resumed", rec.owner));
+        self.say(&format!(
+            "{}: volume {name} resumed: writes were held for {:.1} ms (quiesce answered to resume)",
+            rec.owner,
+            held_since.elapsed().as_secs_f64() * 1e3
+        ));
         let failed = match (failed, held) {
             (Some(e), _) | (None, Err(e)) => Some(e),
             (None, Ok(v)) if v != json!(true) => Some(Error::Refused(format!(
