@@ -21,8 +21,8 @@ use crate::buf::IoBuf;
 use crate::error::{Error, Result};
 use crate::opts::CtrlrOpts;
 use crate::qpair::IoQpair;
-use crate::transport::{ConnParams, Dir, Done, Queue};
-use crate::trid::{TrType, TransportId};
+use crate::transport::{ConnParams, Dir, Done, Endpoint, Queue};
+use crate::trid::TransportId;
 
 /// Controller state as SPDK's `bdev_nvme_get_controllers` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -263,13 +263,7 @@ impl Controller {
     /// options' timeouts). The discovery NQN yields a discovery controller (no namespaces, no
     /// keep-alive by default).
     pub fn connect(trid: &TransportId, opts: &CtrlrOpts) -> Result<Controller> {
-        if trid.trtype != TrType::Tcp {
-            return Err(Error::Unsupported(format!(
-                "transport {} (only TCP is implemented)",
-                trid.trtype.as_str()
-            )));
-        }
-        let addr = trid.socket_addr().map_err(Error::io("resolve traddr"))?;
+        let endpoint = Endpoint::for_trid(trid, opts)?;
         let mut opts = opts.clone();
         if let Some(h) = &trid.hostnqn {
             opts.hostnqn = h.clone();
@@ -280,15 +274,13 @@ impl Controller {
             opts.keep_alive_timeout
         };
         let params = ConnParams {
-            addr,
+            endpoint,
             qid: 0,
             qsize: opts.admin_queue_size.max(2),
             subnqn: trid.subnqn.clone(),
             hostnqn: opts.hostnqn.clone(),
             hostid: opts.hostid,
             kato_ms: kato.as_millis().min(u32::MAX as u128) as u32,
-            hdgst: opts.hdgst,
-            ddgst: opts.ddgst,
             connect_timeout: opts.connect_timeout,
             in_capsule_max: ADMIN_IN_CAPSULE,
         };
@@ -297,7 +289,7 @@ impl Controller {
             trid: trid.clone(),
             opts,
             shared,
-            admin: Queue::new_tcp(params),
+            admin: Queue::new(params),
             info: CtrlrInfo {
                 cntlid: 0xffff,
                 version: String::new(),
@@ -376,9 +368,7 @@ impl Controller {
         self.ka_sent = None;
         let cntlid = self.admin.connect(0xffff)?;
         self.info.cntlid = cntlid;
-        let digests = match &self.admin {
-            Queue::Tcp(q) => q.digests(),
-        };
+        let digests = self.admin.digests();
         self.info.hdgst = digests.hdgst;
         self.info.ddgst = digests.ddgst;
         self.info.digests = digests;
@@ -636,15 +626,14 @@ impl Controller {
         let qsize = qsize
             .unwrap_or(self.opts.io_queue_size)
             .clamp(2, self.info.max_queue_entries.min(65535) as u16);
-        let Queue::Tcp(admin) = &self.admin;
         let params = ConnParams {
             qid,
             qsize,
             kato_ms: 0,
             in_capsule_max: self.info.in_capsule_data as usize,
-            ..admin.params.clone()
+            ..self.admin.params().clone()
         };
-        let mut q = Queue::new_tcp(params);
+        let mut q = Queue::new(params);
         let epoch = self.shared.epoch.load(Ordering::Acquire);
         let cntlid = self.shared.cntlid.load(Ordering::Acquire) as u16;
         if let Err(e) = q.connect(cntlid) {

@@ -25,7 +25,8 @@ use super::{IoCompletion, IoQpair};
 use crate::ctrlr::{CtrlrState, Shared};
 use crate::opts::CtrlrOpts;
 use crate::tcp::queue::ConnState;
-use crate::transport::{ConnParams, Queue};
+use crate::tcp::queue::TcpEndpoint;
+use crate::transport::{ConnParams, Endpoint, Queue};
 
 /// The controller ID of the association the queue rejoins.
 const CNTLID: u16 = 7;
@@ -244,19 +245,21 @@ fn rejoining_qpair(
     shared.epoch.store(2, Ordering::Release);
     shared.set_state(CtrlrState::Connected);
     let params = ConnParams {
-        addr: ([127, 0, 0, 1], port).into(),
+        endpoint: Endpoint::Tcp(TcpEndpoint {
+            addr: ([127, 0, 0, 1], port).into(),
+            hdgst: false,
+            ddgst: false,
+        }),
         qid: 1,
         qsize: 8,
         subnqn: "nqn.2024-01.io.plexstor:reconnect".into(),
         hostnqn: opts.hostnqn.clone(),
         hostid: opts.hostid,
         kato_ms: 0,
-        hdgst: false,
-        ddgst: false,
         connect_timeout,
         in_capsule_max: 4096,
     };
-    let mut qp = IoQpair::new(Queue::new_tcp(params), shared, 1, 1 << 20);
+    let mut qp = IoQpair::new(Queue::new(params), shared, 1, 1 << 20);
     qp.read(1, 0, 1, vec![0u8; BLOCK], READ_TAG)
         .expect("a read waits in its slot while disconnected");
     qp

@@ -6,9 +6,15 @@
 //! namespaces, plexperf — is transport-neutral and lives in [`crate::ctrlr`] and
 //! [`crate::qpair`].
 //!
+//! What names the transport is the queue's [`Endpoint`] (made from the transport ID by
+//! [`Endpoint::for_trid`]); the command and completion types here ([`Dir`], [`Done`],
+//! [`ConnectProgress`], [`ConnParams`]) are the transports' common words, so nothing above this
+//! file names TCP.
+//!
 //! Queues are dispatched through the [`Queue`] enum rather than a trait object so the hot path
-//! stays a direct, inlinable call. Adding PCIe (VFIO) or RDMA means adding a variant and
-//! implementing the same inherent methods as [`crate::tcp::queue::TcpQueue`]:
+//! stays a direct, inlinable call. Adding PCIe (VFIO) or RDMA means adding an endpoint and a
+//! queue variant and implementing the same inherent methods as
+//! [`crate::tcp::queue::TcpQueue`]:
 //! `start_connect(cntlid)` and `poll_connect()` (a connection advanced by polls that never
 //! block, for queues owned by reactors), `connect(cntlid)` (the same, waited for, for
 //! control-plane threads), `is_connecting()`, `disconnect()`, `submit(sqe, dir, buf, tag)`, `poll(on_done)`,
@@ -21,9 +27,80 @@ use std::time::{Duration, Instant};
 use nvme_spec::{Command, Status};
 
 use crate::buf::IoBuf;
-use crate::error::Result;
-use crate::tcp::queue::TcpQueue;
-pub(crate) use crate::tcp::queue::{ConnParams, ConnectProgress, Dir, Done};
+use crate::error::{Error, Result};
+use crate::opts::CtrlrOpts;
+use crate::tcp::queue::{TcpEndpoint, TcpQueue};
+use crate::trid::{TrType, TransportId};
+
+/// Data direction of a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dir {
+    None,
+    /// Controller to host (reads).
+    ToHost,
+    /// Host to controller (writes).
+    ToCtrl,
+}
+
+/// Where a transport's queues reach their controller: the one part of a queue's parameters
+/// that names the transport.
+#[derive(Debug, Clone)]
+pub(crate) enum Endpoint {
+    Tcp(TcpEndpoint),
+}
+
+impl Endpoint {
+    /// The endpoint `trid` names, with `opts`' transport settings (TCP's digests).
+    pub fn for_trid(trid: &TransportId, opts: &CtrlrOpts) -> Result<Endpoint> {
+        match trid.trtype {
+            TrType::Tcp => Ok(Endpoint::Tcp(TcpEndpoint {
+                addr: trid.socket_addr().map_err(Error::io("resolve traddr"))?,
+                hdgst: opts.hdgst,
+                ddgst: opts.ddgst,
+            })),
+            other => Err(Error::Unsupported(format!(
+                "transport {} (only TCP is implemented)",
+                other.as_str()
+            ))),
+        }
+    }
+}
+
+/// Parameters to (re)connect one queue.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnParams {
+    pub endpoint: Endpoint,
+    pub qid: u16,
+    /// Queue entries (Connect SQSIZE is this minus one).
+    pub qsize: u16,
+    pub subnqn: String,
+    pub hostnqn: String,
+    pub hostid: [u8; 16],
+    /// Keep-alive timeout for Connect (admin queue only).
+    pub kato_ms: u32,
+    pub connect_timeout: Duration,
+    /// Largest write carried in the command itself (fabrics: IOCCSZ*16 - 64 for I/O queues,
+    /// 8 KiB for admin).
+    pub in_capsule_max: usize,
+}
+
+/// What one [`Queue::poll_connect`] achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ConnectProgress {
+    /// Not there yet: poll again later.
+    InProgress,
+    /// Connected to the controller with this ID.
+    Connected { cntlid: u16 },
+}
+
+/// A finished command, handed to the queue's owner.
+pub(crate) struct Done<B> {
+    pub tag: u64,
+    pub status: Status,
+    pub dw0: u32,
+    pub dw1: u32,
+    pub buf: Option<B>,
+}
 
 /// One queue of some transport.
 pub(crate) enum Queue<B> {
@@ -39,8 +116,11 @@ macro_rules! each {
 }
 
 impl<B: IoBuf> Queue<B> {
-    pub fn new_tcp(p: ConnParams) -> Self {
-        Queue::Tcp(TcpQueue::new(p))
+    /// A disconnected queue to `p.endpoint`, of that endpoint's transport.
+    pub fn new(p: ConnParams) -> Self {
+        match p.endpoint.clone() {
+            Endpoint::Tcp(t) => Queue::Tcp(TcpQueue::new(p, t)),
+        }
     }
     /// Connects and waits for it: control-plane threads only.
     pub fn connect(&mut self, cntlid: u16) -> Result<u16> {
@@ -102,8 +182,11 @@ impl<B: IoBuf> Queue<B> {
     pub fn wait_readable(&self, t: Duration) {
         each!(self, q => q.wait_readable(t))
     }
+    pub fn params(&self) -> &ConnParams {
+        each!(self, q => &q.params)
+    }
     pub fn qid(&self) -> u16 {
-        each!(self, q => q.params.qid)
+        self.params().qid
     }
     pub fn digests(&self) -> crate::ctrlr::Digests {
         each!(self, q => q.digests())

@@ -29,34 +29,14 @@ use super::pdu::{self, Wire, MAX_HDR};
 use crate::buf::IoBuf;
 use crate::ctrlr::Digests;
 use crate::error::{Error, Result};
+use crate::transport::{ConnParams, ConnectProgress, Dir, Done};
 
-/// Data direction of a command.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Dir {
-    None,
-    /// Controller to host (reads): C2HData.
-    ToHost,
-    /// Host to controller (writes): in-capsule or R2T/H2CData.
-    ToCtrl,
-}
-
-/// Parameters to (re)connect one queue.
+/// Where a TCP queue connects, and the digests it asks for.
 #[derive(Debug, Clone)]
-pub(crate) struct ConnParams {
+pub(crate) struct TcpEndpoint {
     pub addr: SocketAddr,
-    pub qid: u16,
-    /// Queue entries (Connect SQSIZE is this minus one).
-    pub qsize: u16,
-    pub subnqn: String,
-    pub hostnqn: String,
-    pub hostid: [u8; 16],
-    /// Keep-alive timeout for Connect (admin queue only).
-    pub kato_ms: u32,
     pub hdgst: bool,
     pub ddgst: bool,
-    pub connect_timeout: Duration,
-    /// Largest write carried in the capsule (IOCCSZ*16 - 64 for I/O queues, 8 KiB for admin).
-    pub in_capsule_max: usize,
 }
 
 /// Where a queue's connection stands. A (re)connection walks these steps in order, each
@@ -90,15 +70,6 @@ pub(crate) enum ConnState {
     Up,
 }
 
-/// What one [`TcpQueue::poll_connect`] achieved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ConnectProgress {
-    /// Not there yet: poll again later.
-    InProgress,
-    /// Connected to the controller with this ID.
-    Connected { cntlid: u16 },
-}
-
 /// How far ICResp has arrived.
 enum IcRespRead {
     Partial { got: usize },
@@ -112,15 +83,6 @@ fn still_pending(deadline: Instant, step: &'static str) -> Result<ConnectProgres
     } else {
         Ok(ConnectProgress::InProgress)
     }
-}
-
-/// A finished command, handed to the queue's owner.
-pub(crate) struct Done<B> {
-    pub tag: u64,
-    pub status: Status,
-    pub dw0: u32,
-    pub dw1: u32,
-    pub buf: Option<B>,
 }
 
 struct Slot<B> {
@@ -234,6 +196,7 @@ const fn connect_cid(depth: u16) -> u16 {
 
 pub(crate) struct TcpQueue<B> {
     pub params: ConnParams,
+    tcp: TcpEndpoint,
     /// Present from the start of a connection attempt until disconnection.
     sock: Option<TcpStream>,
     conn: ConnState,
@@ -266,11 +229,12 @@ fn nonfatal(e: &std::io::Error) -> bool {
 
 impl<B: IoBuf> TcpQueue<B> {
     /// A disconnected queue with `params.qsize - 1` command slots.
-    pub fn new(params: ConnParams) -> Self {
+    pub fn new(params: ConnParams, tcp: TcpEndpoint) -> Self {
         let depth = params.qsize.saturating_sub(1).max(1);
         let slots: Box<[Slot<B>]> = (0..=depth).map(|_| Slot::new()).collect();
         TcpQueue {
             params,
+            tcp,
             sock: None,
             conn: ConnState::Down,
             handshake_tx: Vec::new(),
@@ -301,8 +265,8 @@ impl<B: IoBuf> TcpQueue<B> {
         Digests {
             hdgst: self.wire.hdgst,
             ddgst: self.wire.ddgst,
-            hdgst_requested: self.params.hdgst,
-            ddgst_requested: self.params.ddgst,
+            hdgst_requested: self.tcp.hdgst,
+            ddgst_requested: self.tcp.ddgst,
         }
     }
 
@@ -336,7 +300,7 @@ impl<B: IoBuf> TcpQueue<B> {
     /// active from a previous connection are sent again once connected.
     pub fn start_connect(&mut self, cntlid: u16) -> Result<()> {
         self.disconnect();
-        let addr = self.params.addr;
+        let addr = self.tcp.addr;
         let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
             .map_err(Error::io("socket"))?;
         sock.set_nonblocking(true)
@@ -436,8 +400,8 @@ impl<B: IoBuf> TcpQueue<B> {
                     }
                     // HPDA 0: no padding before C2H data; MAXR2T 0: one R2T outstanding per
                     // command.
-                    let p = &self.params;
-                    let icreq = IcReq::new(0, p.hdgst, p.ddgst, 0);
+                    let t = &self.tcp;
+                    let icreq = IcReq::new(0, t.hdgst, t.ddgst, 0);
                     self.handshake_tx.clear();
                     self.handshake_tx.extend_from_slice(icreq.as_bytes());
                     self.conn = ConnState::SendingIcReq {
@@ -597,7 +561,7 @@ impl<B: IoBuf> TcpQueue<B> {
 
     /// Takes on what ICResp negotiated: digests, the controller's PDA and MAXH2CDATA.
     fn apply_icresp(&mut self, ic: &IcResp) -> Result<()> {
-        let p = &self.params;
+        let p = &self.tcp;
         // The controller may turn a digest on only if we asked for it.
         if (ic.hdgst() && !p.hdgst) || (ic.ddgst() && !p.ddgst) {
             return Err(Error::Protocol(
@@ -607,7 +571,7 @@ impl<B: IoBuf> TcpQueue<B> {
         if p.hdgst != ic.hdgst() || p.ddgst != ic.ddgst() {
             // Loud: whoever asked for digests believes the data is checked end to end.
             warn!(
-                qid = p.qid,
+                qid = self.params.qid,
                 addr = %p.addr,
                 hdgst_requested = p.hdgst,
                 hdgst = ic.hdgst(),
