@@ -614,3 +614,62 @@ fn a_quiesced_mirror_holds_writes_while_its_plexes_are_snapshotted() {
     assert_eq!(m["quiesced"], false, "{m:#}");
     assert_eq!(p.ok("bdev_mirror_resume", json!({"name": "m"})), false);
 }
+
+#[test]
+fn a_plex_that_missed_a_growth_is_left_out_of_assembly_until_it_grows() {
+    let node = Node::new(256 * MIB);
+    let p = node.start("a");
+    create_store(&p, "lvs");
+    for n in ["p0", "p1", "p2"] {
+        p.ok(
+            "bdev_lvol_create",
+            json!({"lvol_name": n, "size_in_mib": 34, "thin_provision": true, "lvs_name": "lvs"}),
+        );
+    }
+    let all = json!(["lvs/p0", "lvs/p1", "lvs/p2"]);
+    p.ok("bdev_mirror_create", json!({"name": "m", "plexes": all}));
+    p.ok("bdev_mirror_delete", json!({"name": "m"}));
+    // p2 is away while the mirror grows.
+    p.ok(
+        "bdev_mirror_create",
+        json!({"name": "m", "plexes": ["lvs/p0", "lvs/p1"], "allow_degraded": true}),
+    );
+    for n in ["p0", "p1"] {
+        p.ok(
+            "bdev_lvol_resize",
+            json!({"name": format!("lvs/{n}"), "size_in_mib": 66}),
+        );
+    }
+    p.ok(
+        "bdev_mirror_resize",
+        json!({"name": "m", "size_in_mib": 65}),
+    );
+    p.ok("bdev_mirror_delete", json!({"name": "m"}));
+
+    // Offered again, still small: the mirror assembles without it and says why.
+    p.ok("bdev_mirror_create", json!({"name": "m", "plexes": all}));
+    let m = &p.ok("bdev_mirror_get_mirrors", json!({"name": "m"}))[0];
+    assert_eq!(m["num_blocks"], 65 * MIB / 512, "{m:#}");
+    assert!(
+        m["assembly_notes"].to_string().contains("missed a growth"),
+        "{m:#}"
+    );
+    assert_eq!(m["plexes"][2]["state"], "Down", "{m:#}");
+    assert_eq!(m["actual_plexes"], 2, "{m:#}");
+
+    // Grown, it is taken back as stale and resynced.
+    p.ok("bdev_mirror_delete", json!({"name": "m"}));
+    p.ok(
+        "bdev_lvol_resize",
+        json!({"name": "lvs/p2", "size_in_mib": 66}),
+    );
+    p.ok("bdev_mirror_create", json!({"name": "m", "plexes": all}));
+    wait_for(&p, || {
+        let m = &p.ok("bdev_mirror_get_mirrors", json!({"name": "m"}))[0];
+        m["plexes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|x| x["state"] == "Up" && x["condition"] == "InUse")
+    });
+}

@@ -558,12 +558,16 @@ async fn build(
 ) -> Result<Arc<Core>, RpcError> {
     let found = read_superblocks(app, offers).await?;
     let plan = plan(name, opts, &found).map_err(RpcError::invalid_params)?;
+    // The size comes from the plexes that hold the mirror's data: a stale plex that missed a
+    // growth is smaller, and is left out below rather than failing the assembly.
     let smallest = offers
         .iter()
-        .filter_map(|o| o.entry.as_ref())
+        .enumerate()
+        .filter(|(i, _)| plan.sources.contains(i))
+        .filter_map(|(_, o)| o.entry.as_ref())
         .map(|e| e.info().num_blocks())
         .min()
-        .expect("some plex present");
+        .expect("some source present");
     let copied = match &opts.copy_of {
         Some(src) => Some(
             plan_copy(src, opts, &found)
@@ -624,12 +628,30 @@ async fn build(
             }
         }
     }
+    let mut notes = plan.notes.clone();
+    let need = layout.data_offset_blocks() + layout.data_blocks();
+    let mut left_out = Vec::new();
+    for (i, o) in offers.iter().enumerate() {
+        if let Some(e) = o.entry.as_ref().filter(|e| e.info().num_blocks() < need) {
+            let n = format!(
+                "plex {} has {} blocks and the mirror needs {need} (it missed a growth): left \
+                 out until it grows",
+                o.location,
+                e.info().num_blocks()
+            );
+            tracing::warn!("mirror {name}: {n}");
+            notes.push(n);
+            e.release();
+            left_out.push(i);
+        }
+    }
     let plexes: Vec<Arc<Plex>> = plan
         .plexes
         .iter()
         .enumerate()
         .map(|(i, pp)| {
             let (location, node, entry) = match offers.get(i) {
+                Some(o) if left_out.contains(&i) => (o.location.clone(), o.node.clone(), None),
                 Some(o) => (o.location.clone(), o.node.clone(), o.entry.clone()),
                 None => {
                     let (l, n) = plan.absent[i - offers.len()].clone();
@@ -667,7 +689,7 @@ async fn build(
         clear_interval_ms: AtomicU64::new(super::DEFAULT_CLEAR_INTERVAL_MS),
         bitmap_writes_pending: AtomicU64::new(0),
         scheduled: AtomicU64::new(plan.plexes.len() as u64),
-        assembly_notes: Mutex::new(plan.notes.clone()),
+        assembly_notes: Mutex::new(notes),
         subscriptions: Mutex::new(Vec::new()),
         quiesced: AtomicBool::new(false),
         quiesce_lease: AtomicU64::new(0),
