@@ -52,7 +52,6 @@ impl Cluster {
         let mut made = Vec::new();
         let mut failed = None;
         for p in &in_sync {
-            let lvs = p.bdev.rsplit_once('/').map_or("", |(l, _)| l);
             let lvol = format!("{}@{snap}", p.lvol_name());
             let r = self.client(&p.node).and_then(|mut c| {
                 c.call(
@@ -62,7 +61,7 @@ impl Cluster {
                 .map_err(node_err(&p.node))
             });
             match r {
-                Ok(_) => made.push((p.node.clone(), format!("{lvs}/{lvol}"))),
+                Ok(_) => made.push((p.node.clone(), format!("{}/{lvol}", p.lvs()))),
                 Err(e) => {
                     failed = Some(e);
                     break;

@@ -40,6 +40,11 @@ impl PlexRecord {
             .or_else(|| self.file.as_ref().map(|f| f.with_extension("ptpl")))
     }
 
+    /// The store an lvol plex is in (`lvs` of `lvs/NAME.p<i>`).
+    pub fn lvs(&self) -> &str {
+        self.bdev.rsplit_once('/').map_or("", |(l, _)| l)
+    }
+
     /// The lvol's name in its store (`NAME.p<i>` of `lvs/NAME.p<i>`), for an lvol plex.
     pub fn lvol_name(&self) -> &str {
         self.bdev.rsplit_once('/').map_or(&self.bdev, |(_, n)| n)

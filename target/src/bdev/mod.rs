@@ -66,6 +66,11 @@ impl IoType {
     pub fn has_data(self) -> bool {
         matches!(self, IoType::Read | IoType::Write)
     }
+
+    /// Whether the I/O changes what blocks read (a write of any kind).
+    pub fn changes_data(self) -> bool {
+        matches!(self, IoType::Write | IoType::WriteZeroes | IoType::Unmap)
+    }
 }
 
 /// A set of I/O types a bdev supports.

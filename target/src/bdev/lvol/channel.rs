@@ -108,11 +108,7 @@ impl LvolChannel {
             self.view_gen = self.core.view_gen();
             self.view = self.core.view();
         }
-        let writes = matches!(
-            io.io_type,
-            IoType::Write | IoType::WriteZeroes | IoType::Unmap
-        );
-        if writes
+        if io.io_type.changes_data()
             && self
                 .core
                 .read_only

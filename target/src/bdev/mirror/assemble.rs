@@ -697,7 +697,6 @@ async fn build(
     });
     if plan.new {
         // Zeroed bitmaps first, then headers: a crash in between leaves no header, a blank plex.
-        let zero = vec![0u8; bs as usize];
         let mut writes = Vec::new();
         for e in offers.iter().filter_map(|o| o.entry.as_ref()) {
             if copied.is_some() {
@@ -707,14 +706,8 @@ async fn build(
                 let blank = vec![0u8; (slots * u64::from(bs)) as usize];
                 writes.push(BlockIo::write(e, 0, &blank).map_err(|s| io_err("header", s))?);
             }
-            for c in 0..layout.chunk_count() {
-                let bytes = superblock::encode_chunk(plan.uuid, c, &[], bs)
-                    .unwrap_or_else(|_| zero.clone());
-                writes.push(
-                    BlockIo::write(e, layout.chunk_block(c), &bytes)
-                        .map_err(|s| io_err("bitmap", s))?,
-                );
-            }
+            let chunks = blockio::empty_chunks(e, plan.uuid, &layout, 0..layout.chunk_count());
+            writes.extend(chunks.map_err(|s| io_err("bitmap", s))?);
         }
         for r in blockio::run(&home, writes).await {
             r.map_err(|s| io_err("writing the first bitmap", s))?;

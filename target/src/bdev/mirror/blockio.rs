@@ -60,6 +60,25 @@ impl BlockIo {
     }
 }
 
+/// Writes of the empty bitmap chunks `chunks` of mirror `uuid` to `bdev`, where `layout` puts
+/// them: a new mirror's bitmap, or the chunks a growth brings into use.
+pub fn empty_chunks(
+    bdev: &Arc<BdevEntry>,
+    uuid: uuid::Uuid,
+    layout: &super::superblock::Layout,
+    chunks: std::ops::Range<u32>,
+) -> Result<Vec<BlockIo>, IoStatus> {
+    let bs = layout.block_size();
+    chunks
+        .map(|c| {
+            // Only a bad block size fails to encode, and the layout has checked it.
+            let bytes = super::superblock::encode_chunk(uuid, c, &[], bs)
+                .unwrap_or_else(|_| vec![0u8; bs as usize]);
+            BlockIo::write(bdev, layout.chunk_block(c), &bytes)
+        })
+        .collect()
+}
+
 /// Runs every I/O of `batch` at once on `home`, and returns, in order, each read's bytes (an
 /// empty vector for a write) or the status it failed with.
 pub async fn run(home: &ReactorHandle, batch: Vec<BlockIo>) -> Vec<Result<Vec<u8>, IoStatus>> {

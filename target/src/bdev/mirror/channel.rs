@@ -79,10 +79,6 @@ pub struct MirrorChannel {
     ready: ReadyQueue,
 }
 
-fn is_write(t: IoType) -> bool {
-    matches!(t, IoType::Write | IoType::WriteZeroes | IoType::Unmap)
-}
-
 fn leg_tag(slot: u32, leg: usize) -> u64 {
     (leg as u64) << 32 | u64::from(slot)
 }
@@ -378,7 +374,7 @@ impl MirrorChannel {
         }
         let mut m = self.ios[s as usize].take().expect("live slot");
         self.free.push(s);
-        if is_write(m.io.io_type) {
+        if m.io.io_type.changes_data() {
             self.writes.fetch_sub(1, Ordering::SeqCst);
         }
         for r in m.entered.clone() {
@@ -464,7 +460,7 @@ impl MirrorChannel {
         });
         let writes = self.ios[s as usize]
             .as_ref()
-            .is_some_and(|m| is_write(m.io.io_type));
+            .is_some_and(|m| m.io.io_type.changes_data());
         if !writes || self.enter_regions(s) {
             self.issue(s);
         } else {
@@ -487,7 +483,7 @@ impl BdevChannel for MirrorChannel {
             self.ready.push(io.complete(IoStatus::OutOfRange));
             return Ok(());
         }
-        if is_write(io.io_type) && (!self.held.is_empty() || !self.admit_write()) {
+        if io.io_type.changes_data() && (!self.held.is_empty() || !self.admit_write()) {
             self.held.push_back(io);
             return Ok(());
         }

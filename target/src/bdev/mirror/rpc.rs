@@ -408,14 +408,11 @@ async fn grow(app: &App, core: &Arc<Core>, mib: u64) -> Result<(), RpcError> {
         .map_err(|e| RpcError::invalid_params(e.to_string()))?;
     let mut zeroes = Vec::new();
     for (_, e) in &serving {
-        for c in old.chunk_count()..new.chunk_count() {
-            let bytes = super::superblock::encode_chunk(core.uuid, c, &[], new.block_size())
-                .map_err(|e| RpcError::internal(e.to_string()))?;
-            zeroes.push(
-                super::blockio::BlockIo::write(e, new.chunk_block(c), &bytes)
-                    .map_err(|s| RpcError::errno(libc::ENOMEM, format!("{s:?}")))?,
-            );
-        }
+        let chunks = old.chunk_count()..new.chunk_count();
+        zeroes.extend(
+            super::blockio::empty_chunks(e, core.uuid, &new, chunks)
+                .map_err(|s| RpcError::errno(libc::ENOMEM, format!("{s:?}")))?,
+        );
     }
     for r in super::blockio::run(&core.home, zeroes).await {
         r.map_err(|s| RpcError::errno(libc::EIO, format!("zeroing new bitmap chunks: {s:?}")))?;
