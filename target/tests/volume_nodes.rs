@@ -330,7 +330,13 @@ fn a_planned_move_fences_the_old_owner_and_delete_leaves_nothing() {
     read_back(&mut host, &written);
     drop(host);
     let d = c.describe("v3").unwrap();
-    assert_eq!(d.mirror["actual_plexes"], 3, "{:#}", d.mirror);
+    assert_eq!(
+        d.mirror["actual_plexes"],
+        3,
+        "{:#}\n{}",
+        d.mirror,
+        nodes.logs()
+    );
 
     c.delete("v3", false).unwrap();
     for i in 1..=3 {

@@ -191,6 +191,11 @@ impl Service {
         while let Some(r) = self.core.requests.pop() {
             busy = true;
             self.handle(r);
+            if self.stopped {
+                // Stopping is final: a fault queued behind the stop (a plex detached right
+                // after the delete) must not start a header round on the plexes let go.
+                return PollStatus::Done;
+            }
         }
         self.sync_legs();
         let mut back = Vec::new();
@@ -1134,6 +1139,8 @@ impl Service {
 
     pub fn stop(&mut self) {
         self.stopped = true;
+        // No more plex events: their bdevs may be deleted by the caller at once.
+        super::lock(&self.core.subscriptions).clear();
         for p in self.core.plexes() {
             if let Some(b) = p.bdev() {
                 b.release();
