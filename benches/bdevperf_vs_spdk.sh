@@ -24,6 +24,8 @@
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# The release binaries with LTO: scripts/test.sh leaves them built without it.
+cargo build --release --workspace --bins -q --manifest-path "$repo/Cargo.toml"
 # shellcheck source=../tests/guest/lib.sh
 . "$repo/tests/guest/lib.sh"
 

@@ -18,7 +18,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from nvmf_tcp import Rpc  # noqa: E402  (one JSON-RPC client for every bench)
+from nvmf_tcp import Rpc, build_release  # noqa: E402  (one JSON-RPC client for every bench)
 PLEXD = os.path.join(REPO, "build/release/plexd")
 
 
@@ -96,6 +96,7 @@ def main():
     ap.add_argument("--bdevs", type=int, default=5000)
     ap.add_argument("--subsystems", type=int, default=1000)
     args = ap.parse_args()
+    build_release()
     print("| objects | N | create s | list s | delete s | RSS KiB: start / made / after list / after delete |")
     print("|---|---:|---:|---:|---:|---|")
     for kind, fn, n in (("bdevs", bdevs, args.bdevs), ("subsystems", subsystems, args.subsystems)):

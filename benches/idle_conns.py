@@ -29,7 +29,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from nvmf_tcp import Rpc  # noqa: E402  (one JSON-RPC client for every bench)
+from nvmf_tcp import Rpc, build_release  # noqa: E402  (one JSON-RPC client for every bench)
 PLEXPERF = os.path.join(REPO, "build/release/plexperf")
 NQN = "nqn.2026-12.io.plexstor:idle-bench"
 HOSTNQN = "nqn.2026-12.io.plexstor:idle-host"
@@ -193,6 +193,7 @@ def main():
     ap.add_argument("--plexd", action="append",
                     help="plexd binary (repeatable; default build/release/plexd)")
     args = ap.parse_args()
+    build_release()
     binaries = args.plexd or [os.path.join(REPO, "build/release/plexd")]
     counts = [int(c) for c in args.counts.split(",")]
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

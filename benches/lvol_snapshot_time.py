@@ -24,7 +24,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from nvmf_tcp import Rpc, free_port  # noqa: E402  (one JSON-RPC client for every bench)
+from nvmf_tcp import Rpc, free_port, build_release  # noqa: E402  (one JSON-RPC client for every bench)
 
 PLEXD = os.path.join(REPO, "build/release/plexd")
 PLEXPERF = os.path.join(REPO, "build/release/plexperf")
@@ -95,6 +95,7 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out")
     args = ap.parse_args()
+    build_release()
     for b in (PLEXD, PLEXPERF):
         if not os.access(b, os.X_OK):
             sys.exit(f"no {b}: cargo build --release")

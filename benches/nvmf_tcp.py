@@ -58,6 +58,12 @@ SPDK_BIN_DIR = os.path.normpath(os.environ.get("SPDK_BIN_DIR", os.path.join(REPO
 # As tests/guest/lib.sh's SPDK_PACKAGES (../shared/spdk/README.md).
 SPDK_PACKAGES = ["libnuma1", "libuuid1", "libssl3", "libkeyutils1", "libaio1"]
 NQN = "nqn.2026-11.io.plexstor:bench"
+
+
+def build_release():
+    """Brings the release binaries up to date with the profile's LTO. scripts/test.sh builds
+    them without LTO into the same place; a benchmark must measure what users run."""
+    subprocess.run(["cargo", "build", "--release", "--workspace", "--bins", "-q"], cwd=REPO, check=True)
 TARGET_CORES = "0x1"
 HOST_CORES = "0x2"
 SPDK_TGT_MEM_MB = 1024   # nvmf_tgt -s: the 512 MiB malloc bdev and the transport's buffers
@@ -496,6 +502,7 @@ def main():
     ap.add_argument("--idle-poll-us", type=int, default=1000, help="plexd --idle-poll-us")
     ap.add_argument("--report", help="report file (default benches/reports/nvmf_tcp-DATE.md)")
     args = ap.parse_args()
+    build_release()
     bdevs = args.bdevs.split(",")
     for b in bdevs:
         if b not in BDEVS:

@@ -8,6 +8,8 @@
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# The release binaries with LTO: scripts/test.sh leaves them built without it.
+cargo build --release --workspace --bins -q --manifest-path "$repo/Cargo.toml"
 workload=${1:-randread}
 size=${2:-4096}
 qd=${3:-32}

@@ -125,6 +125,7 @@ def main():
     ap.add_argument("--baseline", help="a commit without QoS to compare the layer cost with")
     ap.add_argument("--no-layer", action="store_true", help="skip the cargo bench rows")
     args = ap.parse_args()
+    nvmf_tcp.build_release()
     for b in (nvmf_tcp.PLEXD, nvmf_tcp.PLEXPERF):
         if not os.access(b, os.X_OK):
             sys.exit(f"missing {b}: cargo build --release -p plexd -p initiator")
