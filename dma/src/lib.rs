@@ -11,9 +11,14 @@
 //! translation tables small. When hugepages run short we fall back to ordinary anonymous memory
 //! locked with `mlock`, and say so once, loudly, with the command that fixes it.
 //!
+//! A device driver registers a mapper ([`iova::register`]); from then on every chunk is mapped
+//! for the device before its buffers are handed out, and `iova()` gives each buffer's device
+//! address.
+//!
 //! Pool memory is never returned to the kernel: a buffer's address stays valid for the life of
 //! the process, which is what makes handing raw addresses to a device (or a kernel ring) sound.
 
+pub mod iova;
 mod pool;
 mod region;
 mod view;
@@ -35,6 +40,8 @@ pub enum DmaError {
     TooLarge(usize),
     #[error("DMA memory limit of {limit} bytes reached (in use: {used}); raise --mem-size")]
     LimitReached { limit: usize, used: usize },
+    #[error("DMA memory cannot be given to the device: {0}")]
+    Iova(String),
     #[error("cannot map {len} bytes of memory: {source}")]
     Map {
         len: usize,

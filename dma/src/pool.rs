@@ -1,10 +1,9 @@
 //! The buffer pool: power-of-two size classes carved from pinned chunks, with a per-thread
 //! cache in front of lock-free shared free lists.
 
-use crate::region::{map_pinned, MemoryKind};
+use crate::region::{map_pinned, MemoryKind, Pinned};
 use crate::{DmaError, HUGEPAGE_SIZE};
 use crossbeam_queue::SegQueue;
-use memmap2::MmapMut;
 use std::cell::RefCell;
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
@@ -22,7 +21,7 @@ const THREAD_CACHE_BYTES: usize = 8 << 20;
 struct Pool {
     free: [SegQueue<usize>; NUM_CLASSES],
     /// Every chunk ever mapped; kept so that buffer addresses stay valid forever.
-    chunks: Mutex<Vec<(MmapMut, MemoryKind)>>,
+    chunks: Mutex<Vec<Pinned>>,
     mapped: AtomicUsize,
     limit: AtomicUsize,
     huge_bytes: AtomicUsize,
@@ -78,21 +77,34 @@ fn grow(class: usize) -> Result<usize, DmaError> {
     let size = class_size(class);
     let chunk_len = size.max(HUGEPAGE_SIZE);
     charge(chunk_len)?;
-    let (mut map, kind) = map_pinned(chunk_len).inspect_err(|_| uncharge(chunk_len))?;
-    let base = map.as_mut_ptr() as usize;
+    let mut mem = map_pinned(chunk_len).inspect_err(|_| uncharge(chunk_len))?;
+    let base = mem.base() as usize;
+    let kind = mem.kind;
     let p = pool();
+    // A device driver's mapper sees the chunk before any buffer of it is handed out.
+    crate::iova::admit_chunk(base, chunk_len, || {
+        p.chunks.lock().unwrap_or_else(|e| e.into_inner()).push(mem);
+    })
+    .inspect_err(|_| uncharge(chunk_len))?;
     match kind {
         MemoryKind::Hugepages => p.huge_bytes.fetch_add(chunk_len, Ordering::Relaxed),
         MemoryKind::Locked => p.locked_bytes.fetch_add(chunk_len, Ordering::Relaxed),
     };
-    p.chunks
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push((map, kind));
     for i in 1..chunk_len / size {
         p.free[class].push(base + i * size);
     }
     Ok(base)
+}
+
+/// Every chunk's first byte and length, for a mapper registered after they were mapped.
+pub(crate) fn chunk_spans() -> Vec<(usize, usize)> {
+    pool()
+        .chunks
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter_mut()
+        .map(|c| (c.base() as usize, c.len))
+        .collect()
 }
 
 struct ThreadCache {
@@ -205,10 +217,16 @@ impl DmaBuf {
         Ok(())
     }
 
-    /// The address a device uses to reach this buffer. Identity-mapped for now: the VFIO
-    /// container maps every pool chunk at IOVA = virtual address.
-    pub fn iova(&self) -> u64 {
-        self.ptr.as_ptr() as u64
+    /// The buffer's virtual address (for alignment checks and logs).
+    pub fn addr(&self) -> usize {
+        self.ptr.as_ptr() as usize
+    }
+
+    /// The address a device uses to reach this buffer, once a device mapper is registered
+    /// ([`crate::iova`]); `None` before. The buffer's IOVAs are contiguous.
+    #[inline]
+    pub fn iova(&self) -> Option<u64> {
+        crate::iova::iova(self.addr())
     }
 
     /// The first byte, without making a reference to the whole buffer (views of disjoint
@@ -244,7 +262,7 @@ impl std::fmt::Debug for DmaBuf {
         write!(
             f,
             "DmaBuf({:#x}, len {}, cap {})",
-            self.iova(),
+            self.addr(),
             self.len,
             self.capacity()
         )
@@ -295,13 +313,13 @@ mod tests {
     fn buffers_are_aligned_distinct_and_reused() {
         let a = DmaBuf::new(4096).unwrap();
         let b = DmaBuf::new(4096).unwrap();
-        assert_eq!(a.iova() % 4096, 0);
-        assert_ne!(a.iova(), b.iova());
-        let addr = b.iova();
+        assert_eq!(a.addr() % 4096, 0);
+        assert_ne!(a.addr(), b.addr());
+        let addr = b.addr();
         drop(b);
         let c = DmaBuf::new(3000).unwrap();
         assert_eq!(
-            c.iova(),
+            c.addr(),
             addr,
             "the thread cache hands back the last freed buffer"
         );

@@ -16,8 +16,7 @@ pub enum MemoryKind {
 
 /// A large mapping of pinned memory owned by one user, released when dropped.
 pub struct DmaRegion {
-    map: MmapMut,
-    kind: MemoryKind,
+    mem: Pinned,
 }
 
 static FALLBACK_WARNED: AtomicBool = AtomicBool::new(false);
@@ -28,7 +27,7 @@ impl DmaRegion {
         let len = len.max(1).div_ceil(HUGEPAGE_SIZE) * HUGEPAGE_SIZE;
         pool::charge(len)?;
         match map_pinned(len) {
-            Ok((map, kind)) => Ok(DmaRegion { map, kind }),
+            Ok(mem) => Ok(DmaRegion { mem }),
             Err(e) => {
                 pool::uncharge(len);
                 Err(e)
@@ -37,49 +36,70 @@ impl DmaRegion {
     }
 
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.mem.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.mem.len == 0
     }
 
     pub fn kind(&self) -> MemoryKind {
-        self.kind
+        self.mem.kind
     }
 
     pub fn as_ptr(&self) -> *const u8 {
-        self.map.as_ptr()
+        self.as_slice().as_ptr()
     }
 
     pub fn as_mut_ptr(&mut self) -> *mut u8 {
-        self.map.as_mut_ptr()
+        self.as_mut_slice().as_mut_ptr()
     }
 
     pub fn as_slice(&self) -> &[u8] {
-        &self.map
+        &self.mem.map[self.mem.offset..self.mem.offset + self.mem.len]
     }
 
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut self.map
+        &mut self.mem.map[self.mem.offset..self.mem.offset + self.mem.len]
     }
 }
 
 impl Drop for DmaRegion {
     fn drop(&mut self) {
-        pool::uncharge(self.map.len());
+        pool::uncharge(self.mem.len);
+    }
+}
+
+/// Pinned memory: `len` bytes at `offset` in `map`, starting on a 2 MiB boundary (so a device
+/// mapping can use 2 MiB IOMMU pages, and no 2 MiB granule is shared with other memory).
+pub(crate) struct Pinned {
+    pub map: MmapMut,
+    pub offset: usize,
+    pub len: usize,
+    pub kind: MemoryKind,
+}
+
+impl Pinned {
+    pub fn base(&mut self) -> *mut u8 {
+        self.map[self.offset..].as_mut_ptr()
     }
 }
 
 /// Maps anonymous memory, from hugepages if the kernel has them, else locked ordinary pages.
-pub(crate) fn map_pinned(len: usize) -> Result<(MmapMut, MemoryKind), DmaError> {
+pub(crate) fn map_pinned(len: usize) -> Result<Pinned, DmaError> {
     if let Ok(map) = MmapOptions::new()
         .len(len)
         .huge(Some(21))
         .populate()
         .map_anon()
     {
-        return Ok((map, MemoryKind::Hugepages));
+        // Hugetlb mappings are aligned to their page size.
+        return Ok(Pinned {
+            map,
+            offset: 0,
+            len,
+            kind: MemoryKind::Hugepages,
+        });
     }
     warn_fallback_once(len);
     // Populating more than the machine has would not fail the mmap: the OOM killer would end
@@ -95,15 +115,23 @@ pub(crate) fn map_pinned(len: usize) -> Result<(MmapMut, MemoryKind), DmaError> 
             });
         }
     }
+    // One page more than asked, to start on a 2 MiB boundary inside it.
     let map = MmapOptions::new()
-        .len(len)
+        .len(len + HUGEPAGE_SIZE)
         .populate()
         .map_anon()
         .map_err(|source| DmaError::Map { len, source })?;
     if let Err(e) = map.lock() {
         tracing::warn!("mlock of {len} bytes failed ({e}); DMA memory may be paged out");
     }
-    Ok((map, MemoryKind::Locked))
+    let addr = map.as_ptr() as usize;
+    let offset = addr.next_multiple_of(HUGEPAGE_SIZE) - addr;
+    Ok(Pinned {
+        map,
+        offset,
+        len,
+        kind: MemoryKind::Locked,
+    })
 }
 
 /// MemAvailable from /proc/meminfo, in bytes.

@@ -70,13 +70,20 @@ impl BufView {
         self.len() == 0
     }
 
-    /// The device address of the first byte.
-    pub fn iova(&self) -> u64 {
+    /// The virtual address of the first byte.
+    pub fn addr(&self) -> usize {
         match &self.repr {
-            Repr::Whole(b) => b.iova(),
-            Repr::Part { buf, start, .. } => buf.iova() + *start as u64,
+            Repr::Whole(b) => b.addr(),
+            Repr::Part { buf, start, .. } => buf.addr() + *start,
             Repr::Moving => 0,
         }
+    }
+
+    /// The device address of the first byte, once a device mapper is registered
+    /// ([`crate::iova`]); the view's IOVAs are contiguous.
+    #[inline]
+    pub fn iova(&self) -> Option<u64> {
+        crate::iova::iova(self.addr())
     }
 
     /// Whether this view may be written: it is the only view of its bytes.
@@ -297,7 +304,7 @@ impl std::fmt::Debug for BufView {
             } => write!(
                 f,
                 "BufView({:#x}+{start}, len {len}, {}, {} views)",
-                buf.iova(),
+                buf.addr(),
                 if *writable { "writable" } else { "read-only" },
                 Arc::strong_count(buf)
             ),
@@ -329,12 +336,12 @@ mod tests {
     #[test]
     fn shared_views_are_read_only_until_the_others_are_gone() {
         let mut v = filled(4096);
-        let iova = v.iova();
+        let iova = v.addr();
         let legs: Vec<BufView> = (0..3).map(|_| v.share()).collect();
         assert!(v.bytes_mut().is_none());
         for l in &legs {
             assert!(!l.is_writable());
-            assert_eq!((l.iova(), l.len(), l[7]), (iova, 4096, 7));
+            assert_eq!((l.addr(), l.len(), l[7]), (iova, 4096, 7));
         }
         let mut legs = legs;
         assert!(legs[0].bytes_mut().is_none());
@@ -346,17 +353,17 @@ mod tests {
         drop(last);
         v.reclaim();
         assert!(v.is_whole() && v.is_writable());
-        assert_eq!(v.into_dma().unwrap().iova(), iova);
+        assert_eq!(v.into_dma().unwrap().addr(), iova);
     }
 
     #[test]
     fn split_pieces_are_disjoint_writable_and_join_back() {
         let mut v = filled(16384);
-        let iova = v.iova();
+        let iova = v.addr();
         let mut c = v.split_off(8192).unwrap();
         let d = c.split_off(4096).unwrap();
         assert_eq!((v.len(), c.len(), d.len()), (8192, 4096, 4096));
-        assert_eq!((c.iova(), d.iova()), (iova + 8192, iova + 12288));
+        assert_eq!((c.addr(), d.addr()), (iova + 8192, iova + 12288));
         c.bytes_mut().unwrap().fill(0xcc);
         assert_eq!(
             d[0],

@@ -713,7 +713,9 @@ impl IoChannel {
             let want = io.num_blocks.checked_mul(self.block_size);
             let align = info.required_alignment.max(1) as u64;
             let shaped = io.bufs.iter().all(|b| {
-                b.iova() % align == 0 && (b.len() as u64) % self.block_size == 0 && !b.is_empty()
+                b.addr() as u64 % align == 0
+                    && (b.len() as u64) % self.block_size == 0
+                    && !b.is_empty()
             });
             // A read fills its buffers: never one another device or leg shares.
             let fillable = io.io_type != IoType::Read || io.bufs.iter().all(|b| b.is_writable());
