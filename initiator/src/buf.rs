@@ -16,6 +16,12 @@ use std::ops::Deref;
 pub trait IoBuf: Deref<Target = [u8]> {
     /// The bytes a read fills, or `None` when the buffer may only be read.
     fn bytes_mut(&mut self) -> Option<&mut [u8]>;
+
+    /// The device address of the first byte, for transports that DMA (PCIe). `None` for
+    /// memory no device can reach, which such a transport refuses.
+    fn iova(&self) -> Option<u64> {
+        None
+    }
 }
 
 impl IoBuf for Vec<u8> {
@@ -34,10 +40,16 @@ impl IoBuf for dma::DmaBuf {
     fn bytes_mut(&mut self) -> Option<&mut [u8]> {
         Some(self)
     }
+    fn iova(&self) -> Option<u64> {
+        dma::DmaBuf::iova(self)
+    }
 }
 
 impl IoBuf for dma::BufView {
     fn bytes_mut(&mut self) -> Option<&mut [u8]> {
         dma::BufView::bytes_mut(self)
+    }
+    fn iova(&self) -> Option<u64> {
+        dma::BufView::iova(self)
     }
 }

@@ -268,7 +268,7 @@ impl Controller {
         if let Some(h) = &trid.hostnqn {
             opts.hostnqn = h.clone();
         }
-        let kato = if trid.is_discovery() {
+        let kato = if trid.is_discovery() || !endpoint.uses_keep_alive() {
             Duration::ZERO
         } else {
             opts.keep_alive_timeout
@@ -452,12 +452,23 @@ impl Controller {
         self.info.model = id.model().unwrap_or("?").to_string();
         self.info.firmware = id.firmware_rev().unwrap_or("?").to_string();
         self.info.subnqn = id.subnqn_str().unwrap_or("?").to_string();
-        if id.sgls.get() & 0x3 == 0 {
+        if id.sgls.get() & 0x3 == 0 && self.admin.registers().is_none() {
             warn!("controller reports no SGL support; NVMe over Fabrics requires it");
         }
     }
 
+    /// A controller register: read from memory where the transport maps them (PCIe), else
+    /// with Fabrics Property Get.
     fn prop_get(&mut self, offset: u32, eight: bool) -> Result<u64> {
+        if let Some(r) = self.admin.registers() {
+            let lo = u64::from(r.read32(offset));
+            let hi = if eight {
+                u64::from(r.read32(offset + 4))
+            } else {
+                0
+            };
+            return Ok(lo | (hi << 32));
+        }
         let size = if eight {
             PropertySize::Eight
         } else {
@@ -473,6 +484,10 @@ impl Controller {
     }
 
     fn prop_set(&mut self, offset: u32, value: u64) -> Result<()> {
+        if let Some(r) = self.admin.registers() {
+            r.write32(offset, value as u32);
+            return Ok(());
+        }
         let cmd = PropertySet {
             size: PropertySize::Four,
             offset,
@@ -636,16 +651,28 @@ impl Controller {
         let mut q = Queue::new(params);
         let epoch = self.shared.epoch.load(Ordering::Acquire);
         let cntlid = self.shared.cntlid.load(Ordering::Acquire) as u16;
-        if let Err(e) = q.connect(cntlid) {
+        if let Err(e) = self
+            .create_on_controller(&mut q)
+            .and_then(|_| q.connect(cntlid))
+        {
             self.shared.release_qid(qid);
             return Err(e);
         }
-        Ok(IoQpair::new(
-            q,
-            self.shared.clone(),
-            epoch,
-            self.info.max_transfer,
-        ))
+        let max_transfer = self.info.max_transfer.min(q.transfer_limit());
+        Ok(IoQpair::new(q, self.shared.clone(), epoch, max_transfer))
+    }
+
+    /// Runs the admin commands that make `q` exist on the controller (PCIe's Create I/O
+    /// CQ/SQ), after removing a queue of the same ID an earlier owner may have left behind.
+    fn create_on_controller<B: IoBuf>(&mut self, q: &mut Queue<B>) -> Result<()> {
+        for cmd in q.teardown_commands() {
+            // Refused when there is no such queue, which is the usual case.
+            let _ = self.admin_cmd(cmd, Dir::None, None);
+        }
+        for cmd in q.setup_commands()? {
+            self.admin_cmd(cmd, Dir::None, None)?;
+        }
+        Ok(())
     }
 
     // ------------------------------------------------------------------ polling

@@ -108,4 +108,7 @@ pub enum SubmitErrorKind {
     /// The controller failed or the path failed (fast_io_fail): the I/O would not run.
     #[error("path failed")]
     PathFailed,
+    /// The transport DMAs (PCIe) and the buffer is not DMA memory with a device address.
+    #[error("buffer is not DMA memory the device can reach")]
+    NotDmaMemory,
 }

@@ -1,7 +1,7 @@
 //! NVMe host driver: one controller / queue-pair model over several transports.
 //!
-//! Today the transport is NVMe/TCP; PCIe (VFIO) and RDMA plug in behind the same
-//! [`Controller`] and [`IoQpair`] types (see [`transport`]).
+//! The transports are NVMe/TCP and PCIe (through VFIO, `pcie/`); RDMA will plug in behind
+//! the same [`Controller`] and [`IoQpair`] types (see [`transport`]).
 //!
 //! Threading model: nothing here owns a thread or a timer. A [`Controller`] is polled by whoever
 //! owns it (keep-alive, asynchronous events, reconnects all happen inside
@@ -14,6 +14,7 @@ pub mod discovery;
 pub mod error;
 pub mod histogram;
 pub mod opts;
+pub(crate) mod pcie;
 pub mod qpair;
 pub(crate) mod tcp;
 pub mod transport;

@@ -252,6 +252,12 @@ impl<B: IoBuf> IoQpair<B> {
                 buf,
             });
         }
+        if len > 0 && self.q.requires_iova() && buf.as_ref().is_some_and(|b| b.iova().is_none()) {
+            return Err(SubmitError {
+                kind: SubmitErrorKind::NotDmaMemory,
+                buf,
+            });
+        }
         let dir = match dir {
             DataDir::None => Dir::None,
             DataDir::Read => Dir::ToHost,

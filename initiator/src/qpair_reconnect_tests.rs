@@ -266,7 +266,9 @@ fn rejoining_qpair(
 }
 
 fn conn_state(qp: &IoQpair<Vec<u8>>) -> ConnState {
-    let Queue::Tcp(q) = &qp.q;
+    let Queue::Tcp(q) = &qp.q else {
+        panic!("these tests use TCP queues")
+    };
     q.conn_state()
 }
 

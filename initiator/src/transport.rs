@@ -13,7 +13,8 @@
 //!
 //! Queues are dispatched through the [`Queue`] enum rather than a trait object so the hot path
 //! stays a direct, inlinable call. Adding PCIe (VFIO) or RDMA means adding an endpoint and a
-//! queue variant and implementing the same inherent methods as
+//! queue variant ([`crate::pcie::queue::PcieQueue`] is the second) and implementing the same
+//! inherent methods as
 //! [`crate::tcp::queue::TcpQueue`]:
 //! `start_connect(cntlid)` and `poll_connect()` (a connection advanced by polls that never
 //! block, for queues owned by reactors), `connect(cntlid)` (the same, waited for, for
@@ -22,6 +23,7 @@
 //! `is_connected()`, `depth()`, `wait_readable(..)`. For PCIe "connect" is Create I/O CQ/SQ
 //! and "poll" reads the completion queue in memory; the layers above do not change.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nvme_spec::{Command, Status};
@@ -29,6 +31,8 @@ use nvme_spec::{Command, Status};
 use crate::buf::IoBuf;
 use crate::error::{Error, Result};
 use crate::opts::CtrlrOpts;
+use crate::pcie::queue::PcieQueue;
+use crate::pcie::PcieDevice;
 use crate::tcp::queue::{TcpEndpoint, TcpQueue};
 use crate::trid::{TrType, TransportId};
 
@@ -47,6 +51,8 @@ pub(crate) enum Dir {
 #[derive(Debug, Clone)]
 pub(crate) enum Endpoint {
     Tcp(TcpEndpoint),
+    /// A controller on PCIe, opened (and its registers mapped) when the endpoint is made.
+    Pcie(Arc<PcieDevice>),
 }
 
 impl Endpoint {
@@ -58,11 +64,20 @@ impl Endpoint {
                 hdgst: opts.hdgst,
                 ddgst: opts.ddgst,
             })),
+            TrType::Pcie => Ok(Endpoint::Pcie(PcieDevice::open(&trid.traddr)?)),
             other => Err(Error::Unsupported(format!(
-                "transport {} (only TCP is implemented)",
+                "transport {} (TCP and PCIe are implemented)",
                 other.as_str()
             ))),
         }
+    }
+}
+
+impl Endpoint {
+    /// Whether the controller needs Keep Alive commands (fabrics do; PCIe has no connection
+    /// to lose).
+    pub fn uses_keep_alive(&self) -> bool {
+        matches!(self, Endpoint::Tcp(_))
     }
 }
 
@@ -105,12 +120,14 @@ pub(crate) struct Done<B> {
 /// One queue of some transport.
 pub(crate) enum Queue<B> {
     Tcp(TcpQueue<B>),
+    Pcie(PcieQueue<B>),
 }
 
 macro_rules! each {
     ($self:ident, $q:ident => $e:expr) => {
         match $self {
             Queue::Tcp($q) => $e,
+            Queue::Pcie($q) => $e,
         }
     };
 }
@@ -120,7 +137,43 @@ impl<B: IoBuf> Queue<B> {
     pub fn new(p: ConnParams) -> Self {
         match p.endpoint.clone() {
             Endpoint::Tcp(t) => Queue::Tcp(TcpQueue::new(p, t)),
+            Endpoint::Pcie(d) => Queue::Pcie(PcieQueue::new(p, d)),
         }
+    }
+    /// Admin commands the controller must run before this I/O queue can connect (PCIe:
+    /// Create I/O CQ and SQ); none for fabrics, whose Connect does it.
+    pub fn setup_commands(&mut self) -> Result<Vec<Command>> {
+        match self {
+            Queue::Tcp(_) => Ok(Vec::new()),
+            Queue::Pcie(q) => q.setup_commands(),
+        }
+    }
+    /// Admin commands that remove this I/O queue from the controller (PCIe: Delete I/O SQ
+    /// and CQ); none for fabrics, where disconnecting does it.
+    pub fn teardown_commands(&self) -> Vec<Command> {
+        match self {
+            Queue::Tcp(_) => Vec::new(),
+            Queue::Pcie(q) => q.teardown_commands(),
+        }
+    }
+    /// The controller's registers when they are memory-mapped (PCIe); fabrics reach them
+    /// with Property Get/Set on the admin queue.
+    pub fn registers(&self) -> Option<&PcieDevice> {
+        match self {
+            Queue::Tcp(_) => None,
+            Queue::Pcie(q) => Some(q.device()),
+        }
+    }
+    /// The largest transfer one command may carry on this transport.
+    pub fn transfer_limit(&self) -> u32 {
+        match self {
+            Queue::Tcp(_) => u32::MAX,
+            Queue::Pcie(_) => crate::pcie::MAX_TRANSFER,
+        }
+    }
+    /// Whether data buffers must be DMA memory with an IOVA (PCIe I/O queues).
+    pub fn requires_iova(&self) -> bool {
+        matches!(self, Queue::Pcie(_))
     }
     /// Connects and waits for it: control-plane threads only.
     pub fn connect(&mut self, cntlid: u16) -> Result<u16> {
@@ -189,6 +242,9 @@ impl<B: IoBuf> Queue<B> {
         self.params().qid
     }
     pub fn digests(&self) -> crate::ctrlr::Digests {
-        each!(self, q => q.digests())
+        match self {
+            Queue::Tcp(q) => q.digests(),
+            Queue::Pcie(_) => crate::ctrlr::Digests::default(),
+        }
     }
 }

@@ -25,7 +25,7 @@ pub enum TrType {
     Tcp,
     /// NVMe over RDMA (not implemented yet).
     Rdma,
-    /// Local PCIe controller through VFIO (not implemented yet).
+    /// Local PCIe controller through VFIO.
     Pcie,
 }
 
@@ -130,7 +130,8 @@ impl TransportId {
 
     /// Whether this ID names the discovery subsystem.
     pub fn is_discovery(&self) -> bool {
-        self.subnqn == DISCOVERY_NQN
+        // A PCIe controller is named by its address alone; it is never a discovery service.
+        self.trtype != TrType::Pcie && self.subnqn == DISCOVERY_NQN
     }
 
     /// Resolves traddr:trsvcid to a socket address of the right family.
@@ -254,6 +255,13 @@ impl FromStr for TransportId {
 
 impl fmt::Display for TransportId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.trtype == TrType::Pcie {
+            write!(f, "trtype:PCIe traddr:{}", self.traddr)?;
+            if let Some(n) = self.nsid {
+                write!(f, " ns:{n}")?;
+            }
+            return Ok(());
+        }
         write!(
             f,
             "trtype:{} adrfam:{} traddr:{} trsvcid:{} subnqn:{}",

@@ -178,7 +178,9 @@ fn io_status(e: IoError) -> IoStatus {
 
 fn submit_status(k: SubmitErrorKind) -> IoStatus {
     match k {
-        SubmitErrorKind::BadLength | SubmitErrorKind::ReadOnlyBuffer => IoStatus::InvalidBuffer,
+        SubmitErrorKind::BadLength
+        | SubmitErrorKind::ReadOnlyBuffer
+        | SubmitErrorKind::NotDmaMemory => IoStatus::InvalidBuffer,
         SubmitErrorKind::PathFailed => IoStatus::IoError(libc::EIO),
         SubmitErrorKind::QueueFull => IoStatus::IoError(libc::EAGAIN),
     }

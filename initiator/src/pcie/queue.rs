@@ -1,0 +1,552 @@
+//! One NVMe queue pair on PCIe: rings in DMA memory, doorbells in BAR0, completions found by
+//! their phase bit.
+//!
+//! - Submission: the command goes into the ring at the tail with its PRPs, then (after a
+//!   fence, so the device sees the entry before the doorbell) the tail doorbell is written.
+//! - Data: the buffer's IOVA gives PRP1; a transfer crossing one page boundary takes PRP2 as
+//!   the second page, a longer one a PRP list from the command slot's own list page, written
+//!   in place: nothing is allocated per I/O. The admin queue copies buffers without an IOVA
+//!   (its `Vec<u8>` control buffers) through a DMA bounce buffer; an I/O queue refuses them.
+//! - Completion: entries whose phase bit matches the expected phase are new; the head wraps
+//!   and the expected phase flips at the end of the ring; the head doorbell is written once
+//!   per poll.
+
+use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dma::DmaBuf;
+use nvme_spec::cmd::CreateIoQueue;
+use nvme_spec::opcode::admin;
+use nvme_spec::regs::offset as reg;
+use nvme_spec::{Command, Completion, IntoBytes, Status};
+
+use super::{PcieDevice, MAX_TRANSFER, PAGE};
+use crate::buf::IoBuf;
+use crate::error::{Error, Result};
+use crate::transport::{ConnParams, ConnectProgress, Dir, Done};
+
+const SQE: usize = 64;
+const CQE: usize = 16;
+/// PRP entries in one list page.
+const PRP_PER_PAGE: usize = (PAGE as usize) / 8;
+/// Largest ring we build: 1024 entries keep each ring and the PRP lists within one pool buffer.
+pub(crate) const MAX_DEPTH: u16 = 1024;
+
+struct Slot<B> {
+    active: bool,
+    tag: u64,
+    dir: Dir,
+    buf: Option<B>,
+    /// The DMA copy of a buffer without an IOVA (admin queue only).
+    bounce: Option<DmaBuf>,
+    started: Instant,
+    abort_posted: bool,
+}
+
+pub(crate) struct PcieQueue<B> {
+    pub params: ConnParams,
+    dev: Arc<PcieDevice>,
+    depth: u16,
+    sq: Option<DmaBuf>,
+    cq: Option<DmaBuf>,
+    /// One PRP list page per command slot.
+    prp: Option<DmaBuf>,
+    sq_tail: u16,
+    cq_head: u16,
+    phase: bool,
+    sq_doorbell: usize,
+    cq_doorbell: usize,
+    slots: Vec<Slot<B>>,
+    free: Vec<u16>,
+    outstanding: usize,
+    connected: bool,
+}
+
+impl<B: IoBuf> PcieQueue<B> {
+    pub fn new(params: ConnParams, dev: Arc<PcieDevice>) -> Self {
+        let depth = params
+            .qsize
+            .clamp(2, MAX_DEPTH)
+            .min((dev.cap.max_queue_entries()).clamp(2, u32::from(MAX_DEPTH)) as u16);
+        PcieQueue {
+            params,
+            dev,
+            depth,
+            sq: None,
+            cq: None,
+            prp: None,
+            sq_tail: 0,
+            cq_head: 0,
+            phase: true,
+            sq_doorbell: 0,
+            cq_doorbell: 0,
+            slots: Vec::new(),
+            free: Vec::new(),
+            outstanding: 0,
+            connected: false,
+        }
+    }
+
+    fn qid(&self) -> u16 {
+        self.params.qid
+    }
+
+    pub fn device(&self) -> &PcieDevice {
+        &self.dev
+    }
+
+    /// Allocates the rings (zeroed: no entry carries the first expected phase) and resets the
+    /// queue's positions.
+    fn prepare(&mut self) -> Result<()> {
+        // At least a page each: pool buffers of 4 KiB and more are aligned to their size, and
+        // rings must start on a page.
+        let dma = |len: usize| {
+            DmaBuf::zeroed(len.max(PAGE as usize)).map_err(|e| Error::Unsupported(e.to_string()))
+        };
+        let depth = self.depth as usize;
+        let sq = dma(depth * SQE)?;
+        let cq = dma(depth * CQE)?;
+        let prp = dma(depth * PAGE as usize)?;
+        for b in [&sq, &cq, &prp] {
+            if b.iova().is_none() {
+                return Err(Error::Unsupported(
+                    "DMA memory has no IOVA: the VFIO container is not registered".into(),
+                ));
+            }
+        }
+        let (Some(sqd), Some(cqd)) = (
+            self.dev.doorbell(self.qid(), false),
+            self.dev.doorbell(self.qid(), true),
+        ) else {
+            return Err(Error::Unsupported(format!(
+                "queue {} has no doorbell inside BAR0 of {}",
+                self.qid(),
+                self.dev.addr
+            )));
+        };
+        self.sq = Some(sq);
+        self.cq = Some(cq);
+        self.prp = Some(prp);
+        self.sq_doorbell = sqd;
+        self.cq_doorbell = cqd;
+        self.sq_tail = 0;
+        self.cq_head = 0;
+        self.phase = true;
+        self.slots = (0..depth)
+            .map(|_| Slot {
+                active: false,
+                tag: 0,
+                dir: Dir::None,
+                buf: None,
+                bounce: None,
+                started: Instant::now(),
+                abort_posted: false,
+            })
+            .collect();
+        // A ring of N entries holds N - 1 commands.
+        self.free = (0..self.depth - 1).rev().collect();
+        self.outstanding = 0;
+        Ok(())
+    }
+
+    fn ring_iova(b: &Option<DmaBuf>) -> u64 {
+        b.as_ref().and_then(DmaBuf::iova).unwrap_or(0)
+    }
+
+    /// The admin commands that make an I/O queue exist on the controller: Create I/O CQ, then
+    /// Create I/O SQ on it. Allocates the rings. None for the admin queue (its registers do it).
+    pub fn setup_commands(&mut self) -> Result<Vec<Command>> {
+        if self.qid() == 0 {
+            return Ok(Vec::new());
+        }
+        self.prepare()?;
+        let create = |opcode, ring: u64, is_sq: bool| {
+            let mut c = Command::new(opcode);
+            CreateIoQueue {
+                qid: self.qid(),
+                qsize: u32::from(self.depth),
+                pc: true,
+                iv_or_cqid: if is_sq { self.qid() } else { 0 },
+                ..Default::default()
+            }
+            .apply(&mut c, is_sq);
+            c.set_prps(ring, 0);
+            c
+        };
+        Ok(vec![
+            create(admin::CREATE_IO_CQ, Self::ring_iova(&self.cq), false),
+            create(admin::CREATE_IO_SQ, Self::ring_iova(&self.sq), true),
+        ])
+    }
+
+    /// The admin commands that remove this I/O queue from the controller (SQ first).
+    pub fn teardown_commands(&self) -> Vec<Command> {
+        if self.qid() == 0 {
+            return Vec::new();
+        }
+        [admin::DELETE_IO_SQ, admin::DELETE_IO_CQ]
+            .into_iter()
+            .map(|op| {
+                let mut c = Command::new(op);
+                c.cdw10.set(u32::from(self.qid()));
+                c
+            })
+            .collect()
+    }
+
+    /// Admin queue: disables the controller (stopping all DMA) and programs AQA/ASQ/ACQ; the
+    /// controller layer then enables it. I/O queue: the Create commands already ran.
+    pub fn connect(&mut self, cntlid: u16) -> Result<u16> {
+        if self.qid() == 0 {
+            self.dev.disable()?;
+            self.prepare()?;
+            let d = u32::from(self.depth - 1);
+            self.dev.write32(reg::AQA, d | (d << 16));
+            self.dev
+                .bar
+                .write64(reg::ASQ as usize, Self::ring_iova(&self.sq));
+            self.dev
+                .bar
+                .write64(reg::ACQ as usize, Self::ring_iova(&self.cq));
+            // PCIe has no Connect to hand out a controller ID; Identify reports it.
+            self.connected = true;
+            return Ok(0);
+        } else if self.sq.is_none() {
+            return Err(Error::Unsupported(
+                "a PCIe I/O queue is created by the controller (setup_commands) before it connects"
+                    .into(),
+            ));
+        }
+        self.connected = true;
+        Ok(cntlid)
+    }
+
+    pub fn start_connect(&mut self, cntlid: u16) -> Result<()> {
+        if self.qid() != 0 {
+            // After a controller reset the queue must be created again through the admin
+            // queue, which the I/O queue does not own.
+            return Err(Error::Unsupported(
+                "reconnecting a PCIe I/O queue after a controller reset".into(),
+            ));
+        }
+        self.connect(cntlid).map(drop)
+    }
+
+    pub fn poll_connect(&mut self) -> Result<ConnectProgress> {
+        if self.connected {
+            Ok(ConnectProgress::Connected { cntlid: 0 })
+        } else {
+            Err(Error::Disconnected)
+        }
+    }
+
+    pub fn is_connecting(&self) -> bool {
+        false
+    }
+
+    pub fn disconnect(&mut self) {
+        self.connected = false;
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
+
+    pub fn depth(&self) -> u16 {
+        self.depth
+    }
+
+    pub fn outstanding(&self) -> usize {
+        self.outstanding
+    }
+
+    pub fn busy(&self) -> bool {
+        self.outstanding > 0
+    }
+
+    pub fn flush(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Polled mode: nothing to wait on but time.
+    pub fn wait_readable(&self, t: Duration) {
+        std::thread::sleep(t.min(Duration::from_micros(200)));
+    }
+
+    pub fn submit(
+        &mut self,
+        mut sqe: Command,
+        dir: Dir,
+        buf: Option<B>,
+        tag: u64,
+    ) -> Result<u16, Option<B>> {
+        if !self.connected {
+            return Err(buf);
+        }
+        let Some(cid) = self.free.pop() else {
+            return Err(buf);
+        };
+        let mut bounce = None;
+        let data_iova = match &buf {
+            None => None,
+            Some(b) if b.is_empty() => None,
+            Some(b) => match b.iova() {
+                Some(i) => Some((i, b.len())),
+                None if self.qid() == 0 => match DmaBuf::new(b.len()) {
+                    Ok(mut d) => {
+                        if dir == Dir::ToCtrl {
+                            d.copy_from_slice(b);
+                        }
+                        let at = d.iova().map(|i| (i, d.len()));
+                        bounce = Some(d);
+                        at
+                    }
+                    Err(_) => None,
+                },
+                None => None,
+            },
+        };
+        if buf.as_ref().is_some_and(|b| !b.is_empty()) && data_iova.is_none() {
+            self.free.push(cid);
+            return Err(buf);
+        }
+        // Without data the command keeps its own pointer (Create I/O CQ/SQ name their rings).
+        if let Some((iova, len)) = data_iova {
+            let Some((prp1, prp2)) = self.prps(cid, iova, len) else {
+                self.free.push(cid);
+                return Err(buf);
+            };
+            sqe.set_prps(prp1, prp2);
+        }
+        sqe.set_cid(cid);
+        let s = &mut self.slots[cid as usize];
+        *s = Slot {
+            active: true,
+            tag,
+            dir,
+            buf,
+            bounce,
+            started: Instant::now(),
+            abort_posted: false,
+        };
+        let at = self.sq_tail as usize * SQE;
+        let ring = self.sq.as_mut().expect("connected queues have rings");
+        ring[at..at + SQE].copy_from_slice(sqe.as_bytes());
+        self.sq_tail = (self.sq_tail + 1) % self.depth;
+        self.outstanding += 1;
+        // The entry must be in memory before the device hears of it.
+        fence(Ordering::SeqCst);
+        self.dev
+            .bar
+            .write32(self.sq_doorbell, u32::from(self.sq_tail));
+        Ok(cid)
+    }
+
+    /// PRP1/PRP2 for `len` bytes at `iova`, with slot `cid`'s list page if needed.
+    fn prps(&mut self, cid: u16, iova: u64, len: usize) -> Option<(u64, u64)> {
+        let list = self.prp.as_mut()?;
+        let at = cid as usize * PAGE as usize;
+        let list_iova = list.iova()? + at as u64;
+        prp_entries(iova, len, &mut list[at..at + PAGE as usize], list_iova)
+    }
+
+    /// The completion at the head, if the device has posted it (its phase bit is current).
+    fn peek(&self) -> Option<Completion> {
+        let cq = self.cq.as_ref()?;
+        let at = self.cq_head as usize * CQE;
+        let entry = cq[at..at + CQE].as_ptr();
+        // SAFETY: `entry` points at CQE in-bounds bytes of our ring; the device writes them
+        // asynchronously, hence a volatile read of the status word first and of the whole
+        // entry only once its phase bit says it is complete.
+        let status = unsafe { entry.add(14).cast::<u16>().read_volatile() };
+        if (u16::from_le(status) & 1 != 0) != self.phase {
+            return None;
+        }
+        fence(Ordering::Acquire);
+        // SAFETY: as above; the entry is complete and the device will not touch it again
+        // until we move the head past it.
+        let bytes = unsafe { entry.cast::<[u8; CQE]>().read_volatile() };
+        Completion::read(&bytes)
+    }
+
+    pub fn poll(&mut self, on_done: &mut impl FnMut(Done<B>)) -> Result<usize> {
+        if !self.connected {
+            return Err(Error::Disconnected);
+        }
+        let mut n = 0;
+        while let Some(c) = self.peek() {
+            self.cq_head += 1;
+            if self.cq_head == self.depth {
+                self.cq_head = 0;
+                self.phase = !self.phase;
+            }
+            let cid = c.cid();
+            if self.slots.get(cid as usize).is_none_or(|s| !s.active) {
+                tracing::warn!(
+                    qid = self.qid(),
+                    cid,
+                    "completion for no outstanding command; ignored"
+                );
+                continue;
+            }
+            n += 1;
+            on_done(self.finish(cid, c.status(), c.result.get(), c.dw1.get()));
+        }
+        if n > 0 {
+            self.dev
+                .bar
+                .write32(self.cq_doorbell, u32::from(self.cq_head));
+        }
+        Ok(n)
+    }
+
+    fn finish(&mut self, cid: u16, status: Status, dw0: u32, dw1: u32) -> Done<B> {
+        let s = &mut self.slots[cid as usize];
+        s.active = false;
+        let mut buf = s.buf.take();
+        if let (Some(bounce), Some(b)) = (s.bounce.take(), buf.as_mut()) {
+            if s.dir == Dir::ToHost {
+                if let Some(dst) = b.bytes_mut() {
+                    dst.copy_from_slice(&bounce);
+                }
+            }
+        }
+        self.outstanding -= 1;
+        self.free.push(cid);
+        Done {
+            tag: s.tag,
+            status,
+            dw0,
+            dw1,
+            buf,
+        }
+    }
+
+    /// Completes every outstanding command with `status`. Only sound once the controller is
+    /// disabled (the admin queue's connect does that first): until then it may still DMA.
+    pub fn fail_all(&mut self, status: Status, on_done: &mut impl FnMut(Done<B>)) {
+        for cid in 0..self.slots.len() as u16 {
+            if self.slots[cid as usize].active {
+                let d = self.finish(cid, status, 0, 0);
+                on_done(d);
+            }
+        }
+    }
+
+    pub fn for_each_active(&mut self, mut f: impl FnMut(u16, &mut Instant, &mut bool, u64)) {
+        for (cid, s) in self.slots.iter_mut().enumerate() {
+            if s.active {
+                f(cid as u16, &mut s.started, &mut s.abort_posted, s.tag);
+            }
+        }
+    }
+}
+
+impl<B> Drop for PcieQueue<B> {
+    fn drop(&mut self) {
+        if self.outstanding == 0 {
+            return;
+        }
+        // The device may still read or write the rings and the data of commands it has not
+        // completed: that memory must never go back to the pool for someone else.
+        tracing::warn!(
+            qid = self.params.qid,
+            outstanding = self.outstanding,
+            "PCIe queue dropped with commands outstanding; their memory is leaked, not reused"
+        );
+        std::mem::forget(self.sq.take());
+        std::mem::forget(self.cq.take());
+        std::mem::forget(self.prp.take());
+        for s in &mut self.slots {
+            std::mem::forget(s.buf.take());
+            std::mem::forget(s.bounce.take());
+        }
+    }
+}
+
+/// PRP1 and PRP2 for `len` bytes at `iova` (4 KiB pages): PRP2 is the second page when the
+/// data ends there, else the IOVA of `list` (at `list_iova`), filled with the pages after the
+/// first. None when the transfer does not fit one list page or is not dword-aligned.
+fn prp_entries(iova: u64, len: usize, list: &mut [u8], list_iova: u64) -> Option<(u64, u64)> {
+    if iova % 4 != 0 || len > MAX_TRANSFER as usize {
+        return None;
+    }
+    let first = (PAGE - iova % PAGE) as usize;
+    if len <= first {
+        return Some((iova, 0));
+    }
+    let second = (iova & !(PAGE - 1)) + PAGE;
+    let pages = (len - first).div_ceil(PAGE as usize);
+    if pages == 1 {
+        return Some((iova, second));
+    }
+    if pages > PRP_PER_PAGE || list.len() < pages * 8 {
+        return None;
+    }
+    for (k, e) in list.chunks_exact_mut(8).take(pages).enumerate() {
+        e.copy_from_slice(&(second + k as u64 * PAGE).to_le_bytes());
+    }
+    Some((iova, list_iova))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(list: &[u8], n: usize) -> Vec<u64> {
+        list.chunks_exact(8)
+            .take(n)
+            .map(|e| u64::from_le_bytes(e.try_into().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn prps_follow_the_page_boundaries() {
+        let mut list = vec![0u8; PAGE as usize];
+        let l = 0x9_0000_0000;
+        assert_eq!(
+            prp_entries(0x1_0000_1000, 4096, &mut list, l),
+            Some((0x1_0000_1000, 0)),
+            "one page"
+        );
+        assert_eq!(
+            prp_entries(0x1_0000_1200, 0xe00, &mut list, l),
+            Some((0x1_0000_1200, 0)),
+            "rest of a page"
+        );
+        assert_eq!(
+            prp_entries(0x1_0000_1000, 8192, &mut list, l),
+            Some((0x1_0000_1000, 0x1_0000_2000)),
+            "two pages: PRP2 is the second"
+        );
+        assert_eq!(
+            prp_entries(0x1_0000_1200, 8192, &mut list, l),
+            Some((0x1_0000_1200, l)),
+            "three pages: a list"
+        );
+        assert_eq!(entries(&list, 2), [0x1_0000_2000, 0x1_0000_3000]);
+        // 128 KiB aligned: PRP1 and a list of the 31 pages after it.
+        assert_eq!(
+            prp_entries(0x2_0000_0000, 128 << 10, &mut list, l),
+            Some((0x2_0000_0000, l))
+        );
+        let e = entries(&list, 31);
+        assert_eq!((e[0], e[30]), (0x2_0000_1000, 0x2_0001_f000));
+        // The largest transfer, unaligned, fills the list page exactly; past it is refused.
+        assert_eq!(
+            prp_entries(0x3_0000_0200, 2 << 20, &mut list, l),
+            Some((0x3_0000_0200, l))
+        );
+        assert_eq!(entries(&list, 512)[511], 0x3_0000_0000 + 512 * PAGE);
+        assert_eq!(
+            prp_entries(0x3_0000_0000, (2 << 20) + 4096, &mut list, l),
+            None
+        );
+        assert_eq!(
+            prp_entries(0x3_0000_0002, 512, &mut list, l),
+            None,
+            "not dword-aligned"
+        );
+    }
+}
