@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# The userspace NVMe PCIe driver (initiator/src/pcie/, vfio/, dma's IOVA registry) against
+# QEMU's emulated NVMe controller behind the guest's virtual IOMMU.
+#
+# The kernel's nvme driver reports the controller first (nvme-cli); scripts/setup.sh hands it
+# to vfio-pci; plexperf then drives it with no kernel in the data path: Identify must match
+# what the kernel reported, and verified random writes and reads at 4 KiB, 128 KiB (PRP
+# lists) and 1 MiB, on two queue pairs at once, must read back. A second plexperf run (a new
+# controller bring-up) checks every block the first acknowledged. Bad addresses give clear
+# errors; reset gives the controller back to the kernel, which finds its namespace again.
+#
+# On the host it boots the guest with `run.sh --nvme`; inside a guest that is already up
+# (scripts/test.sh runs every guest test in one boot) it uses the controller with serial
+# plexstor-nvme0, and leaves it bound to nvme.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=tests/guest/lib.sh
+. "$HERE/lib.sh"
+plan 14
+
+reexec_in_guest --nvme --nvme-size 256M --hugepages 64 --timeout 300 -- "$0" "$@"
+
+REPO=$GUEST_LIB_REPO
+SETUP=$REPO/scripts/setup.sh
+PLEXPERF=${PLEXPERF:-$REPO/build/release/plexperf}
+NQN=nqn.2019-08.org.qemu:plexstor-nvme0
+WORK=$(mktemp -d /tmp/nvme-pcie.XXXXXX)
+BDF=''
+PAGES_BEFORE=$(cat /proc/sys/vm/nr_hugepages)
+
+driver_of() {
+    local link=/sys/bus/pci/devices/$1/driver
+    if [ -e "$link" ]; then basename "$(readlink -f "$link")"; else echo none; fi
+}
+
+# setup.sh limited to our controller, with 64 hugepages for plexperf's buffers.
+setup_sh() { env PCI_ALLOWED="$BDF" HUGEMEM=128 "$SETUP" "$@" >"$WORK/setup.log" 2>&1; }
+
+# The guest's binding and hugepage count are put back for the tests that follow in the boot.
+cleanup() {
+    if [ -n "$BDF" ] && [ "$(driver_of "$BDF")" = vfio-pci ]; then setup_sh reset || true; fi
+    echo "$PAGES_BEFORE" >/proc/sys/vm/nr_hugepages
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# One plexperf run over PCIe; its report in $WORK/perf.log, its log in $WORK/perf.err, both
+# shown as comments on failure.
+perf() {
+    if "$PLEXPERF" -r "trtype:PCIe traddr:$BDF" "$@" >"$WORK/perf.log" 2>"$WORK/perf.err"; then
+        return 0
+    fi
+    cat "$WORK/perf.log" "$WORK/perf.err" | sed 's/^/# /' | tail -n 15
+    return 1
+}
+
+# ---- the kernel's view, before the handover -----------------------------------
+modprobe nvme
+DEV=$(wait_for_nvme_dev "$NQN" 1 30) || bail "controller plexstor-nvme0" "none (boot the guest with run.sh --nvme)"
+for ctrl in /sys/class/nvme/nvme*; do
+    [ "$(cat "$ctrl/subsysnqn")" = "$NQN" ] && BDF=$(basename "$(readlink -f "$ctrl/device")")
+done
+[ -n "$BDF" ] || bail "controller plexstor-nvme0" "no PCI address"
+K_MODEL=$(nvme id-ctrl "$DEV" -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["mn"].strip())')
+K_SERIAL=$(nvme id-ctrl "$DEV" -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["sn"].strip())')
+K_BLOCKS=$(nvme id-ns "$DEV" -n 1 -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["nsze"])')
+pass "the kernel reports $BDF: model '$K_MODEL', serial '$K_SERIAL', $K_BLOCKS blocks"
+
+# ---- refused before the handover ----------------------------------------------
+if ! out=$("$PLEXPERF" -r "trtype:PCIe traddr:$BDF" --identify 2>&1) &&
+    grep -q "bound to nvme, not bound to vfio-pci: run scripts/setup.sh" <<<"$out"; then
+    pass "a controller the kernel drives is refused, naming setup.sh"
+else
+    fail "a controller the kernel drives is refused" "$(tail -n1 <<<"$out")"
+fi
+
+# ---- handover -------------------------------------------------------------------
+if setup_sh && [ "$(driver_of "$BDF")" = vfio-pci ]; then
+    pass "setup.sh binds $BDF to vfio-pci"
+else
+    bail "setup.sh binds $BDF to vfio-pci" "$(tail -n1 "$WORK/setup.log")"
+fi
+
+if perf --identify --json; then
+    id=$(cat "$WORK/perf.log")
+    got=$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); c=d["controller"]; n=d["namespaces"][0]
+print(c["model"], "|", c["serial"], "|", n["blocks"])' "$id")
+    if [ "$got" = "$K_MODEL | $K_SERIAL | $K_BLOCKS" ]; then
+        pass "Identify over VFIO matches the kernel's ($got)"
+    else
+        fail "Identify over VFIO matches the kernel's" "got '$got', kernel '$K_MODEL | $K_SERIAL | $K_BLOCKS'"
+    fi
+else
+    fail "Identify over VFIO" "plexperf --identify failed"
+fi
+
+# ---- data ------------------------------------------------------------------------
+STATE=$WORK/verify.state
+for size in 4096 131072 1048576; do
+    if perf --verify --verify-state "$STATE.$size" -w randrw -o "$size" -q 8 -t 2 --warmup 0 --size 67108864; then
+        pass "verified random writes and reads of $size bytes ($(grep -m1 '^verify:' "$WORK/perf.log"))"
+    else
+        fail "verified random writes and reads of $size bytes" "plexperf failed"
+    fi
+done
+if perf --verify --verify-state "$STATE.last" -w randrw -o 4096 -q 16 -P 2 -t 2 --warmup 0 --size 67108864; then
+    pass "two queue pairs at once ($(grep -m1 '^verify:' "$WORK/perf.log"))"
+else
+    fail "two queue pairs at once" "plexperf failed"
+fi
+# A new bring-up (disable, admin queue, enable) finds what the last run acknowledged.
+if perf --verify --verify-state "$STATE.last" -w read -o 4096 -q 8 -P 2 -t 1 --warmup 0 --size 67108864 &&
+    grep -qE '^verify: [1-9][0-9]* blocks checked, .* 0 mismatches' "$WORK/perf.log"; then
+    pass "a second bring-up reads back every acknowledged block ($(grep -m1 '^verify:' "$WORK/perf.log"))"
+else
+    fail "a second bring-up reads back every acknowledged block" "$(grep -m1 '^verify:' "$WORK/perf.log" || echo 'plexperf failed')"
+fi
+
+# ---- bad input --------------------------------------------------------------------
+expect_error() { # NAME TRADDR PATTERN
+    local out
+    if ! out=$("$PLEXPERF" -r "trtype:PCIe traddr:$2" --identify 2>&1) && grep -q "$3" <<<"$out"; then
+        pass "$1"
+    else
+        fail "$1" "$(tail -n1 <<<"$out")"
+    fi
+}
+expect_error "a PCI address with no device is named" 0000:00:1f.7 "no PCI device 0000:00:1f.7"
+expect_error "a malformed address is named" 00:04 "\`00:04\` is not a PCI address"
+# The device is ours while a first plexperf holds it: a second one is told it is in use.
+"$PLEXPERF" -r "trtype:PCIe traddr:$BDF" -w randread -t 3 --warmup 0 >/dev/null 2>&1 &
+holder=$!
+wait_until 10 grep -q vfio "/proc/$holder/maps" 2>/dev/null || true
+expect_error "a controller another process holds is refused" "$BDF" "in use by another process"
+wait "$holder" || true
+
+# ---- back to the kernel ----------------------------------------------------------
+if setup_sh reset && [ "$(driver_of "$BDF")" = nvme ]; then
+    pass "reset gives $BDF back to nvme"
+else
+    fail "reset gives $BDF back to nvme" "$(tail -n1 "$WORK/setup.log")"
+fi
+if dev=$(wait_for_nvme_dev "$NQN" 1 30) &&
+    [ "$(nvme id-ns "$dev" -n 1 -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["nsze"])')" = "$K_BLOCKS" ]; then
+    pass "the kernel finds its namespace again ($dev, $K_BLOCKS blocks)"
+else
+    fail "the kernel finds its namespace again" "no block device for $NQN"
+fi
+finish
