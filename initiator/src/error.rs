@@ -40,6 +40,9 @@ pub enum Error {
     /// The queue pair is not connected right now.
     #[error("queue pair not connected")]
     Disconnected,
+    /// A PCIe device could not be opened or used through VFIO.
+    #[error("{0}")]
+    Device(#[from] vfio::Error),
 }
 
 impl Error {

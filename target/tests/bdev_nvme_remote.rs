@@ -248,7 +248,18 @@ fn bad_parameters_are_clear_errors() {
         (
             with("trtype", json!("RDMA")),
             -(libc::EOPNOTSUPP as i64),
-            "only TCP",
+            "TCP and PCIe are implemented",
+        ),
+        // A PCIe address that names no device: said so before any VFIO call.
+        (
+            json!({"name": "Nvme0", "trtype": "PCIe", "traddr": "7fff:ee:1f.7"}),
+            -(libc::ENODEV as i64),
+            "no PCI device 7fff:ee:1f.7",
+        ),
+        (
+            json!({"name": "Nvme0", "trtype": "PCIe", "traddr": "00:04"}),
+            -(libc::EINVAL as i64),
+            "is not a PCI address",
         ),
         (with("traddr", json!("not an address")), -32602, "traddr"),
         (with("trsvcid", json!("70000")), -32602, "trsvcid"),

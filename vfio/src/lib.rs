@@ -75,6 +75,23 @@ pub enum Error {
     Invalid(String),
 }
 
+impl Error {
+    /// The errno an RPC answers this with.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::BadAddress(_) | Error::Invalid(_) => libc::EINVAL,
+            Error::NoSuchDevice(_) => libc::ENODEV,
+            Error::NotBoundToVfio { .. }
+            | Error::GroupInUse { .. }
+            | Error::GroupNotViable { .. } => libc::EBUSY,
+            Error::NoIommu(_) | Error::Unsupported(_) => libc::EOPNOTSUPP,
+            Error::NoVfio { source, .. } | Error::Io { source, .. } => {
+                source.raw_os_error().unwrap_or(libc::EIO)
+            }
+        }
+    }
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> Error {

@@ -35,13 +35,9 @@ fn container() -> Result<Arc<Container>> {
     if let Some(c) = c.as_ref() {
         return Ok(c.clone());
     }
-    let opened = Container::open().map_err(vfio_err)?;
+    let opened = Container::open()?;
     *c = Some(opened.clone());
     Ok(opened)
-}
-
-pub(crate) fn vfio_err(e: vfio::Error) -> Error {
-    Error::Unsupported(e.to_string())
 }
 
 /// Registers the DMA pool with `c` once its IOMMU is set up (after the first device opens).
@@ -49,7 +45,7 @@ fn register_pool(c: &Arc<Container>) -> Result<()> {
     if dma::iova::is_registered() {
         return Ok(());
     }
-    let ranges = c.iova_ranges().map_err(vfio_err)?;
+    let ranges = c.iova_ranges()?;
     // The largest usable range above IOVA_BASE.
     let range = ranges
         .iter()
@@ -92,14 +88,14 @@ impl std::fmt::Debug for PcieDevice {
 impl PcieDevice {
     /// Opens the controller at `traddr` (bound to vfio-pci) and maps its registers.
     pub fn open(traddr: &str) -> Result<Arc<PcieDevice>> {
-        let addr: PciAddress = traddr.parse().map_err(vfio_err)?;
+        let addr: PciAddress = traddr.parse()?;
         // What sysfs says about the device comes first: it names the usual mistakes.
-        addr.vfio_group().map_err(vfio_err)?;
+        addr.vfio_group()?;
         let c = container()?;
-        let device = c.open_device(addr).map_err(vfio_err)?;
+        let device = c.open_device(addr)?;
         register_pool(&c)?;
-        device.enable_bus_master().map_err(vfio_err)?;
-        let bar = device.map_bar(0).map_err(vfio_err)?;
+        device.enable_bus_master()?;
+        let bar = device.map_bar(0)?;
         if bar.len() < 0x1000 + 8 {
             return Err(Error::Protocol(format!(
                 "{addr}: BAR0 of {} bytes is too small for an NVMe controller",

@@ -100,13 +100,9 @@ pub struct AttachSpec {
 
 impl AttachSpec {
     pub fn to_params(&self) -> Value {
-        let mut v = serde_json::json!({
+        let mut v = trid_json(&self.trid);
+        let rest = serde_json::json!({
             "name": self.name,
-            "trtype": self.trid.trtype.as_str(),
-            "adrfam": self.trid.adrfam.as_str(),
-            "traddr": self.trid.traddr,
-            "trsvcid": self.trid.trsvcid.to_string(),
-            "subnqn": self.trid.subnqn,
             "hostnqn": self.hostnqn,
             "hdgst": self.hdgst,
             "ddgst": self.ddgst,
@@ -114,6 +110,9 @@ impl AttachSpec {
             "reconnect_delay_sec": self.reconnect_delay_sec,
             "fast_io_fail_timeout_sec": self.fast_io_fail_timeout_sec,
         });
+        if let (Some(v), Value::Object(rest)) = (v.as_object_mut(), rest) {
+            v.extend(rest);
+        }
         if let Some(n) = self.num_io_queues {
             v["num_io_queues"] = n.into();
         }
@@ -184,13 +183,7 @@ impl NvmeCtrlr {
             "ctrlrs": [{
                 "state": p.state,
                 "cntlid": p.info.as_ref().map(|i| i.cntlid),
-                "trid": {
-                    "trtype": t.trtype.as_str(),
-                    "adrfam": t.adrfam.as_str(),
-                    "traddr": t.traddr,
-                    "trsvcid": t.trsvcid.to_string(),
-                    "subnqn": t.subnqn,
-                },
+                "trid": trid_json(t),
                 "host": {"nqn": self.spec.hostnqn},
                 "model": p.info.as_ref().map(|i| i.model.clone()),
                 "serial": p.info.as_ref().map(|i| i.serial.clone()),
@@ -239,6 +232,7 @@ impl NvmeError {
                 initiator::Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
                 initiator::Error::Timeout(_) => libc::ETIMEDOUT,
                 initiator::Error::Unsupported(_) => libc::EOPNOTSUPP,
+                initiator::Error::Device(e) => e.errno(),
                 _ => libc::EIO,
             },
             NvmeError::Bdev(e) => e.errno(),
@@ -290,6 +284,20 @@ impl NvmeModule {
                 .retain(|n| n != name);
         }
     }
+}
+
+/// A transport ID as SPDK's RPCs spell it; a PCIe controller is named by its address alone.
+fn trid_json(t: &TransportId) -> Value {
+    if t.trtype == TrType::Pcie {
+        return serde_json::json!({"trtype": "PCIe", "traddr": t.traddr});
+    }
+    serde_json::json!({
+        "trtype": t.trtype.as_str(),
+        "adrfam": t.adrfam.as_str(),
+        "traddr": t.traddr,
+        "trsvcid": t.trsvcid.to_string(),
+        "subnqn": t.subnqn,
+    })
 }
 
 /// Parses SPDK's trtype / adrfam spellings.

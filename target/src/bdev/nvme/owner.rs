@@ -4,7 +4,7 @@
 use super::channel::{install_qpair, remove_qpair};
 use super::*;
 use crate::reactor::ReactorHandle;
-use initiator::{Controller, CtrlrEvent};
+use initiator::{Controller, CtrlrEvent, TrType};
 use std::sync::Weak;
 
 /// How often the owner thread polls its controller.
@@ -240,6 +240,10 @@ fn bring_up(app: Weak<App>, c: Arc<NvmeCtrlr>) -> Result<Owner, NvmeError> {
 }
 
 fn trid_string(t: &TransportId) -> String {
+    if t.trtype == TrType::Pcie {
+        // A PCIe controller is named by its address alone.
+        return format!("trtype:PCIe traddr:{}", t.traddr);
+    }
     format!(
         "trtype:{} adrfam:{} traddr:{} trsvcid:{} subnqn:{}",
         t.trtype.as_str(),

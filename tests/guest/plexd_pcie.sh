@@ -1,0 +1,201 @@
+#!/usr/bin/env bash
+# plexd owns an NVMe SSD through VFIO and exports it over NVMe/TCP to the kernel's own host.
+#
+# In the guest (QEMU's NVMe behind the virtual IOMMU): setup.sh hands the controller to
+# vfio-pci; plexd attaches it with bdev_nvme_attach_controller -t pcie (sent by SPDK's own
+# client where its venv is installed); the namespace is exported over NVMe/TCP and the
+# kernel's initiator in the same guest makes and mounts xfs and writes a file. plexd stops on
+# SIGTERM and starts again from what save_config wrote: the controller is attached at start
+# and the file reads back. Then plexd is killed (SIGKILL) with writes in
+# flight and started again: the controller comes up again and xfs mounts with both files
+# whole. Detach, and reset gives the controller back to the kernel.
+#
+# On the host it boots the guest with `run.sh --nvme`; inside a guest that is already up
+# (scripts/test.sh runs every guest test in one boot) it uses the controller with serial
+# plexstor-nvme0, and leaves it bound to nvme.
+set -uo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=tests/guest/lib.sh
+. "$HERE/lib.sh"
+plan 13
+REPO=$GUEST_LIB_REPO
+PLEXD=${PLEXD:-$REPO/build/release/plexd}
+reexec_in_guest --nvme --nvme-size 512M --hugepages 128 --timeout 300 -- "$0" "$@"
+
+SETUP=$REPO/scripts/setup.sh
+KERNEL_NQN=nqn.2019-08.org.qemu:plexstor-nvme0
+NQN=nqn.2024-01.io.plexstor:pcie
+ADDR=127.0.0.1
+PORT=$(free_tcp_port)
+WORK=$(mktemp -d /tmp/plexd-pcie.XXXXXX)
+SOCK=$WORK/plexd.sock
+MNT=$WORK/mnt
+PLEXD_PID=
+BDF=''
+DEV=''
+PAGES_BEFORE=$(cat /proc/sys/vm/nr_hugepages)
+
+driver_of() {
+    local link=/sys/bus/pci/devices/$1/driver
+    if [ -e "$link" ]; then basename "$(readlink -f "$link")"; else echo none; fi
+}
+setup_sh() { env PCI_ALLOWED="$BDF" HUGEMEM=256 "$SETUP" "$@" >"$WORK/setup.log" 2>&1; }
+
+stop_plexd() { # SIGNAL
+    [ -n "$PLEXD_PID" ] || return 0
+    kill -"$1" "$PLEXD_PID" 2>/dev/null
+    wait "$PLEXD_PID" 2>/dev/null
+    local rc=$?
+    PLEXD_PID=
+    return $rc
+}
+
+# The guest's binding and hugepage count are put back for the tests that follow in the boot.
+cleanup() {
+    umount "$MNT" 2>/dev/null
+    nvme disconnect -n "$NQN" >/dev/null 2>&1
+    stop_plexd KILL
+    if [ -n "$BDF" ] && [ "$(driver_of "$BDF")" = vfio-pci ]; then setup_sh reset; fi
+    echo "$PAGES_BEFORE" >/proc/sys/vm/nr_hugepages
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+load_modules nvme nvme-tcp xfs || bail modules "cannot load nvme, nvme-tcp, xfs"
+KDEV=$(wait_for_nvme_dev "$KERNEL_NQN" 1 30) || bail "controller plexstor-nvme0" "none (boot the guest with run.sh --nvme)"
+for ctrl in /sys/class/nvme/nvme*; do
+    [ "$(cat "$ctrl/subsysnqn")" = "$KERNEL_NQN" ] && BDF=$(basename "$(readlink -f "$ctrl/device")")
+done
+K_BLOCKS=$(nvme id-ns "$KDEV" -n 1 -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["nsze"])')
+wipefs -a -q "$KDEV"
+if setup_sh && [ "$(driver_of "$BDF")" = vfio-pci ]; then
+    pass "controller $BDF ($K_BLOCKS blocks) handed to vfio-pci"
+else
+    bail "controller $BDF handed to vfio-pci" "$(tail -n1 "$WORK/setup.log")"
+fi
+
+# SPDK's own client where its venv is installed (the host tests install it), else plexctl
+# with the same parameters.
+attach() {
+    if [ -x "$SPDK_RPC" ]; then
+        "$SPDK_RPC" -s "$SOCK" bdev_nvme_attach_controller -b Nvme0 -t pcie -a "$BDF"
+    else
+        echo "# SPDK's client is not installed ($SPDK_RPC); plexctl sends SPDK's parameters"
+        rpc bdev_nvme_attach_controller "{\"name\": \"Nvme0\", \"trtype\": \"PCIe\", \"traddr\": \"$BDF\"}"
+    fi
+}
+
+start_and_export() {
+    "$PLEXD" -m 0x3 --no-pin -r "$SOCK" --idle-poll-us 200 >>"$WORK/plexd.log" 2>&1 &
+    PLEXD_PID=$!
+    wait_for_plexd "$PLEXD_PID" || return 1
+    attach | tee "$WORK/attach.out" | grep -q Nvme0n1 || return 1
+    {
+        rpc nvmf_create_transport '{"trtype": "TCP"}' &&
+        rpc nvmf_create_subsystem "{\"nqn\": \"$NQN\", \"serial_number\": \"PLEXPCIE1\", \"allow_any_host\": true}" &&
+        rpc nvmf_subsystem_add_ns "{\"nqn\": \"$NQN\", \"namespace\": {\"bdev_name\": \"Nvme0n1\"}}" &&
+        rpc nvmf_subsystem_add_listener "{\"nqn\": \"$NQN\", \"listen_address\": {\"trtype\": \"tcp\", \"adrfam\": \"ipv4\", \"traddr\": \"$ADDR\", \"trsvcid\": \"$PORT\"}}"
+    } >/dev/null
+}
+
+# A short controller-loss timeout: when plexd is killed, I/O fails in seconds, not minutes.
+connect() {
+    nvme_connect_tcp "$NQN" "$ADDR" "$PORT" -l 5 >/dev/null && DEV=$(wait_for_nvme_dev "$NQN" 1 30)
+}
+
+show_log() { tail -n 15 "$WORK/plexd.log" | sed 's/^/# /'; }
+
+if start_and_export; then
+    pass "plexd attaches $BDF as Nvme0n1 with bdev_nvme_attach_controller -t pcie and exports it"
+else
+    show_log
+    bail "plexd attaches $BDF" "see log above"
+fi
+blocks=$(rpc bdev_get_bdevs '{"name": "Nvme0n1"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["num_blocks"])')
+if [ "$blocks" = "$K_BLOCKS" ]; then
+    pass "Nvme0n1 has the $K_BLOCKS blocks the kernel saw"
+else
+    fail "Nvme0n1 has the $K_BLOCKS blocks the kernel saw" "it has $blocks"
+fi
+
+# (connect sets DEV, so it runs here rather than in check's subshell)
+if connect; then pass "the kernel connects over NVMe/TCP ($DEV)"; else
+    show_log
+    bail "the kernel connects over NVMe/TCP" "no block device for $NQN"
+fi
+make_fs() {
+    mkdir -p "$MNT" && mkfs.xfs -f -q "$DEV" && mount "$DEV" "$MNT" &&
+        head -c 8M /dev/urandom >"$WORK/a.bin" && cp "$WORK/a.bin" "$MNT/" && sync
+}
+check "mkfs.xfs, mount, write file a (8 MiB)" make_fs || { show_log; finish; }
+umount "$MNT"
+nvme disconnect -n "$NQN" >/dev/null 2>&1
+wait_until 30 sh -c "! ls /sys/class/nvme-subsystem/*/subsysnqn 2>/dev/null | xargs -r grep -qx '$NQN'" || true
+
+rpc save_config >"$WORK/config.json"
+if stop_plexd TERM; then
+    pass "plexd stops on SIGTERM (exit 0)"
+else
+    fail "plexd stops on SIGTERM" "exit status $?"
+fi
+# Started from what save_config wrote: the PCIe controller is attached again at start.
+"$PLEXD" -m 0x3 --no-pin -r "$SOCK" --idle-poll-us 200 -c "$WORK/config.json" >>"$WORK/plexd.log" 2>&1 &
+PLEXD_PID=$!
+if wait_for_plexd "$PLEXD_PID" && rpc bdev_get_bdevs '{"name": "Nvme0n1"}' >/dev/null; then
+    pass "plexd started from its saved config attaches $BDF again ($(grep -o '"traddr": *"[^"]*"' "$WORK/config.json" | head -n1))"
+else
+    show_log
+    bail "plexd started from its saved config attaches $BDF again" "see log above"
+fi
+if connect && mount "$DEV" "$MNT" && cmp "$WORK/a.bin" "$MNT/a.bin"; then
+    pass "file a reads back after the restart"
+else
+    show_log
+    bail "file a reads back after the restart" "not connected, not mounted or not the same"
+fi
+
+# Writes in flight when plexd dies: a file being written and synced in a loop.
+head -c 32M /dev/urandom >"$WORK/b.bin"
+cp "$WORK/b.bin" "$MNT/" && sync
+(while :; do dd if=/dev/urandom of="$MNT/scratch" bs=1M count=16 oflag=direct status=none conv=fsync || break; done) &
+writer=$!
+wait_until 10 test -s "$MNT/scratch" || true
+if kill -0 "$writer" 2>/dev/null; then
+    pass "plexd killed (SIGKILL) while a writer writes"
+else
+    fail "plexd killed while a writer writes" "the writer had already stopped"
+fi
+stop_plexd KILL
+# The kernel fails the writer's I/O once the controller is gone; then the filesystem goes.
+nvme disconnect -n "$NQN" >/dev/null 2>&1
+kill "$writer" 2>/dev/null
+wait "$writer" 2>/dev/null
+umount -l "$MNT" 2>/dev/null
+wait_until 30 sh -c "! ls /sys/class/nvme-subsystem/*/subsysnqn 2>/dev/null | xargs -r grep -qx '$NQN'" || true
+
+if start_and_export; then pass "after the kill, plexd starts and the controller comes up again"; else
+    show_log
+    bail "after the kill, plexd starts and the controller comes up again" "see log above"
+fi
+if connect && mount "$DEV" "$MNT" && cmp "$WORK/a.bin" "$MNT/a.bin" && cmp "$WORK/b.bin" "$MNT/b.bin"; then
+    pass "xfs mounts (its log recovered) and files a and b read back"
+else
+    fail "xfs mounts and files a and b read back" "see above"
+fi
+umount "$MNT" 2>/dev/null
+nvme disconnect -n "$NQN" >/dev/null 2>&1
+
+detach() {
+    rpc nvmf_delete_subsystem "{\"nqn\": \"$NQN\"}" >/dev/null &&
+        rpc bdev_nvme_detach_controller '{"name": "Nvme0"}' >/dev/null
+}
+check "subsystem deleted, bdev_nvme_detach_controller Nvme0" detach
+stop_plexd TERM
+if setup_sh reset && [ "$(driver_of "$BDF")" = nvme ] && dev=$(wait_for_nvme_dev "$KERNEL_NQN" 1 30) &&
+    blkid -p -s TYPE -o value "$dev" | grep -qx xfs; then
+    pass "reset gives $BDF back to the kernel, which finds the xfs plexd's host made ($dev)"
+else
+    fail "reset gives $BDF back to the kernel with the xfs on it" "$(tail -n1 "$WORK/setup.log")"
+fi
+finish
