@@ -223,7 +223,8 @@ elif [ ${#guest_tests[@]} -gt 0 ]; then
         stage "test guest: ${guest_tests[*]}"
         log="$logdir/guest.log"
         set +e
-        scripts/guest/run.sh --nvme --hugepages 256 --timeout 1500 -- \
+        # Two emulated controllers: the PCIe driver's tests drive both at once.
+        scripts/guest/run.sh --nvme --nvme --nvme-size 512M --hugepages 256 --timeout 1500 -- \
             bash tests/guest/all.sh "${guest_tests[@]}" 2>&1 | tee "$log"
         rc=${PIPESTATUS[0]}
         set -e

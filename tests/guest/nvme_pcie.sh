@@ -5,28 +5,30 @@
 # The kernel's nvme driver reports the controller first (nvme-cli); scripts/setup.sh hands it
 # to vfio-pci; plexperf then drives it with no kernel in the data path: Identify must match
 # what the kernel reported, and verified random writes and reads at 4 KiB, 128 KiB (PRP
-# lists) and 1 MiB, on two queue pairs at once, must read back. A second plexperf run (a new
+# lists) and 1 MiB, on two queue pairs at once and on two controllers at once, must read back. A second plexperf run (a new
 # controller bring-up) checks every block the first acknowledged. Bad addresses give clear
 # errors; reset gives the controller back to the kernel, which finds its namespace again.
 #
 # On the host it boots the guest with `run.sh --nvme`; inside a guest that is already up
-# (scripts/test.sh runs every guest test in one boot) it uses the controller with serial
-# plexstor-nvme0, and leaves it bound to nvme.
+# (scripts/test.sh runs every guest test in one boot) it uses the controllers with serials
+# plexstor-nvme0 and plexstor-nvme1, and leaves them bound to nvme.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=tests/guest/lib.sh
 . "$HERE/lib.sh"
-plan 14
+plan 15
 
-reexec_in_guest --nvme --nvme-size 256M --hugepages 64 --timeout 300 -- "$0" "$@"
+reexec_in_guest --nvme --nvme --nvme-size 256M --hugepages 64 --timeout 300 -- "$0" "$@"
 
 REPO=$GUEST_LIB_REPO
 SETUP=$REPO/scripts/setup.sh
 PLEXPERF=${PLEXPERF:-$REPO/build/release/plexperf}
 NQN=nqn.2019-08.org.qemu:plexstor-nvme0
+NQN2=nqn.2019-08.org.qemu:plexstor-nvme1
 WORK=$(mktemp -d /tmp/nvme-pcie.XXXXXX)
 BDF=''
+BDF2=''
 PAGES_BEFORE=$(cat /proc/sys/vm/nr_hugepages)
 
 driver_of() {
@@ -34,12 +36,20 @@ driver_of() {
     if [ -e "$link" ]; then basename "$(readlink -f "$link")"; else echo none; fi
 }
 
-# setup.sh limited to our controller, with 64 hugepages for plexperf's buffers.
-setup_sh() { env PCI_ALLOWED="$BDF" HUGEMEM=128 "$SETUP" "$@" >"$WORK/setup.log" 2>&1; }
+# setup.sh limited to our controllers, with 64 hugepages for plexperf's buffers.
+setup_sh() { env PCI_ALLOWED="$BDF $BDF2" HUGEMEM=128 "$SETUP" "$@" >"$WORK/setup.log" 2>&1; }
+
+bdf_of() { # NQN: the PCI address of the kernel's controller of subsystem NQN
+    local ctrl
+    for ctrl in /sys/class/nvme/nvme*; do
+        [ "$(cat "$ctrl/subsysnqn")" = "$1" ] && basename "$(readlink -f "$ctrl/device")"
+    done
+    return 0
+}
 
 # The guest's binding and hugepage count are put back for the tests that follow in the boot.
 cleanup() {
-    if [ -n "$BDF" ] && [ "$(driver_of "$BDF")" = vfio-pci ]; then setup_sh reset || true; fi
+    if [ -n "$BDF" ] && [ "$(driver_of "$BDF")$(driver_of "$BDF2")" != nvmenvme ]; then setup_sh reset || true; fi
     echo "$PAGES_BEFORE" >/proc/sys/vm/nr_hugepages
     rm -rf "$WORK"
 }
@@ -57,11 +67,11 @@ perf() {
 
 # ---- the kernel's view, before the handover -----------------------------------
 modprobe nvme
-DEV=$(wait_for_nvme_dev "$NQN" 1 30) || bail "controller plexstor-nvme0" "none (boot the guest with run.sh --nvme)"
-for ctrl in /sys/class/nvme/nvme*; do
-    [ "$(cat "$ctrl/subsysnqn")" = "$NQN" ] && BDF=$(basename "$(readlink -f "$ctrl/device")")
-done
-[ -n "$BDF" ] || bail "controller plexstor-nvme0" "no PCI address"
+DEV=$(wait_for_nvme_dev "$NQN" 1 30) || bail "controller plexstor-nvme0" "none (boot the guest with run.sh --nvme --nvme)"
+wait_for_nvme_dev "$NQN2" 1 30 >/dev/null || bail "controller plexstor-nvme1" "none (boot the guest with run.sh --nvme --nvme)"
+BDF=$(bdf_of "$NQN")
+BDF2=$(bdf_of "$NQN2")
+[ -n "$BDF" ] && [ -n "$BDF2" ] || bail "controllers plexstor-nvme0 and 1" "no PCI address"
 K_MODEL=$(nvme id-ctrl "$DEV" -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["mn"].strip())')
 K_SERIAL=$(nvme id-ctrl "$DEV" -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["sn"].strip())')
 K_BLOCKS=$(nvme id-ns "$DEV" -n 1 -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["nsze"])')
@@ -76,10 +86,10 @@ else
 fi
 
 # ---- handover -------------------------------------------------------------------
-if setup_sh && [ "$(driver_of "$BDF")" = vfio-pci ]; then
-    pass "setup.sh binds $BDF to vfio-pci"
+if setup_sh && [ "$(driver_of "$BDF")" = vfio-pci ] && [ "$(driver_of "$BDF2")" = vfio-pci ]; then
+    pass "setup.sh binds $BDF and $BDF2 to vfio-pci"
 else
-    bail "setup.sh binds $BDF to vfio-pci" "$(tail -n1 "$WORK/setup.log")"
+    bail "setup.sh binds $BDF and $BDF2 to vfio-pci" "$(tail -n1 "$WORK/setup.log")"
 fi
 
 if perf --identify --json; then
@@ -117,6 +127,14 @@ else
     fail "a second bring-up reads back every acknowledged block" "$(grep -m1 '^verify:' "$WORK/perf.log" || echo 'plexperf failed')"
 fi
 
+# Two controllers in one process: one VFIO container, one IOMMU address space for both.
+if perf -r "trtype:PCIe traddr:$BDF2" --verify -w randrw -o 8192 -q 8 -t 2 --warmup 0 --size 67108864 &&
+    grep -q "traddr:$BDF " "$WORK/perf.log" && grep -q "traddr:$BDF2 " "$WORK/perf.log"; then
+    pass "two controllers at once ($(grep -m1 '^verify:' "$WORK/perf.log"))"
+else
+    fail "two controllers at once" "plexperf failed or did not report both"
+fi
+
 # ---- bad input --------------------------------------------------------------------
 expect_error() { # NAME TRADDR PATTERN
     local out
@@ -136,8 +154,8 @@ expect_error "a controller another process holds is refused" "$BDF" "in use by a
 wait "$holder" || true
 
 # ---- back to the kernel ----------------------------------------------------------
-if setup_sh reset && [ "$(driver_of "$BDF")" = nvme ]; then
-    pass "reset gives $BDF back to nvme"
+if setup_sh reset && [ "$(driver_of "$BDF")" = nvme ] && [ "$(driver_of "$BDF2")" = nvme ]; then
+    pass "reset gives $BDF and $BDF2 back to nvme"
 else
     fail "reset gives $BDF back to nvme" "$(tail -n1 "$WORK/setup.log")"
 fi

@@ -449,12 +449,17 @@ impl<B> Drop for PcieQueue<B> {
             return;
         }
         // The device may still read or write the rings and the data of commands it has not
-        // completed: that memory must never go back to the pool for someone else.
-        tracing::warn!(
-            qid = self.params.qid,
-            outstanding = self.outstanding,
-            "PCIe queue dropped with commands outstanding; their memory is leaked, not reused"
-        );
+        // completed: that memory must never go back to the pool for someone else. (The admin
+        // queue always has its Asynchronous Event Request out: expected, not worth a warning.)
+        if self.params.qid == 0 {
+            tracing::debug!(outstanding = self.outstanding, "admin queue dropped; its rings are leaked");
+        } else {
+            tracing::warn!(
+                qid = self.params.qid,
+                outstanding = self.outstanding,
+                "PCIe queue dropped with commands outstanding; their memory is leaked, not reused"
+            );
+        }
         std::mem::forget(self.sq.take());
         std::mem::forget(self.cq.take());
         std::mem::forget(self.prp.take());
