@@ -37,6 +37,9 @@
 #   wait_for_plexd PID [TIMEOUT_S]  until plexd (process PID) answers on $SOCK
 #   no_controllers NQN              true when subsystem NQN has no controller; sets CTRLS
 #                                   to what nvmf_subsystem_get_controllers said
+# PCI (the guest's emulated NVMe controllers):
+#   driver_of BDF                   the driver bound to PCI device BDF, or "none"
+#   nvme_bdf_of NQN                 the PCI address of the kernel's controller of subsystem NQN
 # Host side:
 #   free_tcp_port                   a TCP port nobody listens on, on 127.0.0.1
 # SPDK's own programs as peers (../shared/spdk/bin, absent on some machines):
@@ -311,6 +314,19 @@ fio_verify() {
 }
 
 # ---- host side ---------------------------------------------------------------
+
+driver_of() {
+    local link=/sys/bus/pci/devices/$1/driver
+    if [ -e "$link" ]; then basename "$(readlink -f "$link")"; else echo none; fi
+}
+
+nvme_bdf_of() {
+    local ctrl
+    for ctrl in /sys/class/nvme/nvme*; do
+        [ "$(cat "$ctrl/subsysnqn" 2>/dev/null)" = "$1" ] && basename "$(readlink -f "$ctrl/device")"
+    done
+    return 0
+}
 
 free_tcp_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])' 2>/dev/null ||

@@ -31,21 +31,9 @@ BDF=''
 BDF2=''
 PAGES_BEFORE=$(cat /proc/sys/vm/nr_hugepages)
 
-driver_of() {
-    local link=/sys/bus/pci/devices/$1/driver
-    if [ -e "$link" ]; then basename "$(readlink -f "$link")"; else echo none; fi
-}
-
 # setup.sh limited to our controllers, with 64 hugepages for plexperf's buffers.
 setup_sh() { env PCI_ALLOWED="$BDF $BDF2" HUGEMEM=128 "$SETUP" "$@" >"$WORK/setup.log" 2>&1; }
 
-bdf_of() { # NQN: the PCI address of the kernel's controller of subsystem NQN
-    local ctrl
-    for ctrl in /sys/class/nvme/nvme*; do
-        [ "$(cat "$ctrl/subsysnqn")" = "$1" ] && basename "$(readlink -f "$ctrl/device")"
-    done
-    return 0
-}
 
 # The guest's binding and hugepage count are put back for the tests that follow in the boot.
 cleanup() {
@@ -69,8 +57,8 @@ perf() {
 modprobe nvme
 DEV=$(wait_for_nvme_dev "$NQN" 1 30) || bail "controller plexstor-nvme0" "none (boot the guest with run.sh --nvme --nvme)"
 wait_for_nvme_dev "$NQN2" 1 30 >/dev/null || bail "controller plexstor-nvme1" "none (boot the guest with run.sh --nvme --nvme)"
-BDF=$(bdf_of "$NQN")
-BDF2=$(bdf_of "$NQN2")
+BDF=$(nvme_bdf_of "$NQN")
+BDF2=$(nvme_bdf_of "$NQN2")
 [ -n "$BDF" ] && [ -n "$BDF2" ] || bail "controllers plexstor-nvme0 and 1" "no PCI address"
 K_MODEL=$(nvme id-ctrl "$DEV" -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["mn"].strip())')
 K_SERIAL=$(nvme id-ctrl "$DEV" -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["sn"].strip())')

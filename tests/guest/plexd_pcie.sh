@@ -36,10 +36,6 @@ BDF=''
 DEV=''
 PAGES_BEFORE=$(cat /proc/sys/vm/nr_hugepages)
 
-driver_of() {
-    local link=/sys/bus/pci/devices/$1/driver
-    if [ -e "$link" ]; then basename "$(readlink -f "$link")"; else echo none; fi
-}
 setup_sh() { env PCI_ALLOWED="$BDF" HUGEMEM=256 "$SETUP" "$@" >"$WORK/setup.log" 2>&1; }
 
 stop_plexd() { # SIGNAL
@@ -64,9 +60,7 @@ trap cleanup EXIT
 
 load_modules nvme nvme-tcp xfs || bail modules "cannot load nvme, nvme-tcp, xfs"
 KDEV=$(wait_for_nvme_dev "$KERNEL_NQN" 1 30) || bail "controller plexstor-nvme0" "none (boot the guest with run.sh --nvme)"
-for ctrl in /sys/class/nvme/nvme*; do
-    [ "$(cat "$ctrl/subsysnqn")" = "$KERNEL_NQN" ] && BDF=$(basename "$(readlink -f "$ctrl/device")")
-done
+BDF=$(nvme_bdf_of "$KERNEL_NQN")
 K_BLOCKS=$(nvme id-ns "$KDEV" -n 1 -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["nsze"])')
 wipefs -a -q "$KDEV"
 if setup_sh && [ "$(driver_of "$BDF")" = vfio-pci ]; then

@@ -33,11 +33,6 @@ PREVIOUS_PAGES=''
 
 show_as_comment() { printf '%s\n' "$1" | while IFS= read -r line; do echo "# $line"; done; }
 
-driver_of() {
-    local link=/sys/bus/pci/devices/$1/driver
-    if [ -e "$link" ]; then basename "$(readlink -f "$link")"; else echo none; fi
-}
-
 expect_driver() {
     local name=$1 want=$2 got
     got=$(driver_of "$BDF")

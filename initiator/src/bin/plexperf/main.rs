@@ -522,12 +522,12 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
     let mut nsr = Vec::new();
     for (i, v) in per_ns.iter().enumerate() {
         let (t, nsid) = &names[i];
-        nsr.push(mk(
-            format!("{} ({}:{}) NSID {nsid}", t.subnqn, t.traddr, t.trsvcid),
-            t.to_string(),
-            *nsid,
-            v,
-        ));
+        let name = if t.trtype == initiator::TrType::Pcie {
+            format!("PCIe ({}) NSID {nsid}", t.traddr)
+        } else {
+            format!("{} ({}:{}) NSID {nsid}", t.subnqn, t.traddr, t.trsvcid)
+        };
+        nsr.push(mk(name, t.to_string(), *nsid, v));
         tot.0 += v.0;
         tot.1 += v.1;
         tot.2 += v.2;
