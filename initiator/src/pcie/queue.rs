@@ -1,8 +1,9 @@
 //! One NVMe queue pair on PCIe: rings in DMA memory, doorbells in BAR0, completions found by
 //! their phase bit.
 //!
-//! - Submission: the command goes into the ring at the tail with its PRPs, then (after a
-//!   fence, so the device sees the entry before the doorbell) the tail doorbell is written.
+//! - Submission: the command goes into the ring at the tail with its PRPs; the tail doorbell
+//!   is written once per batch, at the next poll or flush, after a fence so the device sees
+//!   the entries before the doorbell.
 //! - Data: the buffer's IOVA gives PRP1; a transfer crossing one page boundary takes PRP2 as
 //!   the second page, a longer one a PRP list from the command slot's own list page, written
 //!   in place: nothing is allocated per I/O. The admin queue copies buffers without an IOVA
@@ -53,6 +54,8 @@ pub(crate) struct PcieQueue<B> {
     /// One PRP list page per command slot.
     prp: Option<DmaBuf>,
     sq_tail: u16,
+    /// Submissions written since the tail doorbell was last rung.
+    sq_unrung: bool,
     cq_head: u16,
     phase: bool,
     sq_doorbell: usize,
@@ -77,6 +80,7 @@ impl<B: IoBuf> PcieQueue<B> {
             cq: None,
             prp: None,
             sq_tail: 0,
+            sq_unrung: false,
             cq_head: 0,
             phase: true,
             sq_doorbell: 0,
@@ -131,6 +135,7 @@ impl<B: IoBuf> PcieQueue<B> {
         self.sq_doorbell = sqd;
         self.cq_doorbell = cqd;
         self.sq_tail = 0;
+        self.sq_unrung = false;
         self.cq_head = 0;
         self.phase = true;
         self.slots = (0..depth)
@@ -266,6 +271,7 @@ impl<B: IoBuf> PcieQueue<B> {
     }
 
     pub fn flush(&mut self) -> Result<()> {
+        self.ring_sq();
         Ok(())
     }
 
@@ -335,12 +341,22 @@ impl<B: IoBuf> PcieQueue<B> {
         ring[at..at + SQE].copy_from_slice(sqe.as_bytes());
         self.sq_tail = (self.sq_tail + 1) % self.depth;
         self.outstanding += 1;
-        // The entry must be in memory before the device hears of it.
-        fence(Ordering::SeqCst);
-        self.dev
-            .bar
-            .write32(self.sq_doorbell, u32::from(self.sq_tail));
+        // The doorbell waits for the next poll or flush: one register write per batch of
+        // submissions, not per command (each is a bus transaction, or a VM exit when emulated).
+        self.sq_unrung = true;
         Ok(cid)
+    }
+
+    /// Tells the device of the submissions since the last doorbell.
+    fn ring_sq(&mut self) {
+        if self.sq_unrung {
+            self.sq_unrung = false;
+            // The entries must be in memory before the device hears of them.
+            fence(Ordering::SeqCst);
+            self.dev
+                .bar
+                .write32(self.sq_doorbell, u32::from(self.sq_tail));
+        }
     }
 
     /// PRP1/PRP2 for `len` bytes at `iova`, with slot `cid`'s list page if needed.
@@ -374,6 +390,7 @@ impl<B: IoBuf> PcieQueue<B> {
         if !self.connected {
             return Err(Error::Disconnected);
         }
+        self.ring_sq();
         let mut n = 0;
         while let Some(c) = self.peek() {
             self.cq_head += 1;
@@ -452,7 +469,10 @@ impl<B> Drop for PcieQueue<B> {
         // completed: that memory must never go back to the pool for someone else. (The admin
         // queue always has its Asynchronous Event Request out: expected, not worth a warning.)
         if self.params.qid == 0 {
-            tracing::debug!(outstanding = self.outstanding, "admin queue dropped; its rings are leaked");
+            tracing::debug!(
+                outstanding = self.outstanding,
+                "admin queue dropped; its rings are leaked"
+            );
         } else {
             tracing::warn!(
                 qid = self.params.qid,
