@@ -4,7 +4,7 @@
 use super::channel::{install_qpair, remove_qpair};
 use super::*;
 use crate::reactor::ReactorHandle;
-use initiator::{Controller, CtrlrEvent, TrType};
+use initiator::{Controller, CtrlrEvent};
 use std::sync::Weak;
 
 /// How often the owner thread polls its controller.
@@ -177,7 +177,7 @@ fn bring_up(app: Weak<App>, c: Arc<NvmeCtrlr>) -> Result<Owner, NvmeError> {
     let spec = &c.spec;
     let err = |source| NvmeError::Attach {
         name: spec.name.clone(),
-        trid: trid_string(&spec.trid),
+        trid: spec.trid.controller_address(),
         source,
     };
     let ctrlr = Controller::connect(&spec.trid, &spec.opts(handles.len())).map_err(err)?;
@@ -229,7 +229,7 @@ fn bring_up(app: Weak<App>, c: Arc<NvmeCtrlr>) -> Result<Owner, NvmeError> {
     tracing::info!(
         "bdev_nvme: attached {} ({}), bdevs {:?}",
         spec.name,
-        trid_string(&spec.trid),
+        spec.trid.controller_address(),
         owner
             .bdevs
             .values()
@@ -237,21 +237,6 @@ fn bring_up(app: Weak<App>, c: Arc<NvmeCtrlr>) -> Result<Owner, NvmeError> {
             .collect::<Vec<_>>()
     );
     Ok(owner)
-}
-
-fn trid_string(t: &TransportId) -> String {
-    if t.trtype == TrType::Pcie {
-        // A PCIe controller is named by its address alone.
-        return format!("trtype:PCIe traddr:{}", t.traddr);
-    }
-    format!(
-        "trtype:{} adrfam:{} traddr:{} trsvcid:{} subnqn:{}",
-        t.trtype.as_str(),
-        t.adrfam.as_str(),
-        t.traddr,
-        t.trsvcid,
-        t.subnqn
-    )
 }
 
 impl Owner {
