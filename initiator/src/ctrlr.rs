@@ -662,6 +662,19 @@ impl Controller {
         Ok(IoQpair::new(q, self.shared.clone(), epoch, max_transfer))
     }
 
+    /// Runs an I/O queue's setup after a reset: its Deletes may be refused (the reset removed
+    /// the queue already), its last two commands, the Creates, may not.
+    fn run_queue_setup(&mut self, cmds: Vec<Command>) -> Result<()> {
+        let creates_from = cmds.len().saturating_sub(2);
+        for (i, cmd) in cmds.into_iter().enumerate() {
+            let r = self.admin_cmd(cmd, Dir::None, None);
+            if i >= creates_from {
+                r?;
+            }
+        }
+        Ok(())
+    }
+
     /// Runs the admin commands that make `q` exist on the controller (PCIe's Create I/O
     /// CQ/SQ), after removing a queue of the same ID an earlier owner may have left behind.
     fn create_on_controller<B: IoBuf>(&mut self, q: &mut Queue<B>) -> Result<()> {
@@ -709,6 +722,15 @@ impl Controller {
                 if self.shared.reset_req.swap(false, Ordering::AcqRel) {
                     self.start_reset("requested by an I/O queue");
                     return true;
+                }
+                for (qid, cmds) in self.admin.take_queue_setups() {
+                    busy = true;
+                    if let Err(e) = self.run_queue_setup(cmds) {
+                        warn!(qid, "I/O queue not created again after the reset: {e}");
+                        self.start_reset("an I/O queue could not be created again");
+                        return true;
+                    }
+                    self.admin.queue_set_up(qid);
                 }
                 while let Some((qid, cid)) = self.shared.take_abort() {
                     busy = true;

@@ -164,6 +164,20 @@ impl<B: IoBuf> Queue<B> {
             Queue::Pcie(q) => Some(q.device()),
         }
     }
+    /// I/O queues that asked, since the last call, to be created again on the controller
+    /// after a reset, each with its admin commands (PCIe; fabrics queues reconnect alone).
+    pub fn take_queue_setups(&self) -> Vec<(u16, Vec<Command>)> {
+        match self {
+            Queue::Tcp(_) => Vec::new(),
+            Queue::Pcie(q) => q.device().take_setups(),
+        }
+    }
+    /// Tells I/O queue `qid` that its setup commands ran.
+    pub fn queue_set_up(&self, qid: u16) {
+        if let Queue::Pcie(q) = self {
+            q.device().mark_ready(qid);
+        }
+    }
     /// The largest transfer one command may carry on this transport.
     pub fn transfer_limit(&self) -> u32 {
         match self {

@@ -18,7 +18,7 @@ set -uo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=tests/guest/lib.sh
 . "$HERE/lib.sh"
-plan 13
+plan 14
 REPO=$GUEST_LIB_REPO
 PLEXD=${PLEXD:-$REPO/build/release/plexd}
 reexec_in_guest --nvme --nvme-size 512M --hugepages 128 --timeout 300 -- "$0" "$@"
@@ -147,6 +147,27 @@ if connect && mount "$DEV" "$MNT" && cmp "$WORK/a.bin" "$MNT/a.bin"; then
 else
     show_log
     bail "file a reads back after the restart" "not connected, not mounted or not the same"
+fi
+
+# A controller reset under writes: the controller is disabled and brought up again, each
+# I/O queue is created again on the device and resends what the reset cut off.
+reset_ctrlr() {
+    if [ -x "$SPDK_RPC" ]; then
+        "$SPDK_RPC" -s "$SOCK" bdev_nvme_reset_controller Nvme0
+    else
+        rpc bdev_nvme_reset_controller '{"name": "Nvme0"}'
+    fi
+}
+head -c 24M /dev/urandom >"$WORK/c.bin"
+dd if="$WORK/c.bin" of="$MNT/c.bin" bs=64k oflag=direct status=none 2>"$WORK/dd.err" &
+writer=$!
+reset_ctrlr >/dev/null
+if wait "$writer" && sync && echo 3 >/proc/sys/vm/drop_caches && cmp "$WORK/c.bin" "$MNT/c.bin"; then
+    pass "bdev_nvme_reset_controller under writes: they finish and read back"
+else
+    grep -iE "reset|reconnect|queue|error|fail" "$WORK/plexd.log" | tail -n 20 | sed 's/^/# /'
+    sed 's/^/# dd: /' "$WORK/dd.err"
+    fail "bdev_nvme_reset_controller under writes" "the writer failed or the file differs"
 fi
 
 # Writes in flight when plexd dies: a file being written and synced in a loop.

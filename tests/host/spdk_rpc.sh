@@ -10,7 +10,7 @@ set -u
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 # shellcheck source=../guest/lib.sh
 . "$REPO/tests/guest/lib.sh"
-plan 60
+plan 63
 
 # shellcheck source=lib/spdk_rpc_common.sh
 . "$REPO/tests/host/lib/spdk_rpc_common.sh"
@@ -110,6 +110,19 @@ expect "nvmf_subsystem_get_controllers" 'len(j) == 1 and j[0]["num_io_qpairs"] >
 expect "nvmf_subsystem_get_qpairs" 'len(j) >= 2 and {q["qid"] for q in j} >= {0, 1}' \
     nvmf_subsystem_get_qpairs "$NQN"
 expect "bdev_nvme_get_controllers" '[c["name"] for c in j] == ["R0"]' bdev_nvme_get_controllers
+expect "bdev_nvme_reset_controller" 'out.strip() == ""' bdev_nvme_reset_controller R0
+# Reconnected, not merely not yet reset: plexd logs the reconnection.
+r0_connected() {
+    grep -q "controller reconnected" "$WORK/plexd.log" &&
+        rpc bdev_nvme_get_controllers -n R0 2>/dev/null | grep -q '"state": "connected"'
+}
+if wait_until 10 r0_connected; then
+    pass "after bdev_nvme_reset_controller R0 reconnects"
+else
+    fail "after bdev_nvme_reset_controller R0 reconnects" "$(rpc bdev_nvme_get_controllers -n R0 2>&1 | grep state)"
+fi
+refused "bdev_nvme_reset_controller of an unknown controller is refused by name" \
+    'no NVMe controller named R9' bdev_nvme_reset_controller R9
 expect "bdev_get_bdevs -b R0n1" 'j[0]["num_blocks"] == 16384 and j[0]["block_size"] == 512' \
     bdev_get_bdevs -b R0n1
 expect "bdev_nvme_detach_controller" 'out.strip() == ""' bdev_nvme_detach_controller R0

@@ -69,6 +69,10 @@ fn register_pool(c: &Arc<Container>) -> Result<()> {
     .map_err(|e| Error::Unsupported(e.to_string()))
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// One NVMe controller on PCIe.
 pub(crate) struct PcieDevice {
     pub addr: PciAddress,
@@ -76,6 +80,10 @@ pub(crate) struct PcieDevice {
     /// Bytes between doorbells (4 << CAP.DSTRD).
     pub doorbell_stride: usize,
     pub cap: Cap,
+    /// I/O queues waiting for the controller to create them again after a reset: the queue
+    /// owner posts, the admin queue's owner runs the Create commands and marks them ready.
+    setups: Mutex<Vec<(u16, Vec<nvme_spec::Command>)>>,
+    ready: Mutex<Vec<u16>>,
     _device: vfio::Device,
 }
 
@@ -115,8 +123,36 @@ impl PcieDevice {
             bar,
             doorbell_stride,
             cap,
+            setups: Mutex::new(Vec::new()),
+            ready: Mutex::new(Vec::new()),
             _device: device,
         }))
+    }
+
+    /// An I/O queue asks to be created again with these admin commands (Delete, then Create).
+    pub fn post_setup(&self, qid: u16, cmds: Vec<nvme_spec::Command>) {
+        lock(&self.ready).retain(|q| *q != qid);
+        let mut s = lock(&self.setups);
+        s.retain(|(q, _)| *q != qid);
+        s.push((qid, cmds));
+    }
+
+    /// The queue setups posted since the last call, for the admin queue's owner.
+    pub fn take_setups(&self) -> Vec<(u16, Vec<nvme_spec::Command>)> {
+        std::mem::take(&mut *lock(&self.setups))
+    }
+
+    /// The controller created queue `qid` again.
+    pub fn mark_ready(&self, qid: u16) {
+        lock(&self.ready).push(qid);
+    }
+
+    /// Whether queue `qid` was created again since it asked (and forgets that it was).
+    pub fn take_ready(&self, qid: u16) -> bool {
+        let mut r = lock(&self.ready);
+        let was = r.contains(&qid);
+        r.retain(|q| *q != qid);
+        was
     }
 
     /// The offset of queue `qid`'s submission tail (`cq == false`) or completion head doorbell,

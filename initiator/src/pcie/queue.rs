@@ -36,6 +36,8 @@ pub(crate) const MAX_DEPTH: u16 = 1024;
 
 struct Slot<B> {
     active: bool,
+    /// The command as submitted, written again if a controller reset cuts it off.
+    sqe: Command,
     tag: u64,
     dir: Dir,
     buf: Option<B>,
@@ -64,6 +66,8 @@ pub(crate) struct PcieQueue<B> {
     free: Vec<u16>,
     outstanding: usize,
     connected: bool,
+    /// Waiting for the controller to create this I/O queue again.
+    connecting: bool,
 }
 
 impl<B: IoBuf> PcieQueue<B> {
@@ -89,6 +93,7 @@ impl<B: IoBuf> PcieQueue<B> {
             free: Vec::new(),
             outstanding: 0,
             connected: false,
+            connecting: false,
         }
     }
 
@@ -141,6 +146,7 @@ impl<B: IoBuf> PcieQueue<B> {
         self.slots = (0..depth)
             .map(|_| Slot {
                 active: false,
+                sqe: Command::new(0),
                 tag: 0,
                 dir: Dir::None,
                 buf: None,
@@ -166,6 +172,11 @@ impl<B: IoBuf> PcieQueue<B> {
             return Ok(Vec::new());
         }
         self.prepare()?;
+        Ok(self.create_commands())
+    }
+
+    /// Create I/O CQ, then Create I/O SQ on it, for this queue's rings.
+    fn create_commands(&self) -> Vec<Command> {
         let create = |opcode, ring: u64, is_sq: bool| {
             let mut c = Command::new(opcode);
             CreateIoQueue {
@@ -179,10 +190,10 @@ impl<B: IoBuf> PcieQueue<B> {
             c.set_prps(ring, 0);
             c
         };
-        Ok(vec![
+        vec![
             create(admin::CREATE_IO_CQ, Self::ring_iova(&self.cq), false),
             create(admin::CREATE_IO_SQ, Self::ring_iova(&self.sq), true),
-        ])
+        ]
     }
 
     /// The admin commands that remove this I/O queue from the controller (SQ first).
@@ -227,31 +238,71 @@ impl<B: IoBuf> PcieQueue<B> {
         Ok(cntlid)
     }
 
+    /// After a controller reset (which deleted every I/O queue on the device): asks the
+    /// controller's owner to create this queue again on the same rings; [`Self::poll_connect`]
+    /// finishes once it has, resubmitting the commands the reset cut off.
     pub fn start_connect(&mut self, cntlid: u16) -> Result<()> {
-        if self.qid() != 0 {
-            // After a controller reset the queue must be created again through the admin
-            // queue, which the I/O queue does not own.
-            return Err(Error::Unsupported(
-                "reconnecting a PCIe I/O queue after a controller reset".into(),
-            ));
+        if self.qid() == 0 {
+            return self.connect(cntlid).map(drop);
         }
-        self.connect(cntlid).map(drop)
+        if self.sq.is_none() {
+            return Err(Error::Disconnected);
+        }
+        let mut cmds = self.teardown_commands();
+        cmds.extend(self.create_commands());
+        self.dev.post_setup(self.qid(), cmds);
+        self.connecting = true;
+        Ok(())
     }
 
     pub fn poll_connect(&mut self) -> Result<ConnectProgress> {
         if self.connected {
-            Ok(ConnectProgress::Connected { cntlid: 0 })
-        } else {
-            Err(Error::Disconnected)
+            return Ok(ConnectProgress::Connected { cntlid: 0 });
         }
+        if !self.connecting {
+            return Err(Error::Disconnected);
+        }
+        if !self.dev.take_ready(self.qid()) {
+            return Ok(ConnectProgress::InProgress);
+        }
+        self.connecting = false;
+        self.restart_rings();
+        self.connected = true;
+        Ok(ConnectProgress::Connected { cntlid: 0 })
+    }
+
+    /// Fresh positions on the same rings, and every command still outstanding written into
+    /// the submission ring again (its PRPs and list page are unchanged).
+    fn restart_rings(&mut self) {
+        if let Some(cq) = self.cq.as_mut() {
+            cq.fill(0);
+        }
+        self.sq_tail = 0;
+        self.cq_head = 0;
+        self.phase = true;
+        for cid in 0..self.slots.len() {
+            if !self.slots[cid].active {
+                continue;
+            }
+            let at = self.sq_tail as usize * SQE;
+            let sqe = self.slots[cid].sqe;
+            if let Some(ring) = self.sq.as_mut() {
+                ring[at..at + SQE].copy_from_slice(sqe.as_bytes());
+            }
+            self.sq_tail = (self.sq_tail + 1) % self.depth;
+            self.slots[cid].started = Instant::now();
+            self.sq_unrung = true;
+        }
+        self.ring_sq();
     }
 
     pub fn is_connecting(&self) -> bool {
-        false
+        self.connecting
     }
 
     pub fn disconnect(&mut self) {
         self.connected = false;
+        self.connecting = false;
     }
 
     pub fn is_connected(&self) -> bool {
@@ -287,7 +338,10 @@ impl<B: IoBuf> PcieQueue<B> {
         buf: Option<B>,
         tag: u64,
     ) -> Result<u16, Option<B>> {
-        if !self.connected {
+        // An I/O queue between a controller reset and its re-creation holds new commands in
+        // their slots; they go into the ring with those the reset cut off.
+        let hold = !self.connected;
+        if hold && (self.qid() == 0 || self.sq.is_none()) {
             return Err(buf);
         }
         let Some(cid) = self.free.pop() else {
@@ -329,6 +383,7 @@ impl<B: IoBuf> PcieQueue<B> {
         let s = &mut self.slots[cid as usize];
         *s = Slot {
             active: true,
+            sqe,
             tag,
             dir,
             buf,
@@ -336,6 +391,10 @@ impl<B: IoBuf> PcieQueue<B> {
             started: Instant::now(),
             abort_posted: false,
         };
+        if hold {
+            self.outstanding += 1;
+            return Ok(cid);
+        }
         let at = self.sq_tail as usize * SQE;
         let ring = self.sq.as_mut().expect("connected queues have rings");
         ring[at..at + SQE].copy_from_slice(sqe.as_bytes());

@@ -253,6 +253,7 @@ const TABLES: &[(&str, &[Foreign])] = &[
     ("bdev_nvme_attach_controller", BDEV_NVME_ATTACH_CONTROLLER),
     ("bdev_nvme_detach_controller", &[]),
     ("bdev_nvme_get_controllers", &[]),
+    ("bdev_nvme_reset_controller", &[]),
     ("bdev_set_qos_limit", &[]),
     ("bdev_uring_create", &[]),
     ("bdev_uring_delete", &[]),

@@ -159,6 +159,8 @@ struct Published {
 
 enum Cmd {
     Detach(tokio::sync::oneshot::Sender<Result<(), NvmeError>>),
+    /// Reset the controller now (`bdev_nvme_reset_controller`); answered once it started.
+    Reset(tokio::sync::oneshot::Sender<()>),
 }
 
 /// One attached controller as the module (and the RPCs) see it.

@@ -4,7 +4,7 @@
 use super::channel::{install_qpair, remove_qpair};
 use super::*;
 use crate::reactor::ReactorHandle;
-use initiator::{Controller, CtrlrEvent};
+use initiator::{Controller, CtrlrEvent, TrType};
 use std::sync::Weak;
 
 /// How often the owner thread polls its controller.
@@ -84,6 +84,24 @@ impl NvmeModule {
     }
 }
 
+impl NvmeModule {
+    /// Resets controller `name` (its I/O queues rejoin by themselves), as SPDK's
+    /// `bdev_nvme_reset_controller` does.
+    pub async fn reset(app: &Arc<App>, name: &str) -> Result<(), NvmeError> {
+        let gone = || NvmeError::NotFound(name.to_string());
+        let c = app.nvme.get(name).ok_or_else(gone)?;
+        let sender = c
+            .cmds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(gone)?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        sender.send(Cmd::Reset(tx)).map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())
+    }
+}
+
 // ------------------------------------------------------------------------- owner thread
 
 struct Owner {
@@ -136,6 +154,10 @@ fn owner_main(
                     return;
                 }
             },
+            Ok(Cmd::Reset(done)) => {
+                owner.ctrlr.reset();
+                let _ = done.send(());
+            }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 owner.teardown();
@@ -177,7 +199,7 @@ fn bring_up(app: Weak<App>, c: Arc<NvmeCtrlr>) -> Result<Owner, NvmeError> {
     let spec = &c.spec;
     let err = |source| NvmeError::Attach {
         name: spec.name.clone(),
-        trid: spec.trid.controller_address(),
+        trid: trid_string(&spec.trid),
         source,
     };
     let ctrlr = Controller::connect(&spec.trid, &spec.opts(handles.len())).map_err(err)?;
@@ -229,7 +251,7 @@ fn bring_up(app: Weak<App>, c: Arc<NvmeCtrlr>) -> Result<Owner, NvmeError> {
     tracing::info!(
         "bdev_nvme: attached {} ({}), bdevs {:?}",
         spec.name,
-        spec.trid.controller_address(),
+        trid_string(&spec.trid),
         owner
             .bdevs
             .values()
@@ -237,6 +259,21 @@ fn bring_up(app: Weak<App>, c: Arc<NvmeCtrlr>) -> Result<Owner, NvmeError> {
             .collect::<Vec<_>>()
     );
     Ok(owner)
+}
+
+fn trid_string(t: &TransportId) -> String {
+    if t.trtype == TrType::Pcie {
+        // A PCIe controller is named by its address alone.
+        return format!("trtype:PCIe traddr:{}", t.traddr);
+    }
+    format!(
+        "trtype:{} adrfam:{} traddr:{} trsvcid:{} subnqn:{}",
+        t.trtype.as_str(),
+        t.adrfam.as_str(),
+        t.traddr,
+        t.trsvcid,
+        t.subnqn
+    )
 }
 
 impl Owner {

@@ -1,4 +1,4 @@
-//! `bdev_nvme_attach_controller`, `bdev_nvme_detach_controller`,
+//! `bdev_nvme_attach_controller`, `bdev_nvme_detach_controller`, `bdev_nvme_reset_controller`,
 //! `bdev_nvme_get_controllers`, with SPDK's parameter names.
 
 use super::*;
@@ -51,6 +51,15 @@ struct Detach {
     subnqn: Option<String>,
     hostaddr: Option<String>,
     hostsvcid: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResetCtrlr {
+    name: String,
+    /// SPDK's choice of one controller of a multipath bdev; ours have one.
+    #[allow(dead_code)]
+    cntlid: Option<u16>,
 }
 
 #[derive(Deserialize)]
@@ -189,6 +198,13 @@ pub fn register(m: &mut Methods) {
             spec.connect_timeout_us = connect_us.filter(|&t| t > 0);
             let names = NvmeModule::attach(&app, spec).await?;
             Ok::<_, RpcError>(names)
+        },
+    );
+    m.add(
+        "bdev_nvme_reset_controller",
+        |app: Arc<App>, p: ResetCtrlr| async move {
+            NvmeModule::reset(&app, &p.name).await?;
+            Ok::<_, RpcError>(true)
         },
     );
     m.add(
