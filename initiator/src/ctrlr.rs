@@ -228,6 +228,9 @@ pub struct CtrlrInfo {
     pub digests: Digests,
 }
 
+/// How often a controller without keep-alive (PCIe) has its CSTS read.
+const HEALTH_CHECK: Duration = Duration::from_millis(10);
+
 const TAG_KA: u64 = 1;
 const TAG_AER: u64 = 2;
 const TAG_ABORT: u64 = 3;
@@ -252,6 +255,8 @@ pub struct Controller {
     kato: Duration,
     last_ka: Instant,
     ka_sent: Option<Instant>,
+    /// When CSTS was last read to check a controller whose registers we map (PCIe).
+    last_health: Instant,
     aer_outstanding: bool,
     down_since: Option<Instant>,
     next_attempt: Instant,
@@ -312,6 +317,7 @@ impl Controller {
             deferred: Vec::new(),
             kato,
             last_ka: Instant::now(),
+            last_health: Instant::now(),
             ka_sent: None,
             aer_outstanding: false,
             down_since: None,
@@ -723,6 +729,12 @@ impl Controller {
                     self.start_reset("requested by an I/O queue");
                     return true;
                 }
+                if now.duration_since(self.last_health) >= HEALTH_CHECK {
+                    self.last_health = now;
+                    if self.check_health() {
+                        return true;
+                    }
+                }
                 for (qid, cmds) in self.admin.take_queue_setups() {
                     busy = true;
                     if let Err(e) = self.run_queue_setup(cmds) {
@@ -894,6 +906,32 @@ impl Controller {
         self.set_state(CtrlrState::Resetting);
     }
 
+    /// For a controller whose registers we map (no keep-alive tells us it is gone): reads
+    /// CSTS. All ones means the device is gone (surprise removal): the controller fails at
+    /// once and its I/O with it. CSTS.CFS (a fatal controller error), or RDY clear on a
+    /// controller we enabled (reset behind our back, or its BAR no longer decoded), starts a
+    /// reset. Returns whether any of these happened.
+    fn check_health(&mut self) -> bool {
+        let Some(csts) = self.admin.registers().map(|r| Csts(r.read32(reg::CSTS))) else {
+            return false;
+        };
+        if csts.0 == u32::MAX {
+            warn!(trid = %self.trid, "registers read all ones: the device was removed; controller failed");
+            self.shared.epoch.fetch_add(1, Ordering::AcqRel);
+            self.fail();
+            return true;
+        }
+        if csts.cfs() {
+            self.start_reset("CSTS.CFS: the controller reported a fatal status");
+            return true;
+        }
+        if !csts.rdy() {
+            self.start_reset("CSTS.RDY cleared: the controller stopped without being told to");
+            return true;
+        }
+        false
+    }
+
     fn update_down_timers(&mut self, now: Instant) {
         let Some(since) = self.down_since else { return };
         let down = now.duration_since(since);
@@ -967,6 +1005,12 @@ impl Controller {
             })()
         } else {
             Ok(())
+        };
+        // A PCIe controller is also disabled, shut down cleanly or not: then it has no queue
+        // left to fetch from or complete into once the process's memory is unmapped.
+        let res = match self.admin.registers().map(|dev| dev.disable()) {
+            Some(Err(e)) if res.is_ok() => Err(e),
+            _ => res,
         };
         self.admin.disconnect();
         self.shared.set_state(CtrlrState::Failed);

@@ -253,25 +253,32 @@ impl FromStr for TransportId {
     }
 }
 
-impl fmt::Display for TransportId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl TransportId {
+    /// What names the controller, without the host's part (hostnqn, ns): a PCIe controller
+    /// by its address alone, a fabrics one by address, port and subsystem.
+    pub fn controller_address(&self) -> String {
         if self.trtype == TrType::Pcie {
-            write!(f, "trtype:PCIe traddr:{}", self.traddr)?;
-            if let Some(n) = self.nsid {
-                write!(f, " ns:{n}")?;
-            }
-            return Ok(());
+            return format!("trtype:PCIe traddr:{}", self.traddr);
         }
-        write!(
-            f,
+        format!(
             "trtype:{} adrfam:{} traddr:{} trsvcid:{} subnqn:{}",
             self.trtype.as_str(),
             self.adrfam.as_str(),
             self.traddr,
             self.trsvcid,
             self.subnqn
-        )?;
-        if let Some(h) = &self.hostnqn {
+        )
+    }
+}
+
+impl fmt::Display for TransportId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.controller_address())?;
+        if let Some(h) = self
+            .hostnqn
+            .as_ref()
+            .filter(|_| self.trtype != TrType::Pcie)
+        {
             write!(f, " hostnqn:{h}")?;
         }
         if let Some(n) = self.nsid {

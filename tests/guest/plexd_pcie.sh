@@ -5,9 +5,10 @@
 # vfio-pci; plexd attaches it with bdev_nvme_attach_controller -t pcie (sent by SPDK's own
 # client where its venv is installed); the namespace is exported over NVMe/TCP and the
 # kernel's initiator in the same guest makes and mounts xfs and writes a file. plexd stops on
-# SIGTERM and starts again from what save_config wrote: the controller is attached at start
-# and the file reads back. Then plexd is killed (SIGKILL) with writes in
-# flight and started again: the controller comes up again and xfs mounts with both files
+# SIGTERM, shutting the controller down first, and starts again from what save_config wrote:
+# the controller is attached at start and the file reads back. A controller reset under
+# writes loses none of them. Then plexd is killed (SIGKILL) with writes in flight and started
+# again: the controller comes up again and xfs mounts with both files
 # whole. Detach, and reset gives the controller back to the kernel.
 #
 # On the host it boots the guest with `run.sh --nvme`; inside a guest that is already up
@@ -18,7 +19,7 @@ set -uo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=tests/guest/lib.sh
 . "$HERE/lib.sh"
-plan 14
+plan 16
 REPO=$GUEST_LIB_REPO
 PLEXD=${PLEXD:-$REPO/build/release/plexd}
 reexec_in_guest --nvme --nvme-size 512M --hugepages 128 --timeout 300 -- "$0" "$@"
@@ -128,8 +129,15 @@ nvme disconnect -n "$NQN" >/dev/null 2>&1
 wait_until 30 sh -c "! ls /sys/class/nvme-subsystem/*/subsysnqn 2>/dev/null | xargs -r grep -qx '$NQN'" || true
 
 rpc save_config >"$WORK/config.json"
+# On SIGTERM the controller is shut down (CC.SHN) and disabled before the process's memory
+# is unmapped, so the device never completes into memory that is gone.
 if stop_plexd TERM; then
-    pass "plexd stops on SIGTERM (exit 0)"
+    if grep -q "bdev_nvme Nvme0: shut down" "$WORK/plexd.log"; then
+        pass "plexd stops on SIGTERM (exit 0), shutting the controller down first"
+    else
+        show_log
+        fail "plexd shuts the controller down on SIGTERM" "no 'bdev_nvme Nvme0: shut down' in its log"
+    fi
 else
     fail "plexd stops on SIGTERM" "exit status $?"
 fi
@@ -199,6 +207,30 @@ else
     fail "xfs mounts and files a and b read back" "see above"
 fi
 umount "$MNT" 2>/dev/null
+
+# The device stops answering under reads (its BAR no longer decoded, as after a surprise
+# removal): the controller turns failed, the reads fail rather than hang, plexd runs on.
+ctrlr_state() { rpc bdev_nvme_get_controllers '{"name": "Nvme0"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["ctrlrs"][0]["state"])'; }
+(while dd if="$DEV" of=/dev/null bs=64k count=256 iflag=direct status=none; do :; done) 2>"$WORK/reader.err" &
+reader=$!
+COMMAND_BEFORE=$(setpci -s "$BDF" COMMAND)
+setpci -s "$BDF" COMMAND=0000
+ctrlr_failed() { [ "$(ctrlr_state 2>/dev/null)" = failed ]; }
+reader_ended() { ! kill -0 "$reader" 2>/dev/null; }
+if wait_until 30 ctrlr_failed; then
+    pass "a device that stops answering turns the controller failed"
+else
+    show_log
+    fail "a device that stops answering turns the controller failed" "state $(ctrlr_state)"
+fi
+if wait_until 60 reader_ended && kill -0 "$PLEXD_PID" 2>/dev/null && ctrlr_state >/dev/null; then
+    pass "reads from it fail rather than hang ($(head -n1 "$WORK/reader.err")), and plexd runs on"
+else
+    kill "$reader" 2>/dev/null
+    show_log
+    fail "reads from the failed controller end, plexd runs on" "the reader still runs, or plexd is gone"
+fi
+setpci -s "$BDF" COMMAND="$COMMAND_BEFORE"
 nvme disconnect -n "$NQN" >/dev/null 2>&1
 
 detach() {

@@ -117,6 +117,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         anyhow::Ok(())
     });
     app.reactors.stop();
+    // Controllers last: with the reactors gone no I/O is in flight to them.
+    app.nvme.shutdown_all(std::time::Duration::from_secs(10));
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
     result
 }

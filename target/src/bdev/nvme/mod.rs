@@ -160,7 +160,10 @@ struct Published {
 enum Cmd {
     Detach(tokio::sync::oneshot::Sender<Result<(), NvmeError>>),
     /// Reset the controller now (`bdev_nvme_reset_controller`); answered once it started.
-    Reset(tokio::sync::oneshot::Sender<()>),
+    Reset(tokio::sync::oneshot::Sender<Result<(), NvmeError>>),
+    /// plexd is exiting and its reactors have stopped: shut the controller down (CC.SHN, so
+    /// a PCIe device stops its DMA before the process's memory goes) and end the thread.
+    Exit(mpsc::Sender<()>),
 }
 
 /// One attached controller as the module (and the RPCs) see it.
@@ -219,6 +222,10 @@ pub enum NvmeError {
         #[source]
         source: initiator::Error,
     },
+    #[error(
+        "controller {0} has failed (ctrlr_loss_timeout_sec passed): detach it and attach it again"
+    )]
+    Failed(String),
     #[error("{0}")]
     Bdev(#[from] BdevError),
     #[error("{0}")]
@@ -237,6 +244,7 @@ impl NvmeError {
                 initiator::Error::Device(e) => e.errno(),
                 _ => libc::EIO,
             },
+            NvmeError::Failed(_) => libc::ENXIO,
             NvmeError::Bdev(e) => e.errno(),
             NvmeError::Internal(_) => libc::EIO,
         }

@@ -4,8 +4,9 @@
 use super::channel::{install_qpair, remove_qpair};
 use super::*;
 use crate::reactor::ReactorHandle;
-use initiator::{Controller, CtrlrEvent, TrType};
+use initiator::{Controller, CtrlrEvent};
 use std::sync::Weak;
+use std::time::Instant;
 
 /// How often the owner thread polls its controller.
 const CTRLR_POLL: Duration = Duration::from_millis(5);
@@ -89,16 +90,42 @@ impl NvmeModule {
     /// `bdev_nvme_reset_controller` does.
     pub async fn reset(app: &Arc<App>, name: &str) -> Result<(), NvmeError> {
         let gone = || NvmeError::NotFound(name.to_string());
-        let c = app.nvme.get(name).ok_or_else(gone)?;
-        let sender = c
+        let sender = app.nvme.sender(name).ok_or_else(gone)?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        sender.send(Cmd::Reset(tx)).map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+
+    /// Shuts every controller down as plexd exits, after the reactors stopped, and waits up
+    /// to `limit` for them. Without this the process would end with PCIe controllers still
+    /// enabled and their queues pointing into memory that is about to be unmapped.
+    pub fn shutdown_all(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        let waits: Vec<(String, mpsc::Receiver<()>)> = self
+            .list()
+            .iter()
+            .filter_map(|c| {
+                let sender = self.sender(&c.spec.name)?;
+                let (tx, rx) = mpsc::channel();
+                sender.send(Cmd::Exit(tx)).ok()?;
+                Some((c.spec.name.clone(), rx))
+            })
+            .collect();
+        for (name, rx) in waits {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(left) {
+                tracing::warn!("bdev_nvme {name}: not shut down within {limit:?}; exiting anyway");
+            }
+        }
+    }
+
+    /// The command channel of controller `name`'s owner thread, once it is attached.
+    fn sender(&self, name: &str) -> Option<mpsc::Sender<Cmd>> {
+        self.get(name)?
             .cmds
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
-            .ok_or_else(gone)?;
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        sender.send(Cmd::Reset(tx)).map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())
     }
 }
 
@@ -155,8 +182,18 @@ fn owner_main(
                 }
             },
             Ok(Cmd::Reset(done)) => {
-                owner.ctrlr.reset();
+                let r = if owner.ctrlr.state() == CtrlrState::Failed {
+                    Err(NvmeError::Failed(owner.c.spec.name.clone()))
+                } else {
+                    owner.ctrlr.reset();
+                    Ok(())
+                };
+                let _ = done.send(r);
+            }
+            Ok(Cmd::Exit(done)) => {
+                owner.exit();
                 let _ = done.send(());
+                return;
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -199,7 +236,7 @@ fn bring_up(app: Weak<App>, c: Arc<NvmeCtrlr>) -> Result<Owner, NvmeError> {
     let spec = &c.spec;
     let err = |source| NvmeError::Attach {
         name: spec.name.clone(),
-        trid: trid_string(&spec.trid),
+        trid: spec.trid.controller_address(),
         source,
     };
     let ctrlr = Controller::connect(&spec.trid, &spec.opts(handles.len())).map_err(err)?;
@@ -251,7 +288,7 @@ fn bring_up(app: Weak<App>, c: Arc<NvmeCtrlr>) -> Result<Owner, NvmeError> {
     tracing::info!(
         "bdev_nvme: attached {} ({}), bdevs {:?}",
         spec.name,
-        trid_string(&spec.trid),
+        spec.trid.controller_address(),
         owner
             .bdevs
             .values()
@@ -259,21 +296,6 @@ fn bring_up(app: Weak<App>, c: Arc<NvmeCtrlr>) -> Result<Owner, NvmeError> {
             .collect::<Vec<_>>()
     );
     Ok(owner)
-}
-
-fn trid_string(t: &TransportId) -> String {
-    if t.trtype == TrType::Pcie {
-        // A PCIe controller is named by its address alone.
-        return format!("trtype:PCIe traddr:{}", t.traddr);
-    }
-    format!(
-        "trtype:{} adrfam:{} traddr:{} trsvcid:{} subnqn:{}",
-        t.trtype.as_str(),
-        t.adrfam.as_str(),
-        t.traddr,
-        t.trsvcid,
-        t.subnqn
-    )
 }
 
 impl Owner {
@@ -493,6 +515,20 @@ impl Owner {
                 })
             })?;
         Some(e.into())
+    }
+
+    /// As plexd exits with its reactors stopped (their qpairs went with their threads): fails
+    /// the bdevs and shuts the controller down, leaving the registry alone.
+    fn exit(self) {
+        for (b, _) in self.bdevs.values() {
+            b.gone.store(true, Ordering::Release);
+        }
+        *self.c.cmds.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let name = self.c.spec.name.clone();
+        match self.ctrlr.detach() {
+            Ok(()) => tracing::info!("bdev_nvme {name}: shut down"),
+            Err(e) => tracing::warn!("bdev_nvme {name}: shutdown: {e}"),
+        }
     }
 
     /// Unregisters the bdevs, takes the qpairs off the reactors (failing what is in flight)
