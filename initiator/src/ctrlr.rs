@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nvme_spec::fabrics::{PropertyGet, PropertySet, PropertySize};
-use nvme_spec::identify::{cns, IdentifyController, IdentifyNamespace};
+use nvme_spec::identify::{cns, oacs, IdentifyController, IdentifyNamespace};
+use nvme_spec::opcode::admin;
 use nvme_spec::regs::{offset as reg, shutdown, Cap, Cc, Csts};
 use nvme_spec::{Command, FromBytes, Status};
 use tracing::{debug, info, warn};
@@ -226,6 +227,8 @@ pub struct CtrlrInfo {
     pub ddgst: bool,
     /// Digests of the admin queue: requested and granted.
     pub digests: Digests,
+    /// I/O queues write shadow doorbells (PCIe, where the controller offers them).
+    pub shadow_doorbells: bool,
 }
 
 /// How often a controller without keep-alive (PCIe) has its CSTS read.
@@ -310,6 +313,7 @@ impl Controller {
                 hdgst: false,
                 ddgst: false,
                 digests: Digests::default(),
+                shadow_doorbells: false,
             },
             cap: 0,
             namespaces: Vec::new(),
@@ -404,6 +408,10 @@ impl Controller {
             .map(|(id, _)| id)
             .map_err(|_| Error::Protocol("short Identify Controller data".into()))?;
         self.absorb_identify(&id);
+        self.info.shadow_doorbells = false;
+        if id.oacs.get() & oacs::DOORBELL_BUFFER_CONFIG != 0 {
+            self.config_shadow_doorbells();
+        }
 
         let discovery = self.trid.is_discovery() || id.cntrltype == 3;
         if !discovery {
@@ -445,6 +453,23 @@ impl Controller {
             "controller ready"
         );
         Ok(())
+    }
+
+    /// Hands the controller our shadow doorbell pages (before any I/O queue exists on this
+    /// enable); without them, or if it refuses, queues write the registers alone.
+    fn config_shadow_doorbells(&mut self) {
+        let Some((doorbells, event_idx)) = self.admin.shadow_doorbell_pages() else {
+            return;
+        };
+        let mut cmd = Command::new(admin::DOORBELL_BUFFER_CONFIG);
+        cmd.set_prps(doorbells, event_idx);
+        match self.admin_cmd(cmd, Dir::None, None) {
+            Ok(_) => {
+                self.admin.use_shadow_doorbells();
+                self.info.shadow_doorbells = true;
+            }
+            Err(e) => debug!("Doorbell Buffer Config: {e}; doorbell registers only"),
+        }
     }
 
     fn absorb_identify(&mut self, id: &IdentifyController) {

@@ -178,6 +178,22 @@ impl<B: IoBuf> Queue<B> {
             q.device().mark_ready(qid);
         }
     }
+    /// Shadow doorbell pages to hand the controller with Doorbell Buffer Config (zeroed,
+    /// not in use until [`Self::use_shadow_doorbells`]); PCIe only.
+    pub fn shadow_doorbell_pages(&self) -> Option<(u64, u64)> {
+        match self {
+            Queue::Tcp(_) => None,
+            Queue::Pcie(q) => q.device().shadow.as_ref().map(|s| s.prepare()),
+        }
+    }
+    /// The controller accepted Doorbell Buffer Config: queues write shadow doorbells now.
+    pub fn use_shadow_doorbells(&self) {
+        if let Queue::Pcie(q) = self {
+            if let Some(s) = &q.device().shadow {
+                s.set_enabled(true);
+            }
+        }
+    }
     /// The largest transfer one command may carry on this transport.
     pub fn transfer_limit(&self) -> u32 {
         match self {

@@ -62,6 +62,8 @@ BDF2=$(nvme_bdf_of "$NQN2")
 [ -n "$BDF" ] && [ -n "$BDF2" ] || bail "controllers plexstor-nvme0 and 1" "no PCI address"
 K_MODEL=$(nvme id-ctrl "$DEV" -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["mn"].strip())')
 K_SERIAL=$(nvme id-ctrl "$DEV" -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["sn"].strip())')
+# Doorbell Buffer Config offered (OACS bit 8): then our queues must use shadow doorbells.
+K_SHADOW=$(nvme id-ctrl "$DEV" -o json | python3 -c 'import json,sys; print(bool(json.load(sys.stdin)["oacs"] & 0x100))')
 K_BLOCKS=$(nvme id-ns "$DEV" -n 1 -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["nsze"])')
 pass "the kernel reports $BDF: model '$K_MODEL', serial '$K_SERIAL', $K_BLOCKS blocks"
 
@@ -83,11 +85,12 @@ fi
 if perf --identify --json; then
     id=$(cat "$WORK/perf.log")
     got=$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); c=d["controller"]; n=d["namespaces"][0]
-print(c["model"], "|", c["serial"], "|", n["blocks"])' "$id")
-    if [ "$got" = "$K_MODEL | $K_SERIAL | $K_BLOCKS" ]; then
+print(c["model"], "|", c["serial"], "|", n["blocks"], "| shadow doorbells", c["shadow_doorbells"])' "$id")
+    want="$K_MODEL | $K_SERIAL | $K_BLOCKS | shadow doorbells $K_SHADOW"
+    if [ "$got" = "$want" ]; then
         pass "Identify over VFIO matches the kernel's ($got)"
     else
-        fail "Identify over VFIO matches the kernel's" "got '$got', kernel '$K_MODEL | $K_SERIAL | $K_BLOCKS'"
+        fail "Identify over VFIO matches the kernel's" "got '$got', kernel '$want'"
     fi
 else
     fail "Identify over VFIO" "plexperf --identify failed"

@@ -8,12 +8,15 @@
 //!   Create I/O CQ/SQ pair the controller sends for it ([`queue::PcieQueue::setup_commands`]).
 
 pub(crate) mod queue;
+mod shadow;
 
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use nvme_spec::regs::{offset as reg, Cap, Cc, Csts};
 use vfio::{Bar, Container, PciAddress};
+
+pub(crate) use shadow::ShadowDoorbells;
 
 use crate::error::{Error, Result};
 
@@ -80,6 +83,9 @@ pub(crate) struct PcieDevice {
     /// Bytes between doorbells (4 << CAP.DSTRD).
     pub doorbell_stride: usize,
     pub cap: Cap,
+    /// Shadow doorbell pages, if DMA memory for them was at hand; in use once the controller
+    /// accepted Doorbell Buffer Config.
+    pub shadow: Option<ShadowDoorbells>,
     /// I/O queues waiting for the controller to create them again after a reset: the queue
     /// owner posts, the admin queue's owner runs the Create commands and marks them ready.
     setups: Mutex<Vec<(u16, Vec<nvme_spec::Command>)>>,
@@ -123,6 +129,7 @@ impl PcieDevice {
             bar,
             doorbell_stride,
             cap,
+            shadow: ShadowDoorbells::new(doorbell_stride),
             setups: Mutex::new(Vec::new()),
             ready: Mutex::new(Vec::new()),
             _device: device,
@@ -161,6 +168,19 @@ impl PcieDevice {
         let off =
             reg::DOORBELL_BASE as usize + (2 * qid as usize + cq as usize) * self.doorbell_stride;
         (off + 4 <= self.bar.len()).then_some(off)
+    }
+
+    /// Writes queue `qid`'s SQ tail (`cq == false`) or CQ head `value`: into its shadow
+    /// doorbell where those are in use, and into the register at `offset` unless the
+    /// controller's EventIdx says it does not need to hear of it.
+    pub fn ring(&self, qid: u16, cq: bool, offset: usize, value: u16) {
+        if self
+            .shadow
+            .as_ref()
+            .is_none_or(|s| s.update(qid, cq, value))
+        {
+            self.bar.write32(offset, u32::from(value));
+        }
     }
 
     pub fn read32(&self, offset: u32) -> u32 {

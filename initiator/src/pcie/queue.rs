@@ -137,6 +137,7 @@ impl<B: IoBuf> PcieQueue<B> {
         self.sq = Some(sq);
         self.cq = Some(cq);
         self.prp = Some(prp);
+        self.reset_shadow();
         self.sq_doorbell = sqd;
         self.cq_doorbell = cqd;
         self.sq_tail = 0;
@@ -159,6 +160,13 @@ impl<B: IoBuf> PcieQueue<B> {
         self.free = (0..self.depth - 1).rev().collect();
         self.outstanding = 0;
         Ok(())
+    }
+
+    /// A queue about to be created starts its shadow doorbells at zero, as its positions.
+    fn reset_shadow(&self) {
+        if let Some(s) = &self.dev.shadow {
+            s.reset_queue(self.qid());
+        }
     }
 
     fn ring_iova(b: &Option<DmaBuf>) -> u64 {
@@ -248,6 +256,7 @@ impl<B: IoBuf> PcieQueue<B> {
         if self.sq.is_none() {
             return Err(Error::Disconnected);
         }
+        self.reset_shadow();
         let mut cmds = self.teardown_commands();
         cmds.extend(self.create_commands());
         self.dev.post_setup(self.qid(), cmds);
@@ -413,8 +422,7 @@ impl<B: IoBuf> PcieQueue<B> {
             // The entries must be in memory before the device hears of them.
             fence(Ordering::SeqCst);
             self.dev
-                .bar
-                .write32(self.sq_doorbell, u32::from(self.sq_tail));
+                .ring(self.qid(), false, self.sq_doorbell, self.sq_tail);
         }
     }
 
@@ -471,8 +479,7 @@ impl<B: IoBuf> PcieQueue<B> {
         }
         if n > 0 {
             self.dev
-                .bar
-                .write32(self.cq_doorbell, u32::from(self.cq_head));
+                .ring(self.qid(), true, self.cq_doorbell, self.cq_head);
         }
         Ok(n)
     }

@@ -296,6 +296,10 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             println!("  in-capsule data: {} bytes", i.in_capsule_data);
             println!("  max queue size:  {}", i.max_queue_entries);
             println!("  I/O queues:      {}", i.io_queues);
+            println!(
+                "  shadow doorbells: {}",
+                if i.shadow_doorbells { "yes" } else { "no" }
+            );
             println!("  digests:         {}", i.digests.describe());
             for n in c.namespaces() {
                 println!(
