@@ -19,7 +19,7 @@ set -uo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=tests/guest/lib.sh
 . "$HERE/lib.sh"
-plan 16
+plan 17
 REPO=$GUEST_LIB_REPO
 PLEXD=${PLEXD:-$REPO/build/release/plexd}
 reexec_in_guest --nvme --nvme-size 512M --hugepages 128 --timeout 300 -- "$0" "$@"
@@ -63,6 +63,7 @@ load_modules nvme nvme-tcp xfs || bail modules "cannot load nvme, nvme-tcp, xfs"
 KDEV=$(wait_for_nvme_dev "$KERNEL_NQN" 1 30) || bail "controller plexstor-nvme0" "none (boot the guest with run.sh --nvme)"
 BDF=$(nvme_bdf_of "$KERNEL_NQN")
 K_BLOCKS=$(nvme id-ns "$KDEV" -n 1 -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["nsze"])')
+K_DLFEAT=$(nvme id-ns "$KDEV" -n 1 -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["dlfeat"])')
 wipefs -a -q "$KDEV"
 if setup_sh && [ "$(driver_of "$BDF")" = vfio-pci ]; then
     pass "controller $BDF ($K_BLOCKS blocks) handed to vfio-pci"
@@ -119,6 +120,41 @@ if connect; then pass "the kernel connects over NVMe/TCP ($DEV)"; else
     show_log
     bail "the kernel connects over NVMe/TCP" "no block device for $NQN"
 fi
+# Flush, Write Zeroes and Deallocate, sent by nvme-cli through the kernel's initiator to
+# plexd, which passes them to the controller over PCIe. 1 MiB at 64 MiB: random data, then
+# zeroed by the device; then deallocated (reads of it return zeroes where the controller
+# said so before the handover, DLFEAT).
+data_commands() {
+    local lba=131072 count=2048
+    head -c 1M /dev/urandom >"$WORK/r.bin"
+    dd if="$WORK/r.bin" of="$DEV" bs=1M seek=64 count=1 oflag=direct status=none &&
+        nvme flush "$DEV" -n 1 >/dev/null &&
+        dd if="$DEV" bs=1M skip=64 count=1 iflag=direct status=none | cmp -s - "$WORK/r.bin" || {
+        echo "random data did not land"
+        return 1
+    }
+    nvme write-zeroes "$DEV" -n 1 -s "$lba" -c "$((count - 1))" >/dev/null &&
+        dd if="$DEV" bs=1M skip=64 count=1 iflag=direct status=none | cmp -s - <(head -c 1M /dev/zero) || {
+        echo "Write Zeroes failed or left data"
+        return 1
+    }
+    dd if="$WORK/r.bin" of="$DEV" bs=1M seek=64 count=1 oflag=direct status=none &&
+        nvme dsm "$DEV" -n 1 -d -s "$lba" -b "$count" >/dev/null || {
+        echo "Deallocate failed"
+        return 1
+    }
+    if [ "$((K_DLFEAT & 7))" = 1 ] &&
+        ! dd if="$DEV" bs=1M skip=64 count=1 iflag=direct status=none | cmp -s - <(head -c 1M /dev/zero); then
+        echo "deallocated blocks do not read as zeroes (DLFEAT $K_DLFEAT)"
+        return 1
+    fi
+}
+if out=$(data_commands 2>&1); then
+    pass "Flush, Write Zeroes (reads back zeroes) and Deallocate reach the controller"
+else
+    fail "Flush, Write Zeroes and Deallocate" "$(tail -n1 <<<"$out")"
+fi
+
 make_fs() {
     mkdir -p "$MNT" && mkfs.xfs -f -q "$DEV" && mount "$DEV" "$MNT" &&
         head -c 8M /dev/urandom >"$WORK/a.bin" && cp "$WORK/a.bin" "$MNT/" && sync
