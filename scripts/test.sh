@@ -223,8 +223,9 @@ elif [ ${#guest_tests[@]} -gt 0 ]; then
         stage "test guest: ${guest_tests[*]}"
         log="$logdir/guest.log"
         set +e
-        # Two emulated controllers: the PCIe driver's tests drive both at once.
-        scripts/guest/run.sh --nvme --nvme --nvme-size 512M --hugepages 256 --timeout 1500 -- \
+        # Two emulated controllers: the PCIe driver's tests drive both at once; two more
+        # share an IOMMU group, for the refusal that names the other device.
+        scripts/guest/run.sh --nvme --nvme --nvme-shared-group --nvme-size 512M --hugepages 256 --timeout 1500 -- \
             bash tests/guest/all.sh "${guest_tests[@]}" 2>&1 | tee "$log"
         rc=${PIPESTATUS[0]}
         set -e

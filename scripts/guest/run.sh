@@ -8,6 +8,8 @@
 #   --nvme               add an emulated NVMe controller behind a virtual IOMMU
 #                        (repeatable; serials plexstor-nvme0, plexstor-nvme1, ...)
 #   --nvme-size SIZE     size of each NVMe namespace (default 1G, sparse image)
+#   --nvme-shared-group  add two small NVMe controllers behind one PCI-to-PCI bridge,
+#                        so they share an IOMMU group (serials plexstor-grp0 and 1)
 #   --iommu              virtual IOMMU even without --nvme
 #   --mem MiB            guest memory (default 2048)
 #   --smp N              guest CPUs (default 2)
@@ -38,6 +40,7 @@ GUEST_FAILED=125
 NVME_COUNT=0
 NVME_SIZE=1G
 IOMMU=0
+NVME_GROUP=0
 MEM=2048
 SMP=2
 HUGEPAGES=0
@@ -66,6 +69,7 @@ parse_args() {
         case $1 in
             --nvme) NVME_COUNT=$((NVME_COUNT + 1)) ;;
             --nvme-size) NVME_SIZE=${2:?}; shift ;;
+            --nvme-shared-group) NVME_GROUP=1 ;;
             --iommu) IOMMU=1 ;;
             --mem) MEM=${2:?}; shift ;;
             --smp) SMP=${2:?}; shift ;;
@@ -139,7 +143,7 @@ kernel_command_line() {
     echo "${args[*]}$APPEND"
 }
 
-use_iommu() { if [ "$IOMMU" = 1 ] || [ "$NVME_COUNT" -gt 0 ]; then echo 1; else echo 0; fi; }
+use_iommu() { if [ "$IOMMU" = 1 ] || [ "$NVME_COUNT" -gt 0 ] || [ "$NVME_GROUP" = 1 ]; then echo 1; else echo 0; fi; }
 
 qemu_command() {
     local run=$1 netdev=user,id=net0 f i
@@ -175,6 +179,16 @@ qemu_command() {
         cmd+=(-drive "file=$run/nvme$i.img,if=none,id=nvme$i,format=raw"
               -device "nvme,serial=plexstor-nvme$i,drive=nvme$i,mdts=8")
     done
+    # A conventional PCI bridge: the IOMMU sees its devices' DMA under the bridge's requester
+    # ID, so it cannot isolate them and the kernel puts them in one group.
+    if [ "$NVME_GROUP" = 1 ]; then
+        cmd+=(-device pci-bridge,id=grpbridge,chassis_nr=1)
+        for i in 0 1; do
+            truncate -s 16M "$run/grp$i.img"
+            cmd+=(-drive "file=$run/grp$i.img,if=none,id=grp$i,format=raw"
+                  -device "nvme,serial=plexstor-grp$i,drive=grp$i,bus=grpbridge,addr=$((i + 1))")
+        done
+    fi
     printf '%s\0' "${cmd[@]}"
 }
 

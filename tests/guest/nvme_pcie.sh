@@ -17,9 +17,9 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=tests/guest/lib.sh
 . "$HERE/lib.sh"
-plan 15
+plan 16
 
-reexec_in_guest --nvme --nvme --nvme-size 256M --hugepages 64 --timeout 300 -- "$0" "$@"
+reexec_in_guest --nvme --nvme --nvme-shared-group --nvme-size 256M --hugepages 64 --timeout 300 -- "$0" "$@"
 
 REPO=$GUEST_LIB_REPO
 SETUP=$REPO/scripts/setup.sh
@@ -143,6 +143,25 @@ holder=$!
 wait_until 10 grep -q vfio "/proc/$holder/maps" 2>/dev/null || true
 expect_error "a controller another process holds is refused" "$BDF" "in use by another process"
 wait "$holder" || true
+
+# A controller whose IOMMU group holds another device the kernel drives (two controllers
+# behind one PCI-to-PCI bridge: run.sh --nvme-shared-group): setup.sh hands it over but
+# warns, and opening it is refused naming the other device, which vfio would need too.
+GRP0=$(nvme_bdf_of nqn.2019-08.org.qemu:plexstor-grp0)
+GRP1=$(nvme_bdf_of nqn.2019-08.org.qemu:plexstor-grp1)
+if [ -z "$GRP0" ] || [ -z "$GRP1" ]; then
+    skip --required "a group shared with a device the kernel drives is refused, naming it" \
+        "no controllers plexstor-grp0 and 1 (boot the guest with run.sh --nvme-shared-group)"
+elif ! env PCI_ALLOWED="$GRP0" HUGEMEM=128 "$SETUP" >"$WORK/grp.log" 2>&1 ||
+    ! grep -q "shares IOMMU group .* with $GRP1 (driver nvme)" "$WORK/grp.log"; then
+    fail "setup.sh hands over $GRP0 warning that $GRP1 shares its group" "$(tail -n1 "$WORK/grp.log")"
+else
+    expect_error "a group shared with a device the kernel drives is refused, naming it" \
+        "$GRP0" "these are not: $GRP1 (bound to nvme)"
+fi
+if [ -n "$GRP0" ] && [ "$(driver_of "$GRP0")" = vfio-pci ]; then
+    env PCI_ALLOWED="$GRP0" HUGEMEM=128 "$SETUP" reset >>"$WORK/grp.log" 2>&1
+fi
 
 # ---- back to the kernel ----------------------------------------------------------
 if setup_sh reset && [ "$(driver_of "$BDF")" = nvme ] && [ "$(driver_of "$BDF2")" = nvme ]; then
