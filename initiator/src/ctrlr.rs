@@ -229,6 +229,9 @@ pub struct CtrlrInfo {
     pub digests: Digests,
     /// I/O queues write shadow doorbells (PCIe, where the controller offers them).
     pub shadow_doorbells: bool,
+    /// The controller takes SGLs for I/O data (and, on PCIe, we use them where PRPs would
+    /// need a list).
+    pub sgls: bool,
 }
 
 /// How often a controller without keep-alive (PCIe) has its CSTS read.
@@ -314,6 +317,7 @@ impl Controller {
                 ddgst: false,
                 digests: Digests::default(),
                 shadow_doorbells: false,
+                sgls: false,
             },
             cap: 0,
             namespaces: Vec::new(),
@@ -408,6 +412,9 @@ impl Controller {
             .map(|(id, _)| id)
             .map_err(|_| Error::Protocol("short Identify Controller data".into()))?;
         self.absorb_identify(&id);
+        let sgls = if self.opts.pcie_sgl { id.sgls.get() } else { 0 };
+        self.admin.use_sgls(sgls);
+        self.info.sgls = sgls & nvme_spec::identify::sgls::SUPPORT_MASK != 0;
         self.info.shadow_doorbells = false;
         if id.oacs.get() & oacs::DOORBELL_BUFFER_CONFIG != 0 {
             self.config_shadow_doorbells();

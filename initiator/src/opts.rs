@@ -39,6 +39,9 @@ pub struct CtrlrOpts {
     /// SPDK `ctrlr_loss_timeout_sec`: give up reconnecting after this long and fail the
     /// controller. `None` = retry forever (SPDK's -1). `Some(0)` = no reconnect at all.
     pub ctrlr_loss_timeout: Option<Duration>,
+    /// PCIe: describe a transfer that would need a PRP list with one SGL data block instead,
+    /// where the controller supports SGLs for I/O. Off: PRPs for everything.
+    pub pcie_sgl: bool,
 }
 
 /// The Linux kernel's default host NQN form for hosts without one configured.
@@ -70,6 +73,7 @@ impl Default for CtrlrOpts {
             reconnect_delay: Duration::from_secs(1),
             fast_io_fail_timeout: None,
             ctrlr_loss_timeout: Some(Duration::ZERO),
+            pcie_sgl: true,
         }
     }
 }

@@ -194,6 +194,13 @@ impl<B: IoBuf> Queue<B> {
             }
         }
     }
+    /// Identify's SGLS, for a transport that chooses per command between PRPs and an SGL
+    /// (PCIe; 0 keeps it on PRPs). Fabrics always use SGLs.
+    pub fn use_sgls(&self, sgls: u32) {
+        if let Queue::Pcie(q) = self {
+            q.device().set_sgls(sgls);
+        }
+    }
     /// The largest transfer one command may carry on this transport.
     pub fn transfer_limit(&self) -> u32 {
         match self {

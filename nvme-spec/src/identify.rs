@@ -392,6 +392,8 @@ pub mod sgls {
     pub const SUPPORTED: u32 = 0x1;
     /// SGLs supported with dword alignment (bits 1:0 = 10b).
     pub const SUPPORTED_DWORD_ALIGNED: u32 = 0x2;
+    /// Bits 1:0: whether (and how) SGLs are supported for the NVM command set.
+    pub const SUPPORT_MASK: u32 = 0x3;
     /// Keyed SGL data block descriptor supported.
     pub const KEYED: u32 = 1 << 2;
     /// SGL bit bucket descriptor supported.

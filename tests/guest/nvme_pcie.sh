@@ -4,20 +4,23 @@
 #
 # The kernel's nvme driver reports the controller first (nvme-cli); scripts/setup.sh hands it
 # to vfio-pci; plexperf then drives it with no kernel in the data path: Identify must match
-# what the kernel reported, and verified random writes and reads at 4 KiB, 128 KiB (PRP
-# lists) and 1 MiB, on two queue pairs at once and on two controllers at once, must read back. A second plexperf run (a new
-# controller bring-up) checks every block the first acknowledged. Bad addresses give clear
+# what the kernel reported (shadow doorbells and SGLs in use where it offers them), and
+# verified random writes and reads must read back: at 4 KiB, 128 KiB and 1 MiB (one SGL data
+# block, then PRP lists reading back what those wrote), on two queue pairs at once and on two
+# controllers at once. A second plexperf run (a new controller bring-up) checks every block
+# the first acknowledged. Bad addresses, a device in use and a shared IOMMU group give clear
 # errors; reset gives the controller back to the kernel, which finds its namespace again.
 #
-# On the host it boots the guest with `run.sh --nvme`; inside a guest that is already up
-# (scripts/test.sh runs every guest test in one boot) it uses the controllers with serials
-# plexstor-nvme0 and plexstor-nvme1, and leaves them bound to nvme.
+# On the host it boots the guest with `run.sh --nvme --nvme --nvme-shared-group`; inside a
+# guest that is already up (scripts/test.sh runs every guest test in one boot) it uses the
+# controllers with serials plexstor-nvme0 and 1 (and plexstor-grp0 and 1), and leaves them
+# bound to nvme.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=tests/guest/lib.sh
 . "$HERE/lib.sh"
-plan 16
+plan 18
 
 reexec_in_guest --nvme --nvme --nvme-shared-group --nvme-size 256M --hugepages 64 --timeout 300 -- "$0" "$@"
 
@@ -64,6 +67,8 @@ K_MODEL=$(nvme id-ctrl "$DEV" -o json | python3 -c 'import json,sys; print(json.
 K_SERIAL=$(nvme id-ctrl "$DEV" -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["sn"].strip())')
 # Doorbell Buffer Config offered (OACS bit 8): then our queues must use shadow doorbells.
 K_SHADOW=$(nvme id-ctrl "$DEV" -o json | python3 -c 'import json,sys; print(bool(json.load(sys.stdin)["oacs"] & 0x100))')
+# SGLs for I/O data (SGLS bits 1:0): then transfers past two pages use them.
+K_SGLS=$(nvme id-ctrl "$DEV" -o json | python3 -c 'import json,sys; print(bool(json.load(sys.stdin)["sgls"] & 3))')
 K_BLOCKS=$(nvme id-ns "$DEV" -n 1 -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["nsze"])')
 pass "the kernel reports $BDF: model '$K_MODEL', serial '$K_SERIAL', $K_BLOCKS blocks"
 
@@ -85,8 +90,8 @@ fi
 if perf --identify --json; then
     id=$(cat "$WORK/perf.log")
     got=$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); c=d["controller"]; n=d["namespaces"][0]
-print(c["model"], "|", c["serial"], "|", n["blocks"], "| shadow doorbells", c["shadow_doorbells"])' "$id")
-    want="$K_MODEL | $K_SERIAL | $K_BLOCKS | shadow doorbells $K_SHADOW"
+print(c["model"], "|", c["serial"], "|", n["blocks"], "| shadow doorbells", c["shadow_doorbells"], "| SGLs", c["sgls"])' "$id")
+    want="$K_MODEL | $K_SERIAL | $K_BLOCKS | shadow doorbells $K_SHADOW | SGLs $K_SGLS"
     if [ "$got" = "$want" ]; then
         pass "Identify over VFIO matches the kernel's ($got)"
     else
@@ -98,11 +103,18 @@ fi
 
 # ---- data ------------------------------------------------------------------------
 STATE=$WORK/verify.state
-for size in 4096 131072 1048576; do
-    if perf --verify --verify-state "$STATE.$size" -w randrw -o "$size" -q 8 -t 2 --warmup 0 --size 67108864; then
-        pass "verified random writes and reads of $size bytes ($(grep -m1 '^verify:' "$WORK/perf.log"))"
+# Past two pages a transfer goes as one SGL data block where the controller takes SGLs
+# (QEMU's does), else on a PRP list; --prp-only makes it a PRP list either way. Each
+# --prp-only run follows the run of its size and continues its verify state, so it also
+# reads back what the SGL run wrote (a run of another size in between would overwrite it).
+for run in 4096 131072 131072:--prp-only 1048576 1048576:--prp-only; do
+    size=${run%%:*} how=
+    [ "$run" = "$size" ] || how=${run#*:}
+    # shellcheck disable=SC2086 # $how is one option or none
+    if perf --verify --verify-state "$STATE.$size" -w randrw -o "$size" -q 8 -t 2 --warmup 0 --size 67108864 $how; then
+        pass "verified random writes and reads of $size bytes${how:+ ($how)} ($(grep -m1 '^verify:' "$WORK/perf.log"))"
     else
-        fail "verified random writes and reads of $size bytes" "plexperf failed"
+        fail "verified random writes and reads of $size bytes${how:+ ($how)}" "plexperf failed"
     fi
 done
 if perf --verify --verify-state "$STATE.last" -w randrw -o 4096 -q 16 -P 2 -t 2 --warmup 0 --size 67108864; then

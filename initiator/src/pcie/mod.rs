@@ -10,6 +10,7 @@
 pub(crate) mod queue;
 mod shadow;
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -86,6 +87,8 @@ pub(crate) struct PcieDevice {
     /// Shadow doorbell pages, if DMA memory for them was at hand; in use once the controller
     /// accepted Doorbell Buffer Config.
     pub shadow: Option<ShadowDoorbells>,
+    /// Identify's SGLS bits 1:0 while SGLs are in use for I/O data (0: PRPs only).
+    sgls: AtomicU32,
     /// I/O queues waiting for the controller to create them again after a reset: the queue
     /// owner posts, the admin queue's owner runs the Create commands and marks them ready.
     setups: Mutex<Vec<(u16, Vec<nvme_spec::Command>)>>,
@@ -130,6 +133,7 @@ impl PcieDevice {
             doorbell_stride,
             cap,
             shadow: ShadowDoorbells::new(doorbell_stride),
+            sgls: AtomicU32::new(0),
             setups: Mutex::new(Vec::new()),
             ready: Mutex::new(Vec::new()),
             _device: device,
@@ -180,6 +184,25 @@ impl PcieDevice {
             .is_none_or(|s| s.update(qid, cq, value))
         {
             self.bar.write32(offset, u32::from(value));
+        }
+    }
+
+    /// What Identify's SGLS says of SGLs for I/O data (bits 1:0), or 0 to use PRPs only.
+    pub fn set_sgls(&self, sgls: u32) {
+        self.sgls.store(
+            sgls & nvme_spec::identify::sgls::SUPPORT_MASK,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Whether `len` bytes at `iova` may go as one SGL data block: SGLs are in use and the
+    /// controller's alignment rule (none, or dwords) holds.
+    pub fn sgl_fits(&self, iova: u64, len: usize) -> bool {
+        use nvme_spec::identify::sgls;
+        match self.sgls.load(Ordering::Relaxed) {
+            sgls::SUPPORTED => true,
+            sgls::SUPPORTED_DWORD_ALIGNED => iova % 4 == 0 && len % 4 == 0,
+            _ => false,
         }
     }
 

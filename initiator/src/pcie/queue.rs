@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use dma::DmaBuf;
 use nvme_spec::cmd::CreateIoQueue;
+use nvme_spec::cmd::SglDescriptor;
 use nvme_spec::opcode::admin;
 use nvme_spec::regs::offset as reg;
 use nvme_spec::{Command, Completion, IntoBytes, Status};
@@ -382,11 +383,17 @@ impl<B: IoBuf> PcieQueue<B> {
         }
         // Without data the command keeps its own pointer (Create I/O CQ/SQ name their rings).
         if let Some((iova, len)) = data_iova {
-            let Some((prp1, prp2)) = self.prps(cid, iova, len) else {
-                self.free.push(cid);
-                return Err(buf);
-            };
-            sqe.set_prps(prp1, prp2);
+            // One SGL data block instead of a PRP list where the controller takes it (an
+            // admin command always uses PRPs).
+            if self.qid() != 0 && needs_prp_list(iova, len) && self.dev.sgl_fits(iova, len) {
+                sqe.set_sgl1(SglDescriptor::data_block(iova, len as u32));
+            } else {
+                let Some((prp1, prp2)) = self.prps(cid, iova, len) else {
+                    self.free.push(cid);
+                    return Err(buf);
+                };
+                sqe.set_prps(prp1, prp2);
+            }
         }
         sqe.set_cid(cid);
         let s = &mut self.slots[cid as usize];
@@ -556,6 +563,11 @@ impl<B> Drop for PcieQueue<B> {
     }
 }
 
+/// Whether `len` bytes at `iova` span more than two pages, so PRPs would need a list.
+fn needs_prp_list(iova: u64, len: usize) -> bool {
+    len as u64 > 2 * PAGE - iova % PAGE
+}
+
 /// PRP1 and PRP2 for `len` bytes at `iova` (4 KiB pages): PRP2 is the second page when the
 /// data ends there, else the IOVA of `list` (at `list_iova`), filled with the pages after the
 /// first. None when the transfer does not fit one list page or is not dword-aligned.
@@ -590,6 +602,17 @@ mod tests {
             .take(n)
             .map(|e| u64::from_le_bytes(e.try_into().unwrap()))
             .collect()
+    }
+
+    #[test]
+    fn only_a_transfer_past_two_pages_needs_a_prp_list() {
+        assert!(!needs_prp_list(0x1000, 4096));
+        assert!(!needs_prp_list(0x1000, 8192));
+        assert!(needs_prp_list(0x1000, 8193));
+        // Starting inside a page: the first page holds less.
+        assert!(!needs_prp_list(0x1800, 6144));
+        assert!(needs_prp_list(0x1800, 6145));
+        assert!(needs_prp_list(0x1000, 128 << 10));
     }
 
     #[test]

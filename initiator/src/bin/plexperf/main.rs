@@ -74,6 +74,10 @@ struct Cli {
     /// Print the controller and namespaces, then exit (no I/O).
     #[arg(long)]
     identify: bool,
+    /// PCIe: describe every transfer with PRPs (lists past two pages), even where the
+    /// controller takes SGLs.
+    #[arg(long)]
+    prp_only: bool,
     /// Treat each -r as a discovery controller: print the discovery log, then exit.
     #[arg(long)]
     discover: bool,
@@ -208,6 +212,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             .ok()
             .map(Duration::from_secs),
         io_timeout: (cli.io_timeout_sec > 0).then(|| Duration::from_secs(cli.io_timeout_sec)),
+        pcie_sgl: !cli.prp_only,
         ..CtrlrOpts::default()
     };
     if let Some(h) = &cli.hostnqn {
@@ -296,10 +301,9 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             println!("  in-capsule data: {} bytes", i.in_capsule_data);
             println!("  max queue size:  {}", i.max_queue_entries);
             println!("  I/O queues:      {}", i.io_queues);
-            println!(
-                "  shadow doorbells: {}",
-                if i.shadow_doorbells { "yes" } else { "no" }
-            );
+            let yes = |b: bool| if b { "yes" } else { "no" };
+            println!("  shadow doorbells: {}", yes(i.shadow_doorbells));
+            println!("  SGLs:            {}", yes(i.sgls));
             println!("  digests:         {}", i.digests.describe());
             for n in c.namespaces() {
                 println!(

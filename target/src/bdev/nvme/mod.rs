@@ -194,6 +194,7 @@ impl NvmeCtrlr {
                 "serial": p.info.as_ref().map(|i| i.serial.clone()),
                 "max_transfer": p.info.as_ref().map(|i| i.max_transfer),
                 "io_queues": p.info.as_ref().map(|i| i.io_queues),
+                "sgls": p.info.as_ref().map(|i| i.sgls),
                 "shadow_doorbells": p.info.as_ref().map(|i| i.shadow_doorbells),
                 "hdgst": p.info.as_ref().map(|i| i.hdgst),
                 "ddgst": p.info.as_ref().map(|i| i.ddgst),
