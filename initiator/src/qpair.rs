@@ -306,8 +306,31 @@ impl<B: IoBuf> IoQpair<B> {
                     });
                 return n;
             }
+            if epoch != self.epoch && sh.state() == CtrlrState::Connected && !self.q.is_connecting()
+            {
+                // The controller is back from a reset, so nothing of the old association can
+                // still move data. A command that timed out and was aborted in vain (what
+                // caused the reset) fails now: sent again it would time out again, and the
+                // controller would be reset for it forever.
+                let qid = self.q.qid();
+                self.q
+                    .fail_aborted(Status::ABORTED_BY_HOST, &mut |d: Done<B>| {
+                        n += 1;
+                        warn!(
+                            qid,
+                            tag = d.tag,
+                            "I/O failed: it timed out and the reset ended it"
+                        );
+                        on_done(IoCompletion {
+                            tag: d.tag,
+                            result: Err(IoError::TimedOut),
+                            dw0: 0,
+                            buf: d.buf,
+                        })
+                    });
+            }
             if !self.advance_reconnect(epoch) {
-                return 0;
+                return n;
             }
         }
         if !self.q.busy() {

@@ -251,6 +251,9 @@ impl<B: IoBuf> Queue<B> {
     pub fn fail_all(&mut self, status: Status, on_done: &mut impl FnMut(Done<B>)) {
         each!(self, q => q.fail_all(status, on_done))
     }
+    pub fn fail_aborted(&mut self, status: Status, on_done: &mut impl FnMut(Done<B>)) {
+        each!(self, q => q.fail_aborted(status, on_done))
+    }
     pub fn for_each_active(&mut self, f: impl FnMut(u16, &mut Instant, &mut bool, u64)) {
         each!(self, q => q.for_each_active(f))
     }

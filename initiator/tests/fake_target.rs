@@ -566,6 +566,42 @@ fn unknown_cid_fails_connection_then_reconnects_and_resends() {
 }
 
 /// What the host saw after the target went away, in order.
+/// A command the controller never answers times out, is aborted (this controller refuses
+/// Abort), and the controller is reset for it. After the reset that command fails as timed
+/// out instead of being sent again (where it would time out again, and reset the controller
+/// again, forever), while the path works on.
+#[test]
+fn a_command_that_outlives_its_abort_fails_after_the_reset_instead_of_being_resent() {
+    let f = start_fake();
+    let o = CtrlrOpts {
+        io_timeout: Some(Duration::from_millis(200)),
+        ..opts(false)
+    };
+    let mut c = Controller::connect(&trid(f.port, "nqn.2024-01.io.fake:sub0"), &o).unwrap();
+    let mut q = c.alloc_io_qpair::<DmaBuf>(Some(32)).unwrap();
+    f.knobs.hold_io.store(true, Ordering::SeqCst);
+    q.read(1, 0, 8, DmaBuf::zeroed(4096).expect("DMA buffer"), 7)
+        .map_err(|e| e.kind)
+        .unwrap();
+    let done = wait(&mut c, &mut q, 1);
+    assert!(
+        matches!(done[0].result, Err(IoError::TimedOut)) && done[0].tag == 7,
+        "{done:?}"
+    );
+    f.knobs.hold_io.store(false, Ordering::SeqCst);
+    q.write(1, 0, 8, pattern(4096, 3), 8)
+        .map_err(|e| e.kind)
+        .unwrap();
+    let done = wait(&mut c, &mut q, 1);
+    assert!(done[0].result.is_ok(), "the path works after: {done:?}");
+    assert!(
+        f.knobs.connects.load(Ordering::SeqCst) >= 4,
+        "the controller was reset: admin and I/O queue connected twice"
+    );
+    // Sent once, before the reset; never again after it.
+    assert_eq!(f.knobs.io_held.load(Ordering::SeqCst), 1);
+}
+
 #[derive(Debug, PartialEq)]
 enum Seen {
     State(CtrlrState),

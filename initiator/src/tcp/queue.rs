@@ -790,14 +790,30 @@ impl<B: IoBuf> TcpQueue<B> {
 
     /// Completes every active user command with `status` (path failure, detach).
     pub fn fail_all(&mut self, status: Status, on_done: &mut impl FnMut(Done<B>)) {
+        self.fail_where(|_| true, status, on_done);
+        self.txq.retain(|_| false);
+        self.tx_off = 0;
+    }
+
+    /// Completes with `status` the active commands an Abort was sent for; only while
+    /// disconnected (nothing of theirs is queued to send then).
+    pub fn fail_aborted(&mut self, status: Status, on_done: &mut impl FnMut(Done<B>)) {
+        self.fail_where(|s| s.abort_posted, status, on_done)
+    }
+
+    fn fail_where(
+        &mut self,
+        pick: impl Fn(&Slot<B>) -> bool,
+        status: Status,
+        on_done: &mut impl FnMut(Done<B>),
+    ) {
         for cid in 0..self.depth {
-            if self.slots[cid as usize].active {
+            let s = &self.slots[cid as usize];
+            if s.active && pick(s) {
                 let d = self.finish(cid, status, 0, 0);
                 on_done(d);
             }
         }
-        self.txq.retain(|_| false);
-        self.tx_off = 0;
     }
 
     fn finish(&mut self, cid: u16, status: Status, dw0: u32, dw1: u32) -> Done<B> {
