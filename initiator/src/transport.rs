@@ -251,8 +251,19 @@ impl<B: IoBuf> Queue<B> {
     pub fn fail_all(&mut self, status: Status, on_done: &mut impl FnMut(Done<B>)) {
         each!(self, q => q.fail_all(status, on_done))
     }
+    /// Completes with `status` the active commands an Abort was sent for. Only once the
+    /// association they went out on is gone: a reset disabled the PCIe controller, a TCP
+    /// connection is closed.
     pub fn fail_aborted(&mut self, status: Status, on_done: &mut impl FnMut(Done<B>)) {
-        each!(self, q => q.fail_aborted(status, on_done))
+        let mut aborted = Vec::new();
+        self.for_each_active(|cid, _, abort_posted, _| {
+            if *abort_posted {
+                aborted.push(cid);
+            }
+        });
+        for cid in aborted {
+            on_done(each!(self, q => q.fail_one(cid, status)));
+        }
     }
     pub fn for_each_active(&mut self, f: impl FnMut(u16, &mut Instant, &mut bool, u64)) {
         each!(self, q => q.for_each_active(f))

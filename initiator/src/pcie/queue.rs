@@ -516,28 +516,17 @@ impl<B: IoBuf> PcieQueue<B> {
     /// Completes every outstanding command with `status`. Only sound once the controller is
     /// disabled (the admin queue's connect does that first): until then it may still DMA.
     pub fn fail_all(&mut self, status: Status, on_done: &mut impl FnMut(Done<B>)) {
-        self.fail_where(|_| true, status, on_done)
-    }
-
-    /// Completes with `status` the outstanding commands an Abort was sent for. Sound at the
-    /// same point as [`Self::fail_all`].
-    pub fn fail_aborted(&mut self, status: Status, on_done: &mut impl FnMut(Done<B>)) {
-        self.fail_where(|s| s.abort_posted, status, on_done)
-    }
-
-    fn fail_where(
-        &mut self,
-        pick: impl Fn(&Slot<B>) -> bool,
-        status: Status,
-        on_done: &mut impl FnMut(Done<B>),
-    ) {
         for cid in 0..self.slots.len() as u16 {
-            let s = &self.slots[cid as usize];
-            if s.active && pick(s) {
+            if self.slots[cid as usize].active {
                 let d = self.finish(cid, status, 0, 0);
                 on_done(d);
             }
         }
+    }
+
+    /// Completes active command `cid` with `status` now (`Queue::fail_aborted`).
+    pub fn fail_one(&mut self, cid: u16, status: Status) -> Done<B> {
+        self.finish(cid, status, 0, 0)
     }
 
     pub fn for_each_active(&mut self, mut f: impl FnMut(u16, &mut Instant, &mut bool, u64)) {

@@ -779,6 +779,11 @@ impl<B: IoBuf> TcpQueue<B> {
         Ok(cid)
     }
 
+    /// Completes active command `cid` with `status` now (`Queue::fail_aborted`).
+    pub fn fail_one(&mut self, cid: u16, status: Status) -> Done<B> {
+        self.finish(cid, status, 0, 0)
+    }
+
     /// Tag and start time of every active user command (timeout scans).
     pub fn for_each_active(&mut self, mut f: impl FnMut(u16, &mut Instant, &mut bool, u64)) {
         for (cid, s) in self.slots.iter_mut().enumerate() {
@@ -790,30 +795,14 @@ impl<B: IoBuf> TcpQueue<B> {
 
     /// Completes every active user command with `status` (path failure, detach).
     pub fn fail_all(&mut self, status: Status, on_done: &mut impl FnMut(Done<B>)) {
-        self.fail_where(|_| true, status, on_done);
-        self.txq.retain(|_| false);
-        self.tx_off = 0;
-    }
-
-    /// Completes with `status` the active commands an Abort was sent for; only while
-    /// disconnected (nothing of theirs is queued to send then).
-    pub fn fail_aborted(&mut self, status: Status, on_done: &mut impl FnMut(Done<B>)) {
-        self.fail_where(|s| s.abort_posted, status, on_done)
-    }
-
-    fn fail_where(
-        &mut self,
-        pick: impl Fn(&Slot<B>) -> bool,
-        status: Status,
-        on_done: &mut impl FnMut(Done<B>),
-    ) {
         for cid in 0..self.depth {
-            let s = &self.slots[cid as usize];
-            if s.active && pick(s) {
+            if self.slots[cid as usize].active {
                 let d = self.finish(cid, status, 0, 0);
                 on_done(d);
             }
         }
+        self.txq.retain(|_| false);
+        self.tx_off = 0;
     }
 
     fn finish(&mut self, cid: u16, status: Status, dw0: u32, dw1: u32) -> Done<B> {
