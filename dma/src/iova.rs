@@ -22,7 +22,8 @@ pub type Mapper = Box<dyn Fn(*const u8, usize, u64) -> Result<(), String> + Send
 const GRANULE_SHIFT: u32 = HUGEPAGE_SIZE.trailing_zeros();
 const LEAF_SHIFT: u32 = 30;
 const LEAF_ENTRIES: usize = 1 << (LEAF_SHIFT - GRANULE_SHIFT);
-/// User addresses on x86-64 and arm64 (4-level tables) are below 2^47.
+/// User addresses on x86-64 (4-level tables) are below 2^47; memory above that reach is
+/// refused a mapping rather than recorded.
 const ROOT_ENTRIES: usize = 1 << (47 - LEAF_SHIFT);
 /// A leaf entry: the granule's IOVA with this bit set (IOVAs are 2 MiB-aligned, so the low bits
 /// are free).
@@ -64,11 +65,14 @@ pub fn register(range: std::ops::Range<u64>, map: Mapper) -> Result<(), DmaError
         next: range.start.div_ceil(g) * g,
         end: range.end / g * g,
     };
-    for (base, len) in crate::pool::chunk_spans() {
-        r.add(base, len)?;
-    }
+    let res = crate::pool::chunk_spans()
+        .into_iter()
+        .try_for_each(|(base, len)| r.add(base, len));
+    // Kept even after a failure: the chunks mapped so far stay mapped and recorded, so a
+    // second registration must not place others at their IOVAs. A chunk left out has no
+    // IOVA, which the device driver refuses.
     *reg = Some(r);
-    Ok(())
+    res
 }
 
 /// Admits a new pool chunk: maps it if a mapper is registered, then runs `keep` (which
@@ -89,6 +93,11 @@ impl Registry {
         if base % g != 0 || len % g != 0 {
             return Err(DmaError::Iova(format!(
                 "memory at {base:#x} ({len} bytes) is not in whole 2 MiB pages"
+            )));
+        }
+        if base.saturating_add(len.saturating_sub(1)) >> LEAF_SHIFT >= ROOT_ENTRIES {
+            return Err(DmaError::Iova(format!(
+                "memory at {base:#x} is beyond the IOVA table's reach"
             )));
         }
         let iova = self.next;
@@ -113,16 +122,9 @@ fn record(granule: usize, iova: u64) {
     if leaf.is_null() {
         // Leaves live for the process: a lookup may hold one at any time.
         let fresh: &'static Leaf = Box::leak(Box::new([const { AtomicU64::new(0) }; LEAF_ENTRIES]));
-        let fresh = fresh as *const Leaf as *mut Leaf;
-        leaf = match slot.compare_exchange(
-            std::ptr::null_mut(),
-            fresh,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        ) {
-            Ok(_) => fresh,
-            Err(other) => other, // cannot happen under REGISTRY's lock; keep theirs
-        };
+        // Only REGISTRY's holder stores, so a plain store cannot lose another's leaf.
+        leaf = fresh as *const Leaf as *mut Leaf;
+        slot.store(leaf, Ordering::Release);
     }
     // SAFETY: non-null leaf pointers come from Box::leak above and are never freed.
     let leaf = unsafe { &*leaf };

@@ -499,13 +499,11 @@ impl Controller {
     /// with Fabrics Property Get.
     fn prop_get(&mut self, offset: u32, eight: bool) -> Result<u64> {
         if let Some(r) = self.admin.registers() {
-            let lo = u64::from(r.read32(offset));
-            let hi = if eight {
-                u64::from(r.read32(offset + 4))
+            return Ok(if eight {
+                r.bar.read64(offset as usize)
             } else {
-                0
-            };
-            return Ok(lo | (hi << 32));
+                u64::from(r.read32(offset))
+            });
         }
         let size = if eight {
             PropertySize::Eight
@@ -700,30 +698,24 @@ impl Controller {
         Ok(IoQpair::new(q, self.shared.clone(), epoch, max_transfer))
     }
 
-    /// Runs an I/O queue's setup after a reset: its Deletes may be refused (the reset removed
-    /// the queue already), its last two commands, the Creates, may not.
-    fn run_queue_setup(&mut self, cmds: Vec<Command>) -> Result<()> {
-        let creates_from = cmds.len().saturating_sub(2);
-        for (i, cmd) in cmds.into_iter().enumerate() {
-            let r = self.admin_cmd(cmd, Dir::None, None);
-            if i >= creates_from {
-                r?;
-            }
+    /// Runs the admin commands that make an I/O queue exist on the controller (PCIe's Create
+    /// I/O CQ/SQ), after removing a queue of the same ID that an earlier owner, or the
+    /// association before a reset, may have left behind (refused when there is none, which is
+    /// the usual case).
+    fn run_queue_setup(&mut self, deletes: Vec<Command>, creates: Vec<Command>) -> Result<()> {
+        for cmd in deletes {
+            let _ = self.admin_cmd(cmd, Dir::None, None);
+        }
+        for cmd in creates {
+            self.admin_cmd(cmd, Dir::None, None)?;
         }
         Ok(())
     }
 
-    /// Runs the admin commands that make `q` exist on the controller (PCIe's Create I/O
-    /// CQ/SQ), after removing a queue of the same ID an earlier owner may have left behind.
     fn create_on_controller<B: IoBuf>(&mut self, q: &mut Queue<B>) -> Result<()> {
-        for cmd in q.teardown_commands() {
-            // Refused when there is no such queue, which is the usual case.
-            let _ = self.admin_cmd(cmd, Dir::None, None);
-        }
-        for cmd in q.setup_commands()? {
-            self.admin_cmd(cmd, Dir::None, None)?;
-        }
-        Ok(())
+        let deletes = q.teardown_commands();
+        let creates = q.setup_commands()?;
+        self.run_queue_setup(deletes, creates)
     }
 
     // ------------------------------------------------------------------ polling
@@ -767,9 +759,10 @@ impl Controller {
                         return true;
                     }
                 }
-                for (qid, cmds) in self.admin.take_queue_setups() {
+                for setup in self.admin.take_queue_setups() {
                     busy = true;
-                    if let Err(e) = self.run_queue_setup(cmds) {
+                    let qid = setup.qid;
+                    if let Err(e) = self.run_queue_setup(setup.deletes, setup.creates) {
                         warn!(qid, "I/O queue not created again after the reset: {e}");
                         self.start_reset("an I/O queue could not be created again");
                         return true;

@@ -166,7 +166,7 @@ impl<B: IoBuf> Queue<B> {
     }
     /// I/O queues that asked, since the last call, to be created again on the controller
     /// after a reset, each with its admin commands (PCIe; fabrics queues reconnect alone).
-    pub fn take_queue_setups(&self) -> Vec<(u16, Vec<Command>)> {
+    pub fn take_queue_setups(&self) -> Vec<crate::pcie::QueueSetup> {
         match self {
             Queue::Tcp(_) => Vec::new(),
             Queue::Pcie(q) => q.device().take_setups(),
@@ -190,7 +190,7 @@ impl<B: IoBuf> Queue<B> {
     pub fn use_shadow_doorbells(&self) {
         if let Queue::Pcie(q) = self {
             if let Some(s) = &q.device().shadow {
-                s.set_enabled(true);
+                s.enable();
             }
         }
     }

@@ -107,8 +107,7 @@ pub struct Container {
 
 #[derive(Default)]
 struct ContainerState {
-    /// Set once the first group is in: only then may the IOMMU type be chosen.
-    iommu_set: bool,
+    /// The groups in the container; the IOMMU type is chosen as the first one comes in.
     groups: Vec<(u32, Arc<File>)>,
 }
 
@@ -170,7 +169,6 @@ impl Container {
         Ok(Device {
             file: File::from(fd),
             addr,
-            can_reset: info.flags & sys::DEVICE_FLAGS_RESET != 0,
             _group: group,
             _container: self.clone(),
         })
@@ -218,10 +216,9 @@ impl Container {
         let mut arg = FdArg(std::os::fd::AsRawFd::as_raw_fd(&self.fd));
         sys::ioctl_arg(file.as_fd(), sys::GROUP_SET_CONTAINER, &mut arg)
             .map_err(io_err(format!("VFIO_GROUP_SET_CONTAINER {path}")))?;
-        if !st.iommu_set {
+        if st.groups.is_empty() {
             sys::ioctl_val(self.fd.as_fd(), sys::SET_IOMMU, sys::TYPE1V2_IOMMU as _)
                 .map_err(io_err("VFIO_SET_IOMMU type1v2"))?;
-            st.iommu_set = true;
         }
         let file = Arc::new(file);
         st.groups.push((id, file.clone()));
@@ -230,7 +227,7 @@ impl Container {
 
     /// The IOVA ranges the IOMMU can translate (none known before a device is open).
     pub fn iova_ranges(&self) -> Result<Vec<RangeInclusive<u64>>> {
-        if !self.lock().iommu_set {
+        if self.lock().groups.is_empty() {
             return Ok(Vec::new());
         }
         let mut buf = vec![0u8; 4096];
@@ -244,8 +241,8 @@ impl Container {
     ///
     /// # Safety
     /// The memory must stay mapped and owned by the caller, and must not be handed to other
-    /// users, until [`Container::unmap_dma`] of the same range (or for the life of the
-    /// process): a device may write it at any time.
+    /// users, for the life of the container (in practice, of the process): a device may
+    /// write it at any time, and nothing takes the mapping away.
     pub unsafe fn map_dma(&self, vaddr: *const u8, len: usize, iova: u64) -> Result<()> {
         let mut m = sys::DmaMap {
             argsz: std::mem::size_of::<sys::DmaMap>() as u32,
@@ -259,19 +256,6 @@ impl Container {
             .map_err(io_err(format!(
                 "VFIO_IOMMU_MAP_DMA of {len} bytes at IOVA {iova:#x}"
             )))
-    }
-
-    /// Takes a range mapped by [`Container::map_dma`] away from the devices.
-    pub fn unmap_dma(&self, iova: u64, len: usize) -> Result<()> {
-        let mut m = sys::DmaUnmap {
-            argsz: std::mem::size_of::<sys::DmaUnmap>() as u32,
-            flags: 0,
-            iova,
-            size: len as u64,
-        };
-        sys::ioctl_arg(self.fd.as_fd(), sys::IOMMU_UNMAP_DMA, &mut m)
-            .map(drop)
-            .map_err(io_err(format!("VFIO_IOMMU_UNMAP_DMA at IOVA {iova:#x}")))
     }
 }
 
@@ -326,7 +310,6 @@ fn parse_iova_ranges(buf: &[u8]) -> Vec<RangeInclusive<u64>> {
 pub struct Device {
     file: File,
     addr: PciAddress,
-    can_reset: bool,
     _group: Arc<File>,
     _container: Arc<Container>,
 }
@@ -337,10 +320,6 @@ const PCI_COMMAND_MEMORY: u16 = 1 << 1;
 const PCI_COMMAND_MASTER: u16 = 1 << 2;
 
 impl Device {
-    pub fn address(&self) -> PciAddress {
-        self.addr
-    }
-
     fn region(&self, index: u32) -> Result<sys::RegionInfo> {
         let mut r = sys::RegionInfo {
             argsz: std::mem::size_of::<sys::RegionInfo>() as u32,
@@ -375,16 +354,6 @@ impl Device {
         self.config_read(PCI_COMMAND, &mut b)?;
         let cmd = u16::from_le_bytes(b) | PCI_COMMAND_MASTER | PCI_COMMAND_MEMORY;
         self.config_write(PCI_COMMAND, &cmd.to_le_bytes())
-    }
-
-    /// A function-level reset, where the device offers one.
-    pub fn reset(&self) -> Result<()> {
-        if !self.can_reset {
-            return Err(Error::Unsupported("a reset for this device"));
-        }
-        sys::ioctl_val(self.file.as_fd(), sys::DEVICE_RESET, 0)
-            .map(drop)
-            .map_err(io_err(format!("VFIO_DEVICE_RESET {}", self.addr)))
     }
 
     /// Maps BAR `index` (a memory BAR the kernel lets us map).

@@ -19,17 +19,14 @@ pub const GROUP_SET_CONTAINER: u64 = vfio_io(4);
 pub const GROUP_GET_DEVICE_FD: u64 = vfio_io(6);
 pub const DEVICE_GET_INFO: u64 = vfio_io(7);
 pub const DEVICE_GET_REGION_INFO: u64 = vfio_io(8);
-pub const DEVICE_RESET: u64 = vfio_io(11);
 pub const IOMMU_GET_INFO: u64 = vfio_io(12);
 pub const IOMMU_MAP_DMA: u64 = vfio_io(13);
-pub const IOMMU_UNMAP_DMA: u64 = vfio_io(14);
 
 pub const API_VERSION: i32 = 0;
 /// The type1 IOMMU with v2 semantics (unmap of partial ranges refused, no implicit splits).
 pub const TYPE1V2_IOMMU: u64 = 3;
 
 pub const GROUP_FLAGS_VIABLE: u32 = 1 << 0;
-pub const DEVICE_FLAGS_RESET: u32 = 1 << 0;
 pub const DEVICE_FLAGS_PCI: u32 = 1 << 1;
 pub const REGION_INFO_FLAG_READ: u32 = 1 << 0;
 pub const REGION_INFO_FLAG_WRITE: u32 = 1 << 1;
@@ -81,14 +78,6 @@ pub struct DmaMap {
     pub size: u64,
 }
 
-#[repr(C)]
-pub struct DmaUnmap {
-    pub argsz: u32,
-    pub flags: u32,
-    pub iova: u64,
-    pub size: u64,
-}
-
 /// An argument struct the kernel reads and may fill in, whose size is its `argsz`.
 ///
 /// # Safety
@@ -103,8 +92,6 @@ unsafe impl IoctlArg for DeviceInfo {}
 unsafe impl IoctlArg for RegionInfo {}
 // SAFETY: as above.
 unsafe impl IoctlArg for DmaMap {}
-// SAFETY: as above.
-unsafe impl IoctlArg for DmaUnmap {}
 
 fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret < 0 {

@@ -11,7 +11,7 @@ pub(crate) mod queue;
 mod shadow;
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nvme_spec::regs::{offset as reg, Cap, Cc, Csts};
@@ -31,11 +31,8 @@ const IOVA_BASE: u64 = 1 << 32;
 
 /// The process's VFIO container, opened with the first device.
 fn container() -> Result<Arc<Container>> {
-    static C: OnceLock<Mutex<Option<Arc<Container>>>> = OnceLock::new();
-    let mut c = C
-        .get_or_init(|| Mutex::new(None))
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    static C: Mutex<Option<Arc<Container>>> = Mutex::new(None);
+    let mut c = lock(&C);
     if let Some(c) = c.as_ref() {
         return Ok(c.clone());
     }
@@ -77,6 +74,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The admin commands that make I/O queue `qid` exist on the controller.
+pub(crate) struct QueueSetup {
+    pub qid: u16,
+    /// Delete I/O SQ/CQ of a queue the same ID may have left; refused when there is none.
+    pub deletes: Vec<nvme_spec::Command>,
+    /// Create I/O CQ, then SQ: these must succeed.
+    pub creates: Vec<nvme_spec::Command>,
+}
+
 /// One NVMe controller on PCIe.
 pub(crate) struct PcieDevice {
     pub addr: PciAddress,
@@ -91,7 +97,7 @@ pub(crate) struct PcieDevice {
     sgls: AtomicU32,
     /// I/O queues waiting for the controller to create them again after a reset: the queue
     /// owner posts, the admin queue's owner runs the Create commands and marks them ready.
-    setups: Mutex<Vec<(u16, Vec<nvme_spec::Command>)>>,
+    setups: Mutex<Vec<QueueSetup>>,
     ready: Mutex<Vec<u16>>,
     _device: vfio::Device,
 }
@@ -140,16 +146,16 @@ impl PcieDevice {
         }))
     }
 
-    /// An I/O queue asks to be created again with these admin commands (Delete, then Create).
-    pub fn post_setup(&self, qid: u16, cmds: Vec<nvme_spec::Command>) {
-        lock(&self.ready).retain(|q| *q != qid);
+    /// An I/O queue asks to be created again.
+    pub fn post_setup(&self, setup: QueueSetup) {
+        lock(&self.ready).retain(|q| *q != setup.qid);
         let mut s = lock(&self.setups);
-        s.retain(|(q, _)| *q != qid);
-        s.push((qid, cmds));
+        s.retain(|p| p.qid != setup.qid);
+        s.push(setup);
     }
 
     /// The queue setups posted since the last call, for the admin queue's owner.
-    pub fn take_setups(&self) -> Vec<(u16, Vec<nvme_spec::Command>)> {
+    pub fn take_setups(&self) -> Vec<QueueSetup> {
         std::mem::take(&mut *lock(&self.setups))
     }
 

@@ -23,7 +23,7 @@ use nvme_spec::opcode::admin;
 use nvme_spec::regs::offset as reg;
 use nvme_spec::{Command, Completion, IntoBytes, Status};
 
-use super::{PcieDevice, MAX_TRANSFER, PAGE};
+use super::{PcieDevice, QueueSetup, MAX_TRANSFER, PAGE};
 use crate::buf::IoBuf;
 use crate::error::{Error, Result};
 use crate::transport::{ConnParams, ConnectProgress, Dir, Done};
@@ -258,9 +258,11 @@ impl<B: IoBuf> PcieQueue<B> {
             return Err(Error::Disconnected);
         }
         self.reset_shadow();
-        let mut cmds = self.teardown_commands();
-        cmds.extend(self.create_commands());
-        self.dev.post_setup(self.qid(), cmds);
+        self.dev.post_setup(QueueSetup {
+            qid: self.qid(),
+            deletes: self.teardown_commands(),
+            creates: self.create_commands(),
+        });
         self.connecting = true;
         Ok(())
     }
@@ -465,7 +467,7 @@ impl<B: IoBuf> PcieQueue<B> {
             return Err(Error::Disconnected);
         }
         self.ring_sq();
-        let mut n = 0;
+        let (mut n, head) = (0, self.cq_head);
         while let Some(c) = self.peek() {
             self.cq_head += 1;
             if self.cq_head == self.depth {
@@ -484,7 +486,8 @@ impl<B: IoBuf> PcieQueue<B> {
             n += 1;
             on_done(self.finish(cid, c.status(), c.result.get(), c.dw1.get()));
         }
-        if n > 0 {
+        // Every consumed entry frees its slot for the device, a stray one included.
+        if self.cq_head != head {
             self.dev
                 .ring(self.qid(), true, self.cq_doorbell, self.cq_head);
         }

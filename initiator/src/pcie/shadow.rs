@@ -78,8 +78,9 @@ impl ShadowDoorbells {
         (iova(&self.doorbells), iova(&self.event_idx))
     }
 
-    pub fn set_enabled(&self, on: bool) {
-        self.enabled.store(on, Ordering::Release);
+    /// The controller accepted Doorbell Buffer Config.
+    pub fn enable(&self) {
+        self.enabled.store(true, Ordering::Release);
     }
 
     /// Before queue `qid` is created on the controller: its words start at zero, as its

@@ -203,6 +203,11 @@ impl NvmeCtrlr {
         })
     }
 
+    /// The command channel of the owner thread, once the controller is attached.
+    fn sender(&self) -> Option<mpsc::Sender<Cmd>> {
+        self.cmds.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     pub fn state(&self) -> CtrlrState {
         self.published
             .lock()
@@ -301,7 +306,7 @@ impl NvmeModule {
 /// A transport ID as SPDK's RPCs spell it; a PCIe controller is named by its address alone.
 fn trid_json(t: &TransportId) -> Value {
     if t.trtype == TrType::Pcie {
-        return serde_json::json!({"trtype": "PCIe", "traddr": t.traddr});
+        return serde_json::json!({"trtype": t.trtype.as_str(), "traddr": t.traddr});
     }
     serde_json::json!({
         "trtype": t.trtype.as_str(),

@@ -69,10 +69,7 @@ impl NvmeModule {
             .get(name)
             .ok_or_else(|| NvmeError::NotFound(name.to_string()))?;
         let sender = c
-            .cmds
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .sender()
             .ok_or_else(|| NvmeError::NotFound(format!("{name} (still attaching)")))?;
         // The owner may delete the controller itself meanwhile (ctrlr_loss_timeout_sec): then
         // it is simply not there any more.
@@ -90,7 +87,11 @@ impl NvmeModule {
     /// `bdev_nvme_reset_controller` does.
     pub async fn reset(app: &Arc<App>, name: &str) -> Result<(), NvmeError> {
         let gone = || NvmeError::NotFound(name.to_string());
-        let sender = app.nvme.sender(name).ok_or_else(gone)?;
+        let sender = app
+            .nvme
+            .get(name)
+            .and_then(|c| c.sender())
+            .ok_or_else(gone)?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         sender.send(Cmd::Reset(tx)).map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?
@@ -105,7 +106,7 @@ impl NvmeModule {
             .list()
             .iter()
             .filter_map(|c| {
-                let sender = self.sender(&c.spec.name)?;
+                let sender = c.sender()?;
                 let (tx, rx) = mpsc::channel();
                 sender.send(Cmd::Exit(tx)).ok()?;
                 Some((c.spec.name.clone(), rx))
@@ -117,15 +118,6 @@ impl NvmeModule {
                 tracing::warn!("bdev_nvme {name}: not shut down within {limit:?}; exiting anyway");
             }
         }
-    }
-
-    /// The command channel of controller `name`'s owner thread, once it is attached.
-    fn sender(&self, name: &str) -> Option<mpsc::Sender<Cmd>> {
-        self.get(name)?
-            .cmds
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
     }
 }
 
@@ -520,27 +512,23 @@ impl Owner {
     /// As plexd exits with its reactors stopped (their qpairs went with their threads): fails
     /// the bdevs and shuts the controller down, leaving the registry alone.
     fn exit(self) {
-        for (b, _) in self.bdevs.values() {
-            b.gone.store(true, Ordering::Release);
-        }
-        *self.c.cmds.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        let name = self.c.spec.name.clone();
-        match self.ctrlr.detach() {
-            Ok(()) => tracing::info!("bdev_nvme {name}: shut down"),
-            Err(e) => tracing::warn!("bdev_nvme {name}: shutdown: {e}"),
-        }
+        self.shut_down(false)
     }
 
     /// Unregisters the bdevs, takes the qpairs off the reactors (failing what is in flight)
     /// and shuts the controller down.
-    fn teardown(mut self) {
+    fn teardown(self) {
+        self.shut_down(true)
+    }
+
+    fn shut_down(mut self, reactors_running: bool) {
         let name = self.c.spec.name.clone();
         for (b, _) in self.bdevs.values() {
             b.gone.store(true, Ordering::Release);
         }
-        // Without the app its reactors are stopped too: their qpairs went with their threads,
-        // and a message to them would never be answered.
-        let app = self.app.upgrade();
+        // Without the app, or as plexd exits, the reactors are stopped: their qpairs went
+        // with their threads, and a message to them would never be answered.
+        let app = self.app.upgrade().filter(|_| reactors_running);
         if let Some(app) = &app {
             for (_, (_, e)) in std::mem::take(&mut self.bdevs) {
                 self.zombies.push(e);
@@ -548,15 +536,18 @@ impl Owner {
             for e in std::mem::take(&mut self.zombies) {
                 let _ = app.bdevs.unregister(e.name(), "nvme");
             }
-        }
-        let id = self.c.id;
-        for h in self.reactors.iter().filter(|_| app.is_some()) {
-            let _ = h.call_blocking(move |ctx| remove_qpair(ctx, id));
+            let id = self.c.id;
+            for h in &self.reactors {
+                let _ = h.call_blocking(move |ctx| remove_qpair(ctx, id));
+            }
         }
         *self.c.cmds.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        if let Err(e) = self.ctrlr.detach() {
-            tracing::warn!("bdev_nvme {name}: shutdown: {e}");
+        match self.ctrlr.detach() {
+            Ok(()) => tracing::info!("bdev_nvme {name}: shut down"),
+            Err(e) => tracing::warn!("bdev_nvme {name}: shutdown: {e}"),
         }
-        tracing::info!("bdev_nvme: detached {name}");
+        if reactors_running {
+            tracing::info!("bdev_nvme: detached {name}");
+        }
     }
 }
