@@ -33,10 +33,12 @@ pub fn now_ns() -> u64 {
     }
 }
 
-/// Re-reads the clock for this thread's `now_ns`: what a reactor does at the start of each loop
-/// pass, for other polling loops (benchmarks) to do the same.
-pub fn refresh_loop_clock() {
-    LOOP_NOW_NS.with(|c| c.set(fresh_now_ns()));
+/// Re-reads the clock for this thread's `now_ns`, and returns it: what a reactor does between
+/// loop passes, for other polling loops (benchmarks) to do the same.
+pub fn refresh_loop_clock() -> u64 {
+    let now = fresh_now_ns();
+    LOOP_NOW_NS.with(|c| c.set(now));
+    now
 }
 
 fn fresh_now_ns() -> u64 {
@@ -701,16 +703,17 @@ impl Reactor {
     fn run(&mut self) {
         let me = self.ctx.handle.clone();
         CURRENT.with(|c| *c.borrow_mut() = Some(me));
-        let mut last_busy = Instant::now();
-        let mut loop_start = last_busy;
+        // One clock read per pass: the time a pass ends is the next one's loop clock.
+        let mut pass_start = refresh_loop_clock();
+        let mut last_busy = pass_start;
+        let idle_poll_ns = self.idle_poll.as_nanos() as u64;
         let mut loops: u64 = 0;
         while !self.shared.stop.load(Ordering::Acquire) {
-            refresh_loop_clock();
             WAKE_BY_NS.with(|c| c.set(0));
             let busy = self.run_once();
-            let now = Instant::now();
-            let spent = now.duration_since(loop_start).as_nanos() as u64;
-            loop_start = now;
+            let now = refresh_loop_clock();
+            let spent = now.saturating_sub(pass_start);
+            pass_start = now;
             let stats = self.shared.clone();
             let stats = &stats.stats;
             if busy {
@@ -718,14 +721,13 @@ impl Reactor {
                 stats.busy_ns.fetch_add(spent, Ordering::Relaxed);
             } else {
                 stats.idle_ns.fetch_add(spent, Ordering::Relaxed);
-                if !self.idle_poll.is_zero() && now.duration_since(last_busy) >= self.idle_poll {
+                if idle_poll_ns != 0 && now.saturating_sub(last_busy) >= idle_poll_ns {
                     self.sleep();
-                    let woke = Instant::now();
-                    stats.idle_ns.fetch_add(
-                        woke.duration_since(loop_start).as_nanos() as u64,
-                        Ordering::Relaxed,
-                    );
-                    loop_start = woke;
+                    let woke = refresh_loop_clock();
+                    stats
+                        .idle_ns
+                        .fetch_add(woke.saturating_sub(pass_start), Ordering::Relaxed);
+                    pass_start = woke;
                 }
             }
             loops += 1;

@@ -26,13 +26,14 @@ use nvme_spec::resv::rescap;
 use nvme_spec::{IntoBytes, Status};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, MutexGuard};
 
-/// Milliseconds since the first call, for keep-alive bookkeeping in atomics.
+/// Milliseconds on the reactors' clock (`reactor::now_ns`), for keep-alive and transport
+/// timeouts: on a reactor it is the time its loop pass began, so the data path reads no clock
+/// of its own. Every thread's reading is on the same epoch; one taken on a reactor can lag
+/// another thread's by a pass, so differences are taken with `saturating_sub`.
 pub fn now_ms() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
+    crate::reactor::now_ns() / 1_000_000
 }
 
 /// A queue pair as `nvmf_subsystem_get_qpairs` shows it.

@@ -55,7 +55,9 @@ const PRE_CONNECT_SLOTS: usize = 4;
 const EXTRA_SLOTS: usize = 32;
 /// PDUs handled per poll of one connection, so one busy connection cannot starve others.
 const RX_BUDGET: usize = 256;
-const MAX_IOV: usize = 64;
+/// iovecs per writev: room for QD128's worth of 4 KiB C2H PDUs (header, data) in one call,
+/// under the kernel's IOV_MAX of 1024.
+const MAX_IOV: usize = 512;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum SlotState {
@@ -1657,10 +1659,9 @@ impl Conn {
     fn flush(&mut self) -> std::io::Result<bool> {
         let mut busy = false;
         while self.tx_ready && !self.out.is_empty() {
-            let mut iov: [libc::iovec; MAX_IOV] = [libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            }; MAX_IOV];
+            // Filled from the front; only the first `n` are passed to the kernel, so the
+            // rest need no zeroing on every flush.
+            let mut iov = [std::mem::MaybeUninit::<libc::iovec>::uninit(); MAX_IOV];
             let mut n = 0;
             for p in self.out.iter() {
                 if n + 3 > MAX_IOV {
@@ -1669,10 +1670,10 @@ impl Conn {
                 let mut pos = p.sent as usize;
                 let hl = usize::from(p.hlen);
                 if pos < hl {
-                    iov[n] = libc::iovec {
+                    iov[n].write(libc::iovec {
                         iov_base: p.hdr[pos..hl].as_ptr() as *mut libc::c_void,
                         iov_len: hl - pos,
-                    };
+                    });
                     n += 1;
                     pos = hl;
                 }
@@ -1683,26 +1684,27 @@ impl Conn {
                         .as_ref()
                         .expect("a queued data PDU keeps its buffer");
                     let o = pos - hl;
-                    iov[n] = libc::iovec {
+                    iov[n].write(libc::iovec {
                         iov_base: b[o..dl].as_ptr() as *mut libc::c_void,
                         iov_len: dl - o,
-                    };
+                    });
                     n += 1;
                     pos = hl + dl;
                 }
                 let gl = usize::from(p.dlen);
                 if gl > 0 && pos < hl + dl + gl {
                     let o = pos - hl - dl;
-                    iov[n] = libc::iovec {
+                    iov[n].write(libc::iovec {
                         iov_base: p.ddgst[o..gl].as_ptr() as *mut libc::c_void,
                         iov_len: gl - o,
-                    };
+                    });
                     n += 1;
                 }
             }
-            // SAFETY: every iovec points into memory owned by `self.out` or by the slots'
-            // buffers, which are not touched until writev returns.
-            let r = unsafe { libc::writev(self.fd, iov.as_ptr(), n as i32) };
+            // SAFETY: the first `n` iovecs were written above; each points into memory owned
+            // by `self.out` or by the slots' buffers, which are not touched until writev
+            // returns.
+            let r = unsafe { libc::writev(self.fd, iov.as_ptr().cast::<libc::iovec>(), n as i32) };
             if r < 0 {
                 let e = std::io::Error::last_os_error();
                 match e.kind() {
