@@ -16,6 +16,10 @@ gives medians of the repetitions:
   - plexperf ÷ spdk_nvme_perf: our host over SPDK's, against the same target (one column each);
   - ÷ ceiling: each target's rate (host spdk_nvme_perf) over the loopback ceiling's ops/s at
     the same shape and queue depth (4 KiB rows only);
+  - busy ns/IO and "per core, plexd ÷ SPDK": each target's busy reactor time (passes in which a
+    poller did work, as both count it) over the I/Os its bdevs served, host spdk_nvme_perf. On
+    two cores the host's core often sets the pace, and then both targets give the same IOPS
+    while one of them has time to spare: this column shows it;
   - idle CPU of each target (3 s, no host connected): SPDK polls; plexd should not.
 It is written, with the machine, its load before and after, and the exact commands, to
 benches/reports/nvmf_tcp-<date>.md.
@@ -216,6 +220,16 @@ class Target:
 
     def alive(self):
         return self.proc.poll() is None
+
+    def work_counters(self):
+        """(busy ns of its reactors, reads + writes of its bdevs) so far. Both targets count a
+        reactor pass busy when a poller did work (SPDK in TSC ticks, plexd in ns), so the
+        difference over a run, divided by the I/Os it served, is the core time each I/O cost:
+        what "per core" means when the host, not the target, sets the pace."""
+        r = self.rpc.call("framework_get_reactors")
+        busy = sum(x["busy"] for x in r["reactors"]) * 1e9 / r["tick_rate"]
+        ios = sum(b["num_read_ops"] + b["num_write_ops"] for b in self.rpc.call("bdev_get_iostat")["bdevs"])
+        return busy, ios
 
     def idle_cpu_pct(self, seconds=3.0):
         c0 = cpu_seconds(self.proc.pid)
@@ -461,6 +475,7 @@ def summarize(runs):
     med = statistics.median(iops)
     return {"iops": med, "mib_s": median_of(runs, lambda r: r["mib_s"]),
             "avg_us": lat("avg_us"), "p99_us": lat("p99_us"), "p99_9_us": lat("p99_9_us"),
+            "busy_ns_per_io": median_of(runs, lambda r: r.get("busy_ns_per_io")),
             "spread": (max(iops) - min(iops)) / med if med else 0.0, "n": len(runs),
             "error_lines": sum(len(r.get("error_lines", [])) for r in runs),
             "io_errors": sum(r.get("errors", 0) for r in runs)}
@@ -596,6 +611,7 @@ def main():
                     for tk in order:
                         only(tk)
                         for hk in horder:
+                            before = targets[tk].work_counters()
                             if hk == "spdk":
                                 cmd = spdk_perf_cmd(ports[tk], pattern, size, qd, args.time, nqn)
                                 r = run_spdk_perf(cmd, args.time)
@@ -605,6 +621,9 @@ def main():
                             note(cmd)
                             if not targets[tk].alive():
                                 raise RuntimeError(f"{targets[tk].name} exited: {targets[tk].log_tail()}")
+                            after = targets[tk].work_counters()
+                            served = after[1] - before[1]
+                            r["busy_ns_per_io"] = (after[0] - before[0]) / served if served else None
                             results.setdefault((bdev, label, tk, hk), []).append(r)
                             lat = r["latency_us"]
                             print(f"rep {rep + 1}: {bdev:6} {label:18} {TARGET_NAMES[tk]:8} <- {HOST_NAMES[hk]:14} "
@@ -632,9 +651,10 @@ def main():
     # ---- the tables ----
     main_rows = []
     if with_spdk:
-        head = ("| bdev | workload | SPDK nvmf_tgt | plexd | plexd ÷ SPDK | plexperf ÷ spdk_nvme_perf "
+        head = ("| bdev | workload | SPDK nvmf_tgt | plexd | plexd ÷ SPDK | busy ns/IO nvmf_tgt | "
+                "busy ns/IO plexd | per core, plexd ÷ SPDK | plexperf ÷ spdk_nvme_perf "
                 "(plexd) | plexperf ÷ spdk_nvme_perf (nvmf_tgt) |")
-        sep = "|---|---|---:|---:|---:|---:|---:|"
+        sep = "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
         if with_ceiling:
             head += " plexd ÷ ceiling | nvmf_tgt ÷ ceiling |"
             sep += "---:|---:|"
@@ -656,6 +676,8 @@ def main():
                 pp, ps = c("plexd", "plexperf"), c("spdk", "plexperf")
                 line = (f"| {bdev} | {label} | {fmt_rate(label, sp)} | {fmt_rate(label, pd)} | "
                         f"**{ratio(rate(label, pd), rate(label, sp))}** | "
+                        f"{fnum(sp['busy_ns_per_io'], '{:,.0f}')} | {fnum(pd['busy_ns_per_io'], '{:,.0f}')} | "
+                        f"**{ratio(sp['busy_ns_per_io'], pd['busy_ns_per_io'])}** | "
                         f"{ratio(rate(label, pp), rate(label, pd))} | {ratio(rate(label, ps), rate(label, sp))} |")
                 if with_ceiling:
                     line += (f" {ratio(pd['iops'], ceil['ops_s']) if ceil else '–'} |"
@@ -677,8 +699,9 @@ def main():
                              f"{r['avg_us']:.1f} | {r['target_cpu']['user_pct']:.0f}/{r['target_cpu']['sys_pct']:.0f} | "
                              f"{r['host_cpu']['user_pct']:.0f}/{r['host_cpu']['sys_pct']:.0f} |")
 
-    cell_rows = ["| bdev | workload | target | host | IOPS | MiB/s | avg µs | p99 µs | p99.9 µs | spread |",
-                 "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    cell_rows = ["| bdev | workload | target | host | IOPS | MiB/s | avg µs | p99 µs | p99.9 µs | "
+                 "busy ns/IO | spread |",
+                 "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     errors = io_errors = 0
     for bdev in bdevs:
         for label, *_ in workloads:
@@ -689,7 +712,8 @@ def main():
                     io_errors += x["io_errors"]
                     cell_rows.append(f"| {bdev} | {label} | {TARGET_NAMES[tk]} | {HOST_NAMES[hk]} | "
                                      f"{x['iops']:,.0f} | {x['mib_s']:,.1f} | {fnum(x['avg_us'])} | "
-                                     f"{fnum(x['p99_us'])} | {fnum(x['p99_9_us'])} | {x['spread'] * 100:.0f} % |")
+                                     f"{fnum(x['p99_us'])} | {fnum(x['p99_9_us'])} | "
+                                     f"{fnum(x['busy_ns_per_io'], '{:,.0f}')} | {x['spread'] * 100:.0f} % |")
 
     idle_line = "; ".join(f"{TARGET_NAMES[k]} {v:.1f} % of a core" for k, v in idle.items())
     git = subprocess.run(["git", "-C", REPO, "describe", "--always", "--dirty"],
@@ -720,7 +744,13 @@ def main():
         out.append("IOPS (4 KiB; QD1 with its mean latency) or MiB/s (128 KiB). plexperf ÷ "
                    "spdk_nvme_perf: our host over SPDK's against the same target. ÷ ceiling: the "
                    "target's IOPS (spdk_nvme_perf) over the loopback ceiling's ops/s for the same "
-                   "shape and queue depth.\n")
+                   "shape and queue depth. busy ns/IO: the target's reactor time in passes where a "
+                   "poller did work (SPDK's framework_get_reactors busy ticks, plexd's busy ns) "
+                   "over the reads and writes its bdevs served in the same span (bdev_get_iostat), "
+                   "host spdk_nvme_perf: what each I/O cost the target's core. per core, plexd ÷ "
+                   "SPDK: nvmf_tgt's busy ns/IO over plexd's. Where the host sets the pace (the "
+                   "same IOPS from both targets), this, not the IOPS, says which target uses its "
+                   "core better.\n")
     else:
         out.append("## plexd (host plexperf)\n")
     out.append("\n".join(main_rows) + "\n")

@@ -18,7 +18,11 @@
 //! own core; `--block` sleeps in poll(2) when there is nothing to do. Each side's user and
 //! system CPU over the measured window is printed too.
 //!
-//! Usage: tcp_ceiling [-w read,write] [-q 1,32,128] [-o 4096] [-t 2] [--json]
+//! `--target-io` changes only how the target side reaches its socket (spin, epoll, io_uring with
+//! a single-shot or a multishot recv), to see what each costs the kernel before a target is
+//! built on it: `benches/reports/tcp_ceiling_io-*.md`.
+//!
+//! Usage: tcp_ceiling [-w read,write] [-q 1,32,128] [-o 4096] [-t 2] [--target-io spin] [--json]
 
 use std::io::{self, Read};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -86,9 +90,35 @@ struct Cli {
     /// Reads: a 24 B CapsuleResp after the data too (a target with c2h_success off).
     #[arg(long)]
     read_resp: bool,
+    /// How the target side reaches its socket: `spin` (recv and writev on a non-blocking
+    /// socket every pass), `epoll` (an epoll_wait(0) each pass first, as a target serving
+    /// many connections does), `uring` (one io_uring: a recv and a writev in flight, one
+    /// io_uring_enter a pass, none when nothing is due), `uring-multishot` (the same with one
+    /// multishot recv into a ring of provided buffers). The host side always spins.
+    #[arg(long, value_enum, default_value_t = TargetIo::Spin)]
+    target_io: TargetIo,
     /// One JSON object on stdout instead of the table.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum TargetIo {
+    Spin,
+    Epoll,
+    Uring,
+    UringMultishot,
+}
+
+impl TargetIo {
+    fn name(self) -> &'static str {
+        match self {
+            TargetIo::Spin => "spin",
+            TargetIo::Epoll => "epoll",
+            TargetIo::Uring => "uring",
+            TargetIo::UringMultishot => "uring-multishot",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -215,10 +245,10 @@ impl Outbox {
         }
     }
 
-    /// One writev of as much as is due; true when it sent anything.
-    fn flush(&mut self, fd: RawFd) -> io::Result<bool> {
+    /// Fills `iov` with as much as is due; false when nothing is.
+    fn prepare(&mut self) -> bool {
         if self.queued == 0 {
-            return Ok(false);
+            return false;
         }
         let msgs = (IOV_MAX / self.segs.len()).min(self.queued);
         self.iov.clear();
@@ -236,6 +266,21 @@ impl Outbox {
                 skip = 0;
             }
         }
+        true
+    }
+
+    /// Counts `n` bytes of what `prepare` offered as sent.
+    fn advance(&mut self, n: usize) {
+        let sent = self.off + n;
+        self.queued -= sent / self.msg_len;
+        self.off = sent % self.msg_len;
+    }
+
+    /// One writev of as much as is due; true when it sent anything.
+    fn flush(&mut self, fd: RawFd) -> io::Result<bool> {
+        if !self.prepare() {
+            return Ok(false);
+        }
         // SAFETY: every iovec points into `self.segs`, alive and unchanged during the call.
         let n = unsafe { libc::writev(fd, self.iov.as_ptr(), self.iov.len() as libc::c_int) };
         if n < 0 {
@@ -246,9 +291,7 @@ impl Outbox {
                 Err(e)
             };
         }
-        let sent = self.off + n as usize;
-        self.queued -= sent / self.msg_len;
-        self.off = sent % self.msg_len;
+        self.advance(n as usize);
         Ok(n > 0)
     }
 }
@@ -325,50 +368,313 @@ fn setup(stream: &TcpStream) -> io::Result<()> {
 struct Job {
     core: usize,
     block: bool,
+    target_io: TargetIo,
     segs: Vec<Vec<u8>>,
     phase: Arc<AtomicU8>,
 }
 
 /// The target: answers every I/O the host sends until the host closes; its CPU in the window.
-fn target(listener: TcpListener, job: Job) -> io::Result<Cpu> {
+fn target(listener: TcpListener, mut job: Job) -> io::Result<Cpu> {
     pin(job.core)?;
-    let (mut stream, _) = listener.accept()?;
+    let (stream, _) = listener.accept()?;
     setup(&stream)?;
-    let fd = stream.as_raw_fd();
-    let mut out = Outbox::new(job.segs);
-    let mut framer = Framer::default();
-    let mut buf = vec![0u8; RECV_BUF];
-    let mut seen = WARMUP;
-    let (mut from, mut cpu) = (None, Cpu::default());
-    loop {
-        let mut busy = out.flush(fd)?;
-        match stream.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                busy = true;
-                out.queued += framer.feed(&buf[..n]);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break,
-            Err(e) => return Err(e),
-        }
+    let mut side = TargetSide {
+        out: Outbox::new(std::mem::take(&mut job.segs)),
+        framer: Framer::default(),
+        buf: vec![0u8; RECV_BUF],
+        seen: WARMUP,
+        from: None,
+        cpu: Cpu::default(),
+    };
+    match job.target_io {
+        TargetIo::Spin | TargetIo::Epoll => target_posix(stream, &job, &mut side)?,
+        TargetIo::Uring | TargetIo::UringMultishot => target_uring(stream, &job, &mut side)?,
+    }
+    Ok(side.cpu)
+}
+
+/// What the target keeps whichever way it reaches the socket.
+struct TargetSide {
+    out: Outbox,
+    framer: Framer,
+    buf: Vec<u8>,
+    seen: u8,
+    from: Option<Window>,
+    cpu: Cpu,
+}
+
+impl TargetSide {
+    /// Takes `n` received bytes; queues the replies they complete.
+    fn received(&mut self, n: usize) {
+        self.out.queued += self.framer.feed(&self.buf[..n]);
+    }
+
+    /// Follows the host's phase: the CPU window opens when it measures and closes when it is done.
+    fn follow(&mut self, job: &Job) {
         let phase = job.phase.load(Ordering::Relaxed);
-        if phase != seen {
-            seen = phase;
+        if phase != self.seen {
+            self.seen = phase;
             match phase {
-                MEASURING => from = Some(Window::now()),
+                MEASURING => self.from = Some(Window::now()),
                 _ => {
-                    if let Some(f) = &from {
-                        cpu = f.cpu_until(&Window::now());
+                    if let Some(f) = &self.from {
+                        self.cpu = f.cpu_until(&Window::now());
                     }
                 }
             }
         }
+    }
+}
+
+fn target_posix(mut stream: TcpStream, job: &Job, side: &mut TargetSide) -> io::Result<()> {
+    let fd = stream.as_raw_fd();
+    let epoll = if job.target_io == TargetIo::Epoll {
+        Some(Epoll::new(fd)?)
+    } else {
+        None
+    };
+    loop {
+        let mut busy = side.out.flush(fd)?;
+        let readable = epoll.as_ref().is_none_or(|e| e.readable());
+        if readable {
+            match stream.read(&mut side.buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    busy = true;
+                    side.received(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break,
+                Err(e) => return Err(e),
+            }
+        }
+        side.follow(job);
         if !busy && job.block {
-            wait_readable(fd, out.queued > 0);
+            wait_readable(fd, side.out.queued > 0);
         }
     }
-    Ok(cpu)
+    Ok(())
+}
+
+/// A level-triggered epoll set of one socket, asked without waiting: what a target serving many
+/// connections pays each pass to learn which have news.
+struct Epoll(std::os::fd::OwnedFd);
+
+impl Epoll {
+    fn new(fd: RawFd) -> io::Result<Epoll> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: epoll_create1 returns a new descriptor or -1.
+        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if ep < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `ep` is a fresh descriptor owned by nothing else.
+        let ep = unsafe { std::os::fd::OwnedFd::from_raw_fd(ep) };
+        let mut ev = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLRDHUP) as u32,
+            u64: 0,
+        };
+        // SAFETY: plain epoll_ctl on descriptors we hold open; `ev` outlives the call.
+        if unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Epoll(ep))
+    }
+
+    fn readable(&self) -> bool {
+        let mut ev = libc::epoll_event { events: 0, u64: 0 };
+        // SAFETY: room for one event; timeout 0.
+        unsafe { libc::epoll_wait(self.0.as_raw_fd(), &mut ev, 1, 0) > 0 }
+    }
+}
+
+const RECV_TAG: u64 = 1;
+const BUF_GROUP: u16 = 0;
+const PROVIDED_BUFS: u16 = 64;
+const PROVIDED_BUF_LEN: usize = 64 << 10;
+
+/// A ring of provided buffers for multishot recv: the kernel takes one per completion, and we
+/// give it back once its bytes are counted.
+struct ProvidedBufs {
+    ring: *mut io_uring::types::BufRingEntry,
+    ring_len: usize,
+    bufs: Vec<u8>,
+    tail: u16,
+}
+
+impl ProvidedBufs {
+    fn register(uring: &io_uring::IoUring) -> io::Result<ProvidedBufs> {
+        let ring_len =
+            usize::from(PROVIDED_BUFS) * std::mem::size_of::<io_uring::types::BufRingEntry>();
+        // SAFETY: a fresh private anonymous mapping; checked for failure below.
+        let ring = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                ring_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ring == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let mut p = ProvidedBufs {
+            ring: ring.cast(),
+            ring_len,
+            bufs: vec![0u8; usize::from(PROVIDED_BUFS) * PROVIDED_BUF_LEN],
+            tail: 0,
+        };
+        // SAFETY: the ring is page-aligned memory that outlives the registration (the
+        // io_uring is dropped before `p` in `target_uring`).
+        unsafe {
+            uring.submitter().register_buf_ring_with_flags(
+                ring as u64,
+                PROVIDED_BUFS,
+                BUF_GROUP,
+                0,
+            )?
+        };
+        for bid in 0..PROVIDED_BUFS {
+            p.give_back(bid);
+        }
+        Ok(p)
+    }
+
+    fn take(&self, bid: u16, n: usize) -> &[u8] {
+        let at = usize::from(bid) * PROVIDED_BUF_LEN;
+        &self.bufs[at..at + n.min(PROVIDED_BUF_LEN)]
+    }
+
+    fn give_back(&mut self, bid: u16) {
+        let at = usize::from(bid) * PROVIDED_BUF_LEN;
+        let slot = usize::from(self.tail & (PROVIDED_BUFS - 1));
+        // SAFETY: `slot` is inside the ring's PROVIDED_BUFS entries; the kernel reads only
+        // entries behind the tail, which is published after the entry is written.
+        unsafe {
+            let e = &mut *self.ring.add(slot);
+            e.set_addr(self.bufs[at..].as_ptr() as u64);
+            e.set_len(PROVIDED_BUF_LEN as u32);
+            e.set_bid(bid);
+            self.tail = self.tail.wrapping_add(1);
+            let tail = io_uring::types::BufRingEntry::tail(self.ring)
+                as *const std::sync::atomic::AtomicU16;
+            (*tail).store(self.tail, Ordering::Release);
+        }
+    }
+}
+
+impl Drop for ProvidedBufs {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `register`, no longer registered.
+        unsafe { libc::munmap(self.ring.cast(), self.ring_len) };
+    }
+}
+/// IORING_ENTER_GETEVENTS: run the deferred task work, which completes the recv.
+const ENTER_GETEVENTS: u32 = 1;
+const SEND_TAG: u64 = 2;
+
+/// The target over io_uring: one recv and one writev in flight at most, submitted together
+/// with the completions' task work in one io_uring_enter per pass, and no enter at all while
+/// nothing is due (DEFER_TASKRUN with the task-run flag says when the kernel holds news).
+fn target_uring(stream: TcpStream, job: &Job, side: &mut TargetSide) -> io::Result<()> {
+    // io_uring honours O_NONBLOCK by failing with EAGAIN; blocking sockets let it wait for
+    // data itself.
+    stream.set_nonblocking(false)?;
+    let fd = stream.as_raw_fd();
+    let mut ring: io_uring::IoUring = io_uring::IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .setup_taskrun_flag()
+        .build(8)?;
+    let mut provided = if job.target_io == TargetIo::UringMultishot {
+        Some(ProvidedBufs::register(&ring)?)
+    } else {
+        None
+    };
+    let (mut recv_armed, mut send_armed) = (false, false);
+    loop {
+        let mut to_submit = 0;
+        if !recv_armed {
+            let e = match &provided {
+                Some(_) => io_uring::opcode::RecvMulti::new(io_uring::types::Fd(fd), BUF_GROUP)
+                    .build()
+                    .user_data(RECV_TAG),
+                None => io_uring::opcode::Recv::new(
+                    io_uring::types::Fd(fd),
+                    side.buf.as_mut_ptr(),
+                    side.buf.len() as u32,
+                )
+                .build()
+                .user_data(RECV_TAG),
+            };
+            // SAFETY: `side.buf` is neither moved nor touched until this recv completes.
+            unsafe { ring.submission().push(&e) }.map_err(|_| io::Error::other("ring full"))?;
+            recv_armed = true;
+            to_submit += 1;
+        }
+        if !send_armed && side.out.prepare() {
+            let e = io_uring::opcode::Writev::new(
+                io_uring::types::Fd(fd),
+                side.out.iov.as_ptr(),
+                side.out.iov.len() as u32,
+            )
+            .build()
+            .user_data(SEND_TAG);
+            // SAFETY: the iovecs and what they point at stay unchanged until it completes.
+            unsafe { ring.submission().push(&e) }.map_err(|_| io::Error::other("ring full"))?;
+            send_armed = true;
+            to_submit += 1;
+        }
+        let news = ring.submission().taskrun() || !ring.completion().is_empty();
+        if to_submit > 0 || news {
+            // SAFETY: no timeout argument is passed.
+            unsafe {
+                ring.submitter()
+                    .enter::<libc::sigset_t>(to_submit, 0, ENTER_GETEVENTS, None)
+            }?;
+        }
+        let mut closed = false;
+        for cqe in ring.completion() {
+            let res = cqe.result();
+            match cqe.user_data() {
+                RECV_TAG => {
+                    let flags = cqe.flags();
+                    recv_armed = provided.is_some() && io_uring::cqueue::more(flags);
+                    match res {
+                        0 => closed = true,
+                        n if n > 0 => match (&mut provided, io_uring::cqueue::buffer_select(flags))
+                        {
+                            (Some(p), Some(bid)) => {
+                                side.out.queued += side.framer.feed(p.take(bid, n as usize));
+                                p.give_back(bid);
+                            }
+                            _ => side.received(n as usize),
+                        },
+                        e if -e == libc::ENOBUFS => {}
+                        e if -e == libc::ECONNRESET => closed = true,
+                        e => return Err(io::Error::from_raw_os_error(-e)),
+                    }
+                }
+                _ => {
+                    send_armed = false;
+                    if res < 0 {
+                        return Err(io::Error::from_raw_os_error(-res));
+                    }
+                    side.out.advance(res as usize);
+                }
+            }
+        }
+        if closed {
+            break;
+        }
+        side.follow(job);
+    }
+    // The ring first: no recv may still write into the provided buffers once they go.
+    drop(ring);
+    drop(provided);
+    Ok(())
 }
 
 struct HostResult {
@@ -455,12 +761,14 @@ fn run_row(cli: &Cli, shape: Shape, qd: usize) -> io::Result<Row> {
     let tjob = Job {
         core: cli.target_core,
         block: cli.block,
+        target_io: cli.target_io,
         segs: target_segs,
         phase: phase.clone(),
     };
     let hjob = Job {
         core: cli.host_core,
         block: cli.block,
+        target_io: TargetIo::Spin,
         segs: host_segs,
         phase,
     };
@@ -496,11 +804,20 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let mode = if cli.block { "poll(2)" } else { "spin" };
+    if cli.block && cli.target_io != TargetIo::Spin {
+        eprintln!("tcp_ceiling: --block goes with --target-io spin only");
+        return ExitCode::from(2);
+    }
     if !cli.json {
         println!(
-            "loopback TCP, one connection, target core {}, host core {}, {} B I/O, {mode} when idle, \
-             {} s per row after {} s warm-up",
-            cli.target_core, cli.host_core, cli.io_size, cli.time, cli.warmup
+            "loopback TCP, one connection, target core {} ({}), host core {}, {} B I/O, {mode} when \
+             idle, {} s per row after {} s warm-up",
+            cli.target_core,
+            cli.target_io.name(),
+            cli.host_core,
+            cli.io_size,
+            cli.time,
+            cli.warmup
         );
         println!(
             "{:6} {:>4} {:>12} {:>10} {:>8}  {:>15}  {:>15}",
@@ -559,8 +876,9 @@ fn main() -> ExitCode {
             })
             .collect();
         println!(
-            "{{\"mode\": \"{mode}\", \"read_resp\": {}, \"target_core\": {}, \"host_core\": {}, \
-             \"time_s\": {}, \"rows\": [{}]}}",
+            "{{\"mode\": \"{mode}\", \"target_io\": \"{}\", \"read_resp\": {}, \"target_core\": {}, \
+             \"host_core\": {}, \"time_s\": {}, \"rows\": [{}]}}",
+            cli.target_io.name(),
             cli.read_resp,
             cli.target_core,
             cli.host_core,
@@ -574,6 +892,28 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each way of reaching the socket answers every I/O, reads and writes: the host only
+    /// finishes a row once every command it issued is answered, and it fails if the target
+    /// closes early.
+    #[test]
+    fn every_target_io_answers_every_io() {
+        for io in ["spin", "epoll", "uring", "uring-multishot"] {
+            let cli = Cli::parse_from([
+                "tcp_ceiling",
+                "-t",
+                "0.2",
+                "--warmup",
+                "0.05",
+                "--target-io",
+                io,
+            ]);
+            for shape in [Shape::Read, Shape::Write] {
+                let row = run_row(&cli, shape, 8).unwrap_or_else(|e| panic!("{io}: {e}"));
+                assert!(row.ops_s > 0.0, "{io} {}: no I/O answered", shape.name());
+            }
+        }
+    }
 
     #[test]
     fn framer_counts_ios_across_any_split() {
