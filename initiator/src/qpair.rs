@@ -488,6 +488,9 @@ fn to_result(s: Status) -> Result<(), IoError> {
         Ok(())
     } else if s.same_code(Status::ABORT_REQUESTED) {
         Err(IoError::TimedOut)
+    } else if s.same_code(Status::HOST_PATHING_ERROR) {
+        // Given up by the transport (connections lost under it): executed or not, unknown.
+        Err(IoError::PathFailed)
     } else {
         Err(IoError::Nvme(s))
     }

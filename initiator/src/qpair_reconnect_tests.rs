@@ -75,6 +75,9 @@ enum Script {
     Never,
     /// These bytes instead of an ICResp, then close.
     Reply(Vec<u8>),
+    /// ICResp and Connect at once; then close the connection on the first command, as a
+    /// target that the command itself brings down would.
+    HangUpOnCommand,
 }
 
 struct Peer {
@@ -165,6 +168,7 @@ fn serve(
             }
             s.write_all(icresp.as_bytes())?;
         }
+        Script::HangUpOnCommand => s.write_all(icresp.as_bytes())?,
         Script::BytewiseOnGo => {
             for (i, b) in icresp.as_bytes().iter().enumerate() {
                 if !go_ahead(go, seen) {
@@ -198,6 +202,9 @@ fn serve(
         panic!("expected a capsule, got {:?}", h.pdu_type)
     };
     let _ = seen.send(Seen::Read);
+    if matches!(script, Script::HangUpOnCommand) {
+        return Ok(()); // dropping the stream closes it
+    }
     let data = pattern();
     let c2h = C2HData::new(cap.cmd.cid(), 0, BLOCK as u32, true, true, false, false, 0).unwrap();
     s.write_all(c2h.as_bytes())?;
@@ -522,5 +529,72 @@ fn a_bad_icresp_fails_the_attempt_cleanly() {
             drop(qp);
             peer.finish();
         }
+    });
+}
+
+/// A command whose every sending loses the connection (the target drops it, or dies, each
+/// time it arrives) is not sent forever: out on `MAX_LOST_SENDS` lost connections, it fails
+/// with a path error at the next reconnection instead of going out again, and the queue
+/// itself stays usable.
+#[test]
+fn a_command_that_loses_every_connection_it_goes_out_on_fails_instead_of_going_out_forever() {
+    use crate::tcp::queue::MAX_LOST_SENDS;
+    with_watchdog(|| {
+        let lost = usize::from(MAX_LOST_SENDS);
+        let peer = start_peer(Script::HangUpOnCommand, lost + 1);
+        let mut qp = rejoining_qpair(
+            peer.port,
+            Duration::from_secs(60),
+            Duration::from_millis(10),
+        );
+        let mut done = Vec::new();
+        for conn in 1..=lost {
+            poll_until_seen(&mut qp, &peer, Seen::IcReq { conn }, &mut done);
+            poll_until_seen(
+                &mut qp,
+                &peer,
+                Seen::Connect {
+                    qid: 1,
+                    cntlid: CNTLID,
+                },
+                &mut done,
+            );
+            poll_until_seen(&mut qp, &peer, Seen::Read, &mut done);
+            poll_until_state(&mut qp, "down", |st| st == ConnState::Down, &mut done);
+            assert!(
+                done.is_empty(),
+                "the read ended after {conn} lost connection(s)"
+            );
+            // What the controller's reset does once the queue reports the loss: a new
+            // association for the queue to join.
+            assert!(qp.shared.reset_req.swap(false, Ordering::AcqRel));
+            qp.shared.epoch.fetch_add(1, Ordering::AcqRel);
+        }
+        // Connection lost + 1: joined, and the read fails rather than going out again.
+        poll_until_seen(&mut qp, &peer, Seen::IcReq { conn: lost + 1 }, &mut done);
+        poll_until_seen(
+            &mut qp,
+            &peer,
+            Seen::Connect {
+                qid: 1,
+                cntlid: CNTLID,
+            },
+            &mut done,
+        );
+        let deadline = Instant::now() + TEST_DEADLINE;
+        while done.is_empty() {
+            qp.poll(|c| done.push(c));
+            assert!(Instant::now() < deadline, "the read never ended");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].tag, READ_TAG);
+        assert_eq!(done[0].result, Err(crate::IoError::PathFailed));
+        assert!(done[0].buf.is_some(), "the buffer comes back");
+        assert!(qp.is_connected());
+        assert_eq!(qp.outstanding(), 0);
+        drop(qp);
+        peer.expect(Seen::HungUp { conn: lost + 1 });
+        peer.finish();
     });
 }

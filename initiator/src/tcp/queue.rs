@@ -114,6 +114,10 @@ struct Slot<B> {
     pub abort_posted: bool,
     /// A data digest failed: the command completes with Data Transfer Error.
     xfer_err: bool,
+    /// Its capsule went out whole on the current connection.
+    capsule_sent: bool,
+    /// Connections lost while it was out on them (`MAX_LOST_SENDS`).
+    lost_sends: u8,
 }
 
 impl<B> Slot<B> {
@@ -142,6 +146,8 @@ impl<B> Slot<B> {
             c2h_got: 0,
             abort_posted: false,
             xfer_err: false,
+            capsule_sent: false,
+            lost_sends: 0,
         }
     }
 }
@@ -176,7 +182,10 @@ const RX_BUF: usize = 128 * 1024;
 const DIRECT_MIN: u32 = 16 * 1024;
 /// Segments per writev.
 const IOV_BATCH: usize = 64;
-/// The cid reserved for Fabrics Connect on (re)connection.
+/// A command out on this many connections that were lost fails with a host pathing error
+/// instead of going out again: one that itself brings the target down (or makes it drop the
+/// connection) would otherwise be resent, and bring it down, forever.
+pub(crate) const MAX_LOST_SENDS: u8 = 4;
 /// Connect CATTR bit 2: ask the controller to disable SQ flow control. This host never looks
 /// at SQHD (a command slot is its flow control), so the target may skip tracking the head.
 /// Only on I/O queues, as the Linux host does; plexd's target and nvmet both accept it.
@@ -216,6 +225,8 @@ pub(crate) struct TcpQueue<B> {
     rx_end: usize,
     rx_state: Rx,
     internal_done: Option<(Status, u32)>,
+    /// Commands given up at a reconnection (`MAX_LOST_SENDS`), for the next poll to deliver.
+    given_up: Vec<Done<B>>,
     /// Controller ID this queue is connected with.
     pub cntlid: u16,
 }
@@ -256,6 +267,7 @@ impl<B: IoBuf> TcpQueue<B> {
             rx_end: 0,
             rx_state: Rx::Hdr,
             internal_done: None,
+            given_up: Vec::new(),
             cntlid: 0xffff,
         }
     }
@@ -289,7 +301,7 @@ impl<B: IoBuf> TcpQueue<B> {
 
     /// Whether a poll has anything to do (lets an idle owner skip the recv syscall).
     pub fn busy(&self) -> bool {
-        self.outstanding > 0 || !self.txq.is_empty()
+        self.outstanding > 0 || !self.txq.is_empty() || !self.given_up.is_empty()
     }
 
     // ---------------------------------------------------------------- connection
@@ -477,9 +489,23 @@ impl<B: IoBuf> TcpQueue<B> {
                     self.conn = ConnState::Up;
                     debug!(qid = self.params.qid, cntlid = self.cntlid, ?self.wire, maxh2cdata = self.maxh2cdata, "queue connected");
                     // Re-issue commands that were in flight on the previous connection, and
-                    // those submitted while connecting.
+                    // those submitted while connecting; give up on those lost too often.
                     for cid in 0..self.depth {
-                        if self.slots[cid as usize].active {
+                        let s = &self.slots[cid as usize];
+                        if !s.active {
+                            continue;
+                        }
+                        if s.lost_sends >= MAX_LOST_SENDS {
+                            warn!(
+                                qid = self.params.qid,
+                                tag = s.tag,
+                                opcode = s.sqe.opcode,
+                                "I/O failed: {MAX_LOST_SENDS} connections were lost while it \
+                                 was out; it is not sent again"
+                            );
+                            let d = self.finish(cid, Status::HOST_PATHING_ERROR, 0, 0);
+                            self.given_up.push(d);
+                        } else {
                             self.requeue(cid);
                         }
                     }
@@ -680,6 +706,10 @@ impl<B: IoBuf> TcpQueue<B> {
         self.rx_end = 0;
         for s in self.slots.iter_mut() {
             s.tx_pending = 0;
+            if s.active && s.capsule_sent {
+                s.lost_sends = s.lost_sends.saturating_add(1);
+            }
+            s.capsule_sent = false;
         }
         let c = connect_cid(self.depth) as usize;
         self.slots[c].active = false;
@@ -729,6 +759,8 @@ impl<B: IoBuf> TcpQueue<B> {
         s.started = Instant::now();
         s.abort_posted = false;
         s.xfer_err = false;
+        s.capsule_sent = false;
+        s.lost_sends = 0;
         if !internal {
             self.outstanding += 1;
         }
@@ -795,6 +827,9 @@ impl<B: IoBuf> TcpQueue<B> {
 
     /// Completes every active user command with `status` (path failure, detach).
     pub fn fail_all(&mut self, status: Status, on_done: &mut impl FnMut(Done<B>)) {
+        for d in std::mem::take(&mut self.given_up) {
+            on_done(d);
+        }
         for cid in 0..self.depth {
             if self.slots[cid as usize].active {
                 let d = self.finish(cid, status, 0, 0);
@@ -924,6 +959,7 @@ impl<B: IoBuf> TcpQueue<B> {
             self.txq.pop_front();
             let s = &mut self.slots[it.cid as usize];
             s.tx_pending = s.tx_pending.saturating_sub(1);
+            s.capsule_sent |= !it.h2c;
             if it.h2c {
                 s.r2t_next += s.chunk_len;
                 if s.r2t_next < s.r2t_end {
@@ -963,8 +999,12 @@ impl<B: IoBuf> TcpQueue<B> {
         if !self.is_connected() {
             return Err(Error::Disconnected);
         }
-        self.flush()?;
         let mut n = 0;
+        for d in std::mem::take(&mut self.given_up) {
+            n += 1;
+            on_done(d);
+        }
+        self.flush()?;
         loop {
             let progressed = self.process(on_done, &mut n)?;
             if !progressed {
