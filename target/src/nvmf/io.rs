@@ -18,11 +18,17 @@ pub fn nvme_status(io_type: IoType, s: IoStatus) -> Status {
         // A flush on a device without a cache has nothing to do.
         IoStatus::Unsupported if io_type == IoType::Flush => Status::SUCCESS,
         IoStatus::Unsupported => Status::INVALID_OPCODE.with_dnr(),
-        IoStatus::IoError(_) => match io_type {
-            IoType::Read => Status::UNRECOVERED_READ_ERROR,
-            IoType::Write | IoType::WriteZeroes => Status::WRITE_FAULT,
-            _ => Status::INTERNAL,
-        },
+        // The media errors a device or file reports; anything else (no memory, a device
+        // gone from under a mirror, a full queue) is not the medium's fault, and a host that
+        // sees a media error neither retries nor trusts the blocks again.
+        IoStatus::IoError(libc::EIO | libc::ENODATA | libc::EILSEQ | libc::EBADMSG) => {
+            match io_type {
+                IoType::Read => Status::UNRECOVERED_READ_ERROR,
+                IoType::Write | IoType::WriteZeroes => Status::WRITE_FAULT,
+                _ => Status::INTERNAL,
+            }
+        }
+        IoStatus::IoError(_) => Status::INTERNAL,
         // The device went away or was reset: the host may retry (no DNR).
         IoStatus::Aborted => Status::ABORTED_SQ_DELETION,
         IoStatus::Nvme { sct, sc } => Status::new(sct, sc),
@@ -240,8 +246,18 @@ mod tests {
         assert!(nvme_status(IoType::Read, IoStatus::OutOfRange).same_code(Status::LBA_OUT_OF_RANGE));
         assert!(nvme_status(IoType::Flush, IoStatus::Unsupported).is_success());
         assert!(nvme_status(IoType::Unmap, IoStatus::Unsupported).same_code(Status::INVALID_OPCODE));
-        assert!(nvme_status(IoType::Read, IoStatus::IoError(5))
+        assert!(nvme_status(IoType::Read, IoStatus::IoError(libc::EIO))
             .same_code(Status::UNRECOVERED_READ_ERROR));
+        assert!(
+            nvme_status(IoType::Write, IoStatus::IoError(libc::EIO)).same_code(Status::WRITE_FAULT)
+        );
+        for errno in [libc::ENOMEM, libc::EAGAIN, libc::ENODEV] {
+            for t in [IoType::Read, IoType::Write] {
+                let s = nvme_status(t, IoStatus::IoError(errno));
+                assert!(s.same_code(Status::INTERNAL), "{t:?} errno {errno}: {s}");
+                assert!(!s.dnr, "{t:?} errno {errno}: the host may retry");
+            }
+        }
         let s = nvme_status(IoType::Read, IoStatus::Nvme { sct: 2, sc: 0x81 });
         assert_eq!((s.sct, s.sc), (2, 0x81));
     }
