@@ -18,9 +18,9 @@ pub fn nvme_status(io_type: IoType, s: IoStatus) -> Status {
         // A flush on a device without a cache has nothing to do.
         IoStatus::Unsupported if io_type == IoType::Flush => Status::SUCCESS,
         IoStatus::Unsupported => Status::INVALID_OPCODE.with_dnr(),
-        // The media errors a device or file reports; anything else (no memory, a device
-        // gone from under a mirror, a full queue) is not the medium's fault, and a host that
-        // sees a media error neither retries nor trusts the blocks again.
+        // The media errors a device or file reports. Anything else (no memory, a device
+        // gone from under a mirror, a full queue) is not the medium's fault; a media status
+        // would tell the host its blocks are bad (Linux logs a critical medium error).
         IoStatus::IoError(libc::EIO | libc::ENODATA | libc::EILSEQ | libc::EBADMSG) => {
             match io_type {
                 IoType::Read => Status::UNRECOVERED_READ_ERROR,
