@@ -1041,8 +1041,11 @@ impl Conn {
                 }
             }
             self.slots[si as usize].state = SlotState::AwaitBuf;
-            self.buf_waiting.push_back(si);
-            self.admit_waiting();
+            // With nobody waiting ahead of it, it need not queue to start.
+            if !(self.buf_waiting.is_empty() && self.start_transfer(si)) {
+                self.buf_waiting.push_back(si);
+                self.admit_waiting();
+            }
             return;
         }
         self.exec(si);
@@ -1052,48 +1055,57 @@ impl Conn {
     /// buffers: a write gets its R2T, a read is executed. Returns whether any started.
     fn admit_waiting(&mut self) -> bool {
         let mut started = false;
-        while let Some(&si) = self.buf_waiting.front() {
+        while let Some(si) = self.buf_waiting.pop_front() {
             if self.slots[si as usize].state != SlotState::AwaitBuf {
                 // Ended while it waited (an abort, a reset): nothing to start.
-                self.buf_waiting.pop_front();
                 continue;
             }
-            let Some(ctrl) = self.ctrl.as_ref() else {
-                break;
-            };
-            let len = self.slots[si as usize].xfer_len;
-            let budget = &self.target.data_budget;
-            if !budget.try_take(&ctrl.data_held, u64::from(len)) {
+            if !self.start_transfer(si) {
+                self.buf_waiting.push_front(si);
                 break;
             }
-            let buf = match DmaBuf::new(len as usize) {
-                Ok(b) => b,
-                Err(e) => {
-                    // The memory itself is short: wait for buffers to come back, as when
-                    // the budget is.
-                    budget.give_back(&ctrl.data_held, u64::from(len));
-                    crate::log_limited!(WARN, "nvmf/tcp: no buffer for {len} bytes yet: {e}");
-                    break;
-                }
-            };
-            self.buf_waiting.pop_front();
             started = true;
-            let s = &mut self.slots[si as usize];
-            s.buf = Some(buf);
-            s.charged = len;
-            if s.dir == DataDirection::HostToController {
-                let cid = s.cmd.cid();
-                self.await_h2c(si);
-                let r2t = R2T::new(cid, si, 0, len, self.hdgst);
-                let mut p = OutPdu::empty();
-                p.hdr[..24].copy_from_slice(r2t.as_bytes());
-                p.hlen = 24;
-                self.push_out(p);
-            } else {
-                self.exec(si);
-            }
         }
         started
+    }
+
+    /// Lends slot `si` its buffer from the data budget and starts its transfer (a write's
+    /// R2T, a read's execution). False, with nothing changed, while the budget or the memory
+    /// is short.
+    fn start_transfer(&mut self, si: u16) -> bool {
+        let Some(ctrl) = self.ctrl.as_ref() else {
+            return false;
+        };
+        let len = self.slots[si as usize].xfer_len;
+        let budget = &self.target.data_budget;
+        if !budget.try_take(&ctrl.data_held, u64::from(len)) {
+            return false;
+        }
+        let buf = match DmaBuf::new(len as usize) {
+            Ok(b) => b,
+            Err(e) => {
+                // The memory itself is short: wait for buffers to come back, as when the
+                // budget is.
+                budget.give_back(&ctrl.data_held, u64::from(len));
+                crate::log_limited!(WARN, "nvmf/tcp: no buffer for {len} bytes yet: {e}");
+                return false;
+            }
+        };
+        let s = &mut self.slots[si as usize];
+        s.buf = Some(buf);
+        s.charged = len;
+        if s.dir == DataDirection::HostToController {
+            let cid = s.cmd.cid();
+            self.await_h2c(si);
+            let r2t = R2T::new(cid, si, 0, len, self.hdgst);
+            let mut p = OutPdu::empty();
+            p.hdr[..24].copy_from_slice(r2t.as_bytes());
+            p.hlen = 24;
+            self.push_out(p);
+        } else {
+            self.exec(si);
+        }
+        true
     }
 
     /// Gives slot `si`'s share of the data budget back.
