@@ -64,6 +64,12 @@ enum Seen {
     GaveUp,
 }
 
+/// The peer took the queue's Fabrics Connect for I/O queue 1 of the association.
+const CONNECTED: Seen = Seen::Connect {
+    qid: 1,
+    cntlid: CNTLID,
+};
+
 /// How the peer answers ICReq.
 #[derive(Debug, Clone)]
 enum Script {
@@ -383,15 +389,7 @@ fn rejoin_with_icresp_held(
     let mut done = Vec::new();
     poll_until_seen(&mut qp, &peer, Seen::IcReq { conn: 1 }, &mut done);
     while_held(&mut qp, &peer, &mut done);
-    poll_until_seen(
-        &mut qp,
-        &peer,
-        Seen::Connect {
-            qid: 1,
-            cntlid: CNTLID,
-        },
-        &mut done,
-    );
+    poll_until_seen(&mut qp, &peer, CONNECTED, &mut done);
     poll_until_seen(&mut qp, &peer, Seen::Read, &mut done);
     expect_read_back(&mut qp, &mut done);
     drop(qp);
@@ -550,15 +548,7 @@ fn a_command_that_loses_every_connection_it_goes_out_on_fails_instead_of_going_o
         let mut done = Vec::new();
         for conn in 1..=lost {
             poll_until_seen(&mut qp, &peer, Seen::IcReq { conn }, &mut done);
-            poll_until_seen(
-                &mut qp,
-                &peer,
-                Seen::Connect {
-                    qid: 1,
-                    cntlid: CNTLID,
-                },
-                &mut done,
-            );
+            poll_until_seen(&mut qp, &peer, CONNECTED, &mut done);
             poll_until_seen(&mut qp, &peer, Seen::Read, &mut done);
             poll_until_state(&mut qp, "down", |st| st == ConnState::Down, &mut done);
             assert!(
@@ -572,15 +562,7 @@ fn a_command_that_loses_every_connection_it_goes_out_on_fails_instead_of_going_o
         }
         // Connection lost + 1: joined, and the read fails rather than going out again.
         poll_until_seen(&mut qp, &peer, Seen::IcReq { conn: lost + 1 }, &mut done);
-        poll_until_seen(
-            &mut qp,
-            &peer,
-            Seen::Connect {
-                qid: 1,
-                cntlid: CNTLID,
-            },
-            &mut done,
-        );
+        poll_until_seen(&mut qp, &peer, CONNECTED, &mut done);
         let deadline = Instant::now() + TEST_DEADLINE;
         while done.is_empty() {
             qp.poll(|c| done.push(c));
