@@ -336,14 +336,19 @@ fn poll_until_state(
     }
 }
 
-/// Polls until the read completes, and checks it.
-fn expect_read_back(qp: &mut IoQpair<Vec<u8>>, done: &mut Vec<IoCompletion<Vec<u8>>>) {
+/// Polls until the read has ended, one way or another.
+fn poll_until_done(qp: &mut IoQpair<Vec<u8>>, done: &mut Vec<IoCompletion<Vec<u8>>>) {
     let deadline = Instant::now() + TEST_DEADLINE;
     while done.is_empty() {
         qp.poll(|c| done.push(c));
-        assert!(Instant::now() < deadline, "the read never completed");
+        assert!(Instant::now() < deadline, "the read never ended");
         std::thread::sleep(Duration::from_millis(1));
     }
+}
+
+/// Polls until the read completes, and checks it.
+fn expect_read_back(qp: &mut IoQpair<Vec<u8>>, done: &mut Vec<IoCompletion<Vec<u8>>>) {
+    poll_until_done(qp, done);
     assert_eq!(done.len(), 1);
     let c = done.pop().unwrap();
     assert_eq!(c.tag, READ_TAG);
@@ -563,12 +568,7 @@ fn a_command_that_loses_every_connection_it_goes_out_on_fails_instead_of_going_o
         // Connection lost + 1: joined, and the read fails rather than going out again.
         poll_until_seen(&mut qp, &peer, Seen::IcReq { conn: lost + 1 }, &mut done);
         poll_until_seen(&mut qp, &peer, CONNECTED, &mut done);
-        let deadline = Instant::now() + TEST_DEADLINE;
-        while done.is_empty() {
-            qp.poll(|c| done.push(c));
-            assert!(Instant::now() < deadline, "the read never ended");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        poll_until_done(&mut qp, &mut done);
         assert_eq!(done.len(), 1);
         assert_eq!(done[0].tag, READ_TAG);
         assert_eq!(done[0].result, Err(crate::IoError::PathFailed));

@@ -707,6 +707,9 @@ impl Reactor {
         let mut pass_start = refresh_loop_clock();
         let mut last_busy = pass_start;
         let idle_poll_ns = self.idle_poll.as_nanos() as u64;
+        // Held outside the loop: a clone per pass would cost two atomic operations each.
+        let shared = self.shared.clone();
+        let stats = &shared.stats;
         let mut loops: u64 = 0;
         while !self.shared.stop.load(Ordering::Acquire) {
             WAKE_BY_NS.with(|c| c.set(0));
@@ -714,8 +717,6 @@ impl Reactor {
             let now = refresh_loop_clock();
             let spent = now.saturating_sub(pass_start);
             pass_start = now;
-            let stats = self.shared.clone();
-            let stats = &stats.stats;
             if busy {
                 last_busy = now;
                 stats.busy_ns.fetch_add(spent, Ordering::Relaxed);

@@ -199,6 +199,7 @@ const fn connect_cattr(qid: u16) -> u8 {
     }
 }
 
+/// The cid reserved for Fabrics Connect on (re)connection.
 const fn connect_cid(depth: u16) -> u16 {
     depth
 }

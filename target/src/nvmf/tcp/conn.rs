@@ -1042,7 +1042,8 @@ impl Conn {
             }
             self.slots[si as usize].state = SlotState::AwaitBuf;
             // With nobody waiting ahead of it, it need not queue to start.
-            if !(self.buf_waiting.is_empty() && self.start_transfer(si)) {
+            let started = self.buf_waiting.is_empty() && self.start_transfer(si);
+            if !started {
                 self.buf_waiting.push_back(si);
                 self.admit_waiting();
             }
