@@ -391,6 +391,12 @@ impl Controller {
         let vs = self.prop_get(reg::VS, false)? as u32;
         self.info.version = format!("{}.{}.{}", vs >> 16, (vs >> 8) & 0xff, vs & 0xff);
         let cap = Cap(self.cap);
+        if cap.max_queue_entries() < 2 {
+            // MQES 0 is invalid: no queue could hold a command and leave a slot empty.
+            return Err(Error::Protocol(
+                "CAP.MQES is 0: no queue can be made".into(),
+            ));
+        }
         self.info.max_queue_entries = cap.max_queue_entries();
         let to = Duration::from_millis(u64::from(cap.timeout_ms().max(500)));
 
@@ -416,9 +422,7 @@ impl Controller {
         self.admin.use_sgls(sgls);
         self.info.sgls = sgls & nvme_spec::identify::sgls::SUPPORT_MASK != 0;
         self.info.shadow_doorbells = false;
-        if id.oacs.get() & oacs::DOORBELL_BUFFER_CONFIG != 0 {
-            self.config_shadow_doorbells();
-        }
+        let shadow_offered = id.oacs.get() & oacs::DOORBELL_BUFFER_CONFIG != 0;
 
         let discovery = self.trid.is_discovery() || id.cntrltype == 3;
         if !discovery {
@@ -442,6 +446,10 @@ impl Controller {
                 .min((dw0 >> 16) + 1)
                 .min(u32::from(want)) as u16;
             self.info.io_queues = granted;
+            // Before any I/O queue exists, and once it is known how many there can be.
+            if shadow_offered {
+                self.config_shadow_doorbells(granted);
+            }
             // Diffed against what we knew, so a reconnect reports namespaces that came, went
             // or changed size while the controller was away.
             self.apply_namespaces(nss);
@@ -463,9 +471,11 @@ impl Controller {
     }
 
     /// Hands the controller our shadow doorbell pages (before any I/O queue exists on this
-    /// enable); without them, or if it refuses, queues write the registers alone.
-    fn config_shadow_doorbells(&mut self) {
-        let Some((doorbells, event_idx)) = self.admin.shadow_doorbell_pages() else {
+    /// enable); without them, or if it refuses, queues write the registers alone. Not where
+    /// the pages cannot hold the words of queues 1..=`max_qid` at the controller's doorbell
+    /// stride: the controller would read, and write EventIdx, past them.
+    fn config_shadow_doorbells(&mut self, max_qid: u16) {
+        let Some((doorbells, event_idx)) = self.admin.shadow_doorbell_pages(max_qid) else {
             return;
         };
         let mut cmd = Command::new(admin::DOORBELL_BUFFER_CONFIG);

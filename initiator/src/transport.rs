@@ -180,10 +180,15 @@ impl<B: IoBuf> Queue<B> {
     }
     /// Shadow doorbell pages to hand the controller with Doorbell Buffer Config (zeroed,
     /// not in use until [`Self::use_shadow_doorbells`]); PCIe only.
-    pub fn shadow_doorbell_pages(&self) -> Option<(u64, u64)> {
+    pub fn shadow_doorbell_pages(&self, max_qid: u16) -> Option<(u64, u64)> {
         match self {
             Queue::Tcp(_) => None,
-            Queue::Pcie(q) => q.device().shadow.as_ref().map(|s| s.prepare()),
+            Queue::Pcie(q) => q
+                .device()
+                .shadow
+                .as_ref()
+                .filter(|s| s.reaches(max_qid))
+                .map(|s| s.prepare()),
         }
     }
     /// The controller accepted Doorbell Buffer Config: queues write shadow doorbells now.

@@ -223,6 +223,9 @@ impl PcieDevice {
     /// CC.EN = 0 and waits for CSTS.RDY = 0 (within CAP.TO): the controller stops every
     /// queue and all DMA.
     pub fn disable(&self) -> Result<()> {
+        if let Some(s) = &self.shadow {
+            s.disable();
+        }
         let cc = Cc(self.read32(reg::CC));
         if cc.en() {
             self.write32(reg::CC, cc.with_en(false).0);

@@ -141,10 +141,7 @@ impl<B: IoBuf> PcieQueue<B> {
         self.reset_shadow();
         self.sq_doorbell = sqd;
         self.cq_doorbell = cqd;
-        self.sq_tail = 0;
-        self.sq_unrung = false;
-        self.cq_head = 0;
-        self.phase = true;
+        self.reset_positions();
         self.slots = (0..depth)
             .map(|_| Slot {
                 active: false,
@@ -289,21 +286,15 @@ impl<B: IoBuf> PcieQueue<B> {
         if let Some(cq) = self.cq.as_mut() {
             cq.fill(0);
         }
-        self.sq_tail = 0;
-        self.cq_head = 0;
-        self.phase = true;
+        self.reset_positions();
+        let now = Instant::now();
         for cid in 0..self.slots.len() {
             if !self.slots[cid].active {
                 continue;
             }
-            let at = self.sq_tail as usize * SQE;
             let sqe = self.slots[cid].sqe;
-            if let Some(ring) = self.sq.as_mut() {
-                ring[at..at + SQE].copy_from_slice(sqe.as_bytes());
-            }
-            self.sq_tail = (self.sq_tail + 1) % self.depth;
-            self.slots[cid].started = Instant::now();
-            self.sq_unrung = true;
+            self.push_sqe(&sqe);
+            self.slots[cid].started = now;
         }
         self.ring_sq();
     }
@@ -413,15 +404,29 @@ impl<B: IoBuf> PcieQueue<B> {
             self.outstanding += 1;
             return Ok(cid);
         }
-        let at = self.sq_tail as usize * SQE;
-        let ring = self.sq.as_mut().expect("connected queues have rings");
-        ring[at..at + SQE].copy_from_slice(sqe.as_bytes());
-        self.sq_tail = (self.sq_tail + 1) % self.depth;
+        self.push_sqe(&sqe);
         self.outstanding += 1;
-        // The doorbell waits for the next poll or flush: one register write per batch of
-        // submissions, not per command (each is a bus transaction, or a VM exit when emulated).
-        self.sq_unrung = true;
         Ok(cid)
+    }
+
+    /// Writes `sqe` at the submission ring's tail. The doorbell waits for the next poll or
+    /// flush: one register write per batch of submissions, not per command (each is a bus
+    /// transaction, or a VM exit when emulated).
+    fn push_sqe(&mut self, sqe: &Command) {
+        let at = self.sq_tail as usize * SQE;
+        if let Some(ring) = self.sq.as_mut() {
+            ring[at..at + SQE].copy_from_slice(sqe.as_bytes());
+        }
+        self.sq_tail = (self.sq_tail + 1) % self.depth;
+        self.sq_unrung = true;
+    }
+
+    /// Both rings from their start, as the controller takes a queue it has just created.
+    fn reset_positions(&mut self) {
+        self.sq_tail = 0;
+        self.sq_unrung = false;
+        self.cq_head = 0;
+        self.phase = true;
     }
 
     /// Tells the device of the submissions since the last doorbell.

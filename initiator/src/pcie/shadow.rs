@@ -13,6 +13,9 @@ use dma::DmaBuf;
 
 use super::PAGE;
 
+/// 32-bit words in one page.
+const WORDS: usize = PAGE as usize / 4;
+
 pub(crate) struct ShadowDoorbells {
     /// What we write: each queue's latest tail or head.
     doorbells: DmaBuf,
@@ -42,7 +45,7 @@ impl ShadowDoorbells {
     }
 
     fn words(&self) -> usize {
-        PAGE as usize / 4
+        WORDS
     }
 
     /// Word `i` of `buf`, which only we (atomically) and the device (by DMA) ever touch.
@@ -61,14 +64,17 @@ impl ShadowDoorbells {
     /// The shadow word of queue `qid`'s SQ tail (`cq == false`) or CQ head, if the page
     /// reaches it (an admin queue never uses one).
     fn index(&self, qid: u16, cq: bool) -> Option<usize> {
-        let i = (2 * usize::from(qid) + usize::from(cq)) * self.stride;
-        (qid != 0 && i < self.words()).then_some(i)
+        word_index(qid, cq, self.stride)
+    }
+
+    /// Whether the pages hold the words of every queue up to `max_qid`.
+    pub fn reaches(&self, max_qid: u16) -> bool {
+        max_qid == 0 || self.index(max_qid, true).is_some()
     }
 
     /// Before Doorbell Buffer Config, when every I/O queue is gone (controller enable):
     /// zeroes both pages and returns their IOVAs (PRP1: doorbells, PRP2: EventIdx).
     pub fn prepare(&self) -> (u64, u64) {
-        self.enabled.store(false, Ordering::Release);
         for i in 0..self.words() {
             self.word(&self.doorbells, i).store(0, Ordering::Relaxed);
             self.word(&self.event_idx, i).store(0, Ordering::Relaxed);
@@ -81,6 +87,12 @@ impl ShadowDoorbells {
     /// The controller accepted Doorbell Buffer Config.
     pub fn enable(&self) {
         self.enabled.store(true, Ordering::Release);
+    }
+
+    /// The controller was disabled, which voids its Doorbell Buffer Config: registers
+    /// alone until it is configured again.
+    pub fn disable(&self) {
+        self.enabled.store(false, Ordering::Release);
     }
 
     /// Before queue `qid` is created on the controller: its words start at zero, as its
@@ -121,9 +133,29 @@ fn needs_event(event: u16, new: u16, old: u16) -> bool {
     new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
 }
 
+/// Where queue `qid`'s SQ tail (`cq == false`) or CQ head word lies in a page of `PAGE`
+/// bytes at `stride` words per doorbell, if the page reaches it and the queue is not the
+/// admin queue.
+fn word_index(qid: u16, cq: bool, stride: usize) -> Option<usize> {
+    let i = (2 * usize::from(qid) + usize::from(cq)) * stride;
+    (qid != 0 && i < WORDS).then_some(i)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::needs_event;
+    use super::{needs_event, word_index};
+
+    #[test]
+    fn a_page_reaches_the_queues_its_doorbell_stride_leaves_room_for() {
+        // DSTRD 0 (4-byte stride): 1,024 words, queue 511's CQ head is the last.
+        assert_eq!(word_index(511, true, 1), Some(1023));
+        assert_eq!(word_index(512, false, 1), None);
+        // DSTRD 2 (16 bytes): a quarter of that.
+        assert_eq!(word_index(127, true, 4), Some(1020));
+        assert_eq!(word_index(128, false, 4), None);
+        // The admin queue writes its registers.
+        assert_eq!(word_index(0, false, 1), None);
+    }
 
     #[test]
     fn a_doorbell_is_written_only_when_the_move_passes_the_event_index() {
