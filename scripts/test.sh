@@ -120,6 +120,14 @@ fi
 # benchmarks (benches/) build with the release profile's LTO.
 export CARGO_PROFILE_RELEASE_LTO=${CARGO_PROFILE_RELEASE_LTO:-off}
 
+# The guest's prepare step also installs the Debian packages the tests need; run it first,
+# since the cargo tests use some of them too (rdma-core's headers, for the rdma crate's
+# layout test). It runs again, as a quick check, before the guest tests.
+if [ "$use_guest" = yes ]; then
+    stage "packages and the test guest"
+    scripts/guest/prepare.sh || echo "test.sh: prepare failed; the guest stage reports it" >&2
+fi
+
 stage "build"
 cargo build --release --workspace --bins
 

@@ -47,6 +47,16 @@ HOST_PACKAGES=(
     "/usr/bin/python3 python3"
     "timeout coreutils"
     "flock util-linux"
+    # NVMe/RDMA over soft-RoCE (rdma_rxe) in the guest: the rxe verbs provider, ibv_devices,
+    # rping for a first check, and the verbs and CM libraries the rdma crate loads.
+    "/usr/lib/x86_64-linux-gnu/libibverbs/librxe-rdmav34.so ibverbs-providers"
+    "/usr/lib/x86_64-linux-gnu/libibverbs.so.1 libibverbs1"
+    "/usr/lib/x86_64-linux-gnu/librdmacm.so.1 librdmacm1"
+    "rping rdmacm-utils"
+    "ibv_devices ibverbs-utils"
+    # The headers the rdma crate's layout test checks our declarations against.
+    "/usr/include/infiniband/verbs.h libibverbs-dev"
+    "/usr/include/rdma/rdma_cma.h librdmacm-dev"
 )
 
 say() { [ "$QUIET" = 1 ] || echo "prepare: $*" >&2; }
