@@ -19,6 +19,7 @@ pub mod features;
 pub mod identify;
 pub mod log;
 pub mod opcode;
+pub mod rdma;
 pub mod regs;
 pub mod resv;
 pub mod status;
