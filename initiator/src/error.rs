@@ -43,6 +43,12 @@ pub enum Error {
     /// A PCIe device could not be opened or used through VFIO.
     #[error("{0}")]
     Device(#[from] vfio::Error),
+    /// The RDMA connection could not be made: refused, unreachable, or no route.
+    #[error("RDMA connect: {0}")]
+    RdmaConnect(String),
+    /// An RDMA call failed, or rdma-core is not installed.
+    #[error("{0}")]
+    Rdma(#[from] rdma::Error),
 }
 
 impl Error {

@@ -1,7 +1,8 @@
 //! NVMe host driver: one controller / queue-pair model over several transports.
 //!
-//! The transports are NVMe/TCP and PCIe (through VFIO, `pcie/`); RDMA will plug in behind
-//! the same [`Controller`] and [`IoQpair`] types (see [`transport`]).
+//! The transports are NVMe/TCP (`tcp/`), NVMe/RDMA (`rdma/`, on the `rdma` crate) and PCIe
+//! (through VFIO, `pcie/`), behind the same [`Controller`] and [`IoQpair`] types (see
+//! [`transport`]).
 //!
 //! Threading model: nothing here owns a thread or a timer. A [`Controller`] is polled by whoever
 //! owns it (keep-alive, asynchronous events, reconnects all happen inside
@@ -16,6 +17,7 @@ pub mod histogram;
 pub mod opts;
 pub(crate) mod pcie;
 pub mod qpair;
+pub(crate) mod rdma;
 pub(crate) mod tcp;
 pub mod transport;
 pub mod trid;

@@ -12,8 +12,9 @@
 //! file names TCP.
 //!
 //! Queues are dispatched through the [`Queue`] enum rather than a trait object so the hot path
-//! stays a direct, inlinable call. Adding PCIe (VFIO) or RDMA means adding an endpoint and a
-//! queue variant ([`crate::pcie::queue::PcieQueue`] is the second) and implementing the same
+//! stays a direct, inlinable call. A transport is an endpoint and a queue variant
+//! ([`crate::pcie::queue::PcieQueue`] and [`crate::rdma::queue::RdmaQueue`] followed TCP's)
+//! implementing the same
 //! inherent methods as
 //! [`crate::tcp::queue::TcpQueue`]:
 //! `start_connect(cntlid)` and `poll_connect()` (a connection advanced by polls that never
@@ -33,6 +34,8 @@ use crate::error::{Error, Result};
 use crate::opts::CtrlrOpts;
 use crate::pcie::queue::PcieQueue;
 use crate::pcie::PcieDevice;
+use crate::rdma::queue::RdmaQueue;
+use crate::rdma::RdmaEndpoint;
 use crate::tcp::queue::{TcpEndpoint, TcpQueue};
 use crate::trid::{TrType, TransportId};
 
@@ -53,6 +56,7 @@ pub(crate) enum Endpoint {
     Tcp(TcpEndpoint),
     /// A controller on PCIe, opened (and its registers mapped) when the endpoint is made.
     Pcie(Arc<PcieDevice>),
+    Rdma(RdmaEndpoint),
 }
 
 impl Endpoint {
@@ -65,10 +69,12 @@ impl Endpoint {
                 ddgst: opts.ddgst,
             })),
             TrType::Pcie => Ok(Endpoint::Pcie(PcieDevice::open(&trid.traddr)?)),
-            other => Err(Error::Unsupported(format!(
-                "transport {} (TCP and PCIe are implemented)",
-                other.as_str()
-            ))),
+            TrType::Rdma => {
+                rdma::available()?;
+                Ok(Endpoint::Rdma(RdmaEndpoint {
+                    addr: trid.socket_addr().map_err(Error::io("resolve traddr"))?,
+                }))
+            }
         }
     }
 }
@@ -77,7 +83,7 @@ impl Endpoint {
     /// Whether the controller needs Keep Alive commands (fabrics do; PCIe has no connection
     /// to lose).
     pub fn uses_keep_alive(&self) -> bool {
-        matches!(self, Endpoint::Tcp(_))
+        matches!(self, Endpoint::Tcp(_) | Endpoint::Rdma(_))
     }
 }
 
@@ -121,6 +127,7 @@ pub(crate) struct Done<B> {
 pub(crate) enum Queue<B> {
     Tcp(TcpQueue<B>),
     Pcie(PcieQueue<B>),
+    Rdma(RdmaQueue<B>),
 }
 
 macro_rules! each {
@@ -128,6 +135,7 @@ macro_rules! each {
         match $self {
             Queue::Tcp($q) => $e,
             Queue::Pcie($q) => $e,
+            Queue::Rdma($q) => $e,
         }
     };
 }
@@ -138,13 +146,14 @@ impl<B: IoBuf> Queue<B> {
         match p.endpoint.clone() {
             Endpoint::Tcp(t) => Queue::Tcp(TcpQueue::new(p, t)),
             Endpoint::Pcie(d) => Queue::Pcie(PcieQueue::new(p, d)),
+            Endpoint::Rdma(r) => Queue::Rdma(RdmaQueue::new(p, r)),
         }
     }
     /// Admin commands the controller must run before this I/O queue can connect (PCIe:
     /// Create I/O CQ and SQ); none for fabrics, whose Connect does it.
     pub fn setup_commands(&mut self) -> Result<Vec<Command>> {
         match self {
-            Queue::Tcp(_) => Ok(Vec::new()),
+            Queue::Tcp(_) | Queue::Rdma(_) => Ok(Vec::new()),
             Queue::Pcie(q) => q.setup_commands(),
         }
     }
@@ -152,7 +161,7 @@ impl<B: IoBuf> Queue<B> {
     /// and CQ); none for fabrics, where disconnecting does it.
     pub fn teardown_commands(&self) -> Vec<Command> {
         match self {
-            Queue::Tcp(_) => Vec::new(),
+            Queue::Tcp(_) | Queue::Rdma(_) => Vec::new(),
             Queue::Pcie(q) => q.teardown_commands(),
         }
     }
@@ -160,7 +169,7 @@ impl<B: IoBuf> Queue<B> {
     /// with Property Get/Set on the admin queue.
     pub fn registers(&self) -> Option<&PcieDevice> {
         match self {
-            Queue::Tcp(_) => None,
+            Queue::Tcp(_) | Queue::Rdma(_) => None,
             Queue::Pcie(q) => Some(q.device()),
         }
     }
@@ -168,7 +177,7 @@ impl<B: IoBuf> Queue<B> {
     /// after a reset, each with its admin commands (PCIe; fabrics queues reconnect alone).
     pub fn take_queue_setups(&self) -> Vec<crate::pcie::QueueSetup> {
         match self {
-            Queue::Tcp(_) => Vec::new(),
+            Queue::Tcp(_) | Queue::Rdma(_) => Vec::new(),
             Queue::Pcie(q) => q.device().take_setups(),
         }
     }
@@ -182,7 +191,7 @@ impl<B: IoBuf> Queue<B> {
     /// not in use until [`Self::use_shadow_doorbells`]); PCIe only.
     pub fn shadow_doorbell_pages(&self, max_qid: u16) -> Option<(u64, u64)> {
         match self {
-            Queue::Tcp(_) => None,
+            Queue::Tcp(_) | Queue::Rdma(_) => None,
             Queue::Pcie(q) => q
                 .device()
                 .shadow
@@ -211,6 +220,7 @@ impl<B: IoBuf> Queue<B> {
         match self {
             Queue::Tcp(_) => u32::MAX,
             Queue::Pcie(_) => crate::pcie::MAX_TRANSFER,
+            Queue::Rdma(_) => crate::rdma::MAX_TRANSFER,
         }
     }
     /// Whether data buffers must be DMA memory with an IOVA (PCIe I/O queues).
@@ -300,7 +310,7 @@ impl<B: IoBuf> Queue<B> {
     pub fn digests(&self) -> crate::ctrlr::Digests {
         match self {
             Queue::Tcp(q) => q.digests(),
-            Queue::Pcie(_) => crate::ctrlr::Digests::default(),
+            Queue::Pcie(_) | Queue::Rdma(_) => crate::ctrlr::Digests::default(),
         }
     }
 }

@@ -31,38 +31,6 @@ fi
 export RUST_LOG=${RUST_LOG:-warn}
 WORK=$(mktemp -d)
 
-# json_field FILE PYTHON-EXPR: evaluates EXPR with `r` bound to the JSON report.
-json_field() {
-    python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))' "$1" "$2"
-}
-
-# perf_ok NAME OUT: the run in OUT exited 0 with I/O done, no error and no verify mismatch.
-perf_ok() {
-    local name=$1 out=$2 ios errs mism
-    ios=$(json_field "$out" 'r["total"]["reads"] + r["total"]["writes"]') || ios=0
-    errs=$(json_field "$out" 'r["total"]["errors"]') || errs=?
-    mism=$(json_field "$out" '(r["verify"] or {}).get("mismatches", 0)') || mism=?
-    if [ "$ios" -gt 0 ] && [ "$errs" = 0 ] && [ "$mism" = 0 ]; then
-        pass "$name ($ios I/Os, $(json_field "$out" 'round(r["total"]["iops"])') IOPS)"
-    else
-        sed 's/^/# /' "$out" | tail -n 30
-        fail "$name" "ios=$ios errors=$errs mismatches=$mism"
-    fi
-}
-
-# perf NAME OUT ARGS...: runs plexperf with --json into OUT and checks it.
-perf() {
-    local name=$1 out=$2 rc=0
-    shift 2
-    timeout 120 "$PERF" -r "$TRID" --json --warmup 0 "$@" >"$out" 2>"$out.err" || rc=$?
-    if [ "$rc" != 0 ]; then
-        sed 's/^/# /' "$out.err" | tail -n 20
-        fail "$name" "plexperf exited $rc"
-        return 0
-    fi
-    perf_ok "$name" "$out"
-}
-
 check "nvmet exports a RAM disk on 127.0.0.1:$PORT" nvmet_export_ramdisk "$NQN" "$PORT" ||
     bail "nvmet export" "cannot go on without it"
 
@@ -83,9 +51,9 @@ fi
 
 # 1 MiB written sequentially in 4 KiB blocks (in-capsule), then every block read back
 # and checked (LBA, generation, CRC32C): none may be missing or wrong.
-perf "write a 1 MiB pattern (4 KiB, in-capsule, --verify)" "$WORK/w.json" \
+plexperf_check "write a 1 MiB pattern (4 KiB, in-capsule, --verify)" "$WORK/w.json" \
     -w write -o 4096 -q 8 -t 3 --verify --size 1048576
-perf "read it back and verify every block" "$WORK/r.json" \
+plexperf_check "read it back and verify every block" "$WORK/r.json" \
     -w read -o 4096 -q 8 -t 2 --verify --size 1048576
 unwritten=$(json_field "$WORK/r.json" 'r["verify"]["unwritten_blocks"]')
 checked=$(json_field "$WORK/r.json" 'r["verify"]["verified_blocks"]')
@@ -96,9 +64,9 @@ else
 fi
 
 # 64 KiB I/O is larger than nvmet's in-capsule size: writes go through R2T/H2CData.
-perf "randrw 64 KiB (R2T/H2CData writes, C2HData reads) with --verify" "$WORK/big.json" \
+plexperf_check "randrw 64 KiB (R2T/H2CData writes, C2HData reads) with --verify" "$WORK/big.json" \
     -w randrw -M 50 -o 65536 -q 4 -t 3 --verify --size 8388608
-perf "header and data digests with --verify" "$WORK/dg.json" \
+plexperf_check "header and data digests with --verify" "$WORK/dg.json" \
     -w randrw -M 50 -o 16384 -q 4 -t 3 --verify --size 4194304 --hdgst --ddgst
 granted=$(json_field "$WORK/dg.json" '"%d %d" % (len(r["digests"]), sum(d["hdgst"] and d["ddgst"] for d in r["digests"]))')
 if [ "${granted% *}" -ge 2 ] && [ "${granted% *}" = "${granted#* }" ]; then
@@ -134,7 +102,7 @@ rc=0
 wait "$perf_pid" || rc=$?
 sed 's/^/# /' "$WORK/rc.err" | grep -v '^# *$' | tail -n 8 || true
 if [ "$rc" = 0 ]; then
-    perf_ok "I/O with --verify across nvmet port removal and re-creation" "$WORK/rc.json"
+    plexperf_ok "I/O with --verify across nvmet port removal and re-creation" "$WORK/rc.json"
     n=$(json_field "$WORK/rc.json" 'r["reconnects"]')
     if [ "$n" -ge 1 ]; then pass "controller reconnected ($n time(s))"; else fail "controller reconnected" "reconnects=$n"; fi
 else

@@ -166,13 +166,14 @@ nvmet_ready() {
     [ -d "$NVMET_CFS" ] || { echo "no $NVMET_CFS (configfs not mounted?)" >&2; return 1; }
 }
 
-# The nvmet port (a configfs directory) listening on ADDR:PORT over TCP,
-# created if missing; prints its directory.
-nvmet_tcp_port() {
-    local addr=$1 port=$2 dir id=1
+# The nvmet port (a configfs directory) listening on ADDR:PORT over TRTYPE (tcp or rdma,
+# default tcp), created if missing; prints its directory.
+nvmet_port() {
+    local addr=$1 port=$2 trtype=${3:-tcp} dir id=1
     for dir in "$NVMET_CFS"/ports/*; do
         [ -d "$dir" ] || continue
-        if [ "$(cat "$dir/addr_traddr")" = "$addr" ] && [ "$(cat "$dir/addr_trsvcid")" = "$port" ]; then
+        if [ "$(cat "$dir/addr_traddr")" = "$addr" ] && [ "$(cat "$dir/addr_trsvcid")" = "$port" ] &&
+            [ "$(cat "$dir/addr_trtype")" = "$trtype" ]; then
             echo "$dir"
             return 0
         fi
@@ -180,18 +181,20 @@ nvmet_tcp_port() {
     while [ -e "$NVMET_CFS/ports/$id" ]; do id=$((id + 1)); done
     dir=$NVMET_CFS/ports/$id
     mkdir "$dir" || return 1
-    echo tcp >"$dir/addr_trtype"
+    echo "$trtype" >"$dir/addr_trtype"
     echo ipv4 >"$dir/addr_adrfam"
     echo "$addr" >"$dir/addr_traddr"
     echo "$port" >"$dir/addr_trsvcid"
     echo "$dir"
 }
 
-# nvmet_export_bdev NQN PORT DEV [ADDR=127.0.0.1]: subsystem NQN (any host
+nvmet_tcp_port() { nvmet_port "$1" "$2" tcp; }
+
+# nvmet_export_bdev NQN PORT DEV [ADDR=127.0.0.1] [TRTYPE=tcp]: subsystem NQN (any host
 # allowed) with DEV as namespace 1, listening on ADDR:PORT. Use ADDR 10.0.2.15
 # (or 0.0.0.0) for a target the host reaches through run.sh --fwd.
 nvmet_export_bdev() {
-    local nqn=$1 port=$2 dev=$3 addr=${4:-127.0.0.1} sub portdir
+    local nqn=$1 port=$2 dev=$3 addr=${4:-127.0.0.1} trtype=${5:-tcp} sub portdir
     [ -b "$dev" ] || { echo "$dev is not a block device" >&2; return 1; }
     nvmet_ready || return 1
     sub=$NVMET_CFS/subsystems/$nqn
@@ -200,7 +203,7 @@ nvmet_export_bdev() {
     mkdir "$sub/namespaces/1"
     echo "$dev" >"$sub/namespaces/1/device_path"
     echo 1 >"$sub/namespaces/1/enable" || return 1
-    portdir=$(nvmet_tcp_port "$addr" "$port") || return 1
+    portdir=$(nvmet_port "$addr" "$port" "$trtype") || return 1
     ln -s "$sub" "$portdir/subsystems/$nqn"
 }
 
@@ -223,11 +226,13 @@ unused_ramdisk() {
     return 1
 }
 
+# nvmet_export_ramdisk NQN PORT [ADDR=127.0.0.1] [TRTYPE=tcp]
 nvmet_export_ramdisk() {
-    local nqn=$1 port=$2 addr=${3:-127.0.0.1} dev
+    local nqn=$1 port=$2 addr=${3:-127.0.0.1} trtype=${4:-tcp} dev
     nvmet_ready || return 1
+    [ "$trtype" = tcp ] || load_modules "nvmet-$trtype" || return 1
     dev=$(unused_ramdisk) || return 1
-    nvmet_export_bdev "$nqn" "$port" "$dev" "$addr"
+    nvmet_export_bdev "$nqn" "$port" "$dev" "$addr" "$trtype"
 }
 
 # Undo every nvmet export: links, namespaces, subsystems, ports (in that order;
@@ -252,6 +257,57 @@ nvmet_clear() {
     done
     left=$(find "$NVMET_CFS/subsystems" "$NVMET_CFS/ports" -mindepth 1 -maxdepth 1 2>/dev/null)
     [ -z "$left" ] || { echo "nvmet still has: $left" >&2; return 1; }
+}
+
+# ---- soft-RoCE ---------------------------------------------------------------
+
+# rxe_up: an RDMA device, rxe0, on the guest's network interface (made once per boot and
+# left for the next test); sets RXE_ADDR to the interface's IPv4 address.
+rxe_up() {
+    local netdev
+    netdev=$(ip -o -4 route show default | awk '{print $5; exit}')
+    netdev=${netdev:-eth0}
+    RXE_ADDR=$(ip -o -4 addr show "$netdev" | awk '{split($4, a, "/"); print a[1]; exit}')
+    [ -n "$RXE_ADDR" ] || { echo "no IPv4 address on $netdev" >&2; return 1; }
+    load_modules rdma_rxe || return 1
+    rdma link show rxe0 >/dev/null 2>&1 || rdma link add rxe0 type rxe netdev "$netdev"
+}
+
+# Reliable-connection queue pairs on the RDMA devices (ours and the kernel's).
+rc_queue_pairs() { rdma res show qp 2>/dev/null | grep -c 'type RC' || true; }
+
+# ---- plexperf (our host) ----------------------------------------------------
+
+# json_field FILE PYTHON-EXPR: evaluates EXPR with `r` bound to the JSON report.
+json_field() {
+    python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))' "$1" "$2"
+}
+
+# plexperf_ok NAME OUT: the run in OUT exited 0 with I/O done, no error and no verify mismatch.
+plexperf_ok() {
+    local name=$1 out=$2 ios errs mism
+    ios=$(json_field "$out" 'r["total"]["reads"] + r["total"]["writes"]') || ios=0
+    errs=$(json_field "$out" 'r["total"]["errors"]') || errs=?
+    mism=$(json_field "$out" '(r["verify"] or {}).get("mismatches", 0)') || mism=?
+    if [ "$ios" -gt 0 ] && [ "$errs" = 0 ] && [ "$mism" = 0 ]; then
+        pass "$name ($ios I/Os, $(json_field "$out" 'round(r["total"]["iops"])') IOPS)"
+    else
+        sed 's/^/# /' "$out" | tail -n 30
+        fail "$name" "ios=$ios errors=$errs mismatches=$mism"
+    fi
+}
+
+# plexperf_check NAME OUT ARGS...: runs $PERF on $TRID with --json into OUT and checks it.
+plexperf_check() {
+    local name=$1 out=$2 rc=0
+    shift 2
+    timeout 120 "$PERF" -r "$TRID" --json --warmup 0 "$@" >"$out" 2>"$out.err" || rc=$?
+    if [ "$rc" != 0 ]; then
+        sed 's/^/# /' "$out.err" | tail -n 20
+        fail "$name" "plexperf exited $rc"
+        return 0
+    fi
+    plexperf_ok "$name" "$out"
 }
 
 # ---- the kernel's NVMe host (initiator) --------------------------------------

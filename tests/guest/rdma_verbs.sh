@@ -8,7 +8,7 @@
 # below it is ours.
 #
 # On the host it boots the guest; inside a guest that is already up (scripts/test.sh runs
-# every guest test in one boot) it adds rxe0 and removes it when done.
+# every guest test in one boot) it adds rxe0 if no test did yet.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -22,18 +22,12 @@ REPO=$GUEST_LIB_REPO
 CHECK=${RDMA_CHECK:-$REPO/build/release/rdma-check}
 PORT=4891
 
-netdev=$(ip -o -4 route show default | awk '{print $5; exit}')
-netdev=${netdev:-eth0}
-addr=$(ip -o -4 addr show "$netdev" | awk '{split($4, a, "/"); print a[1]; exit}')
-cleanup() { rdma link delete rxe0 2>/dev/null || true; }
-trap cleanup EXIT
-
-if load_modules rdma_rxe && { rdma link show rxe0 >/dev/null 2>&1 ||
-    rdma link add rxe0 type rxe netdev "$netdev"; } && [ -n "$addr" ]; then
-    pass "soft-RoCE device rxe0 on $netdev ($addr)"
+if rxe_up; then
+    pass "soft-RoCE device rxe0 ($RXE_ADDR)"
 else
-    bail "soft-RoCE device rxe0 on $netdev" "rdma_rxe or 'rdma link add' failed"
+    bail "soft-RoCE device rxe0" "rdma_rxe or 'rdma link add' failed"
 fi
+addr=$RXE_ADDR
 
 rping_ok() {
     rping -s -a "$addr" -p 4890 -C 2 >/dev/null 2>&1 &

@@ -1,0 +1,754 @@
+//! One NVMe/RDMA queue: a reliable RDMA connection, a slot per command, and the registered
+//! memory its capsules, responses and data pass through (see the module above).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nvme_spec::cmd::SglDescriptor;
+use nvme_spec::fabrics::{Connect, ConnectData};
+use nvme_spec::rdma::{CmAccept, CmReject, CmRequest, ADMIN_QUEUE_DEPTH};
+use nvme_spec::{Command, Completion, IntoBytes, Status};
+use rdma::verbs::CompletedOp;
+use rdma::{
+    Access, CmEventKind, CmId, CompletionQueue, ConnParam, EventChannel, MemoryRegion,
+    ProtectionDomain, QueueCaps, SendOp, WorkCompletion,
+};
+use tracing::{debug, warn};
+
+use super::memory::DeviceMemory;
+use super::{RdmaEndpoint, MAX_TRANSFER};
+use crate::error::{Error, Result};
+use crate::tcp::queue::MAX_LOST_SENDS;
+use crate::transport::{ConnParams, ConnectProgress, Dir, Done};
+
+const SQE: usize = 64;
+const CQE: usize = 16;
+/// Largest queue we build.
+const MAX_DEPTH: u16 = 1024;
+/// Work request IDs: a send carries its command slot, a receive this bit and its buffer.
+const RECV: u64 = 1 << 32;
+/// Connect CATTR bit 2, as on TCP: this host never looks at SQHD.
+const CATTR_DISABLE_SQFLOW: u8 = 1 << 2;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConnState {
+    Down,
+    ResolvingAddr {
+        cntlid: u16,
+        deadline: Instant,
+    },
+    ResolvingRoute {
+        cntlid: u16,
+        deadline: Instant,
+    },
+    /// Connect request sent with our private data; waiting for the target to accept.
+    Establishing {
+        cntlid: u16,
+        deadline: Instant,
+    },
+    AwaitingConnectResp {
+        deadline: Instant,
+    },
+    Up,
+}
+
+struct Slot<B> {
+    active: bool,
+    /// Fabrics Connect, issued by the queue itself.
+    internal: bool,
+    sqe: Command,
+    dir: Dir,
+    buf: Option<B>,
+    len: u32,
+    tag: u64,
+    started: Instant,
+    abort_posted: bool,
+    /// Its capsule went out on the current connection.
+    capsule_sent: bool,
+    /// Connections lost while it was out on them (`MAX_LOST_SENDS`).
+    lost_sends: u8,
+}
+
+impl<B> Slot<B> {
+    fn idle() -> Self {
+        Slot {
+            active: false,
+            internal: false,
+            sqe: Command::default(),
+            dir: Dir::None,
+            buf: None,
+            len: 0,
+            tag: 0,
+            started: Instant::now(),
+            abort_posted: false,
+            capsule_sent: false,
+            lost_sends: 0,
+        }
+    }
+}
+
+/// One RDMA connection and what the device knows of our memory. Field order is drop order:
+/// the identifier (and with it the queue pair, so no more DMA) goes first.
+struct Connection {
+    id: CmId,
+    events: Arc<EventChannel>,
+    regions: Option<Regions>,
+    cq: Option<Arc<CompletionQueue>>,
+}
+
+struct Regions {
+    data: MemoryRegion,
+    capsules: MemoryRegion,
+    responses: MemoryRegion,
+}
+
+pub(crate) struct RdmaQueue<B> {
+    pub params: ConnParams,
+    endpoint: RdmaEndpoint,
+    /// Declared before the memory it registers, so it is dropped first.
+    conn: Option<Connection>,
+    state: ConnState,
+    /// A data region of `MAX_TRANSFER` per slot.
+    data: DeviceMemory,
+    /// A 64-byte capsule per slot.
+    capsules: DeviceMemory,
+    /// A 16-byte response buffer per slot, each always posted as a receive while connected.
+    responses: DeviceMemory,
+    slots: Box<[Slot<B>]>,
+    free: Vec<u16>,
+    depth: u16,
+    outstanding: usize,
+    internal_done: Option<(Status, u32)>,
+    /// Commands given up at a reconnection (`MAX_LOST_SENDS`), for the next poll to deliver.
+    given_up: Vec<Done<B>>,
+    pub cntlid: u16,
+}
+
+impl<B: crate::buf::IoBuf> RdmaQueue<B> {
+    pub fn new(params: ConnParams, endpoint: RdmaEndpoint) -> Self {
+        let mut depth = params.qsize.clamp(2, MAX_DEPTH);
+        if params.qid == 0 {
+            // The largest admin queue NVMe/RDMA targets take (the Linux target's limit).
+            depth = depth.min(ADMIN_QUEUE_DEPTH);
+        }
+        // One more slot than the queue's depth: Fabrics Connect's, at index `depth`.
+        let slots = usize::from(depth) + 1;
+        RdmaQueue {
+            params,
+            endpoint,
+            conn: None,
+            state: ConnState::Down,
+            data: DeviceMemory::new(slots * MAX_TRANSFER as usize),
+            capsules: DeviceMemory::new(slots * SQE),
+            responses: DeviceMemory::new(slots * CQE),
+            slots: (0..slots).map(|_| Slot::idle()).collect(),
+            free: (0..depth).rev().collect(),
+            depth,
+            outstanding: 0,
+            internal_done: None,
+            given_up: Vec::new(),
+            cntlid: 0,
+        }
+    }
+
+    fn qid(&self) -> u16 {
+        self.params.qid
+    }
+
+    fn connect_cid(&self) -> u16 {
+        self.depth
+    }
+
+    pub fn depth(&self) -> u16 {
+        self.depth
+    }
+
+    pub fn outstanding(&self) -> usize {
+        self.outstanding
+    }
+
+    pub fn busy(&self) -> bool {
+        self.outstanding > 0 || !self.given_up.is_empty()
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.state == ConnState::Up
+    }
+
+    pub fn is_connecting(&self) -> bool {
+        !matches!(self.state, ConnState::Down | ConnState::Up)
+    }
+
+    pub fn flush(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    pub fn wait_readable(&self, t: Duration) {
+        std::thread::sleep(t.min(Duration::from_micros(200)));
+    }
+
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.params.connect_timeout
+    }
+
+    fn timeout_ms(&self) -> i32 {
+        self.params.connect_timeout.as_millis().clamp(100, 60_000) as i32
+    }
+
+    // ---------------------------------------------------------------- connection
+
+    /// Starts a (re)connection: resolves the target's address. Non-blocking; `poll_connect`
+    /// does the rest. Commands still active go out again once connected.
+    pub fn start_connect(&mut self, cntlid: u16) -> Result<()> {
+        self.disconnect();
+        let events = EventChannel::new()?;
+        let id = CmId::new(&events)?;
+        id.resolve_addr(self.endpoint.addr, self.timeout_ms())?;
+        self.conn = Some(Connection {
+            id,
+            events,
+            regions: None,
+            cq: None,
+        });
+        self.state = ConnState::ResolvingAddr {
+            cntlid,
+            deadline: self.deadline(),
+        };
+        Ok(())
+    }
+
+    /// Advances a connection attempt without blocking; an error ends it (active commands
+    /// stay in their slots).
+    pub fn poll_connect(&mut self) -> Result<ConnectProgress> {
+        let res = self.advance_connect();
+        if res.is_err() {
+            self.disconnect();
+        }
+        res
+    }
+
+    /// Connects and waits for it: control-plane threads only.
+    pub fn connect(&mut self, cntlid: u16) -> Result<u16> {
+        self.start_connect(cntlid)?;
+        loop {
+            if let ConnectProgress::Connected { cntlid } = self.poll_connect()? {
+                return Ok(cntlid);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn next_cm_event(&mut self) -> Result<Option<rdma::CmEvent>> {
+        let Some(conn) = &self.conn else {
+            return Err(Error::Disconnected);
+        };
+        Ok(conn.events.next_event()?)
+    }
+
+    fn advance_connect(&mut self) -> Result<ConnectProgress> {
+        loop {
+            let (step, deadline) = match self.state {
+                ConnState::Down => return Err(Error::Disconnected),
+                ConnState::Up => {
+                    return Ok(ConnectProgress::Connected {
+                        cntlid: self.cntlid,
+                    })
+                }
+                ConnState::AwaitingConnectResp { deadline } => {
+                    self.process(&mut |_| {})?;
+                    let Some((status, dw0)) = self.internal_done.take() else {
+                        return still_pending(deadline, "Fabrics Connect");
+                    };
+                    if !status.is_success() {
+                        return Err(Error::Nvme {
+                            cmd: "Fabrics Connect",
+                            status,
+                        });
+                    }
+                    self.cntlid = (dw0 & 0xffff) as u16;
+                    self.state = ConnState::Up;
+                    debug!(
+                        qid = self.qid(),
+                        cntlid = self.cntlid,
+                        depth = self.depth,
+                        "RDMA queue connected"
+                    );
+                    self.resend_active()?;
+                    return Ok(ConnectProgress::Connected {
+                        cntlid: self.cntlid,
+                    });
+                }
+                ConnState::ResolvingAddr { deadline, .. } => ("RDMA address resolution", deadline),
+                ConnState::ResolvingRoute { deadline, .. } => ("RDMA route resolution", deadline),
+                ConnState::Establishing { deadline, .. } => ("RDMA connection", deadline),
+            };
+            let Some(event) = self.next_cm_event()? else {
+                return still_pending(deadline, step);
+            };
+            let expected = match self.state {
+                ConnState::ResolvingAddr { .. } => CmEventKind::AddrResolved,
+                ConnState::ResolvingRoute { .. } => CmEventKind::RouteResolved,
+                _ => CmEventKind::Established,
+            };
+            if event.kind != expected {
+                return Err(self.refused(step, &event));
+            }
+            match self.state {
+                ConnState::ResolvingAddr { cntlid, .. } => {
+                    let timeout = self.timeout_ms();
+                    self.connection()?.id.resolve_route(timeout)?;
+                    self.state = ConnState::ResolvingRoute {
+                        cntlid,
+                        deadline: self.deadline(),
+                    };
+                }
+                ConnState::ResolvingRoute { cntlid, .. } => {
+                    self.open_queue_pair(cntlid)?;
+                    self.state = ConnState::Establishing {
+                        cntlid,
+                        deadline: self.deadline(),
+                    };
+                }
+                ConnState::Establishing { cntlid, .. } => {
+                    let crqsize = CmAccept::read(&event.private_data).map(|a| a.crqsize());
+                    if let Some(crqsize) = crqsize.filter(|&c| c < self.depth) {
+                        return Err(Error::Unsupported(format!(
+                            "the target takes {crqsize} commands at once on queue {}; this \
+                             queue needs {}",
+                            self.qid(),
+                            self.depth
+                        )));
+                    }
+                    self.send_fabrics_connect(cntlid)?;
+                    self.state = ConnState::AwaitingConnectResp {
+                        deadline: self.deadline(),
+                    };
+                }
+                _ => unreachable!("handled above"),
+            }
+        }
+    }
+
+    /// The error for an unexpected connection event, with the target's reason when it gave one.
+    fn refused(&self, step: &'static str, event: &rdma::CmEvent) -> Error {
+        if event.kind == CmEventKind::Rejected {
+            if let Some(reason) = CmReject::read(&event.private_data).and_then(|r| r.status()) {
+                return Error::RdmaConnect(format!(
+                    "the target rejected queue {}: {reason}",
+                    self.qid()
+                ));
+            }
+        }
+        Error::RdmaConnect(format!(
+            "{step} for queue {} to {}: {} (status {})",
+            self.qid(),
+            self.endpoint.addr,
+            event.kind.name(),
+            event.status
+        ))
+    }
+
+    fn connection(&self) -> Result<&Connection> {
+        self.conn.as_ref().ok_or(Error::Disconnected)
+    }
+
+    /// Creates the queue pair, registers this queue's memory, posts every receive and sends
+    /// the connect request.
+    fn open_queue_pair(&mut self, cntlid: u16) -> Result<()> {
+        let slots = self.slots.len() as u32;
+        let conn = self.conn.as_mut().ok_or(Error::Disconnected)?;
+        let device = conn
+            .id
+            .device()
+            .ok_or_else(|| Error::Protocol("route resolved without an RDMA device".into()))?;
+        let limits = device.limits()?;
+        let pd = ProtectionDomain::new(device)?;
+        // Sends and receives complete here; room for a send per slot twice over, since a
+        // send's completion may still wait in the queue after its command's response.
+        let cq = CompletionQueue::new(device, 3 * slots, None)?;
+        let caps = QueueCaps {
+            max_send_wr: 2 * slots,
+            max_recv_wr: slots,
+            max_send_sge: 1,
+            max_recv_sge: 1,
+            max_inline_data: 0,
+        };
+        conn.id.create_qp(&pd, &cq, &cq, None, caps)?;
+        let remote = Access::LOCAL_WRITE
+            .union(Access::REMOTE_READ)
+            .union(Access::REMOTE_WRITE);
+        let register = |m: &DeviceMemory, access| {
+            // SAFETY: the memory belongs to this queue and outlives the connection (field
+            // order); Rust touches a range only while no work names it (see DeviceMemory).
+            unsafe { MemoryRegion::register(&pd, m.as_mut_ptr(), m.len(), access) }
+        };
+        let regions = Regions {
+            data: register(&self.data, remote)?,
+            capsules: register(&self.capsules, Access::LOCAL_WRITE)?,
+            responses: register(&self.responses, Access::LOCAL_WRITE)?,
+        };
+        for i in 0..slots as usize {
+            let sge = regions
+                .responses
+                .sge(i * CQE, CQE as u32)
+                .expect("inside the region");
+            // SAFETY: response buffer i is read only after its receive completes.
+            unsafe { conn.id.post_recv(RECV | i as u64, sge) }?;
+        }
+        let request = CmRequest::for_queue(self.params.qid, self.depth, cntlid).to_bytes();
+        conn.id.connect(ConnParam {
+            private_data: &request,
+            // The target reads our data by RDMA READ: as many at once as the device serves.
+            responder_resources: limits.max_qp_rd_atom.min(255) as u8,
+            initiator_depth: 0,
+            retry_count: 7,
+            rnr_retry_count: 7,
+        })?;
+        conn.regions = Some(regions);
+        conn.cq = Some(cq);
+        Ok(())
+    }
+
+    fn send_fabrics_connect(&mut self, cntlid: u16) -> Result<()> {
+        let p = &self.params;
+        let sqe = Connect {
+            recfmt: 0,
+            qid: p.qid,
+            sqsize: u32::from(self.depth),
+            cattr: if p.qid == 0 { 0 } else { CATTR_DISABLE_SQFLOW },
+            kato: p.kato_ms,
+        }
+        .to_command(0);
+        let data = ConnectData::new(p.hostid, cntlid, &p.subnqn, &p.hostnqn)
+            .ok_or_else(|| Error::Unsupported("NQN longer than 255 bytes".into()))?;
+        let cid = self.connect_cid();
+        self.internal_done = None;
+        self.start_cmd(cid, sqe, Dir::ToCtrl, None, 0, true);
+        self.send_capsule(cid, Some(data.as_bytes()))
+    }
+
+    /// Sends again every command active from a previous connection or submitted while
+    /// connecting; gives up on those lost too often.
+    fn resend_active(&mut self) -> Result<()> {
+        for cid in 0..self.depth {
+            let s = &self.slots[cid as usize];
+            if !s.active {
+                continue;
+            }
+            if s.lost_sends >= MAX_LOST_SENDS {
+                warn!(
+                    qid = self.qid(),
+                    tag = s.tag,
+                    opcode = s.sqe.opcode,
+                    "I/O failed: {MAX_LOST_SENDS} connections were lost while it was out; \
+                     it is not sent again"
+                );
+                let d = self.finish(cid, Status::HOST_PATHING_ERROR, 0, 0);
+                self.given_up.push(d);
+            } else {
+                self.send_capsule(cid, None)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops the connection (its queue pair first, so the device stops). Active commands stay
+    /// in their slots, to go out again on the next connection or be failed by `fail_all`.
+    pub fn disconnect(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            if self.state == ConnState::Up {
+                let _ = conn.id.disconnect();
+            }
+            drop(conn);
+        }
+        self.state = ConnState::Down;
+        for s in self.slots.iter_mut() {
+            if s.active && s.capsule_sent {
+                s.lost_sends = s.lost_sends.saturating_add(1);
+            }
+            s.capsule_sent = false;
+        }
+        let c = self.connect_cid() as usize;
+        self.slots[c].active = false;
+    }
+
+    /// Disconnects after a failure of the connection and returns the error to report.
+    fn lost(&mut self, e: Error) -> Error {
+        warn!(qid = self.qid(), addr = %self.endpoint.addr, "RDMA connection lost: {e}");
+        self.disconnect();
+        e
+    }
+
+    // ---------------------------------------------------------------- commands
+
+    fn start_cmd(
+        &mut self,
+        cid: u16,
+        mut sqe: Command,
+        dir: Dir,
+        buf: Option<B>,
+        tag: u64,
+        internal: bool,
+    ) {
+        let len = buf.as_ref().map_or(0, |b| b.len()) as u32;
+        sqe.set_cid(cid);
+        let s = &mut self.slots[cid as usize];
+        *s = Slot {
+            active: true,
+            internal,
+            sqe,
+            dir,
+            buf,
+            len,
+            tag,
+            started: Instant::now(),
+            abort_posted: false,
+            capsule_sent: false,
+            lost_sends: 0,
+        };
+        if !internal {
+            self.outstanding += 1;
+        }
+    }
+
+    /// Takes a command; it goes out at once when connected, else when the connection is up.
+    /// Returns the buffer back if no slot is free or it is longer than a slot carries (the
+    /// queue pair above checks lengths and writable buffers first).
+    pub fn submit(
+        &mut self,
+        sqe: Command,
+        dir: Dir,
+        buf: Option<B>,
+        tag: u64,
+    ) -> Result<u16, Option<B>> {
+        if buf
+            .as_ref()
+            .is_some_and(|b| b.len() > MAX_TRANSFER as usize)
+        {
+            return Err(buf);
+        }
+        let Some(cid) = self.free.pop() else {
+            return Err(buf);
+        };
+        self.start_cmd(cid, sqe, dir, buf, tag, false);
+        if self.is_connected() {
+            if let Err(e) = self.send_capsule(cid, None) {
+                // The command stays active: it goes out again once reconnected.
+                let _ = self.lost(e);
+            }
+        }
+        Ok(cid)
+    }
+
+    /// Points the command at its slot's data region (copying a write's data there) and
+    /// sends its capsule. `data` replaces the slot's buffer (Fabrics Connect's).
+    fn send_capsule(&mut self, cid: u16, data: Option<&[u8]>) -> Result<()> {
+        let conn = self.conn.as_ref().ok_or(Error::Disconnected)?;
+        let regions = conn.regions.as_ref().ok_or(Error::Disconnected)?;
+        let s = &mut self.slots[cid as usize];
+        let at = cid as usize * MAX_TRANSFER as usize;
+        let len = data.map_or(s.len, |d| d.len() as u32);
+        let sgl = if len == 0 {
+            SglDescriptor::keyed_data_block(0, 0, 0, false)
+        } else {
+            if let Some(d) = data {
+                self.data.write(at, d);
+            } else if s.dir == Dir::ToCtrl {
+                self.data.write(at, s.buf.as_deref().unwrap_or(&[]));
+            }
+            SglDescriptor::keyed_data_block(
+                regions.data.addr() + at as u64,
+                len,
+                regions.data.rkey(),
+                false,
+            )
+        };
+        s.sqe.set_sgl1(sgl);
+        self.capsules.write(cid as usize * SQE, s.sqe.as_bytes());
+        let sge = regions
+            .capsules
+            .sge(cid as usize * SQE, SQE as u32)
+            .expect("inside the region");
+        // SAFETY: the capsule and the data range stay untouched until the response arrives,
+        // which follows the send's completion and the target's data transfer.
+        unsafe {
+            conn.id
+                .post_send(u64::from(cid), SendOp::Send, &[sge], true)
+        }?;
+        s.capsule_sent = true;
+        Ok(())
+    }
+
+    pub fn poll(&mut self, on_done: &mut impl FnMut(Done<B>)) -> Result<usize> {
+        if !self.is_connected() {
+            return Err(Error::Disconnected);
+        }
+        let mut n = 0;
+        for d in std::mem::take(&mut self.given_up) {
+            n += 1;
+            on_done(d);
+        }
+        let got = self.process(&mut |d| {
+            n += 1;
+            on_done(d)
+        })?;
+        if got == 0 {
+            self.check_connection()?;
+        }
+        Ok(n)
+    }
+
+    /// An idle queue's look at its connection events: a disconnect or a device removal ends
+    /// the connection.
+    fn check_connection(&mut self) -> Result<()> {
+        let event = match self.next_cm_event() {
+            Ok(Some(event)) => event,
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(self.lost(e)),
+        };
+        let e = match event.kind {
+            CmEventKind::Disconnected => Error::Closed,
+            other => Error::RdmaConnect(format!("{} (status {})", other.name(), event.status)),
+        };
+        Err(self.lost(e))
+    }
+
+    /// Takes every completion waiting; returns how many work completions there were.
+    fn process(&mut self, on_done: &mut impl FnMut(Done<B>)) -> Result<usize> {
+        let mut wcs = [WorkCompletion::default(); 32];
+        let mut total = 0;
+        loop {
+            let cq = self
+                .conn
+                .as_ref()
+                .and_then(|c| c.cq.clone())
+                .ok_or(Error::Disconnected)?;
+            let n = match cq.poll(&mut wcs) {
+                Ok(n) => n,
+                Err(e) => return Err(self.lost(e.into())),
+            };
+            for wc in &wcs[..n] {
+                if let Err(e) = self.completed(wc, on_done) {
+                    return Err(self.lost(e));
+                }
+            }
+            total += n;
+            if n < wcs.len() {
+                return Ok(total);
+            }
+        }
+    }
+
+    fn completed(&mut self, wc: &WorkCompletion, on_done: &mut impl FnMut(Done<B>)) -> Result<()> {
+        if let Err(e) = wc.result() {
+            // A flush follows the error that broke the queue pair; that error reported it.
+            if e.is_flush() {
+                return Ok(());
+            }
+            return Err(Error::Protocol(format!("queue {}: {e}", self.qid())));
+        }
+        if wc.wr_id() & RECV == 0 {
+            return Ok(()); // a capsule went out; its response completes the command
+        }
+        let i = (wc.wr_id() & 0xffff) as usize;
+        if wc.op() != CompletedOp::Recv || i >= self.slots.len() {
+            return Err(Error::Protocol(format!(
+                "unexpected work completion {wc:?}"
+            )));
+        }
+        let mut bytes = [0u8; CQE];
+        self.responses.read(i * CQE, &mut bytes);
+        self.repost_recv(i)?;
+        if (wc.byte_len() as usize) < CQE {
+            return Err(Error::Protocol(format!(
+                "a {}-byte response capsule",
+                wc.byte_len()
+            )));
+        }
+        let c = Completion::read(&bytes).expect("16 bytes");
+        let cid = c.cid();
+        let slot = self.slots.get(cid as usize).filter(|s| s.active);
+        match slot {
+            Some(s) if s.internal => {
+                self.internal_done = Some((c.status(), c.result.get()));
+                self.slots[cid as usize].active = false;
+            }
+            Some(_) => on_done(self.finish(cid, c.status(), c.result.get(), c.dw1.get())),
+            None => warn!(
+                qid = self.qid(),
+                cid, "completion for no outstanding command; ignored"
+            ),
+        }
+        Ok(())
+    }
+
+    fn repost_recv(&mut self, i: usize) -> Result<()> {
+        let conn = self.conn.as_ref().ok_or(Error::Disconnected)?;
+        let regions = conn.regions.as_ref().ok_or(Error::Disconnected)?;
+        let sge = regions
+            .responses
+            .sge(i * CQE, CQE as u32)
+            .expect("inside the region");
+        // SAFETY: response buffer i was copied out above; it is read again only after this
+        // receive completes.
+        unsafe { conn.id.post_recv(RECV | i as u64, sge) }?;
+        Ok(())
+    }
+
+    fn finish(&mut self, cid: u16, status: Status, dw0: u32, dw1: u32) -> Done<B> {
+        let s = &mut self.slots[cid as usize];
+        s.active = false;
+        s.capsule_sent = false;
+        let mut buf = s.buf.take();
+        if s.dir == Dir::ToHost && status.is_success() {
+            if let Some(dst) = buf.as_mut().and_then(|b| b.bytes_mut()) {
+                self.data.read(cid as usize * MAX_TRANSFER as usize, dst);
+            }
+        }
+        let d = Done {
+            tag: s.tag,
+            status,
+            dw0,
+            dw1,
+            buf,
+        };
+        if !s.internal {
+            self.outstanding -= 1;
+            self.free.push(cid);
+        }
+        d
+    }
+
+    pub fn fail_one(&mut self, cid: u16, status: Status) -> Done<B> {
+        self.finish(cid, status, 0, 0)
+    }
+
+    pub fn for_each_active(&mut self, mut f: impl FnMut(u16, &mut Instant, &mut bool, u64)) {
+        for (cid, s) in self.slots.iter_mut().enumerate() {
+            if s.active && !s.internal {
+                f(cid as u16, &mut s.started, &mut s.abort_posted, s.tag);
+            }
+        }
+    }
+
+    pub fn fail_all(&mut self, status: Status, on_done: &mut impl FnMut(Done<B>)) {
+        for d in std::mem::take(&mut self.given_up) {
+            on_done(d);
+        }
+        for cid in 0..self.depth {
+            if self.slots[cid as usize].active {
+                let d = self.finish(cid, status, 0, 0);
+                on_done(d);
+            }
+        }
+    }
+}
+
+/// Pending until `deadline`, a timeout of `step` after it.
+fn still_pending(deadline: Instant, step: &'static str) -> Result<ConnectProgress> {
+    if Instant::now() >= deadline {
+        Err(Error::Timeout(step))
+    } else {
+        Ok(ConnectProgress::InProgress)
+    }
+}
