@@ -31,7 +31,12 @@ impl EventChannel {
         let libs = libraries()?;
         // SAFETY: no arguments; a null return sets errno.
         let raw = unsafe { (libs.cm.rdma_create_event_channel)() };
-        let raw = NonNull::new(raw).ok_or_else(|| os_error("rdma_create_event_channel"))?;
+        let raw = NonNull::new(raw).ok_or_else(|| match os_error("rdma_create_event_channel") {
+            Error::Os { source, .. } if source.raw_os_error() == Some(libc::ENODEV) => {
+                Error::Unavailable("this machine has no RDMA device".into())
+            }
+            other => other,
+        })?;
         let channel = Self { raw, libs };
         set_nonblocking(channel.fd())?;
         Ok(Arc::new(channel))

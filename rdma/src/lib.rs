@@ -40,6 +40,17 @@ pub enum Error {
     Invalid(String),
 }
 
+impl Error {
+    /// The errno that best says what happened, for callers that report one.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::Unavailable(_) => libc::EOPNOTSUPP,
+            Error::Os { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            Error::Invalid(_) => libc::EINVAL,
+        }
+    }
+}
+
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// The loaded libraries, or [`Error::Unavailable`].

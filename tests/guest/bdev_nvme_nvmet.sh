@@ -4,7 +4,9 @@
 # exports Nvme0n1 again on 127.0.0.1:4421, and plexperf --verify writes and reads back through
 # plexd's re-export (so every byte crosses plexd's target, its bdev_nvme and nvmet). Then the
 # nvmet port goes away and comes back: the controller must report reconnecting, then connected,
-# and verified I/O must work again. Last, detach.
+# and verified I/O must work again. Then detach, and the same over NVMe/RDMA: nvmet-rdma on
+# soft-RoCE, attached by SPDK's client with -t rdma (so a mirror plex can live across RDMA),
+# re-exported over TCP and checked with verified I/O.
 #
 # On the host:  cargo build --release -p plexd -p initiator && tests/guest/bdev_nvme_nvmet.sh
 # The guest is emulated (TCG): slow, this proves interoperability, not speed.
@@ -13,7 +15,7 @@ set -uo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=tests/guest/lib.sh
 . "$HERE/lib.sh"
-plan 14
+plan 20
 REPO=$GUEST_LIB_REPO
 PLEXD=${PLEXD:-$REPO/build/release/plexd}
 PERF=${PLEXPERF:-$REPO/build/release/plexperf}
@@ -30,6 +32,8 @@ NQN_K=nqn.2024-01.io.plexstor:bdev-nvme-nvmet
 NQN_P=nqn.2024-01.io.plexstor:bdev-nvme-reexport
 PORT_K=4420
 PORT_P=4421
+NQN_R=nqn.2024-01.io.plexstor:bdev-nvme-nvmet-rdma
+PORT_R=4424
 WORK=$(mktemp -d /tmp/bdev-nvme.XXXXXX)
 SOCK=$WORK/plexd.sock
 PLEXD_PID=
@@ -95,13 +99,13 @@ else
 fi
 check "controller state is connected" wait_state connected 5
 
-reexport() {
-    rpc nvmf_create_transport '{"trtype": "TCP"}' &&
+reexport() { # BDEV
+    { rpc nvmf_get_transports | grep -q '"TCP"' || rpc nvmf_create_transport '{"trtype": "TCP"}'; } &&
         rpc nvmf_create_subsystem "{\"nqn\": \"$NQN_P\", \"allow_any_host\": true, \"serial_number\": \"PLEXNV01\"}" &&
-        rpc nvmf_subsystem_add_ns "{\"nqn\": \"$NQN_P\", \"namespace\": {\"bdev_name\": \"Nvme0n1\"}}" &&
+        rpc nvmf_subsystem_add_ns "{\"nqn\": \"$NQN_P\", \"namespace\": {\"bdev_name\": \"$1\"}}" &&
         rpc nvmf_subsystem_add_listener "{\"nqn\": \"$NQN_P\", \"listen_address\": {\"trtype\": \"TCP\", \"adrfam\": \"IPv4\", \"traddr\": \"127.0.0.1\", \"trsvcid\": \"$PORT_P\"}}"
 }
-check "plexd re-exports Nvme0n1 on 127.0.0.1:$PORT_P" reexport ||
+check "plexd re-exports Nvme0n1 on 127.0.0.1:$PORT_P" reexport Nvme0n1 ||
     bail "re-export" "cannot go on without it"
 
 perf "write a 1 MiB pattern through plexd -> nvmet (--verify)" -w write -o 4096 -q 8 -t 3 --size 1048576
@@ -125,6 +129,41 @@ if [ "$(rpc bdev_get_bdevs)" = "[]" ] && [ "$(rpc bdev_nvme_get_controllers)" = 
 else
     fail "detach removed the controller and Nvme0n1" "$(rpc bdev_get_bdevs)"
 fi
+# ---- over RDMA ----------------------------------------------------------------
+# Not under `check`: its subshell would keep RXE_ADDR from us.
+if rxe_up && nvmet_export_ramdisk "$NQN_R" "$PORT_R" "$RXE_ADDR" rdma; then
+    pass "nvmet-rdma exports a RAM disk on soft-RoCE ($RXE_ADDR:$PORT_R)"
+else
+    fail "nvmet-rdma exports a RAM disk on soft-RoCE" "rxe0 or the nvmet-rdma port failed"
+fi
+# SPDK's own client where its venv is installed (the host tests install it), else plexctl
+# with the same parameters.
+attach_rdma() {
+    if [ -x "$SPDK_RPC" ]; then
+        "$SPDK_RPC" -s "$SOCK" bdev_nvme_attach_controller -b Nvme1 -t rdma -f ipv4 \
+            -a "$RXE_ADDR" -s "$PORT_R" -n "$NQN_R"
+    else
+        echo "# SPDK's client is not installed ($SPDK_RPC); plexctl sends SPDK's parameters" >&2
+        rpc bdev_nvme_attach_controller "{\"name\": \"Nvme1\", \"trtype\": \"rdma\", \"adrfam\": \"ipv4\",
+            \"traddr\": \"$RXE_ADDR\", \"trsvcid\": \"$PORT_R\", \"subnqn\": \"$NQN_R\"}"
+    fi
+}
+if names=$(attach_rdma 2>&1) && grep -q Nvme1n1 <<<"$names"; then
+    pass "bdev_nvme_attach_controller -t rdma to nvmet-rdma -> Nvme1n1"
+else
+    printf '%s\n' "$names" | tail -n 5 | sed 's/^/# /'
+    tail -n 10 "$WORK/plexd.log" | sed 's/^/# /'
+    fail "bdev_nvme_attach_controller -t rdma to nvmet-rdma" "no Nvme1n1"
+fi
+check "plexd re-exports Nvme1n1 (RDMA-backed) on 127.0.0.1:$PORT_P" reexport Nvme1n1
+perf "randrw 4 KiB through plexd -> RDMA -> nvmet (--verify)" -w randrw -M 50 -o 4096 -q 8 -t 3 --size 2097152
+perf "randrw 128 KiB through plexd -> RDMA -> nvmet (--verify)" -w randrw -M 50 -o 131072 -q 4 -t 3 --size 8388608
+detach_rdma() {
+    rpc nvmf_delete_subsystem "{\"nqn\": \"$NQN_P\"}" &&
+        rpc bdev_nvme_detach_controller '{"name": "Nvme1"}' && [ "$(rpc bdev_get_bdevs)" = "[]" ]
+}
+check "remove the re-export and detach the RDMA controller" detach_rdma
+
 if grep -q panicked "$WORK/plexd.log"; then
     grep -B2 -A5 panicked "$WORK/plexd.log" | sed 's/^/# /'
     fail "plexd did not panic" "see log"

@@ -249,6 +249,8 @@ impl NvmeError {
                 initiator::Error::Timeout(_) => libc::ETIMEDOUT,
                 initiator::Error::Unsupported(_) => libc::EOPNOTSUPP,
                 initiator::Error::Device(e) => e.errno(),
+                initiator::Error::Rdma(e) => e.errno(),
+                initiator::Error::RdmaConnect(_) => libc::ECONNREFUSED,
                 _ => libc::EIO,
             },
             NvmeError::Failed(_) => libc::ENXIO,

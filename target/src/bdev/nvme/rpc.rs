@@ -131,12 +131,6 @@ fn spec_of(p: Attach) -> Result<(AttachSpec, [u8; 16], Option<u64>), RpcError> {
     validate_name(&p.name).map_err(|e| bad(e.to_string()))?;
     let tt = parse_trtype(&p.trtype)
         .ok_or_else(|| bad(format!("trtype {:?}: known are TCP, RDMA, PCIe", p.trtype)))?;
-    if !matches!(tt, TrType::Tcp | TrType::Pcie) {
-        return Err(RpcError::errno(
-            libc::EOPNOTSUPP,
-            format!("trtype {}: TCP and PCIe are implemented", tt.as_str()),
-        ));
-    }
     if p.num_io_queues.is_some_and(|n| n == 0 || n > 1024) {
         return Err(bad("num_io_queues must be 1-1024"));
     }
