@@ -492,7 +492,9 @@ impl Controller {
     fn absorb_identify(&mut self, id: &IdentifyController) {
         let mpsmin = Cap(self.cap).min_page_size();
         let mdts = id.max_transfer_bytes(mpsmin).unwrap_or(MAX_XFER_CAP);
-        self.info.max_transfer = mdts.min(MAX_XFER_CAP) as u32;
+        // What one command may carry: the controller's MDTS, within what this transport's
+        // queues take (PCIe: 2 MiB of PRPs; RDMA: a slot's registered region).
+        self.info.max_transfer = (mdts.min(MAX_XFER_CAP) as u32).min(self.admin.transfer_limit());
         let ioccsz = u64::from(id.ioccsz.get()) * 16;
         self.info.in_capsule_data = ioccsz.saturating_sub(64).min(1 << 20) as u32;
         self.info.kas_ms = u32::from(id.kas.get()) * 100;
