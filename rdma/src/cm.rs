@@ -286,11 +286,10 @@ impl std::fmt::Debug for CmId {
     }
 }
 
-// SAFETY: librdmacm's calls on an id and the verbs on its queue pair are thread-safe; the
-// id's context field is written only through &mut self.
+// SAFETY: an id may move to another thread: librdmacm's calls on it and the verbs on its
+// queue pair are thread-safe. It is not Sync: reading an event writes the id's route and
+// device fields, which `&self` methods read.
 unsafe impl Send for CmId {}
-// SAFETY: as above.
-unsafe impl Sync for CmId {}
 
 impl CmId {
     /// A new identifier for a reliable connection (RDMA_PS_TCP), reporting to `channel`.
@@ -612,15 +611,24 @@ impl CmId {
     }
 }
 
-impl Drop for CmId {
-    fn drop(&mut self) {
+impl CmId {
+    /// Destroys the queue pair (all its work stops), then lets go of what it used. A caller
+    /// that also holds the PD, CQs and regions releases them next, and this id last: the id
+    /// keeps the device context open.
+    pub fn destroy_qp(&mut self) {
         if let Some(resources) = self.qp.take() {
             // SAFETY: the queue pair is this id's, destroyed before what it uses.
             unsafe { (self.libs.cm.rdma_destroy_qp)(self.raw.as_ptr()) };
             drop(resources);
         }
+    }
+}
+
+impl Drop for CmId {
+    fn drop(&mut self) {
+        self.destroy_qp();
         // SAFETY: the id is ours, and every event about it was acknowledged when read
-        // (`EventChannel::next_event`), so destroying it cannot block. The channel it
+        // (`EventChannel::next_event`, the only reader), so destroying it cannot block. The channel it
         // reports to is released after it, with the fields.
         unsafe { (self.libs.cm.rdma_destroy_id)(self.raw.as_ptr()) };
     }

@@ -9,8 +9,10 @@ use crate::sys::{self, Libraries};
 use crate::{libraries, os_error, returned_error, Error, Result};
 
 /// An RDMA device context, owned by librdmacm and shared by every identifier bound to the
-/// device. Valid while any identifier on the device lives, which the objects made from it
-/// ensure by holding one.
+/// device. Valid while any identifier on the device lives. The PD, queues and channels made
+/// on it do not hold an identifier: their owner must release them before the device's last
+/// identifier (librdmacm closes a removed device's context with it). Tying them to an
+/// identifier in the types is still to do.
 #[derive(Clone, Copy)]
 pub struct Device {
     pub(crate) raw: NonNull<sys::ibv_context>,
@@ -409,7 +411,11 @@ impl CompletionQueue {
         // transparent wrapper of one).
         let n = unsafe { (self.poll)(self.raw.as_ptr(), max, out.as_mut_ptr().cast()) };
         if n < 0 {
-            return Err(returned_error("ibv_poll_cq", n));
+            // Providers return -1 (some a negative errno): the queue is unusable.
+            return Err(returned_error(
+                "ibv_poll_cq",
+                if n == -1 { libc::EIO } else { n },
+            ));
         }
         Ok(n as usize)
     }

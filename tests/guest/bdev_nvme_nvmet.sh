@@ -15,7 +15,7 @@ set -uo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=tests/guest/lib.sh
 . "$HERE/lib.sh"
-plan 20
+plan 21
 REPO=$GUEST_LIB_REPO
 PLEXD=${PLEXD:-$REPO/build/release/plexd}
 PERF=${PLEXPERF:-$REPO/build/release/plexperf}
@@ -158,6 +158,9 @@ fi
 check "plexd re-exports Nvme1n1 (RDMA-backed) on 127.0.0.1:$PORT_P" reexport Nvme1n1
 perf "randrw 4 KiB through plexd -> RDMA -> nvmet (--verify)" -w randrw -M 50 -o 4096 -q 8 -t 3 --size 2097152
 perf "randrw 128 KiB through plexd -> RDMA -> nvmet (--verify)" -w randrw -M 50 -o 131072 -q 4 -t 3 --size 8388608
+# Larger than one RDMA command carries (128 KiB): bdev_nvme splits it.
+perf "write and read 1 MiB through plexd -> RDMA -> nvmet (--verify, split in 128 KiB)" \
+    -w randrw -M 50 -o 1048576 -q 2 -t 3 --size 8388608
 detach_rdma() {
     rpc nvmf_delete_subsystem "{\"nqn\": \"$NQN_P\"}" &&
         rpc bdev_nvme_detach_controller '{"name": "Nvme1"}' && [ "$(rpc bdev_get_bdevs)" = "[]" ]

@@ -270,7 +270,8 @@ rxe_up() {
     RXE_ADDR=$(ip -o -4 addr show "$netdev" | awk '{split($4, a, "/"); print a[1]; exit}')
     [ -n "$RXE_ADDR" ] || { echo "no IPv4 address on $netdev" >&2; return 1; }
     load_modules rdma_rxe || return 1
-    rdma link show rxe0 >/dev/null 2>&1 || rdma link add rxe0 type rxe netdev "$netdev"
+    # (`rdma link show rxe0` fails even when it exists: it wants rxe0/1.)
+    [ -e /sys/class/infiniband/rxe0 ] || rdma link add rxe0 type rxe netdev "$netdev"
 }
 
 # Reliable-connection queue pairs on the RDMA devices (ours and the kernel's).

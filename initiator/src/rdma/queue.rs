@@ -65,6 +65,11 @@ struct Slot<B> {
     abort_posted: bool,
     /// Its capsule went out on the current connection.
     capsule_sent: bool,
+    /// Its SEND has not completed yet: the capsule buffer is still the device's.
+    send_pending: bool,
+    /// The response, when it came before the SEND's completion: the command finishes when
+    /// both are in, as the Linux host's and SPDK's do.
+    response: Option<(Status, u32, u32)>,
     /// Connections lost while it was out on them (`MAX_LOST_SENDS`).
     lost_sends: u8,
 }
@@ -82,18 +87,30 @@ impl<B> Slot<B> {
             started: Instant::now(),
             abort_posted: false,
             capsule_sent: false,
+            send_pending: false,
+            response: None,
             lost_sends: 0,
         }
     }
 }
 
-/// One RDMA connection and what the device knows of our memory. Field order is drop order:
-/// the identifier (and with it the queue pair, so no more DMA) goes first.
+/// One RDMA connection and what the device knows of our memory.
 struct Connection {
     id: CmId,
     events: Arc<EventChannel>,
     regions: Option<Regions>,
     cq: Option<Arc<CompletionQueue>>,
+}
+
+impl Drop for Connection {
+    /// Queue pair (no more DMA), memory regions and PD, completion queue, then the
+    /// identifier: the identifier holds the device context the others were made on, which
+    /// librdmacm closes with the last identifier once the device is gone.
+    fn drop(&mut self) {
+        self.id.destroy_qp();
+        self.regions = None;
+        self.cq = None;
+    }
 }
 
 struct Regions {
@@ -121,8 +138,16 @@ pub(crate) struct RdmaQueue<B> {
     internal_done: Option<(Status, u32)>,
     /// Commands given up at a reconnection (`MAX_LOST_SENDS`), for the next poll to deliver.
     given_up: Vec<Done<B>>,
+    /// A failure met outside `poll` (a post at submission), for the next poll to report.
+    failure: Option<Error>,
+    /// When an idle poll last read the connection's events.
+    events_read: Instant,
     pub cntlid: u16,
 }
+
+/// How often an idle connected queue reads its connection events (a target's disconnect,
+/// a device removal); a busy one learns of them from its completions.
+const EVENTS_EVERY: Duration = Duration::from_millis(5);
 
 impl<B: crate::buf::IoBuf> RdmaQueue<B> {
     pub fn new(params: ConnParams, endpoint: RdmaEndpoint) -> Self {
@@ -147,6 +172,8 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
             outstanding: 0,
             internal_done: None,
             given_up: Vec::new(),
+            failure: None,
+            events_read: Instant::now(),
             cntlid: 0,
         }
     }
@@ -167,8 +194,11 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
         self.outstanding
     }
 
+    /// Whether a poll has anything to do. A connected queue always has: polling its
+    /// completion queue costs no system call, and an idle queue must still notice a
+    /// disconnect.
     pub fn busy(&self) -> bool {
-        self.outstanding > 0 || !self.given_up.is_empty()
+        self.is_connected() || self.outstanding > 0 || !self.given_up.is_empty()
     }
 
     pub fn is_connected(&self) -> bool {
@@ -257,6 +287,9 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
                 ConnState::AwaitingConnectResp { deadline } => {
                     self.process(&mut |_| {})?;
                     let Some((status, dw0)) = self.internal_done.take() else {
+                        if let Some(event) = self.next_cm_event()? {
+                            return Err(self.refused("Fabrics Connect", &event));
+                        }
                         return still_pending(deadline, "Fabrics Connect");
                     };
                     if !status.is_success() {
@@ -467,6 +500,8 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
                 s.lost_sends = s.lost_sends.saturating_add(1);
             }
             s.capsule_sent = false;
+            s.send_pending = false;
+            s.response = None;
         }
         let c = self.connect_cid() as usize;
         self.slots[c].active = false;
@@ -504,6 +539,8 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
             started: Instant::now(),
             abort_posted: false,
             capsule_sent: false,
+            send_pending: false,
+            response: None,
             lost_sends: 0,
         };
         if !internal {
@@ -531,10 +568,11 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
             return Err(buf);
         };
         self.start_cmd(cid, sqe, dir, buf, tag, false);
-        if self.is_connected() {
+        if self.is_connected() && self.failure.is_none() {
             if let Err(e) = self.send_capsule(cid, None) {
-                // The command stays active: it goes out again once reconnected.
-                let _ = self.lost(e);
+                // The command stays active, to go out again once reconnected; the next poll
+                // reports the failure, which starts that.
+                self.failure = Some(e);
             }
         }
         Ok(cid)
@@ -569,19 +607,25 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
             .capsules
             .sge(cid as usize * SQE, SQE as u32)
             .expect("inside the region");
-        // SAFETY: the capsule and the data range stay untouched until the response arrives,
-        // which follows the send's completion and the target's data transfer.
+        // SAFETY: the capsule and the data range stay untouched until the command finishes,
+        // which waits for both the send's completion and the response (which follows the
+        // target's data transfer).
         unsafe {
             conn.id
                 .post_send(u64::from(cid), SendOp::Send, &[sge], true)
         }?;
         s.capsule_sent = true;
+        s.send_pending = true;
+        s.response = None;
         Ok(())
     }
 
     pub fn poll(&mut self, on_done: &mut impl FnMut(Done<B>)) -> Result<usize> {
         if !self.is_connected() {
             return Err(Error::Disconnected);
+        }
+        if let Some(e) = self.failure.take() {
+            return Err(self.lost(e));
         }
         let mut n = 0;
         for d in std::mem::take(&mut self.given_up) {
@@ -592,7 +636,8 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
             n += 1;
             on_done(d)
         })?;
-        if got == 0 {
+        if got == 0 && self.events_read.elapsed() >= EVENTS_EVERY {
+            self.events_read = Instant::now();
             self.check_connection()?;
         }
         Ok(n)
@@ -618,12 +663,11 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
         let mut wcs = [WorkCompletion::default(); 32];
         let mut total = 0;
         loop {
-            let cq = self
-                .conn
-                .as_ref()
-                .and_then(|c| c.cq.clone())
-                .ok_or(Error::Disconnected)?;
-            let n = match cq.poll(&mut wcs) {
+            let polled = match self.conn.as_ref().and_then(|c| c.cq.as_ref()) {
+                Some(cq) => cq.poll(&mut wcs),
+                None => return Err(Error::Disconnected),
+            };
+            let n = match polled {
                 Ok(n) => n,
                 Err(e) => return Err(self.lost(e.into())),
             };
@@ -641,14 +685,21 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
 
     fn completed(&mut self, wc: &WorkCompletion, on_done: &mut impl FnMut(Done<B>)) -> Result<()> {
         if let Err(e) = wc.result() {
-            // A flush follows the error that broke the queue pair; that error reported it.
-            if e.is_flush() {
-                return Ok(());
-            }
+            // The first failure moves the queue pair to the error state and flushes all the
+            // rest; a flush with no failure before it (a fatal device event) means the same.
             return Err(Error::Protocol(format!("queue {}: {e}", self.qid())));
         }
         if wc.wr_id() & RECV == 0 {
-            return Ok(()); // a capsule went out; its response completes the command
+            // A capsule went out: its buffer is ours again, and the command may finish.
+            let cid = wc.wr_id() as usize;
+            let Some(s) = self.slots.get_mut(cid) else {
+                return Err(Error::Protocol(format!("a send completion for slot {cid}")));
+            };
+            s.send_pending = false;
+            if let Some((status, dw0, dw1)) = s.response.take() {
+                self.deliver(cid as u16, status, dw0, dw1, on_done);
+            }
+            return Ok(());
         }
         let i = (wc.wr_id() & 0xffff) as usize;
         if wc.op() != CompletedOp::Recv || i >= self.slots.len() {
@@ -667,19 +718,42 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
         }
         let c = Completion::read(&bytes).expect("16 bytes");
         let cid = c.cid();
-        let slot = self.slots.get(cid as usize).filter(|s| s.active);
-        match slot {
-            Some(s) if s.internal => {
-                self.internal_done = Some((c.status(), c.result.get()));
-                self.slots[cid as usize].active = false;
-            }
-            Some(_) => on_done(self.finish(cid, c.status(), c.result.get(), c.dw1.get())),
-            None => warn!(
+        // Only a command whose capsule went out on this connection can be answered.
+        let Some(s) = self
+            .slots
+            .get_mut(cid as usize)
+            .filter(|s| s.active && s.capsule_sent)
+        else {
+            warn!(
                 qid = self.qid(),
-                cid, "completion for no outstanding command; ignored"
-            ),
+                cid, "response for no command out on this connection; ignored"
+            );
+            return Ok(());
+        };
+        let response = (c.status(), c.result.get(), c.dw1.get());
+        if s.send_pending {
+            s.response = Some(response);
+        } else {
+            self.deliver(cid, response.0, response.1, response.2, on_done);
         }
         Ok(())
+    }
+
+    /// A command's response and its send's completion are both in: finish it.
+    fn deliver(
+        &mut self,
+        cid: u16,
+        status: Status,
+        dw0: u32,
+        dw1: u32,
+        on_done: &mut impl FnMut(Done<B>),
+    ) {
+        if self.slots[cid as usize].internal {
+            self.internal_done = Some((status, dw0));
+            self.slots[cid as usize].active = false;
+        } else {
+            on_done(self.finish(cid, status, dw0, dw1));
+        }
     }
 
     fn repost_recv(&mut self, i: usize) -> Result<()> {
