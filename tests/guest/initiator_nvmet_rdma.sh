@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Our NVMe/RDMA host (plexperf on the initiator crate's RDMA queues) against the Linux kernel's
 # nvmet-rdma target, over soft-RoCE (rxe0) inside the test guest: identify and discovery over
-# RDMA, a verified pattern written and read back at 4 KiB and 128 KiB (keyed SGLs: the target
-# RDMA READs our writes and RDMA WRITEs our reads), clear errors for a wrong subsystem and a
-# port nobody listens on, and surviving removal and re-creation of the nvmet port while I/O
-# runs (reconnect, nothing lost, no mismatches).
+# RDMA, a verified pattern written at 4 KiB (in-capsule) and read back (the target RDMA
+# WRITEs our reads), randrw at 128 KiB (keyed SGLs: the target RDMA READs our writes), clear
+# errors for a wrong subsystem and a port nobody listens on, and surviving removal and
+# re-creation of the nvmet port while I/O runs (reconnect, nothing lost, no mismatches).
 #
 # On the host: cargo build --release -p initiator && tests/guest/initiator_nvmet_rdma.sh
 # The guest is emulated and soft-RoCE is software: this proves interoperability, not speed.
@@ -52,7 +52,7 @@ else
     fail "discovery over RDMA lists $NQN" "not found"
 fi
 
-plexperf_check "write a 1 MiB pattern (4 KiB, RDMA READ by the target, --verify)" "$WORK/w.json" \
+plexperf_check "write a 1 MiB pattern (4 KiB, in-capsule, --verify)" "$WORK/w.json" \
     -w write -o 4096 -q 8 -t 3 --verify --size 1048576
 plexperf_check "read it back (RDMA WRITE by the target) and verify every block" "$WORK/r.json" \
     -w read -o 4096 -q 8 -t 2 --verify --size 1048576

@@ -6,9 +6,10 @@
 //!   queue size, or rejects with a reason. Fabrics Connect then runs as the first command.
 //! - Commands: each 64-byte capsule goes out by SEND from the command's slot; each response
 //!   (a 16-byte completion) arrives by SEND into one of the receives posted for every slot.
-//! - Data: always through a keyed SGL data block naming the command slot's region of this
-//!   queue's registered memory; the target moves it with RDMA READ (writes) or RDMA WRITE
-//!   (reads) before it sends the response. The caller's buffer is copied in or out of that
+//! - Data: a write on an I/O queue that fits the controller's in-capsule size goes in the
+//!   same SEND, after the capsule; any other data goes by a keyed SGL data block naming the
+//!   command slot's region of this queue's registered memory, which the target moves with
+//!   RDMA READ (writes) or RDMA WRITE (reads) before it sends the response. The caller's buffer is copied in or out of that
 //!   region, so any [`crate::buf::IoBuf`] works and nothing is registered per I/O.
 
 pub(crate) mod memory;

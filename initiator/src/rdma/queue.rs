@@ -402,7 +402,8 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
         let caps = QueueCaps {
             max_send_wr: 2 * slots,
             max_recv_wr: slots,
-            max_send_sge: 1,
+            // The capsule, and a write's in-capsule data.
+            max_send_sge: 2,
             max_recv_sge: 1,
             max_inline_data: 0,
         };
@@ -586,14 +587,24 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
         let s = &mut self.slots[cid as usize];
         let at = cid as usize * MAX_TRANSFER as usize;
         let len = data.map_or(s.len, |d| d.len() as u32);
+        if let Some(d) = data {
+            self.data.write(at, d);
+        } else if s.dir == Dir::ToCtrl && len > 0 {
+            self.data.write(at, s.buf.as_deref().unwrap_or(&[]));
+        }
+        // A small write on an I/O queue rides in the capsule, as far as the controller's
+        // IOCCSZ allows: one SEND instead of a SEND and the target's RDMA READ. The admin
+        // queue never takes in-capsule data over RDMA (the Linux target posts no buffer for it).
+        let in_capsule = self.params.qid != 0
+            && data.is_none()
+            && s.dir == Dir::ToCtrl
+            && len > 0
+            && len as usize <= self.params.in_capsule_max;
         let sgl = if len == 0 {
             SglDescriptor::keyed_data_block(0, 0, 0, false)
+        } else if in_capsule {
+            SglDescriptor::in_capsule(0, len)
         } else {
-            if let Some(d) = data {
-                self.data.write(at, d);
-            } else if s.dir == Dir::ToCtrl {
-                self.data.write(at, s.buf.as_deref().unwrap_or(&[]));
-            }
             SglDescriptor::keyed_data_block(
                 regions.data.addr() + at as u64,
                 len,
@@ -603,17 +614,20 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
         };
         s.sqe.set_sgl1(sgl);
         self.capsules.write(cid as usize * SQE, s.sqe.as_bytes());
-        let sge = regions
+        let capsule = regions
             .capsules
             .sge(cid as usize * SQE, SQE as u32)
             .expect("inside the region");
+        let inline = regions.data.sge(at, len).expect("inside the region");
+        let sges: &[_] = if in_capsule {
+            &[capsule, inline]
+        } else {
+            &[capsule]
+        };
         // SAFETY: the capsule and the data range stay untouched until the command finishes,
         // which waits for both the send's completion and the response (which follows the
         // target's data transfer).
-        unsafe {
-            conn.id
-                .post_send(u64::from(cid), SendOp::Send, &[sge], true)
-        }?;
+        unsafe { conn.id.post_send(u64::from(cid), SendOp::Send, sges, true) }?;
         s.capsule_sent = true;
         s.send_pending = true;
         s.response = None;
