@@ -541,7 +541,7 @@ fn a_bad_icresp_fails_the_attempt_cleanly() {
 /// itself stays usable.
 #[test]
 fn a_command_that_loses_every_connection_it_goes_out_on_fails_instead_of_going_out_forever() {
-    use crate::tcp::queue::MAX_LOST_SENDS;
+    use crate::transport::MAX_LOST_SENDS;
     with_watchdog(|| {
         let lost = usize::from(MAX_LOST_SENDS);
         let peer = start_peer(Script::HangUpOnCommand, lost + 1);

@@ -87,6 +87,36 @@ impl Endpoint {
     }
 }
 
+/// A command out on this many connections that were lost fails with a host pathing error
+/// instead of going out again: one that itself brings the target down (or makes it drop the
+/// connection) would otherwise be resent, and bring it down, forever.
+pub(crate) const MAX_LOST_SENDS: u8 = 4;
+
+/// Whether a command out on `lost_sends` lost connections is given up at a reconnection
+/// (see [`MAX_LOST_SENDS`]); says so when it is.
+pub(crate) fn give_up(qid: u16, lost_sends: u8, tag: u64, opcode: u8) -> bool {
+    let give_up = lost_sends >= MAX_LOST_SENDS;
+    if give_up {
+        tracing::warn!(
+            qid,
+            tag,
+            opcode,
+            "I/O failed: {MAX_LOST_SENDS} connections were lost while it was out; it is not \
+             sent again"
+        );
+    }
+    give_up
+}
+
+/// A connection step pending until `deadline`, a timeout of `step` after it.
+pub(crate) fn still_pending(deadline: Instant, step: &'static str) -> Result<ConnectProgress> {
+    if Instant::now() >= deadline {
+        Err(Error::Timeout(step))
+    } else {
+        Ok(ConnectProgress::InProgress)
+    }
+}
+
 /// Parameters to (re)connect one queue.
 #[derive(Debug, Clone)]
 pub(crate) struct ConnParams {

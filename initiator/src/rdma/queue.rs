@@ -18,8 +18,7 @@ use tracing::{debug, warn};
 use super::memory::DeviceMemory;
 use super::{RdmaEndpoint, MAX_TRANSFER};
 use crate::error::{Error, Result};
-use crate::tcp::queue::MAX_LOST_SENDS;
-use crate::transport::{ConnParams, ConnectProgress, Dir, Done};
+use crate::transport::{give_up, still_pending, ConnParams, ConnectProgress, Dir, Done};
 
 const SQE: usize = 64;
 const CQE: usize = 16;
@@ -395,12 +394,25 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
             .device()
             .ok_or_else(|| Error::Protocol("route resolved without an RDMA device".into()))?;
         let limits = device.limits()?;
+        // A slot is busy until both its send and its response completed: at most one send
+        // and one receive per slot are ever waiting.
+        for (what, need, offered) in [
+            ("work requests per queue", slots, limits.max_qp_wr),
+            ("completion queue entries", 2 * slots, limits.max_cqe),
+            ("scatter-gather elements per send", 2, limits.max_sge),
+        ] {
+            if need > offered {
+                return Err(Error::Unsupported(format!(
+                    "queue {} needs {need} {what}; the RDMA device offers {offered} (use a \
+                     smaller queue size)",
+                    self.params.qid
+                )));
+            }
+        }
         let pd = ProtectionDomain::new(device)?;
-        // Sends and receives complete here; room for a send per slot twice over, since a
-        // send's completion may still wait in the queue after its command's response.
-        let cq = CompletionQueue::new(device, 3 * slots, None)?;
+        let cq = CompletionQueue::new(device, 2 * slots, None)?;
         let caps = QueueCaps {
-            max_send_wr: 2 * slots,
+            max_send_wr: slots,
             max_recv_wr: slots,
             // The capsule, and a write's in-capsule data.
             max_send_sge: 2,
@@ -414,7 +426,17 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
         let register = |m: &DeviceMemory, access| {
             // SAFETY: the memory belongs to this queue and outlives the connection (field
             // order); Rust touches a range only while no work names it (see DeviceMemory).
-            unsafe { MemoryRegion::register(&pd, m.as_mut_ptr(), m.len(), access) }
+            unsafe { MemoryRegion::register(&pd, m.as_mut_ptr(), m.len(), access) }.map_err(|e| {
+                if e.errno() == libc::ENOMEM {
+                    Error::Unsupported(format!(
+                        "registering {} bytes with the RDMA device: {e}; raise the locked-memory \
+                         limit (ulimit -l, RLIMIT_MEMLOCK) or grant CAP_IPC_LOCK",
+                        m.len()
+                    ))
+                } else {
+                    e.into()
+                }
+            })
         };
         let regions = Regions {
             data: register(&self.data, remote)?,
@@ -469,14 +491,7 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
             if !s.active {
                 continue;
             }
-            if s.lost_sends >= MAX_LOST_SENDS {
-                warn!(
-                    qid = self.qid(),
-                    tag = s.tag,
-                    opcode = s.sqe.opcode,
-                    "I/O failed: {MAX_LOST_SENDS} connections were lost while it was out; \
-                     it is not sent again"
-                );
+            if give_up(self.qid(), s.lost_sends, s.tag, s.sqe.opcode) {
                 let d = self.finish(cid, Status::HOST_PATHING_ERROR, 0, 0);
                 self.given_up.push(d);
             } else {
@@ -537,12 +552,7 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
             buf,
             len,
             tag,
-            started: Instant::now(),
-            abort_posted: false,
-            capsule_sent: false,
-            send_pending: false,
-            response: None,
-            lost_sends: 0,
+            ..Slot::idle()
         };
         if !internal {
             self.outstanding += 1;
@@ -829,14 +839,5 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
                 on_done(d);
             }
         }
-    }
-}
-
-/// Pending until `deadline`, a timeout of `step` after it.
-fn still_pending(deadline: Instant, step: &'static str) -> Result<ConnectProgress> {
-    if Instant::now() >= deadline {
-        Err(Error::Timeout(step))
-    } else {
-        Ok(ConnectProgress::InProgress)
     }
 }

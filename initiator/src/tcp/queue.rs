@@ -29,7 +29,7 @@ use super::pdu::{self, Wire, MAX_HDR};
 use crate::buf::IoBuf;
 use crate::ctrlr::Digests;
 use crate::error::{Error, Result};
-use crate::transport::{ConnParams, ConnectProgress, Dir, Done};
+use crate::transport::{give_up, still_pending, ConnParams, ConnectProgress, Dir, Done};
 
 /// Where a TCP queue connects, and the digests it asks for.
 #[derive(Debug, Clone)]
@@ -74,15 +74,6 @@ pub(crate) enum ConnState {
 enum IcRespRead {
     Partial { got: usize },
     Complete(IcResp),
-}
-
-/// Pending until `deadline`, a timeout of `step` after it.
-fn still_pending(deadline: Instant, step: &'static str) -> Result<ConnectProgress> {
-    if Instant::now() >= deadline {
-        Err(Error::Timeout(step))
-    } else {
-        Ok(ConnectProgress::InProgress)
-    }
 }
 
 struct Slot<B> {
@@ -182,10 +173,6 @@ const RX_BUF: usize = 128 * 1024;
 const DIRECT_MIN: u32 = 16 * 1024;
 /// Segments per writev.
 const IOV_BATCH: usize = 64;
-/// A command out on this many connections that were lost fails with a host pathing error
-/// instead of going out again: one that itself brings the target down (or makes it drop the
-/// connection) would otherwise be resent, and bring it down, forever.
-pub(crate) const MAX_LOST_SENDS: u8 = 4;
 /// Connect CATTR bit 2: ask the controller to disable SQ flow control. This host never looks
 /// at SQHD (a command slot is its flow control), so the target may skip tracking the head.
 /// Only on I/O queues, as the Linux host does; plexd's target and nvmet both accept it.
@@ -496,14 +483,7 @@ impl<B: IoBuf> TcpQueue<B> {
                         if !s.active {
                             continue;
                         }
-                        if s.lost_sends >= MAX_LOST_SENDS {
-                            warn!(
-                                qid = self.params.qid,
-                                tag = s.tag,
-                                opcode = s.sqe.opcode,
-                                "I/O failed: {MAX_LOST_SENDS} connections were lost while it \
-                                 was out; it is not sent again"
-                            );
+                        if give_up(self.params.qid, s.lost_sends, s.tag, s.sqe.opcode) {
                             let d = self.finish(cid, Status::HOST_PATHING_ERROR, 0, 0);
                             self.given_up.push(d);
                         } else {
