@@ -81,12 +81,9 @@ impl EventChannel {
         // SAFETY: the event's id is live until it is destroyed, which for a connected or
         // listening id is its owner's job and cannot happen while this event is unacknowledged.
         let context = unsafe { (*event.id).context } as usize;
-        let request = (kind == CmEventKind::ConnectRequest).then(|| CmId {
+        let request = (kind == CmEventKind::ConnectRequest).then(|| {
             // SAFETY: a connect request carries a new, non-null id that the receiver owns.
-            raw: unsafe { NonNull::new_unchecked(event.id) },
-            _channel: self.clone(),
-            qp: None,
-            libs: self.libs,
+            CmId::adopt(unsafe { NonNull::new_unchecked(event.id) }, self.clone())
         });
         let out = CmEvent {
             kind,
@@ -251,10 +248,51 @@ impl ConnParam<'_> {
 /// pair.
 pub struct CmId {
     raw: NonNull<sys::rdma_cm_id>,
-    /// Released after the id, which reports to it.
-    _channel: Arc<EventChannel>,
+    /// The id's existence, shared with every `Device` taken from it.
+    handle: Arc<IdHandle>,
     qp: Option<QueuePairResources>,
     libs: &'static Libraries,
+}
+
+/// Keeps an identifier alive; the last holder destroys it. A `CmId` holds one, and so does
+/// every `Device` (and so every PD, queue and channel) made from it: librdmacm closes a
+/// removed device's context with its last identifier, so the identifier must outlive them.
+pub(crate) struct IdHandle {
+    raw: NonNull<sys::rdma_cm_id>,
+    /// Released after the id, which reports to it.
+    _channel: Arc<EventChannel>,
+    libs: &'static Libraries,
+}
+
+// SAFETY: the handle only destroys the id, once, when the last holder drops it.
+unsafe impl Send for IdHandle {}
+// SAFETY: as above: no method reads or writes through the pointer.
+unsafe impl Sync for IdHandle {}
+
+impl Drop for IdHandle {
+    fn drop(&mut self) {
+        // SAFETY: the id is ours, its queue pair was destroyed by its CmId, and every event
+        // about it was acknowledged when read (`EventChannel::next_event`, the only reader),
+        // so destroying it cannot block.
+        unsafe { (self.libs.cm.rdma_destroy_id)(self.raw.as_ptr()) };
+    }
+}
+
+impl CmId {
+    fn adopt(raw: NonNull<sys::rdma_cm_id>, channel: Arc<EventChannel>) -> Self {
+        let libs = channel.libs;
+        let handle = Arc::new(IdHandle {
+            raw,
+            _channel: channel,
+            libs,
+        });
+        CmId {
+            raw,
+            handle,
+            qp: None,
+            libs,
+        }
+    }
 }
 
 /// What a queue pair uses, kept alive until the queue pair is destroyed.
@@ -309,12 +347,7 @@ impl CmId {
             return Err(os_error("rdma_create_id"));
         }
         let raw = NonNull::new(raw).ok_or_else(|| os_error("rdma_create_id"))?;
-        Ok(Self {
-            raw,
-            _channel: channel.clone(),
-            qp: None,
-            libs,
-        })
+        Ok(Self::adopt(raw, channel.clone()))
     }
 
     /// A listener on `addr`, which must be an RDMA device's address (or unspecified for all).
@@ -367,7 +400,10 @@ impl CmId {
     /// resolve, or a connect request).
     pub fn device(&self) -> Option<Device> {
         // SAFETY: the id is live; verbs is set by librdmacm when the id binds to a device.
-        NonNull::new(unsafe { (*self.raw.as_ptr()).verbs }).map(|raw| Device { raw })
+        NonNull::new(unsafe { (*self.raw.as_ptr()).verbs }).map(|raw| Device {
+            raw,
+            _id: self.handle.clone(),
+        })
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
@@ -626,11 +662,8 @@ impl CmId {
 
 impl Drop for CmId {
     fn drop(&mut self) {
+        // The id itself goes with the last holder of its handle (see `IdHandle`).
         self.destroy_qp();
-        // SAFETY: the id is ours, and every event about it was acknowledged when read
-        // (`EventChannel::next_event`, the only reader), so destroying it cannot block. The channel it
-        // reports to is released after it, with the fields.
-        unsafe { (self.libs.cm.rdma_destroy_id)(self.raw.as_ptr()) };
     }
 }
 

@@ -10,7 +10,9 @@
 //! All calls into C go through [`sys`], which loads the libraries with `dlopen` on first use:
 //! a process that never asks for RDMA never needs rdma-core. Posting work that names memory
 //! is `unsafe`, since the device reads or writes that memory until the work completes; the
-//! rest is safe.
+//! rest is safe. Objects keep what they were made from alive (a region its PD, a PD its
+//! device, a device the identifier it came from), so no drop order can free something the
+//! library still uses.
 
 pub mod cm;
 pub mod sys;

@@ -9,13 +9,13 @@ use crate::sys::{self, Libraries};
 use crate::{libraries, os_error, returned_error, Error, Result};
 
 /// An RDMA device context, owned by librdmacm and shared by every identifier bound to the
-/// device. Valid while any identifier on the device lives. The PD, queues and channels made
-/// on it do not hold an identifier: their owner must release them before the device's last
-/// identifier (librdmacm closes a removed device's context with it). Tying them to an
-/// identifier in the types is still to do.
-#[derive(Clone, Copy)]
+/// device. It holds the identifier it was taken from, and the PD, queues and channels made
+/// on it hold it: librdmacm closes a removed device's context with the device's last
+/// identifier, which therefore outlives them all.
+#[derive(Clone)]
 pub struct Device {
     pub(crate) raw: NonNull<sys::ibv_context>,
+    pub(crate) _id: Arc<crate::cm::IdHandle>,
 }
 
 // SAFETY: verbs on a device context are thread-safe in libibverbs.
@@ -61,6 +61,7 @@ impl Device {
 /// A protection domain: the memory regions and queue pairs that may work together.
 pub struct ProtectionDomain {
     raw: NonNull<sys::ibv_pd>,
+    _device: Device,
     libs: &'static Libraries,
 }
 
@@ -70,12 +71,16 @@ unsafe impl Send for ProtectionDomain {}
 unsafe impl Sync for ProtectionDomain {}
 
 impl ProtectionDomain {
-    pub fn new(device: Device) -> Result<Arc<Self>> {
+    pub fn new(device: &Device) -> Result<Arc<Self>> {
         let libs = libraries()?;
         // SAFETY: the device context is live (see `Device`).
         let raw = unsafe { (libs.verbs.ibv_alloc_pd)(device.raw.as_ptr()) };
         let raw = NonNull::new(raw).ok_or_else(|| os_error("ibv_alloc_pd"))?;
-        Ok(Arc::new(Self { raw, libs }))
+        Ok(Arc::new(Self {
+            raw,
+            _device: device.clone(),
+            libs,
+        }))
     }
 
     pub(crate) fn as_ptr(&self) -> *mut sys::ibv_pd {
@@ -204,6 +209,7 @@ impl Drop for MemoryRegion {
 /// lets an idle poller sleep in epoll.
 pub struct CompletionChannel {
     raw: NonNull<sys::ibv_comp_channel>,
+    _device: Device,
     libs: &'static Libraries,
 }
 
@@ -214,12 +220,16 @@ unsafe impl Sync for CompletionChannel {}
 
 impl CompletionChannel {
     /// A channel whose descriptor never blocks.
-    pub fn new(device: Device) -> Result<Arc<Self>> {
+    pub fn new(device: &Device) -> Result<Arc<Self>> {
         let libs = libraries()?;
         // SAFETY: the device context is live.
         let raw = unsafe { (libs.verbs.ibv_create_comp_channel)(device.raw.as_ptr()) };
         let raw = NonNull::new(raw).ok_or_else(|| os_error("ibv_create_comp_channel"))?;
-        let channel = Self { raw, libs };
+        let channel = Self {
+            raw,
+            _device: device.clone(),
+            libs,
+        };
         set_nonblocking(channel.fd())?;
         Ok(Arc::new(channel))
     }
@@ -356,6 +366,7 @@ pub struct CompletionQueue {
     raw: NonNull<sys::ibv_cq>,
     poll: unsafe extern "C" fn(*mut sys::ibv_cq, i32, *mut sys::ibv_wc) -> i32,
     _channel: Option<Arc<CompletionChannel>>,
+    _device: Device,
     libs: &'static Libraries,
 }
 
@@ -367,7 +378,7 @@ unsafe impl Sync for CompletionQueue {}
 impl CompletionQueue {
     /// A queue of at least `entries` completions, notifying `channel` when armed.
     pub fn new(
-        device: Device,
+        device: &Device,
         entries: u32,
         channel: Option<&Arc<CompletionChannel>>,
     ) -> Result<Arc<Self>> {
@@ -400,6 +411,7 @@ impl CompletionQueue {
             raw,
             poll,
             _channel: channel.cloned(),
+            _device: device.clone(),
             libs,
         }))
     }

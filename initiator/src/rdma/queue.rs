@@ -409,8 +409,8 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
                 )));
             }
         }
-        let pd = ProtectionDomain::new(device)?;
-        let cq = CompletionQueue::new(device, 2 * slots, None)?;
+        let pd = ProtectionDomain::new(&device)?;
+        let cq = CompletionQueue::new(&device, 2 * slots, None)?;
         let caps = QueueCaps {
             max_send_wr: slots,
             max_recv_wr: slots,

@@ -115,7 +115,7 @@ fn run(addr: SocketAddr, done: &mut usize) -> Step<()> {
 
     // The target: its queues on a completion channel, a receive for the capsule, accept.
     let device = conn.device().ok_or("the request has no device")?;
-    let channel = CompletionChannel::new(device).map_err(|e| e.to_string())?;
+    let channel = CompletionChannel::new(&device).map_err(|e| e.to_string())?;
     let queues_of = queues(&mut conn, Some(&channel))?;
     let mut target = End::new(&conn, queues_of)?;
     target.post_recv()?;
@@ -346,8 +346,8 @@ fn queues(
     channel: Option<&Arc<CompletionChannel>>,
 ) -> Step<(Arc<ProtectionDomain>, Arc<CompletionQueue>)> {
     let device = id.device().ok_or("the identifier has no device")?;
-    let pd = ProtectionDomain::new(device).map_err(|e| e.to_string())?;
-    let cq = CompletionQueue::new(device, 64, channel).map_err(|e| e.to_string())?;
+    let pd = ProtectionDomain::new(&device).map_err(|e| e.to_string())?;
+    let cq = CompletionQueue::new(&device, 64, channel).map_err(|e| e.to_string())?;
     let caps = QueueCaps {
         max_send_wr: 16,
         max_recv_wr: 16,
