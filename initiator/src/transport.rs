@@ -298,7 +298,7 @@ impl<B: IoBuf> Queue<B> {
     }
     /// Completes with `status` the active commands an Abort was sent for. Only once the
     /// association they went out on is gone: a reset disabled the PCIe controller, a TCP
-    /// connection is closed.
+    /// connection is closed, an RDMA queue pair is destroyed.
     pub fn fail_aborted(&mut self, status: Status, on_done: &mut impl FnMut(Done<B>)) {
         let mut aborted = Vec::new();
         self.for_each_active(|cid, _, abort_posted, _| {

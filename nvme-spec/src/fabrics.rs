@@ -32,7 +32,8 @@ pub struct Connect {
     pub qid: u16,
     /// Submission queue size, 1-based (wire SQSIZE is 0-based).
     pub sqsize: u32,
-    /// Connect attributes (bit 2: I/O queue deletion disabled, bits 1:0 priority).
+    /// Connect attributes (bit 2: disable SQ flow control, as Linux's
+    /// NVME_CONNECT_DISABLE_SQFLOW; bits 1:0: priority class).
     pub cattr: u8,
     /// Keep alive timeout in milliseconds (admin queue only; 0 = disabled).
     pub kato: u32,
