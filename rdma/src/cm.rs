@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use crate::sys::{self, Libraries};
 use crate::verbs::{
-    set_nonblocking, to_sys, CompletionQueue, Device, ProtectionDomain, QueueCaps, SendOp, Sge,
-    SharedReceiveQueue,
+    post_one_recv, set_nonblocking, to_sys, CompletionQueue, Device, ProtectionDomain, QueueCaps,
+    SendOp, Sge, SharedReceiveQueue,
 };
 use crate::{libraries, os_error, returned_error, Error, Result};
 
@@ -297,16 +297,8 @@ impl CmId {
 
 /// What a queue pair uses, kept alive until the queue pair is destroyed.
 struct QueuePairResources {
-    post_send: unsafe extern "C" fn(
-        *mut sys::ibv_qp,
-        *mut sys::ibv_send_wr,
-        *mut *mut sys::ibv_send_wr,
-    ) -> i32,
-    post_recv: unsafe extern "C" fn(
-        *mut sys::ibv_qp,
-        *mut sys::ibv_recv_wr,
-        *mut *mut sys::ibv_recv_wr,
-    ) -> i32,
+    post_send: sys::PostSend,
+    post_recv: sys::PostRecvTo<sys::ibv_qp>,
     qp: NonNull<sys::ibv_qp>,
     _pd: Arc<ProtectionDomain>,
     _send_cq: Arc<CompletionQueue>,
@@ -566,21 +558,17 @@ impl CmId {
     /// until this work completes (or is flushed).
     pub unsafe fn post_recv(&self, wr_id: u64, sge: Sge) -> Result<()> {
         let qp = self.queue_pair()?;
-        let mut sge = to_sys(sge);
-        let mut wr = sys::ibv_recv_wr {
-            wr_id,
-            next: ptr::null_mut(),
-            sg_list: &mut sge,
-            num_sge: 1,
-        };
-        let mut bad = ptr::null_mut();
-        // SAFETY: the queue pair is live; wr and sge outlive the call (the provider copies
-        // them); the caller guarantees the memory.
-        let rc = unsafe { (qp.post_recv)(qp.qp.as_ptr(), &mut wr, &mut bad) };
-        if rc != 0 {
-            return Err(returned_error("ibv_post_recv", rc));
+        // SAFETY: the queue pair is live and post_recv is its provider's; the caller
+        // guarantees the memory.
+        unsafe {
+            post_one_recv(
+                Some(qp.post_recv),
+                qp.qp.as_ptr(),
+                wr_id,
+                sge,
+                "ibv_post_recv",
+            )
         }
-        Ok(())
     }
 
     /// Posts one send-queue operation over `sges`; with `signaled`, it produces a completion

@@ -144,10 +144,14 @@ pub struct ibv_device_attr {
 
 type PollCq = unsafe extern "C" fn(*mut ibv_cq, c_int, *mut ibv_wc) -> c_int;
 type ReqNotifyCq = unsafe extern "C" fn(*mut ibv_cq, c_int) -> c_int;
-type PostSend = unsafe extern "C" fn(*mut ibv_qp, *mut ibv_send_wr, *mut *mut ibv_send_wr) -> c_int;
-type PostRecv = unsafe extern "C" fn(*mut ibv_qp, *mut ibv_recv_wr, *mut *mut ibv_recv_wr) -> c_int;
-type PostSrqRecv =
-    unsafe extern "C" fn(*mut ibv_srq, *mut ibv_recv_wr, *mut *mut ibv_recv_wr) -> c_int;
+pub type PostSend =
+    unsafe extern "C" fn(*mut ibv_qp, *mut ibv_send_wr, *mut *mut ibv_send_wr) -> c_int;
+/// A provider's receive-posting entry point, for a queue pair (`T = ibv_qp`) or a shared
+/// receive queue (`T = ibv_srq`).
+pub type PostRecvTo<T> =
+    unsafe extern "C" fn(*mut T, *mut ibv_recv_wr, *mut *mut ibv_recv_wr) -> c_int;
+type PostRecv = PostRecvTo<ibv_qp>;
+type PostSrqRecv = PostRecvTo<ibv_srq>;
 
 /// `struct ibv_context_ops`: the data path's entry points, which verbs.h calls inline
 /// (`ibv_post_send` is `qp->context->ops.post_send(…)`). Slots we do not call are padding.

@@ -501,26 +501,11 @@ impl SharedReceiveQueue {
     /// The memory `sge` names must stay registered and untouched by anything but the device
     /// until this work completes.
     pub unsafe fn post_recv(&self, wr_id: u64, sge: Sge) -> Result<()> {
-        let mut sge = to_sys(sge);
-        let mut wr = sys::ibv_recv_wr {
-            wr_id,
-            next: ptr::null_mut(),
-            sg_list: &mut sge,
-            num_sge: 1,
-        };
-        let mut bad = ptr::null_mut();
-        // SAFETY: the SRQ and its context are live; wr and sge outlive the call (the provider
-        // copies them); the caller guarantees the memory.
-        let rc = unsafe {
-            match (*(*self.raw.as_ptr()).context).ops.post_srq_recv {
-                Some(post) => post(self.raw.as_ptr(), &mut wr, &mut bad),
-                None => libc::EOPNOTSUPP,
-            }
-        };
-        if rc != 0 {
-            return Err(returned_error("ibv_post_srq_recv", rc));
+        // SAFETY: the SRQ and its context are live; the caller guarantees the memory.
+        unsafe {
+            let post = (*(*self.raw.as_ptr()).context).ops.post_srq_recv;
+            post_one_recv(post, self.raw.as_ptr(), wr_id, sge, "ibv_post_srq_recv")
         }
-        Ok(())
     }
 
     pub(crate) fn as_ptr(&self) -> *mut sys::ibv_srq {
@@ -556,6 +541,39 @@ pub enum SendOp {
     RdmaWrite { remote_addr: u64, rkey: u32 },
     /// Reads the peer's memory into the local elements.
     RdmaRead { remote_addr: u64, rkey: u32 },
+}
+
+/// Posts one receive of `sge` to `target` through the provider's `post`: what a queue pair's
+/// and a shared receive queue's `post_recv` share.
+///
+/// # Safety
+/// `target` is live and `post` is its provider's entry point; the memory `sge` names stays
+/// registered and untouched by anything but the device until the receive completes.
+pub(crate) unsafe fn post_one_recv<T>(
+    post: Option<sys::PostRecvTo<T>>,
+    target: *mut T,
+    wr_id: u64,
+    sge: Sge,
+    call: &'static str,
+) -> Result<()> {
+    let mut sge = to_sys(sge);
+    let mut wr = sys::ibv_recv_wr {
+        wr_id,
+        next: ptr::null_mut(),
+        sg_list: &mut sge,
+        num_sge: 1,
+    };
+    let mut bad = ptr::null_mut();
+    let rc = match post {
+        // SAFETY: per the contract above; wr and sge outlive the call (the provider copies
+        // them).
+        Some(post) => unsafe { post(target, &mut wr, &mut bad) },
+        None => libc::EOPNOTSUPP,
+    };
+    if rc != 0 {
+        return Err(returned_error(call, rc));
+    }
+    Ok(())
 }
 
 pub(crate) fn to_sys(sge: Sge) -> sys::ibv_sge {
