@@ -34,34 +34,9 @@ WORK=$(mktemp -d)
 check "nvmet exports a RAM disk on 127.0.0.1:$PORT" nvmet_export_ramdisk "$NQN" "$PORT" ||
     bail "nvmet export" "cannot go on without it"
 
-if out=$("$PERF" -r "$TRID" --identify 2>&1) && grep -q "Namespace 1: " <<<"$out" &&
-    grep -q "subnqn: *$NQN" <<<"$out"; then
-    pass "identify: controller and namespace 1 ($(grep 'Namespace 1' <<<"$out" | sed 's/^ *//'))"
-else
-    printf '%s\n' "$out" | sed 's/^/# /'
-    fail "identify" "no namespace 1 or wrong subnqn"
-fi
-
-if out=$("$PERF" -r "$DISC" --discover 2>&1) && grep -q "subnqn: *$NQN" <<<"$out"; then
-    pass "discovery log lists $NQN"
-else
-    printf '%s\n' "$out" | sed 's/^/# /'
-    fail "discovery log lists $NQN" "not found"
-fi
-
-# 1 MiB written sequentially in 4 KiB blocks (in-capsule), then every block read back
-# and checked (LBA, generation, CRC32C): none may be missing or wrong.
-plexperf_check "write a 1 MiB pattern (4 KiB, in-capsule, --verify)" "$WORK/w.json" \
-    -w write -o 4096 -q 8 -t 3 --verify --size 1048576
-plexperf_check "read it back and verify every block" "$WORK/r.json" \
-    -w read -o 4096 -q 8 -t 2 --verify --size 1048576
-unwritten=$(json_field "$WORK/r.json" 'r["verify"]["unwritten_blocks"]')
-checked=$(json_field "$WORK/r.json" 'r["verify"]["verified_blocks"]')
-if [ "$unwritten" = 0 ] && [ "$checked" -ge 2048 ]; then
-    pass "read back: $checked blocks verified, none unwritten"
-else
-    fail "read back covers the pattern" "verified=$checked unwritten=$unwritten"
-fi
+plexperf_identify_ok "identify"
+plexperf_discovers "discovery log lists $NQN"
+plexperf_pattern_round_trip "read it back and verify every block"
 
 # 64 KiB I/O is larger than nvmet's in-capsule size: writes go through R2T/H2CData.
 plexperf_check "randrw 64 KiB (R2T/H2CData writes, C2HData reads) with --verify" "$WORK/big.json" \

@@ -36,33 +36,9 @@ check "nvmet-rdma exports a RAM disk on $RXE_ADDR:$PORT" \
     nvmet_export_ramdisk "$NQN" "$PORT" "$RXE_ADDR" rdma ||
     bail "nvmet-rdma export" "cannot go on without it"
 
-if out=$("$PERF" -r "$TRID" --identify 2>&1) && grep -q "Namespace 1: " <<<"$out" &&
-    grep -q "subnqn: *$NQN" <<<"$out"; then
-    pass "identify over RDMA: controller and namespace 1 ($(grep 'Namespace 1' <<<"$out" | sed 's/^ *//'))"
-else
-    printf '%s\n' "$out" | sed 's/^/# /'
-    fail "identify over RDMA" "no namespace 1 or wrong subnqn"
-fi
-
-if out=$("$PERF" -r "$DISC" --discover 2>&1) && grep -q "subnqn: *$NQN" <<<"$out" &&
-    grep -qi "trtype: *rdma" <<<"$out"; then
-    pass "discovery over RDMA lists $NQN on an RDMA port"
-else
-    printf '%s\n' "$out" | sed 's/^/# /'
-    fail "discovery over RDMA lists $NQN" "not found"
-fi
-
-plexperf_check "write a 1 MiB pattern (4 KiB, in-capsule, --verify)" "$WORK/w.json" \
-    -w write -o 4096 -q 8 -t 3 --verify --size 1048576
-plexperf_check "read it back (RDMA WRITE by the target) and verify every block" "$WORK/r.json" \
-    -w read -o 4096 -q 8 -t 2 --verify --size 1048576
-unwritten=$(json_field "$WORK/r.json" 'r["verify"]["unwritten_blocks"]')
-checked=$(json_field "$WORK/r.json" 'r["verify"]["verified_blocks"]')
-if [ "$unwritten" = 0 ] && [ "$checked" -ge 2048 ]; then
-    pass "read back: $checked blocks verified, none unwritten"
-else
-    fail "read back covers the pattern" "verified=$checked unwritten=$unwritten"
-fi
+plexperf_identify_ok "identify over RDMA"
+plexperf_discovers "discovery over RDMA lists $NQN on an RDMA port" "trtype: *rdma"
+plexperf_pattern_round_trip "read it back (RDMA WRITE by the target) and verify every block"
 plexperf_check "randrw 128 KiB on 2 queue pairs with --verify" "$WORK/big.json" \
     -w randrw -M 50 -o 131072 -q 4 -P 2 -t 3 --verify --size 8388608
 

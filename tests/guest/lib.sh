@@ -311,6 +311,49 @@ plexperf_check() {
     plexperf_ok "$name" "$out"
 }
 
+# plexperf_identify_ok NAME: $PERF identifies the controller at $TRID, with namespace 1 and
+# subsystem $NQN.
+plexperf_identify_ok() {
+    local out
+    if out=$("$PERF" -r "$TRID" --identify 2>&1) && grep -q "Namespace 1: " <<<"$out" &&
+        grep -q "subnqn: *$NQN" <<<"$out"; then
+        pass "$1: controller and namespace 1 ($(grep 'Namespace 1' <<<"$out" | sed 's/^ *//'))"
+    else
+        printf '%s\n' "$out" | sed 's/^/# /'
+        fail "$1" "no namespace 1 or wrong subnqn"
+    fi
+}
+
+# plexperf_discovers NAME [PATTERN]: the discovery log at $DISC lists $NQN (and, if given,
+# a line matching PATTERN, case-insensitive).
+plexperf_discovers() {
+    local out
+    if out=$("$PERF" -r "$DISC" --discover 2>&1) && grep -q "subnqn: *$NQN" <<<"$out" &&
+        { [ -z "${2:-}" ] || grep -qi -- "$2" <<<"$out"; }; then
+        pass "$1"
+    else
+        printf '%s\n' "$out" | sed 's/^/# /'
+        fail "$1" "not found"
+    fi
+}
+
+# plexperf_pattern_round_trip READ_NAME: 1 MiB written sequentially in 4 KiB blocks with
+# --verify, then every block read back and checked (LBA, generation, CRC32C): none may be
+# missing or wrong. Three results; files in $WORK.
+plexperf_pattern_round_trip() {
+    local unwritten checked
+    plexperf_check "write a 1 MiB pattern (4 KiB, in-capsule, --verify)" "$WORK/w.json" \
+        -w write -o 4096 -q 8 -t 3 --verify --size 1048576
+    plexperf_check "$1" "$WORK/r.json" -w read -o 4096 -q 8 -t 2 --verify --size 1048576
+    unwritten=$(json_field "$WORK/r.json" 'r["verify"]["unwritten_blocks"]')
+    checked=$(json_field "$WORK/r.json" 'r["verify"]["verified_blocks"]')
+    if [ "$unwritten" = 0 ] && [ "$checked" -ge 2048 ]; then
+        pass "read back: $checked blocks verified, none unwritten"
+    else
+        fail "read back covers the pattern" "verified=$checked unwritten=$unwritten"
+    fi
+}
+
 # ---- the kernel's NVMe host (initiator) --------------------------------------
 
 nvme_connect_tcp() {
