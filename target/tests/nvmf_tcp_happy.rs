@@ -204,6 +204,39 @@ fn happy_path_with_digests() {
     happy(true, true);
 }
 
+/// A host may send Connect's data by R2T rather than in the capsule (the Linux RDMA host's
+/// admin Connect asks the target to read it): it arrives before there is a controller, and
+/// must still be fetched and the queue connected.
+#[test]
+fn connect_data_fetched_from_the_host() {
+    use nvme_spec::fabrics::{Connect, ConnectData};
+    let t = Target::start(true);
+    let mut c = Client::connect(t.port);
+    c.ic(false, false);
+    let cmd = Connect {
+        recfmt: 0,
+        qid: 0,
+        sqsize: 31,
+        cattr: 0,
+        kato: 10000,
+    }
+    .to_command(0);
+    let data = ConnectData::new([7; 16], 0xFFFF, NQN, HOST).unwrap();
+    let (cqe, _) = c.run(cmd, data.as_bytes(), 0, false);
+    assert!(cqe.status().is_success(), "Connect by R2T: {cqe:?}");
+    let cid = c.cid();
+    c.send_cmd(
+        PropertyGet {
+            size: PropertySize::Eight,
+            offset: reg::CAP,
+        }
+        .to_command(cid),
+        &[],
+    );
+    let (cqe, _) = c.wait(cid, &[]);
+    assert!(cqe.status().is_success(), "the admin queue works: {cqe:?}");
+}
+
 #[test]
 fn discovery_log_lists_the_listener() {
     let t = Target::start(true);

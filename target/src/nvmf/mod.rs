@@ -19,6 +19,7 @@ pub mod budget;
 pub mod controller;
 pub mod discovery;
 pub mod io;
+pub mod queue;
 pub mod reservation;
 pub mod rpc;
 pub mod subsystem;
