@@ -23,7 +23,7 @@ mod pool;
 mod region;
 mod view;
 
-pub use pool::{stats, DmaBuf, PoolStats, MAX_BUF_SIZE, MIN_BUF_SIZE};
+pub use pool::{chunk_of, stats, DmaBuf, PoolStats, MAX_BUF_SIZE, MIN_BUF_SIZE};
 pub use region::{DmaRegion, MemoryKind};
 pub use view::BufView;
 

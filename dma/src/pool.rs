@@ -107,6 +107,15 @@ pub(crate) fn chunk_spans() -> Vec<(usize, usize)> {
         .collect()
 }
 
+/// The pool chunk holding the byte at `addr`: its first byte and length. Chunks are never
+/// unmapped, so a transport may register each once with its device and look buffers up in
+/// its own table afterwards.
+pub fn chunk_of(addr: usize) -> Option<(usize, usize)> {
+    chunk_spans()
+        .into_iter()
+        .find(|&(base, len)| addr >= base && addr - base < len)
+}
+
 struct ThreadCache {
     lists: [Vec<usize>; NUM_CLASSES],
 }

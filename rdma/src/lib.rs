@@ -15,10 +15,12 @@
 //! library still uses.
 
 pub mod cm;
+mod memory;
 pub mod sys;
 pub mod verbs;
 
 pub use cm::{CmEvent, CmEventKind, CmId, ConnParam, EventChannel};
+pub use memory::DeviceMemory;
 pub use verbs::{
     Access, CompletionChannel, CompletionQueue, Device, DeviceLimits, MemoryRegion,
     ProtectionDomain, QueueCaps, SendOp, Sge, SharedReceiveQueue, WorkCompletion,

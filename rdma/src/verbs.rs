@@ -37,6 +37,11 @@ pub struct DeviceLimits {
 }
 
 impl Device {
+    /// Identifies the device: equal for every identifier bound to the same one.
+    pub fn key(&self) -> usize {
+        self.raw.as_ptr() as usize
+    }
+
     pub fn limits(&self) -> Result<DeviceLimits> {
         let libs = libraries()?;
         // SAFETY: all-zero is a valid ibv_device_attr (integers and a byte array).

@@ -12,7 +12,6 @@
 //!   RDMA READ (writes) or RDMA WRITE (reads) before it sends the response. The caller's buffer is copied in or out of that
 //!   region, so any [`crate::buf::IoBuf`] works and nothing is registered per I/O.
 
-pub(crate) mod memory;
 pub(crate) mod queue;
 
 use std::net::SocketAddr;

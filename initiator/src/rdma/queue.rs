@@ -15,10 +15,10 @@ use rdma::{
 };
 use tracing::{debug, warn};
 
-use super::memory::DeviceMemory;
 use super::{RdmaEndpoint, MAX_TRANSFER};
 use crate::error::{Error, Result};
 use crate::transport::{give_up, still_pending, ConnParams, ConnectProgress, Dir, Done};
+use rdma::DeviceMemory;
 
 const SQE: usize = 64;
 const CQE: usize = 16;

@@ -5,7 +5,7 @@
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::ptr::NonNull;
 
-pub(crate) struct DeviceMemory {
+pub struct DeviceMemory {
     ptr: NonNull<u8>,
     layout: Layout,
 }
@@ -27,6 +27,7 @@ impl DeviceMemory {
         self.ptr.as_ptr()
     }
 
+    #[allow(clippy::len_without_is_empty)] // never empty: at least one page
     pub fn len(&self) -> usize {
         self.layout.size()
     }
@@ -60,8 +61,8 @@ impl DeviceMemory {
 
 impl Drop for DeviceMemory {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout. Every registration of it lives in the
-        // queue's connection, which the queue drops first.
+        // SAFETY: allocated in `new` with this layout. Its owner drops every registration of
+        // it, and the queue pair whose work names it, first.
         unsafe { dealloc(self.ptr.as_ptr(), self.layout) }
     }
 }
