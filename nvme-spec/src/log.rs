@@ -290,6 +290,17 @@ pub mod tcp_sectype {
     pub const TLS13: u8 = 2;
 }
 
+/// The first bytes of an RDMA entry's TSAS: queue pair type, provider type, connection
+/// management service (then reserved bytes and a partition key of 0).
+pub mod rdma_tsas {
+    /// Reliable connected queue pairs.
+    pub const QPTYPE_CONNECTED: u8 = 1;
+    /// No provider type specified.
+    pub const PRTYPE_NOT_SPECIFIED: u8 = 1;
+    /// The RDMA/IP connection manager (RDMA_CM).
+    pub const CMS_RDMA_CM: u8 = 1;
+}
+
 /// Discovery log page header (1024 bytes); `numrec` entries follow.
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
@@ -364,15 +375,47 @@ impl DiscoveryLogEntry {
         ipv6: bool,
         portid: u16,
     ) -> Option<Self> {
+        let mut e = Self::ip_entry(trtype::TCP, subtype, subnqn, traddr, trsvcid, ipv6, portid)?;
+        e.tsas[0] = tcp_sectype::NONE;
+        Some(e)
+    }
+
+    /// An NVMe/RDMA entry: reliable connected queue pairs, no provider named, the RDMA/IP
+    /// connection manager. `None` if a string does not fit.
+    pub fn rdma(
+        subtype: u8,
+        subnqn: &str,
+        traddr: &str,
+        trsvcid: &str,
+        ipv6: bool,
+        portid: u16,
+    ) -> Option<Self> {
+        let mut e = Self::ip_entry(trtype::RDMA, subtype, subnqn, traddr, trsvcid, ipv6, portid)?;
+        e.tsas[..3].copy_from_slice(&[
+            rdma_tsas::QPTYPE_CONNECTED,
+            rdma_tsas::PRTYPE_NOT_SPECIFIED,
+            rdma_tsas::CMS_RDMA_CM,
+        ]);
+        Some(e)
+    }
+
+    fn ip_entry(
+        trtype: u8,
+        subtype: u8,
+        subnqn: &str,
+        traddr: &str,
+        trsvcid: &str,
+        ipv6: bool,
+        portid: u16,
+    ) -> Option<Self> {
         let mut e = Self::new_zeroed();
-        e.trtype = trtype::TCP;
+        e.trtype = trtype;
         e.adrfam = if ipv6 { adrfam::IPV6 } else { adrfam::IPV4 };
         e.subtype = subtype;
         e.treq = treq::SECURE_CHANNEL_NOT_REQUIRED;
         e.portid.set(portid);
         e.cntlid.set(crate::fabrics::CNTLID_DYNAMIC);
         e.asqsz.set(32);
-        e.tsas[0] = tcp_sectype::NONE;
         let ok = fill_nul_padded(&mut e.subnqn, subnqn)
             && fill_nul_padded(&mut e.traddr, traddr)
             && fill_nul_padded(&mut e.trsvcid, trsvcid);

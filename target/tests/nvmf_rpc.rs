@@ -17,7 +17,7 @@ fn transport_and_subsystem_errors_are_clear() {
         -libc::EEXIST
     );
     assert!(t
-        .rpc("nvmf_create_transport", json!({"trtype": "RDMA"}))
+        .rpc("nvmf_create_transport", json!({"trtype": "FC"}))
         .is_err());
     assert!(t
         .rpc(
@@ -29,6 +29,37 @@ fn transport_and_subsystem_errors_are_clear() {
     assert_eq!(tr[0]["trtype"], "TCP");
     assert_eq!(tr[0]["max_queue_depth"], 128);
     assert_eq!(tr[0]["max_io_size"], 1 << 20);
+    // RDMA beside TCP, with SPDK's RDMA defaults and its RDMA-only options.
+    t.rpc(
+        "nvmf_create_transport",
+        json!({"trtype": "rdma", "num_cqe": 2048, "no_srq": true}),
+    )
+    .unwrap();
+    let tr = t
+        .rpc("nvmf_get_transports", json!({"trtype": "RDMA"}))
+        .unwrap();
+    assert_eq!(tr.as_array().unwrap().len(), 1);
+    assert_eq!(tr[0]["in_capsule_data_size"], 4096);
+    assert_eq!(tr[0]["max_io_size"], 131072);
+    assert_eq!(tr[0]["num_cqe"], 2048);
+    assert_eq!(tr[0]["no_srq"], true);
+    assert_eq!(
+        t.rpc("nvmf_get_transports", json!({}))
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    // An RDMA listener where no RDMA device has the address fails, saying so.
+    let e = t
+        .rpc(
+            "nvmf_subsystem_add_listener",
+            json!({"nqn": NQN, "listen_address": {"trtype": "RDMA", "adrfam": "IPv4",
+                "traddr": "127.0.0.1", "trsvcid": "4420"}}),
+        )
+        .unwrap_err();
+    assert!(e.message.contains("RDMA"), "{}", e.message);
     // Subsystems: duplicate, bad NQN, unknown NQN.
     assert_eq!(
         t.rpc("nvmf_create_subsystem", json!({"nqn": NQN}))

@@ -548,8 +548,14 @@ impl Controller {
         c.ioccsz.set(self.opts.ioccsz());
         c.iorcsz.set(1);
         c.msdbd = 1;
+        // RDMA data moves by keyed SGLs (the Linux host insists on the bit).
+        let keyed = if self.opts.is_rdma() {
+            identify::sgls::KEYED
+        } else {
+            0
+        };
         c.sgls
-            .set(identify::sgls::SUPPORTED | identify::sgls::OFFSET);
+            .set(identify::sgls::SUPPORTED | identify::sgls::OFFSET | keyed);
         c.aerl = (MAX_AERS - 1) as u8;
         c.elpe = 0;
         c.lpa = identify::lpa::EXTENDED_DATA;
@@ -789,7 +795,7 @@ mod tests {
             trsvcid: "4420".into(),
         };
         s.add_listener(l.clone());
-        let opts = t.transport().unwrap();
+        let opts = t.transport("TCP").unwrap();
         (t, s, l, opts)
     }
 

@@ -12,7 +12,12 @@ pub fn log_page(target: &NvmfTarget, hostnqn: &str) -> Vec<u8> {
         .discovery_entries(hostnqn)
         .iter()
         .filter_map(|(s, l)| {
-            let e = DiscoveryLogEntry::tcp(
+            let entry = if l.trtype == "RDMA" {
+                DiscoveryLogEntry::rdma
+            } else {
+                DiscoveryLogEntry::tcp
+            };
+            let e = entry(
                 subtype::NVME,
                 &s.nqn,
                 &l.traddr,

@@ -20,6 +20,7 @@ pub mod controller;
 pub mod discovery;
 pub mod io;
 pub mod queue;
+pub mod rdma;
 pub mod reservation;
 pub mod rpc;
 pub mod subsystem;
@@ -37,9 +38,10 @@ pub const FIRMWARE_REVISION: &str = env!("CARGO_PKG_VERSION");
 /// Default serial number (SPDK's default too).
 pub const DEFAULT_SERIAL: &str = "00000000000000000000";
 
-/// Options of the TCP transport (`nvmf_create_transport`), with SPDK's names.
+/// Options of one transport (`nvmf_create_transport`), with SPDK's names.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct TransportOpts {
+    /// "TCP" or "RDMA".
     pub trtype: String,
     pub max_queue_depth: u16,
     pub max_io_qpairs_per_ctrlr: u16,
@@ -64,6 +66,14 @@ pub struct TransportOpts {
     /// and frees its buffer; a connection whose host takes none of the data sent to it this
     /// long is closed (0: never).
     pub data_timeout_ms: u32,
+    /// RDMA: receives a device's shared receive queue holds (unused with `no_srq`).
+    pub max_srq_depth: u32,
+    /// RDMA: every queue pair posts its own receives instead of sharing a queue of them.
+    pub no_srq: bool,
+    /// RDMA: entries of each completion queue.
+    pub num_cqe: u32,
+    /// RDMA: connect requests the listener holds before it answers them.
+    pub acceptor_backlog: u32,
 }
 
 impl Default for TransportOpts {
@@ -86,11 +96,39 @@ impl Default for TransportOpts {
             connect_timeout_ms: 10_000,
             pdu_stall_timeout_ms: 10_000,
             data_timeout_ms: 30_000,
+            max_srq_depth: 4096,
+            no_srq: false,
+            num_cqe: 4096,
+            acceptor_backlog: 100,
         }
     }
 }
 
 impl TransportOpts {
+    /// SPDK's defaults for `trtype` ("TCP" or "RDMA", any case), or None for another.
+    pub fn defaults_for(trtype: &str) -> Option<TransportOpts> {
+        if trtype.eq_ignore_ascii_case("tcp") {
+            return Some(TransportOpts::default());
+        }
+        if !trtype.eq_ignore_ascii_case("rdma") {
+            return None;
+        }
+        // SPDK's RDMA defaults: smaller in-capsule data and I/O unit, more shared buffers.
+        Some(TransportOpts {
+            trtype: "RDMA".into(),
+            in_capsule_data_size: 4096,
+            max_io_size: 128 << 10,
+            io_unit_size: 8192,
+            num_shared_buffers: 4095,
+            c2h_success: false,
+            ..TransportOpts::default()
+        })
+    }
+
+    pub fn is_rdma(&self) -> bool {
+        self.trtype == "RDMA"
+    }
+
     /// Checks the options against what this transport can do.
     pub fn validate(&self) -> Result<(), NvmfError> {
         let bad = |m: String| Err(NvmfError::InvalidParam(m));
@@ -139,6 +177,9 @@ impl TransportOpts {
         }
         if self.zcopy {
             return bad("zcopy is not supported".into());
+        }
+        if self.is_rdma() && !(16..=65536).contains(&self.num_cqe) {
+            return bad(format!("num_cqe {} must be 16..=65536", self.num_cqe));
         }
         Ok(())
     }
@@ -228,16 +269,32 @@ impl From<NvmfError> for crate::rpc::RpcError {
     }
 }
 
-/// A listening socket shared by the subsystems that added it.
+/// A listener of either transport.
+enum ListenerHandle {
+    Tcp(tcp::listener::ListenerHandle),
+    Rdma(rdma::listener::ListenerHandle),
+}
+
+impl ListenerHandle {
+    fn stop(&self) {
+        match self {
+            ListenerHandle::Tcp(h) => h.stop(),
+            ListenerHandle::Rdma(h) => h.stop(),
+        }
+    }
+}
+
+/// A listener shared by the subsystems that added it.
 struct ListenerEntry {
     addr: ListenAddr,
     users: usize,
-    handle: tcp::listener::ListenerHandle,
+    handle: ListenerHandle,
 }
 
 #[derive(Default)]
 struct TargetInner {
-    transport: Option<Arc<TransportOpts>>,
+    /// One per transport type, in creation order.
+    transports: Vec<Arc<TransportOpts>>,
     /// In creation order (save_config replays them in order).
     subsystems: Vec<Arc<Subsystem>>,
     listeners: Vec<ListenerEntry>,
@@ -321,19 +378,32 @@ impl NvmfTarget {
         g[reactor].clone()
     }
 
-    pub fn transport(&self) -> Option<Arc<TransportOpts>> {
-        self.lock().transport.clone()
+    /// The transport of type `trtype` ("TCP", "RDMA"), if created.
+    pub fn transport(&self, trtype: &str) -> Option<Arc<TransportOpts>> {
+        self.lock()
+            .transports
+            .iter()
+            .find(|t| t.trtype.eq_ignore_ascii_case(trtype))
+            .cloned()
+    }
+
+    /// Every transport created, in creation order.
+    pub fn transports(&self) -> Vec<Arc<TransportOpts>> {
+        self.lock().transports.clone()
     }
 
     pub fn create_transport(&self, opts: TransportOpts) -> Result<(), NvmfError> {
         opts.validate()?;
         let mut g = self.lock();
-        if g.transport.is_some() {
+        if g.transports.iter().any(|t| t.trtype == opts.trtype) {
             return Err(NvmfError::TransportExists(opts.trtype));
         }
-        self.data_budget
-            .set_limit(u64::from(opts.num_shared_buffers) * u64::from(opts.io_unit_size));
-        g.transport = Some(Arc::new(opts));
+        // One data budget for the target: the transports' shared buffers together.
+        let shared =
+            |t: &TransportOpts| u64::from(t.num_shared_buffers) * u64::from(t.io_unit_size);
+        let limit = shared(&opts) + g.transports.iter().map(|t| shared(t)).sum::<u64>();
+        self.data_budget.set_limit(limit);
+        g.transports.push(Arc::new(opts));
         Ok(())
     }
 
@@ -397,8 +467,10 @@ impl NvmfTarget {
             .ok_or_else(|| NvmfError::NoSubsystem(nqn.to_string()))?;
         let mut g = self.lock();
         let opts = g
-            .transport
-            .clone()
+            .transports
+            .iter()
+            .find(|t| t.trtype == addr.trtype)
+            .cloned()
             .ok_or_else(|| NvmfError::NoTransport(addr.trtype.clone()))?;
         if s.listeners().contains(&addr) {
             return Err(NvmfError::ListenerExists(addr.to_string()));
@@ -406,7 +478,11 @@ impl NvmfTarget {
         if let Some(e) = g.listeners.iter_mut().find(|e| e.addr == addr) {
             e.users += 1;
         } else {
-            let handle = tcp::listener::start(app, &addr, opts)?;
+            let handle = if opts.is_rdma() {
+                ListenerHandle::Rdma(rdma::listener::start(app, &addr, opts)?)
+            } else {
+                ListenerHandle::Tcp(tcp::listener::start(app, &addr, opts)?)
+            };
             g.listeners.push(ListenerEntry {
                 addr: addr.clone(),
                 users: 1,
@@ -478,7 +554,7 @@ impl NvmfTarget {
         use serde_json::json;
         let g = self.lock();
         let mut out = Vec::new();
-        if let Some(t) = &g.transport {
+        for t in &g.transports {
             out.push(json!({"method": "nvmf_create_transport", "params": rpc::transport_json(t)}));
         }
         for s in &g.subsystems {

@@ -28,6 +28,12 @@ const PRE_CONNECT_SLOTS: usize = 4;
 /// host (legitimately) reuses their cid.
 const EXTRA_SLOTS: usize = 32;
 
+/// The most slots a queue of `depth` entries uses: what a transport sizes per-slot resources
+/// by.
+pub fn max_slots(depth: u16) -> usize {
+    (usize::from(depth) + EXTRA_SLOTS).max(PRE_CONNECT_SLOTS)
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum SlotState {
     Free,

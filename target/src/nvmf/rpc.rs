@@ -34,6 +34,11 @@ struct CreateTransport {
     data_timeout_ms: Option<u32>,
     acceptor_poll_rate: Option<u32>,
     control_msg_num: Option<u32>,
+    /// RDMA's (a TCP transport keeps them, unused, as SPDK's does).
+    max_srq_depth: Option<u32>,
+    no_srq: Option<bool>,
+    num_cqe: Option<u32>,
+    acceptor_backlog: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -173,6 +178,10 @@ pub fn transport_json(t: &TransportOpts) -> Value {
         "connect_timeout_ms": t.connect_timeout_ms,
         "pdu_stall_timeout_ms": t.pdu_stall_timeout_ms,
         "data_timeout_ms": t.data_timeout_ms,
+        "max_srq_depth": t.max_srq_depth,
+        "no_srq": t.no_srq,
+        "num_cqe": t.num_cqe,
+        "acceptor_backlog": t.acceptor_backlog,
     })
 }
 
@@ -181,13 +190,12 @@ pub fn register(m: &mut Methods) {
         "nvmf_create_transport",
         |app: Arc<App>, p: CreateTransport| async move {
             one_target(&p.tgt_name)?;
-            if !p.trtype.eq_ignore_ascii_case("tcp") {
+            let Some(mut t) = TransportOpts::defaults_for(&p.trtype) else {
                 return Err(RpcError::invalid_params(format!(
-                    "transport {:?} is not supported (only TCP)",
+                    "transport {:?} is not supported (TCP or RDMA)",
                     p.trtype
                 )));
-            }
-            let mut t = TransportOpts::default();
+            };
             if let Some(v) = p.max_queue_depth {
                 t.max_queue_depth = v;
             }
@@ -236,10 +244,23 @@ pub fn register(m: &mut Methods) {
             if let Some(v) = p.data_timeout_ms {
                 t.data_timeout_ms = v;
             }
+            if let Some(v) = p.max_srq_depth {
+                t.max_srq_depth = v;
+            }
+            if let Some(v) = p.no_srq {
+                t.no_srq = v;
+            }
+            if let Some(v) = p.num_cqe {
+                t.num_cqe = v;
+            }
+            if let Some(v) = p.acceptor_backlog {
+                t.acceptor_backlog = v;
+            }
             // Polling tunables of SPDK's acceptor: our listeners wake on readiness instead.
             let _ = (p.acceptor_poll_rate, p.control_msg_num);
+            let trtype = t.trtype.clone();
             app.nvmf.create_transport(t)?;
-            tracing::info!("nvmf: TCP transport created");
+            tracing::info!("nvmf: {trtype} transport created");
             Ok::<_, RpcError>(true)
         },
     );
@@ -251,9 +272,10 @@ pub fn register(m: &mut Methods) {
         "nvmf_get_transports",
         |app: Arc<App>, p: GetTransports| async move {
             one_target(&p.tgt_name)?;
-            let t = app.nvmf.transport();
+            let mut t = app.nvmf.transports();
             if let Some(want) = &p.trtype {
-                if t.is_none() || !want.eq_ignore_ascii_case("tcp") {
+                t.retain(|t| t.trtype.eq_ignore_ascii_case(want));
+                if t.is_empty() {
                     return Err(NvmfError::NoTransport(want.clone()).into());
                 }
             }
@@ -449,11 +471,15 @@ pub fn register(m: &mut Methods) {
                         "cntlid": c.cntlid,
                         "qid": q.qid,
                         "state": "active",
-                        "thread": format!("nvmf_tcp_poll_group_{:03}", q.reactor),
+                        "thread": format!(
+                            "nvmf_{}_poll_group_{:03}",
+                            q.listen.trtype.to_ascii_lowercase(),
+                            q.reactor
+                        ),
                         "hostnqn": c.hostnqn,
                         "listen_address": q.listen,
                         "peer_address": {
-                            "trtype": "TCP",
+                            "trtype": q.listen.trtype,
                             "adrfam": q.listen.adrfam,
                             "traddr": peer_addr,
                             "trsvcid": peer_port,
@@ -477,15 +503,15 @@ pub fn register(m: &mut Methods) {
 /// device counters to report).
 fn get_stats(app: &App) -> serde_json::Value {
     use std::sync::atomic::Ordering::Relaxed;
-    let has_tcp = app.nvmf.transport().is_some();
+    let transports: Vec<serde_json::Value> = app
+        .nvmf
+        .transports()
+        .iter()
+        .map(|t| serde_json::json!({"trtype": t.trtype}))
+        .collect();
     let groups: Vec<serde_json::Value> = (0..app.reactors.len())
         .map(|i| {
             let s = app.nvmf.poll_group_stats(i);
-            let transports: Vec<serde_json::Value> = if has_tcp {
-                vec![serde_json::json!({"trtype": "TCP"})]
-            } else {
-                Vec::new()
-            };
             serde_json::json!({
                 "name": format!("nvmf_tgt_poll_group_{i:03}"),
                 "admin_qpairs": s.admin_qpairs.load(Relaxed),
@@ -494,7 +520,7 @@ fn get_stats(app: &App) -> serde_json::Value {
                 "current_io_qpairs": s.current_io_qpairs.load(Relaxed),
                 "pending_bdev_io": s.pending_bdev_io.load(Relaxed),
                 "completed_nvme_io": s.completed_nvme_io.load(Relaxed),
-                "transports": transports,
+                "transports": transports.clone(),
             })
         })
         .collect();

@@ -34,13 +34,16 @@ fn default_adrfam() -> String {
 impl ListenAddr {
     /// Normalises names so `tcp`/`TCP` and `ipv4`/`IPv4` compare equal.
     pub fn normalized(mut self) -> Result<Self, NvmfError> {
-        if !self.trtype.eq_ignore_ascii_case("tcp") {
-            return Err(NvmfError::InvalidParam(format!(
-                "trtype {:?} is not supported (only TCP)",
-                self.trtype
-            )));
-        }
-        self.trtype = "TCP".into();
+        self.trtype = match self.trtype.to_ascii_lowercase().as_str() {
+            "tcp" => "TCP".into(),
+            "rdma" => "RDMA".into(),
+            _ => {
+                return Err(NvmfError::InvalidParam(format!(
+                    "trtype {:?} is not supported (TCP or RDMA)",
+                    self.trtype
+                )))
+            }
+        };
         self.adrfam = match self.adrfam.to_ascii_lowercase().as_str() {
             "ipv4" => "IPv4".into(),
             "ipv6" => "IPv6".into(),
@@ -619,8 +622,11 @@ mod tests {
         .unwrap();
         assert_eq!(a.trtype, "TCP");
         assert_eq!(a.adrfam, "IPv4");
+        let mut rdma = a.clone();
+        rdma.trtype = "rdma".into();
+        assert_eq!(rdma.normalized().unwrap().trtype, "RDMA");
         let mut bad = a.clone();
-        bad.trtype = "RDMA".into();
+        bad.trtype = "FC".into();
         assert!(bad.normalized().is_err());
         let mut bad = a.clone();
         bad.trsvcid = "port".into();

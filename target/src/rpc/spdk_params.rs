@@ -97,11 +97,9 @@ const NVMF_CREATE_TRANSPORT: &[Foreign] = &[
     // SPDK's per-poll-group iobuf caches: plexd's buffers are its own.
     any("iobuf_small_cache_size"),
     any("iobuf_large_cache_size"),
-    // RDMA only (SPDK's TCP transport ignores them too).
-    any("num_cqe"),
-    any("max_srq_depth"),
-    any("no_srq"),
-    any("acceptor_backlog"),
+    // RDMA tunables of SPDK's work-request batching, retry timer and pool, which plexd's RDMA
+    // transport does not have (`num_cqe`, `max_srq_depth`, `no_srq`, `acceptor_backlog` are
+    // the method's own).
     any("no_wr_batching"),
     any("ack_timeout"),
     any("data_wr_pool_size"),
@@ -354,7 +352,7 @@ mod tests {
         admit("nvmf_create_transport", &mut p).unwrap();
         assert_eq!(
             p,
-            json!({"trtype": "TCP", "c2h_success": true, "zcopy": false})
+            json!({"trtype": "TCP", "c2h_success": true, "no_srq": false, "zcopy": false})
         );
         // Nested, and null as absent.
         let mut p = json!({"nqn": "n", "namespace": {"bdev_name": "M0", "no_auto_visible": false,
@@ -371,7 +369,7 @@ mod tests {
 
     #[test]
     fn any_value_of_a_knob_without_meaning_here_is_taken() {
-        let mut p = json!({"trtype": "TCP", "no_srq": true, "iobuf_small_cache_size": 4294967295u64,
+        let mut p = json!({"trtype": "TCP", "ack_timeout": 20, "iobuf_small_cache_size": 4294967295u64,
             "kas": 100});
         admit("nvmf_create_transport", &mut p).unwrap();
         assert_eq!(p, json!({"trtype": "TCP"}));

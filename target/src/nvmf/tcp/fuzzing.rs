@@ -55,7 +55,7 @@ fn world() -> &'static World {
             trsvcid: port.to_string(),
         };
         s.add_listener(listen.clone());
-        let opts = target.transport().expect("created above");
+        let opts = target.transport("TCP").expect("created above");
         let info = ConnInfo {
             listen: &listen,
             peer: "fuzz",

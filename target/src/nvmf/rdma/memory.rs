@@ -1,0 +1,60 @@
+//! The DMA pool's memory as one RDMA device sees it: each pool chunk registered once with
+//! the device's protection domain, the first time a buffer in it moves data there.
+//!
+//! Only local keys are used: the target reads and writes the host's memory, never the other
+//! way round, so no chunk is ever reachable from the network.
+
+use rdma::{Access, Device, MemoryRegion, ProtectionDomain, Sge};
+use std::sync::{Arc, RwLock};
+
+/// One device's protection domain and its registrations of pool chunks.
+pub struct DeviceMemory {
+    pub device: Device,
+    pub pd: Arc<ProtectionDomain>,
+    /// By first byte; chunks never overlap.
+    chunks: RwLock<Vec<(usize, MemoryRegion)>>,
+}
+
+impl DeviceMemory {
+    pub fn new(device: Device) -> rdma::Result<DeviceMemory> {
+        let pd = ProtectionDomain::new(&device)?;
+        Ok(DeviceMemory {
+            device,
+            pd,
+            chunks: RwLock::new(Vec::new()),
+        })
+    }
+
+    /// The scatter-gather element for `len` bytes of a pool buffer at `addr`, registering its
+    /// chunk on first use.
+    pub fn sge(&self, addr: usize, len: u32) -> Result<Sge, String> {
+        if let Some(sge) = self.lookup(addr, len) {
+            return Ok(sge);
+        }
+        let (base, chunk_len) = dma::chunk_of(addr)
+            .ok_or_else(|| format!("buffer at {addr:#x} is not DMA pool memory"))?;
+        let mut chunks = self.chunks.write().unwrap_or_else(|e| e.into_inner());
+        if !chunks.iter().any(|(b, _)| *b == base) {
+            // SAFETY: pool chunks are never unmapped (the pool keeps them for the process), and
+            // the device touches a buffer only while work naming it is outstanding, during which
+            // its owner (a command slot) leaves it alone.
+            let mr = unsafe {
+                MemoryRegion::register(&self.pd, base as *mut u8, chunk_len, Access::LOCAL_WRITE)
+            }
+            .map_err(|e| format!("cannot register {chunk_len} bytes of pool memory: {e}"))?;
+            tracing::debug!("nvmf/rdma: registered pool chunk {base:#x} ({chunk_len} bytes)");
+            chunks.push((base, mr));
+        }
+        drop(chunks);
+        self.lookup(addr, len)
+            .ok_or_else(|| format!("buffer at {addr:#x} ({len} bytes) crosses a chunk's end"))
+    }
+
+    fn lookup(&self, addr: usize, len: u32) -> Option<Sge> {
+        let chunks = self.chunks.read().unwrap_or_else(|e| e.into_inner());
+        chunks.iter().find_map(|(base, mr)| {
+            let offset = addr.checked_sub(*base)?;
+            mr.sge(offset, len)
+        })
+    }
+}
