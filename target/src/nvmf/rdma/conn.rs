@@ -363,6 +363,8 @@ impl RdmaConn {
     fn start_capsule(&mut self, si: u16, cmd: &Command, base: usize, in_capsule: u32) {
         let sgl = cmd.sgl1();
         let mut refused = None;
+        // A slot is reused: only this command's own key may be written to or invalidated.
+        self.t.remote[si as usize] = Remote::default();
         let (xfer_len, in_capsule_data) = match (sgl.desc_type(), sgl.subtype()) {
             (sgl_type::DATA_BLOCK, sgl_subtype::OFFSET) => {
                 let (offset, len) = (sgl.addr(), sgl.len());
@@ -388,9 +390,6 @@ impl RdmaConn {
                 (0, false)
             }
         };
-        if !in_capsule_data {
-            self.t.remote[si as usize].invalidate &= refused.is_none();
-        }
         if self.start_command(si, xfer_len, in_capsule_data, refused) {
             let offset = base + CAPSULE_LEN + sgl.addr() as usize;
             let s = &mut self.slots[si as usize];
@@ -540,14 +539,7 @@ impl Transport for Rdma {
                 }
             }
         }
-        // Only a command whose data moved by its key asks for the key's invalidation.
-        let s = &mut q.slots[si as usize];
-        let keyed = s.xfer_len > 0 && remote.invalidate;
-        let remote = Remote {
-            invalidate: keyed,
-            ..remote
-        };
-        s.state = SlotState::Sending;
+        q.slots[si as usize].state = SlotState::Sending;
         if !q.post_response(si as usize, WR_SEND | u64::from(si), &cqe, data, remote) {
             q.close();
         }
