@@ -39,7 +39,6 @@ SOCK=$WORK/plexd.sock
 PLEXD_PID=
 
 
-jget() { python3 -c 'import json,sys; v=json.loads(sys.argv[1]); print(eval(sys.argv[2]))' "$1" "$2"; }
 
 state() { jget "$(rpc bdev_nvme_get_controllers '{"name": "Nvme0"}')" 'v[0]["ctrlrs"][0]["state"]'; }
 

@@ -413,6 +413,79 @@ fio_verify() {
         --verify_fatal=1 --output-format=terse --minimal >/dev/null
 }
 
+
+# ---- plexd serving the kernel's host, in the guest ------------------------------
+# These use the caller's PLEXD (binary), SOCK (RPC socket), WORK (scratch directory, plexd.log
+# goes there) and NQN (the subsystem under test).
+
+# jq-less field access: jget JSON PYTHON-EXPR (the value is `v`).
+jget() {
+    python3 -c 'import json,sys; v=json.loads(sys.argv[1]); print(eval(sys.argv[2]))' "$1" "$2"
+}
+
+start_plexd() {
+    rm -f "$SOCK"
+    "$PLEXD" -m 0x3 --no-pin -r "$SOCK" --idle-poll-us 200 "$@" >>"$WORK/plexd.log" 2>&1 &
+    PLEXD_PID=$!
+    wait_for_plexd "$PLEXD_PID" && return 0
+    tail -n 20 "$WORK/plexd.log" >&2
+    return 1
+}
+
+stop_plexd() {
+    [ -n "$PLEXD_PID" ] || return 0
+    kill "${1:--TERM}" "$PLEXD_PID" 2>/dev/null
+    wait "$PLEXD_PID" 2>/dev/null
+    PLEXD_PID=
+}
+
+ctrl_of_dev() { # /dev/nvme1n1 -> nvme1: the kernel's controller of that namespace, via sysfs
+    local d=${1#/dev/} dir c
+    dir=$(readlink -f "/sys/block/$d/device")
+    # Without native multipath, the namespace's device is the controller itself.
+    c=$(basename "$dir")
+    [[ $c =~ ^nvme[0-9]+$ ]] && { echo "$c"; return 0; }
+    # With it, nvmeXnY belongs to the subsystem (nvme-subsysX), which lists its controllers.
+    for c in "$dir"/nvme*; do
+        c=$(basename "$c")
+        [[ $c =~ ^nvme[0-9]+$ ]] && { echo "$c"; return 0; }
+    done
+    echo "no controller found for $1" >&2
+    return 1
+}
+
+controllers() { jget "$(rpc nvmf_subsystem_get_controllers "{\"nqn\": \"$NQN\"}")" 'len(v)'; }
+
+controllers_are() { [ "$(controllers)" = "$1" ]; }
+
+wait_controllers() { # wait_controllers N
+    wait_until 10 controllers_are "$1" && return 0
+    echo "plexd has $(controllers) controllers, want $1" >&2
+    return 1
+}
+
+fs_roundtrip() { # fs_roundtrip DEV MKFS...
+    local dev=$1 mnt=$WORK/mnt
+    shift
+    mkdir -p "$mnt"
+    "$@" "$dev" >/dev/null 2>&1 || { echo "$* failed" >&2; return 1; }
+    mount "$dev" "$mnt" || return 1
+    head -c 3M /dev/urandom >"$WORK/a.bin"
+    cp "$WORK/a.bin" "$mnt/a.bin" && mkdir "$mnt/d" && seq 1 20000 >"$mnt/d/seq.txt" && sync || return 1
+    umount "$mnt" || return 1
+    mount "$dev" "$mnt" || return 1
+    cmp "$WORK/a.bin" "$mnt/a.bin" && [ "$(tail -n1 "$mnt/d/seq.txt")" = 20000 ] || { umount "$mnt"; return 1; }
+    if [ "${FSTRIM:-0}" = 1 ]; then
+        rm "$mnt/a.bin" && sync && fstrim -v "$mnt" || { umount "$mnt"; return 1; }
+    fi
+    umount "$mnt"
+}
+
+fio_seq() { # fio_seq DEV BS SIZE
+    fio --name=seq --filename="$1" --size="$3" --rw=write --bs="$2" --ioengine=libaio --direct=1 \
+        --iodepth=4 --verify=crc32c --do_verify=1 --verify_fatal=1 --minimal >/dev/null
+}
+
 # ---- host side ---------------------------------------------------------------
 
 driver_of() {

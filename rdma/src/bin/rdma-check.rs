@@ -7,6 +7,11 @@
 //! a rejected connect carrying its reason, and disconnects seen by both ends.
 //!
 //! Usage: rdma-check ADDR [PORT]. Prints one TAP line per step ("ok - …" / "not ok - …").
+//!
+//! rdma-check --connect-with HEX ADDR PORT: a probe for targets. Connects to ADDR:PORT with
+//! HEX as the connect request's private data and prints what came back: "rejected: STATUS
+//! private data HEX", "established: private data HEX" or "failed: EVENT". Exits 0 once it has
+//! an answer.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -42,7 +47,29 @@ const WAIT: Duration = Duration::from_secs(10);
 type Step<T> = Result<T, String>;
 
 fn main() {
-    let mut args = std::env::args().skip(1);
+    let mut args = std::env::args().skip(1).peekable();
+    if args.peek().map(String::as_str) == Some("--connect-with") {
+        let probe: Vec<String> = args.skip(1).collect();
+        let parsed = match &probe[..] {
+            [hex, ip, port] => match (unhex(hex), ip.parse::<IpAddr>(), port.parse::<u16>()) {
+                (Some(data), Ok(ip), Ok(port)) => Some((data, SocketAddr::new(ip, port))),
+                _ => None,
+            },
+            _ => None,
+        };
+        let Some((data, addr)) = parsed else {
+            eprintln!("usage: rdma-check --connect-with HEX ADDR PORT");
+            std::process::exit(2);
+        };
+        match connect_with(addr, &data) {
+            Ok(answer) => println!("{answer}"),
+            Err(why) => {
+                println!("error: {why}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
     let Some(ip) = args.next().and_then(|a| a.parse::<IpAddr>().ok()) else {
         eprintln!("usage: rdma-check ADDR [PORT]  (ADDR: an RDMA device's IP address)");
         std::process::exit(2);
@@ -305,6 +332,53 @@ fn run(addr: SocketAddr, done: &mut usize) -> Step<()> {
     pass();
     drop(listener);
     Ok(())
+}
+
+/// Connects with `private_data` and reports how the peer answered.
+fn connect_with(addr: SocketAddr, private_data: &[u8]) -> Step<String> {
+    rdma::available().map_err(|e| e.to_string())?;
+    let events = EventChannel::new().map_err(|e| e.to_string())?;
+    let mut id = CmId::new(&events).map_err(|e| e.to_string())?;
+    id.resolve_addr(addr, 2000).map_err(|e| e.to_string())?;
+    expect(&events, CmEventKind::AddrResolved)?;
+    id.resolve_route(2000).map_err(|e| e.to_string())?;
+    expect(&events, CmEventKind::RouteResolved)?;
+    let queues_of = queues(&mut id, None)?;
+    let end = End::new(&id, queues_of)?;
+    id.connect(ConnParam {
+        private_data,
+        responder_resources: 16,
+        retry_count: 7,
+        rnr_retry_count: 7,
+        ..Default::default()
+    })
+    .map_err(|e| e.to_string())?;
+    let event = next(&events)?;
+    let hex: String = event
+        .private_data
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let answer = match event.kind {
+        CmEventKind::Rejected => format!("rejected: status {} private data {hex}", event.status),
+        CmEventKind::Established => {
+            let _ = id.disconnect();
+            format!("established: private data {hex}")
+        }
+        other => format!("failed: {} (status {})", other.name(), event.status),
+    };
+    drop(end);
+    Ok(answer)
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 fn request_bytes() -> [u8; 32] {

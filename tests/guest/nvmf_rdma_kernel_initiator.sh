@@ -1,0 +1,195 @@
+#!/usr/bin/env bash
+# plexd's NVMe/RDMA target, over soft-RoCE (rxe0) in the test guest, against the Linux
+# kernel's nvme-rdma host and against our own host (plexperf), with SPDK's JSON-RPC client
+# creating both transports.
+#
+# One subsystem listens on RDMA (rxe0's address) and on TCP (127.0.0.1) at once. The kernel
+# host discovers it over RDMA, connects with 2 I/O queues, runs fio with crc32c verification
+# (4 KiB random, 1 MiB sequential), makes and checks an XFS, while plexperf reads the same
+# namespace over TCP; plexperf then verifies a pattern over RDMA. plexd is killed (-9) with
+# the kernel host connected: its I/O fails as fast_io_fail_tmo says, and plexd restarted from
+# its saved configuration is reconnected. Bad input: connect requests with bad private data
+# are rejected with the NVMe/RDMA reason, and plexd keeps serving.
+#
+# On the host: cargo build --release && tests/guest/nvmf_rdma_kernel_initiator.sh
+# Soft-RoCE is software in an emulated guest: this proves interoperability, not speed.
+set -uo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=tests/guest/lib.sh
+. "$HERE/lib.sh"
+plan 31
+REPO=$GUEST_LIB_REPO
+
+PLEXD=${PLEXD:-$REPO/build/release/plexd}
+PERF=${PLEXPERF:-$REPO/build/release/plexperf}
+if ! in_guest; then
+    [ -x "$PLEXD" ] || { echo "build first: cargo build --release" >&2; exit 2; }
+    reexec_in_guest --timeout 700 --env PLEXD="$PLEXD" -- "$0" "$@"
+fi
+NQN=nqn.2024-01.io.plexstor:rdma1
+PORT=4420
+TCP_ADDR=127.0.0.1
+BDEV_UUID=9b1d7c2e-4f60-4a8b-8c3d-00112233aabb
+WORK=$(mktemp -d /tmp/nvmf-rdma.XXXXXX)
+SOCK=$WORK/plexd.sock
+PLEXD_PID=
+export RUST_LOG=${RUST_LOG:-info}
+
+cleanup() {
+    nvme disconnect -n "$NQN" >/dev/null 2>&1
+    stop_plexd -KILL
+}
+trap cleanup EXIT
+
+# SPDK's own client (the host tests install it) drives the methods we share with SPDK.
+srpc() { "$SPDK_RPC" -s "$SOCK" "$@"; }
+
+configure() {
+    rpc bdev_malloc_create "{\"name\": \"Malloc0\", \"num_blocks\": 786432, \"block_size\": 512, \"uuid\": \"$BDEV_UUID\"}" &&
+        srpc nvmf_create_transport -t RDMA &&
+        srpc nvmf_create_transport -t TCP &&
+        srpc nvmf_create_subsystem "$NQN" -s PLEX0002 -a &&
+        srpc nvmf_subsystem_add_ns "$NQN" Malloc0 &&
+        srpc nvmf_subsystem_add_listener "$NQN" -t rdma -a "$RXE_ADDR" -s "$PORT" -f ipv4 &&
+        srpc nvmf_subsystem_add_listener "$NQN" -t tcp -a "$TCP_ADDR" -s "$PORT" -f ipv4
+}
+
+dev_of() { wait_for_nvme_dev "$NQN" 1 30; }
+
+[ -x "$SPDK_RPC" ] || skip_all --required "SPDK's client is not installed at $SPDK_RPC (tests/host install it)"
+if rxe_up; then pass "soft-RoCE device rxe0 ($RXE_ADDR)"; else bail "soft-RoCE device rxe0" "rdma_rxe or 'rdma link add' failed"; fi
+load_modules nvme nvme-rdma xfs || bail modules "cannot load nvme-rdma/xfs"
+# Not through `check`: that runs its command in a subshell, and PLEXD_PID must reach us.
+if start_plexd; then pass "plexd starts"; else bail "plexd starts" "see log above"; fi
+check "SPDK's client creates RDMA and TCP transports, a subsystem listening on both" configure || finish
+
+transports=$(srpc nvmf_get_transports)
+if [ "$(jget "$transports" '",".join(sorted(t["trtype"] for t in v))')" = "RDMA,TCP" ] &&
+    [ "$(jget "$transports" '[t for t in v if t["trtype"] == "RDMA"][0]["in_capsule_data_size"]')" = 4096 ]; then
+    pass "nvmf_get_transports: RDMA (SPDK's defaults) and TCP"
+else
+    printf '%s\n' "$transports" | sed 's/^/# /'
+    fail "nvmf_get_transports: RDMA (SPDK's defaults) and TCP" "unexpected"
+fi
+
+# ---- discovery over RDMA ----------------------------------------------------------
+out=$(nvme discover -t rdma -a "$RXE_ADDR" -s "$PORT" 2>&1)
+if grep -q "subnqn: *$NQN" <<<"$out" && grep -q "trtype: *rdma" <<<"$out" &&
+    grep -q "rdma_cms: *rdma-cm" <<<"$out" && grep -q "trtype: *tcp" <<<"$out"; then
+    pass "nvme discover over RDMA lists the RDMA (rdma-cm) and TCP listeners"
+else
+    printf '%s\n' "$out" | sed 's/^/# /'
+    fail "nvme discover over RDMA lists both listeners" "entries missing"
+fi
+
+# ---- the kernel's nvme-rdma host ---------------------------------------------------
+check "nvme connect -t rdma (2 I/O queues)" nvme connect -t rdma -n "$NQN" -a "$RXE_ADDR" -s "$PORT" -i 2 || finish
+DEV=$(dev_of) || bail "block device appears" "no device for $NQN"
+pass "block device appears ($DEV)"
+qpairs=$(rpc nvmf_subsystem_get_qpairs "{\"nqn\": \"$NQN\"}")
+if [ "$(jget "$qpairs" '"%d %s" % (len(v), ",".join(sorted(set(q["peer_address"]["trtype"] for q in v))))')" = "3 RDMA" ]; then
+    pass "plexd sees admin + 2 I/O queue pairs over RDMA"
+else
+    printf '%s\n' "$qpairs" | sed 's/^/# /'
+    fail "plexd sees admin + 2 I/O queue pairs over RDMA" "unexpected"
+fi
+
+# Our host reads the same namespace over TCP while the kernel's works over RDMA.
+TCP_TRID="trtype:TCP adrfam:IPv4 traddr:$TCP_ADDR trsvcid:$PORT subnqn:$NQN"
+timeout 120 "$PERF" -r "$TCP_TRID" --json --warmup 0 -w randread -o 4096 -q 8 -t 20 \
+    >"$WORK/tcp.json" 2>"$WORK/tcp.err" &
+tcp_pid=$!
+check "fio 4k randwrite, crc32c verify" fio_verify "$DEV" 8M
+check "fio 1M seq write, crc32c verify" fio_seq "$DEV" 1M 32M
+check "xfs: mkfs, mount, write, remount, read back" fs_roundtrip "$DEV" mkfs.xfs -f
+tcp_rc=0
+wait "$tcp_pid" || tcp_rc=$?
+if [ "$tcp_rc" = 0 ]; then
+    plexperf_ok "plexperf over TCP on the same subsystem meanwhile" "$WORK/tcp.json"
+else
+    sed 's/^/# /' "$WORK/tcp.err" | tail -n 10
+    fail "plexperf over TCP on the same subsystem meanwhile" "exit $tcp_rc"
+fi
+# The kernel host saw nothing wrong on the way: no bogus invalidation, error recovery, reset.
+host_errors=$(dmesg | grep -E "nvme nvme[0-9]+: .*(Bogus|error|recovery|reset|timeout|Reconnecting)" || true)
+if [ -z "$host_errors" ]; then
+    pass "the kernel host logged no transport error"
+else
+    printf '%s\n' "$host_errors" | tail -n 5 | sed 's/^/# /'
+    fail "the kernel host logged no transport error" "see dmesg above"
+fi
+check "nvme disconnect" nvme disconnect -n "$NQN"
+check "device goes away" wait_for_no_nvme_dev "$NQN" 20
+check "plexd's controllers cleaned up" wait_controllers 0
+
+# ---- our host over RDMA --------------------------------------------------------------
+TRID="trtype:RDMA adrfam:IPv4 traddr:$RXE_ADDR trsvcid:$PORT subnqn:$NQN"
+plexperf_pattern_round_trip "plexperf over RDMA reads it back (RDMA WRITE by plexd), verified"
+plexperf_check "plexperf randrw 128 KiB over RDMA (RDMA READ by plexd), --verify" "$WORK/big.json" \
+    -w randrw -M 50 -o 131072 -q 4 -P 2 -t 3 --verify --size 8388608
+
+# ---- bad input ------------------------------------------------------------------------
+# Connect requests with bad NVMe/RDMA private data (rdma-check's probe): each is rejected with
+# the reason the binding names (STS in the reject's private data), and plexd keeps serving.
+PROBE=${RDMA_CHECK:-$REPO/build/release/rdma-check}
+ZEROS=$(printf '0%.0s' $(seq 1 44)) # 22 zero bytes: the rest of the 32-byte request
+rejected_with() { # NAME STS REQUEST-HEX (RECFMT QID HRQSIZE HSQSIZE CNTLID, little-endian)
+    local out sts
+    out=$(timeout 30 "$PROBE" --connect-with "$3$ZEROS" "$RXE_ADDR" "$PORT" 2>&1)
+    sts=$(sed -n 's/^rejected: .*private data \(....\)\(....\).*/\2/p' <<<"$out")
+    if [ "$sts" = "$2" ]; then
+        pass "$1 (rejected, STS ${2:0:2})"
+    else
+        printf '%s\n' "$out" | tail -n 3 | sed 's/^/# /'
+        fail "$1" "want a reject with STS $2"
+    fi
+}
+rejected_with "a connect request with RECFMT 5 is rejected: invalid RECFMT" 0200 "0500010020001f00ffff"
+rejected_with "a queue deeper than max_queue_depth is rejected: invalid HSQSIZE" 0400 "000001000004ff03ffff"
+rejected_with "a QID past max_io_qpairs_per_ctrlr is rejected: invalid QID" 0300 "0000001020001f00ffff"
+plexperf_identify_ok "plexd still serves RDMA after the bad connects"
+
+# ---- kill -9 with the kernel host connected; restart from the saved configuration -------
+check "save_config" sh -c "$(declare -f rpc); SOCK=$SOCK PLEXCTL=$PLEXCTL; rpc save_config > $WORK/saved.json"
+connect_failfast() {
+    local line
+    exec 3<>/dev/nvme-fabrics || return 1
+    printf '%s' "transport=rdma,traddr=$RXE_ADDR,trsvcid=$PORT,nqn=$NQN,nr_io_queues=2,reconnect_delay=1,ctrl_loss_tmo=120,fast_io_fail_tmo=3" >&3 || { exec 3<&-; return 1; }
+    read -r line <&3
+    exec 3<&-
+    echo "$line"
+}
+check "connect over RDMA (reconnect_delay 1 s, fast_io_fail_tmo 3 s)" connect_failfast
+DEV=$(dev_of) || bail "reconnect setup" "no device"
+CTRL=$(ctrl_of_dev "$DEV")
+ctrl_attr() { cat "/sys/class/nvme/$CTRL/$1" 2>/dev/null; }
+[ "$(ctrl_attr transport)" = rdma ] || bail "reconnect setup" "controller '$CTRL' of $DEV is not an RDMA one"
+ctrl_live() { [ "$(ctrl_attr state)" = live ]; }
+ctrl_not_live() { ! ctrl_live; }
+stop_plexd -KILL
+rc=0
+timeout 60 dd if="$DEV" of=/dev/null bs=4k count=1 iflag=direct 2>/dev/null || rc=$?
+if [ "$rc" != 0 ] && [ "$rc" != 124 ] && wait_until 10 ctrl_not_live; then
+    pass "host I/O fails cleanly while plexd is down ($CTRL is $(ctrl_attr state))"
+else
+    fail "host I/O fails cleanly while plexd is down" "dd exit $rc, $CTRL $(ctrl_attr state)"
+fi
+if start_plexd -c "$WORK/saved.json" && wait_until 30 ctrl_live; then
+    pass "the kernel host reconnects over RDMA to plexd restarted from saved.json"
+    check "I/O verified after the reconnect" fio_verify "$DEV" 2M
+else
+    fail "the kernel host reconnects over RDMA to plexd restarted from saved.json" "controller $CTRL: $(ctrl_attr state)"
+    fail "I/O verified after the reconnect" "no reconnect"
+fi
+nvme disconnect -n "$NQN" >/dev/null 2>&1
+check "device gone after the final disconnect" wait_for_no_nvme_dev "$NQN" 20
+stop_plexd -TERM
+if grep -q "panicked" "$WORK/plexd.log"; then
+    grep -B2 -A5 panicked "$WORK/plexd.log" | sed 's/^/# /'
+    fail "plexd never panicked" "see log"
+else
+    pass "plexd never panicked"
+fi
+grep -E "WARN|ERROR" "$WORK/plexd.log" | tail -n 15 | sed 's/^/# plexd: /'
+finish
