@@ -39,22 +39,6 @@ HOST_B=nqn.2014-08.org.nvmexpress:uuid:$ID_B
 KEY_A=0xa1
 KEY_B=0xb2
 
-start_plexd() {
-    rm -f "$SOCK"
-    "$PLEXD" -m 0x3 --no-pin -r "$SOCK" --idle-poll-us 200 "$@" >>"$WORK/plexd.log" 2>&1 &
-    PLEXD_PID=$!
-    wait_for_plexd "$PLEXD_PID" && return 0
-    tail -n 20 "$WORK/plexd.log" >&2
-    return 1
-}
-
-stop_plexd() {
-    [ -n "$PLEXD_PID" ] || return 0
-    kill -TERM "$PLEXD_PID" 2>/dev/null
-    wait "$PLEXD_PID" 2>/dev/null
-    PLEXD_PID=
-}
-
 cleanup() {
     nvme disconnect -n "$NQN" >/dev/null 2>&1
     [ -n "$PLEXD_PID" ] && kill -KILL "$PLEXD_PID" 2>/dev/null
