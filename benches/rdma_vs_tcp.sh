@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# NVMe/RDMA against NVMe/TCP through the same target in the same run: our host (plexperf)
-# against the kernel's nvmet, which exports one RAM disk on a TCP port and on an RDMA port
-# (soft-RoCE, rxe0), inside the test guest.
+# NVMe/RDMA against NVMe/TCP through the same target in the same run, inside the test guest:
+# our host (plexperf) against plexd, which exports a malloc bdev over TCP and over RDMA
+# (soft-RoCE, rxe0) at once, and against the kernel's nvmet, which exports one RAM disk the
+# same way.
 #
 # Relative only: soft-RoCE is RDMA done in software by the guest's kernel, and the guest is
 # emulated, so absolute numbers are the emulator's. What compares is CPU per I/O in the same
@@ -10,8 +11,8 @@
 # without sleeping, so its time is its wall time and says little; the rest of the busy time
 # (the target, the network stack or soft-RoCE, interrupts) is the column to read. Rounds interleave the
 # transports (TCP, RDMA, then again) and medians are reported, so a slow moment of the host
-# hits both columns alike. plexd's own NVMe/RDMA target is not built yet; when it is, it
-# joins this table.
+# hits both columns alike. For plexd, its reactors' busy time (framework_get_reactors: passes
+# in which a poller did work) per I/O is the target's own CPU per I/O.
 #
 #   benches/rdma_vs_tcp.sh [SECONDS_PER_RUN] [ROUNDS]      (defaults 5 and 3)
 # Writes benches/reports/rdma_vs_tcp-<date>.md.
@@ -38,17 +39,43 @@ fi
 NQN=nqn.2024-01.io.plexstor:rdma-vs-tcp
 PORT=4440
 rxe_up
-NVMET_RAMDISK_MIB=1024 nvmet_export_ramdisk "$NQN" "$PORT" "$RXE_ADDR" tcp
+SIZE_MIB=512
+NVMET_RAMDISK_MIB=$SIZE_MIB nvmet_export_ramdisk "$NQN" "$PORT" "$RXE_ADDR" tcp
 portdir=$(nvmet_port "$RXE_ADDR" "$PORT" rdma)
 load_modules nvmet-rdma
 ln -s "$NVMET_CFS/subsystems/$NQN" "$portdir/subsystems/$NQN"
-trap 'nvmet_clear >/dev/null 2>&1 || true' EXIT
 
-# run TRTYPE WORKLOAD IO_SIZE QD: prints "IOPS BUSY_NS_PER_IO NOT_PLEXPERF_NS_PER_IO"
+# plexd on both guest CPUs, the same namespace on TCP and RDMA, one port above nvmet's.
+WORK=$(mktemp -d)
+SOCK=$WORK/plexd.sock
+PLEXD=$repo/build/release/plexd
+PLEXD_PORT=$((PORT + 1))
+start_plexd
+# (stop_plexd's `wait` answers 137 for the killed plexd: not the run's status.)
+trap 'stop_plexd -KILL || true; nvmet_clear >/dev/null 2>&1 || true' EXIT
+rpc bdev_malloc_create "{\"name\": \"M0\", \"num_blocks\": $((SIZE_MIB * 2048)), \"block_size\": 512}" >/dev/null
+rpc nvmf_create_subsystem "{\"nqn\": \"$NQN\", \"allow_any_host\": true}" >/dev/null
+rpc nvmf_subsystem_add_ns "{\"nqn\": \"$NQN\", \"namespace\": {\"bdev_name\": \"M0\"}}" >/dev/null
+for tr in TCP RDMA; do
+    rpc nvmf_create_transport "{\"trtype\": \"$tr\", \"max_io_size\": 131072}" >/dev/null
+    rpc nvmf_subsystem_add_listener "{\"nqn\": \"$NQN\", \"listen_address\": {\"trtype\": \"$tr\", \"traddr\": \"$RXE_ADDR\", \"trsvcid\": \"$PLEXD_PORT\"}}" >/dev/null
+done
+
+# run TARGET TRTYPE WORKLOAD IO_SIZE QD: prints "IOPS BUSY_NS_PER_IO NOT_PLEXPERF_NS_PER_IO
+# TARGET_REACTOR_NS_PER_IO" (the last 0 for nvmet, which has no reactors)
 run() {
-    python3 - "$repo/build/release/plexperf" "$1" "$RXE_ADDR" "$PORT" "$NQN" "$2" "$3" "$4" "$secs" <<'EOF'
+    local port=$PORT
+    [ "$1" = plexd ] && port=$PLEXD_PORT
+    python3 - "$repo/build/release/plexperf" "$2" "$RXE_ADDR" "$port" "$NQN" "$3" "$4" "$5" "$secs" \
+        "$1" "$PLEXCTL" "$SOCK" "$SIZE_MIB" <<'EOF'
 import json, os, resource, subprocess, sys
-perf, tr, addr, port, nqn, w, o, q, secs = sys.argv[1:]
+perf, tr, addr, port, nqn, w, o, q, secs, target, plexctl, sock, size_mib = sys.argv[1:]
+def reactor_busy_s():
+    if target != "plexd":
+        return 0.0
+    r = json.loads(subprocess.run([plexctl, "-s", sock, "call", "--compact", "framework_get_reactors"],
+                                  capture_output=True, text=True, check=True).stdout)
+    return sum(x["busy"] for x in r["reactors"]) / r["tick_rate"]
 def busy_ticks():
     f = open("/proc/stat").readline().split()[1:]
     user, nice, system, idle, iowait, irq, softirq = map(int, f[:7])
@@ -56,10 +83,12 @@ def busy_ticks():
 hz = os.sysconf("SC_CLK_TCK")
 before = resource.getrusage(resource.RUSAGE_CHILDREN)
 t0 = busy_ticks()
+r0 = reactor_busy_s()
 out = subprocess.run([perf, "-r", f"trtype:{tr} adrfam:IPv4 traddr:{addr} trsvcid:{port} subnqn:{nqn}",
                       "-w", w, "-o", o, "-q", q, "-t", secs, "--warmup", "1", "--json",
-                      "--size", str(1 << 30)], capture_output=True, text=True, check=True).stdout
+                      "--size", str(int(size_mib) << 20)], capture_output=True, text=True, check=True).stdout
 t1 = busy_ticks()
+r1 = reactor_busy_s()
 after = resource.getrusage(resource.RUSAGE_CHILDREN)
 r = json.loads(out)["total"]
 ios = r["reads"] + r["writes"]
@@ -68,19 +97,23 @@ host = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
 # seconds.
 scale = float(secs) / (float(secs) + 1)
 busy = (t1 - t0) / hz
-print(int(r["iops"]), int(busy * scale * 1e9 / max(ios, 1)), int(max(busy - host, 0) * scale * 1e9 / max(ios, 1)))
+print(int(r["iops"]), int(busy * scale * 1e9 / max(ios, 1)), int(max(busy - host, 0) * scale * 1e9 / max(ios, 1)),
+      int((r1 - r0) * scale * 1e9 / max(ios, 1)))
 EOF
 }
 
 workloads=("randread 4096 32" "read 131072 8" "write 131072 8")
 declare -A res
+targets=(plexd nvmet)
 for r in $(seq 1 "$rounds"); do
     for wl in "${workloads[@]}"; do
-        for tr in TCP RDMA; do
-            # shellcheck disable=SC2086 # the workload is three words
-            v=$(run "$tr" $wl)
-            res["$wl|$tr"]+="$v;"
-            echo "round $r: $tr $wl: $v" >&2
+        for tg in "${targets[@]}"; do
+            for tr in TCP RDMA; do
+                # shellcheck disable=SC2086 # the workload is three words
+                v=$(run "$tg" "$tr" $wl)
+                res["$tg|$wl|$tr"]+="$v;"
+                echo "round $r: $tg $tr $wl: $v" >&2
+            done
         done
     done
 done
@@ -92,26 +125,35 @@ median_of() {
 }
 report=$GUEST_OUT/rdma_vs_tcp-$(date +%Y%m%d-%H%M).md
 {
-    echo "# NVMe/RDMA vs NVMe/TCP: plexperf against the kernel's nvmet, one RAM disk, same run"
+    echo "# NVMe/RDMA vs NVMe/TCP: plexperf against plexd and against the kernel's nvmet, same run"
     echo
     echo "$(date -u '+%F %T') UTC, in the test guest (emulated, 2 vCPUs); RDMA is soft-RoCE (rdma_rxe)."
     echo "${secs} s per run after 1 s of warm-up, $rounds interleaved rounds, medians. Host load average"
     echo "when the guest started: ${HOST_LOAD:-?}. Relative only: every number is the emulator's."
     echo
+    echo "plexd: a malloc bdev, 2 reactors; nvmet: a $SIZE_MIB MiB RAM disk."
     echo "busy ns/IO: all of the guest's CPUs per I/O (plexperf, which polls without sleeping, the"
-    echo "target, the network stack or soft-RoCE); target+stack ns/IO: the same without plexperf's time."
+    echo "target, the network stack or soft-RoCE); target+stack ns/IO: the same without plexperf's time"
+    echo "(for plexd this includes its reactors' polling); plexd reactor ns/IO: plexd's reactors' busy"
+    echo "time (passes in which a poller did work) per I/O, the target's own CPU per I/O."
     echo
-    echo "| workload | TCP IOPS | RDMA IOPS | RDMA ÷ TCP | TCP busy ns/IO | RDMA busy ns/IO | TCP target+stack ns/IO | RDMA target+stack ns/IO |"
-    echo "|---|---:|---:|---:|---:|---:|---:|---:|"
-    for wl in "${workloads[@]}"; do
-        t=${res["$wl|TCP"]}; d=${res["$wl|RDMA"]}
-        ti=$(median_of "$t" 1); di=$(median_of "$d" 1)
-        echo "| $wl | $ti | $di | $(awk -v a="$di" -v b="$ti" 'BEGIN { printf "%.2f", a / b }') | $(median_of "$t" 2) | $(median_of "$d" 2) | $(median_of "$t" 3) | $(median_of "$d" 3) |"
+    echo "| target | workload | TCP IOPS | RDMA IOPS | RDMA ÷ TCP | TCP target+stack ns/IO | RDMA target+stack ns/IO | TCP plexd reactor ns/IO | RDMA plexd reactor ns/IO |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|"
+    for tg in "${targets[@]}"; do
+        for wl in "${workloads[@]}"; do
+            t=${res["$tg|$wl|TCP"]}; d=${res["$tg|$wl|RDMA"]}
+            ti=$(median_of "$t" 1); di=$(median_of "$d" 1)
+            reactor_t=–; reactor_d=–
+            [ "$tg" = plexd ] && { reactor_t=$(median_of "$t" 4); reactor_d=$(median_of "$d" 4); }
+            echo "| $tg | $wl | $ti | $di | $(awk -v a="$di" -v b="$ti" 'BEGIN { printf "%.2f", a / b }') | $(median_of "$t" 3) | $(median_of "$d" 3) | $reactor_t | $reactor_d |"
+        done
     done
     echo
-    echo "Every run (IOPS, busy ns/IO, target+stack ns/IO):"
+    echo "Every run (IOPS, busy ns/IO, target+stack ns/IO, plexd reactor ns/IO):"
     echo
-    for wl in "${workloads[@]}"; do
-        echo "- $wl: TCP ${res["$wl|TCP"]} RDMA ${res["$wl|RDMA"]}"
+    for tg in "${targets[@]}"; do
+        for wl in "${workloads[@]}"; do
+            echo "- $tg $wl: TCP ${res["$tg|$wl|TCP"]} RDMA ${res["$tg|$wl|RDMA"]}"
+        done
     done
 } | tee "$report"
