@@ -5,6 +5,11 @@
 //!
 //! The thread waits on the event channel's descriptor with a short timeout, so stopping a
 //! listener is a flag and a join.
+//!
+//! When the RDMA device goes away, the kernel waits until every object made on it is gone:
+//! the listener lets go of its identifier and of the device's protection domain at once (its
+//! queues close on their own flags), and tries to listen again every second, so the listener
+//! comes back with the device.
 
 use super::conn::{ConnEvents, QueueBuffers, RdmaConn, Setup, CAPSULE_LEN, SPARE_RESPONSES};
 use super::memory::DeviceMemory;
@@ -73,7 +78,9 @@ pub fn start(
     let stop = Arc::new(AtomicBool::new(false));
     let mut cm = ConnectionManager {
         channel,
-        _listener: id,
+        listener: Some(id),
+        backlog,
+        last_listen_try: std::time::Instant::now(),
         target: app.nvmf.clone(),
         opts,
         addr: addr.clone(),
@@ -103,20 +110,26 @@ pub fn start(
 
 struct ConnectionManager {
     channel: Arc<EventChannel>,
-    /// The listening identifier: dropped (and so destroyed) with the thread.
-    _listener: CmId,
+    /// The listening identifier: dropped (and so destroyed) with the thread, or when its
+    /// device goes away (None until it is back).
+    listener: Option<CmId>,
+    backlog: i32,
+    last_listen_try: std::time::Instant,
     target: Arc<NvmfTarget>,
     opts: Arc<TransportOpts>,
     addr: ListenAddr,
     reactors: Arc<Vec<ReactorHandle>>,
     /// Each device's protection domain and registrations, by `Device::key`.
     devices: HashMap<usize, Arc<DeviceMemory>>,
-    /// The event flags of each live connection, by `CmId::key`.
-    conns: HashMap<usize, Arc<ConnEvents>>,
+    /// The event flags of each live connection and the reactor it is on, by `CmId::key`.
+    conns: HashMap<usize, (Arc<ConnEvents>, usize)>,
 }
 
 impl ConnectionManager {
     fn wait_and_handle(&mut self) {
+        if self.listener.is_none() {
+            self.listen_again();
+        }
         let mut pfd = libc::pollfd {
             fd: self.channel.fd(),
             events: libc::POLLIN,
@@ -149,21 +162,42 @@ impl ConnectionManager {
             | CmEventKind::Unreachable
             | CmEventKind::Rejected
             | CmEventKind::DeviceRemoval => {
-                if let Some(events) = self.conns.remove(&ev.id) {
+                if let Some((events, reactor)) = self.conns.remove(&ev.id) {
                     events.gone.store(true, Ordering::Release);
-                } else if ev.kind == CmEventKind::DeviceRemoval {
+                    // The reactor may be asleep with nothing else to wake it (a removed
+                    // device completes no work).
+                    self.reactors[reactor].send(|_| {});
+                }
+                let ours = self.listener.as_ref().is_some_and(|l| l.key() == ev.id);
+                if ev.kind == CmEventKind::DeviceRemoval && ours {
                     tracing::error!(
-                        "nvmf/rdma {}: the RDMA device went away; this listener takes no new \
-                         connections (remove and add it again)",
+                        "nvmf/rdma {}: the RDMA device went away; listening again when it is back",
                         self.addr
                     );
-                }
-                if ev.kind == CmEventKind::DeviceRemoval {
-                    // The device's registrations must go before its context can.
+                    // Everything made on the device must go before the kernel can let it go.
+                    self.listener = None;
+                    self.devices.clear();
+                    self.last_listen_try = std::time::Instant::now();
+                } else if ev.kind == CmEventKind::DeviceRemoval {
                     self.devices.clear();
                 }
             }
             other => tracing::debug!("nvmf/rdma {}: CM event {}", self.addr, other.name()),
+        }
+    }
+
+    /// Listens again after the device went away, at most once a second.
+    fn listen_again(&mut self) {
+        if self.last_listen_try.elapsed() < std::time::Duration::from_secs(1) {
+            return;
+        }
+        self.last_listen_try = std::time::Instant::now();
+        let Some(sa) = self.addr.socket_addr() else {
+            return;
+        };
+        if let Ok(id) = CmId::listen(&self.channel, sa, self.backlog) {
+            tracing::info!("nvmf/rdma: listening on {} again", self.addr);
+            self.listener = Some(id);
         }
     }
 
@@ -268,7 +302,8 @@ impl ConnectionManager {
             return Err((id, e.to_string()));
         }
         let events = Arc::new(ConnEvents::default());
-        self.conns.insert(id.key(), events.clone());
+        let index = self.target.next_reactor(self.reactors.len());
+        self.conns.insert(id.key(), (events.clone(), index));
         let setup = Setup {
             id,
             cq,
@@ -278,7 +313,7 @@ impl ConnectionManager {
             events,
             max_reads: max_reads.max(1) as u16,
         };
-        let h = &self.reactors[self.target.next_reactor(self.reactors.len())];
+        let h = &self.reactors[index];
         let (t, o, a, p) = (
             self.target.clone(),
             self.opts.clone(),
