@@ -9,7 +9,8 @@
 # namespace over TCP; plexperf then verifies a pattern over RDMA. plexd is killed (-9) with
 # the kernel host connected: its I/O fails as fast_io_fail_tmo says, and plexd restarted from
 # its saved configuration is reconnected. Bad input: connect requests with bad private data
-# are rejected with the NVMe/RDMA reason, and plexd keeps serving.
+# are rejected with the NVMe/RDMA reason; keyed SGLs naming memory the host never registered
+# end only their queue pair; a host leaving mid-transfer; plexd keeps serving.
 #
 # On the host: cargo build --release && tests/guest/nvmf_rdma_kernel_initiator.sh
 # Soft-RoCE is software in an emulated guest: this proves interoperability, not speed.
@@ -18,7 +19,7 @@ set -uo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=tests/guest/lib.sh
 . "$HERE/lib.sh"
-plan 31
+plan 34
 REPO=$GUEST_LIB_REPO
 
 PLEXD=${PLEXD:-$REPO/build/release/plexd}
@@ -84,9 +85,12 @@ else
 fi
 
 # ---- the kernel's nvme-rdma host ---------------------------------------------------
+# Kernel messages from here on are this test's (the guest runs other tests before it).
+dmesg_from=$(dmesg | wc -l)
 check "nvme connect -t rdma (2 I/O queues)" nvme connect -t rdma -n "$NQN" -a "$RXE_ADDR" -s "$PORT" -i 2 || finish
 DEV=$(dev_of) || bail "block device appears" "no device for $NQN"
 pass "block device appears ($DEV)"
+HOST_CTRL=$(ctrl_of_dev "$DEV")
 qpairs=$(rpc nvmf_subsystem_get_qpairs "{\"nqn\": \"$NQN\"}")
 if [ "$(jget "$qpairs" '"%d %s" % (len(v), ",".join(sorted(set(q["peer_address"]["trtype"] for q in v))))')" = "3 RDMA" ]; then
     pass "plexd sees admin + 2 I/O queue pairs over RDMA"
@@ -112,7 +116,8 @@ else
     fail "plexperf over TCP on the same subsystem meanwhile" "exit $tcp_rc"
 fi
 # The kernel host saw nothing wrong on the way: no bogus invalidation, error recovery, reset.
-host_errors=$(dmesg | grep -E "nvme nvme[0-9]+: .*(Bogus|error|recovery|reset|timeout|Reconnecting)" || true)
+host_errors=$(dmesg | tail -n +"$((dmesg_from + 1))" |
+    grep -E "nvme $HOST_CTRL: .*(Bogus|error|recovery|reset|timeout|Reconnecting)" || true)
 if [ -z "$host_errors" ]; then
     pass "the kernel host logged no transport error"
 else
@@ -148,7 +153,24 @@ rejected_with() { # NAME STS REQUEST-HEX (RECFMT QID HRQSIZE HSQSIZE CNTLID, lit
 rejected_with "a connect request with RECFMT 5 is rejected: invalid RECFMT" 0200 "0500010020001f00ffff"
 rejected_with "a queue deeper than max_queue_depth is rejected: invalid HSQSIZE" 0400 "000001000004ff03ffff"
 rejected_with "a QID past max_io_qpairs_per_ctrlr is rejected: invalid QID" 0300 "0000001020001f00ffff"
-plexperf_identify_ok "plexd still serves RDMA after the bad connects"
+# Transfers a host names wrongly: the target's RDMA READ of the Connect data fails at the
+# host's NIC, and plexd ends only that queue pair; and a host gone right after asking.
+transfer_ended() { # NAME MODE PATTERN
+    local out
+    out=$(timeout 30 "$PROBE" --bad-transfer "$2" "$RXE_ADDR" "$PORT" 2>&1)
+    if grep -q -- "$3" <<<"$out"; then
+        pass "$1 ($out)"
+    else
+        printf '%s\n' "$out" | tail -n 3 | sed 's/^/# /'
+        fail "$1" "want '$3'"
+    fi
+}
+transfer_ended "a keyed SGL with a key the host never registered: plexd closes that queue pair" \
+    bad-key "closed by the target"
+transfer_ended "a keyed SGL running past the host's registration: plexd closes that queue pair" \
+    out-of-range "closed by the target"
+transfer_ended "a host that disconnects right after sending a Connect to be read" disconnect disconnected
+plexperf_identify_ok "plexd still serves RDMA after the bad connects and transfers"
 
 # ---- kill -9 with the kernel host connected; restart from the saved configuration -------
 check "save_config" sh -c "$(declare -f rpc); SOCK=$SOCK PLEXCTL=$PLEXCTL; rpc save_config > $WORK/saved.json"
@@ -184,6 +206,7 @@ else
 fi
 nvme disconnect -n "$NQN" >/dev/null 2>&1
 check "device gone after the final disconnect" wait_for_no_nvme_dev "$NQN" 20
+
 stop_plexd -TERM
 if grep -q "panicked" "$WORK/plexd.log"; then
     grep -B2 -A5 panicked "$WORK/plexd.log" | sed 's/^/# /'

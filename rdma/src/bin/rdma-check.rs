@@ -12,6 +12,12 @@
 //! HEX as the connect request's private data and prints what came back: "rejected: STATUS
 //! private data HEX", "established: private data HEX" or "failed: EVENT". Exits 0 once it has
 //! an answer.
+//!
+//! rdma-check --bad-transfer MODE ADDR PORT: connects an admin queue and sends a Fabrics
+//! Connect whose data the target must RDMA READ, named by a keyed SGL that is wrong in one way:
+//! MODE `bad-key` (a key the host never registered), `out-of-range` (runs 512 bytes past the
+//! host's registration), or `disconnect` (valid, but the host disconnects right after sending).
+//! Prints "closed by the target: EVENT", "answered: STATUS" or "disconnected".
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -48,20 +54,38 @@ type Step<T> = Result<T, String>;
 
 fn main() {
     let mut args = std::env::args().skip(1).peekable();
-    if args.peek().map(String::as_str) == Some("--connect-with") {
+    let probe = args.peek().cloned();
+    if matches!(probe.as_deref(), Some("--connect-with" | "--bad-transfer")) {
+        let transfer = probe.as_deref() == Some("--bad-transfer");
         let probe: Vec<String> = args.skip(1).collect();
         let parsed = match &probe[..] {
-            [hex, ip, port] => match (unhex(hex), ip.parse::<IpAddr>(), port.parse::<u16>()) {
-                (Some(data), Ok(ip), Ok(port)) => Some((data, SocketAddr::new(ip, port))),
-                _ => None,
-            },
+            [arg, ip, port] => {
+                let data = if transfer {
+                    Some(Vec::new())
+                } else {
+                    unhex(arg)
+                };
+                match (data, ip.parse::<IpAddr>(), port.parse::<u16>()) {
+                    (Some(data), Ok(ip), Ok(port)) => {
+                        Some((arg.clone(), data, SocketAddr::new(ip, port)))
+                    }
+                    _ => None,
+                }
+            }
             _ => None,
         };
-        let Some((data, addr)) = parsed else {
-            eprintln!("usage: rdma-check --connect-with HEX ADDR PORT");
+        let Some((hex, data, addr)) = parsed else {
+            eprintln!(
+                "usage: rdma-check --connect-with HEX ADDR PORT | --bad-transfer MODE ADDR PORT"
+            );
             std::process::exit(2);
         };
-        match connect_with(addr, &data) {
+        let answer = if data.is_empty() {
+            bad_transfer(&hex, addr)
+        } else {
+            connect_with(addr, &data)
+        };
+        match answer {
             Ok(answer) => println!("{answer}"),
             Err(why) => {
                 println!("error: {why}");
@@ -369,6 +393,68 @@ fn connect_with(addr: SocketAddr, private_data: &[u8]) -> Step<String> {
     };
     drop(end);
     Ok(answer)
+}
+
+/// Sends a Fabrics Connect whose data is named wrongly (see the module's usage) and reports
+/// what the target did.
+fn bad_transfer(mode: &str, addr: SocketAddr) -> Step<String> {
+    rdma::available().map_err(|e| e.to_string())?;
+    let events = EventChannel::new().map_err(|e| e.to_string())?;
+    let mut id = CmId::new(&events).map_err(|e| e.to_string())?;
+    id.resolve_addr(addr, 2000).map_err(|e| e.to_string())?;
+    expect(&events, CmEventKind::AddrResolved)?;
+    id.resolve_route(2000).map_err(|e| e.to_string())?;
+    expect(&events, CmEventKind::RouteResolved)?;
+    let queues_of = queues(&mut id, None)?;
+    let mut host = End::new(&id, queues_of)?;
+    host.post_recv()?;
+    id.connect(ConnParam {
+        private_data: &nvme_cm_request(0, 32, 31),
+        responder_resources: 16,
+        retry_count: 7,
+        rnr_retry_count: 7,
+        ..Default::default()
+    })
+    .map_err(|e| e.to_string())?;
+    expect(&events, CmEventKind::Established)?;
+    let (base, key) = (host.data.addr(), host.data.rkey());
+    let (sgl_addr, sgl_key) = match mode {
+        "bad-key" => (base, key ^ 0x00ff_ff00),
+        "out-of-range" => (base + DATA_LEN as u64 - 512, key),
+        "disconnect" => (base, key),
+        other => return Err(format!("unknown mode {other:?}")),
+    };
+    // Fabrics Connect (opcode 7Fh, FCTYPE 01h) for the admin queue, its 1 KiB of data named
+    // by a keyed SGL data block (type 4, subtype 0).
+    let mut capsule = [0u8; CAPSULE_LEN];
+    capsule[0] = 0x7f;
+    capsule[2..4].copy_from_slice(&1u16.to_le_bytes());
+    capsule[4] = 0x01;
+    capsule[24..32].copy_from_slice(&sgl_addr.to_le_bytes());
+    capsule[32..35].copy_from_slice(&1024u32.to_le_bytes()[..3]);
+    capsule[35..39].copy_from_slice(&sgl_key.to_le_bytes());
+    capsule[39] = 0x40;
+    capsule[44..46].copy_from_slice(&31u16.to_le_bytes());
+    host.send_capsule(&capsule)?;
+    if mode == "disconnect" {
+        id.disconnect().map_err(|e| e.to_string())?;
+        return Ok("disconnected".into());
+    }
+    // Either the target answers the capsule (a receive completes) or it ends the connection.
+    let outcome = wait_until(|| {
+        while let Some(wc) = host.poll_one()? {
+            if wc.op() == CompletedOp::Recv && wc.result().is_ok() {
+                let status = u16::from_le_bytes([host.recv_bytes()[14], host.recv_bytes()[15]]);
+                return Ok(Some(format!("answered: status {:#x}", status >> 1)));
+            }
+        }
+        match events.next_event().map_err(|e| e.to_string())? {
+            Some(ev) => Ok(Some(format!("closed by the target: {}", ev.kind.name()))),
+            None => Ok(None),
+        }
+    })?;
+    drop(host);
+    Ok(outcome)
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
