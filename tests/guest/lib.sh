@@ -481,6 +481,18 @@ fs_roundtrip() { # fs_roundtrip DEV MKFS...
     umount "$mnt"
 }
 
+# connect_failfast TRANSPORT ADDR: connects to $NQN at ADDR:$PORT with 2 I/O queues, a 1 s
+# reconnect delay and I/O failing after 3 s without a connection. nvme-cli here has no
+# --fast_io_fail_tmo, so the options go to the kernel directly.
+connect_failfast() {
+    local line
+    exec 3<>/dev/nvme-fabrics || return 1
+    printf '%s' "transport=$1,traddr=$2,trsvcid=$PORT,nqn=$NQN,nr_io_queues=2,reconnect_delay=1,ctrl_loss_tmo=120,fast_io_fail_tmo=3" >&3 || { exec 3<&-; return 1; }
+    read -r line <&3
+    exec 3<&-
+    echo "$line"
+}
+
 fio_seq() { # fio_seq DEV BS SIZE
     fio --name=seq --filename="$1" --size="$3" --rw=write --bs="$2" --ioengine=libaio --direct=1 \
         --iodepth=4 --verify=crc32c --do_verify=1 --verify_fatal=1 --minimal >/dev/null

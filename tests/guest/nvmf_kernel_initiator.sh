@@ -139,16 +139,7 @@ fi
 
 # ---- plexd restart from saved config --------------------------------------------
 check "save_config" sh -c "$(declare -f rpc); SOCK=$SOCK; rpc save_config > $WORK/saved.json"
-# nvme-cli here has no --fast_io_fail_tmo: hand the kernel its options directly.
-connect_failfast() {
-    local line
-    exec 3<>/dev/nvme-fabrics || return 1
-    printf '%s' "transport=tcp,traddr=$ADDR,trsvcid=$PORT,nqn=$NQN,nr_io_queues=2,reconnect_delay=1,ctrl_loss_tmo=120,fast_io_fail_tmo=3" >&3 || { exec 3<&-; return 1; }
-    read -r line <&3
-    exec 3<&-
-    echo "$line"
-}
-check "connect (reconnect_delay 1 s, fast_io_fail_tmo 3 s)" connect_failfast
+check "connect (reconnect_delay 1 s, fast_io_fail_tmo 3 s)" connect_failfast tcp "$ADDR"
 DEV=$(dev_of) || bail "reconnect setup" "no device"
 # The kernel's controller of this very namespace: a TCP one, of our subsystem (never QEMU's
 # PCIe controller, which is always live).

@@ -174,15 +174,7 @@ plexperf_identify_ok "plexd still serves RDMA after the bad connects and transfe
 
 # ---- kill -9 with the kernel host connected; restart from the saved configuration -------
 check "save_config" sh -c "$(declare -f rpc); SOCK=$SOCK PLEXCTL=$PLEXCTL; rpc save_config > $WORK/saved.json"
-connect_failfast() {
-    local line
-    exec 3<>/dev/nvme-fabrics || return 1
-    printf '%s' "transport=rdma,traddr=$RXE_ADDR,trsvcid=$PORT,nqn=$NQN,nr_io_queues=2,reconnect_delay=1,ctrl_loss_tmo=120,fast_io_fail_tmo=3" >&3 || { exec 3<&-; return 1; }
-    read -r line <&3
-    exec 3<&-
-    echo "$line"
-}
-check "connect over RDMA (reconnect_delay 1 s, fast_io_fail_tmo 3 s)" connect_failfast
+check "connect over RDMA (reconnect_delay 1 s, fast_io_fail_tmo 3 s)" connect_failfast rdma "$RXE_ADDR"
 DEV=$(dev_of) || bail "reconnect setup" "no device"
 CTRL=$(ctrl_of_dev "$DEV")
 ctrl_attr() { cat "/sys/class/nvme/$CTRL/$1" 2>/dev/null; }
