@@ -358,15 +358,21 @@ fn run(addr: SocketAddr, done: &mut usize) -> Step<()> {
     Ok(())
 }
 
-/// Connects with `private_data` and reports how the peer answered.
-fn connect_with(addr: SocketAddr, private_data: &[u8]) -> Step<String> {
+/// A host identifier whose address and route to `addr` are resolved, on its own channel.
+fn resolved(addr: SocketAddr) -> Step<(Arc<EventChannel>, CmId)> {
     rdma::available().map_err(|e| e.to_string())?;
     let events = EventChannel::new().map_err(|e| e.to_string())?;
-    let mut id = CmId::new(&events).map_err(|e| e.to_string())?;
+    let id = CmId::new(&events).map_err(|e| e.to_string())?;
     id.resolve_addr(addr, 2000).map_err(|e| e.to_string())?;
     expect(&events, CmEventKind::AddrResolved)?;
     id.resolve_route(2000).map_err(|e| e.to_string())?;
     expect(&events, CmEventKind::RouteResolved)?;
+    Ok((events, id))
+}
+
+/// Connects with `private_data` and reports how the peer answered.
+fn connect_with(addr: SocketAddr, private_data: &[u8]) -> Step<String> {
+    let (events, mut id) = resolved(addr)?;
     let queues_of = queues(&mut id, None)?;
     let end = End::new(&id, queues_of)?;
     id.connect(ConnParam {
@@ -398,13 +404,7 @@ fn connect_with(addr: SocketAddr, private_data: &[u8]) -> Step<String> {
 /// Sends a Fabrics Connect whose data is named wrongly (see the module's usage) and reports
 /// what the target did.
 fn bad_transfer(mode: &str, addr: SocketAddr) -> Step<String> {
-    rdma::available().map_err(|e| e.to_string())?;
-    let events = EventChannel::new().map_err(|e| e.to_string())?;
-    let mut id = CmId::new(&events).map_err(|e| e.to_string())?;
-    id.resolve_addr(addr, 2000).map_err(|e| e.to_string())?;
-    expect(&events, CmEventKind::AddrResolved)?;
-    id.resolve_route(2000).map_err(|e| e.to_string())?;
-    expect(&events, CmEventKind::RouteResolved)?;
+    let (events, mut id) = resolved(addr)?;
     let queues_of = queues(&mut id, None)?;
     let mut host = End::new(&id, queues_of)?;
     host.post_recv()?;
