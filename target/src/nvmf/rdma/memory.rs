@@ -58,3 +58,10 @@ impl DeviceMemory {
         })
     }
 }
+
+impl Drop for DeviceMemory {
+    fn drop(&mut self) {
+        let chunks = self.chunks.get_mut().map_or(0, |c| c.len());
+        tracing::debug!("nvmf/rdma: device released ({chunks} pool chunks deregistered)");
+    }
+}
