@@ -12,6 +12,9 @@ pub struct DeviceMemory {
 
 // SAFETY: the memory is plain bytes owned by this value; it moves between threads with it.
 unsafe impl Send for DeviceMemory {}
+// SAFETY: through a shared reference the bytes are only copied out (`read`), each range by the
+// one owner of the work that filled it, or their address taken; writing takes `&mut self`.
+unsafe impl Sync for DeviceMemory {}
 
 impl DeviceMemory {
     /// `len` zeroed bytes (at least one page).

@@ -14,7 +14,10 @@ use crate::nvmf::subsystem::ListenAddr;
 use crate::nvmf::{NvmfTarget, TransportOpts};
 use nvme_spec::cmd::{sgl_subtype, sgl_type};
 use nvme_spec::{Command, Completion, FromBytes, IntoBytes, Status};
-use rdma::{CmId, CompletionChannel, CompletionQueue, MemoryRegion, SendOp, Sge, WorkCompletion};
+use rdma::{
+    CmId, CompletionChannel, CompletionQueue, MemoryRegion, SendOp, Sge, SharedReceiveQueue,
+    WorkCompletion,
+};
 use std::collections::VecDeque;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -58,6 +61,9 @@ pub struct Setup {
     pub channel: Arc<CompletionChannel>,
     pub mem: Arc<DeviceMemory>,
     pub buffers: QueueBuffers,
+    /// The device's shared receive queue, if the queue pair takes its capsules from there
+    /// (`buffers` then holds no receives of its own).
+    pub shared: Option<Arc<SharedReceives>>,
     pub events: Arc<ConnEvents>,
     /// RDMA READs we may have outstanding against the host.
     pub max_reads: u16,
@@ -127,6 +133,60 @@ impl QueueBuffers {
     }
 }
 
+/// A device's shared receive queue and its capsule buffers, registered once: every queue pair
+/// of the device (through one listener) takes its capsules from here, so memory for
+/// receives follows `max_srq_depth`, not the number of queue pairs.
+pub struct SharedReceives {
+    srq: Arc<SharedReceiveQueue>,
+    // Declared before the memory: deregistered first.
+    mr: MemoryRegion,
+    bytes: rdma::DeviceMemory,
+    count: usize,
+    capsule_len: usize,
+}
+
+impl SharedReceives {
+    /// `count` receives of `capsule_len` bytes, all posted.
+    pub fn new(mem: &DeviceMemory, count: u32, capsule_len: usize) -> rdma::Result<Self> {
+        let srq = SharedReceiveQueue::new(&mem.pd, count, 1)?;
+        let bytes = rdma::DeviceMemory::new(count as usize * capsule_len);
+        // SAFETY: as for `QueueBuffers`: the memory lives beside its registration, which goes
+        // first, and a buffer is read only after its receive completed, by the one queue pair
+        // whose completion named it, until it posts it again.
+        let mr = unsafe {
+            MemoryRegion::register(
+                &mem.pd,
+                bytes.as_mut_ptr(),
+                bytes.len(),
+                rdma::Access::LOCAL_WRITE,
+            )
+        }?;
+        let shared = SharedReceives {
+            srq,
+            mr,
+            bytes,
+            count: count as usize,
+            capsule_len,
+        };
+        (0..shared.count).try_for_each(|i| shared.post(i))?;
+        Ok(shared)
+    }
+
+    pub fn srq(&self) -> &Arc<SharedReceiveQueue> {
+        &self.srq
+    }
+
+    fn post(&self, i: usize) -> rdma::Result<()> {
+        let sge = self
+            .mr
+            .sge(i * self.capsule_len, self.capsule_len as u32)
+            .ok_or_else(|| rdma::Error::Invalid(format!("no shared receive buffer {i}")))?;
+        // SAFETY: the buffer is registered; whoever gets its completion reads it, then posts
+        // it again.
+        unsafe { self.srq.post_recv(WR_RECV | i as u64, sge) }
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum State {
     Live,
@@ -141,6 +201,7 @@ pub struct Rdma {
     cq: Arc<CompletionQueue>,
     channel: Arc<CompletionChannel>,
     buffers: QueueBuffers,
+    shared: Option<Arc<SharedReceives>>,
     mem: Arc<DeviceMemory>,
     events: Arc<ConnEvents>,
     state: State,
@@ -162,6 +223,39 @@ impl Rdma {
     pub fn wake_fd(&self) -> RawFd {
         self.channel.fd()
     }
+
+    /// Where capsules arrive: the shared receives' memory, or this queue's own; and how many
+    /// receives and how long each.
+    fn receives(&self) -> (&rdma::DeviceMemory, usize, usize) {
+        match &self.shared {
+            Some(s) => (&s.bytes, s.count, s.capsule_len),
+            None => (
+                &self.buffers.bytes,
+                self.buffers.recvs,
+                self.buffers.capsule_len,
+            ),
+        }
+    }
+
+    /// Gives back the shared receives that completions a closed queue will not handle name.
+    fn return_receives(&self, wcs: &[WorkCompletion]) {
+        if self.shared.is_none() {
+            return;
+        }
+        for wc in wcs {
+            if wc.wr_id() & !WR_INDEX == WR_RECV {
+                let _ = self.repost((wc.wr_id() & WR_INDEX) as usize);
+            }
+        }
+    }
+
+    /// Posts receive `i` again, where it came from.
+    fn repost(&self, i: usize) -> rdma::Result<()> {
+        match &self.shared {
+            Some(s) => s.post(i),
+            None => self.buffers.post_recv(&self.id, i),
+        }
+    }
 }
 
 impl RdmaConn {
@@ -179,6 +273,7 @@ impl RdmaConn {
             cq: setup.cq,
             channel: setup.channel,
             buffers: setup.buffers,
+            shared: setup.shared,
             mem: setup.mem,
             events: setup.events,
             state: State::Live,
@@ -252,6 +347,18 @@ impl RdmaConn {
         self.t.state = State::Closed;
         let _ = self.t.id.disconnect();
         self.t.id.destroy_qp();
+        if self.t.shared.is_some() {
+            // Capsules that came for this queue pair and were never looked at hold shared
+            // receives: give them back, or the device's queue shrinks with every close.
+            // (Its own array: `poll_cq` may be half way through `wc`.)
+            let mut left = [WorkCompletion::default(); POLL_BATCH];
+            while let Ok(n) = self.t.cq.poll(&mut left) {
+                self.t.return_receives(&left[..n]);
+                if n == 0 {
+                    break;
+                }
+            }
+        }
         // Whatever waited for the device will not hear from it again.
         self.t.pending_reads.clear();
         for si in 0..self.slots.len() as u16 {
@@ -282,6 +389,8 @@ impl RdmaConn {
                 let wc = self.t.wc[k];
                 self.completed(&wc);
                 if self.t.state != State::Live {
+                    let rest = self.t.wc;
+                    self.t.return_receives(&rest[k + 1..n]);
                     return true;
                 }
             }
@@ -295,6 +404,7 @@ impl RdmaConn {
     fn completed(&mut self, wc: &WorkCompletion) {
         let index = (wc.wr_id() & WR_INDEX) as usize;
         if let Err(e) = wc.result() {
+            self.t.return_receives(std::slice::from_ref(wc));
             if !e.is_flush() {
                 crate::log_limited!(
                     WARN,
@@ -334,7 +444,11 @@ impl RdmaConn {
     /// A command capsule came into receive `index`: the command (and its in-capsule data)
     /// is copied out, the receive posted again, and the command started.
     fn capsule_arrived(&mut self, index: usize, len: usize) {
-        if len < CAPSULE_LEN || index >= self.t.buffers.recvs {
+        let (_, recvs, capsule_len) = self.t.receives();
+        if len < CAPSULE_LEN || index >= recvs {
+            if index < recvs && self.t.shared.is_some() {
+                let _ = self.t.repost(index);
+            }
             crate::log_limited!(
                 WARN,
                 "nvmf/rdma {}: a {len}-byte capsule (at least {CAPSULE_LEN}); closing",
@@ -342,16 +456,17 @@ impl RdmaConn {
             );
             return self.close();
         }
-        let base = index * self.t.buffers.capsule_len;
+        let base = index * capsule_len;
         let mut raw = [0u8; CAPSULE_LEN];
-        self.t.buffers.bytes.read(base, &mut raw);
+        self.t.receives().0.read(base, &mut raw);
         let cmd = Command::read_from_bytes(&raw).expect("64 bytes");
         let in_capsule = (len - CAPSULE_LEN) as u32;
         if let Some(si) = self.take_slot(cmd) {
             self.start_capsule(si, &cmd, base, in_capsule);
         }
-        if self.t.state == State::Live {
-            if let Err(e) = self.t.buffers.post_recv(&self.t.id, index) {
+        // A shared receive goes back even when this queue pair has just closed.
+        if self.t.state == State::Live || self.t.shared.is_some() {
+            if let Err(e) = self.t.repost(index) {
                 tracing::warn!("nvmf/rdma {}: cannot post a receive: {e}", self.peer);
                 self.close();
             }
@@ -395,8 +510,8 @@ impl RdmaConn {
             let s = &mut self.slots[si as usize];
             if let Some(b) = s.buf.as_mut() {
                 self.t
-                    .buffers
-                    .bytes
+                    .receives()
+                    .0
                     .read(offset, &mut b[..xfer_len as usize]);
             }
             self.data_arrived(si);

@@ -11,7 +11,9 @@
 //! queues close on their own flags), and tries to listen again every second, so the listener
 //! comes back with the device.
 
-use super::conn::{ConnEvents, QueueBuffers, RdmaConn, Setup, CAPSULE_LEN, SPARE_RESPONSES};
+use super::conn::{
+    ConnEvents, QueueBuffers, RdmaConn, Setup, SharedReceives, CAPSULE_LEN, SPARE_RESPONSES,
+};
 use super::memory::DeviceMemory;
 use crate::app::App;
 use crate::nvmf::queue::max_slots;
@@ -86,6 +88,7 @@ pub fn start(
         addr: addr.clone(),
         reactors,
         devices: HashMap::new(),
+        shared: HashMap::new(),
         conns: HashMap::new(),
     };
     let stopped = stop.clone();
@@ -121,6 +124,8 @@ struct ConnectionManager {
     reactors: Arc<Vec<ReactorHandle>>,
     /// Each device's protection domain and registrations, by `Device::key`.
     devices: HashMap<usize, Arc<DeviceMemory>>,
+    /// Each device's shared receive queue (unless `no_srq`), by `Device::key`.
+    shared: HashMap<usize, Arc<SharedReceives>>,
     /// The event flags of each live connection and the reactor it is on, by `CmId::key`.
     conns: HashMap<usize, (Arc<ConnEvents>, usize)>,
 }
@@ -177,9 +182,11 @@ impl ConnectionManager {
                     // Everything made on the device must go before the kernel can let it go.
                     self.listener = None;
                     self.devices.clear();
+                    self.shared.clear();
                     self.last_listen_try = std::time::Instant::now();
                 } else if ev.kind == CmEventKind::DeviceRemoval {
                     self.devices.clear();
+                    self.shared.clear();
                 }
             }
             other => tracing::debug!("nvmf/rdma {}: CM event {}", self.addr, other.name()),
@@ -277,11 +284,17 @@ impl ConnectionManager {
             ));
         }
         let capsule_len = CAPSULE_LEN + self.opts.in_capsule_data_size as usize;
+        let shared = match self.shared_receives(&device, &mem, limits.max_srq_wr, capsule_len) {
+            Ok(s) => s,
+            Err(e) => return Err((id, format!("no shared receive queue: {e}"))),
+        };
         let built = (|| -> rdma::Result<_> {
             let channel = CompletionChannel::new(&device)?;
             let cq = CompletionQueue::new(&device, send_wr + caps.max_recv_wr, Some(&channel))?;
-            id.create_qp(&mem.pd, &cq, &cq, None, caps)?;
-            let buffers = QueueBuffers::new(&mem, recvs, capsule_len, slots)?;
+            let srq = shared.as_ref().map(|s| s.srq());
+            id.create_qp(&mem.pd, &cq, &cq, srq, caps)?;
+            let own = if shared.is_some() { 0 } else { recvs };
+            let buffers = QueueBuffers::new(&mem, own, capsule_len, slots)?;
             buffers.post_all(&id)?;
             Ok((channel, cq, buffers))
         })();
@@ -310,6 +323,7 @@ impl ConnectionManager {
             channel,
             mem,
             buffers,
+            shared,
             events,
             max_reads: max_reads.max(1) as u16,
         };
@@ -331,6 +345,33 @@ impl ConnectionManager {
             super::add_conn(ctx, Box::new(conn));
         });
         Ok(())
+    }
+}
+
+impl ConnectionManager {
+    /// The device's shared receive queue, made on first use: None with `no_srq`, or where the
+    /// device has none (every queue pair then posts its own receives).
+    fn shared_receives(
+        &mut self,
+        device: &rdma::Device,
+        mem: &DeviceMemory,
+        max_srq_wr: u32,
+        capsule_len: usize,
+    ) -> rdma::Result<Option<Arc<SharedReceives>>> {
+        if self.opts.no_srq || max_srq_wr == 0 {
+            return Ok(None);
+        }
+        if let Some(s) = self.shared.get(&device.key()) {
+            return Ok(Some(s.clone()));
+        }
+        let depth = self.opts.max_srq_depth.min(max_srq_wr).max(1);
+        let s = Arc::new(SharedReceives::new(mem, depth, capsule_len)?);
+        tracing::info!(
+            "nvmf/rdma {}: shared receive queue of {depth} capsules of {capsule_len} bytes",
+            self.addr
+        );
+        self.shared.insert(device.key(), s.clone());
+        Ok(Some(s))
     }
 }
 
