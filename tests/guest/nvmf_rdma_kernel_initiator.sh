@@ -19,7 +19,7 @@ set -uo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=tests/guest/lib.sh
 . "$HERE/lib.sh"
-plan 34
+plan 35
 REPO=$GUEST_LIB_REPO
 
 PLEXD=${PLEXD:-$REPO/build/release/plexd}
@@ -189,6 +189,18 @@ if [ "$rc" != 0 ] && [ "$rc" != 124 ] && wait_until 10 ctrl_not_live; then
 else
     fail "host I/O fails cleanly while plexd is down" "dd exit $rc, $CTRL $(ctrl_attr state)"
 fi
+# Restarted with the saved configuration as it is but for no_srq: until now every queue pair
+# took its capsules from the device's shared receive queue (SPDK's default); from here each
+# posts its own.
+python3 - "$WORK/saved.json" <<'EOF'
+import json, sys
+cfg = json.load(open(sys.argv[1]))
+for sub in cfg["subsystems"]:
+    for c in sub.get("config") or []:
+        if c["method"] == "nvmf_create_transport" and c["params"]["trtype"] == "RDMA":
+            c["params"]["no_srq"] = True
+json.dump(cfg, open(sys.argv[1], "w"))
+EOF
 if start_plexd -c "$WORK/saved.json" && wait_until 30 ctrl_live; then
     pass "the kernel host reconnects over RDMA to plexd restarted from saved.json"
     check "I/O verified after the reconnect" fio_verify "$DEV" 2M
@@ -196,6 +208,9 @@ else
     fail "the kernel host reconnects over RDMA to plexd restarted from saved.json" "controller $CTRL: $(ctrl_attr state)"
     fail "I/O verified after the reconnect" "no reconnect"
 fi
+no_srq=$(jget "$(srpc nvmf_get_transports --trtype RDMA)" 'v[0]["no_srq"]')
+[ "$no_srq" = True ] && pass "and that was without the shared receive queue (no_srq)" ||
+    fail "and that was without the shared receive queue (no_srq)" "no_srq is $no_srq"
 nvme disconnect -n "$NQN" >/dev/null 2>&1
 check "device gone after the final disconnect" wait_for_no_nvme_dev "$NQN" 20
 
