@@ -7,7 +7,7 @@
 //! after it on the same queue pair completes only once the WRITE has, so the SEND's completion
 //! frees the slot and its buffer.
 
-use super::memory::DeviceMemory;
+use super::memory::{ChunkKeys, DeviceMemory};
 use crate::nvmf::controller;
 use crate::nvmf::queue::{NvmeQueue, SlotState, Transport};
 use crate::nvmf::subsystem::ListenAddr;
@@ -89,17 +89,7 @@ impl QueueBuffers {
     ) -> rdma::Result<QueueBuffers> {
         let responses = slots + SPARE_RESPONSES;
         let bytes = rdma::DeviceMemory::new(recvs * capsule_len + responses * CQE_LEN);
-        // SAFETY: the memory lives in this value beside its registration, which is dropped
-        // first; the device writes receives and reads responses only while work names them,
-        // and this queue touches a range only before posting or after completion.
-        let mr = unsafe {
-            MemoryRegion::register(
-                &mem.pd,
-                bytes.as_mut_ptr(),
-                bytes.len(),
-                rdma::Access::LOCAL_WRITE,
-            )
-        }?;
+        let mr = register(mem, &bytes)?;
         Ok(QueueBuffers {
             mr,
             bytes,
@@ -133,6 +123,22 @@ impl QueueBuffers {
     }
 }
 
+/// Registers receive or response memory that lives beside its registration (`QueueBuffers`,
+/// `SharedReceives`), for the device to write receives into and read responses from.
+fn register(mem: &DeviceMemory, bytes: &rdma::DeviceMemory) -> rdma::Result<MemoryRegion> {
+    // SAFETY: both owners declare the registration before the memory, so it is dropped first;
+    // a range is touched by the queue only before the work naming it is posted or after it
+    // completed (a shared receive by the one queue whose completion named it).
+    unsafe {
+        MemoryRegion::register(
+            &mem.pd,
+            bytes.as_mut_ptr(),
+            bytes.len(),
+            rdma::Access::LOCAL_WRITE,
+        )
+    }
+}
+
 /// A device's shared receive queue and its capsule buffers, registered once: every queue pair
 /// of the device (through one listener) takes its capsules from here, so memory for
 /// receives follows `max_srq_depth`, not the number of queue pairs.
@@ -150,17 +156,7 @@ impl SharedReceives {
     pub fn new(mem: &DeviceMemory, count: u32, capsule_len: usize) -> rdma::Result<Self> {
         let srq = SharedReceiveQueue::new(&mem.pd, count, 1)?;
         let bytes = rdma::DeviceMemory::new(count as usize * capsule_len);
-        // SAFETY: as for `QueueBuffers`: the memory lives beside its registration, which goes
-        // first, and a buffer is read only after its receive completed, by the one queue pair
-        // whose completion named it, until it posts it again.
-        let mr = unsafe {
-            MemoryRegion::register(
-                &mem.pd,
-                bytes.as_mut_ptr(),
-                bytes.len(),
-                rdma::Access::LOCAL_WRITE,
-            )
-        }?;
+        let mr = register(mem, &bytes)?;
         let shared = SharedReceives {
             srq,
             mr,
@@ -213,6 +209,10 @@ pub struct Rdma {
     pending_reads: VecDeque<u16>,
     /// The completion queue will notify its channel at the next completion.
     armed: bool,
+    /// The group saw the channel readable: a notification waits to be taken.
+    pub(super) notified: bool,
+    /// The pool chunks this queue has moved data through, with their keys.
+    chunks: ChunkKeys,
     wc: [WorkCompletion; POLL_BATCH],
 }
 
@@ -222,6 +222,10 @@ impl Rdma {
     /// The descriptor that is readable when the queue has completions while armed.
     pub fn wake_fd(&self) -> RawFd {
         self.channel.fd()
+    }
+
+    pub(super) fn is_armed(&self) -> bool {
+        self.armed
     }
 
     /// Where capsules arrive: the shared receives' memory, or this queue's own; and how many
@@ -283,6 +287,8 @@ impl RdmaConn {
             max_reads: setup.max_reads.max(1),
             pending_reads: VecDeque::new(),
             armed: false,
+            notified: false,
+            chunks: ChunkKeys::default(),
             wc: [WorkCompletion::default(); POLL_BATCH],
         };
         NvmeQueue::with_transport(t, target, opts, listen, peer, reactor)
@@ -372,8 +378,13 @@ impl RdmaConn {
     }
 
     fn poll_cq(&mut self) -> bool {
-        if self.t.armed && self.t.channel.drain().unwrap_or(0) > 0 {
-            self.t.armed = false;
+        // Only when the group saw the channel readable: a read that finds nothing is a
+        // wasted system call on every poll.
+        if self.t.notified {
+            self.t.notified = false;
+            if self.t.channel.drain().unwrap_or(0) > 0 {
+                self.t.armed = false;
+            }
         }
         let mut busy = false;
         loop {
@@ -532,7 +543,7 @@ impl RdmaConn {
         let s = &self.slots[si as usize];
         let Some(buf) = s.buf.as_ref() else { return };
         let remote = self.t.remote[si as usize];
-        let local = match self.t.mem.sge(buf.addr(), s.xfer_len) {
+        let local = match self.t.chunks.sge(&self.t.mem, buf.addr(), s.xfer_len) {
             Ok(sge) => sge,
             Err(e) => return self.fail_transfer(si, &e),
         };
@@ -643,7 +654,7 @@ impl Transport for Rdma {
         if with_data {
             let s = &q.slots[si as usize];
             let buf = s.buf.as_ref().expect("checked by complete");
-            match q.t.mem.sge(buf.addr(), s.xfer_len) {
+            match q.t.chunks.sge(&q.t.mem, buf.addr(), s.xfer_len) {
                 Ok(sge) => data = Some(sge),
                 Err(e) => {
                     crate::log_limited!(WARN, "nvmf/rdma {}: {e}", q.peer);

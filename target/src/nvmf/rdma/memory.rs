@@ -25,11 +25,12 @@ impl DeviceMemory {
         })
     }
 
-    /// The scatter-gather element for `len` bytes of a pool buffer at `addr`, registering its
-    /// chunk on first use.
-    pub fn sge(&self, addr: usize, len: u32) -> Result<Sge, String> {
-        if let Some(sge) = self.lookup(addr, len) {
-            return Ok(sge);
+    /// The registered pool chunk holding `addr`, registering it on first use. Queues keep
+    /// what this returns ([`ChunkKeys`]), so the lock is taken once per chunk and queue, not
+    /// per I/O.
+    pub fn chunk(&self, addr: usize) -> Result<RegisteredChunk, String> {
+        if let Some(c) = self.lookup(addr) {
+            return Ok(c);
         }
         let (base, chunk_len) = dma::chunk_of(addr)
             .ok_or_else(|| format!("buffer at {addr:#x} is not DMA pool memory"))?;
@@ -46,15 +47,58 @@ impl DeviceMemory {
             chunks.push((base, mr));
         }
         drop(chunks);
-        self.lookup(addr, len)
-            .ok_or_else(|| format!("buffer at {addr:#x} ({len} bytes) crosses a chunk's end"))
+        self.lookup(addr)
+            .ok_or_else(|| format!("buffer at {addr:#x} is in no registered chunk"))
     }
 
-    fn lookup(&self, addr: usize, len: u32) -> Option<Sge> {
+    fn lookup(&self, addr: usize) -> Option<RegisteredChunk> {
         let chunks = self.chunks.read().unwrap_or_else(|e| e.into_inner());
         chunks.iter().find_map(|(base, mr)| {
-            let offset = addr.checked_sub(*base)?;
-            mr.sge(offset, len)
+            (addr >= *base && addr - base < mr.len()).then(|| RegisteredChunk {
+                base: *base,
+                len: mr.len(),
+                lkey: mr.lkey(),
+            })
+        })
+    }
+}
+
+/// A pool chunk as registered with one device: its span and local key.
+#[derive(Clone, Copy, Debug)]
+pub struct RegisteredChunk {
+    base: usize,
+    len: usize,
+    lkey: u32,
+}
+
+/// One queue's copy of the chunks it has used, looked up without a lock.
+#[derive(Default)]
+pub struct ChunkKeys(Vec<RegisteredChunk>);
+
+impl ChunkKeys {
+    /// The element for `len` bytes of a pool buffer at `addr`.
+    pub fn sge(&mut self, mem: &DeviceMemory, addr: usize, len: u32) -> Result<Sge, String> {
+        let known = self
+            .0
+            .iter()
+            .find(|c| addr >= c.base && addr - c.base < c.len);
+        let chunk = match known {
+            Some(c) => *c,
+            None => {
+                let c = mem.chunk(addr)?;
+                self.0.push(c);
+                c
+            }
+        };
+        if addr - chunk.base + len as usize > chunk.len {
+            return Err(format!(
+                "buffer at {addr:#x} ({len} bytes) crosses a chunk's end"
+            ));
+        }
+        Ok(Sge {
+            addr: addr as u64,
+            len,
+            lkey: chunk.lkey,
         })
     }
 }

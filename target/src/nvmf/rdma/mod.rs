@@ -22,7 +22,7 @@ pub mod memory;
 use crate::nvmf::controller;
 use crate::reactor::{fn_poller, PollStatus, ReactorCtx};
 use conn::RdmaConn;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 /// How often every queue is looked at, news or not (keep-alive, controller events, timeouts).
 const SWEEP_MS: u64 = 50;
@@ -68,7 +68,7 @@ pub fn add_conn(ctx: &mut ReactorCtx, conn: Box<RdmaConn>) {
     if let Some(epoll) = &group.epoll {
         let mut ev = libc::epoll_event {
             events: libc::EPOLLIN as u32,
-            u64: 0,
+            u64: conn.t.wake_fd() as u64,
         };
         // SAFETY: plain epoll_ctl on descriptors we hold open; `ev` outlives the call.
         let rc = unsafe {
@@ -97,7 +97,26 @@ pub fn add_conn(ctx: &mut ReactorCtx, conn: Box<RdmaConn>) {
 }
 
 impl Group {
+    /// Marks the queues whose completion channel has a notification (one epoll_wait without
+    /// waiting, and only while some queue is armed): they take it in their next poll.
+    fn take_notifications(&mut self) {
+        let Some(epoll) = &self.epoll else { return };
+        if !self.queues.iter().any(|q| q.t.is_armed()) {
+            return;
+        }
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 32];
+        // SAFETY: `events` has room for 32 entries, which the kernel fills; timeout 0.
+        let n = unsafe { libc::epoll_wait(epoll.as_raw_fd(), events.as_mut_ptr(), 32, 0) };
+        for ev in &events[..n.max(0) as usize] {
+            let fd = ev.u64 as RawFd;
+            if let Some(q) = self.queues.iter_mut().find(|q| q.t.wake_fd() == fd) {
+                q.t.notified = true;
+            }
+        }
+    }
+
     fn poll(&mut self) -> PollStatus {
+        self.take_notifications();
         let now = controller::now_ms();
         let sweep = now.saturating_sub(self.last_sweep) >= SWEEP_MS;
         if sweep {
