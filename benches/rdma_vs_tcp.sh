@@ -39,7 +39,7 @@ fi
 NQN=nqn.2024-01.io.plexstor:rdma-vs-tcp
 PORT=4440
 rxe_up
-SIZE_MIB=512
+SIZE_MIB=256
 NVMET_RAMDISK_MIB=$SIZE_MIB nvmet_export_ramdisk "$NQN" "$PORT" "$RXE_ADDR" tcp
 portdir=$(nvmet_port "$RXE_ADDR" "$PORT" rdma)
 load_modules nvmet-rdma
@@ -51,8 +51,9 @@ SOCK=$WORK/plexd.sock
 PLEXD=$repo/build/release/plexd
 PLEXD_PORT=$((PORT + 1))
 start_plexd
+SPDK_PID=
 # (stop_plexd's `wait` answers 137 for the killed plexd: not the run's status.)
-trap 'stop_plexd -KILL || true; nvmet_clear >/dev/null 2>&1 || true' EXIT
+trap 'stop_plexd -KILL || true; [ -z "$SPDK_PID" ] || kill -CONT "$SPDK_PID" 2>/dev/null; [ -z "$SPDK_PID" ] || kill -KILL "$SPDK_PID" 2>/dev/null; nvmet_clear >/dev/null 2>&1 || true' EXIT
 rpc bdev_malloc_create "{\"name\": \"M0\", \"num_blocks\": $((SIZE_MIB * 2048)), \"block_size\": 512}" >/dev/null
 rpc nvmf_create_subsystem "{\"nqn\": \"$NQN\", \"allow_any_host\": true}" >/dev/null
 rpc nvmf_subsystem_add_ns "{\"nqn\": \"$NQN\", \"namespace\": {\"bdev_name\": \"M0\"}}" >/dev/null
@@ -61,20 +62,50 @@ for tr in TCP RDMA; do
     rpc nvmf_subsystem_add_listener "{\"nqn\": \"$NQN\", \"listen_address\": {\"trtype\": \"$tr\", \"traddr\": \"$RXE_ADDR\", \"trsvcid\": \"$PLEXD_PORT\"}}" >/dev/null
 done
 
+# SPDK's nvmf_tgt beside them, where ../shared/spdk/bin has it: TCP only (that build has no
+# RDMA), one core (not plexperf's, which is pinned to CPU 0), no hugepages (the guest has none). Frozen (SIGSTOP) except while measured,
+# so its spinning reactor does not take the core from the others.
+targets=(plexd nvmet)
+SPDK_BIN=${SPDK_BIN_DIR:-$repo/../shared/spdk/bin}
+SPDK_SOCK=$WORK/spdk.sock
+SPDK_PORT=$((PORT + 2))
+spdk_note="SPDK's nvmf_tgt: not run ($SPDK_BIN/nvmf_tgt or $SPDK_RPC missing)."
+if [ -x "$SPDK_BIN/nvmf_tgt" ] && [ -x "$SPDK_RPC" ]; then
+    "$SPDK_BIN/nvmf_tgt" --no-huge -s 1024 -m 0x2 -r "$SPDK_SOCK" >"$WORK/spdk.log" 2>&1 &
+    SPDK_PID=$!
+    srpc() { "$SPDK_RPC" -s "$SPDK_SOCK" "$@" >/dev/null 2>>"$WORK/spdk.log"; }
+    spdk_up() { [ -S "$SPDK_SOCK" ] && srpc spdk_get_version; }
+    if wait_until 30 spdk_up && srpc bdev_malloc_create -b M0 "$SIZE_MIB" 512 &&
+        srpc nvmf_create_transport -t TCP -i 131072 && srpc nvmf_create_subsystem "$NQN" -a &&
+        srpc nvmf_subsystem_add_ns "$NQN" M0 &&
+        srpc nvmf_subsystem_add_listener "$NQN" -t tcp -a "$RXE_ADDR" -s "$SPDK_PORT" -f ipv4; then
+        targets+=(spdk)
+        spdk_note="SPDK: v26.05 nvmf_tgt, a malloc bdev, one reactor on the CPU plexperf does not use (-m 0x2, --no-huge -s 1024),
+TCP only: this SPDK build has no RDMA."
+    else
+        spdk_note="SPDK's nvmf_tgt did not come up: $(tail -n 2 "$WORK/spdk.log" | tr '\n' ' ')"
+    fi
+    kill -STOP "$SPDK_PID"
+fi
+
 # run TARGET TRTYPE WORKLOAD IO_SIZE QD: prints "IOPS BUSY_NS_PER_IO NOT_PLEXPERF_NS_PER_IO
 # TARGET_REACTOR_NS_PER_IO" (the last 0 for nvmet, which has no reactors)
 run() {
     local port=$PORT
     [ "$1" = plexd ] && port=$PLEXD_PORT
+    [ "$1" = spdk ] && { port=$SPDK_PORT; kill -CONT "$SPDK_PID"; }
     python3 - "$repo/build/release/plexperf" "$2" "$RXE_ADDR" "$port" "$NQN" "$3" "$4" "$5" "$secs" \
-        "$1" "$PLEXCTL" "$SOCK" "$SIZE_MIB" <<'EOF'
+        "$1" "$PLEXCTL" "$SOCK" "$SIZE_MIB" "$SPDK_RPC" "$SPDK_SOCK" <<'EOF'
 import json, os, resource, subprocess, sys
-perf, tr, addr, port, nqn, w, o, q, secs, target, plexctl, sock, size_mib = sys.argv[1:]
+perf, tr, addr, port, nqn, w, o, q, secs, target, plexctl, sock, size_mib, spdk_rpc, spdk_sock = sys.argv[1:]
 def reactor_busy_s():
-    if target != "plexd":
+    if target == "plexd":
+        cmd = [plexctl, "-s", sock, "call", "--compact", "framework_get_reactors"]
+    elif target == "spdk":
+        cmd = [spdk_rpc, "-s", spdk_sock, "framework_get_reactors"]
+    else:
         return 0.0
-    r = json.loads(subprocess.run([plexctl, "-s", sock, "call", "--compact", "framework_get_reactors"],
-                                  capture_output=True, text=True, check=True).stdout)
+    r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
     return sum(x["busy"] for x in r["reactors"]) / r["tick_rate"]
 def busy_ticks():
     f = open("/proc/stat").readline().split()[1:]
@@ -100,15 +131,17 @@ busy = (t1 - t0) / hz
 print(int(r["iops"]), int(busy * scale * 1e9 / max(ios, 1)), int(max(busy - host, 0) * scale * 1e9 / max(ios, 1)),
       int((r1 - r0) * scale * 1e9 / max(ios, 1)))
 EOF
+    [ "$1" = spdk ] && kill -STOP "$SPDK_PID"
+    return 0
 }
 
 workloads=("randread 4096 32" "read 131072 8" "write 131072 8")
 declare -A res
-targets=(plexd nvmet)
 for r in $(seq 1 "$rounds"); do
     for wl in "${workloads[@]}"; do
         for tg in "${targets[@]}"; do
             for tr in TCP RDMA; do
+                [ "$tg" = spdk ] && [ "$tr" = RDMA ] && continue
                 # shellcheck disable=SC2086 # the workload is three words
                 v=$(run "$tg" "$tr" $wl)
                 res["$tg|$wl|$tr"]+="$v;"
@@ -125,27 +158,32 @@ median_of() {
 }
 report=$GUEST_OUT/rdma_vs_tcp-$(date +%Y%m%d-%H%M).md
 {
-    echo "# NVMe/RDMA vs NVMe/TCP: plexperf against plexd and against the kernel's nvmet, same run"
+    echo "# NVMe/RDMA vs NVMe/TCP: plexperf against plexd, the kernel's nvmet and SPDK, same run"
     echo
     echo "$(date -u '+%F %T') UTC, in the test guest (emulated, 2 vCPUs); RDMA is soft-RoCE (rdma_rxe)."
     echo "${secs} s per run after 1 s of warm-up, $rounds interleaved rounds, medians. Host load average"
     echo "when the guest started: ${HOST_LOAD:-?}. Relative only: every number is the emulator's."
     echo
-    echo "plexd: a malloc bdev, 2 reactors; nvmet: a $SIZE_MIB MiB RAM disk."
+    echo "plexd: a malloc bdev, 2 reactors; nvmet: a $SIZE_MIB MiB RAM disk. $spdk_note"
     echo "busy ns/IO: all of the guest's CPUs per I/O (plexperf, which polls without sleeping, the"
     echo "target, the network stack or soft-RoCE); target+stack ns/IO: the same without plexperf's time"
     echo "(for plexd this includes its reactors' polling); plexd reactor ns/IO: plexd's reactors' busy"
-    echo "time (passes in which a poller did work) per I/O, the target's own CPU per I/O."
+    echo "time (passes in which a poller did work) per I/O, the target's own CPU per I/O; for SPDK the"
+    echo "same from its framework_get_reactors."
     echo
-    echo "| target | workload | TCP IOPS | RDMA IOPS | RDMA ÷ TCP | TCP target+stack ns/IO | RDMA target+stack ns/IO | TCP plexd reactor ns/IO | RDMA plexd reactor ns/IO |"
+    echo "| target | workload | TCP IOPS | RDMA IOPS | RDMA ÷ TCP | TCP target+stack ns/IO | RDMA target+stack ns/IO | TCP reactor ns/IO | RDMA reactor ns/IO |"
     echo "|---|---|---:|---:|---:|---:|---:|---:|---:|"
     for tg in "${targets[@]}"; do
         for wl in "${workloads[@]}"; do
-            t=${res["$tg|$wl|TCP"]}; d=${res["$tg|$wl|RDMA"]}
-            ti=$(median_of "$t" 1); di=$(median_of "$d" 1)
-            reactor_t=–; reactor_d=–
-            [ "$tg" = plexd ] && { reactor_t=$(median_of "$t" 4); reactor_d=$(median_of "$d" 4); }
-            echo "| $tg | $wl | $ti | $di | $(awk -v a="$di" -v b="$ti" 'BEGIN { printf "%.2f", a / b }') | $(median_of "$t" 3) | $(median_of "$d" 3) | $reactor_t | $reactor_d |"
+            t=${res["$tg|$wl|TCP"]}; d=${res["$tg|$wl|RDMA"]:-}
+            ti=$(median_of "$t" 1); di=–; ratio=–; ds=–; reactor_t=–; reactor_d=–
+            [ "$tg" != nvmet ] && reactor_t=$(median_of "$t" 4)
+            if [ -n "$d" ]; then
+                di=$(median_of "$d" 1); ds=$(median_of "$d" 3)
+                ratio=$(awk -v a="$di" -v b="$ti" 'BEGIN { printf "%.2f", a / b }')
+                [ "$tg" != nvmet ] && reactor_d=$(median_of "$d" 4)
+            fi
+            echo "| $tg | $wl | $ti | $di | $ratio | $(median_of "$t" 3) | $ds | $reactor_t | $reactor_d |"
         done
     done
     echo
@@ -153,7 +191,7 @@ report=$GUEST_OUT/rdma_vs_tcp-$(date +%Y%m%d-%H%M).md
     echo
     for tg in "${targets[@]}"; do
         for wl in "${workloads[@]}"; do
-            echo "- $tg $wl: TCP ${res["$tg|$wl|TCP"]} RDMA ${res["$tg|$wl|RDMA"]}"
+            echo "- $tg $wl: TCP ${res["$tg|$wl|TCP"]} RDMA ${res["$tg|$wl|RDMA"]:-–}"
         done
     done
 } | tee "$report"
