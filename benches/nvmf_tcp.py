@@ -31,6 +31,7 @@ with scripts/setup.sh for the run and the machine's count is put back at the end
 
 Usage: benches/nvmf_tcp.py [--time 5] [--reps 3] [--bdevs null,malloc]
                            [--workloads 'randread qd32,128k'] [--no-spdk] [--no-ceiling]
+                           [--tcp-cc cubic|keep|...]
        benches/nvmf_tcp.py --time 1 --reps 1 --bdevs null --workloads '4k randread qd32'
                            (a quick check that it works; not a measurement)
 A --workloads item selects the rows whose label has all its words, e.g. "qd1", "randwrite",
@@ -229,7 +230,24 @@ class Target:
         r = self.rpc.call("framework_get_reactors")
         busy = sum(x["busy"] for x in r["reactors"]) * 1e9 / r["tick_rate"]
         ios = sum(b["num_read_ops"] + b["num_write_ops"] for b in self.rpc.call("bdev_get_iostat")["bdevs"])
-        return busy, ios
+        return busy, ios, self.group_busy_passes(r)
+
+    def group_busy_passes(self, reactors):
+        """How many times the NVMe-oF poll group's poller did work so far (SPDK: the TCP
+        transport's poller, nvmf_TCP, in thread_get_pollers; plexd: nvmf_tcp_poll_group_* in
+        framework_get_reactors), 0 before the first connection made one, None where none is
+        found after that. I/Os over this is the batch a productive pass
+        handled: a pass has a cost of its own (epoll_wait, recv, writev), so the larger the
+        batches the host's pace brings, the less each I/O pays, whichever target it is."""
+        if self.kind == "spdk":
+            threads = self.rpc.call("thread_get_pollers")["threads"]
+            pollers = [p for t in threads for p in t.get("active_pollers", [])
+                       if p["name"] in ("nvmf_TCP", "nvmf_poll_group_poll")]
+        else:
+            pollers = [p for x in reactors["reactors"] for p in x.get("pollers", [])
+                       if p["name"].startswith("nvmf_tcp_poll_group")]
+        # plexd makes its poll group with the first connection.
+        return sum(p["busy_count"] for p in pollers) if pollers or self.kind == "plexd" else None
 
     def idle_cpu_pct(self, seconds=3.0):
         c0 = cpu_seconds(self.proc.pid)
@@ -461,6 +479,41 @@ def reserve_hugepages(mb):
     return restore
 
 
+CC_SYSCTL = "/proc/sys/net/ipv4/tcp_congestion_control"
+
+
+def set_congestion_control(name):
+    """Makes NAME the TCP congestion control of new sockets for the run (all four programs
+    and the ceiling share it); returns (what the machine had, a function that puts it back or
+    None). Some images default to BBR, whose pacing on loopback makes a run bistable: a
+    connection that leaves BBR's start-up paces its own sends, one that does not never does,
+    and which happens changed one 4 KiB write row by 1.8x between two runs of the same
+    binaries. Neither target's code decides it, so the bench fixes the algorithm."""
+    try:
+        with open(CC_SYSCTL) as f:
+            before = f.read().strip()
+    except OSError:
+        return "unknown", None
+    if name in ("keep", before):
+        return before, None
+    try:
+        with open(CC_SYSCTL, "w") as f:
+            f.write(name)
+    except OSError as e:
+        print(f"cannot set the TCP congestion control to {name} ({e}); it stays {before}", flush=True)
+        return before, None
+
+    def restore():
+        with open(CC_SYSCTL, "w") as f:
+            f.write(before)
+    return before, restore
+
+
+def congestion_control():
+    with open(CC_SYSCTL) as f:
+        return f.read().strip()
+
+
 # ---- the run ------------------------------------------------------------------------------------
 
 def median_of(runs, key):
@@ -476,6 +529,7 @@ def summarize(runs):
     return {"iops": med, "mib_s": median_of(runs, lambda r: r["mib_s"]),
             "avg_us": lat("avg_us"), "p99_us": lat("p99_us"), "p99_9_us": lat("p99_9_us"),
             "busy_ns_per_io": median_of(runs, lambda r: r.get("busy_ns_per_io")),
+            "ios_per_pass": median_of(runs, lambda r: r.get("ios_per_pass")),
             "spread": (max(iops) - min(iops)) / med if med else 0.0, "n": len(runs),
             "error_lines": sum(len(r.get("error_lines", [])) for r in runs),
             "io_errors": sum(r.get("errors", 0) for r in runs)}
@@ -515,6 +569,9 @@ def main():
     ap.add_argument("--no-spdk", action="store_true", help="plexd and plexperf only, even where SPDK is there")
     ap.add_argument("--no-ceiling", action="store_true", help="skip benches/tcp_ceiling")
     ap.add_argument("--idle-poll-us", type=int, default=1000, help="plexd --idle-poll-us")
+    ap.add_argument("--tcp-cc", default="cubic",
+                    help="TCP congestion control for the run (default cubic, Linux's own default; "
+                         "'keep' leaves the machine's), put back at the end")
     ap.add_argument("--report", help="report file (default benches/reports/nvmf_tcp-DATE.md)")
     args = ap.parse_args()
     build_release()
@@ -554,6 +611,8 @@ def main():
         install_spdk_packages()
     restore_hugepages = reserve_hugepages(HUGEPAGES_MB)
     hugepages = meminfo("HugePages_Total") * meminfo("Hugepagesize") // 1024
+    machine_cc, restore_cc = set_congestion_control(args.tcp_cc)
+    run_cc = congestion_control()
 
     commands = []
 
@@ -624,6 +683,8 @@ def main():
                             after = targets[tk].work_counters()
                             served = after[1] - before[1]
                             r["busy_ns_per_io"] = (after[0] - before[0]) / served if served else None
+                            passes = after[2] - before[2] if None not in (after[2], before[2]) else 0
+                            r["ios_per_pass"] = served / passes if passes else None
                             results.setdefault((bdev, label, tk, hk), []).append(r)
                             lat = r["latency_us"]
                             print(f"rep {rep + 1}: {bdev:6} {label:18} {TARGET_NAMES[tk]:8} <- {HOST_NAMES[hk]:14} "
@@ -634,6 +695,8 @@ def main():
             t.stop()
         if restore_hugepages:
             restore_hugepages()
+        if restore_cc:
+            restore_cc()
     for kind, t in targets.items():
         commands.append(f"# {TARGET_NAMES[kind]}'s configuration, JSON-RPC on its -r socket, in order:")
         commands += [f"#   {method} {json.dumps(params)}" for method, params in t.config]
@@ -652,9 +715,9 @@ def main():
     main_rows = []
     if with_spdk:
         head = ("| bdev | workload | SPDK nvmf_tgt | plexd | plexd ÷ SPDK | busy ns/IO nvmf_tgt | "
-                "busy ns/IO plexd | per core, plexd ÷ SPDK | plexperf ÷ spdk_nvme_perf "
-                "(plexd) | plexperf ÷ spdk_nvme_perf (nvmf_tgt) |")
-        sep = "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+                "busy ns/IO plexd | per core, plexd ÷ SPDK | plexd ÷ SPDK, host plexperf | "
+                "plexperf ÷ spdk_nvme_perf (plexd) | plexperf ÷ spdk_nvme_perf (nvmf_tgt) |")
+        sep = "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         if with_ceiling:
             head += " plexd ÷ ceiling | nvmf_tgt ÷ ceiling |"
             sep += "---:|---:|"
@@ -678,6 +741,7 @@ def main():
                         f"**{ratio(rate(label, pd), rate(label, sp))}** | "
                         f"{fnum(sp['busy_ns_per_io'], '{:,.0f}')} | {fnum(pd['busy_ns_per_io'], '{:,.0f}')} | "
                         f"**{ratio(sp['busy_ns_per_io'], pd['busy_ns_per_io'])}** | "
+                        f"{ratio(rate(label, pp), rate(label, ps))} | "
                         f"{ratio(rate(label, pp), rate(label, pd))} | {ratio(rate(label, ps), rate(label, sp))} |")
                 if with_ceiling:
                     line += (f" {ratio(pd['iops'], ceil['ops_s']) if ceil else '–'} |"
@@ -700,8 +764,8 @@ def main():
                              f"{r['host_cpu']['user_pct']:.0f}/{r['host_cpu']['sys_pct']:.0f} |")
 
     cell_rows = ["| bdev | workload | target | host | IOPS | MiB/s | avg µs | p99 µs | p99.9 µs | "
-                 "busy ns/IO | spread |",
-                 "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+                 "busy ns/IO | I/Os per busy pass | spread |",
+                 "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     errors = io_errors = 0
     for bdev in bdevs:
         for label, *_ in workloads:
@@ -713,14 +777,16 @@ def main():
                     cell_rows.append(f"| {bdev} | {label} | {TARGET_NAMES[tk]} | {HOST_NAMES[hk]} | "
                                      f"{x['iops']:,.0f} | {x['mib_s']:,.1f} | {fnum(x['avg_us'])} | "
                                      f"{fnum(x['p99_us'])} | {fnum(x['p99_9_us'])} | "
-                                     f"{fnum(x['busy_ns_per_io'], '{:,.0f}')} | {x['spread'] * 100:.0f} % |")
+                                     f"{fnum(x['busy_ns_per_io'], '{:,.0f}')} | {fnum(x['ios_per_pass'])} | "
+                                     f"{x['spread'] * 100:.0f} % |")
 
     idle_line = "; ".join(f"{TARGET_NAMES[k]} {v:.1f} % of a core" for k, v in idle.items())
     git = subprocess.run(["git", "-C", REPO, "describe", "--always", "--dirty"],
                          capture_output=True, text=True).stdout.strip()
     machine = (f"{platform.node()}: {cpu_model()}, {os.cpu_count()} cores, "
                f"{meminfo('MemTotal') // 1024:,} MiB, kernel {platform.release()}; "
-               f"{hugepages:,} MiB of hugepages reserved during the run")
+               f"{hugepages:,} MiB of hugepages reserved during the run; TCP congestion control "
+               f"{run_cc} during the run" + (f" (the machine's is {machine_cc})" if machine_cc != run_cc else ""))
     how = (f"Targets on core 0 (plexd, one reactor, --idle-poll-us {args.idle_poll_us}"
            + ("; SPDK v26.05 nvmf_tgt -m 0x1" if with_spdk else "") + "), hosts on core 1 (plexperf"
            + (", spdk_nvme_perf -L" if with_spdk else "") + "), NVMe/TCP over 127.0.0.1, one connection. "
@@ -750,7 +816,10 @@ def main():
                    "host spdk_nvme_perf: what each I/O cost the target's core. per core, plexd ÷ "
                    "SPDK: nvmf_tgt's busy ns/IO over plexd's. Where the host sets the pace (the "
                    "same IOPS from both targets), this, not the IOPS, says which target uses its "
-                   "core better.\n")
+                   "core better; but it also falls as the batches a pass handles grow, and the "
+                   "batch size follows the pace of host and target together (the I/Os per busy "
+                   "pass column below). plexd ÷ SPDK, host plexperf: the rates with our host, "
+                   "which leaves more of the pace to the targets.\n")
     else:
         out.append("## plexd (host plexperf)\n")
     out.append("\n".join(main_rows) + "\n")
@@ -763,7 +832,9 @@ def main():
         out.append("\n".join(ceil_rows) + "\n")
     out.append("## Every target and host (medians; spread: (max − min) ÷ median of the IOPS)\n")
     if with_spdk:
-        out.append("spdk_nvme_perf's p99 and p99.9 are from its -L summary.\n")
+        out.append("spdk_nvme_perf's p99 and p99.9 are from its -L summary. I/Os per busy pass: "
+                   "the I/Os the target's bdevs served over the passes in which its NVMe-oF poll "
+                   "group did work (the poller's busy count), over the same span.\n")
     out.append("\n".join(cell_rows) + "\n")
     if errors:
         out.append(f"spdk_nvme_perf printed {errors} error line(s) other than its teardown's "
