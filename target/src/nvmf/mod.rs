@@ -70,7 +70,9 @@ pub struct TransportOpts {
     pub max_srq_depth: u32,
     /// RDMA: every queue pair posts its own receives instead of sharing a queue of them.
     pub no_srq: bool,
-    /// RDMA: entries of each completion queue.
+    /// RDMA: SPDK's size for a poll group's shared completion queue. Checked and kept for
+    /// SPDK's clients, not used: each queue pair here has a completion queue of its own,
+    /// sized to every work request it can have posted.
     pub num_cqe: u32,
     /// RDMA: connect requests the listener holds before it answers them.
     pub acceptor_backlog: u32,
