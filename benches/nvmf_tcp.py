@@ -484,34 +484,30 @@ CC_SYSCTL = "/proc/sys/net/ipv4/tcp_congestion_control"
 
 def set_congestion_control(name):
     """Makes NAME the TCP congestion control of new sockets for the run (all four programs
-    and the ceiling share it); returns (what the machine had, a function that puts it back or
-    None). Some images default to BBR, whose pacing on loopback makes a run bistable: a
-    connection that leaves BBR's start-up paces its own sends, one that does not never does,
-    and which happens changed one 4 KiB write row by 1.8x between two runs of the same
-    binaries. Neither target's code decides it, so the bench fixes the algorithm."""
+    and the ceiling share it); returns (what the machine had, what the run uses, a function
+    that puts the machine's back or None). Some images default to BBR, whose pacing on
+    loopback makes a run bistable: a connection that leaves BBR's start-up paces its own
+    sends, one that does not never does, and which happens changed one 4 KiB write row by
+    1.8x between two runs of the same binaries. Neither target's code decides it, so the
+    bench fixes the algorithm."""
     try:
         with open(CC_SYSCTL) as f:
             before = f.read().strip()
     except OSError:
-        return "unknown", None
+        return "unknown", "unknown", None
     if name in ("keep", before):
-        return before, None
+        return before, before, None
     try:
         with open(CC_SYSCTL, "w") as f:
             f.write(name)
     except OSError as e:
         print(f"cannot set the TCP congestion control to {name} ({e}); it stays {before}", flush=True)
-        return before, None
+        return before, before, None
 
     def restore():
         with open(CC_SYSCTL, "w") as f:
             f.write(before)
-    return before, restore
-
-
-def congestion_control():
-    with open(CC_SYSCTL) as f:
-        return f.read().strip()
+    return before, name, restore
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -611,8 +607,7 @@ def main():
         install_spdk_packages()
     restore_hugepages = reserve_hugepages(HUGEPAGES_MB)
     hugepages = meminfo("HugePages_Total") * meminfo("Hugepagesize") // 1024
-    machine_cc, restore_cc = set_congestion_control(args.tcp_cc)
-    run_cc = congestion_control()
+    machine_cc, run_cc, restore_cc = set_congestion_control(args.tcp_cc)
 
     commands = []
 

@@ -52,8 +52,14 @@ PLEXD=$repo/build/release/plexd
 PLEXD_PORT=$((PORT + 1))
 start_plexd
 SPDK_PID=
+# A frozen process must be let go on before it can die.
+stop_spdk() {
+    [ -n "$SPDK_PID" ] || return 0
+    kill -CONT "$SPDK_PID" 2>/dev/null
+    kill -KILL "$SPDK_PID" 2>/dev/null
+}
 # (stop_plexd's `wait` answers 137 for the killed plexd: not the run's status.)
-trap 'stop_plexd -KILL || true; [ -z "$SPDK_PID" ] || kill -CONT "$SPDK_PID" 2>/dev/null; [ -z "$SPDK_PID" ] || kill -KILL "$SPDK_PID" 2>/dev/null; nvmet_clear >/dev/null 2>&1 || true' EXIT
+trap 'stop_plexd -KILL || true; stop_spdk || true; nvmet_clear >/dev/null 2>&1 || true' EXIT
 rpc bdev_malloc_create "{\"name\": \"M0\", \"num_blocks\": $((SIZE_MIB * 2048)), \"block_size\": 512}" >/dev/null
 rpc nvmf_create_subsystem "{\"nqn\": \"$NQN\", \"allow_any_host\": true}" >/dev/null
 rpc nvmf_subsystem_add_ns "{\"nqn\": \"$NQN\", \"namespace\": {\"bdev_name\": \"M0\"}}" >/dev/null
@@ -63,15 +69,15 @@ for tr in TCP RDMA; do
 done
 
 # SPDK's nvmf_tgt beside them, where ../shared/spdk/bin has it: TCP only (that build has no
-# RDMA), one core (not plexperf's, which is pinned to CPU 0), no hugepages (the guest has none). Frozen (SIGSTOP) except while measured,
-# so its spinning reactor does not take the core from the others.
+# RDMA), one core (not plexperf's, which is pinned to CPU 0), no hugepages (the guest has
+# none). Frozen (SIGSTOP) except while measured, so its spinning reactor does not take the
+# core from the others.
 targets=(plexd nvmet)
-SPDK_BIN=${SPDK_BIN_DIR:-$repo/../shared/spdk/bin}
 SPDK_SOCK=$WORK/spdk.sock
 SPDK_PORT=$((PORT + 2))
-spdk_note="SPDK's nvmf_tgt: not run ($SPDK_BIN/nvmf_tgt or $SPDK_RPC missing)."
-if [ -x "$SPDK_BIN/nvmf_tgt" ] && [ -x "$SPDK_RPC" ]; then
-    "$SPDK_BIN/nvmf_tgt" --no-huge -s 1024 -m 0x2 -r "$SPDK_SOCK" >"$WORK/spdk.log" 2>&1 &
+spdk_note="SPDK's nvmf_tgt: not run ($SPDK_BIN_DIR/nvmf_tgt or $SPDK_RPC missing)."
+if nvmf_tgt=$(spdk_bin nvmf_tgt) && [ -x "$SPDK_RPC" ]; then
+    "$nvmf_tgt" --no-huge -s 1024 -m 0x2 -r "$SPDK_SOCK" >"$WORK/spdk.log" 2>&1 &
     SPDK_PID=$!
     srpc() { "$SPDK_RPC" -s "$SPDK_SOCK" "$@" >/dev/null 2>>"$WORK/spdk.log"; }
     spdk_up() { [ -S "$SPDK_SOCK" ] && srpc spdk_get_version; }
