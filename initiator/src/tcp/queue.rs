@@ -5,9 +5,9 @@
 //! timer. Slots are preallocated and indexed by command ID; each holds the caller's buffer, the
 //! encoded capsule header and the R2T/C2H progress, so the I/O path allocates nothing. Sends
 //! are gathered into one `writev` per poll; receives go into one staging buffer (one `read` can
-//! carry many PDUs) and from there into the caller's buffer — the only copy — except that a
-//! large C2HData payload whose bytes have not arrived yet is read straight into the caller's
-//! buffer.
+//! carry many PDUs; a poll reads until a read comes back short) and from there into the
+//! caller's buffer — the only copy — except that a large C2HData payload whose bytes have not
+//! arrived yet is read straight into the caller's buffer.
 
 use std::collections::VecDeque;
 use std::io::{IoSlice, IoSliceMut, Read, Write};
