@@ -50,6 +50,7 @@ impl Bdev for MallocBdev {
             mem: Arc::clone(&self.mem),
             block_size: self.info.block_size as u64,
             ready: ReadyQueue::default(),
+            queued: VecDeque::new(),
         }))
     }
 
@@ -58,17 +59,30 @@ impl Bdev for MallocBdev {
     }
 }
 
+/// Small I/O is carried out at the channel's poll, not at submit. A target submits every
+/// command it has just parsed before it polls, so the copies of a batch run back to back
+/// after the parsing instead of between the commands. Over NVMe/TCP that cut plexd's core
+/// time per 4 KiB write by 14-16 % and per 4 KiB read by 0-6 %
+/// (`benches/reports/nvmf_tcp_malloc-20261204.md`). Larger I/O is carried out at once,
+/// while a write's data is still in cache, after what is queued, so the order of submission
+/// holds. Completion comes only from a poll either way.
 struct MallocChannel {
     mem: Arc<DmaRegion>,
     block_size: u64,
     ready: ReadyQueue,
+    /// Submitted I/O whose range was checked, with its byte offset and length on the disk.
+    queued: VecDeque<(BdevIo, usize, usize)>,
 }
+
+/// The largest I/O a channel queues for its poll (bytes).
+const QUEUED_MAX: usize = 16 * 1024;
 
 impl MallocChannel {
     /// The disk bytes of `io`'s range, checked here rather than trusted from the bdev layer:
     /// `Bdev::open_channel` is public, so a channel must not let any caller reach memory
     /// outside its disk. Reads and writes must bring buffers of exactly the range's length.
-    fn range(&self, io: &BdevIo) -> Result<(*mut u8, usize), IoStatus> {
+    /// Returns the byte offset and length.
+    fn range(&self, io: &BdevIo) -> Result<(usize, usize), IoStatus> {
         let bytes = |blocks: u64| blocks.checked_mul(self.block_size);
         let (off, len) = bytes(io.offset_blocks)
             .zip(bytes(io.num_blocks))
@@ -81,28 +95,24 @@ impl MallocChannel {
         if carries_data && io.buf_len() as u64 != len {
             return Err(IoStatus::InvalidBuffer);
         }
-        // The pointer stays inside the region: off + len <= its length, checked above.
-        Ok((
-            self.mem.as_ptr().wrapping_add(off as usize) as *mut u8,
-            len as usize,
-        ))
+        Ok((off as usize, len as usize))
     }
-}
 
-impl BdevChannel for MallocChannel {
-    fn submit(&mut self, mut io: BdevIo) -> Result<(), BdevIo> {
-        let (disk, len) = match self.range(&io) {
-            Ok(range) => range,
-            Err(status) => {
-                self.ready.push(io.complete(status));
-                return Ok(());
-            }
-        };
+    fn execute_queued(&mut self) {
+        while let Some((io, off, len)) = self.queued.pop_front() {
+            self.execute(io, off, len);
+        }
+    }
+
+    /// Carries out an I/O whose range `range()` checked.
+    fn execute(&mut self, mut io: BdevIo, off: usize, len: usize) {
+        // Stays inside the region: off + len <= its length, checked by range().
+        let disk = self.mem.as_ptr().wrapping_add(off) as *mut u8;
         match io.io_type {
             IoType::Read => {
                 if io.bufs.iter().any(|b| !b.is_writable()) {
                     self.ready.push(io.complete(IoStatus::InvalidBuffer));
-                    return Ok(());
+                    return;
                 }
                 let mut at = disk;
                 for dst in io.bufs.iter_mut().filter_map(|b| b.bytes_mut()) {
@@ -131,10 +141,24 @@ impl BdevChannel for MallocChannel {
             IoType::Flush | IoType::Reset => {}
         }
         self.ready.push(io.complete(IoStatus::Success));
+    }
+}
+
+impl BdevChannel for MallocChannel {
+    fn submit(&mut self, io: BdevIo) -> Result<(), BdevIo> {
+        match self.range(&io) {
+            Ok((off, len)) if len <= QUEUED_MAX => self.queued.push_back((io, off, len)),
+            Ok((off, len)) => {
+                self.execute_queued();
+                self.execute(io, off, len);
+            }
+            Err(status) => self.ready.push(io.complete(status)),
+        }
         Ok(())
     }
 
     fn poll(&mut self, done: &mut dyn FnMut(IoCompletion)) -> usize {
+        self.execute_queued();
         self.ready.drain(done)
     }
 }
@@ -268,6 +292,47 @@ mod tests {
         let c = raw_io(&mut ch, BdevIo::read(3, 1, buf(512, 0), 2));
         assert_eq!(c.status, IoStatus::Success);
         assert!(c.bufs[0].iter().all(|&b| b == 0x42));
+    }
+
+    /// Small I/O waits for the poll and large I/O runs at submit: whatever mix is submitted
+    /// before a poll, each I/O sees the disk as the ones submitted before it left it.
+    #[test]
+    fn io_submitted_before_a_poll_keeps_its_order() {
+        let bdev = MallocBdev::new("m0".into(), 256, 512, Uuid::new_v4()).unwrap();
+        let mut ch = bdev.open_channel(None).unwrap();
+        let large = QUEUED_MAX * 2;
+        let large_blocks = (large / 512) as u64;
+        let ios = [
+            BdevIo::write(0, 8, buf(4096, 1), 1),
+            BdevIo::read(0, 8, buf(4096, 0), 2),
+            // Large, over the first small write's blocks: runs after it although at once.
+            BdevIo::write(0, large_blocks, buf(large, 2), 3),
+            BdevIo::read(0, 8, buf(4096, 0), 4),
+            BdevIo::no_data(IoType::WriteZeroes, 0, 1, 5),
+            BdevIo::read(0, large_blocks, buf(large, 9), 6),
+        ];
+        for io in ios {
+            assert!(ch.submit(io).is_ok());
+        }
+        let mut done = Vec::new();
+        ch.poll(&mut |c| done.push(c));
+        let tags: Vec<u64> = done.iter().map(|c| c.tag).collect();
+        assert_eq!(tags, [1, 2, 3, 4, 5, 6], "completions in submission order");
+        assert!(done.iter().all(|c| c.status == IoStatus::Success));
+        assert!(
+            done[1].bufs[0].iter().all(|&b| b == 1),
+            "read after the small write"
+        );
+        assert!(
+            done[3].bufs[0].iter().all(|&b| b == 2),
+            "read after the large write"
+        );
+        let last = &done[5].bufs[0];
+        assert!(
+            last[..512].iter().all(|&b| b == 0),
+            "zeroed after the large write"
+        );
+        assert!(last[512..].iter().all(|&b| b == 2));
     }
 
     #[test]
