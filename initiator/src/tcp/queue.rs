@@ -1051,20 +1051,28 @@ impl<B: IoBuf> TcpQueue<B> {
                     .and_then(|b| b.get_mut(lo..lo + left as usize));
                 match dst {
                     Some(dst) => {
+                        let room = dst.len() + RX_BUF;
                         let mut iov = [IoSliceMut::new(dst), IoSliceMut::new(&mut self.rx[..])];
-                        sock.read_vectored(&mut iov).map(|r| (r, true))
+                        sock.read_vectored(&mut iov).map(|r| (r, true, room))
                     }
-                    None => sock.read(&mut self.rx[self.rx_end..]).map(|r| (r, false)),
+                    None => sock
+                        .read(&mut self.rx[self.rx_end..])
+                        .map(|r| (r, false, RX_BUF - self.rx_end)),
                 }
             } else {
-                sock.read(&mut self.rx[self.rx_end..]).map(|r| (r, false))
+                sock.read(&mut self.rx[self.rx_end..])
+                    .map(|r| (r, false, RX_BUF - self.rx_end))
             }
         };
         let mut received = Received::Nothing;
         match read {
-            Ok((0, _)) => return Err(self.lost(Error::Closed)),
-            Ok((r, direct)) => {
-                received = Received::More;
+            Ok((0, ..)) => return Err(self.lost(Error::Closed)),
+            Ok((r, direct, room)) => {
+                received = if r < room {
+                    Received::Drained
+                } else {
+                    Received::More
+                };
                 if direct {
                     let Rx::Data {
                         cid,
@@ -1094,9 +1102,6 @@ impl<B: IoBuf> TcpQueue<B> {
                     self.rx_end = r - into_buf;
                     self.rx_start = 0;
                 } else {
-                    if self.rx_end + r < RX_BUF {
-                        received = Received::Drained;
-                    }
                     self.rx_end += r;
                 }
             }
