@@ -8,7 +8,8 @@
 #      manifests against the Kubernetes schema, plexd on the host reached from the test
 #      guest, the fuzz targets' smoke run,
 #   4. guest tests (tests/guest/*.sh) inside one QEMU guest running Debian's kernel, where the
-#      kernel's NVMe/TCP initiator, nvmet and vfio-pci live.
+#      kernel's NVMe/TCP initiator, nvmet and vfio-pci live. Should QEMU itself abort, a
+#      fresh guest runs the interrupted script and the rest once more (listed as noticed).
 # Ends with one line "N passed, M failed, K skipped", after the list of failures and of skips
 # with their reasons, and exits non-zero if anything failed.
 #
@@ -45,6 +46,7 @@ failed=0
 skipped=0
 failures=()
 skips=()
+notices=()
 
 stage() { printf '\n=== %s (%s)\n' "$1" "$(date +%H:%M:%S)"; }
 
@@ -223,6 +225,27 @@ count_guest_log() { # LOG RC
     done
 }
 
+# run_guest LOG SCRIPT...: one guest boot runs the scripts through all.sh; sets guest_rc.
+run_guest() {
+    local log=$1
+    shift
+    set +e
+    # Two emulated controllers: the PCIe driver's tests drive both at once; two more
+    # share an IOMMU group, for the refusal that names the other device.
+    scripts/guest/run.sh --nvme --nvme --nvme-shared-group --nvme-size 512M --hugepages 256 --timeout 1500 -- \
+        bash tests/guest/all.sh "$@" 2>&1 | tee "$log"
+    guest_rc=${PIPESTATUS[0]}
+    set -e
+}
+
+# The guest scripts LOG has no "finished" line for, in the order they run.
+unfinished_guest_tests() { # LOG
+    local t
+    for t in "${guest_tests[@]}"; do
+        grep -aqE -- "^--- guest: $(basename "$t" .sh) finished in " "$1" || echo "$t"
+    done
+}
+
 if [ ${#guest_tests[@]} -gt 0 ] && [ "$use_guest" = no ]; then
     for t in "${guest_tests[@]}"; do script_not_run "$t" "needs the test guest (--no-guest)"; done
 elif [ ${#guest_tests[@]} -gt 0 ]; then
@@ -230,13 +253,27 @@ elif [ ${#guest_tests[@]} -gt 0 ]; then
     if scripts/guest/prepare.sh; then
         stage "test guest: ${guest_tests[*]}"
         log="$logdir/guest.log"
-        set +e
-        # Two emulated controllers: the PCIe driver's tests drive both at once; two more
-        # share an IOMMU group, for the refusal that names the other device.
-        scripts/guest/run.sh --nvme --nvme --nvme-shared-group --nvme-size 512M --hugepages 256 --timeout 1500 -- \
-            bash tests/guest/all.sh "${guest_tests[@]}" 2>&1 | tee "$log"
-        rc=${PIPESTATUS[0]}
-        set -e
+        run_guest "$log" "${guest_tests[@]}"
+        rc=$guest_rc
+        # QEMU itself can abort under TCG: once, in CI, an assertion in its softmmu
+        # (iotlb_to_section) while the PCIe tests drove the emulated controllers. That is the
+        # emulator failing, not a test: a fresh guest runs the interrupted script again from
+        # its start, and those after it. Only once, and only for QEMU's own abort or crash;
+        # a timeout or a failing test is never run again.
+        crash=$(grep -a -m1 -E '^run\.sh: guest failed: qemu exited with status (134|139)$' "$log" || true)
+        mapfile -t rest < <(unfinished_guest_tests "$log")
+        if [ "$rc" -ne 0 ] && [ -n "$crash" ] && [ ${#rest[@]} -gt 0 ]; then
+            why=$(grep -a -m1 '^qemu-system-x86_64: ' "$log" || echo "${crash#run.sh: guest failed: }")
+            interrupted=$(basename "${rest[0]}" .sh)
+            notices+=("QEMU died during guest: $interrupted ($why); a fresh guest ran it again, and the ${#rest[@]} script(s) from it on")
+            stage "test guest, after QEMU died: ${rest[*]}"
+            run_guest "$logdir/guest-rerun.log" "${rest[@]}"
+            rc=$guest_rc
+            # The interrupted script's partial section no longer counts: its header is renamed.
+            { sed "s|^--- guest: $interrupted\$|--- guest (interrupted by QEMU; run again below): $interrupted|" "$log"
+              cat "$logdir/guest-rerun.log"; } >"$logdir/guest-all.log"
+            log="$logdir/guest-all.log"
+        fi
         count_guest_log "$log" "$rc"
     else
         record_failure "guest: scripts/guest/prepare.sh failed; no guest test ran (${guest_tests[*]})"
@@ -244,6 +281,10 @@ elif [ ${#guest_tests[@]} -gt 0 ]; then
 fi
 
 echo
+if [ ${#notices[@]} -gt 0 ]; then
+    echo "noticed:"
+    printf '  %s\n' "${notices[@]}"
+fi
 if [ ${#skips[@]} -gt 0 ]; then
     echo "skipped:"
     printf '  %s\n' "${skips[@]}"
