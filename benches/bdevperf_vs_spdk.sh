@@ -3,7 +3,7 @@
 # run, on the same JSON configs, both on core 0 (-m 0x1). Two suites:
 #
 #   malloc (default): a malloc bdev of 1 Mi 512-byte blocks, as benches/nvmf_tcp.py uses:
-#     4 KiB randread QD32, 4 KiB randwrite QD32, 4 KiB randread QD1
+#     4 KiB randread QD32, 4 KiB randwrite QD32, 4 KiB randread QD1, 128 KiB write QD32
 #   lvol: a volume store (4 MiB clusters) on an 8 GiB malloc bdev, against that bdev raw:
 #     4 KiB randwrite QD32 on the raw bdev and on a fully allocated (thick) lvol; 4 KiB
 #     sequential write QD32 for 1 s on the raw bdev and on a fresh thin lvol, whose every
@@ -105,6 +105,7 @@ if [ "$suite" = malloc ]; then
         "malloc randread 4096 32 $secs"
         "malloc randwrite 4096 32 $secs"
         "malloc randread 4096 1 $secs"
+        "malloc write 131072 32 $secs"
     )
 else
     rows=(

@@ -129,7 +129,7 @@ impl MallocChannel {
                 for b in io.bufs.iter() {
                     // SAFETY: as for reads: range() bounds the copy, and the Arc keeps the region.
                     unsafe {
-                        std::ptr::copy_nonoverlapping(b.as_ptr(), at, b.len());
+                        copy_to_disk(b.as_ptr(), at, b.len());
                         at = at.add(b.len());
                     }
                 }
@@ -161,6 +161,54 @@ impl BdevChannel for MallocChannel {
         self.execute_queued();
         self.ready.drain(done)
     }
+}
+
+/// The smallest copy into the disk made with streaming stores (bytes).
+const STREAM_MIN: usize = 4096;
+
+/// Copies a write's data into the disk. From `STREAM_MIN` bytes up it uses non-temporal
+/// stores: the disk's lines are rarely in cache (a random 4 KiB of hundreds of MiB), and an
+/// ordinary copy first reads every line it overwrites. Like a device's DMA, streaming stores
+/// go straight to memory and evict nothing from the cache. Our bdevperf on a 512 MiB malloc
+/// bdev: 128 KiB writes QD32 53 K → 101-131 K IOPS, 4 KiB randwrite QD32 1.39 M → 1.65 M
+/// (`benches/reports/malloc_stream-20261204.md`). Below 2 KiB the closing fence costs more
+/// than the stores save.
+///
+/// # Safety
+/// As for `std::ptr::copy_nonoverlapping(src, dst, len)`.
+unsafe fn copy_to_disk(src: *const u8, dst: *mut u8, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if len >= STREAM_MIN && dst as usize % 16 == 0 {
+        use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_sfence, _mm_stream_si128};
+        let body = len & !63;
+        let mut i = 0;
+        while i < body {
+            // SAFETY: i + 64 <= len, so both 64-byte spans lie inside the ranges the caller
+            // vouched for; dst + i is 16-byte aligned, as streaming stores need; SSE2 is part
+            // of every x86_64.
+            unsafe {
+                let s = src.add(i) as *const __m128i;
+                let d = dst.add(i) as *mut __m128i;
+                let (a, b) = (_mm_loadu_si128(s), _mm_loadu_si128(s.add(1)));
+                let (c, e) = (_mm_loadu_si128(s.add(2)), _mm_loadu_si128(s.add(3)));
+                _mm_stream_si128(d, a);
+                _mm_stream_si128(d.add(1), b);
+                _mm_stream_si128(d.add(2), c);
+                _mm_stream_si128(d.add(3), e);
+            }
+            i += 64;
+        }
+        // SAFETY: the tail [body, len) is inside both ranges. Streaming stores are weakly
+        // ordered: the fence makes them visible to every core before the completion says the
+        // data is on the disk.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.add(body), dst.add(body), len - body);
+            _mm_sfence();
+        }
+        return;
+    }
+    // SAFETY: the caller's.
+    unsafe { std::ptr::copy_nonoverlapping(src, dst, len) }
 }
 
 #[cfg(test)]
@@ -280,6 +328,55 @@ mod tests {
             let tag = io.tag;
             let c = raw_io(&mut ch, io);
             assert_eq!((c.tag, c.status), (tag, want));
+        }
+    }
+
+    /// Streaming stores cover whole 64-byte spans of an aligned destination and the tail is
+    /// copied plainly; neither may write a byte outside the destination.
+    #[test]
+    fn copies_into_the_disk_exactly_at_every_length_and_alignment() {
+        let lens = [
+            0,
+            1,
+            63,
+            64,
+            65,
+            2047,
+            4095,
+            4096,
+            4097,
+            4096 + 63,
+            8192 + 16,
+            131072,
+        ];
+        for len in lens {
+            for src_off in [0, 1, 7] {
+                for dst_off in [0, 16, 8] {
+                    let src: Vec<u8> = (0..len + src_off).map(|i| (i * 7 + 3) as u8).collect();
+                    // 64 guard bytes either side; the Vec<u128> keeps dst_off 0 and 16 aligned.
+                    let mut disk = vec![0u128; (len + 256) / 16];
+                    let bytes = disk.len() * 16;
+                    let base = disk.as_mut_ptr() as *mut u8;
+                    // SAFETY: 64 + dst_off + len <= bytes; src has src_off + len bytes.
+                    unsafe {
+                        std::ptr::write_bytes(base, 0xee, bytes);
+                        copy_to_disk(src.as_ptr().add(src_off), base.add(64 + dst_off), len);
+                    }
+                    // SAFETY: base points at `bytes` initialised bytes the Vec owns.
+                    let got = unsafe { std::slice::from_raw_parts(base, bytes) };
+                    let at = 64 + dst_off;
+                    assert_eq!(
+                        &got[at..at + len],
+                        &src[src_off..],
+                        "len {len} src+{src_off} dst+{dst_off}"
+                    );
+                    assert!(got[..at].iter().all(|&b| b == 0xee), "before, len {len}");
+                    assert!(
+                        got[at + len..].iter().all(|&b| b == 0xee),
+                        "after, len {len}"
+                    );
+                }
+            }
         }
     }
 
