@@ -161,7 +161,7 @@ class Target:
     """An NVMe-oF target process on core 0, "plexd" or "spdk" (nvmf_tgt), listening on PORT
     with one subsystem per export (bdev kind, bdev name, subsystem NQN)."""
 
-    def __init__(self, kind, exports, port, idle_poll_us=1000, transport=None):
+    def __init__(self, kind, exports, port, idle_poll_us=1000, transport=None, spdk_sock=None):
         self.kind = kind
         self.dir = tempfile.mkdtemp(prefix=f"{kind}bench.")
         self.sock = os.path.join(self.dir, f"{kind}.sock")
@@ -171,6 +171,8 @@ class Target:
             self.cmd = [PLEXD, "-m", TARGET_CORES, "-r", self.sock, "--idle-poll-us", str(idle_poll_us)]
         else:
             self.cmd = [spdk_bin("nvmf_tgt"), "-m", TARGET_CORES, "-s", str(SPDK_TGT_MEM_MB), "-r", self.sock]
+            if spdk_sock:
+                self.cmd.append("--wait-for-rpc")  # socket options only before the framework starts
         self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT)
         self.paused = False
         self.config = []  # (method, params), in order: the report prints them
@@ -182,6 +184,9 @@ class Target:
                 time.sleep(0.05)
             self.rpc = Rpc(self.sock)
             if kind == "spdk":
+                if spdk_sock:
+                    self.configure("sock_impl_set_options", spdk_sock)
+                    self.configure("framework_start_init", None)
                 self.rpc.call("framework_wait_init")
             for bdev, name, nqn in exports:
                 method, params = BDEVS[bdev]
@@ -565,6 +570,10 @@ def main():
     ap.add_argument("--no-spdk", action="store_true", help="plexd and plexperf only, even where SPDK is there")
     ap.add_argument("--no-ceiling", action="store_true", help="skip benches/tcp_ceiling")
     ap.add_argument("--idle-poll-us", type=int, default=1000, help="plexd --idle-poll-us")
+    ap.add_argument("--spdk-sock-options", type=json.loads, metavar="JSON",
+                    help="nvmf_tgt's sock_impl_set_options before its listeners, e.g. "
+                         "'{\"impl_name\": \"posix\", \"enable_zerocopy_send_server\": false}' "
+                         "(default: SPDK's own defaults)")
     ap.add_argument("--tcp-cc", default="cubic",
                     help="TCP congestion control for the run (default cubic, Linux's own default; "
                          "'keep' leaves the machine's), put back at the end")
@@ -631,7 +640,8 @@ def main():
             for t in targets.values():
                 t.pause()
             print(f"starting {TARGET_NAMES[kind]}", flush=True)
-            targets[kind] = Target(kind, exports, ports[kind], args.idle_poll_us, TRANSPORT)
+            targets[kind] = Target(kind, exports, ports[kind], args.idle_poll_us, TRANSPORT,
+                                   args.spdk_sock_options)
             note(targets[kind].cmd)
 
         def only(kind):
@@ -789,7 +799,9 @@ def main():
            f"transport options {json.dumps(TRANSPORT)}. {args.time} s per run after 1 s warm-up; "
            f"{args.reps} repetition(s), interleaved (per repetition: the ceiling, then for each row "
            "each target in turn, the other frozen with SIGSTOP, with each host; the order reversed "
-           "every other repetition); medians.")
+           "every other repetition); medians."
+           + (f" nvmf_tgt's socket options changed from SPDK's defaults: sock_impl_set_options "
+              f"{json.dumps(args.spdk_sock_options)}." if args.spdk_sock_options else ""))
 
     out = []
     out.append(f"# NVMe/TCP over loopback, {now:%Y-%m-%d %H:%M}\n")
