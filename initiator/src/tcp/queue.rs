@@ -1040,28 +1040,27 @@ impl<B: IoBuf> TcpQueue<B> {
                 }
                 _ => None,
             };
-            if let Some((cid, left)) = direct {
-                // Payload straight into the caller's buffer, the rest of the stream into staging.
+            // Payload straight into the caller's buffer, the rest of the stream into staging.
+            let dst = direct.and_then(|(cid, left)| {
                 let s = &mut self.slots[cid as usize];
                 let lo = s.c2h_got as usize;
-                let dst = s
-                    .buf
+                s.buf
                     .as_mut()
                     .and_then(|b| b.bytes_mut())
-                    .and_then(|b| b.get_mut(lo..lo + left as usize));
-                match dst {
-                    Some(dst) => {
-                        let room = dst.len() + RX_BUF;
-                        let mut iov = [IoSliceMut::new(dst), IoSliceMut::new(&mut self.rx[..])];
-                        sock.read_vectored(&mut iov).map(|r| (r, true, room))
-                    }
-                    None => sock
-                        .read(&mut self.rx[self.rx_end..])
-                        .map(|r| (r, false, RX_BUF - self.rx_end)),
+                    .and_then(|b| b.get_mut(lo..lo + left as usize))
+            });
+            // Each read reports the room it offered: filling less says the socket is empty.
+            match dst {
+                Some(dst) => {
+                    let mut iov = [IoSliceMut::new(dst), IoSliceMut::new(&mut self.rx[..])];
+                    let room = iov.iter().map(|v| v.len()).sum();
+                    sock.read_vectored(&mut iov).map(|r| (r, true, room))
                 }
-            } else {
-                sock.read(&mut self.rx[self.rx_end..])
-                    .map(|r| (r, false, RX_BUF - self.rx_end))
+                None => {
+                    let staging = &mut self.rx[self.rx_end..];
+                    let room = staging.len();
+                    sock.read(staging).map(|r| (r, false, room))
+                }
             }
         };
         let mut received = Received::Nothing;
