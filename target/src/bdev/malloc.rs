@@ -51,6 +51,7 @@ impl Bdev for MallocBdev {
             block_size: self.info.block_size as u64,
             ready: ReadyQueue::default(),
             queued: VecDeque::new(),
+            unfenced: false,
         }))
     }
 
@@ -72,6 +73,8 @@ struct MallocChannel {
     ready: ReadyQueue,
     /// Submitted I/O whose range was checked, with its byte offset and length on the disk.
     queued: VecDeque<(BdevIo, usize, usize)>,
+    /// Streaming stores were made since the last fence (see `copy_to_disk`).
+    unfenced: bool,
 }
 
 /// The largest I/O a channel queues for its poll (bytes).
@@ -129,7 +132,7 @@ impl MallocChannel {
                 for b in io.bufs.iter() {
                     // SAFETY: as for reads: range() bounds the copy, and the Arc keeps the region.
                     unsafe {
-                        copy_to_disk(b.as_ptr(), at, b.len());
+                        self.unfenced |= copy_to_disk(b.as_ptr(), at, b.len());
                         at = at.add(b.len());
                     }
                 }
@@ -159,6 +162,10 @@ impl BdevChannel for MallocChannel {
 
     fn poll(&mut self, done: &mut dyn FnMut(IoCompletion)) -> usize {
         self.execute_queued();
+        // Completions leave only here: the writes they report reach every core first.
+        if std::mem::take(&mut self.unfenced) {
+            fence_streams();
+        }
         self.ready.drain(done)
     }
 }
@@ -169,17 +176,20 @@ const STREAM_MIN: usize = 4096;
 /// Copies a write's data into the disk. From `STREAM_MIN` bytes up it uses non-temporal
 /// stores: the disk's lines are rarely in cache (a random 4 KiB of hundreds of MiB), and an
 /// ordinary copy first reads every line it overwrites. Like a device's DMA, streaming stores
-/// go straight to memory and evict nothing from the cache. Our bdevperf on a 512 MiB malloc
-/// bdev: 128 KiB writes QD32 53 K → 101-131 K IOPS, 4 KiB randwrite QD32 1.39 M → 1.65 M
-/// (`benches/reports/malloc_stream-20261204.md`). Below 2 KiB the closing fence costs more
-/// than the stores save.
+/// go straight to memory and evict nothing from the cache: twice and more the rate of writes
+/// in our bdevperf (`benches/reports/malloc_stream-20261204.md`). Below 2 KiB the fence that
+/// must follow costs more than the stores save.
+///
+/// Streaming stores are weakly ordered: returns true when it made any, and then the caller
+/// must call `fence_streams` before another core may learn that the data is written. The
+/// channel does so once per poll, before it hands out completions.
 ///
 /// # Safety
 /// As for `std::ptr::copy_nonoverlapping(src, dst, len)`.
-unsafe fn copy_to_disk(src: *const u8, dst: *mut u8, len: usize) {
+unsafe fn copy_to_disk(src: *const u8, dst: *mut u8, len: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     if len >= STREAM_MIN && dst as usize % 16 == 0 {
-        use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_sfence, _mm_stream_si128};
+        use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_stream_si128};
         let body = len & !63;
         let mut i = 0;
         while i < body {
@@ -198,17 +208,23 @@ unsafe fn copy_to_disk(src: *const u8, dst: *mut u8, len: usize) {
             }
             i += 64;
         }
-        // SAFETY: the tail [body, len) is inside both ranges. Streaming stores are weakly
-        // ordered: the fence makes them visible to every core before the completion says the
-        // data is on the disk.
-        unsafe {
-            std::ptr::copy_nonoverlapping(src.add(body), dst.add(body), len - body);
-            _mm_sfence();
-        }
-        return;
+        // SAFETY: the tail [body, len) is inside both ranges.
+        unsafe { std::ptr::copy_nonoverlapping(src.add(body), dst.add(body), len - body) };
+        return true;
     }
     // SAFETY: the caller's.
-    unsafe { std::ptr::copy_nonoverlapping(src, dst, len) }
+    unsafe { std::ptr::copy_nonoverlapping(src, dst, len) };
+    false
+}
+
+/// Orders the streaming stores made so far before every later store, such as the one that
+/// publishes a completion.
+fn fence_streams() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: sfence only orders stores; SSE is part of every x86_64.
+    unsafe {
+        std::arch::x86_64::_mm_sfence()
+    };
 }
 
 #[cfg(test)]
@@ -361,6 +377,7 @@ mod tests {
                     unsafe {
                         std::ptr::write_bytes(base, 0xee, bytes);
                         copy_to_disk(src.as_ptr().add(src_off), base.add(64 + dst_off), len);
+                        fence_streams();
                     }
                     // SAFETY: base points at `bytes` initialised bytes the Vec owns.
                     let got = unsafe { std::slice::from_raw_parts(base, bytes) };
