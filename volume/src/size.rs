@@ -151,7 +151,7 @@ mod tests {
         assert_eq!(human(100), "100 B");
     }
 
-    /// The mirror's own layout rule (superblock.rs `Layout::new`), restated, to check the
+    /// The mirror's own layout rule (`superblock/layout.rs`, `Layout::new`), restated, to check the
     /// sizing against: data = plex − metadata.
     fn mirror_data_bytes(plex: u64, region: u64) -> u64 {
         let regions = plex.div_ceil(region);

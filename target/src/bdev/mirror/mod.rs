@@ -9,7 +9,7 @@
 //! - `intent.rs`: the write-intent log in memory, shared by every channel through atomics;
 //! - `service.rs`: one poller per mirror on its home reactor, the only writer of metadata:
 //!   assembly, superblocks and bitmaps, faults, lazy clearing, resync;
-//! - `superblock.rs`: the on-disk format (docs/mirror-on-disk-format.md);
+//! - `superblock/`: the on-disk format (docs/mirror-on-disk-format.md);
 //! - `rpc.rs`: `bdev_mirror_*`.
 //!
 //! What never happens: a write acknowledged before its region is marked on every serving
