@@ -90,7 +90,7 @@ pub(crate) fn admit_chunk(base: usize, len: usize, keep: impl FnOnce()) -> Resul
 impl Registry {
     fn add(&mut self, base: usize, len: usize) -> Result<(), DmaError> {
         let g = HUGEPAGE_SIZE;
-        if base % g != 0 || len % g != 0 {
+        if !base.is_multiple_of(g) || !len.is_multiple_of(g) {
             return Err(DmaError::Iova(format!(
                 "memory at {base:#x} ({len} bytes) is not in whole 2 MiB pages"
             )));

@@ -798,15 +798,14 @@ impl Controller {
                             self.start_reset("keep-alive not answered within KATO");
                             return true;
                         }
-                    } else if now.duration_since(self.last_ka) >= self.kato / 2 {
-                        if self
+                    } else if now.duration_since(self.last_ka) >= self.kato / 2
+                        && self
                             .admin
                             .submit(Command::keep_alive(), Dir::None, None, TAG_KA)
                             .is_ok()
-                        {
-                            self.ka_sent = Some(now);
-                            busy = true;
-                        }
+                    {
+                        self.ka_sent = Some(now);
+                        busy = true;
                     }
                 }
                 if let Err(e) = self.admin.flush() {
@@ -863,11 +862,9 @@ impl Controller {
                 }
                 self.submit_aer();
             }
-            TAG_ABORT => {
-                if !d.status.is_success() {
-                    warn!("Abort failed ({}): resetting", d.status);
-                    self.shared.reset_req.store(true, Ordering::Release);
-                }
+            TAG_ABORT if !d.status.is_success() => {
+                warn!("Abort failed ({}): resetting", d.status);
+                self.shared.reset_req.store(true, Ordering::Release);
             }
             _ => {}
         }

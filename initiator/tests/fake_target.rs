@@ -368,7 +368,8 @@ fn io(
             let at = slba as usize * BS;
             let d = disk.lock().unwrap()[at..at + len].to_vec();
             // Even CIDs get the SUCCESS flag (no CapsuleResp), odd ones a CapsuleResp.
-            let success = cid % 2 == 0 && k.bogus_after.load(Ordering::Relaxed) == usize::MAX;
+            let success =
+                cid.is_multiple_of(2) && k.bogus_after.load(Ordering::Relaxed) == usize::MAX;
             c.c2h(cid, &d, success)?;
             if success {
                 k.io_done.fetch_add(1, Ordering::Relaxed);

@@ -732,7 +732,7 @@ impl Reactor {
                 }
             }
             loops += 1;
-            if loops % 1024 == 0 {
+            if loops.is_multiple_of(1024) {
                 self.refresh_poller_infos();
             }
         }

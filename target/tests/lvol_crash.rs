@@ -15,7 +15,7 @@ mod bdev_nvme_common;
 use bdev_nvme_common::*;
 use serde_json::json;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -59,7 +59,7 @@ fn data(gen: u64, unit: u64) -> Vec<u8> {
     pattern(gen, unit * (BLOCK as u64 / 512), BLOCK, 512)
 }
 
-fn start(dir: &std::path::Path, file: &PathBuf, round: usize) -> Plexd {
+fn start(dir: &Path, file: &Path, round: usize) -> Plexd {
     let p = Plexd::start(dir, &format!("r{round}"), &["-m", "0x1"]);
     p.ok(
         "bdev_uring_create",

@@ -89,9 +89,11 @@ fn check_target(d: &Plexd, port: u16) {
             .clone()
     };
     let listens_on_port = |s: &Value| {
-        s["listen_addresses"].as_array().unwrap().iter().any(|a| {
-            a["traddr"] == "127.0.0.1" && a["trsvcid"] == port.to_string() && a["trtype"] == "TCP"
-        })
+        s["listen_addresses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["traddr"] == "127.0.0.1" && a["trsvcid"] == port && a["trtype"] == "TCP")
     };
     let disc = sub(DISCOVERY);
     assert!(listens_on_port(&disc), "{disc}");

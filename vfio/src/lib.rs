@@ -407,7 +407,7 @@ impl Bar {
     #[inline]
     fn at(&self, offset: usize, size: usize) -> *mut u8 {
         assert!(
-            offset % size == 0 && offset.checked_add(size).is_some_and(|e| e <= self.len),
+            offset.is_multiple_of(size) && offset.checked_add(size).is_some_and(|e| e <= self.len),
             "register access of {size} bytes at {offset:#x} outside a BAR of {:#x} bytes",
             self.len
         );

@@ -207,7 +207,7 @@ impl PcieDevice {
         use nvme_spec::identify::sgls;
         match self.sgls.load(Ordering::Relaxed) {
             sgls::SUPPORTED => true,
-            sgls::SUPPORTED_DWORD_ALIGNED => iova % 4 == 0 && len % 4 == 0,
+            sgls::SUPPORTED_DWORD_ALIGNED => iova.is_multiple_of(4) && len.is_multiple_of(4),
             _ => false,
         }
     }

@@ -585,7 +585,7 @@ fn needs_prp_list(iova: u64, len: usize) -> bool {
 /// data ends there, else the IOVA of `list` (at `list_iova`), filled with the pages after the
 /// first. None when the transfer does not fit one list page or is not dword-aligned.
 fn prp_entries(iova: u64, len: usize, list: &mut [u8], list_iova: u64) -> Option<(u64, u64)> {
-    if iova % 4 != 0 || len > MAX_TRANSFER as usize {
+    if !iova.is_multiple_of(4) || len > MAX_TRANSFER as usize {
         return None;
     }
     let first = (PAGE - iova % PAGE) as usize;

@@ -458,7 +458,7 @@ fn bad_transfer(mode: &str, addr: SocketAddr) -> Step<String> {
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())

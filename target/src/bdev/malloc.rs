@@ -188,7 +188,7 @@ const STREAM_MIN: usize = 4096;
 /// As for `std::ptr::copy_nonoverlapping(src, dst, len)`.
 unsafe fn copy_to_disk(src: *const u8, dst: *mut u8, len: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if len >= STREAM_MIN && dst as usize % 16 == 0 {
+    if len >= STREAM_MIN && (dst as usize).is_multiple_of(16) {
         use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_stream_si128};
         let body = len & !63;
         let mut i = 0;

@@ -713,8 +713,8 @@ impl IoChannel {
             let want = io.num_blocks.checked_mul(self.block_size);
             let align = info.required_alignment.max(1) as u64;
             let shaped = io.bufs.iter().all(|b| {
-                b.addr() as u64 % align == 0
-                    && (b.len() as u64) % self.block_size == 0
+                (b.addr() as u64).is_multiple_of(align)
+                    && (b.len() as u64).is_multiple_of(self.block_size)
                     && !b.is_empty()
             });
             // A read fills its buffers: never one another device or leg shares.
@@ -826,7 +826,7 @@ impl BdevRegistry {
     pub fn register(&self, bdev: Arc<dyn Bdev>) -> Result<Arc<BdevEntry>, BdevError> {
         let info = bdev.info();
         validate_name(&info.name)?;
-        if info.block_size == 0 || info.block_size % 512 != 0 && info.block_size != 1 {
+        if info.block_size == 0 || !info.block_size.is_multiple_of(512) && info.block_size != 1 {
             return Err(BdevError::InvalidParam(format!(
                 "block size {} is not a multiple of 512",
                 info.block_size
@@ -953,7 +953,7 @@ impl BdevRegistry {
 /// Checks a RAM or null device's geometry: a block size of 512 B to 64 KiB in 512-byte steps,
 /// and at least one block.
 pub fn check_geometry(num_blocks: u64, block_size: u32) -> Result<(), BdevError> {
-    if block_size < 512 || block_size % 512 != 0 || block_size > 65536 {
+    if block_size < 512 || !block_size.is_multiple_of(512) || block_size > 65536 {
         return Err(BdevError::InvalidParam(format!(
             "block_size {block_size} must be a multiple of 512 up to 65536"
         )));

@@ -277,7 +277,7 @@ pub fn register(m: &mut Methods) {
             Some(n) => vec![app.bdevs.get(&n)?],
             None => app.bdevs.list(),
         };
-        Ok::<_, RpcError>(list.iter().map(|e| describe(e)).collect::<Vec<_>>())
+        Ok::<_, RpcError>(list.iter().map(describe).collect::<Vec<_>>())
     });
     m.add(
         "bdev_get_iostat",
@@ -295,7 +295,7 @@ pub fn register(m: &mut Methods) {
             Ok(json!({
                 "tick_rate": 1_000_000_000u64,
                 "ticks": app.started.elapsed().as_nanos() as u64,
-                "bdevs": list.iter().map(|e| iostat(e)).collect::<Vec<_>>(),
+                "bdevs": list.iter().map(iostat).collect::<Vec<_>>(),
             }))
         },
     );

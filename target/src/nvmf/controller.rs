@@ -590,7 +590,7 @@ impl Controller {
     fn get_log_page(&self, target: &NvmfTarget, cmd: &Command, data: &mut [u8]) -> AdminOutcome {
         let g = GetLogPage::from_command(cmd);
         data.fill(0);
-        if g.offset % 4 != 0 {
+        if !g.offset.is_multiple_of(4) {
             return AdminOutcome::err(Status::INVALID_FIELD);
         }
         let page: Vec<u8> = match (g.lid, self.is_discovery()) {

@@ -162,13 +162,13 @@ impl TransportOpts {
                 self.max_io_size
             ));
         }
-        if self.in_capsule_data_size % 16 != 0 || self.in_capsule_data_size > 128 << 10 {
+        if !self.in_capsule_data_size.is_multiple_of(16) || self.in_capsule_data_size > 128 << 10 {
             return bad(format!(
                 "in_capsule_data_size {} must be a multiple of 16 up to 128 KiB",
                 self.in_capsule_data_size
             ));
         }
-        if self.io_unit_size < 4096 || self.io_unit_size % 4 != 0 {
+        if self.io_unit_size < 4096 || !self.io_unit_size.is_multiple_of(4) {
             return bad(format!(
                 "io_unit_size {} must be a multiple of 4 of at least 4096",
                 self.io_unit_size

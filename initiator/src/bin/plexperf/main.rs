@@ -361,7 +361,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             digests: c.info().digests,
         });
         for ns in nss {
-            if cli.io_size % ns.block_size != 0 {
+            if !cli.io_size.is_multiple_of(ns.block_size) {
                 return Err(format!(
                     "-o {} is not a multiple of namespace {}'s block size {}",
                     cli.io_size, ns.nsid, ns.block_size

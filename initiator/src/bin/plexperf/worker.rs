@@ -328,8 +328,9 @@ impl Job {
     }
 
     fn poll(&mut self) -> usize {
-        let mut done: smallvec::SmallVec<[(u64, Result<(), IoError>, Option<DmaBuf>); 64]> =
-            smallvec::SmallVec::new();
+        // (tag, result, buffer) of each command the poll finished.
+        type Finished = (u64, Result<(), IoError>, Option<DmaBuf>);
+        let mut done: smallvec::SmallVec<[Finished; 64]> = smallvec::SmallVec::new();
         let n = self.qp.poll(|c| done.push((c.tag, c.result, c.buf)));
         if n > 0 {
             let now = Instant::now();
@@ -387,7 +388,7 @@ pub fn run(
             j.poll();
         }
         iter = iter.wrapping_add(1);
-        if iter % 64 != 0 && !stopping {
+        if !iter.is_multiple_of(64) && !stopping {
             continue;
         }
         let now = Instant::now();

@@ -261,7 +261,9 @@ impl Superblock {
     /// The geometry must make sense before anything is read through it.
     fn validate(&self) -> Result<(), FormatError> {
         let page = PAGE as u64;
-        if self.cluster_size < page || self.cluster_size % page != 0 || self.cluster_size > 1 << 32
+        if self.cluster_size < page
+            || !self.cluster_size.is_multiple_of(page)
+            || self.cluster_size > 1 << 32
         {
             return err(format!("cluster size {} is invalid", self.cluster_size));
         }
@@ -299,7 +301,7 @@ impl Superblock {
             }
         }
         let meta_end = (self.ckpt_page[1] + self.ckpt_pages).saturating_mul(page);
-        if self.data_offset < meta_end || self.data_offset % self.cluster_size != 0 {
+        if self.data_offset < meta_end || !self.data_offset.is_multiple_of(self.cluster_size) {
             return err(format!(
                 "data offset {} is inside the metadata or not on a cluster",
                 self.data_offset

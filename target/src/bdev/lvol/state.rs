@@ -116,7 +116,7 @@ impl State {
         let mut c = from;
         while c < self.total_clusters {
             let w = self.used[(c / 64) as usize];
-            if w == u64::MAX && c % 64 == 0 {
+            if w == u64::MAX && c.is_multiple_of(64) {
                 c += 64;
                 continue;
             }

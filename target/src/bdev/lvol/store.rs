@@ -187,7 +187,10 @@ pub async fn create(
             base.name()
         ));
     }
-    if cluster_size < 64 << 10 || cluster_size % PAGE as u64 != 0 || cluster_size > 1 << 30 {
+    if cluster_size < 64 << 10
+        || !cluster_size.is_multiple_of(PAGE as u64)
+        || cluster_size > 1 << 30
+    {
         return Err(format!(
             "cluster size {cluster_size}: must be a multiple of 4 KiB from 64 KiB to 1 GiB"
         ));
