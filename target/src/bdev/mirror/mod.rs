@@ -7,8 +7,9 @@
 //! - `channel.rs`: the data path on each reactor: writes to every serving plex, reads from
 //!   one, failures turned into faults;
 //! - `intent.rs`: the write-intent log in memory, shared by every channel through atomics;
-//! - `service.rs`: one poller per mirror on its home reactor, the only writer of metadata:
-//!   assembly, superblocks and bitmaps, faults, lazy clearing, resync;
+//! - `service/`: one poller per mirror on its home reactor, the only writer of metadata:
+//!   assembly, faults and operator requests (`mod.rs`), superblocks, bitmaps and lazy
+//!   clearing (`metadata.rs`), resync (`resync.rs`);
 //! - `superblock/`: the on-disk format (docs/mirror-on-disk-format.md);
 //! - `rpc.rs`: `bdev_mirror_*`.
 //!
