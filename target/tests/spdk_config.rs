@@ -88,12 +88,12 @@ fn check_target(d: &Plexd, port: u16) {
             .unwrap_or_else(|| panic!("no subsystem {nqn} in {subs}"))
             .clone()
     };
+    // trsvcid is a string: a JSON number would not be the same port to SPDK's client.
+    let trsvcid = port.to_string();
     let listens_on_port = |s: &Value| {
-        s["listen_addresses"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|a| a["traddr"] == "127.0.0.1" && a["trsvcid"] == port && a["trtype"] == "TCP")
+        s["listen_addresses"].as_array().unwrap().iter().any(|a| {
+            a["traddr"] == "127.0.0.1" && a["trsvcid"] == trsvcid.as_str() && a["trtype"] == "TCP"
+        })
     };
     let disc = sub(DISCOVERY);
     assert!(listens_on_port(&disc), "{disc}");
