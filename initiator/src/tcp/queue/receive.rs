@@ -51,16 +51,20 @@ impl<B: IoBuf> TcpQueue<B> {
                 return Err(Error::Disconnected);
             };
             let mut sock = sock;
+            // A large payload whose bytes have not arrived yet: the state it continues.
             let direct = match self.rx_state {
-                Rx::Data { cid, left, .. }
-                    if left >= DIRECT_MIN && self.rx_start == self.rx_end =>
-                {
-                    Some((cid, left))
+                Rx::Data {
+                    cid,
+                    left,
+                    flags,
+                    crc,
+                } if left >= DIRECT_MIN && self.rx_start == self.rx_end => {
+                    Some((cid, left, flags, crc))
                 }
                 _ => None,
             };
             // Payload straight into the caller's buffer, the rest of the stream into staging.
-            let dst = direct.and_then(|(cid, left)| {
+            let dst = direct.and_then(|(cid, left, ..)| {
                 let s = &mut self.slots[cid as usize];
                 let lo = s.c2h_got as usize;
                 s.buf
@@ -73,12 +77,12 @@ impl<B: IoBuf> TcpQueue<B> {
                 Some(dst) => {
                     let mut iov = [IoSliceMut::new(dst), IoSliceMut::new(&mut self.rx[..])];
                     let room = iov.iter().map(|v| v.len()).sum();
-                    sock.read_vectored(&mut iov).map(|r| (r, true, room))
+                    sock.read_vectored(&mut iov).map(|r| (r, direct, room))
                 }
                 None => {
                     let staging = &mut self.rx[self.rx_end..];
                     let room = staging.len();
-                    sock.read(staging).map(|r| (r, false, room))
+                    sock.read(staging).map(|r| (r, None, room))
                 }
             }
         };
@@ -91,16 +95,7 @@ impl<B: IoBuf> TcpQueue<B> {
                 } else {
                     Received::More
                 };
-                if direct {
-                    let Rx::Data {
-                        cid,
-                        left,
-                        flags,
-                        crc,
-                    } = self.rx_state
-                    else {
-                        unreachable!("direct read only in Data state")
-                    };
+                if let Some((cid, left, flags, crc)) = direct {
                     let into_buf = r.min(left as usize);
                     let s = &mut self.slots[cid as usize];
                     let lo = s.c2h_got as usize;
