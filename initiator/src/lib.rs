@@ -18,6 +18,7 @@ pub mod opts;
 pub(crate) mod pcie;
 pub mod qpair;
 pub(crate) mod rdma;
+pub(crate) mod slots;
 pub(crate) mod tcp;
 pub mod transport;
 pub mod trid;

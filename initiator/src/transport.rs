@@ -22,7 +22,8 @@
 //! control-plane threads), `is_connecting()`, `disconnect()`, `submit(sqe, dir, buf, tag)`, `poll(on_done)`,
 //! `flush()`, `fail_all(..)`, `for_each_active(..)`, `outstanding()`, `busy()`,
 //! `is_connected()`, `depth()`, `wait_readable(..)`. For PCIe "connect" is Create I/O CQ/SQ
-//! and "poll" reads the completion queue in memory; the layers above do not change.
+//! and "poll" reads the completion queue in memory; the layers above do not change. The
+//! fabrics transports (TCP, RDMA) keep their commands in `slots.rs`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -17,7 +17,8 @@ use tracing::{debug, warn};
 
 use super::{RdmaEndpoint, MAX_TRANSFER};
 use crate::error::{Error, Result};
-use crate::transport::{give_up, still_pending, ConnParams, ConnectProgress, Dir, Done};
+use crate::slots::Slots;
+use crate::transport::{still_pending, ConnParams, ConnectProgress, Dir, Done};
 use rdma::DeviceMemory;
 
 const SQE: usize = 64;
@@ -51,46 +52,14 @@ enum ConnState {
     Up,
 }
 
-struct Slot<B> {
-    active: bool,
-    /// Fabrics Connect, issued by the queue itself.
-    internal: bool,
-    sqe: Command,
-    dir: Dir,
-    buf: Option<B>,
-    len: u32,
-    tag: u64,
-    started: Instant,
-    abort_posted: bool,
-    /// Its capsule went out on the current connection.
-    capsule_sent: bool,
+/// What an RDMA queue keeps per command besides the common slot (`crate::slots`).
+#[derive(Default)]
+struct RdmaSlot {
     /// Its SEND has not completed yet: the capsule buffer is still the device's.
     send_pending: bool,
     /// The response, when it came before the SEND's completion: the command finishes when
     /// both are in, as the Linux host's and SPDK's do.
     response: Option<(Status, u32, u32)>,
-    /// Connections lost while it was out on them (`MAX_LOST_SENDS`).
-    lost_sends: u8,
-}
-
-impl<B> Slot<B> {
-    fn idle() -> Self {
-        Slot {
-            active: false,
-            internal: false,
-            sqe: Command::default(),
-            dir: Dir::None,
-            buf: None,
-            len: 0,
-            tag: 0,
-            started: Instant::now(),
-            abort_posted: false,
-            capsule_sent: false,
-            send_pending: false,
-            response: None,
-            lost_sends: 0,
-        }
-    }
 }
 
 /// One RDMA connection and what the device knows of our memory.
@@ -130,13 +99,8 @@ pub(crate) struct RdmaQueue<B> {
     capsules: DeviceMemory,
     /// A 16-byte response buffer per slot, each always posted as a receive while connected.
     responses: DeviceMemory,
-    slots: Box<[Slot<B>]>,
-    free: Vec<u16>,
-    depth: u16,
-    outstanding: usize,
+    slots: Slots<B, RdmaSlot>,
     internal_done: Option<(Status, u32)>,
-    /// Commands given up at a reconnection (`MAX_LOST_SENDS`), for the next poll to deliver.
-    given_up: Vec<Done<B>>,
     /// A failure met outside `poll` (a post at submission), for the next poll to report.
     failure: Option<Error>,
     /// When an idle poll last read the connection's events.
@@ -165,12 +129,8 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
             data: DeviceMemory::new(slots * MAX_TRANSFER as usize),
             capsules: DeviceMemory::new(slots * SQE),
             responses: DeviceMemory::new(slots * CQE),
-            slots: (0..slots).map(|_| Slot::idle()).collect(),
-            free: (0..depth).rev().collect(),
-            depth,
-            outstanding: 0,
+            slots: Slots::new(depth),
             internal_done: None,
-            given_up: Vec::new(),
             failure: None,
             events_read: Instant::now(),
             cntlid: 0,
@@ -181,23 +141,19 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
         self.params.qid
     }
 
-    fn connect_cid(&self) -> u16 {
-        self.depth
-    }
-
     pub fn depth(&self) -> u16 {
-        self.depth
+        self.slots.depth()
     }
 
     pub fn outstanding(&self) -> usize {
-        self.outstanding
+        self.slots.outstanding()
     }
 
     /// Whether a poll has anything to do. A connected queue always has: polling its
     /// completion queue costs no system call, and an idle queue must still notice a
     /// disconnect.
     pub fn busy(&self) -> bool {
-        self.is_connected() || self.outstanding > 0 || !self.given_up.is_empty()
+        self.is_connected() || self.slots.outstanding() > 0 || self.slots.has_given_up()
     }
 
     pub fn is_connected(&self) -> bool {
@@ -302,7 +258,7 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
                     debug!(
                         qid = self.qid(),
                         cntlid = self.cntlid,
-                        depth = self.depth,
+                        depth = self.slots.depth(),
                         "RDMA queue connected"
                     );
                     self.resend_active()?;
@@ -343,12 +299,12 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
                 }
                 ConnState::Establishing { cntlid, .. } => {
                     let crqsize = CmAccept::read(&event.private_data).map(|a| a.crqsize());
-                    if let Some(crqsize) = crqsize.filter(|&c| c < self.depth) {
+                    if let Some(crqsize) = crqsize.filter(|&c| c < self.slots.depth()) {
                         return Err(Error::Unsupported(format!(
                             "the target takes {crqsize} commands at once on queue {}; this \
                              queue needs {}",
                             self.qid(),
-                            self.depth
+                            self.slots.depth()
                         )));
                     }
                     self.send_fabrics_connect(cntlid)?;
@@ -451,7 +407,7 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
             // SAFETY: response buffer i is read only after its receive completes.
             unsafe { conn.id.post_recv(RECV | i as u64, sge) }?;
         }
-        let request = CmRequest::for_queue(self.params.qid, self.depth, cntlid).to_bytes();
+        let request = CmRequest::for_queue(self.params.qid, self.slots.depth(), cntlid).to_bytes();
         conn.id.connect(ConnParam {
             private_data: &request,
             // The target reads our data by RDMA READ: as many at once as the device serves.
@@ -470,14 +426,14 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
         let sqe = Connect {
             recfmt: 0,
             qid: p.qid,
-            sqsize: u32::from(self.depth),
+            sqsize: u32::from(self.slots.depth()),
             cattr: if p.qid == 0 { 0 } else { CATTR_DISABLE_SQFLOW },
             kato: p.kato_ms,
         }
         .to_command(0);
         let data = ConnectData::new(p.hostid, cntlid, &p.subnqn, &p.hostnqn)
             .ok_or_else(|| Error::Unsupported("NQN longer than 255 bytes".into()))?;
-        let cid = self.connect_cid();
+        let cid = self.slots.internal_cid();
         self.internal_done = None;
         self.start_cmd(cid, sqe, Dir::ToCtrl, None, 0, true);
         self.send_capsule(cid, Some(data.as_bytes()))
@@ -486,17 +442,8 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
     /// Sends again every command active from a previous connection or submitted while
     /// connecting; gives up on those lost too often.
     fn resend_active(&mut self) -> Result<()> {
-        for cid in 0..self.depth {
-            let s = &self.slots[cid as usize];
-            if !s.active {
-                continue;
-            }
-            if give_up(self.qid(), s.lost_sends, s.tag, s.sqe.opcode) {
-                let d = self.finish(cid, Status::HOST_PATHING_ERROR, 0, 0);
-                self.given_up.push(d);
-            } else {
-                self.send_capsule(cid, None)?;
-            }
+        for cid in self.slots.resend_after_reconnect(self.qid()) {
+            self.send_capsule(cid, None)?;
         }
         Ok(())
     }
@@ -511,16 +458,10 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
             drop(conn);
         }
         self.state = ConnState::Down;
+        self.slots.connection_lost();
         for s in self.slots.iter_mut() {
-            if s.active && s.capsule_sent {
-                s.lost_sends = s.lost_sends.saturating_add(1);
-            }
-            s.capsule_sent = false;
-            s.send_pending = false;
-            s.response = None;
+            s.t = RdmaSlot::default();
         }
-        let c = self.connect_cid() as usize;
-        self.slots[c].active = false;
     }
 
     /// Disconnects after a failure of the connection and returns the error to report.
@@ -535,28 +476,13 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
     fn start_cmd(
         &mut self,
         cid: u16,
-        mut sqe: Command,
+        sqe: Command,
         dir: Dir,
         buf: Option<B>,
         tag: u64,
         internal: bool,
     ) {
-        let len = buf.as_ref().map_or(0, |b| b.len()) as u32;
-        sqe.set_cid(cid);
-        let s = &mut self.slots[cid as usize];
-        *s = Slot {
-            active: true,
-            internal,
-            sqe,
-            dir,
-            buf,
-            len,
-            tag,
-            ..Slot::idle()
-        };
-        if !internal {
-            self.outstanding += 1;
-        }
+        self.slots.start(cid, sqe, dir, buf, tag, internal).t = RdmaSlot::default();
     }
 
     /// Takes a command; it goes out at once when connected, else when the connection is up.
@@ -575,7 +501,7 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
         {
             return Err(buf);
         }
-        let Some(cid) = self.free.pop() else {
+        let Some(cid) = self.slots.take() else {
             return Err(buf);
         };
         self.start_cmd(cid, sqe, dir, buf, tag, false);
@@ -639,8 +565,8 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
         // target's data transfer).
         unsafe { conn.id.post_send(u64::from(cid), SendOp::Send, sges, true) }?;
         s.capsule_sent = true;
-        s.send_pending = true;
-        s.response = None;
+        s.t.send_pending = true;
+        s.t.response = None;
         Ok(())
     }
 
@@ -651,11 +577,7 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
         if let Some(e) = self.failure.take() {
             return Err(self.lost(e));
         }
-        let mut n = 0;
-        for d in std::mem::take(&mut self.given_up) {
-            n += 1;
-            on_done(d);
-        }
+        let mut n = self.slots.deliver_given_up(on_done);
         let got = self.process(&mut |d| {
             n += 1;
             on_done(d)
@@ -719,8 +641,8 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
             let Some(s) = self.slots.get_mut(cid) else {
                 return Err(Error::Protocol(format!("a send completion for slot {cid}")));
             };
-            s.send_pending = false;
-            if let Some((status, dw0, dw1)) = s.response.take() {
+            s.t.send_pending = false;
+            if let Some((status, dw0, dw1)) = s.t.response.take() {
                 self.deliver(cid as u16, status, dw0, dw1, on_done);
             }
             return Ok(());
@@ -755,8 +677,8 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
             return Ok(());
         };
         let response = (c.status(), c.result.get(), c.dw1.get());
-        if s.send_pending {
-            s.response = Some(response);
+        if s.t.send_pending {
+            s.t.response = Some(response);
         } else {
             self.deliver(cid, response.0, response.1, response.2, on_done);
         }
@@ -774,7 +696,7 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
     ) {
         if self.slots[cid as usize].internal {
             self.internal_done = Some((status, dw0));
-            self.slots[cid as usize].active = false;
+            self.slots.finish(cid, status, dw0, dw1);
         } else {
             on_done(self.finish(cid, status, dw0, dw1));
         }
@@ -793,51 +715,26 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
         Ok(())
     }
 
+    /// Ends the command in slot `cid`, a read's data copied out of its data region first.
     fn finish(&mut self, cid: u16, status: Status, dw0: u32, dw1: u32) -> Done<B> {
         let s = &mut self.slots[cid as usize];
-        s.active = false;
-        s.capsule_sent = false;
-        let mut buf = s.buf.take();
         if s.dir == Dir::ToHost && status.is_success() {
-            if let Some(dst) = buf.as_mut().and_then(|b| b.bytes_mut()) {
+            if let Some(dst) = s.buf.as_mut().and_then(|b| b.bytes_mut()) {
                 self.data.read(cid as usize * MAX_TRANSFER as usize, dst);
             }
         }
-        let d = Done {
-            tag: s.tag,
-            status,
-            dw0,
-            dw1,
-            buf,
-        };
-        if !s.internal {
-            self.outstanding -= 1;
-            self.free.push(cid);
-        }
-        d
+        self.slots.finish(cid, status, dw0, dw1)
     }
 
     pub fn fail_one(&mut self, cid: u16, status: Status) -> Done<B> {
         self.finish(cid, status, 0, 0)
     }
 
-    pub fn for_each_active(&mut self, mut f: impl FnMut(u16, &mut Instant, &mut bool, u64)) {
-        for (cid, s) in self.slots.iter_mut().enumerate() {
-            if s.active && !s.internal {
-                f(cid as u16, &mut s.started, &mut s.abort_posted, s.tag);
-            }
-        }
+    pub fn for_each_active(&mut self, f: impl FnMut(u16, &mut Instant, &mut bool, u64)) {
+        self.slots.for_each_active(f)
     }
 
     pub fn fail_all(&mut self, status: Status, on_done: &mut impl FnMut(Done<B>)) {
-        for d in std::mem::take(&mut self.given_up) {
-            on_done(d);
-        }
-        for cid in 0..self.depth {
-            if self.slots[cid as usize].active {
-                let d = self.finish(cid, status, 0, 0);
-                on_done(d);
-            }
-        }
+        self.slots.fail_all(status, on_done)
     }
 }

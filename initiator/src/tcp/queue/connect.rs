@@ -188,17 +188,8 @@ impl<B: IoBuf> TcpQueue<B> {
                     debug!(qid = self.params.qid, cntlid = self.cntlid, ?self.wire, maxh2cdata = self.maxh2cdata, "queue connected");
                     // Re-issue commands that were in flight on the previous connection, and
                     // those submitted while connecting; give up on those lost too often.
-                    for cid in 0..self.depth {
-                        let s = &self.slots[cid as usize];
-                        if !s.active {
-                            continue;
-                        }
-                        if give_up(self.params.qid, s.lost_sends, s.tag, s.sqe.opcode) {
-                            let d = self.finish(cid, Status::HOST_PATHING_ERROR, 0, 0);
-                            self.given_up.push(d);
-                        } else {
-                            self.requeue(cid);
-                        }
+                    for cid in self.slots.resend_after_reconnect(self.params.qid) {
+                        self.requeue(cid);
                     }
                     return Ok(ConnectProgress::Connected {
                         cntlid: self.cntlid,
@@ -331,18 +322,20 @@ impl<B: IoBuf> TcpQueue<B> {
         let data = ConnectData::new(p.hostid, cntlid, &p.subnqn, &p.hostnqn)
             .ok_or_else(|| Error::Unsupported("NQN longer than 255 bytes".into()))?;
         let data = data.as_bytes();
-        let cid = connect_cid(self.depth);
+        let cid = self.slots.internal_cid();
         self.internal_done = None;
         self.start_cmd(cid, sqe, Dir::ToCtrl, None, 0, true);
         let slot = &mut self.slots[cid as usize];
         // Connect data is always in-capsule, and larger than the slot's header area: the
         // whole capsule goes out from `handshake_tx` instead of the transmit queue.
-        slot.in_capsule = false;
+        slot.t.in_capsule = false;
         slot.sqe
             .set_sgl1(SglDescriptor::in_capsule(0, data.len() as u32));
-        let n = self.wire.capsule_cmd(&mut slot.hdr, &slot.sqe, data.len());
+        let n = self
+            .wire
+            .capsule_cmd(&mut slot.t.hdr, &slot.sqe, data.len());
         self.handshake_tx.clear();
-        self.handshake_tx.extend_from_slice(&slot.hdr[..n]);
+        self.handshake_tx.extend_from_slice(&slot.t.hdr[..n]);
         self.handshake_tx.extend_from_slice(data);
         if self.wire.ddgst {
             self.handshake_tx
@@ -396,14 +389,9 @@ impl<B: IoBuf> TcpQueue<B> {
         self.rx_start = 0;
         self.rx_end = 0;
         for s in self.slots.iter_mut() {
-            s.tx_pending = 0;
-            if s.active && s.capsule_sent {
-                s.lost_sends = s.lost_sends.saturating_add(1);
-            }
-            s.capsule_sent = false;
+            s.t.tx_pending = 0;
         }
-        let c = connect_cid(self.depth) as usize;
-        self.slots[c].active = false;
+        self.slots.connection_lost();
     }
 
     /// Sends an H2CTermReq (best effort) and disconnects; returns the error to report.

@@ -29,7 +29,8 @@ use super::pdu::{self, Wire, MAX_HDR};
 use crate::buf::IoBuf;
 use crate::ctrlr::Digests;
 use crate::error::{Error, Result};
-use crate::transport::{give_up, still_pending, ConnParams, ConnectProgress, Dir, Done};
+use crate::slots::Slots;
+use crate::transport::{still_pending, ConnParams, ConnectProgress, Dir, Done};
 
 mod connect;
 mod receive;
@@ -91,15 +92,8 @@ enum IcRespRead {
     Complete(IcResp),
 }
 
-struct Slot<B> {
-    active: bool,
-    internal: bool,
-    sqe: Command,
-    dir: Dir,
-    buf: Option<B>,
-    len: u32,
-    tag: u64,
-    started: Instant,
+/// What a TCP queue keeps per command besides the common slot (`crate::slots`).
+struct TcpSlot {
     in_capsule: bool,
     /// Transmit items of this slot still queued; a response before they are gone is an error.
     tx_pending: u8,
@@ -116,27 +110,13 @@ struct Slot<B> {
     chunk_len: u32,
     /// Bytes of C2HData received so far (they must arrive in order).
     c2h_got: u32,
-    /// Abort was requested for this command (timeout handling).
-    pub abort_posted: bool,
     /// A data digest failed: the command completes with Data Transfer Error.
     xfer_err: bool,
-    /// Its capsule went out whole on the current connection.
-    capsule_sent: bool,
-    /// Connections lost while it was out on them (`MAX_LOST_SENDS`).
-    lost_sends: u8,
 }
 
-impl<B> Slot<B> {
-    fn new() -> Self {
-        Slot {
-            active: false,
-            internal: false,
-            sqe: Command::default(),
-            dir: Dir::None,
-            buf: None,
-            len: 0,
-            tag: 0,
-            started: Instant::now(),
+impl Default for TcpSlot {
+    fn default() -> Self {
+        TcpSlot {
             in_capsule: false,
             tx_pending: 0,
             hdr: [0; MAX_HDR],
@@ -150,10 +130,7 @@ impl<B> Slot<B> {
             r2t_end: 0,
             chunk_len: 0,
             c2h_got: 0,
-            abort_posted: false,
             xfer_err: false,
-            capsule_sent: false,
-            lost_sends: 0,
         }
     }
 }
@@ -201,11 +178,6 @@ const fn connect_cattr(qid: u16) -> u8 {
     }
 }
 
-/// The cid reserved for Fabrics Connect on (re)connection.
-const fn connect_cid(depth: u16) -> u16 {
-    depth
-}
-
 pub(crate) struct TcpQueue<B> {
     pub params: ConnParams,
     tcp: TcpEndpoint,
@@ -217,10 +189,7 @@ pub(crate) struct TcpQueue<B> {
     wire: Wire,
     popts: ParseOptions,
     maxh2cdata: u32,
-    slots: Box<[Slot<B>]>,
-    free: Vec<u16>,
-    depth: u16,
-    outstanding: usize,
+    slots: Slots<B, TcpSlot>,
     txq: VecDeque<TxItem>,
     tx_off: usize,
     rx: Box<[u8]>,
@@ -228,8 +197,6 @@ pub(crate) struct TcpQueue<B> {
     rx_end: usize,
     rx_state: Rx,
     internal_done: Option<(Status, u32)>,
-    /// Commands given up at a reconnection (`MAX_LOST_SENDS`), for the next poll to deliver.
-    given_up: Vec<Done<B>>,
     /// Controller ID this queue is connected with.
     pub cntlid: u16,
 }
@@ -245,7 +212,6 @@ impl<B: IoBuf> TcpQueue<B> {
     /// A disconnected queue with `params.qsize - 1` command slots.
     pub fn new(params: ConnParams, tcp: TcpEndpoint) -> Self {
         let depth = params.qsize.saturating_sub(1).max(1);
-        let slots: Box<[Slot<B>]> = (0..=depth).map(|_| Slot::new()).collect();
         TcpQueue {
             params,
             tcp,
@@ -259,18 +225,14 @@ impl<B: IoBuf> TcpQueue<B> {
             },
             popts: ParseOptions::new(Role::Host),
             maxh2cdata: 0,
-            slots,
-            free: (0..depth).rev().collect(),
-            depth,
-            outstanding: 0,
-            txq: VecDeque::with_capacity(2 * depth as usize + 4),
+            slots: Slots::new(depth),
+            txq: VecDeque::with_capacity(2 * usize::from(depth) + 4),
             tx_off: 0,
             rx: vec![0u8; RX_BUF].into_boxed_slice(),
             rx_start: 0,
             rx_end: 0,
             rx_state: Rx::Hdr,
             internal_done: None,
-            given_up: Vec::new(),
             cntlid: 0xffff,
         }
     }
@@ -286,12 +248,12 @@ impl<B: IoBuf> TcpQueue<B> {
     }
 
     pub fn depth(&self) -> u16 {
-        self.depth
+        self.slots.depth()
     }
 
     /// Commands submitted and not yet completed.
     pub fn outstanding(&self) -> usize {
-        self.outstanding
+        self.slots.outstanding()
     }
 
     pub fn is_connected(&self) -> bool {
@@ -304,7 +266,7 @@ impl<B: IoBuf> TcpQueue<B> {
 
     /// Whether a poll has anything to do (lets an idle owner skip the recv syscall).
     pub fn busy(&self) -> bool {
-        self.outstanding > 0 || !self.txq.is_empty() || !self.given_up.is_empty()
+        self.slots.outstanding() > 0 || !self.txq.is_empty() || self.slots.has_given_up()
     }
 
     fn start_cmd(
@@ -316,25 +278,9 @@ impl<B: IoBuf> TcpQueue<B> {
         tag: u64,
         internal: bool,
     ) {
-        let len = buf.as_ref().map_or(0, |b| b.len()) as u32;
-        sqe.set_cid(cid);
         sqe.flags = (sqe.flags & !nvme_spec::cmd::flags::PSDT_MASK) | PSDT_SGL_MPTR_CONTIG;
-        let s = &mut self.slots[cid as usize];
-        s.active = true;
-        s.internal = internal;
-        s.sqe = sqe;
-        s.dir = dir;
-        s.buf = buf;
-        s.len = len;
-        s.tag = tag;
-        s.started = Instant::now();
-        s.abort_posted = false;
-        s.xfer_err = false;
-        s.capsule_sent = false;
-        s.lost_sends = 0;
-        if !internal {
-            self.outstanding += 1;
-        }
+        let s = self.slots.start(cid, sqe, dir, buf, tag, internal);
+        s.t.xfer_err = false;
     }
 
     /// Encodes the capsule for an active slot and queues it for sending.
@@ -342,23 +288,23 @@ impl<B: IoBuf> TcpQueue<B> {
         let in_cap_max = self.params.in_capsule_max;
         let wire = self.wire;
         let s = &mut self.slots[cid as usize];
-        s.in_capsule = s.dir == Dir::ToCtrl && s.len as usize <= in_cap_max && s.len > 0;
-        let sgl = if s.in_capsule {
+        s.t.in_capsule = s.dir == Dir::ToCtrl && s.len as usize <= in_cap_max && s.len > 0;
+        let sgl = if s.t.in_capsule {
             SglDescriptor::in_capsule(0, s.len)
         } else {
             SglDescriptor::tcp_transport(s.len)
         };
         s.sqe.set_sgl1(sgl);
-        let data_len = if s.in_capsule { s.len as usize } else { 0 };
-        s.hdr_len = wire.capsule_cmd(&mut s.hdr, &s.sqe, data_len) as u8;
-        if s.in_capsule && wire.ddgst {
+        let data_len = if s.t.in_capsule { s.len as usize } else { 0 };
+        s.t.hdr_len = wire.capsule_cmd(&mut s.t.hdr, &s.sqe, data_len) as u8;
+        if s.t.in_capsule && wire.ddgst {
             let d = pdu::crc(s.buf.as_deref().unwrap_or(&[]));
-            s.ddgst = d.to_le_bytes();
+            s.t.ddgst = d.to_le_bytes();
         }
-        s.r2t_next = 0;
-        s.r2t_end = 0;
-        s.c2h_got = 0;
-        s.tx_pending = 1;
+        s.t.r2t_next = 0;
+        s.t.r2t_end = 0;
+        s.t.c2h_got = 0;
+        s.t.tx_pending = 1;
         self.txq.push_back(TxItem { cid, h2c: false });
     }
 
@@ -371,7 +317,7 @@ impl<B: IoBuf> TcpQueue<B> {
         buf: Option<B>,
         tag: u64,
     ) -> Result<u16, Option<B>> {
-        let Some(cid) = self.free.pop() else {
+        let Some(cid) = self.slots.take() else {
             return Err(buf);
         };
         self.start_cmd(cid, sqe, dir, buf, tag, false);
@@ -388,44 +334,22 @@ impl<B: IoBuf> TcpQueue<B> {
     }
 
     /// Tag and start time of every active user command (timeout scans).
-    pub fn for_each_active(&mut self, mut f: impl FnMut(u16, &mut Instant, &mut bool, u64)) {
-        for (cid, s) in self.slots.iter_mut().enumerate() {
-            if s.active && !s.internal {
-                f(cid as u16, &mut s.started, &mut s.abort_posted, s.tag);
-            }
-        }
+    pub fn for_each_active(&mut self, f: impl FnMut(u16, &mut Instant, &mut bool, u64)) {
+        self.slots.for_each_active(f)
     }
 
     /// Completes every active user command with `status` (path failure, detach).
     pub fn fail_all(&mut self, status: Status, on_done: &mut impl FnMut(Done<B>)) {
-        for d in std::mem::take(&mut self.given_up) {
-            on_done(d);
+        self.slots.fail_all(status, on_done);
+        for s in self.slots.iter_mut() {
+            s.t.tx_pending = 0;
         }
-        for cid in 0..self.depth {
-            if self.slots[cid as usize].active {
-                let d = self.finish(cid, status, 0, 0);
-                on_done(d);
-            }
-        }
-        self.txq.retain(|_| false);
+        self.txq.clear();
         self.tx_off = 0;
     }
 
     fn finish(&mut self, cid: u16, status: Status, dw0: u32, dw1: u32) -> Done<B> {
-        let s = &mut self.slots[cid as usize];
-        s.active = false;
-        s.tx_pending = 0;
-        let d = Done {
-            tag: s.tag,
-            status,
-            dw0,
-            dw1,
-            buf: s.buf.take(),
-        };
-        if !s.internal {
-            self.outstanding -= 1;
-            self.free.push(cid);
-        }
-        d
+        self.slots[cid as usize].t.tx_pending = 0;
+        self.slots.finish(cid, status, dw0, dw1)
     }
 }

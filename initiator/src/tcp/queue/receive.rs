@@ -10,11 +10,7 @@ impl<B: IoBuf> TcpQueue<B> {
         if !self.is_connected() {
             return Err(Error::Disconnected);
         }
-        let mut n = 0;
-        for d in std::mem::take(&mut self.given_up) {
-            n += 1;
-            on_done(d);
-        }
+        let mut n = self.slots.deliver_given_up(on_done);
         self.flush()?;
         // Until the socket is empty: a short read says so without another read that would
         // only return EAGAIN. Skipping that read gets the finished commands to the caller,
@@ -66,7 +62,7 @@ impl<B: IoBuf> TcpQueue<B> {
             // Payload straight into the caller's buffer, the rest of the stream into staging.
             let dst = direct.and_then(|(cid, left, ..)| {
                 let s = &mut self.slots[cid as usize];
-                let lo = s.c2h_got as usize;
+                let lo = s.t.c2h_got as usize;
                 s.buf
                     .as_mut()
                     .and_then(|b| b.bytes_mut())
@@ -98,14 +94,14 @@ impl<B: IoBuf> TcpQueue<B> {
                 if let Some((cid, left, flags, crc)) = direct {
                     let into_buf = r.min(left as usize);
                     let s = &mut self.slots[cid as usize];
-                    let lo = s.c2h_got as usize;
+                    let lo = s.t.c2h_got as usize;
                     let crc = if self.wire.ddgst {
                         let b = s.buf.as_deref().map_or(&[][..], |b| &b[lo..lo + into_buf]);
                         crc32c::crc32c_append(crc, b)
                     } else {
                         crc
                     };
-                    s.c2h_got += into_buf as u32;
+                    s.t.c2h_got += into_buf as u32;
                     self.rx_state = Rx::Data {
                         cid,
                         left: left - into_buf as u32,
@@ -179,7 +175,7 @@ impl<B: IoBuf> TcpQueue<B> {
                     }
                     let take = avail.min(left as usize);
                     let s = &mut self.slots[cid as usize];
-                    let lo = s.c2h_got as usize;
+                    let lo = s.t.c2h_got as usize;
                     let src = &self.rx[self.rx_start..self.rx_start + take];
                     // Bounds were checked against the buffer when the PDU header arrived.
                     let dst = s.buf.as_mut().and_then(|b| b.bytes_mut());
@@ -191,7 +187,7 @@ impl<B: IoBuf> TcpQueue<B> {
                     } else {
                         crc
                     };
-                    s.c2h_got += take as u32;
+                    s.t.c2h_got += take as u32;
                     self.rx_start += take;
                     self.rx_state = Rx::Data {
                         cid,
@@ -220,7 +216,7 @@ impl<B: IoBuf> TcpQueue<B> {
                         // The PDU framing is intact, so like Linux we fail only this command
                         // (Data Transfer Error) and keep the connection.
                         warn!(qid = self.params.qid, cid, "C2HData data digest mismatch");
-                        self.slots[cid as usize].xfer_err = true;
+                        self.slots[cid as usize].t.xfer_err = true;
                     }
                     self.rx_state = Rx::Hdr;
                     self.c2h_done(cid, flags, on_done, n);
@@ -254,7 +250,7 @@ impl<B: IoBuf> TcpQueue<B> {
                         format!("CapsuleResp for unknown cid {cid}"),
                     ));
                 }
-                if self.slots[cid as usize].tx_pending > 0 {
+                if self.slots[cid as usize].t.tx_pending > 0 {
                     return Err(self.terminate(
                         fes::PDU_SEQUENCE_ERROR,
                         0,
@@ -283,7 +279,7 @@ impl<B: IoBuf> TcpQueue<B> {
                     ));
                 }
                 let s = &self.slots[cid as usize];
-                if s.in_capsule || s.r2t_next != s.r2t_end || s.tx_pending > 0 {
+                if s.t.in_capsule || s.t.r2t_next != s.t.r2t_end || s.t.tx_pending > 0 {
                     return Err(self.terminate(
                         fes::R2T_LIMIT_EXCEEDED,
                         0,
@@ -292,21 +288,21 @@ impl<B: IoBuf> TcpQueue<B> {
                     ));
                 }
                 let end = off as u64 + len as u64;
-                if len == 0 || end > s.len as u64 || off != s.r2t_end {
+                if len == 0 || end > s.len as u64 || off != s.t.r2t_end {
                     return Err(self.terminate(
                         fes::DATA_OUT_OF_RANGE,
                         12,
                         hdr,
                         format!(
                             "R2T offset {off} length {len} outside the {}-byte write (next expected {})",
-                            s.len, s.r2t_end
+                            s.len, s.t.r2t_end
                         ),
                     ));
                 }
                 let s = &mut self.slots[cid as usize];
-                s.r2t_ttag = r.ttag.get();
-                s.r2t_next = off;
-                s.r2t_end = end as u32;
+                s.t.r2t_ttag = r.ttag.get();
+                s.t.r2t_next = off;
+                s.t.r2t_end = end as u32;
                 self.next_chunk(cid);
             }
             PduBody::C2HData(d) => {
@@ -321,14 +317,14 @@ impl<B: IoBuf> TcpQueue<B> {
                     ));
                 }
                 let s = &self.slots[cid as usize];
-                if off != s.c2h_got || off as u64 + len as u64 > s.len as u64 {
+                if off != s.t.c2h_got || off as u64 + len as u64 > s.len as u64 {
                     return Err(self.terminate(
                         fes::DATA_OUT_OF_RANGE,
                         12,
                         hdr,
                         format!(
                             "C2HData offset {off} length {len} for a {}-byte read at {}",
-                            s.len, s.c2h_got
+                            s.len, s.t.c2h_got
                         ),
                     ));
                 }
@@ -376,7 +372,7 @@ impl<B: IoBuf> TcpQueue<B> {
     }
 
     fn cid_ok(&self, cid: u16) -> bool {
-        self.slots.get(cid as usize).is_some_and(|s| s.active)
+        self.slots.is_active(cid)
     }
 
     fn c2h_done(&mut self, cid: u16, flags: u8, on_done: &mut impl FnMut(Done<B>), n: &mut usize) {
@@ -398,7 +394,7 @@ impl<B: IoBuf> TcpQueue<B> {
     ) {
         let s = &self.slots[cid as usize];
         let internal = s.internal;
-        let status = if s.xfer_err && status.is_success() {
+        let status = if s.t.xfer_err && status.is_success() {
             Status::DATA_TRANSFER_ERROR
         } else {
             status

@@ -3,25 +3,25 @@
 use super::*;
 
 impl<B: IoBuf> TcpQueue<B> {
-    fn item_segs<'a>(slots: &'a [Slot<B>], wire: &Wire, it: TxItem) -> [&'a [u8]; 3] {
+    fn item_segs<'a>(slots: &'a Slots<B, TcpSlot>, wire: &Wire, it: TxItem) -> [&'a [u8]; 3] {
         let s = &slots[it.cid as usize];
         let data = s.buf.as_deref().unwrap_or(&[]);
         if it.h2c {
-            let lo = s.r2t_next as usize;
-            let hi = lo + s.chunk_len as usize;
+            let lo = s.t.r2t_next as usize;
+            let hi = lo + s.t.chunk_len as usize;
             [
-                &s.h2c_hdr[..s.h2c_hdr_len as usize],
+                &s.t.h2c_hdr[..s.t.h2c_hdr_len as usize],
                 data.get(lo..hi).unwrap_or(&[]),
-                if wire.ddgst { &s.h2c_ddgst[..] } else { &[] },
+                if wire.ddgst { &s.t.h2c_ddgst[..] } else { &[] },
             ]
-        } else if s.in_capsule {
+        } else if s.t.in_capsule {
             [
-                &s.hdr[..s.hdr_len as usize],
+                &s.t.hdr[..s.t.hdr_len as usize],
                 data,
-                if wire.ddgst { &s.ddgst[..] } else { &[] },
+                if wire.ddgst { &s.t.ddgst[..] } else { &[] },
             ]
         } else {
-            [&s.hdr[..s.hdr_len as usize], &[], &[]]
+            [&s.t.hdr[..s.t.hdr_len as usize], &[], &[]]
         }
     }
 
@@ -101,11 +101,11 @@ impl<B: IoBuf> TcpQueue<B> {
             n -= l;
             self.txq.pop_front();
             let s = &mut self.slots[it.cid as usize];
-            s.tx_pending = s.tx_pending.saturating_sub(1);
+            s.t.tx_pending = s.t.tx_pending.saturating_sub(1);
             s.capsule_sent |= !it.h2c;
             if it.h2c {
-                s.r2t_next += s.chunk_len;
-                if s.r2t_next < s.r2t_end {
+                s.t.r2t_next += s.t.chunk_len;
+                if s.t.r2t_next < s.t.r2t_end {
                     self.next_chunk(it.cid);
                 }
             }
@@ -117,20 +117,21 @@ impl<B: IoBuf> TcpQueue<B> {
         let wire = self.wire;
         let max = self.maxh2cdata;
         let s = &mut self.slots[cid as usize];
-        let len = (s.r2t_end - s.r2t_next).min(max);
-        s.chunk_len = len;
-        let last = s.r2t_next + len == s.r2t_end;
-        s.h2c_hdr_len = wire.h2c_data(&mut s.h2c_hdr, cid, s.r2t_ttag, s.r2t_next, len, last) as u8;
+        let len = (s.t.r2t_end - s.t.r2t_next).min(max);
+        s.t.chunk_len = len;
+        let last = s.t.r2t_next + len == s.t.r2t_end;
+        s.t.h2c_hdr_len =
+            wire.h2c_data(&mut s.t.h2c_hdr, cid, s.t.r2t_ttag, s.t.r2t_next, len, last) as u8;
         if wire.ddgst {
-            let lo = s.r2t_next as usize;
+            let lo = s.t.r2t_next as usize;
             let d = s
                 .buf
                 .as_deref()
                 .and_then(|b| b.get(lo..lo + len as usize))
                 .map_or(0, pdu::crc);
-            s.h2c_ddgst = d.to_le_bytes();
+            s.t.h2c_ddgst = d.to_le_bytes();
         }
-        s.tx_pending += 1;
+        s.t.tx_pending += 1;
         self.txq.push_back(TxItem { cid, h2c: true });
     }
 }
