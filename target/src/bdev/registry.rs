@@ -71,17 +71,7 @@ impl BdevRegistry {
             )));
         }
         let aliases = info.aliases.clone();
-        let entry = Arc::new(BdevEntry {
-            bdev,
-            claimed_by: Mutex::new(None),
-            removed: AtomicBool::new(false),
-            channel_stats: Mutex::new(Vec::new()),
-            closed_stats: IoStats::default(),
-            qos: Default::default(),
-            histogram: Default::default(),
-            subscribers: Mutex::new(Vec::new()),
-            aliases: Mutex::new(aliases),
-        });
+        let entry = Arc::new(BdevEntry::new(bdev, aliases));
         let name = entry.name().to_string();
         for a in &entry.info().aliases {
             r.aliases.insert(a.clone(), name.clone());
