@@ -4,7 +4,7 @@
 //! A slot's index is the command's CID. Slot `depth` is the queue's own (Fabrics Connect,
 //! marked `internal`): it is never on the free list and never counts as outstanding, and the
 //! timeout scan does not see it. Each transport keeps what only it needs per command in the
-//! slot's `t`.
+//! slot's `t`, and says what of it a finished command must not leave behind ([`SlotPart`]).
 
 use std::ops::{Index, IndexMut};
 use std::time::Instant;
@@ -12,6 +12,13 @@ use std::time::Instant;
 use nvme_spec::{Command, Status};
 
 use crate::transport::{give_up, Dir, Done};
+
+/// A transport's own part of a slot.
+pub(crate) trait SlotPart: Default {
+    /// The command is finished, however it ended (its response, an abort, a failed path):
+    /// forget what would otherwise be taken for the next command in this slot.
+    fn finished(&mut self);
+}
 
 /// One command slot: the common part, and the transport's own (`t`).
 pub(crate) struct Slot<B, T> {
@@ -44,7 +51,7 @@ pub(crate) struct Slots<B, T> {
     given_up: Vec<Done<B>>,
 }
 
-impl<B, T: Default> Slots<B, T> {
+impl<B, T: SlotPart> Slots<B, T> {
     pub fn new(depth: u16) -> Self {
         Slots {
             slots: (0..=depth)
@@ -71,7 +78,7 @@ impl<B, T: Default> Slots<B, T> {
     }
 }
 
-impl<B, T> Slots<B, T> {
+impl<B, T: SlotPart> Slots<B, T> {
     /// User commands the queue takes at once.
     pub fn depth(&self) -> u16 {
         self.depth
@@ -128,12 +135,13 @@ impl<B, T> Slots<B, T> {
     }
 
     /// Ends slot `cid`'s command and returns its completion, with its buffer: a user
-    /// command's CID goes back on the free list. What the transport keeps of the command
-    /// (read data to copy out, PDUs still queued) it settles first.
+    /// command's CID goes back on the free list, and the transport's part forgets the command.
+    /// Read data the transport must copy out it copies first.
     pub fn finish(&mut self, cid: u16, status: Status, dw0: u32, dw1: u32) -> Done<B> {
         let s = &mut self.slots[cid as usize];
         s.active = false;
         s.capsule_sent = false;
+        s.t.finished();
         if !s.internal {
             self.outstanding -= 1;
             self.free.push(cid);

@@ -17,7 +17,7 @@ use tracing::{debug, warn};
 
 use super::{RdmaEndpoint, MAX_TRANSFER};
 use crate::error::{Error, Result};
-use crate::slots::Slots;
+use crate::slots::{SlotPart, Slots};
 use crate::transport::{still_pending, ConnParams, ConnectProgress, Dir, Done};
 use rdma::DeviceMemory;
 
@@ -60,6 +60,15 @@ struct RdmaSlot {
     /// The response, when it came before the SEND's completion: the command finishes when
     /// both are in, as the Linux host's and SPDK's do.
     response: Option<(Status, u32, u32)>,
+}
+
+impl SlotPart for RdmaSlot {
+    fn finished(&mut self) {
+        // A response kept for a SEND still in flight belongs to this command only: the SEND's
+        // completion must not deliver it once the command ended otherwise (an abort, a
+        // failed path), nor to the next command in this slot.
+        self.response = None;
+    }
 }
 
 /// One RDMA connection and what the device knows of our memory.

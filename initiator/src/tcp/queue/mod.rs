@@ -29,7 +29,7 @@ use super::pdu::{self, Wire, MAX_HDR};
 use crate::buf::IoBuf;
 use crate::ctrlr::Digests;
 use crate::error::{Error, Result};
-use crate::slots::Slots;
+use crate::slots::{SlotPart, Slots};
 use crate::transport::{still_pending, ConnParams, ConnectProgress, Dir, Done};
 
 mod connect;
@@ -112,6 +112,13 @@ struct TcpSlot {
     c2h_got: u32,
     /// A data digest failed: the command completes with Data Transfer Error.
     xfer_err: bool,
+}
+
+impl SlotPart for TcpSlot {
+    fn finished(&mut self) {
+        // Its PDUs left the transmit queue before its response could count.
+        self.tx_pending = 0;
+    }
 }
 
 impl Default for TcpSlot {
@@ -330,7 +337,7 @@ impl<B: IoBuf> TcpQueue<B> {
 
     /// Completes active command `cid` with `status` now (`Queue::fail_aborted`).
     pub fn fail_one(&mut self, cid: u16, status: Status) -> Done<B> {
-        self.finish(cid, status, 0, 0)
+        self.slots.finish(cid, status, 0, 0)
     }
 
     /// Tag and start time of every active user command (timeout scans).
@@ -341,15 +348,7 @@ impl<B: IoBuf> TcpQueue<B> {
     /// Completes every active user command with `status` (path failure, detach).
     pub fn fail_all(&mut self, status: Status, on_done: &mut impl FnMut(Done<B>)) {
         self.slots.fail_all(status, on_done);
-        for s in self.slots.iter_mut() {
-            s.t.tx_pending = 0;
-        }
         self.txq.clear();
         self.tx_off = 0;
-    }
-
-    fn finish(&mut self, cid: u16, status: Status, dw0: u32, dw1: u32) -> Done<B> {
-        self.slots[cid as usize].t.tx_pending = 0;
-        self.slots.finish(cid, status, dw0, dw1)
     }
 }

@@ -399,7 +399,7 @@ impl<B: IoBuf> TcpQueue<B> {
         } else {
             status
         };
-        let d = self.finish(cid, status, dw0, dw1);
+        let d = self.slots.finish(cid, status, dw0, dw1);
         if internal {
             self.internal_done = Some((status, dw0));
         } else {
