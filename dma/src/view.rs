@@ -154,6 +154,22 @@ impl BufView {
         Some(tail)
     }
 
+    /// Splits off the first `at` bytes into a view of their own; this view keeps the rest.
+    /// As [`split_off`](Self::split_off), from the other end.
+    pub fn split_to(&mut self, at: usize) -> Option<BufView> {
+        let rest = self.split_off(at)?;
+        Some(std::mem::replace(self, rest))
+    }
+
+    /// Drops the first `n` bytes from this view (all of them when `n` is past the end). The
+    /// bytes stay in the buffer, reachable by no view unless another already covers them.
+    pub fn advance(&mut self, n: usize) {
+        let p = self.make_part();
+        let n = n.min(*p.len);
+        *p.start += n;
+        *p.len -= n;
+    }
+
     /// Joins `next`, the piece that starts where this view ends in the same buffer, back onto
     /// this view. Hands `next` back when it is not that piece.
     pub fn unsplit(&mut self, next: BufView) -> Result<(), BufView> {
@@ -322,6 +338,25 @@ mod tests {
             *x = i as u8;
         }
         b.into()
+    }
+
+    #[test]
+    fn the_front_splits_off_and_the_rest_moves_on() {
+        let mut v = filled(4096);
+        v.advance(100);
+        assert_eq!((v.len(), v[0]), (3996, 100));
+        let front = v.split_to(50).unwrap();
+        assert_eq!((front.len(), front[0], front[49]), (50, 100, 149));
+        assert_eq!((v.len(), v[0]), (3946, 150));
+        assert!(
+            front.is_writable() && v.is_writable(),
+            "disjoint: both writable"
+        );
+        assert!(v.split_to(3947).is_none());
+        v.advance(5000);
+        assert!(v.is_empty());
+        drop(front);
+        drop(v);
     }
 
     #[test]
