@@ -281,7 +281,7 @@ impl Bdev for MirrorBdev {
 
 impl MirrorBdev {
     fn new(core: Arc<Core>) -> MirrorBdev {
-        let info = BdevInfo::new(
+        let mut info = BdevInfo::new(
             core.name.clone(),
             "Mirror",
             core.layout().block_size(),
@@ -289,6 +289,10 @@ impl MirrorBdev {
             core.uuid,
             IoTypes::all(),
         );
+        // Each leg gets the caller's buffer as it is, and a plex that joins later may sit on
+        // a device that reads and writes with O_DIRECT: ask for what any such leg could
+        // need, a block-aligned buffer.
+        info.required_alignment = info.block_size;
         MirrorBdev { info, core }
     }
 }

@@ -336,6 +336,9 @@ impl Owner {
             ]),
         );
         info.write_cache = false;
+        // PRPs and SGL data blocks address dwords: a PCIe controller takes no buffer that
+        // starts between them (fabrics would, but one rule for all transports is simpler).
+        info.required_alignment = 4;
         let bdev = Arc::new(NvmeBdev {
             info,
             ctrlr_id: self.c.id,

@@ -91,15 +91,7 @@ impl<T: Transport> NvmeQueue<T> {
 
     fn exec_admin(&mut self, si: u16, cmd: &Command) {
         let ctrl = self.ctrl.clone().expect("checked at capsule");
-        let mut empty: [u8; 0] = [];
-        let out = {
-            let s = &mut self.slots[si as usize];
-            let data: &mut [u8] = match s.buf.as_mut() {
-                Some(b) => &mut b[..],
-                None => &mut empty,
-            };
-            ctrl.admin(&self.target, cmd, data)
-        };
+        let out = ctrl.admin(&self.target, cmd, self.slots[si as usize].data_mut());
         match out {
             AdminOutcome::Done { status, dw0 } => self.complete(si, status, dw0),
             AdminOutcome::HoldAer => {
@@ -149,11 +141,14 @@ impl<T: Transport> NvmeQueue<T> {
                 let Some(buf) = s.buf.take() else {
                     return self.complete(si, Status::SGL_INVALID_DATA_LENGTH.with_dnr(), 0);
                 };
+                let Some(buf) = aligned_for(buf, ns.ns.bdev.info().required_alignment) else {
+                    return self.complete(si, Status::INTERNAL, 0);
+                };
                 let n = u64::from(rw.nblocks);
                 if cmd.opcode == io::READ {
-                    BdevIo::read(rw.slba, n, smallvec![buf.into()], tag)
+                    BdevIo::read(rw.slba, n, smallvec![buf], tag)
                 } else {
-                    BdevIo::write(rw.slba, n, smallvec![buf.into()], tag)
+                    BdevIo::write(rw.slba, n, smallvec![buf], tag)
                 }
             }
             io::FLUSH => BdevIo::no_data(IoType::Flush, 0, 0, tag),
@@ -186,7 +181,7 @@ impl<T: Transport> NvmeQueue<T> {
         if let Err(io) = ns.chan.submit(io) {
             let s = &mut self.slots[si as usize];
             s.pending = 0;
-            s.buf = io.bufs.into_iter().next().and_then(whole_buf);
+            s.buf = io.bufs.into_iter().next();
             crate::bdev::bump(&self.pg.pending_bdev_io, 1);
             self.retry.push_back(si);
         }
@@ -261,11 +256,7 @@ impl<T: Transport> NvmeQueue<T> {
         let host = ctrl.hostid;
         let resv = &ns.ns.resv;
         let s = &mut self.slots[si as usize];
-        let mut empty: [u8; 0] = [];
-        let data: &mut [u8] = match s.buf.as_mut() {
-            Some(b) => &mut b[..],
-            None => &mut empty,
-        };
+        let data = s.data_mut();
         let status = match cmd.opcode {
             io::RESERVATION_REGISTER => {
                 resv.register(&host, &ResvRegister::from_command(cmd), data)
@@ -341,13 +332,53 @@ impl<T: Transport> NvmeQueue<T> {
         if !st.is_success() && s.status.is_success() {
             s.status = st;
         }
-        if let Some(b) = c.bufs.into_iter().next().and_then(whole_buf) {
-            s.buf = Some(b);
+        // A read's data goes to the host from its buffer; a write's buffer (perhaps lent
+        // by the transport) is done with.
+        if c.io_type == IoType::Read {
+            s.buf = c.bufs.into_iter().next().and_then(whole_buf);
         }
         s.pending = s.pending.saturating_sub(1);
         if s.pending == 0 && (c.io_type != IoType::Unmap || s.next_range == u16::MAX) {
             let st = s.status;
             self.complete(si, st, 0);
         }
+    }
+}
+
+/// `buf`, or a copy of it where the bdev needs its buffers aligned more than it is (in-capsule
+/// data lent from a transport's receive buffer starts wherever the PDU put it). `None` when
+/// no memory is left for the copy.
+fn aligned_for(buf: BufView, align: u32) -> Option<BufView> {
+    if (buf.addr() as u64).is_multiple_of(u64::from(align.max(1))) {
+        return Some(buf);
+    }
+    let mut copy = BufView::new(buf.len())
+        .inspect_err(|e| crate::log_limited!(WARN, "nvmf: no buffer to align a write: {e}"))
+        .ok()?;
+    copy.bytes_mut()?.copy_from_slice(&buf);
+    Some(copy)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lent_view_is_copied_only_for_a_bdev_that_needs_more_alignment() {
+        let mut whole = BufView::new(8192).unwrap();
+        for (i, b) in whole.bytes_mut().unwrap().iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        let mut rest = whole.split_off(72).unwrap();
+        let _after = rest.split_off(4096).unwrap();
+        let at = rest.addr();
+        let want: Vec<u8> = rest.to_vec();
+
+        let same = aligned_for(rest, 4).unwrap();
+        assert_eq!(same.addr(), at, "dword-aligned already: no copy");
+
+        let copy = aligned_for(same, 512).unwrap();
+        assert!(copy.addr().is_multiple_of(512));
+        assert_eq!(&copy[..], &want[..]);
     }
 }

@@ -6,7 +6,8 @@
 //!
 //! Commands live in preallocated slots (a free list); a slot's index is the tag the transport
 //! uses to find its command again (TCP's R2T transfer tag, RDMA's work request id), so
-//! nothing here allocates per I/O except taking a `DmaBuf` from the pool's per-thread cache.
+//! nothing here allocates per I/O except taking a `DmaBuf` from the pool's per-thread cache
+//! (and not even that for in-capsule data a transport lends from its receive buffer).
 //!
 //! Here: slots, the path of a command up to its execution (data budget, waiting, fetching
 //! data) and the responses; `exec.rs` carries commands out and takes the bdevs' completions.
@@ -15,8 +16,7 @@ use super::controller::{self, AdminOutcome, ConnInfo, Controller, MAX_AERS};
 use super::io::{data_direction, is_reservation_opcode, nvme_status, supported_io_opcode, NsTable};
 use super::subsystem::ListenAddr;
 use super::{NvmfTarget, TransportOpts};
-use crate::bdev::{BdevIo, IoCompletion, IoType};
-use dma::DmaBuf;
+use crate::bdev::{BdevIo, BufView, IoCompletion, IoType};
 use nvme_spec::cmd::{DatasetManagement, DsmRange, ReadWrite, WriteZeroes};
 use nvme_spec::fabrics::{PropertyGet, PropertySet};
 use nvme_spec::opcode::{fctype, io, DataDirection};
@@ -57,7 +57,8 @@ pub(super) enum SlotState {
 pub(super) struct Slot {
     pub(super) state: SlotState,
     pub(super) cmd: Command,
-    pub(super) buf: Option<DmaBuf>,
+    /// Its data: a buffer of its own, or in-capsule data lent by the transport.
+    pub(super) buf: Option<BufView>,
     pub(super) dir: DataDirection,
     pub(super) xfer_len: u32,
     /// Write data bytes received so far.
@@ -73,6 +74,17 @@ pub(super) struct Slot {
     pub(super) waiting_since_ms: u64,
     /// Bytes of the target's data budget its buffer holds.
     charged: u32,
+}
+
+impl Slot {
+    /// Its data, to fill or change: empty when it has no buffer (or, never here, one that
+    /// another view shares).
+    pub(super) fn data_mut(&mut self) -> &mut [u8] {
+        self.buf
+            .as_mut()
+            .and_then(|b| b.bytes_mut())
+            .unwrap_or_default()
+    }
 }
 
 impl Default for Slot {
@@ -264,7 +276,8 @@ impl<T: Transport> NvmeQueue<T> {
     /// Starts command `si` once the transport has read its SGL: `xfer_len` bytes of data,
     /// `in_capsule` if they came with the capsule, `refused` what the transport found wrong
     /// with the SGL. Returns true when the slot now holds a buffer for the in-capsule data,
-    /// which the transport fills and then reports with [`Self::data_arrived`]. Otherwise the
+    /// which the transport fills and then reports with [`Self::data_arrived`] (a transport
+    /// that put the data in the slot's buffer beforehand only reports it). Otherwise the
     /// command is answered, running, or waiting for the data budget or the host's data.
     pub(super) fn start_command(
         &mut self,
@@ -296,9 +309,11 @@ impl<T: Transport> NvmeQueue<T> {
             fail = Some(Status::COMMAND_SEQUENCE_ERROR);
         }
         // In-capsule data is already here and small (in_capsule_data_size): it gets a
-        // buffer at once. Transfers wait for the data budget below.
-        if fail.is_none() && in_capsule && xfer_len > 0 {
-            match DmaBuf::new(xfer_len as usize) {
+        // buffer at once, unless the transport lent it one. Transfers wait for the data
+        // budget below.
+        let lent = self.slots[si as usize].buf.is_some();
+        if fail.is_none() && in_capsule && xfer_len > 0 && !lent {
+            match BufView::new(xfer_len as usize) {
                 Ok(b) => self.slots[si as usize].buf = Some(b),
                 Err(e) => {
                     crate::log_limited!(WARN, "{}: no buffer for {xfer_len} bytes: {e}", T::NAME);
@@ -381,7 +396,7 @@ impl<T: Transport> NvmeQueue<T> {
             }
             None => 0,
         };
-        let buf = match DmaBuf::new(len as usize) {
+        let buf = match BufView::new(len as usize) {
             Ok(b) => b,
             Err(e) => {
                 // The memory itself is short: wait for buffers to come back, as when the
@@ -517,9 +532,9 @@ impl<T> NvmeQueue<T> {
 /// The connection's own buffer back from a bdev. A bdev must hand back the whole buffer it was
 /// given; one that kept a share would be a bug, and the command then fails for want of its
 /// buffer rather than sending bytes someone else may still change.
-fn whole_buf(b: crate::bdev::BufView) -> Option<DmaBuf> {
+fn whole_buf(b: BufView) -> Option<BufView> {
     match b.into_dma() {
-        Ok(b) => Some(b),
+        Ok(b) => Some(b.into()),
         Err(v) => {
             tracing::error!("nvmf: a bdev kept a share of an I/O buffer ({v:?})");
             None

@@ -519,7 +519,7 @@ impl RdmaConn {
         if self.start_command(si, xfer_len, in_capsule_data, refused) {
             let offset = base + CAPSULE_LEN + sgl.addr() as usize;
             let s = &mut self.slots[si as usize];
-            if let Some(b) = s.buf.as_mut() {
+            if let Some(b) = s.buf.as_mut().and_then(|b| b.bytes_mut()) {
                 self.t
                     .receives()
                     .0

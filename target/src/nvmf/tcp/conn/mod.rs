@@ -1,9 +1,10 @@
 //! One NVMe/TCP connection (a queue pair): PDU receive, command execution, responses.
 //!
-//! Receive: the socket is read greedily into `rbuf` so one syscall brings many small PDUs;
-//! PDU data (in-capsule or H2CData) goes into the command's `DmaBuf`, copied from `rbuf` for
-//! the bytes already there and read straight from the socket (readv: rest of the data, then
-//! `rbuf` for what follows) for the rest — each byte is copied at most once.
+//! Receive: the socket is read greedily into a window (`window.rs`) so one syscall brings many
+//! small PDUs. In-capsule data that arrived whole is lent to its command from the window, not
+//! copied; other PDU data goes into the command's own buffer, copied from the window for the
+//! bytes already there and read straight from the socket (readv: rest of the data, then the
+//! window for what follows) for the rest — each byte is copied at most once.
 //!
 //! Send: responses queue as `OutPdu`s (header bytes inline, data by reference to the slot's
 //! buffer) and go out in one `writev` per batch.
@@ -32,18 +33,9 @@ use std::sync::Arc;
 
 mod receive;
 mod transmit;
+mod window;
 
 const NO_SLOT: u16 = u16::MAX;
-/// Receive buffer: room for many small PDUs per read.
-const RBUF_LEN: usize = 128 << 10;
-/// Receive buffers a reactor keeps for its connections between bursts (16 MiB at most).
-const SPARE_RBUFS_MAX: usize = 128;
-
-thread_local! {
-    /// This reactor's receive buffers not held by any connection.
-    static SPARE_RBUFS: std::cell::RefCell<Vec<Box<[u8]>>> =
-        const { std::cell::RefCell::new(Vec::new()) };
-}
 /// Largest header we send inline: a termination request with 128 bytes of offending header.
 const OUT_HDR_MAX: usize = 24 + 128;
 /// PDUs handled per poll of one connection, so one busy connection cannot starve others.
@@ -147,9 +139,7 @@ pub struct Tcp {
     hdgst: bool,
     ddgst: bool,
     hpda: u8,
-    rbuf: Box<[u8]>,
-    rpos: usize,
-    rlen: usize,
+    window: window::RxWindow,
     rx: Rx,
     /// The header of the PDU being handled, for termination requests.
     cur_hdr: [u8; 128],
@@ -194,10 +184,8 @@ impl Conn {
             hdgst: false,
             ddgst: false,
             hpda: 0,
-            // Taken when bytes arrive, given back when idle (`take_rbuf`, `release_rbuf`).
-            rbuf: Box::default(),
-            rpos: 0,
-            rlen: 0,
+            // Taken when bytes arrive, given back when idle (`release_rbuf`).
+            window: window::RxWindow::default(),
             rx: Rx::Header,
             cur_hdr: [0; 128],
             cur_hdr_len: 0,
@@ -292,7 +280,7 @@ impl Conn {
             return;
         }
         let connecting = self.ctrl.is_none();
-        let partial = self.t.rpos != self.t.rlen || !matches!(self.t.rx, Rx::Header);
+        let partial = self.t.window.unparsed() > 0 || !matches!(self.t.rx, Rx::Header);
         let blocked = !self.t.tx_ready && !self.t.out.is_empty();
         if !(connecting || partial || blocked || self.awaiting_data > 0) {
             return;

@@ -1,65 +1,41 @@
-//! Receiving: the socket read into `rbuf`, PDUs parsed from it, their data placed in the
-//! commands' buffers, and the commands handed to the queue.
+//! Receiving: the socket read into the window, PDUs parsed from it, their data lent to their
+//! commands or placed in the commands' buffers, and the commands handed to the queue.
 
 use super::*;
 
 impl Conn {
-    /// Gives the connection a receive buffer before a read: a spare one of this reactor's
-    /// if there is one.
-    fn take_rbuf(&mut self) {
-        if self.t.rbuf.is_empty() {
-            self.t.rbuf = SPARE_RBUFS
-                .with(|s| s.borrow_mut().pop())
-                .unwrap_or_else(|| vec![0u8; RBUF_LEN].into_boxed_slice());
-        }
-    }
-
-    /// Gives the receive buffer back while the connection has nothing buffered and nothing
-    /// to read, so an idle connection holds none.
+    /// Lets the receive buffer go while the connection has nothing buffered and nothing to
+    /// read, so an idle connection holds none.
     pub(super) fn release_rbuf(&mut self) {
-        if self.t.rbuf.is_empty()
-            || self.t.rx_ready
-            || self.t.rpos != self.t.rlen
-            || !matches!(self.t.rx, Rx::Header)
-        {
-            return;
+        if !self.t.rx_ready && matches!(self.t.rx, Rx::Header) {
+            self.t.window.release_if_empty();
         }
-        let b = std::mem::take(&mut self.t.rbuf);
-        self.t.rpos = 0;
-        self.t.rlen = 0;
-        SPARE_RBUFS.with(|s| {
-            let mut s = s.borrow_mut();
-            if s.len() < SPARE_RBUFS_MAX {
-                s.push(b);
-            }
-        });
     }
 
-    /// Reads more bytes into `rbuf` so that at least `need` are available from `rpos`.
-    /// Returns false when the socket has nothing now.
+    /// Reads more bytes into the window so that at least `need` are unparsed. Returns false
+    /// when the socket has nothing now.
     fn fill(&mut self, need: usize) -> Result<bool, Fatal> {
         if !self.t.rx_ready {
             return Ok(false);
         }
-        self.take_rbuf();
-        if self.t.rpos == self.t.rlen {
-            self.t.rpos = 0;
-            self.t.rlen = 0;
-        } else if self.t.rbuf.len() - self.t.rpos < need {
-            self.t.rbuf.copy_within(self.t.rpos..self.t.rlen, 0);
-            self.t.rlen -= self.t.rpos;
-            self.t.rpos = 0;
-        }
-        let room = self.t.rbuf.len() - self.t.rlen;
-        match self.t.sock.read(&mut self.t.rbuf[self.t.rlen..]) {
+        let room = match self.t.window.room(need) {
+            Ok(r) => r,
+            Err(e) => {
+                // The bytes wait in the socket until buffers come back.
+                crate::log_limited!(WARN, "nvmf/tcp {}: no receive buffer: {e}", self.peer);
+                return Ok(false);
+            }
+        };
+        let room_len = room.len();
+        match self.t.sock.read(room) {
             Ok(0) => Err(Fatal::Gone),
             Ok(n) => {
                 // A short read emptied the socket: the next byte to arrive raises a new
                 // edge, so no read that would only say EAGAIN is needed.
-                if n < room {
+                if n < room_len {
                     self.t.rx_ready = false;
                 }
-                self.t.rlen += n;
+                self.t.window.filled(n);
                 self.t.last_rx_ms = controller::now_ms();
                 Ok(true)
             }
@@ -77,7 +53,7 @@ impl Conn {
         for _ in 0..RX_BUDGET {
             match self.t.rx {
                 Rx::Header => {
-                    let avail = &self.t.rbuf[self.t.rpos..self.t.rlen];
+                    let avail = self.t.window.avail();
                     let need = match PduHeader::bytes_needed(avail, &self.t.popts) {
                         Ok(n) => n,
                         Err(e) => return Err(self.pdu_error(&e)),
@@ -105,15 +81,15 @@ impl Conn {
                     busy = true;
                 }
                 Rx::Digest { slot, crc, kind } => {
-                    if self.t.rlen - self.t.rpos < 4 {
+                    let d = self.t.window.avail();
+                    if d.len() < 4 {
                         if !self.fill(4)? {
                             break;
                         }
                         continue;
                     }
-                    let d = &self.t.rbuf[self.t.rpos..self.t.rpos + 4];
                     let got = u32::from_le_bytes([d[0], d[1], d[2], d[3]]);
-                    self.t.rpos += 4;
+                    self.t.window.consume(4);
                     self.t.rx = Rx::Header;
                     busy = true;
                     self.data_done(slot, kind, got == crc);
@@ -127,7 +103,7 @@ impl Conn {
     }
 
     fn pdu_error(&mut self, e: &PduError) -> Fatal {
-        let avail = &self.t.rbuf[self.t.rpos..self.t.rlen];
+        let avail = self.t.window.avail();
         let n = avail.len().min(128);
         self.t.cur_hdr[..n].copy_from_slice(&avail[..n]);
         self.t.cur_hdr_len = n;
@@ -152,44 +128,41 @@ impl Conn {
         };
         let mut progressed = false;
         // Bytes already read.
-        let have = self.t.rlen - self.t.rpos;
+        let have = self.t.window.unparsed();
         if have > 0 {
             let n = have.min((end - off) as usize);
-            let src = &self.t.rbuf[self.t.rpos..self.t.rpos + n];
-            if slot != NO_SLOT {
-                if let Some(b) = self.slots[slot as usize].buf.as_mut() {
-                    b[off as usize..off as usize + n].copy_from_slice(src);
-                }
+            let src = &self.t.window.avail()[..n];
+            let dst = self
+                .slots
+                .get_mut(slot as usize)
+                .and_then(|s| s.buf.as_mut());
+            if let Some(b) = dst.and_then(|b| b.bytes_mut()) {
+                b[off as usize..off as usize + n].copy_from_slice(src);
             }
             if ddgst {
                 crc = crc32c::crc32c_append(crc, src);
             }
-            self.t.rpos += n;
+            self.t.window.consume(n);
             off += n as u32;
             progressed = true;
         }
-        if off < end && self.t.rpos == self.t.rlen {
-            // Straight from the socket into the buffer, and whatever follows into rbuf.
-            self.t.rpos = 0;
-            self.t.rlen = 0;
+        if off < end && self.t.window.unparsed() == 0 {
+            // Straight from the socket into the buffer, and whatever follows into the window.
             let want = (end - off) as usize;
-            let dst: *mut u8 = match self
-                .slots
-                .get_mut(slot as usize)
-                .and_then(|s| s.buf.as_mut())
-            {
+            let dst: *mut u8 = match self.slot_bytes(slot) {
                 Some(b) => b[off as usize..].as_mut_ptr(),
-                // Discarding: read into rbuf and drop below.
+                // Discarding: read into the window and drop below.
                 None => std::ptr::null_mut(),
             };
             let n = if dst.is_null() {
                 match self.fill(1) {
                     Ok(true) => {
-                        let n = self.t.rlen.min(want);
+                        let got = self.t.window.avail();
+                        let n = got.len().min(want);
                         if ddgst {
-                            crc = crc32c::crc32c_append(crc, &self.t.rbuf[..n]);
+                            crc = crc32c::crc32c_append(crc, &got[..n]);
                         }
-                        self.t.rpos = n;
+                        self.t.window.consume(n);
                         n
                     }
                     Ok(false) => 0,
@@ -198,20 +171,24 @@ impl Conn {
             } else if !self.t.rx_ready {
                 0
             } else {
-                self.take_rbuf();
+                let (room, room_len) = match self.t.window.room(1) {
+                    Ok(r) => (r.as_mut_ptr(), r.len()),
+                    // No window now: the data alone.
+                    Err(_) => (std::ptr::null_mut(), 0),
+                };
                 let iov = [
                     libc::iovec {
                         iov_base: dst as *mut libc::c_void,
                         iov_len: want,
                     },
                     libc::iovec {
-                        iov_base: self.t.rbuf.as_mut_ptr() as *mut libc::c_void,
-                        iov_len: self.t.rbuf.len(),
+                        iov_base: room as *mut libc::c_void,
+                        iov_len: room_len,
                     },
                 ];
-                // SAFETY: both iovecs point into buffers we own mutably (the slot's DmaBuf has
-                // at least `off + want` bytes, checked when the transfer was set up) and
-                // outlive the call.
+                // SAFETY: both iovecs point into buffers we own mutably (the slot's buffer has
+                // at least `off + want` bytes, checked when the transfer was set up; the
+                // window's room is its own, never lent) and outlive the call.
                 let r = unsafe { libc::readv(self.t.fd, iov.as_ptr(), 2) };
                 if r == 0 {
                     return Err(Fatal::Gone);
@@ -229,16 +206,16 @@ impl Conn {
                 } else {
                     self.t.last_rx_ms = controller::now_ms();
                     let r = r as usize;
-                    if r < want + self.t.rbuf.len() {
+                    if r < want + room_len {
                         self.t.rx_ready = false; // short: the socket is empty (see `fill`)
                     }
                     let n = r.min(want);
                     if ddgst {
-                        if let Some(b) = self.slots[slot as usize].buf.as_ref() {
+                        if let Some(b) = self.slot_bytes(slot) {
                             crc = crc32c::crc32c_append(crc, &b[off as usize..off as usize + n]);
                         }
                     }
-                    self.t.rlen = r - n;
+                    self.t.window.filled(r - n);
                     n
                 }
             };
@@ -265,6 +242,14 @@ impl Conn {
             kind,
         };
         Ok(progressed)
+    }
+
+    /// The bytes of `slot`'s buffer, to place its PDU data in (`None`: discard the data).
+    fn slot_bytes(&mut self, slot: u16) -> Option<&mut [u8]> {
+        self.slots
+            .get_mut(slot as usize)
+            .and_then(|s| s.buf.as_mut())
+            .and_then(|b| b.bytes_mut())
     }
 
     /// A PDU's data has fully arrived (and its digest matched if `digest_ok`).
@@ -303,7 +288,7 @@ impl Conn {
         let hlen = hdr.header_len();
         match (self.t.state, hdr.body) {
             (State::AwaitIcReq, PduBody::IcReq(req)) => {
-                self.t.rpos += hdr.plen() as usize;
+                self.t.window.consume(hdr.plen() as usize);
                 self.t.hpda = req.hpda;
                 self.t.hdgst = req.hdgst();
                 self.t.ddgst = req.ddgst();
@@ -332,9 +317,11 @@ impl Conn {
                 Err(Fatal::Gone)
             }
             (State::Ready, PduBody::CapsuleCmd(c)) => {
-                self.t.rpos += hdr.data_offset.max(hlen as u32) as usize;
+                let at = hdr.data_offset.max(hlen as u32) as usize;
                 if hdr.data_len == 0 {
-                    self.t.rpos = self.t.rpos.min(self.t.rlen);
+                    self.t.window.consume(at.min(self.t.window.unparsed()));
+                } else {
+                    self.t.window.consume(at);
                 }
                 self.handle_capsule(c.cmd, hdr.data_len, hdr.ddgst);
                 Ok(())
@@ -368,7 +355,9 @@ impl Conn {
                 s.recvd += datal;
                 s.state = SlotState::RecvData;
                 self.awaiting_data -= 1;
-                self.t.rpos += hdr.data_offset.max(hlen as u32) as usize;
+                self.t
+                    .window
+                    .consume(hdr.data_offset.max(hlen as u32) as usize);
                 self.t.rx = Rx::Data {
                     slot: ttag,
                     off: datao,
@@ -427,17 +416,48 @@ impl Conn {
             }
             len
         };
-        if self.start_command(si, xfer_len, data_len > 0, refused) {
-            self.t.rx = Rx::Data {
-                slot: si,
-                off: 0,
-                end: data_len,
-                ddgst,
-                crc: 0,
-                kind: DataKind::Capsule,
-            };
+        // Data that arrived with its capsule is lent to the command as it lies in the window.
+        let lent = if data_len > 0 {
+            self.t.window.lend(data_len as usize)
         } else {
-            self.discard(data_len, ddgst);
+            None
+        };
+        let crc = match &lent {
+            Some(b) if ddgst => crc32c::crc32c(b),
+            _ => 0,
+        };
+        let have_data = lent.is_some();
+        self.slots[si as usize].buf = lent;
+        let started = self.start_command(si, xfer_len, data_len > 0, refused);
+        match (started, have_data) {
+            (true, true) if ddgst => {
+                self.t.rx = Rx::Digest {
+                    slot: si,
+                    crc,
+                    kind: DataKind::Capsule,
+                }
+            }
+            (true, true) => self.data_done(si, DataKind::Capsule, true),
+            (true, false) => {
+                self.t.rx = Rx::Data {
+                    slot: si,
+                    off: 0,
+                    end: data_len,
+                    ddgst,
+                    crc: 0,
+                    kind: DataKind::Capsule,
+                }
+            }
+            // Refused: what is still to come of its data is skipped.
+            (false, true) if ddgst => {
+                self.t.rx = Rx::Digest {
+                    slot: NO_SLOT,
+                    crc,
+                    kind: DataKind::Capsule,
+                }
+            }
+            (false, true) => {}
+            (false, false) => self.discard(data_len, ddgst),
         }
     }
 
