@@ -92,6 +92,8 @@ pub struct NsIo {
     pub ns: Arc<Namespace>,
     pub chan: IoChannel,
     pub block_shift: u32,
+    /// Where the bdev needs its buffers to start (a multiple of this), fixed at its creation.
+    pub buf_align: u32,
     /// This queue's host's rights under the namespace's reservation, as of `resv_gen`.
     resv_gen: u64,
     may_read: bool,
@@ -176,10 +178,12 @@ impl NsTable {
             match ns.bdev.open_channel() {
                 Ok(chan) => {
                     let block_shift = ns.block_size().trailing_zeros();
+                    let buf_align = ns.bdev.info().required_alignment.max(1);
                     self.table[i] = Some(NsIo {
                         ns,
                         chan,
                         block_shift,
+                        buf_align,
                         // Forces a look at the reservation on the first command.
                         resv_gen: u64::MAX,
                         may_read: true,

@@ -141,7 +141,7 @@ impl<T: Transport> NvmeQueue<T> {
                 let Some(buf) = s.buf.take() else {
                     return self.complete(si, Status::SGL_INVALID_DATA_LENGTH.with_dnr(), 0);
                 };
-                let Some(buf) = aligned_for(buf, ns.ns.bdev.info().required_alignment) else {
+                let Some(buf) = aligned_for(buf, ns.buf_align) else {
                     return self.complete(si, Status::INTERNAL, 0);
                 };
                 let n = u64::from(rw.nblocks);
@@ -349,7 +349,7 @@ impl<T: Transport> NvmeQueue<T> {
 /// data lent from a transport's receive buffer starts wherever the PDU put it). `None` when
 /// no memory is left for the copy.
 fn aligned_for(buf: BufView, align: u32) -> Option<BufView> {
-    if (buf.addr() as u64).is_multiple_of(u64::from(align.max(1))) {
+    if buf.addr().is_multiple_of(align.max(1) as usize) {
         return Some(buf);
     }
     let mut copy = BufView::new(buf.len())
