@@ -26,8 +26,8 @@ impl Conn {
                 return Ok(false);
             }
         };
-        let room_len = room.len();
-        match self.t.sock.read(room) {
+        let room_len = room.len().min(read_limit(self.awaiting_data));
+        match self.t.sock.read(&mut room[..room_len]) {
             Ok(0) => Err(Fatal::Gone),
             Ok(n) => {
                 // A short read emptied the socket: the next byte to arrive raises a new
@@ -171,8 +171,9 @@ impl Conn {
             } else if !self.t.rx_ready {
                 0
             } else {
+                let limit = read_limit(self.awaiting_data);
                 let (room, room_len) = match self.t.window.room(1) {
-                    Ok(r) => (r.as_mut_ptr(), r.len()),
+                    Ok(r) => (r.as_mut_ptr(), r.len().min(limit)),
                     // No window now: the data alone.
                     Err(_) => (std::ptr::null_mut(), 0),
                 };
@@ -473,5 +474,21 @@ impl Conn {
                 kind: DataKind::Capsule,
             };
         }
+    }
+}
+
+/// How much a read may bring into the window. While the host owes data for R2Ts, what follows
+/// is mostly H2CData, whose data goes to its command's buffer: a read that filled the window
+/// would bring most of it there first and copy it again (with 128 KiB writes that copy was an
+/// eighth of the reactor). A 32 KiB read takes the next header and some data, and the rest of
+/// the data comes straight from the socket into the buffer: 128 KiB writes cost the reactor 9 %
+/// less. An 8 KiB read saved a little more of the reactor but lost 7 % of the IOPS (not looked
+/// into: the host's core sets that pace).
+fn read_limit(awaiting_data: u16) -> usize {
+    const WHILE_DATA_IS_OWED: usize = 32 << 10;
+    if awaiting_data > 0 {
+        WHILE_DATA_IS_OWED
+    } else {
+        usize::MAX
     }
 }
