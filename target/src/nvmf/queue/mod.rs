@@ -242,6 +242,11 @@ impl<T: Transport> NvmeQueue<T> {
 
     // ---- commands ----
 
+    /// Whether a command arriving now would find a slot.
+    pub(super) fn has_free_slot(&self) -> bool {
+        !self.free.is_empty()
+    }
+
     /// A command capsule arrived: takes a slot for it. None when the host sent more commands
     /// than its queue holds; that one is answered at once, without a slot.
     pub(super) fn take_slot(&mut self, cmd: Command) -> Option<u16> {

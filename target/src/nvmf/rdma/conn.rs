@@ -29,6 +29,9 @@ const CQE_LEN: usize = 16;
 pub const SPARE_RESPONSES: usize = 8;
 /// Completions taken per poll of one queue.
 const POLL_BATCH: usize = 32;
+/// Capsules a queue pair holds in their receives while it waits for slots; past that the
+/// host is taken to be sending past its queue size.
+const MAX_HELD: usize = 64;
 
 // A work request's id: what it is in the top bits, its receive or slot index below.
 const WR_RECV: u64 = 1 << 48;
@@ -207,6 +210,10 @@ pub struct Rdma {
     max_reads: u16,
     /// Writes whose RDMA READ waits for room under `max_reads`.
     pending_reads: VecDeque<u16>,
+    /// Capsules (receive index, length) held in their receives until a slot frees: the host
+    /// may reuse a command's slot as soon as it has the response, before the response's send
+    /// completes here (the device's ACK can lag, soft-RoCE's under load by dozens).
+    held: VecDeque<(usize, usize)>,
     /// The completion queue will notify its channel at the next completion.
     armed: bool,
     /// The group saw the channel readable: a notification waits to be taken.
@@ -286,6 +293,7 @@ impl RdmaConn {
             reads_in_flight: 0,
             max_reads: setup.max_reads.max(1),
             pending_reads: VecDeque::new(),
+            held: VecDeque::new(),
             armed: false,
             notified: false,
             chunks: ChunkKeys::default(),
@@ -302,6 +310,9 @@ impl RdmaConn {
                 self.close();
             } else {
                 busy |= self.poll_cq();
+                if !self.t.held.is_empty() {
+                    busy |= self.release_held();
+                }
                 if !self.buf_waiting.is_empty() {
                     busy |= self.admit_waiting();
                 }
@@ -367,6 +378,11 @@ impl RdmaConn {
         }
         // Whatever waited for the device will not hear from it again.
         self.t.pending_reads.clear();
+        for (index, _) in std::mem::take(&mut self.t.held) {
+            if self.t.shared.is_some() {
+                let _ = self.t.repost(index);
+            }
+        }
         for si in 0..self.slots.len() as u16 {
             if matches!(
                 self.slots[si as usize].state,
@@ -453,9 +469,10 @@ impl RdmaConn {
     }
 
     /// A command capsule came into receive `index`: the command (and its in-capsule data)
-    /// is copied out, the receive posted again, and the command started.
+    /// is copied out, the receive posted again, and the command started; or, while no slot
+    /// is free, the capsule waits in its receive (`held`).
     fn capsule_arrived(&mut self, index: usize, len: usize) {
-        let (_, recvs, capsule_len) = self.t.receives();
+        let recvs = self.t.receives().1;
         if len < CAPSULE_LEN || index >= recvs {
             if index < recvs && self.t.shared.is_some() {
                 let _ = self.t.repost(index);
@@ -467,6 +484,31 @@ impl RdmaConn {
             );
             return self.close();
         }
+        // In order: once one capsule waits for a slot, those after it wait too.
+        let waits = !self.t.held.is_empty() || !self.has_free_slot();
+        if waits && self.t.state == State::Live && self.t.held.len() < MAX_HELD {
+            self.t.held.push_back((index, len));
+            return;
+        }
+        self.start_arrived(index, len);
+    }
+
+    /// Starts the capsules held for a slot, as far as slots are free.
+    fn release_held(&mut self) -> bool {
+        let mut started = false;
+        while self.t.state == State::Live && self.has_free_slot() {
+            let Some((index, len)) = self.t.held.pop_front() else {
+                break;
+            };
+            self.start_arrived(index, len);
+            started = true;
+        }
+        started
+    }
+
+    /// Takes a slot for the capsule in receive `index` (checked) and starts its command.
+    fn start_arrived(&mut self, index: usize, len: usize) {
+        let capsule_len = self.t.receives().2;
         let base = index * capsule_len;
         let mut raw = [0u8; CAPSULE_LEN];
         self.t.receives().0.read(base, &mut raw);
