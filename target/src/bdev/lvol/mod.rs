@@ -20,7 +20,7 @@ pub mod rpc;
 pub mod state;
 pub mod store;
 
-use crate::bdev::{Bdev, BdevChannel, BdevError, BdevInfo, IoType, IoTypes};
+use crate::bdev::{Bdev, BdevChannel, BdevError, BdevInfo, IoTypes};
 use crate::reactor::ReactorHandle;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -176,21 +176,13 @@ pub struct LvolBdev {
 impl LvolBdev {
     pub fn new(core: Arc<LvolCore>, num_blocks: u64, alias: String) -> LvolBdev {
         let st = &core.store;
-        let types: &[IoType] = &[
-            IoType::Read,
-            IoType::Write,
-            IoType::Flush,
-            IoType::Unmap,
-            IoType::WriteZeroes,
-            IoType::Reset,
-        ];
         let mut info = BdevInfo::new(
             core.uuid.to_string(),
             "Logical Volume",
             st.block_size,
             num_blocks,
             core.uuid,
-            IoTypes::of(types),
+            IoTypes::all(),
         );
         info.aliases = vec![alias];
         info.required_alignment = st.base.info().required_alignment;

@@ -77,13 +77,15 @@ pub(super) struct Slot {
 }
 
 impl Slot {
-    /// Its data, to fill or change: empty when it has no buffer (or, never here, one that
+    /// Its data, to fill or change: `None` when it has no buffer (or, never here, one that
     /// another view shares).
+    pub(super) fn bytes_mut(&mut self) -> Option<&mut [u8]> {
+        self.buf.as_mut().and_then(|b| b.bytes_mut())
+    }
+
+    /// As [`Self::bytes_mut`], empty when there is no buffer.
     pub(super) fn data_mut(&mut self) -> &mut [u8] {
-        self.buf
-            .as_mut()
-            .and_then(|b| b.bytes_mut())
-            .unwrap_or_default()
+        self.bytes_mut().unwrap_or_default()
     }
 }
 

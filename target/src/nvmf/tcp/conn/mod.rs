@@ -16,7 +16,7 @@
 //! parses; `transmit.rs` queues and writes, and implements [`Transport`] for TCP.
 
 use super::super::controller;
-use super::super::queue::{NvmeQueue, SlotState, Transport};
+use super::super::queue::{NvmeQueue, Slot, SlotState, Transport};
 use super::super::subsystem::ListenAddr;
 use super::super::{NvmfTarget, TransportOpts};
 use nvme_spec::cmd::{sgl_subtype, sgl_type};

@@ -132,11 +132,7 @@ impl Conn {
         if have > 0 {
             let n = have.min((end - off) as usize);
             let src = &self.t.window.avail()[..n];
-            let dst = self
-                .slots
-                .get_mut(slot as usize)
-                .and_then(|s| s.buf.as_mut());
-            if let Some(b) = dst.and_then(|b| b.bytes_mut()) {
+            if let Some(b) = slot_bytes(&mut self.slots, slot) {
                 b[off as usize..off as usize + n].copy_from_slice(src);
             }
             if ddgst {
@@ -149,7 +145,7 @@ impl Conn {
         if off < end && self.t.window.unparsed() == 0 {
             // Straight from the socket into the buffer, and whatever follows into the window.
             let want = (end - off) as usize;
-            let dst: *mut u8 = match self.slot_bytes(slot) {
+            let dst: *mut u8 = match slot_bytes(&mut self.slots, slot) {
                 Some(b) => b[off as usize..].as_mut_ptr(),
                 // Discarding: read into the window and drop below.
                 None => std::ptr::null_mut(),
@@ -212,7 +208,7 @@ impl Conn {
                     }
                     let n = r.min(want);
                     if ddgst {
-                        if let Some(b) = self.slot_bytes(slot) {
+                        if let Some(b) = slot_bytes(&mut self.slots, slot) {
                             crc = crc32c::crc32c_append(crc, &b[off as usize..off as usize + n]);
                         }
                     }
@@ -243,14 +239,6 @@ impl Conn {
             kind,
         };
         Ok(progressed)
-    }
-
-    /// The bytes of `slot`'s buffer, to place its PDU data in (`None`: discard the data).
-    fn slot_bytes(&mut self, slot: u16) -> Option<&mut [u8]> {
-        self.slots
-            .get_mut(slot as usize)
-            .and_then(|s| s.buf.as_mut())
-            .and_then(|b| b.bytes_mut())
     }
 
     /// A PDU's data has fully arrived (and its digest matched if `digest_ok`).
@@ -393,7 +381,7 @@ impl Conn {
 
     fn handle_capsule(&mut self, cmd: Command, data_len: u32, ddgst: bool) {
         let Some(si) = self.take_slot(cmd) else {
-            self.discard(data_len, ddgst);
+            self.expect_data(NO_SLOT, data_len, ddgst);
             return;
         };
         let sgl = cmd.sgl1();
@@ -427,46 +415,27 @@ impl Conn {
             Some(b) if ddgst => crc32c::crc32c(b),
             _ => 0,
         };
-        let have_data = lent.is_some();
+        let lent_data = lent.is_some();
         self.slots[si as usize].buf = lent;
         let started = self.start_command(si, xfer_len, data_len > 0, refused);
-        match (started, have_data) {
-            (true, true) if ddgst => {
-                self.t.rx = Rx::Digest {
-                    slot: si,
-                    crc,
-                    kind: DataKind::Capsule,
-                }
-            }
-            (true, true) => self.data_done(si, DataKind::Capsule, true),
-            (true, false) => {
-                self.t.rx = Rx::Data {
-                    slot: si,
-                    off: 0,
-                    end: data_len,
-                    ddgst,
-                    crc: 0,
-                    kind: DataKind::Capsule,
-                }
-            }
-            // Refused: what is still to come of its data is skipped.
-            (false, true) if ddgst => {
-                self.t.rx = Rx::Digest {
-                    slot: NO_SLOT,
-                    crc,
-                    kind: DataKind::Capsule,
-                }
-            }
-            (false, true) => {}
-            (false, false) => self.discard(data_len, ddgst),
+        // A refused command's data (what is still to come of it) is skipped.
+        let slot = if started { si } else { NO_SLOT };
+        let kind = DataKind::Capsule;
+        if !lent_data {
+            self.expect_data(slot, data_len, ddgst);
+        } else if ddgst {
+            self.t.rx = Rx::Digest { slot, crc, kind };
+        } else {
+            self.data_done(slot, kind, true);
         }
     }
 
-    /// Skips `data_len` bytes of PDU data (and its digest) that no command wants.
-    fn discard(&mut self, data_len: u32, ddgst: bool) {
+    /// The capsule's `data_len` bytes of data (and digest) follow, for `slot`'s buffer
+    /// (`NO_SLOT`: skipped, no command wants them).
+    fn expect_data(&mut self, slot: u16, data_len: u32, ddgst: bool) {
         if data_len > 0 {
             self.t.rx = Rx::Data {
-                slot: NO_SLOT,
+                slot,
                 off: 0,
                 end: data_len,
                 ddgst,
@@ -475,6 +444,11 @@ impl Conn {
             };
         }
     }
+}
+
+/// The bytes of `slot`'s buffer, to place its PDU data in (`None`: discard the data).
+fn slot_bytes(slots: &mut [Slot], slot: u16) -> Option<&mut [u8]> {
+    slots.get_mut(slot as usize)?.bytes_mut()
 }
 
 /// How much a read may bring into the window. While the host owes data for R2Ts, what follows
