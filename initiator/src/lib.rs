@@ -20,6 +20,7 @@ pub mod qpair;
 pub(crate) mod rdma;
 pub(crate) mod slots;
 pub(crate) mod tcp;
+pub mod ticks;
 pub mod transport;
 pub mod trid;
 

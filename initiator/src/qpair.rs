@@ -358,7 +358,7 @@ impl<B: IoBuf> IoQpair<B> {
                 let now = Instant::now();
                 if now.duration_since(self.last_scan) >= TIMEOUT_SCAN {
                     self.last_scan = now;
-                    self.check_timeouts(now, t);
+                    self.check_timeouts(crate::ticks::now(), t);
                 }
             }
         }
@@ -415,7 +415,7 @@ impl<B: IoBuf> IoQpair<B> {
 
     /// SPDK's timeout action "abort": an expired command gets an Abort; if it is still there one
     /// more timeout later, the controller is reset.
-    fn check_timeouts(&mut self, now: Instant, t: Duration) {
+    fn check_timeouts(&mut self, now: u64, t: Duration) {
         if !self.q.is_connected() {
             return;
         }
@@ -423,7 +423,7 @@ impl<B: IoBuf> IoQpair<B> {
         let sh = &*self.shared;
         let mut reset = false;
         self.q.for_each_active(|cid, started, abort_posted, tag| {
-            if now.duration_since(*started) < t {
+            if crate::ticks::to_duration(now.saturating_sub(*started)) < t {
                 return;
             }
             if !*abort_posted && sh.post_abort(qid, cid) {

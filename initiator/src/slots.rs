@@ -7,7 +7,6 @@
 //! slot's `t`, and says what of it a finished command must not leave behind ([`SlotPart`]).
 
 use std::ops::{Index, IndexMut};
-use std::time::Instant;
 
 use nvme_spec::{Command, Status};
 
@@ -31,7 +30,8 @@ pub(crate) struct Slot<B, T> {
     /// The transfer length in bytes (the buffer's).
     pub len: u32,
     pub tag: u64,
-    pub started: Instant,
+    /// When it started, in [`crate::ticks`].
+    pub started: u64,
     /// Abort was requested for this command (timeout handling).
     pub abort_posted: bool,
     /// Its capsule went out on the current connection.
@@ -63,7 +63,7 @@ impl<B, T: SlotPart> Slots<B, T> {
                     buf: None,
                     len: 0,
                     tag: 0,
-                    started: Instant::now(),
+                    started: 0,
                     abort_posted: false,
                     capsule_sent: false,
                     lost_sends: 0,
@@ -127,7 +127,7 @@ impl<B, T: SlotPart> Slots<B, T> {
         s.buf = buf;
         s.len = len;
         s.tag = tag;
-        s.started = Instant::now();
+        s.started = crate::ticks::now();
         s.abort_posted = false;
         s.capsule_sent = false;
         s.lost_sends = 0;
@@ -191,7 +191,7 @@ impl<B, T: SlotPart> Slots<B, T> {
     }
 
     /// Tag and start time of every active user command (timeout scans).
-    pub fn for_each_active(&mut self, mut f: impl FnMut(u16, &mut Instant, &mut bool, u64)) {
+    pub fn for_each_active(&mut self, mut f: impl FnMut(u16, &mut u64, &mut bool, u64)) {
         for (cid, s) in self.slots.iter_mut().enumerate() {
             if s.active && !s.internal {
                 f(cid as u16, &mut s.started, &mut s.abort_posted, s.tag);

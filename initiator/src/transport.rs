@@ -311,7 +311,7 @@ impl<B: IoBuf> Queue<B> {
             on_done(each!(self, q => q.fail_one(cid, status)));
         }
     }
-    pub fn for_each_active(&mut self, f: impl FnMut(u16, &mut Instant, &mut bool, u64)) {
+    pub fn for_each_active(&mut self, f: impl FnMut(u16, &mut u64, &mut bool, u64)) {
         each!(self, q => q.for_each_active(f))
     }
     #[inline]

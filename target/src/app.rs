@@ -24,6 +24,9 @@ pub struct App {
 
 impl App {
     pub fn start(reactor_config: ReactorConfig) -> Result<Arc<App>, crate::reactor::ReactorError> {
+        // The NVMe host stamps commands in ticks; measure their rate (1 ms) before any
+        // reactor would stop for it.
+        initiator::ticks::calibrate();
         let reactors = Reactors::start(reactor_config)?;
         let app = Arc::new(App {
             reactors,

@@ -14,7 +14,7 @@
 
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dma::DmaBuf;
 use nvme_spec::cmd::CreateIoQueue;
@@ -44,7 +44,8 @@ struct Slot<B> {
     buf: Option<B>,
     /// The DMA copy of a buffer without an IOVA (admin queue only).
     bounce: Option<DmaBuf>,
-    started: Instant,
+    /// When it started, in [`crate::ticks`].
+    started: u64,
     abort_posted: bool,
 }
 
@@ -150,7 +151,7 @@ impl<B: IoBuf> PcieQueue<B> {
                 dir: Dir::None,
                 buf: None,
                 bounce: None,
-                started: Instant::now(),
+                started: 0,
                 abort_posted: false,
             })
             .collect();
@@ -287,7 +288,7 @@ impl<B: IoBuf> PcieQueue<B> {
             cq.fill(0);
         }
         self.reset_positions();
-        let now = Instant::now();
+        let now = crate::ticks::now();
         for cid in 0..self.slots.len() {
             if !self.slots[cid].active {
                 continue;
@@ -397,7 +398,7 @@ impl<B: IoBuf> PcieQueue<B> {
             dir,
             buf,
             bounce,
-            started: Instant::now(),
+            started: crate::ticks::now(),
             abort_posted: false,
         };
         if hold {
@@ -537,7 +538,7 @@ impl<B: IoBuf> PcieQueue<B> {
         self.finish(cid, status, 0, 0)
     }
 
-    pub fn for_each_active(&mut self, mut f: impl FnMut(u16, &mut Instant, &mut bool, u64)) {
+    pub fn for_each_active(&mut self, mut f: impl FnMut(u16, &mut u64, &mut bool, u64)) {
         for (cid, s) in self.slots.iter_mut().enumerate() {
             if s.active {
                 f(cid as u16, &mut s.started, &mut s.abort_posted, s.tag);

@@ -739,7 +739,7 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
         self.finish(cid, status, 0, 0)
     }
 
-    pub fn for_each_active(&mut self, f: impl FnMut(u16, &mut Instant, &mut bool, u64)) {
+    pub fn for_each_active(&mut self, f: impl FnMut(u16, &mut u64, &mut bool, u64)) {
         self.slots.for_each_active(f)
     }
 

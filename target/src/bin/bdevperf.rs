@@ -13,6 +13,9 @@
 
 use anyhow::{anyhow, bail, Context};
 use clap::Parser;
+// I/O is timed in ticks (the CPU's cycle counter where the kernel trusts it), as SPDK's
+// bdevperf times it (`spdk_get_ticks`); each job converts with the rate over its own run.
+use initiator::ticks::now as ticks;
 use plexd::app::App;
 use plexd::bdev::{BdevEntry, BdevIo, IoBufs, IoChannel, IoCompletion, IoType};
 use plexd::reactor::{self, core_mask_string, parse_core_mask, PollStatus, Poller, ReactorConfig};
@@ -425,21 +428,6 @@ fn run_jobs(app: &App, bdevs: &[Arc<BdevEntry>], spec: &Spec) -> Vec<JobResult> 
     }
     results.sort_by_key(|r| r.index);
     results
-}
-
-/// The CPU's cycle counter, what SPDK times I/O with (`spdk_get_ticks`): a read costs a few
-/// nanoseconds, against tens for the clock. Each job converts with the rate it measured over
-/// its own run.
-#[cfg(target_arch = "x86_64")]
-fn ticks() -> u64 {
-    // SAFETY: RDTSC exists on every x86-64 CPU and only reads a counter.
-    unsafe { core::arch::x86_64::_rdtsc() }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn ticks() -> u64 {
-    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
 }
 
 /// One queue slot: its buffers while it is free, and when its I/O went out.

@@ -438,6 +438,8 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
     }
     let warmup = Duration::from_secs(cli.warmup);
     let duration = Duration::from_secs(cli.time);
+    // Latencies are timed in ticks: measure their rate here, not in a worker's first I/O.
+    initiator::ticks::calibrate();
     let started = std::time::Instant::now();
     let mut handles = Vec::new();
     for (i, jobs) in per_core.into_iter().enumerate() {

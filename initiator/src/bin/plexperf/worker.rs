@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use dma::DmaBuf;
 use initiator::histogram::Histogram;
-use initiator::{IoError, IoQpair, SubmitErrorKind};
+use initiator::{ticks, IoError, IoQpair, SubmitErrorKind};
 
 use crate::verify::{self, Check};
 
@@ -67,7 +67,8 @@ pub struct UnitsState {
 }
 
 struct IoCtx {
-    start: Instant,
+    /// When it was submitted, in `initiator::ticks`.
+    start: u64,
     unit: u64,
     read: bool,
     gen: u64,
@@ -114,7 +115,7 @@ impl Job {
                 .collect::<Result<_, _>>()?,
             ctx: (0..n)
                 .map(|_| IoCtx {
-                    start: Instant::now(),
+                    start: 0,
                     unit: 0,
                     read: false,
                     gen: 0,
@@ -207,7 +208,7 @@ impl Job {
             }
         }
         let c = &mut self.ctx[slot as usize];
-        c.start = Instant::now();
+        c.start = ticks::now();
         c.unit = unit;
         c.read = read;
         c.gen = gen;
@@ -238,13 +239,7 @@ impl Job {
         }
     }
 
-    fn complete(
-        &mut self,
-        tag: u64,
-        result: Result<(), IoError>,
-        buf: Option<DmaBuf>,
-        now: Instant,
-    ) {
+    fn complete(&mut self, tag: u64, result: Result<(), IoError>, buf: Option<DmaBuf>, now: u64) {
         let slot = tag as usize;
         self.inflight -= 1;
         let (start, unit, read, gen) = {
@@ -316,7 +311,7 @@ impl Job {
         if self.measuring {
             self.res
                 .hist
-                .record(now.duration_since(start).as_nanos() as u64);
+                .record(ticks::to_ns(now.saturating_sub(start)));
             self.res.ios += 1;
             self.res.bytes += u64::from(s.io_blocks * s.block_size);
             if read {
@@ -333,7 +328,7 @@ impl Job {
         let mut done: smallvec::SmallVec<[Finished; 64]> = smallvec::SmallVec::new();
         let n = self.qp.poll(|c| done.push((c.tag, c.result, c.buf)));
         if n > 0 {
-            let now = Instant::now();
+            let now = ticks::now();
             for (tag, r, b) in done.drain(..) {
                 self.complete(tag, r, b, now);
             }

@@ -341,7 +341,7 @@ impl<B: IoBuf> TcpQueue<B> {
     }
 
     /// Tag and start time of every active user command (timeout scans).
-    pub fn for_each_active(&mut self, f: impl FnMut(u16, &mut Instant, &mut bool, u64)) {
+    pub fn for_each_active(&mut self, f: impl FnMut(u16, &mut u64, &mut bool, u64)) {
         self.slots.for_each_active(f)
     }
 
