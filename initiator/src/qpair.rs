@@ -276,7 +276,16 @@ impl<B: IoBuf> IoQpair<B> {
     /// reconnection after a controller reset (a step per poll, never waiting on the network)
     /// and the I/O timeout. Returns the number of completions delivered. With nothing
     /// outstanding and connected, it makes no system call.
-    pub fn poll(&mut self, mut on_done: impl FnMut(IoCompletion<B>)) -> usize {
+    pub fn poll(&mut self, on_done: impl FnMut(IoCompletion<B>)) -> usize {
+        self.poll_max(0, on_done)
+    }
+
+    /// [`IoQpair::poll`], delivering at most `max` completions from the device or the wire
+    /// (0: no limit), as SPDK's `spdk_nvme_qpair_process_completions` does: the rest wait
+    /// for the next poll, so that the owner can submit new commands before it handles them.
+    /// Commands failed at once (a failed path, a reset) are all delivered regardless.
+    pub fn poll_max(&mut self, max: usize, mut on_done: impl FnMut(IoCompletion<B>)) -> usize {
+        let max = if max == 0 { usize::MAX } else { max };
         let sh = &*self.shared;
         let epoch = sh.epoch.load(Ordering::Acquire);
         let mut n = 0;
@@ -337,7 +346,7 @@ impl<B: IoBuf> IoQpair<B> {
             return 0;
         }
         let sh = &*self.shared;
-        let res = self.q.poll(&mut |d: Done<B>| {
+        let res = self.q.poll(max, &mut |d: Done<B>| {
             n += 1;
             on_done(IoCompletion {
                 tag: d.tag,

@@ -288,8 +288,8 @@ impl<B: IoBuf> Queue<B> {
         each!(self, q => q.submit(sqe, dir, buf, tag))
     }
     #[inline]
-    pub fn poll(&mut self, on_done: &mut impl FnMut(Done<B>)) -> Result<usize> {
-        each!(self, q => q.poll(on_done))
+    pub fn poll(&mut self, max: usize, on_done: &mut impl FnMut(Done<B>)) -> Result<usize> {
+        each!(self, q => q.poll(max, on_done))
     }
     pub fn flush(&mut self) -> Result<()> {
         each!(self, q => q.flush())

@@ -30,6 +30,9 @@ struct Knobs {
     bogus_after: AtomicUsize,
     bogus_done: AtomicBool,
     io_done: AtomicUsize,
+    /// I/O responses written whole to the socket (counted after the write, where `io_done`
+    /// counts before it).
+    io_answered: AtomicUsize,
     connects: AtomicUsize,
     term_reqs: AtomicUsize,
     ka: AtomicUsize,
@@ -277,7 +280,9 @@ fn finish_io(c: &mut Conn, cid: u16, k: &Knobs) -> std::io::Result<()> {
         // Misbehave once: a completion for a CID the host never used.
         return c.resp(cid ^ 0x4000, Status::SUCCESS, 0, 0);
     }
-    c.resp(cid, Status::SUCCESS, 0, 0)
+    c.resp(cid, Status::SUCCESS, 0, 0)?;
+    k.io_answered.fetch_add(1, Ordering::SeqCst);
+    Ok(())
 }
 
 fn admin(c: &mut Conn, cmd: &Command, k: &Knobs) -> std::io::Result<()> {
@@ -601,6 +606,52 @@ fn a_command_that_outlives_its_abort_fails_after_the_reset_instead_of_being_rese
     );
     // Sent once, before the reset; never again after it.
     assert_eq!(f.knobs.io_held.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn poll_max_hands_over_at_most_max_and_keeps_the_rest_for_the_next_poll() {
+    let f = start_fake();
+    let mut c =
+        Controller::connect(&trid(f.port, "nqn.2024-01.io.fake:sub0"), &opts(false)).unwrap();
+    let mut q = c.alloc_io_qpair::<DmaBuf>(Some(32)).unwrap();
+    // Eight writes per round; a round with limit 3 takes polls of 3, 3 and 2 once all eight
+    // answers are in; a round with 0 (no limit) takes one poll.
+    for (round, limit) in [(0u64, 3usize), (1, 0)] {
+        let tags: Vec<u64> = (round * 8..round * 8 + 8).collect();
+        for &tag in &tags {
+            q.write(1, tag * 8, 8, pattern(4096, tag as u8), tag)
+                .map_err(|e| e.kind)
+                .unwrap();
+        }
+        let mut got = Vec::new();
+        let per_poll = if limit == 0 { usize::MAX } else { limit };
+        // The first poll sends the eight; their answers may or may not be back yet.
+        let first = q.poll_max(limit, |d| got.push((d.tag, d.result.is_ok())));
+        assert!(
+            first <= per_poll,
+            "{first} completions from a poll of at most {limit}"
+        );
+        // Loopback has every answer in the host's socket once the fake's write returned:
+        // from then on each poll takes exactly what the limit lets through.
+        wait_until("eight answers written", || {
+            f.knobs.io_answered.load(Ordering::SeqCst) == 8 * (round as usize + 1)
+        });
+        let mut left = 8 - first;
+        while left > 0 {
+            let n = q.poll_max(limit, |d| got.push((d.tag, d.result.is_ok())));
+            assert_eq!(
+                n,
+                left.min(per_poll),
+                "{left} answers waiting, limit {limit}"
+            );
+            left -= n;
+        }
+        assert_eq!(q.poll_max(limit, |_| {}), 0);
+        got.sort();
+        assert_eq!(got, tags.iter().map(|&t| (t, true)).collect::<Vec<_>>());
+    }
+    drop(q);
+    c.detach().unwrap();
 }
 
 #[derive(Debug, PartialEq)]

@@ -225,7 +225,7 @@ impl Controller {
         loop {
             let mut mine = None;
             let deferred = &mut self.deferred;
-            self.admin.poll(&mut |d: Done<Vec<u8>>| {
+            self.admin.poll(usize::MAX, &mut |d: Done<Vec<u8>>| {
                 if d.tag == TAG_SYNC {
                     mine = Some(d);
                 } else {

@@ -24,7 +24,9 @@ impl Controller {
             CtrlrState::Connected => {
                 let mut busy = false;
                 let deferred = &mut self.deferred;
-                let r = self.admin.poll(&mut |d: Done<Vec<u8>>| deferred.push(d));
+                let r = self
+                    .admin
+                    .poll(usize::MAX, &mut |d: Done<Vec<u8>>| deferred.push(d));
                 if let Err(e) = r {
                     self.start_reset(&format!("admin connection: {e}"));
                     return true;

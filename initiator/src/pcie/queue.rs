@@ -468,13 +468,15 @@ impl<B: IoBuf> PcieQueue<B> {
         Completion::read(&bytes)
     }
 
-    pub fn poll(&mut self, on_done: &mut impl FnMut(Done<B>)) -> Result<usize> {
+    /// Rings the submission doorbell and takes up to `max` completions.
+    pub fn poll(&mut self, max: usize, on_done: &mut impl FnMut(Done<B>)) -> Result<usize> {
         if !self.connected {
             return Err(Error::Disconnected);
         }
         self.ring_sq();
         let (mut n, head) = (0, self.cq_head);
-        while let Some(c) = self.peek() {
+        while n < max {
+            let Some(c) = self.peek() else { break };
             self.cq_head += 1;
             if self.cq_head == self.depth {
                 self.cq_head = 0;

@@ -249,7 +249,7 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
                     })
                 }
                 ConnState::AwaitingConnectResp { deadline } => {
-                    self.process(&mut |_| {})?;
+                    self.process(usize::MAX, &mut |_| {})?;
                     let Some((status, dw0)) = self.internal_done.take() else {
                         if let Some(event) = self.next_cm_event()? {
                             return Err(self.refused("Fabrics Connect", &event));
@@ -579,7 +579,9 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
         Ok(())
     }
 
-    pub fn poll(&mut self, on_done: &mut impl FnMut(Done<B>)) -> Result<usize> {
+    /// Takes work completions until `max` commands have finished (each completion finishes
+    /// at most one), or none are left.
+    pub fn poll(&mut self, max: usize, on_done: &mut impl FnMut(Done<B>)) -> Result<usize> {
         if !self.is_connected() {
             return Err(Error::Disconnected);
         }
@@ -587,7 +589,7 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
             return Err(self.lost(e));
         }
         let mut n = self.slots.deliver_given_up(on_done);
-        let got = self.process(&mut |d| {
+        let got = self.process(max.saturating_sub(n), &mut |d| {
             n += 1;
             on_done(d)
         })?;
@@ -613,13 +615,17 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
         Err(self.lost(e))
     }
 
-    /// Takes every completion waiting; returns how many work completions there were.
-    fn process(&mut self, on_done: &mut impl FnMut(Done<B>)) -> Result<usize> {
+    /// Takes up to `max` waiting work completions; returns how many there were.
+    fn process(&mut self, max: usize, on_done: &mut impl FnMut(Done<B>)) -> Result<usize> {
         let mut wcs = [WorkCompletion::default(); 32];
         let mut total = 0;
         loop {
+            let want = wcs.len().min(max - total);
+            if want == 0 {
+                return Ok(total);
+            }
             let polled = match self.conn.as_ref().and_then(|c| c.cq.as_ref()) {
-                Some(cq) => cq.poll(&mut wcs),
+                Some(cq) => cq.poll(&mut wcs[..want]),
                 None => return Err(Error::Disconnected),
             };
             let n = match polled {
@@ -632,7 +638,7 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
                 }
             }
             total += n;
-            if n < wcs.len() {
+            if n < want {
                 return Ok(total);
             }
         }

@@ -42,6 +42,10 @@ struct Cli {
     /// Run time in seconds (after warm-up).
     #[arg(short = 't', long = "time", default_value_t = 10)]
     time: u64,
+    /// Completions a queue pair hands over per poll before the new commands they free go
+    /// out (0: no limit), as spdk_nvme_perf's -C. Default: half the queue depth.
+    #[arg(short = 'C', long = "max-completion-per-poll")]
+    max_completions: Option<usize>,
     /// Core mask: one thread per core, pinned, each owning its queue pairs.
     #[arg(short = 'c', long = "core-mask", default_value = "0x1")]
     core_mask: String,
@@ -410,6 +414,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                     units_lo: lo,
                     units_hi: hi,
                     depth,
+                    max_completions: cli.max_completions.unwrap_or(depth.div_ceil(2)),
                     read_pct,
                     pattern,
                     verify: cli.verify,

@@ -29,6 +29,8 @@ pub struct JobSpec {
     pub units_lo: u64,
     pub units_hi: u64,
     pub depth: usize,
+    /// Completions taken per poll (0: all there are).
+    pub max_completions: usize,
     pub read_pct: u32,
     pub pattern: Pattern,
     pub verify: bool,
@@ -326,7 +328,9 @@ impl Job {
         // (tag, result, buffer) of each command the poll finished.
         type Finished = (u64, Result<(), IoError>, Option<DmaBuf>);
         let mut done: smallvec::SmallVec<[Finished; 64]> = smallvec::SmallVec::new();
-        let n = self.qp.poll(|c| done.push((c.tag, c.result, c.buf)));
+        let n = self.qp.poll_max(self.spec.max_completions, |c| {
+            done.push((c.tag, c.result, c.buf))
+        });
         if n > 0 {
             let now = ticks::now();
             for (tag, r, b) in done.drain(..) {
