@@ -56,7 +56,8 @@ pub struct IoQpair<B: IoBuf> {
     attempt_epoch: u64,
     /// No new connection attempt before this (reconnect_delay after a failed one).
     next_try: Instant,
-    last_scan: Instant,
+    /// When the last timeout scan ran, in [`crate::ticks`].
+    last_scan: u64,
     max_xfer: u32,
 }
 
@@ -68,7 +69,7 @@ impl<B: IoBuf> IoQpair<B> {
             epoch,
             attempt_epoch: epoch,
             next_try: Instant::now(),
-            last_scan: Instant::now(),
+            last_scan: crate::ticks::now(),
             max_xfer,
         }
     }
@@ -364,10 +365,10 @@ impl<B: IoBuf> IoQpair<B> {
         }
         if let Some(t) = sh.io_timeout {
             if self.q.outstanding() > 0 {
-                let now = Instant::now();
-                if now.duration_since(self.last_scan) >= TIMEOUT_SCAN {
+                let now = crate::ticks::now();
+                if crate::ticks::to_duration(now.saturating_sub(self.last_scan)) >= TIMEOUT_SCAN {
                     self.last_scan = now;
-                    self.check_timeouts(crate::ticks::now(), t);
+                    self.check_timeouts(now, t);
                 }
             }
         }

@@ -1,9 +1,9 @@
-//! A fabrics queue's command slots: what NVMe/TCP and NVMe/RDMA keep alike for every command
-//! they have taken, and the free list that hands out command identifiers.
+//! A queue's command slots: what every transport (TCP, RDMA, PCIe) keeps alike for each
+//! command it has taken, and the free list that hands out command identifiers.
 //!
-//! A slot's index is the command's CID. Slot `depth` is the queue's own (Fabrics Connect,
-//! marked `internal`): it is never on the free list and never counts as outstanding, and the
-//! timeout scan does not see it. Each transport keeps what only it needs per command in the
+//! A slot's index is the command's CID. Slot `depth` is a fabrics queue's own (Fabrics
+//! Connect, marked `internal`; PCIe never uses it): it is never on the free list and never
+//! counts as outstanding, and the timeout scan does not see it. Each transport keeps what only it needs per command in the
 //! slot's `t`, and says what of it a finished command must not leave behind ([`SlotPart`]).
 
 use std::ops::{Index, IndexMut};
@@ -97,6 +97,11 @@ impl<B, T: SlotPart> Slots<B, T> {
     /// A free CID for a user command, if any.
     pub fn take(&mut self) -> Option<u16> {
         self.free.pop()
+    }
+
+    /// Gives back a CID from [`Slots::take`] whose command was refused before it started.
+    pub fn put_back(&mut self, cid: u16) {
+        self.free.push(cid);
     }
 
     /// Makes slot `cid` active with a new command, its CID set, and returns it for the

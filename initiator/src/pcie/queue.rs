@@ -26,6 +26,7 @@ use nvme_spec::{Command, Completion, IntoBytes, Status};
 use super::{PcieDevice, QueueSetup, MAX_TRANSFER, PAGE};
 use crate::buf::IoBuf;
 use crate::error::{Error, Result};
+use crate::slots::{SlotPart, Slots};
 use crate::transport::{ConnParams, ConnectProgress, Dir, Done};
 
 const SQE: usize = 64;
@@ -35,18 +36,18 @@ const PRP_PER_PAGE: usize = (PAGE as usize) / 8;
 /// Largest ring we build: 1024 entries keep each ring and the PRP lists within one pool buffer.
 pub(crate) const MAX_DEPTH: u16 = 1024;
 
-struct Slot<B> {
-    active: bool,
-    /// The command as submitted, written again if a controller reset cuts it off.
-    sqe: Command,
-    tag: u64,
-    dir: Dir,
-    buf: Option<B>,
+/// What a PCIe queue keeps per command besides the common slot (`crate::slots`, whose
+/// command is written into the ring again if a controller reset cuts it off).
+#[derive(Default)]
+struct PcieSlot {
     /// The DMA copy of a buffer without an IOVA (admin queue only).
     bounce: Option<DmaBuf>,
-    /// When it started, in [`crate::ticks`].
-    started: u64,
-    abort_posted: bool,
+}
+
+impl SlotPart for PcieSlot {
+    fn finished(&mut self) {
+        self.bounce = None;
+    }
 }
 
 pub(crate) struct PcieQueue<B> {
@@ -64,9 +65,9 @@ pub(crate) struct PcieQueue<B> {
     phase: bool,
     sq_doorbell: usize,
     cq_doorbell: usize,
-    slots: Vec<Slot<B>>,
-    free: Vec<u16>,
-    outstanding: usize,
+    /// `depth - 1` command slots: a ring of N entries holds N - 1 commands. (The slots'
+    /// internal one, for a fabrics Connect, is never used here.)
+    slots: Slots<B, PcieSlot>,
     connected: bool,
     /// Waiting for the controller to create this I/O queue again.
     connecting: bool,
@@ -91,9 +92,7 @@ impl<B: IoBuf> PcieQueue<B> {
             phase: true,
             sq_doorbell: 0,
             cq_doorbell: 0,
-            slots: Vec::new(),
-            free: Vec::new(),
-            outstanding: 0,
+            slots: Slots::new(depth - 1),
             connected: false,
             connecting: false,
         }
@@ -143,21 +142,7 @@ impl<B: IoBuf> PcieQueue<B> {
         self.sq_doorbell = sqd;
         self.cq_doorbell = cqd;
         self.reset_positions();
-        self.slots = (0..depth)
-            .map(|_| Slot {
-                active: false,
-                sqe: Command::new(0),
-                tag: 0,
-                dir: Dir::None,
-                buf: None,
-                bounce: None,
-                started: 0,
-                abort_posted: false,
-            })
-            .collect();
-        // A ring of N entries holds N - 1 commands.
-        self.free = (0..self.depth - 1).rev().collect();
-        self.outstanding = 0;
+        self.slots = Slots::new(self.depth - 1);
         Ok(())
     }
 
@@ -314,15 +299,15 @@ impl<B: IoBuf> PcieQueue<B> {
     }
 
     pub fn depth(&self) -> u16 {
-        self.depth
+        self.slots.depth()
     }
 
     pub fn outstanding(&self) -> usize {
-        self.outstanding
+        self.slots.outstanding()
     }
 
     pub fn busy(&self) -> bool {
-        self.outstanding > 0
+        self.slots.outstanding() > 0
     }
 
     pub fn flush(&mut self) -> Result<()> {
@@ -348,7 +333,7 @@ impl<B: IoBuf> PcieQueue<B> {
         if hold && (self.qid() == 0 || self.sq.is_none()) {
             return Err(buf);
         }
-        let Some(cid) = self.free.pop() else {
+        let Some(cid) = self.slots.take() else {
             return Err(buf);
         };
         let mut bounce = None;
@@ -372,7 +357,7 @@ impl<B: IoBuf> PcieQueue<B> {
             },
         };
         if buf.as_ref().is_some_and(|b| !b.is_empty()) && data_iova.is_none() {
-            self.free.push(cid);
+            self.slots.put_back(cid);
             return Err(buf);
         }
         // Without data the command keeps its own pointer (Create I/O CQ/SQ name their rings).
@@ -383,30 +368,18 @@ impl<B: IoBuf> PcieQueue<B> {
                 sqe.set_sgl1(SglDescriptor::data_block(iova, len as u32));
             } else {
                 let Some((prp1, prp2)) = self.prps(cid, iova, len) else {
-                    self.free.push(cid);
+                    self.slots.put_back(cid);
                     return Err(buf);
                 };
                 sqe.set_prps(prp1, prp2);
             }
         }
-        sqe.set_cid(cid);
-        let s = &mut self.slots[cid as usize];
-        *s = Slot {
-            active: true,
-            sqe,
-            tag,
-            dir,
-            buf,
-            bounce,
-            started: crate::ticks::now(),
-            abort_posted: false,
-        };
-        if hold {
-            self.outstanding += 1;
-            return Ok(cid);
+        let s = self.slots.start(cid, sqe, dir, buf, tag, false);
+        s.t.bounce = bounce;
+        let sqe = s.sqe;
+        if !hold {
+            self.push_sqe(&sqe);
         }
-        self.push_sqe(&sqe);
-        self.outstanding += 1;
         Ok(cid)
     }
 
@@ -483,7 +456,7 @@ impl<B: IoBuf> PcieQueue<B> {
                 self.phase = !self.phase;
             }
             let cid = c.cid();
-            if self.slots.get(cid as usize).is_none_or(|s| !s.active) {
+            if !self.slots.is_active(cid) {
                 tracing::warn!(
                     qid = self.qid(),
                     cid,
@@ -502,37 +475,23 @@ impl<B: IoBuf> PcieQueue<B> {
         Ok(n)
     }
 
+    /// Ends `cid`'s command; read data that went through a bounce buffer is copied out first.
     fn finish(&mut self, cid: u16, status: Status, dw0: u32, dw1: u32) -> Done<B> {
         let s = &mut self.slots[cid as usize];
-        s.active = false;
-        let mut buf = s.buf.take();
-        if let (Some(bounce), Some(b)) = (s.bounce.take(), buf.as_mut()) {
+        if let (Some(bounce), Some(b)) = (s.t.bounce.take(), s.buf.as_mut()) {
             if s.dir == Dir::ToHost {
                 if let Some(dst) = b.bytes_mut() {
                     dst.copy_from_slice(&bounce);
                 }
             }
         }
-        self.outstanding -= 1;
-        self.free.push(cid);
-        Done {
-            tag: s.tag,
-            status,
-            dw0,
-            dw1,
-            buf,
-        }
+        self.slots.finish(cid, status, dw0, dw1)
     }
 
     /// Completes every outstanding command with `status`. Only sound once the controller is
     /// disabled (the admin queue's connect does that first): until then it may still DMA.
     pub fn fail_all(&mut self, status: Status, on_done: &mut impl FnMut(Done<B>)) {
-        for cid in 0..self.slots.len() as u16 {
-            if self.slots[cid as usize].active {
-                let d = self.finish(cid, status, 0, 0);
-                on_done(d);
-            }
-        }
+        self.slots.fail_all(status, on_done);
     }
 
     /// Completes active command `cid` with `status` now (`Queue::fail_aborted`).
@@ -540,41 +499,35 @@ impl<B: IoBuf> PcieQueue<B> {
         self.finish(cid, status, 0, 0)
     }
 
-    pub fn for_each_active(&mut self, mut f: impl FnMut(u16, &mut u64, &mut bool, u64)) {
-        for (cid, s) in self.slots.iter_mut().enumerate() {
-            if s.active {
-                f(cid as u16, &mut s.started, &mut s.abort_posted, s.tag);
-            }
-        }
+    pub fn for_each_active(&mut self, f: impl FnMut(u16, &mut u64, &mut bool, u64)) {
+        self.slots.for_each_active(f)
     }
 }
 
 impl<B> Drop for PcieQueue<B> {
     fn drop(&mut self) {
-        if self.outstanding == 0 {
+        let outstanding = self.slots.outstanding();
+        if outstanding == 0 {
             return;
         }
         // The device may still read or write the rings and the data of commands it has not
         // completed: that memory must never go back to the pool for someone else. (The admin
         // queue always has its Asynchronous Event Request out: expected, not worth a warning.)
         if self.params.qid == 0 {
-            tracing::debug!(
-                outstanding = self.outstanding,
-                "admin queue dropped; its rings are leaked"
-            );
+            tracing::debug!(outstanding, "admin queue dropped; its rings are leaked");
         } else {
             tracing::warn!(
                 qid = self.params.qid,
-                outstanding = self.outstanding,
+                outstanding,
                 "PCIe queue dropped with commands outstanding; their memory is leaked, not reused"
             );
         }
         std::mem::forget(self.sq.take());
         std::mem::forget(self.cq.take());
         std::mem::forget(self.prp.take());
-        for s in &mut self.slots {
+        for s in self.slots.iter_mut() {
             std::mem::forget(s.buf.take());
-            std::mem::forget(s.bounce.take());
+            std::mem::forget(s.t.bounce.take());
         }
     }
 }
