@@ -1,6 +1,7 @@
 use super::*;
 use std::rc::Rc;
 use std::sync::atomic::AtomicUsize;
+use std::time::Instant;
 
 fn test_config(n: usize, idle_poll_us: u64) -> ReactorConfig {
     ReactorConfig {
