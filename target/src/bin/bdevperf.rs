@@ -14,8 +14,8 @@
 use anyhow::{anyhow, bail, Context};
 use clap::Parser;
 // I/O is timed in ticks (the CPU's cycle counter where the kernel trusts it), as SPDK's
-// bdevperf times it (`spdk_get_ticks`); each job converts with the rate over its own run.
-use initiator::ticks::now as ticks;
+// bdevperf times it (`spdk_get_ticks`).
+use initiator::ticks::{self, now as ticks};
 use plexd::app::App;
 use plexd::bdev::{BdevEntry, BdevIo, IoBufs, IoChannel, IoCompletion, IoType};
 use plexd::reactor::{self, core_mask_string, parse_core_mask, PollStatus, Poller, ReactorConfig};
@@ -352,7 +352,7 @@ fn check_bdev(entry: &BdevEntry, spec: &Spec) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What a job measured, in the CPU's cycles (`hz` a second).
+/// What a job measured; latencies in [`initiator::ticks`].
 #[derive(Debug)]
 struct JobResult {
     index: usize,
@@ -364,7 +364,6 @@ struct JobResult {
     total_ticks: u64,
     min_ticks: u64,
     max_ticks: u64,
-    hz: f64,
     /// Why the job stopped early or never started.
     error: Option<String>,
 }
@@ -381,13 +380,12 @@ impl JobResult {
             total_ticks: 0,
             min_ticks: 0,
             max_ticks: 0,
-            hz: 1.0,
             error: Some(why),
         }
     }
 
     fn ticks_us(&self, t: u64) -> f64 {
-        t as f64 / self.hz * 1e6
+        ticks::to_ns(t) as f64 / 1e3
     }
 }
 
@@ -451,7 +449,8 @@ struct Job {
     completed: Vec<IoCompletion>,
     rng: u64,
     next_seq: u64,
-    started: Option<(Instant, u64, u64)>,
+    /// When the first poll ran: by the wall clock, and on the reactor's loop clock (ns).
+    started: Option<(Instant, u64)>,
     stopping: bool,
     ios: u64,
     failed: u64,
@@ -564,9 +563,8 @@ impl Job {
     }
 
     fn finish(&mut self, core: usize) {
-        let (t0, ticks0, _) = self.started.expect("a finishing job has started");
+        let (t0, _) = self.started.expect("a finishing job has started");
         let runtime = t0.elapsed();
-        let hz = (ticks() - ticks0) as f64 / runtime.as_secs_f64().max(1e-9);
         let error = self.first_error.take().map(|e| {
             if self.failed > 1 {
                 format!("{e} ({} I/Os failed)", self.failed)
@@ -584,7 +582,6 @@ impl Job {
             total_ticks: self.total_ticks,
             min_ticks: if self.ios == 0 { 0 } else { self.min_ticks },
             max_ticks: self.max_ticks,
-            hz,
             error,
         });
     }
@@ -597,9 +594,7 @@ impl Poller for Job {
 
     fn poll(&mut self, ctx: &mut reactor::ReactorCtx) -> PollStatus {
         let now = reactor::now_ns();
-        let (_, _, start_ns) = *self
-            .started
-            .get_or_insert_with(|| (Instant::now(), ticks(), now));
+        let (_, start_ns) = *self.started.get_or_insert_with(|| (Instant::now(), now));
         if !self.stopping
             && (now.saturating_sub(start_ns) >= self.spec.duration.as_nanos() as u64
                 || STOP.load(Ordering::Relaxed))
