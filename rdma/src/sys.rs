@@ -341,6 +341,7 @@ library! {
         ibv_create_srq: fn(*mut ibv_pd, *mut ibv_srq_init_attr) -> *mut ibv_srq;
         ibv_destroy_srq: fn(*mut ibv_srq) -> c_int;
         ibv_wc_status_str: fn(c_uint) -> *const c_char;
+        ibv_get_device_name: fn(*mut ibv_device) -> *const c_char;
     }
 }
 

@@ -42,6 +42,24 @@ impl Device {
         self.raw.as_ptr() as usize
     }
 
+    /// The kernel's name for the device (`rxe0`, `mlx5_0`), as `ibv_devices` lists it.
+    pub fn name(&self) -> Result<String> {
+        let libs = libraries()?;
+        // SAFETY: the context is live (see `Device`); its `device` field is set by libibverbs
+        // when the context is opened and stays valid as long as the context.
+        let device = unsafe { (*self.raw.as_ptr()).device };
+        // SAFETY: `device` is the context's own device; the name is a NUL-terminated string
+        // inside it, copied out before the context can go.
+        let name = unsafe { (libs.verbs.ibv_get_device_name)(device) };
+        if name.is_null() {
+            return Err(os_error("ibv_get_device_name"));
+        }
+        // SAFETY: non-null, NUL-terminated (above).
+        Ok(unsafe { CStr::from_ptr(name) }
+            .to_string_lossy()
+            .into_owned())
+    }
+
     pub fn limits(&self) -> Result<DeviceLimits> {
         let libs = libraries()?;
         // SAFETY: all-zero is a valid ibv_device_attr (integers and a byte array).

@@ -330,6 +330,8 @@ pub struct PollGroupStats {
     pub pending_bdev_io: AtomicU64,
     /// Commands completed on I/O queues.
     pub completed_nvme_io: AtomicU64,
+    /// The NVMe/RDMA counters of this group's queue pairs, one entry per device.
+    pub rdma_devices: Mutex<Vec<Arc<rdma::DeviceStats>>>,
 }
 
 impl PollGroupStats {
@@ -341,6 +343,20 @@ impl PollGroupStats {
         };
         crate::bdev::bump(total, 1);
         crate::bdev::bump(cur, 1);
+    }
+
+    /// The RDMA counters of device `name` in this group, made on first use.
+    pub fn rdma_device(&self, name: &str) -> Arc<rdma::DeviceStats> {
+        let mut devices = self.rdma_devices.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(d) = devices.iter().find(|d| d.name == name) {
+            return d.clone();
+        }
+        let d = Arc::new(rdma::DeviceStats {
+            name: name.to_string(),
+            ..Default::default()
+        });
+        devices.push(d.clone());
+        d
     }
 
     pub fn qpair_closed(&self, admin: bool) {

@@ -499,19 +499,40 @@ pub fn register(m: &mut Methods) {
 
 /// `nvmf_get_stats` in SPDK's shape: one poll group per reactor, named as SPDK names its
 /// groups. What plexd does not have is reported as SPDK reports an idle group: the TCP
-/// transport entry carries only `trtype` (plexd keeps no per-transport buffer pools or
-/// device counters to report).
+/// transport entry carries only `trtype` (plexd keeps no per-transport buffer pools), and an
+/// RDMA entry lists per device only the counters plexd keeps (`rdma::DeviceStats`).
 fn get_stats(app: &App) -> serde_json::Value {
     use std::sync::atomic::Ordering::Relaxed;
-    let transports: Vec<serde_json::Value> = app
+    let trtypes: Vec<String> = app
         .nvmf
         .transports()
         .iter()
-        .map(|t| serde_json::json!({"trtype": t.trtype}))
+        .map(|t| t.trtype.to_string())
         .collect();
     let groups: Vec<serde_json::Value> = (0..app.reactors.len())
         .map(|i| {
             let s = app.nvmf.poll_group_stats(i);
+            let rdma_devices: Vec<serde_json::Value> = s
+                .rdma_devices
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|d| {
+                    serde_json::json!({
+                        "name": d.name,
+                        "requests": d.requests.load(Relaxed),
+                        "pending_free_request": d.pending_free_request.load(Relaxed),
+                        "pending_rdma_read": d.pending_rdma_read.load(Relaxed),
+                    })
+                })
+                .collect();
+            let transports: Vec<serde_json::Value> = trtypes
+                .iter()
+                .map(|t| match t.as_str() {
+                    "RDMA" => serde_json::json!({"trtype": t, "devices": rdma_devices}),
+                    _ => serde_json::json!({"trtype": t}),
+                })
+                .collect();
             serde_json::json!({
                 "name": format!("nvmf_tgt_poll_group_{i:03}"),
                 "admin_qpairs": s.admin_qpairs.load(Relaxed),
@@ -520,7 +541,7 @@ fn get_stats(app: &App) -> serde_json::Value {
                 "current_io_qpairs": s.current_io_qpairs.load(Relaxed),
                 "pending_bdev_io": s.pending_bdev_io.load(Relaxed),
                 "completed_nvme_io": s.completed_nvme_io.load(Relaxed),
-                "transports": transports.clone(),
+                "transports": transports,
             })
         })
         .collect();

@@ -70,6 +70,8 @@ pub struct Setup {
     pub events: Arc<ConnEvents>,
     /// RDMA READs we may have outstanding against the host.
     pub max_reads: u16,
+    /// The device's name, for the counters (`nvmf_get_stats`).
+    pub device_name: String,
 }
 
 /// A queue's receive and response buffers: `recvs` capsules of `capsule_len` bytes, then a
@@ -221,6 +223,8 @@ pub struct Rdma {
     /// The pool chunks this queue has moved data through, with their keys.
     chunks: ChunkKeys,
     wc: [WorkCompletion; POLL_BATCH],
+    /// This reactor's counters for the device.
+    stats: Arc<super::DeviceStats>,
 }
 
 pub type RdmaConn = NvmeQueue<Rdma>;
@@ -279,6 +283,9 @@ impl RdmaConn {
         reactor: usize,
     ) -> RdmaConn {
         let slots = setup.buffers.responses - SPARE_RESPONSES;
+        let stats = target
+            .poll_group_stats(reactor)
+            .rdma_device(&setup.device_name);
         let t = Rdma {
             id: setup.id,
             cq: setup.cq,
@@ -298,6 +305,7 @@ impl RdmaConn {
             notified: false,
             chunks: ChunkKeys::default(),
             wc: [WorkCompletion::default(); POLL_BATCH],
+            stats,
         };
         NvmeQueue::with_transport(t, target, opts, listen, peer, reactor)
     }
@@ -488,6 +496,7 @@ impl RdmaConn {
         let waits = !self.t.held.is_empty() || !self.has_free_slot();
         if waits && self.t.state == State::Live && self.t.held.len() < MAX_HELD {
             self.t.held.push_back((index, len));
+            crate::bdev::bump(&self.t.stats.pending_free_request, 1);
             return;
         }
         self.start_arrived(index, len);
@@ -514,6 +523,7 @@ impl RdmaConn {
         self.t.receives().0.read(base, &mut raw);
         let cmd = Command::read_from_bytes(&raw).expect("64 bytes");
         let in_capsule = (len - CAPSULE_LEN) as u32;
+        crate::bdev::bump(&self.t.stats.requests, 1);
         if let Some(si) = self.take_slot(cmd) {
             self.start_capsule(si, &cmd, base, in_capsule);
         }
@@ -684,6 +694,7 @@ impl Transport for Rdma {
             q.post_read(si);
         } else {
             q.t.pending_reads.push_back(si);
+            crate::bdev::bump(&q.t.stats.pending_rdma_read, 1);
         }
     }
 

@@ -326,6 +326,7 @@ impl ConnectionManager {
             shared,
             events,
             max_reads: max_reads.max(1) as u16,
+            device_name: device.name().unwrap_or_else(|_| "unknown".into()),
         };
         let h = &self.reactors[index];
         let (t, o, a, p) = (

@@ -23,6 +23,24 @@ use crate::nvmf::controller;
 use crate::reactor::{fn_poller, PollStatus, ReactorCtx};
 use conn::RdmaConn;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::AtomicU64;
+
+/// What one reactor's queue pairs on one device counted, for `nvmf_get_stats` (the RDMA
+/// transport's `devices` in SPDK's shape, with the counters plexd keeps). Bumped only on that
+/// reactor; read from anywhere.
+#[derive(Debug, Default)]
+pub struct DeviceStats {
+    /// The device's name (`rxe0`).
+    pub name: String,
+    /// Command capsules started.
+    pub requests: AtomicU64,
+    /// Capsules that arrived while every command slot of their queue pair was busy and waited
+    /// in their receive for one (SPDK: a request waiting for a free request object).
+    pub pending_free_request: AtomicU64,
+    /// Writes whose RDMA READ of the host's data waited for room under the read depth agreed
+    /// at connect.
+    pub pending_rdma_read: AtomicU64,
+}
 
 /// How often every queue is looked at, news or not (keep-alive, controller events, timeouts).
 const SWEEP_MS: u64 = 50;
