@@ -10,7 +10,8 @@
 # the kernel host connected: its I/O fails as fast_io_fail_tmo says, and plexd restarted from
 # its saved configuration is reconnected. Bad input: connect requests with bad private data
 # are rejected with the NVMe/RDMA reason; keyed SGLs naming memory the host never registered
-# end only their queue pair; a host leaving mid-transfer; plexd keeps serving.
+# end only their queue pair; a host leaving mid-transfer; a host past its queue size; plexd
+# keeps serving.
 #
 # On the host: cargo build --release && tests/guest/nvmf_rdma_kernel_initiator.sh
 # Soft-RoCE is software in an emulated guest: this proves interoperability, not speed.
@@ -19,7 +20,7 @@ set -uo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=tests/guest/lib.sh
 . "$HERE/lib.sh"
-plan 35
+plan 38
 REPO=$GUEST_LIB_REPO
 
 PLEXD=${PLEXD:-$REPO/build/release/plexd}
@@ -171,6 +172,41 @@ transfer_ended "a keyed SGL running past the host's registration: plexd closes t
     out-of-range "closed by the target"
 transfer_ended "a host that disconnects right after sending a Connect to be read" disconnect disconnected
 plexperf_identify_ok "plexd still serves RDMA after the bad connects and transfers"
+
+# ---- a host past its queue size ------------------------------------------------------
+# rdma-check's overrun probe keeps 56 more commands in flight than its I/O queue of 128 (SPDK's
+# max_queue_depth) holds, against a namespace a QoS limit slows to 1000 I/O per second. plexd
+# gives a queue pair 32 command slots past its size (for cids a host reuses before the
+# response's send completes here), so the first 160 hold every slot when the rest arrive, and
+# those wait in their receives until slots free. Each is answered once, successfully, the held
+# writes' in-capsule data lands intact, and nvmf_get_stats counts them as SPDK does.
+SLOW_NQN=nqn.2024-01.io.plexstor:rdma-slow
+slow_subsystem() {
+    srpc bdev_malloc_create -b Slow0 1 512 >/dev/null &&
+        srpc bdev_set_qos_limit Slow0 --rw-ios-per-sec 1000 &&
+        srpc nvmf_create_subsystem "$SLOW_NQN" -a &&
+        srpc nvmf_subsystem_add_ns "$SLOW_NQN" Slow0 &&
+        srpc nvmf_subsystem_add_listener "$SLOW_NQN" -t rdma -a "$RXE_ADDR" -s "$PORT" -f ipv4
+}
+held_capsules() {
+    jget "$(srpc nvmf_get_stats)" 'sum(d["pending_free_request"] for g in v["poll_groups"]
+        for t in g["transports"] if t["trtype"] == "RDMA" for d in t["devices"])'
+}
+check "SPDK's client: a 1000 IO/s QoS namespace on a subsystem of its own" slow_subsystem
+held_before=$(held_capsules)
+out=$(timeout 120 "$PROBE" --overrun 56 "$RXE_ADDR" "$PORT" "$SLOW_NQN" 2>&1)
+if [ "${out#ok: }" != "$out" ]; then
+    pass "184 commands on a queue of 128: ${out#ok: }"
+else
+    printf '%s\n' "$out" | tail -n 3 | sed 's/^/# /'
+    fail "184 commands on a queue of 128, each answered once, data intact" "${out:-no output}"
+fi
+held_after=$(held_capsules)
+if [ -n "$held_before" ] && [ -n "$held_after" ] && [ "$held_after" -gt "$held_before" ]; then
+    pass "nvmf_get_stats: $((held_after - held_before)) capsules waited for a free slot (pending_free_request)"
+else
+    fail "nvmf_get_stats counts capsules that waited for a free slot" "pending_free_request $held_before -> $held_after"
+fi
 
 # ---- kill -9 with the kernel host connected; restart from the saved configuration -------
 check "save_config" sh -c "$(declare -f rpc); SOCK=$SOCK PLEXCTL=$PLEXCTL; rpc save_config > $WORK/saved.json"

@@ -18,6 +18,9 @@
 //! MODE `bad-key` (a key the host never registered), `out-of-range` (runs 512 bytes past the
 //! host's registration), or `disconnect` (valid, but the host disconnects right after sending).
 //! Prints "closed by the target: EVENT", "answered: STATUS" or "disconnected".
+//!
+//! rdma-check --overrun EXTRA ADDR PORT SUBNQN: a host with EXTRA more commands in flight
+//! than its I/O queue holds (see `overrun.rs`). Prints "ok: …" or what went wrong.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -52,9 +55,29 @@ const WAIT: Duration = Duration::from_secs(10);
 
 type Step<T> = Result<T, String>;
 
+mod overrun;
+
 fn main() {
     let mut args = std::env::args().skip(1).peekable();
     let probe = args.peek().cloned();
+    if probe.as_deref() == Some("--overrun") {
+        let rest: Vec<String> = args.skip(1).collect();
+        let parsed = match &rest[..] {
+            [extra, ip, port, nqn] => extra
+                .parse::<usize>()
+                .ok()
+                .zip(ip.parse::<IpAddr>().ok())
+                .zip(port.parse::<u16>().ok())
+                .map(|((extra, ip), port)| (extra, SocketAddr::new(ip, port), nqn.clone())),
+            _ => None,
+        };
+        let Some((extra, addr, nqn)) = parsed else {
+            eprintln!("usage: rdma-check --overrun EXTRA ADDR PORT SUBNQN");
+            std::process::exit(2);
+        };
+        print_answer(overrun::overrun(extra, addr, &nqn));
+        return;
+    }
     if matches!(probe.as_deref(), Some("--connect-with" | "--bad-transfer")) {
         let transfer = probe.as_deref() == Some("--bad-transfer");
         let probe: Vec<String> = args.skip(1).collect();
@@ -80,18 +103,11 @@ fn main() {
             );
             std::process::exit(2);
         };
-        let answer = if data.is_empty() {
+        print_answer(if data.is_empty() {
             bad_transfer(&hex, addr)
         } else {
             connect_with(addr, &data)
-        };
-        match answer {
-            Ok(answer) => println!("{answer}"),
-            Err(why) => {
-                println!("error: {why}");
-                std::process::exit(1);
-            }
-        }
+        });
         return;
     }
     let Some(ip) = args.next().and_then(|a| a.parse::<IpAddr>().ok()) else {
@@ -111,6 +127,17 @@ fn main() {
         }
     }
     std::process::exit(i32::from(result.is_err()));
+}
+
+/// Prints a probe's answer, or its error and exits 1.
+fn print_answer(answer: Step<String>) {
+    match answer {
+        Ok(answer) => println!("{answer}"),
+        Err(why) => {
+            println!("error: {why}");
+            std::process::exit(1);
+        }
+    }
 }
 
 /// Runs the steps in order, printing each that passes; stops at the first failure.
