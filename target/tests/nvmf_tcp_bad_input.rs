@@ -5,7 +5,7 @@
 mod nvmf_tcp_common;
 use nvme_spec::cmd::{Command, SglDescriptor};
 use nvme_spec::fabrics::{connect_data_offset, decode_invalid_param_dw0, InvalidParamIn};
-use nvme_spec::tcp::{fes, header_digest, CapsuleCmd, H2CData, IcReq};
+use nvme_spec::tcp::{fes, header_digest, CapsuleCmd, H2CData, IcReq, PduBody};
 use nvme_spec::{IntoBytes, Status};
 use nvmf_tcp_common::*;
 use serde_json::json;
@@ -256,6 +256,74 @@ fn bad_commands_get_nvme_status() {
     let mut admin = _admin;
     let (cqe, _) = admin.run(Command::new(0xC1), &[], 0, false);
     assert!(is(&cqe, Status::INVALID_OPCODE), "{}", cqe.status());
+}
+
+/// A host that keeps more commands in flight than its queue holds. plexd keeps 32 command
+/// slots past a queue's size (for cids a host reuses before the response's send is done);
+/// commands past those, arriving while every slot is busy, are answered at once with Command
+/// Sequence Error. A QoS limit (1000 I/O per second, at most 10 banked) keeps the slots busy
+/// while the burst is read, so at least 14 of the 24 past the slots find none. Every command
+/// is answered exactly once, the connection stays up, and the queue works afterwards.
+#[test]
+fn a_host_past_its_queue_size_gets_command_sequence_errors_for_the_excess() {
+    const QUEUE: usize = 128;
+    const SPARE_SLOTS: usize = 32;
+    const PAST: usize = 24;
+    let t = Target::start(true);
+    t.rpc(
+        "bdev_set_qos_limit",
+        json!({"name": "Malloc0", "rw_ios_per_sec": 1000}),
+    )
+    .unwrap();
+    let (_admin, mut io) = io_queue(&t, false, false);
+    let n = QUEUE + SPARE_SLOTS + PAST;
+    let mut burst = Vec::new();
+    for i in 0..n {
+        let mut cmd = Command::read_blocks(1, i as u64, 1).with_cid(i as u16);
+        cmd.set_sgl1(SglDescriptor::tcp_transport(512));
+        burst.extend_from_slice(&io.capsule_bytes(cmd, &[]));
+    }
+    io.send(&burst);
+
+    let mut answers: Vec<Option<Status>> = vec![None; n];
+    let mut answer = |cid: u16, status: Status| {
+        let slot = answers
+            .get_mut(usize::from(cid))
+            .unwrap_or_else(|| panic!("an answer for cid {cid}, never sent"));
+        assert!(slot.is_none(), "cid {cid} answered twice");
+        *slot = Some(status);
+    };
+    let mut left = n;
+    while left > 0 {
+        let p = io.recv().expect("plexd closed the connection");
+        match p.hdr.body {
+            PduBody::C2HData(d) if p.hdr.success() => answer(d.cccid.get(), Status::SUCCESS),
+            PduBody::C2HData(_) => continue,
+            PduBody::CapsuleResp(r) => answer(r.cqe.cid(), r.cqe.status()),
+            other => panic!("unexpected PDU {other:?}"),
+        }
+        left -= 1;
+    }
+    let refused = answers.iter().filter(|a| !a.unwrap().is_success()).count();
+    for (cid, a) in answers.iter().enumerate() {
+        let a = a.unwrap();
+        assert!(
+            a.is_success() || (a.same_code(Status::COMMAND_SEQUENCE_ERROR) && a.dnr),
+            "cid {cid}: {a}"
+        );
+    }
+    assert!(
+        (PAST - 10..=PAST).contains(&refused),
+        "{refused} of {n} refused; want {} to {PAST}",
+        PAST - 10
+    );
+
+    // The queue carries on.
+    let data = vec![0xA5u8; 512];
+    let (cqe, _) = io.run(Command::write_blocks(1, 3, 1, false), &data, 0, true);
+    assert!(cqe.status().is_success(), "{}", cqe.status());
+    let (_, back) = io.run(Command::read_blocks(1, 3, 1), &[], 512, false);
+    assert_eq!(back, data);
 }
 
 #[test]
