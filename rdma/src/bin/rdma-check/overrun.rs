@@ -8,7 +8,9 @@
 //! after their answers DEPTH + EXTRA reads of the same blocks by RDMA WRITE into our memory.
 //! Namespace 1 must have 512-byte blocks and be slow enough (a QoS limit) that the commands
 //! that found a slot still hold it when the rest arrive. Prints what came back: "ok: …" when
-//! every command was answered once, successfully, and every block read back as written.
+//! every command was answered once, successfully or refused with Command Sequence Error (how
+//! many of each are refused is in the line), and every block written and read back is as
+//! written.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,7 +19,7 @@ use nvme_spec::fabrics::{connect_result_cntlid, Connect, PropertyGet, PropertySe
 use nvme_spec::opcode::io;
 use nvme_spec::rdma::CmRequest;
 use nvme_spec::regs::offset;
-use nvme_spec::{Command, Completion, ConnectData, IntoBytes, SglDescriptor};
+use nvme_spec::{Command, Completion, ConnectData, IntoBytes, SglDescriptor, Status};
 use rdma::verbs::CompletedOp;
 use rdma::{
     Access, CmEventKind, CmId, CompletionQueue, ConnParam, EventChannel, MemoryRegion,
@@ -61,9 +63,10 @@ pub fn overrun(extra: usize, addr: SocketAddr, subnqn: &str) -> Step<String> {
         cmd.set_sgl1(SglDescriptor::in_capsule(0, BLOCK as u32));
         ioq.send(i, &cmd, Some(&pattern(i)))?;
     }
-    if let Err(e) = answered_once(&ioq.collect(n)?, n) {
-        return Ok(format!("writes: {e}"));
-    }
+    let writes_refused = match answered_once(&ioq.collect(n)?, n) {
+        Ok(refused) => refused,
+        Err(e) => return Ok(format!("writes: {e}")),
+    };
     for i in 0..n {
         let mut cmd = rw_command(io::READ, i);
         cmd.set_sgl1(SglDescriptor::keyed_data_block(
@@ -74,10 +77,11 @@ pub fn overrun(extra: usize, addr: SocketAddr, subnqn: &str) -> Step<String> {
         ));
         ioq.send(i, &cmd, None)?;
     }
-    if let Err(e) = answered_once(&ioq.collect(n)?, n) {
-        return Ok(format!("reads: {e}"));
-    }
-    for i in 0..n {
+    let reads_refused = match answered_once(&ioq.collect(n)?, n) {
+        Ok(refused) => refused,
+        Err(e) => return Ok(format!("reads: {e}")),
+    };
+    for i in (0..n).filter(|&i| !writes_refused[i] && !reads_refused[i]) {
         let at = CONNECT_DATA + i * BLOCK;
         if ioq.memory[2][at..at + BLOCK] != pattern(i) {
             return Ok(format!("block {i} read back differs from what was written"));
@@ -85,9 +89,13 @@ pub fn overrun(extra: usize, addr: SocketAddr, subnqn: &str) -> Step<String> {
     }
     let _ = ioq.id.disconnect();
     let _ = admin.id.disconnect();
+    let count = |refused: &[bool]| refused.iter().filter(|&&r| r).count();
     Ok(format!(
         "ok: {n} writes with in-capsule data, then {n} reads, on a queue of {DEPTH}: each \
-         answered once, successfully, and every block read back as written"
+         answered once; refused with Command Sequence Error: {} writes, {} reads; every block \
+         written and read back is as written",
+        count(&writes_refused),
+        count(&reads_refused)
     ))
 }
 
@@ -111,19 +119,25 @@ fn pattern(i: usize) -> Vec<u8> {
     b
 }
 
-/// Ok when `answers` hold each command id 0..n exactly once, all successful.
-fn answered_once(answers: &[Completion], n: usize) -> Result<(), String> {
+/// Checks that `answers` hold each command id 0..n exactly once, each successful or refused
+/// with Command Sequence Error (DNR), the answer to a command past every slot and every wait
+/// in its receive. Returns which were refused.
+fn answered_once(answers: &[Completion], n: usize) -> Result<Vec<bool>, String> {
     let mut seen = vec![false; n];
+    let mut refused = vec![false; n];
     for c in answers {
         let cid = usize::from(c.cid());
         if cid >= n || std::mem::replace(&mut seen[cid], true) {
             return Err(format!("an answer for command {cid}, not expected"));
         }
-        if !c.status().is_success() {
-            return Err(format!("command {cid} failed: {}", c.status()));
+        let status = c.status();
+        if status.same_code(Status::COMMAND_SEQUENCE_ERROR) && status.dnr {
+            refused[cid] = true;
+        } else if !status.is_success() {
+            return Err(format!("command {cid} failed: {status}"));
         }
     }
-    Ok(())
+    Ok(refused)
 }
 
 /// One queue pair with `slots` capsule, response and data buffers, a receive posted for each
