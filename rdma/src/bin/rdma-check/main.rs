@@ -158,11 +158,7 @@ fn run(addr: SocketAddr, done: &mut usize) -> Step<()> {
     }
     pass();
 
-    let mut client = CmId::new(&client_events).map_err(|e| e.to_string())?;
-    client.resolve_addr(addr, 2000).map_err(|e| e.to_string())?;
-    expect(&client_events, CmEventKind::AddrResolved)?;
-    client.resolve_route(2000).map_err(|e| e.to_string())?;
-    expect(&client_events, CmEventKind::RouteResolved)?;
+    let mut client = resolved_on(&client_events, addr)?;
     pass();
 
     // The host: a queue pair, a receive for the response, then connect.
@@ -310,13 +306,7 @@ fn run(addr: SocketAddr, done: &mut usize) -> Step<()> {
     pass();
 
     // A host whose private data the target refuses: the reason reaches the host.
-    let mut refused = CmId::new(&client_events).map_err(|e| e.to_string())?;
-    refused
-        .resolve_addr(addr, 2000)
-        .map_err(|e| e.to_string())?;
-    expect(&client_events, CmEventKind::AddrResolved)?;
-    refused.resolve_route(2000).map_err(|e| e.to_string())?;
-    expect(&client_events, CmEventKind::RouteResolved)?;
+    let mut refused = resolved_on(&client_events, addr)?;
     let queues_of = queues(&mut refused, None)?;
     let refused_host = End::new(&refused, queues_of)?;
     let mut bad_request = nvme_cm_request(0, 32, 31);
@@ -349,14 +339,8 @@ fn run(addr: SocketAddr, done: &mut usize) -> Step<()> {
     drop(refused);
     pass();
 
-    let mut lonely = CmId::new(&client_events).map_err(|e| e.to_string())?;
     let nobody = SocketAddr::new(addr.ip(), addr.port() + 1);
-    lonely
-        .resolve_addr(nobody, 2000)
-        .map_err(|e| e.to_string())?;
-    expect(&client_events, CmEventKind::AddrResolved)?;
-    lonely.resolve_route(2000).map_err(|e| e.to_string())?;
-    expect(&client_events, CmEventKind::RouteResolved)?;
+    let mut lonely = resolved_on(&client_events, nobody)?;
     let queues_of = queues(&mut lonely, None)?;
     let lonely_host = End::new(&lonely, queues_of)?;
     lonely
@@ -389,12 +373,18 @@ fn run(addr: SocketAddr, done: &mut usize) -> Step<()> {
 fn resolved(addr: SocketAddr) -> Step<(Arc<EventChannel>, CmId)> {
     rdma::available().map_err(|e| e.to_string())?;
     let events = EventChannel::new().map_err(|e| e.to_string())?;
-    let id = CmId::new(&events).map_err(|e| e.to_string())?;
-    id.resolve_addr(addr, 2000).map_err(|e| e.to_string())?;
-    expect(&events, CmEventKind::AddrResolved)?;
-    id.resolve_route(2000).map_err(|e| e.to_string())?;
-    expect(&events, CmEventKind::RouteResolved)?;
+    let id = resolved_on(&events, addr)?;
     Ok((events, id))
+}
+
+/// A host identifier on `events` whose address and route to `addr` are resolved.
+fn resolved_on(events: &Arc<EventChannel>, addr: SocketAddr) -> Step<CmId> {
+    let id = CmId::new(events).map_err(|e| e.to_string())?;
+    id.resolve_addr(addr, 2000).map_err(|e| e.to_string())?;
+    expect(events, CmEventKind::AddrResolved)?;
+    id.resolve_route(2000).map_err(|e| e.to_string())?;
+    expect(events, CmEventKind::RouteResolved)?;
+    Ok(id)
 }
 
 /// Connects with `private_data` and reports how the peer answered.
