@@ -51,6 +51,16 @@ fn transport_and_subsystem_errors_are_clear() {
             .len(),
         2
     );
+    // Each poll group lists both transports; RDMA's with its devices (none has carried a
+    // queue pair yet), TCP's with its type alone.
+    let stats = t.rpc("nvmf_get_stats", json!({})).unwrap();
+    for g in stats["poll_groups"].as_array().unwrap() {
+        assert_eq!(
+            g["transports"],
+            json!([{"trtype": "TCP"}, {"trtype": "RDMA", "devices": []}]),
+            "{g}"
+        );
+    }
     // An RDMA listener where no RDMA device has the address fails, saying so.
     let e = t
         .rpc(

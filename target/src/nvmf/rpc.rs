@@ -503,12 +503,7 @@ pub fn register(m: &mut Methods) {
 /// RDMA entry lists per device only the counters plexd keeps (`rdma::DeviceStats`).
 fn get_stats(app: &App) -> serde_json::Value {
     use std::sync::atomic::Ordering::Relaxed;
-    let trtypes: Vec<String> = app
-        .nvmf
-        .transports()
-        .iter()
-        .map(|t| t.trtype.to_string())
-        .collect();
+    let transports = app.nvmf.transports();
     let groups: Vec<serde_json::Value> = (0..app.reactors.len())
         .map(|i| {
             let s = app.nvmf.poll_group_stats(i);
@@ -526,11 +521,14 @@ fn get_stats(app: &App) -> serde_json::Value {
                     })
                 })
                 .collect();
-            let transports: Vec<serde_json::Value> = trtypes
+            let transports: Vec<serde_json::Value> = transports
                 .iter()
-                .map(|t| match t.as_str() {
-                    "RDMA" => serde_json::json!({"trtype": t, "devices": rdma_devices}),
-                    _ => serde_json::json!({"trtype": t}),
+                .map(|t| {
+                    if t.is_rdma() {
+                        serde_json::json!({"trtype": t.trtype, "devices": rdma_devices})
+                    } else {
+                        serde_json::json!({"trtype": t.trtype})
+                    }
                 })
                 .collect();
             serde_json::json!({

@@ -523,8 +523,8 @@ impl RdmaConn {
         self.t.receives().0.read(base, &mut raw);
         let cmd = Command::read_from_bytes(&raw).expect("64 bytes");
         let in_capsule = (len - CAPSULE_LEN) as u32;
-        crate::bdev::bump(&self.t.stats.requests, 1);
         if let Some(si) = self.take_slot(cmd) {
+            crate::bdev::bump(&self.t.stats.requests, 1);
             self.start_capsule(si, &cmd, base, in_capsule);
         }
         // A shared receive goes back even when this queue pair has just closed.
