@@ -20,7 +20,7 @@ set -uo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=tests/guest/lib.sh
 . "$HERE/lib.sh"
-plan 39
+plan 40
 REPO=$GUEST_LIB_REPO
 
 PLEXD=${PLEXD:-$REPO/build/release/plexd}
@@ -73,6 +73,13 @@ if [ "$(jget "$transports" '",".join(sorted(t["trtype"] for t in v))')" = "RDMA,
 else
     printf '%s\n' "$transports" | sed 's/^/# /'
     fail "nvmf_get_transports: RDMA (SPDK's defaults) and TCP" "unexpected"
+fi
+if [ "$(jget "$(srpc nvmf_get_stats)" 'all(any(d["name"] == "rxe0" for t in g["transports"]
+        if t["trtype"] == "RDMA" for d in t["devices"]) for g in v["poll_groups"])')" = True ]; then
+    pass "nvmf_get_stats: every poll group lists rxe0 under RDMA once it is listened on"
+else
+    srpc nvmf_get_stats | sed 's/^/# /'
+    fail "nvmf_get_stats: every poll group lists rxe0 under RDMA" "unexpected"
 fi
 
 # ---- discovery over RDMA ----------------------------------------------------------

@@ -77,6 +77,13 @@ pub fn start(
     if reactors.is_empty() {
         return Err(NvmfError::InvalidParam("no reactor".into()));
     }
+    // Every poll group lists the device from now on, as SPDK's do, not only once a queue
+    // pair on it lands there.
+    if let Some(name) = id.device().and_then(|d| d.name().ok()) {
+        for h in reactors.iter() {
+            app.nvmf.poll_group_stats(h.id()).rdma_device(&name);
+        }
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let mut cm = ConnectionManager {
         channel,
