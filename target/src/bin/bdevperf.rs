@@ -15,7 +15,7 @@ use anyhow::{anyhow, bail, Context};
 use clap::Parser;
 // I/O is timed in ticks (the CPU's cycle counter where the kernel trusts it), as SPDK's
 // bdevperf times it (`spdk_get_ticks`).
-use initiator::ticks::{self, now as ticks};
+use initiator::ticks;
 use plexd::app::App;
 use plexd::bdev::{BdevEntry, BdevIo, IoBufs, IoChannel, IoCompletion, IoType};
 use plexd::reactor::{self, core_mask_string, parse_core_mask, PollStatus, Poller, ReactorConfig};
@@ -496,7 +496,7 @@ impl Job {
             free: (0..slots.len()).rev().collect(),
             completed: Vec::with_capacity(spec.depth as usize),
             slots,
-            rng: (0x9e37_79b9_7f4a_7c15 ^ ticks() ^ ((index as u64) << 32)) | 1,
+            rng: (0x9e37_79b9_7f4a_7c15 ^ ticks::now() ^ ((index as u64) << 32)) | 1,
             next_seq: 0,
             started: None,
             stopping: false,
@@ -609,7 +609,7 @@ impl Poller for Job {
         let mut completed = std::mem::take(&mut self.completed);
         self.ch.poll(&mut |c| completed.push(c));
         for c in completed.drain(..) {
-            let now = ticks();
+            let now = ticks::now();
             let slot = c.tag as usize;
             let lat = now.wrapping_sub(self.slots[slot].submitted);
             if c.status.is_ok() {
@@ -638,7 +638,7 @@ impl Poller for Job {
         if !self.stopping {
             // The first fill, and slots a full device queue handed back.
             while let Some(slot) = self.free.pop() {
-                if !self.submit(slot, ticks()) {
+                if !self.submit(slot, ticks::now()) {
                     self.free.push(slot);
                     break;
                 }

@@ -503,7 +503,7 @@ pub fn register(m: &mut Methods) {
 /// RDMA entry lists per device only the counters plexd keeps (`rdma::DeviceStats`).
 fn get_stats(app: &App) -> serde_json::Value {
     use std::sync::atomic::Ordering::Relaxed;
-    let transports = app.nvmf.transports();
+    let created = app.nvmf.transports();
     let groups: Vec<serde_json::Value> = (0..app.reactors.len())
         .map(|i| {
             let s = app.nvmf.poll_group_stats(i);
@@ -521,7 +521,7 @@ fn get_stats(app: &App) -> serde_json::Value {
                     })
                 })
                 .collect();
-            let transports: Vec<serde_json::Value> = transports
+            let transports: Vec<serde_json::Value> = created
                 .iter()
                 .map(|t| {
                     if t.is_rdma() {

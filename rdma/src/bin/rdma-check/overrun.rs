@@ -46,6 +46,14 @@ const HOSTID: [u8; 16] = *b"rdma-check-host!";
 /// Runs the probe; Ok with the line to print (success or what went wrong on the wire), Err
 /// when the host itself could not do its part.
 pub fn overrun(extra: usize, addr: SocketAddr, subnqn: &str) -> Step<String> {
+    // Command ids are the commands' indexes, so they must stay distinct u16s.
+    let n = usize::from(DEPTH) + extra;
+    if n > usize::from(u16::MAX) {
+        return Err(format!(
+            "at most {} commands past the queue",
+            u16::MAX - DEPTH
+        ));
+    }
     let mut admin = Queue::connect(addr, 0, ADMIN_DEPTH, 0, 0)?;
     let cntlid =
         admin.fabrics_connect(0, ADMIN_DEPTH, nvme_spec::fabrics::CNTLID_DYNAMIC, subnqn)?;
@@ -54,7 +62,6 @@ pub fn overrun(extra: usize, addr: SocketAddr, subnqn: &str) -> Step<String> {
     wait_until(|| Ok((admin.property_get(offset::CSTS)? & 1 == 1).then_some(())))
         .map_err(|e| format!("CSTS.RDY after CC.EN: {e}"))?;
 
-    let n = usize::from(DEPTH) + extra;
     let mut ioq = Queue::connect(addr, 1, DEPTH, cntlid, extra)?;
     ioq.fabrics_connect(1, DEPTH, cntlid, subnqn)?;
 
