@@ -261,69 +261,111 @@ fn bad_commands_get_nvme_status() {
 /// A host that keeps more commands in flight than its queue holds. plexd keeps 32 command
 /// slots past a queue's size (for cids a host reuses before the response's send is done);
 /// commands past those, arriving while every slot is busy, are answered at once with Command
-/// Sequence Error. A QoS limit (1000 I/O per second, at most 10 banked) keeps the slots busy
-/// while the burst is read, so at least 14 of the 24 past the slots find none. Every command
-/// is answered exactly once, the connection stays up, and the queue works afterwards.
+/// Sequence Error. The writes go to a quiesced mirror, which holds them (and so their slots)
+/// until it is resumed: exactly the 24 past the slots are refused, before any other answer,
+/// and none of their data lands. Every command is answered exactly once, the connection stays
+/// up, and the queue works afterwards.
 #[test]
 fn a_host_past_its_queue_size_gets_command_sequence_errors_for_the_excess() {
     const QUEUE: usize = 128;
     const SPARE_SLOTS: usize = 32;
     const PAST: usize = 24;
+    const HELD_NSID: u32 = 2;
     let t = Target::start(true);
     t.rpc(
-        "bdev_set_qos_limit",
-        json!({"name": "Malloc0", "rw_ios_per_sec": 1000}),
+        "bdev_malloc_create",
+        json!({"name": "Held0", "num_blocks": 16384, "block_size": 512}),
+    )
+    .unwrap();
+    t.rpc(
+        "bdev_mirror_create",
+        json!({"name": "Held", "plexes": ["Held0"]}),
+    )
+    .unwrap();
+    t.rpc(
+        "nvmf_subsystem_add_ns",
+        json!({"nqn": NQN, "namespace": {"bdev_name": "Held", "nsid": HELD_NSID}}),
+    )
+    .unwrap();
+    t.rpc(
+        "bdev_mirror_quiesce",
+        json!({"name": "Held", "timeout_ms": 60_000}),
     )
     .unwrap();
     let (_admin, mut io) = io_queue(&t, false, false);
     let n = QUEUE + SPARE_SLOTS + PAST;
+    let block = |i: usize| vec![i as u8 ^ 0x3c; 512];
     let mut burst = Vec::new();
     for i in 0..n {
-        let mut cmd = Command::read_blocks(1, i as u64, 1).with_cid(i as u16);
-        cmd.set_sgl1(SglDescriptor::tcp_transport(512));
-        burst.extend_from_slice(&io.capsule_bytes(cmd, &[]));
+        let mut cmd = Command::write_blocks(HELD_NSID, i as u64, 1, false).with_cid(i as u16);
+        cmd.set_sgl1(SglDescriptor::in_capsule(0, 512));
+        burst.extend_from_slice(&io.capsule_bytes(cmd, &block(i)));
     }
     io.send(&burst);
 
-    let mut answers: Vec<Option<Status>> = vec![None; n];
-    let mut answer = |cid: u16, status: Status| {
-        let slot = answers
-            .get_mut(usize::from(cid))
-            .unwrap_or_else(|| panic!("an answer for cid {cid}, never sent"));
-        assert!(slot.is_none(), "cid {cid} answered twice");
-        *slot = Some(status);
-    };
-    let mut left = n;
-    while left > 0 {
+    let mut answered = vec![false; n];
+    let mut answer = |io: &mut Client| {
         let p = io.recv().expect("plexd closed the connection");
-        match p.hdr.body {
-            PduBody::C2HData(d) if p.hdr.success() => answer(d.cccid.get(), Status::SUCCESS),
-            PduBody::C2HData(_) => continue,
-            PduBody::CapsuleResp(r) => answer(r.cqe.cid(), r.cqe.status()),
-            other => panic!("unexpected PDU {other:?}"),
-        }
-        left -= 1;
-    }
-    let refused = answers.iter().filter(|a| !a.unwrap().is_success()).count();
-    for (cid, a) in answers.iter().enumerate() {
-        let a = a.unwrap();
+        let PduBody::CapsuleResp(r) = p.hdr.body else {
+            panic!("unexpected PDU {:?}", p.hdr.pdu_type)
+        };
+        let cid = usize::from(r.cqe.cid());
+        assert!(cid < n, "an answer for cid {cid}, never sent");
         assert!(
-            a.is_success() || (a.same_code(Status::COMMAND_SEQUENCE_ERROR) && a.dnr),
-            "cid {cid}: {a}"
+            !std::mem::replace(&mut answered[cid], true),
+            "cid {cid} answered twice"
+        );
+        (cid, r.cqe.status())
+    };
+    // While the mirror holds the first 160, only the refusals come back: the last 24.
+    for _ in 0..PAST {
+        let (cid, status) = answer(&mut io);
+        assert!(
+            cid >= QUEUE + SPARE_SLOTS,
+            "cid {cid} answered while its write is held"
+        );
+        assert!(
+            status.same_code(Status::COMMAND_SEQUENCE_ERROR) && status.dnr,
+            "cid {cid}: {status}"
         );
     }
-    assert!(
-        (PAST - 10..=PAST).contains(&refused),
-        "{refused} of {n} refused; want {} to {PAST}",
-        PAST - 10
-    );
+    let stats = t.rpc("nvmf_get_stats", json!({})).unwrap();
+    let counted: u64 = stats["poll_groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["commands_past_queue_size"].as_u64().unwrap())
+        .sum();
+    assert_eq!(counted, PAST as u64, "nvmf_get_stats: {stats}");
+    t.rpc("bdev_mirror_resume", json!({"name": "Held"}))
+        .unwrap();
+    for _ in 0..QUEUE + SPARE_SLOTS {
+        let (cid, status) = answer(&mut io);
+        assert!(status.is_success(), "cid {cid}: {status}");
+    }
 
-    // The queue carries on.
-    let data = vec![0xA5u8; 512];
-    let (cqe, _) = io.run(Command::write_blocks(1, 3, 1, false), &data, 0, true);
-    assert!(cqe.status().is_success(), "{}", cqe.status());
-    let (_, back) = io.run(Command::read_blocks(1, 3, 1), &[], 512, false);
-    assert_eq!(back, data);
+    // The queue carries on: what was held landed, what was refused did not.
+    for i in [
+        0,
+        QUEUE,
+        QUEUE + SPARE_SLOTS - 1,
+        QUEUE + SPARE_SLOTS,
+        n - 1,
+    ] {
+        let (cqe, back) = io.run(
+            Command::read_blocks(HELD_NSID, i as u64, 1),
+            &[],
+            512,
+            false,
+        );
+        assert!(cqe.status().is_success(), "read {i}: {}", cqe.status());
+        let want = if i < QUEUE + SPARE_SLOTS {
+            block(i)
+        } else {
+            vec![0; 512]
+        };
+        assert_eq!(back, want, "block {i}");
+    }
 }
 
 #[test]

@@ -20,7 +20,7 @@ set -uo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=tests/guest/lib.sh
 . "$HERE/lib.sh"
-plan 40
+plan 39
 REPO=$GUEST_LIB_REPO
 
 PLEXD=${PLEXD:-$REPO/build/release/plexd}
@@ -182,50 +182,70 @@ plexperf_identify_ok "plexd still serves RDMA after the bad connects and transfe
 
 # ---- a host past its queue size ------------------------------------------------------
 # rdma-check's overrun probe keeps more commands in flight than its I/O queue of 128 (SPDK's
-# max_queue_depth) holds, against a namespace a QoS limit slows to 1000 I/O per second. plexd
-# gives a queue pair 32 command slots past its size (for cids a host reuses before the
-# response's send completes here), so the first 160 hold every slot when the rest arrive.
-# With 56 more, the other 24 wait in their receives until slots free: each is answered once,
-# successfully, the held writes' in-capsule data lands intact, and nvmf_get_stats counts the
-# waits as SPDK does. With 104 more, 64 wait (the most a queue pair holds) and the 8 past them
-# are answered at once with Command Sequence Error; the queue pair stays up.
-SLOW_NQN=nqn.2024-01.io.plexstor:rdma-slow
-slow_subsystem() {
-    srpc bdev_malloc_create -b Slow0 1 512 >/dev/null &&
-        srpc bdev_set_qos_limit Slow0 --rw-ios-per-sec 1000 &&
-        srpc nvmf_create_subsystem "$SLOW_NQN" -a &&
-        srpc nvmf_subsystem_add_ns "$SLOW_NQN" Slow0 &&
-        srpc nvmf_subsystem_add_listener "$SLOW_NQN" -t rdma -a "$RXE_ADDR" -s "$PORT" -f ipv4
+# max_queue_depth) holds. plexd gives a queue pair 32 command slots past its size (for cids a
+# host reuses before the response's send completes here). The writes go to a quiesced mirror,
+# which holds each write that got a slot until it is resumed, so the slots stay busy however
+# slowly the burst arrives: with 56 writes past the queue, the last 24 wait in their receives;
+# with 104, 64 wait (the most a queue pair holds) and the 8 past them are answered at once
+# with Command Sequence Error, the queue pair staying up. Once nvmf_get_stats counts every
+# wait (its pending_free_request, as SPDK's) and refusal (commands_past_queue_size, plexd's
+# own), the mirror is resumed: each command is answered once, and the held writes'
+# in-capsule data lands intact. The reads that follow are not held.
+HELD_NQN=nqn.2024-01.io.plexstor:rdma-held
+held_subsystem() {
+    rpc bdev_malloc_create '{"name": "Held0", "num_blocks": 16384, "block_size": 512}' >/dev/null &&
+        rpc bdev_mirror_create '{"name": "Held", "plexes": ["Held0"]}' >/dev/null &&
+        srpc nvmf_create_subsystem "$HELD_NQN" -a &&
+        srpc nvmf_subsystem_add_ns "$HELD_NQN" Held &&
+        srpc nvmf_subsystem_add_listener "$HELD_NQN" -t rdma -a "$RXE_ADDR" -s "$PORT" -f ipv4
 }
-held_capsules() {
-    jget "$(srpc nvmf_get_stats)" 'sum(d["pending_free_request"] for g in v["poll_groups"]
-        for t in g["transports"] if t["trtype"] == "RDMA" for d in t["devices"])'
+# stats: nvmf_get_stats' RDMA waits and refusals, each summed over the poll groups
+stats() {
+    jget "$(srpc nvmf_get_stats)" '"%d %d" % (sum(d["pending_free_request"] for g in v["poll_groups"]
+        for t in g["transports"] if t["trtype"] == "RDMA" for d in t["devices"]),
+        sum(g["commands_past_queue_size"] for g in v["poll_groups"]))'
 }
-overrun() { # EXTRA: prints the probe's line
-    timeout 120 "$PROBE" --overrun "$1" "$RXE_ADDR" "$PORT" "$SLOW_NQN" 2>&1
+counted() { # WAITS REFUSED: both counters at least as high
+    local now
+    now=$(stats) && [ "${now% *}" -ge "$1" ] && [ "${now#* }" -ge "$2" ]
 }
-check "SPDK's client: a 1000 IO/s QoS namespace on a subsystem of its own" slow_subsystem
-held_before=$(held_capsules)
-out=$(overrun 56)
-if [ "${out#ok: }" != "$out" ] && grep -q "refused with Command Sequence Error: 0 writes, 0 reads" <<<"$out"; then
-    pass "184 commands on a queue of 128, none refused: ${out#ok: }"
+# overrun EXTRA WAITS REFUSED: "counted W waits, R refused" (what nvmf_get_stats counted
+# while the mirror held the writes), then the probe's line. The mirror is resumed once WAITS
+# more capsules waited and REFUSED more were refused (or after 60 s).
+overrun() {
+    local before after probe
+    before=$(stats) || return 1
+    rpc bdev_mirror_quiesce '{"name": "Held", "timeout_ms": 60000}' >/dev/null || return 1
+    timeout 120 "$PROBE" --overrun "$1" "$RXE_ADDR" "$PORT" "$HELD_NQN" >"$WORK/overrun.out" 2>&1 &
+    probe=$!
+    wait_until 60 counted $((${before% *} + $2)) $((${before#* } + $3))
+    after=$(stats)
+    echo "counted $((${after% *} - ${before% *})) waits, $((${after#* } - ${before#* })) refused"
+    rpc bdev_mirror_resume '{"name": "Held"}' >/dev/null
+    wait "$probe"
+    cat "$WORK/overrun.out"
+}
+refusals() { sed -n 's/.*Command Sequence Error: \([0-9]*\) writes.*/\1/p' <<<"$1"; }
+# served OUT WAITS REFUSED: nvmf_get_stats counted the waits and refusals, and the probe says
+# ok, with as many writes refused
+served() {
+    grep -qx "counted $2 waits, $3 refused" <<<"$1" && grep -q "^ok: " <<<"$1" &&
+        [ "$(refusals "$1")" = "$3" ]
+}
+check "a namespace on a mirror, to be quiesced (SPDK's client adds it)" held_subsystem
+out=$(overrun 56 24 0)
+if served "$out" 24 0; then
+    pass "184 writes on a queue of 128: nvmf_get_stats counts 24 waits for a slot, none refused: $(sed -n 's/^ok: //p' <<<"$out")"
 else
     printf '%s\n' "$out" | tail -n 3 | sed 's/^/# /'
-    fail "184 commands on a queue of 128, each answered once, successfully, data intact" "${out:-no output}"
+    fail "184 writes on a queue of 128, each answered once, successfully, data intact" "${out:-no output}"
 fi
-held_after=$(held_capsules)
-if [ -n "$held_before" ] && [ -n "$held_after" ] && [ "$held_after" -gt "$held_before" ]; then
-    pass "nvmf_get_stats: $((held_after - held_before)) capsules waited for a free slot (pending_free_request)"
-else
-    fail "nvmf_get_stats counts capsules that waited for a free slot" "pending_free_request $held_before -> $held_after"
-fi
-out=$(overrun 104)
-refused=$(sed -n 's/.*Command Sequence Error: \([0-9]*\) writes, \([0-9]*\) reads.*/\1 \2/p' <<<"$out")
-if [ "${out#ok: }" != "$out" ] && [ -n "$refused" ] && [ "$refused" != "0 0" ]; then
-    pass "232 commands on a queue of 128: those past the slots and the waits refused, the rest served (${out#ok: })"
+out=$(overrun 104 64 8)
+if served "$out" 64 8; then
+    pass "232 writes on a queue of 128: nvmf_get_stats counts 64 waits and the 8 past them refused, the rest served: $(sed -n 's/^ok: //p' <<<"$out")"
 else
     printf '%s\n' "$out" | tail -n 3 | sed 's/^/# /'
-    fail "232 commands on a queue of 128: the excess refused with Command Sequence Error" "${out:-no output}"
+    fail "232 writes on a queue of 128: exactly the 8 past the slots and waits refused" "${out:-no output}"
 fi
 
 # ---- kill -9 with the kernel host connected; restart from the saved configuration -------

@@ -85,7 +85,7 @@ j["tick_rate"] == 1000000000 and len(j["poll_groups"]) == 1
 and j["poll_groups"][0]["name"] == "nvmf_tgt_poll_group_000"
 and j["poll_groups"][0]["transports"] == [{"trtype": "TCP"}]
 and all(j["poll_groups"][0][k] == 0 for k in ("admin_qpairs", "io_qpairs", "current_admin_qpairs",
-    "current_io_qpairs", "pending_bdev_io", "completed_nvme_io"))' nvmf_get_stats
+    "current_io_qpairs", "pending_bdev_io", "completed_nvme_io", "commands_past_queue_size"))' nvmf_get_stats
 # A low limit keeps the load of the run small; the I/O over it waits, none fails.
 expect "bdev_set_qos_limit 1000 IOPS" 'out.strip() == ""' bdev_set_qos_limit Q0 --rw-ios-per-sec 1000
 TRID="trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:$PORT subnqn:$NQN"

@@ -330,6 +330,10 @@ pub struct PollGroupStats {
     pub pending_bdev_io: AtomicU64,
     /// Commands completed on I/O queues.
     pub completed_nvme_io: AtomicU64,
+    /// plexd's own: commands a host sent past its queue size, while every command slot (and,
+    /// on RDMA, every wait) was taken, answered at once with Command Sequence Error. Any count
+    /// here is a host breaking the protocol.
+    pub commands_past_queue_size: AtomicU64,
     /// The NVMe/RDMA counters of this group's queue pairs, one entry per device.
     pub rdma_devices: Mutex<Vec<Arc<rdma::DeviceStats>>>,
 }

@@ -500,7 +500,8 @@ pub fn register(m: &mut Methods) {
 /// `nvmf_get_stats` in SPDK's shape: one poll group per reactor, named as SPDK names its
 /// groups. What plexd does not have is reported as SPDK reports an idle group: the TCP
 /// transport entry carries only `trtype` (plexd keeps no per-transport buffer pools), and an
-/// RDMA entry lists per device only the counters plexd keeps (`rdma::DeviceStats`).
+/// RDMA entry lists per device only the counters plexd keeps (`rdma::DeviceStats`). One
+/// poll group counter is plexd's own, `commands_past_queue_size`.
 fn get_stats(app: &App) -> serde_json::Value {
     use std::sync::atomic::Ordering::Relaxed;
     let created = app.nvmf.transports();
@@ -539,6 +540,7 @@ fn get_stats(app: &App) -> serde_json::Value {
                 "current_io_qpairs": s.current_io_qpairs.load(Relaxed),
                 "pending_bdev_io": s.pending_bdev_io.load(Relaxed),
                 "completed_nvme_io": s.completed_nvme_io.load(Relaxed),
+                "commands_past_queue_size": s.commands_past_queue_size.load(Relaxed),
                 "transports": transports,
             })
         })

@@ -611,14 +611,19 @@ impl<'a> End<'a> {
     }
 }
 
-fn wait_until<T>(mut f: impl FnMut() -> Step<Option<T>>) -> Step<T> {
-    let deadline = Instant::now() + WAIT;
+fn wait_until<T>(f: impl FnMut() -> Step<Option<T>>) -> Step<T> {
+    wait_within(WAIT, f)
+}
+
+/// Calls `f` until it has something, for at most `limit`.
+fn wait_within<T>(limit: Duration, mut f: impl FnMut() -> Step<Option<T>>) -> Step<T> {
+    let deadline = Instant::now() + limit;
     loop {
         if let Some(v) = f()? {
             return Ok(v);
         }
         if Instant::now() > deadline {
-            return Err(format!("nothing within {WAIT:?}"));
+            return Err(format!("nothing within {limit:?}"));
         }
         std::thread::sleep(Duration::from_micros(200));
     }

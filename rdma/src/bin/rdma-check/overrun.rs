@@ -6,14 +6,15 @@
 //! `max_queue_depth`; plexd gives such a queue pair 32 slots more), then sends DEPTH + EXTRA
 //! one-block writes to LBAs 0, 1, … all at once, each carrying its data in the capsule, and
 //! after their answers DEPTH + EXTRA reads of the same blocks by RDMA WRITE into our memory.
-//! Namespace 1 must have 512-byte blocks and be slow enough (a QoS limit) that the commands
-//! that found a slot still hold it when the rest arrive. Prints what came back: "ok: …" when
-//! every command was answered once, successfully or refused with Command Sequence Error (how
-//! many of each are refused is in the line), and every block written and read back is as
-//! written.
+//! Namespace 1 must have 512-byte blocks and hold writes (a quiesced mirror, resumed by the
+//! caller within [`ANSWERS_WITHIN`]), so the commands that found a slot still hold it when
+//! the rest arrive, however slowly they come. Prints what came back: "ok: …" when every
+//! command was answered once, successfully or refused with Command Sequence Error (how many
+//! of each are refused is in the line), and every block written and read back is as written.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use nvme_spec::fabrics::{connect_result_cntlid, Connect, PropertyGet, PropertySet, PropertySize};
 use nvme_spec::opcode::io;
@@ -26,7 +27,7 @@ use rdma::{
     ProtectionDomain, QueueCaps, SendOp, WorkCompletion,
 };
 
-use super::{expect, resolved, wait_until, Step};
+use super::{expect, resolved, wait_until, wait_within, Step};
 
 /// I/O queue entries asked for: SPDK's default `max_queue_depth` for RDMA.
 const DEPTH: u16 = 128;
@@ -42,6 +43,9 @@ const CONNECT_DATA: usize = ConnectData::SIZE;
 const SEND: u64 = 1 << 32;
 const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:6c0d2a5e-0b7e-4a44-9f3e-0a1b2c3d4e5f";
 const HOSTID: [u8; 16] = *b"rdma-check-host!";
+/// How long the answers to a burst may take: the namespace holds the writes until whoever
+/// quiesced it resumes it.
+const ANSWERS_WITHIN: Duration = Duration::from_secs(60);
 
 /// Runs the probe; Ok with the line to print (success or what went wrong on the wire), Err
 /// when the host itself could not do its part.
@@ -257,7 +261,7 @@ impl Queue {
     fn collect(&mut self, count: usize) -> Step<Vec<Completion>> {
         let mut out = Vec::with_capacity(count);
         let mut wcs = [WorkCompletion::default(); 16];
-        wait_until(|| {
+        wait_within(ANSWERS_WITHIN, || {
             let got = self.cq.poll(&mut wcs).map_err(|e| e.to_string())?;
             for wc in &wcs[..got] {
                 wc.result()

@@ -259,6 +259,7 @@ impl<T: Transport> NvmeQueue<T> {
                 T::NAME,
                 self.peer
             );
+            crate::bdev::bump(&self.pg.commands_past_queue_size, 1);
             let cqe = self.cqe(cmd.cid(), Status::COMMAND_SEQUENCE_ERROR.with_dnr());
             T::send_cqe(self, cqe);
             return None;
