@@ -277,3 +277,109 @@ fn a_host_that_never_reads_its_data_is_cut_off_and_nobody_else_notices() {
         "closed without a termination request"
     );
 }
+
+/// A host that streams commands and reads none of the answers. Past its queue's slots each
+/// command is refused, and every answer waits in plexd for the host to take it; if plexd went
+/// on reading, the host would fill its memory at the rate it can send. Instead plexd stops
+/// reading while that many answers wait, so TCP's flow control stops the host: the host can
+/// get no more than socket buffers' worth of commands in. Once it reads, every command is
+/// answered (served, or refused with Command Sequence Error, as `nvmf_get_stats` counts),
+/// and the queue works on.
+#[test]
+fn a_host_that_sends_and_never_reads_is_held_back_by_tcp_not_by_plexd_memory() {
+    use nvme_spec::cmd::SglDescriptor;
+    use nvme_spec::tcp::PduBody;
+    // Far above what the two sockets' buffers hold (tcp_rmem and tcp_wmem allow some MiB).
+    const LIMIT: usize = 64 << 20;
+    let t = Target::start(true);
+    let (_admin, mut io) = {
+        let mut admin = Client::connect(t.port);
+        let cntlid = admin.admin_up(false, false);
+        let mut io = Client::connect(t.port);
+        io.io_up(cntlid, 1, false, false);
+        (admin, io)
+    };
+    let chunk: Vec<u8> = (0..1024u16)
+        .flat_map(|cid| {
+            let mut cmd = Command::read_blocks(1, u64::from(cid % 64), 1).with_cid(cid);
+            cmd.set_sgl1(SglDescriptor::tcp_transport(512));
+            io.capsule_bytes(cmd, &[])
+        })
+        .collect();
+    let capsule = chunk.len() / 1024;
+
+    // Send until nothing more goes for 2 s.
+    io.s.set_write_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let (mut sent, mut pos) = (0usize, 0usize);
+    loop {
+        match io.s.write(&chunk[pos..]) {
+            Ok(n) => {
+                sent += n;
+                pos = (pos + n) % chunk.len();
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                break
+            }
+            Err(e) => panic!("sending: {e}"),
+        }
+        assert!(
+            sent < LIMIT,
+            "plexd took {} MiB of commands from a host that reads none of its answers",
+            sent >> 20
+        );
+    }
+    // The last capsule may have gone in part: the rest goes once the host reads.
+    let rest = chunk[pos..pos + (capsule - pos % capsule) % capsule].to_vec();
+    let mut tail = io.s.try_clone().unwrap();
+    tail.set_write_timeout(None).unwrap();
+    let writer = std::thread::spawn(move || tail.write_all(&rest).unwrap());
+    let commands = sent.div_ceil(capsule);
+
+    let (mut served, mut refused) = (0usize, 0usize);
+    while served + refused < commands {
+        let p = io.recv().expect("plexd closed the connection");
+        match p.hdr.body {
+            PduBody::C2HData(_) if p.hdr.success() => served += 1,
+            PduBody::C2HData(_) => continue,
+            PduBody::CapsuleResp(r) => {
+                let s = r.cqe.status();
+                assert!(
+                    s.same_code(Status::COMMAND_SEQUENCE_ERROR) && s.dnr,
+                    "cid {}: {s}",
+                    r.cqe.cid()
+                );
+                refused += 1;
+            }
+            other => panic!("unexpected PDU {other:?}"),
+        }
+    }
+    writer.join().unwrap();
+    let stats = t.rpc("nvmf_get_stats", json!({})).unwrap();
+    let counted: u64 = stats["poll_groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["commands_past_queue_size"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        counted, refused as u64,
+        "{commands} commands, {served} served"
+    );
+    assert!(
+        refused > 0 && served > 0,
+        "{served} served, {refused} refused"
+    );
+
+    // The queue works on.
+    let data = vec![0x6Bu8; 512];
+    let (cqe, _) = io.run(Command::write_blocks(1, 9, 1, false), &data, 0, true);
+    assert!(cqe.status().is_success(), "{}", cqe.status());
+    let (_, back) = io.run(Command::read_blocks(1, 9, 1), &[], 512, false);
+    assert_eq!(back, data);
+}

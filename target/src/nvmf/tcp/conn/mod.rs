@@ -40,6 +40,10 @@ const NO_SLOT: u16 = u16::MAX;
 const OUT_HDR_MAX: usize = 24 + 128;
 /// PDUs handled per poll of one connection, so one busy connection cannot starve others.
 const RX_BUDGET: usize = 256;
+/// PDUs a command slot may have waiting to go out at once (an R2T or C2HData, a response),
+/// with room to spare. Past that many per slot, the rest can only be answers to commands
+/// refused for want of a slot, and nothing more is read until the host takes some.
+const OUT_PER_SLOT: usize = 4;
 /// iovecs per writev: room for QD128's worth of 4 KiB C2H PDUs (header, data) in one call,
 /// under the kernel's IOV_MAX of 1024.
 const MAX_IOV: usize = 512;
@@ -219,7 +223,7 @@ impl Conn {
     /// waiting for the data budget do not count: they are tried again whenever the
     /// connection is polled (its own I/O completing frees budget) and at every sweep.
     pub fn wants_poll(&self) -> bool {
-        self.t.rx_ready
+        (self.t.rx_ready && !self.rx_held_back())
             || (self.t.tx_ready && !self.t.out.is_empty())
             || !self.retry.is_empty()
             || self.ns.in_flight() > 0
@@ -232,9 +236,11 @@ impl Conn {
         let mut busy = false;
         match self.t.state {
             State::AwaitIcReq | State::Ready => {
-                match self.poll_rx() {
-                    Ok(b) => busy |= b,
-                    Err(f) => self.fatal(f),
+                if !self.rx_held_back() {
+                    match self.poll_rx() {
+                        Ok(b) => busy |= b,
+                        Err(f) => self.fatal(f),
+                    }
                 }
                 if matches!(self.t.state, State::Ready) {
                     if !self.buf_waiting.is_empty() {
@@ -268,6 +274,15 @@ impl Conn {
         }
         self.release_rbuf();
         (busy, false)
+    }
+
+    /// Whether reading from the host waits for it to take what is queued for it. A host
+    /// that keeps sending commands past its queue and never reads would otherwise have plexd
+    /// queue an answer for each, as fast as it can send; held back, it is stopped by TCP's
+    /// flow control once the socket buffers fill, and the sweep closes it if it never reads
+    /// again (`data_timeout_ms`). (A poll reads at most RX_BUDGET PDUs past the mark.)
+    fn rx_held_back(&self) -> bool {
+        self.t.out.len() >= OUT_PER_SLOT * self.slots.len() + RX_BUDGET
     }
 
     /// The poll group's periodic look at a connection, news or not: what the host has left
