@@ -118,6 +118,17 @@ impl Target {
         self.rt
             .block_on(self.app.methods.call(self.app.clone(), method, params))
     }
+
+    /// `nvmf_get_stats`' commands refused for coming past a queue's size, over every poll group.
+    pub fn commands_past_queue_size(&self) -> u64 {
+        let stats = self.rpc("nvmf_get_stats", json!({})).unwrap();
+        stats["poll_groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g["commands_past_queue_size"].as_u64().unwrap())
+            .sum()
+    }
 }
 
 impl Drop for Target {
