@@ -190,10 +190,7 @@ fn raw_resv(c: &mut Client, cmd: Command, data: &[u8]) -> Status {
 #[test]
 fn a_write_waiting_for_its_data_is_aborted_by_preempt_and_abort() {
     let t = Target::start(true);
-    let mut adm = Client::connect(t.port);
-    let cntlid = adm.admin_up(false, false);
-    let mut a = Client::connect(t.port);
-    a.io_up(cntlid, 1, false, false);
+    let (_adm, mut a) = t.io_queue(false, false);
     let reg = ResvRegister {
         nsid: 1,
         rrega: rrega::REGISTER,

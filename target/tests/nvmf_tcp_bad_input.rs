@@ -18,11 +18,8 @@ struct Bystander {
 
 impl Bystander {
     fn new(t: &Target) -> Bystander {
-        let mut admin = Client::connect(t.port);
-        let cntlid = admin.admin_up(false, false);
-        let mut io = Client::connect(t.port);
-        io.io_up(cntlid, 1, false, false);
-        Bystander { _admin: admin, io }
+        let (_admin, io) = t.io_queue(false, false);
+        Bystander { _admin, io }
     }
 
     fn still_works(&mut self) {
@@ -38,14 +35,6 @@ impl Bystander {
         let (_, back) = self.io.run(Command::read_blocks(1, 7, 1), &[], 512, false);
         assert_eq!(back, data, "bystander read back");
     }
-}
-
-fn io_queue(t: &Target, hdgst: bool, ddgst: bool) -> (Client, Client) {
-    let mut admin = Client::connect(t.port);
-    let cntlid = admin.admin_up(hdgst, ddgst);
-    let mut io = Client::connect(t.port);
-    io.io_up(cntlid, 1, hdgst, ddgst);
-    (admin, io)
 }
 
 #[test]
@@ -102,7 +91,7 @@ fn protocol_errors_terminate_only_the_offending_connection() {
     by.still_works();
 
     // Wrong PDO: data offset inside the header.
-    let (a, mut c) = io_queue(&t, false, false);
+    let (a, mut c) = t.io_queue(false, false);
     let mut cmd = Command::write_blocks(1, 0, 1, false);
     cmd.set_sgl1(SglDescriptor::in_capsule(0, 512));
     let mut b = c.capsule_bytes(cmd, &[0u8; 512]);
@@ -112,7 +101,7 @@ fn protocol_errors_terminate_only_the_offending_connection() {
     drop(a);
 
     // Wrong PLEN on a PDU without data.
-    let (a, mut c) = io_queue(&t, false, false);
+    let (a, mut c) = t.io_queue(false, false);
     let mut b = c.capsule_bytes(Command::flush(1), &[]);
     b[4] = 80;
     b.extend_from_slice(&[0u8; 8]);
@@ -122,7 +111,7 @@ fn protocol_errors_terminate_only_the_offending_connection() {
     by.still_works();
 
     // Header digest mismatch.
-    let (a, mut c) = io_queue(&t, true, false);
+    let (a, mut c) = t.io_queue(true, false);
     let mut b = c.capsule_bytes(Command::flush(1), &[]);
     let n = b.len();
     b[n - 1] ^= 0xFF;
@@ -135,7 +124,7 @@ fn protocol_errors_terminate_only_the_offending_connection() {
     drop(a);
 
     // In-capsule data beyond what we advertised (IOCCSZ).
-    let (a, mut c) = io_queue(&t, false, false);
+    let (a, mut c) = t.io_queue(false, false);
     let mut cmd = Command::write_blocks(1, 0, 32, false);
     cmd.set_sgl1(SglDescriptor::in_capsule(0, 16384));
     let b = c.capsule_bytes(cmd, &vec![0u8; 16384]);
@@ -149,7 +138,7 @@ fn protocol_errors_terminate_only_the_offending_connection() {
     by.still_works();
 
     // H2CData for a transfer tag nobody gave out.
-    let (a, mut c) = io_queue(&t, false, false);
+    let (a, mut c) = t.io_queue(false, false);
     let h = H2CData::new(3, 77, 0, 512, true, false, false, 0).unwrap();
     let mut b = h.as_bytes().to_vec();
     b.extend_from_slice(&[0u8; 512]);
@@ -162,7 +151,7 @@ fn protocol_errors_terminate_only_the_offending_connection() {
     drop(a);
 
     // H2CData beyond the R2T'd range.
-    let (a, mut c) = io_queue(&t, false, false);
+    let (a, mut c) = t.io_queue(false, false);
     let mut cmd = Command::write_blocks(1, 0, 1, false).with_cid(9);
     cmd.set_sgl1(SglDescriptor::tcp_transport(512));
     c.send_cmd(cmd, &[]);
@@ -194,7 +183,7 @@ fn protocol_errors_terminate_only_the_offending_connection() {
 #[test]
 fn bad_commands_get_nvme_status() {
     let t = Target::start(true);
-    let (_admin, mut io) = io_queue(&t, false, true);
+    let (_admin, mut io) = t.io_queue(false, true);
 
     // LBA past the end.
     let (cqe, _) = io.run(Command::read_blocks(1, BLOCKS - 1, 2), &[], 1024, false);
@@ -292,7 +281,7 @@ fn a_host_past_its_queue_size_gets_command_sequence_errors_for_the_excess() {
         json!({"name": "Held", "timeout_ms": 60_000}),
     )
     .unwrap();
-    let (_admin, mut io) = io_queue(&t, false, false);
+    let (_admin, mut io) = t.io_queue(false, false);
     let n = QUEUE + SPARE_SLOTS + PAST;
     let block = |i: usize| vec![i as u8 ^ 0x3c; 512];
     let mut burst = Vec::new();

@@ -406,10 +406,7 @@ fn save_config_recreates_the_target() {
 /// block then reads back as written. With data digests too (checked over lent data).
 fn in_capsule_write_bursts(ddgst: bool) {
     let t = Target::start(true);
-    let mut admin = Client::connect(t.port);
-    let cntlid = admin.admin_up(false, ddgst);
-    let mut ioq = Client::connect(t.port);
-    ioq.io_up(cntlid, 1, false, ddgst);
+    let (_admin, mut ioq) = t.io_queue(false, ddgst);
     const BURST: u64 = 96;
     for burst in 0..4u64 {
         let mut wire = Vec::new();

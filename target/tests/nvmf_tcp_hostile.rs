@@ -19,13 +19,10 @@ struct Bystander {
 }
 
 impl Bystander {
-    fn new(port: u16) -> Bystander {
-        let mut admin = Client::connect(port);
-        let cntlid = admin.admin_up(false, false);
-        let mut io = Client::connect(port);
-        io.io_up(cntlid, 1, false, false);
+    fn new(t: &Target) -> Bystander {
+        let (_admin, io) = t.io_queue(false, false);
         Bystander {
-            _admin: admin,
+            _admin,
             io,
             round: 0,
         }
@@ -76,7 +73,7 @@ fn silent_half_open_and_stalled_connections_are_closed_in_time_and_nobody_else_n
         true,
         json!({"trtype": "TCP", "connect_timeout_ms": 300, "pdu_stall_timeout_ms": 300}),
     );
-    let mut by = Bystander::new(t.port);
+    let mut by = Bystander::new(&t);
     by.check();
 
     // Connects and says nothing.
@@ -135,7 +132,7 @@ fn plexd_sockets(port: u16) -> usize {
 #[test]
 fn many_idle_connections_cost_nothing_once_closed() {
     let t = Target::start(true);
-    let mut by = Bystander::new(t.port);
+    let mut by = Bystander::new(&t);
     by.check();
     let before = plexd_sockets(t.port);
     assert_eq!(before, 2, "the bystander's two");
@@ -205,10 +202,7 @@ fn a_host_that_never_answers_its_r2ts_holds_only_its_share_and_only_for_a_while(
         json!({"trtype": "TCP", "num_shared_buffers": 16, "io_unit_size": 131072,
                "data_timeout_ms": 500}),
     );
-    let mut greedy_admin = Client::connect(t.port);
-    let cntlid = greedy_admin.admin_up(false, false);
-    let mut greedy = Client::connect(t.port);
-    greedy.io_up(cntlid, 1, false, false);
+    let (_greedy_admin, mut greedy) = t.io_queue(false, false);
     // 24 writes of 128 KiB by R2T, none ever answered.
     for k in 0..24u64 {
         let mut cmd = Command::write_blocks(1, k * 256, 256, false).with_cid(100 + k as u16);
@@ -220,7 +214,7 @@ fn a_host_that_never_answers_its_r2ts_holds_only_its_share_and_only_for_a_while(
     assert_eq!((r2ts, resps.len()), (16, 0), "{resps:?}");
 
     // Meanwhile a neighbour's verified I/O goes on (its reads take buffers too).
-    let mut by = Bystander::new(t.port);
+    let mut by = Bystander::new(&t);
     for _ in 0..5 {
         by.check();
     }
@@ -248,11 +242,8 @@ fn a_host_that_never_answers_its_r2ts_holds_only_its_share_and_only_for_a_while(
 #[test]
 fn a_host_that_never_reads_its_data_is_cut_off_and_nobody_else_notices() {
     let t = Target::start_with(true, json!({"trtype": "TCP", "data_timeout_ms": 500}));
-    let mut by = Bystander::new(t.port);
-    let mut deaf_admin = Client::connect(t.port);
-    let cntlid = deaf_admin.admin_up(false, false);
-    let mut deaf = Client::connect(t.port);
-    deaf.io_up(cntlid, 1, false, false);
+    let mut by = Bystander::new(&t);
+    let (_deaf_admin, mut deaf) = t.io_queue(false, false);
     let qpairs = || {
         t.rpc("nvmf_subsystem_get_qpairs", json!({"nqn": NQN}))
             .unwrap()
@@ -292,13 +283,7 @@ fn a_host_that_sends_and_never_reads_is_held_back_by_tcp_not_by_plexd_memory() {
     // Far above what the two sockets' buffers hold (tcp_rmem and tcp_wmem allow some MiB).
     const LIMIT: usize = 64 << 20;
     let t = Target::start(true);
-    let (_admin, mut io) = {
-        let mut admin = Client::connect(t.port);
-        let cntlid = admin.admin_up(false, false);
-        let mut io = Client::connect(t.port);
-        io.io_up(cntlid, 1, false, false);
-        (admin, io)
-    };
+    let (_admin, mut io) = t.io_queue(false, false);
     let chunk: Vec<u8> = (0..1024u16)
         .flat_map(|cid| {
             let mut cmd = Command::read_blocks(1, u64::from(cid % 64), 1).with_cid(cid);

@@ -119,6 +119,15 @@ impl Target {
             .block_on(self.app.methods.call(self.app.clone(), method, params))
     }
 
+    /// A connected admin queue and I/O queue 1 of one controller: (admin, io).
+    pub fn io_queue(&self, hdgst: bool, ddgst: bool) -> (Client, Client) {
+        let mut admin = Client::connect(self.port);
+        let cntlid = admin.admin_up(hdgst, ddgst);
+        let mut io = Client::connect(self.port);
+        io.io_up(cntlid, 1, hdgst, ddgst);
+        (admin, io)
+    }
+
     /// `nvmf_get_stats`' commands refused for coming past a queue's size, over every poll group.
     pub fn commands_past_queue_size(&self) -> u64 {
         let stats = self.rpc("nvmf_get_stats", json!({})).unwrap();
