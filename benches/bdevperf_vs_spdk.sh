@@ -9,13 +9,18 @@
 #     sequential write QD32 for 1 s on the raw bdev and on a fresh thin lvol, whose every
 #     cluster is allocated during the run (the first pass; a run that wrote more than the
 #     lvol holds is flagged, as it went on over allocated clusters).
+#   mirror: plexd's mirror (bdev_mirror_create) and SPDK's raid1 (bdev_raid_create -r raid1),
+#     each over two malloc bdevs of 1 Mi 512-byte blocks, against one such malloc bdev:
+#     4 KiB randwrite QD32 on the single malloc; on the mirror 4 KiB randwrite QD32, randread
+#     QD32, randwrite QD1 and 128 KiB write QD32. The two programs' configs differ only in
+#     the method that joins the two mallocs (SPDK has no bdev_mirror_create).
 #
 # Each row runs REPS times per program, interleaved (SPDK first on odd repetitions, ours first
 # on even ones), TIME seconds each; the table gives the medians and ours ÷ SPDK. The report,
 # with the load average at start and end, the busiest processes at start, and the exact
 # commands, goes to benches/reports/<bdevperf|lvol>-<date>.md (or --out).
 #
-# Usage: benches/bdevperf_vs_spdk.sh [--suite malloc|lvol] [--time SECONDS (5)] [--reps N (3)]
+# Usage: benches/bdevperf_vs_spdk.sh [--suite malloc|lvol|mirror] [--time SECONDS (5)] [--reps N (3)]
 #                                    [--out FILE]
 # Needs build/release/bdevperf (cargo build --release -p plexd --bin bdevperf). SPDK's rows
 # need ../shared/spdk/bin/bdevperf, root and hugepages (reserved here through
@@ -45,19 +50,22 @@ while [ $# -gt 0 ]; do
 done
 [[ $secs =~ ^[0-9]+$ && $secs -gt 0 ]] || { echo "--time takes whole seconds (SPDK's -t does)" >&2; exit 2; }
 [[ $reps =~ ^[0-9]+$ && $reps -gt 0 ]] || { echo "--reps takes a count" >&2; exit 2; }
-case $suite in malloc | lvol) ;; *) echo "--suite is malloc or lvol" >&2; exit 2 ;; esac
+case $suite in malloc | lvol | mirror) ;; *) echo "--suite is malloc, lvol or mirror" >&2; exit 2 ;; esac
 
 ours=$repo/build/release/bdevperf
 [ -x "$ours" ] || { echo "no $ours: cargo build --release -p plexd --bin bdevperf" >&2; exit 2; }
 stamp=$(date +%Y%m%d-%H%M)
 report_name=bdevperf
 [ "$suite" = lvol ] && report_name=lvol
+[ "$suite" = mirror ] && report_name=mirror_bdevperf
 out=${out:-$repo/benches/reports/$report_name-$stamp.md}
 work=$(mktemp -d /tmp/bdevperf-vs-spdk.XXXXXX)
 
-# SPDK's memory: the disk (512 MiB, or 8 GiB for lvols), its I/O pools and DPDK's own.
+# SPDK's memory: the disks (512 MiB, two for a mirror, or 8 GiB for lvols), its I/O pools and
+# DPDK's own.
 SPDK_MEM_MB=1024
 [ "$suite" = lvol ] && SPDK_MEM_MB=9216
+[ "$suite" = mirror ] && SPDK_MEM_MB=1536
 spdk=$(spdk_bin bdevperf) || spdk=
 spdk_note=
 spdk_mem=(-s "$SPDK_MEM_MB")
@@ -80,22 +88,35 @@ else
     spdk_note="SPDK's bdevperf is absent (no $SPDK_BIN_DIR/bdevperf): ours ran alone."
 fi
 
-# write_config NAME: the JSON config NAME, as $work/NAME.json.
+# write_config NAME: the JSON config NAME, as $work/NAME.json; where SPDK's must differ (a
+# mirror), SPDK's as $work/NAME.spdk.json.
 LVOL_BASE_BLOCKS=16777216 # 8 GiB: more than a second of sequential writes
 LVOL_MIB=8000            # about all the store holds, less its metadata
 write_config() {
-    python3 - "$1" "$LVOL_BASE_BLOCKS" "$LVOL_MIB" >"$work/$1.json" <<'EOF'
+    python3 - "$1" "$LVOL_BASE_BLOCKS" "$LVOL_MIB" "$work" <<'EOF'
 import json, sys
-name, blocks, mib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-config = [{"method": "bdev_malloc_create", "params": {
-    "name": "Malloc0", "num_blocks": 1048576 if name == "malloc" else blocks, "block_size": 512}}]
+name, blocks, mib, work = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+def write(path, config):
+    with open(path, "w") as f:
+        print(json.dumps({"subsystems": [{"subsystem": "bdev", "config": config}]}, indent=1), file=f)
+def malloc(n, blocks):
+    return {"method": "bdev_malloc_create", "params": {"name": n, "num_blocks": blocks, "block_size": 512}}
+if name == "mirror":
+    pair = [malloc("Malloc0", 1048576), malloc("Malloc1", 1048576)]
+    write(f"{work}/{name}.json", pair + [{"method": "bdev_mirror_create", "params": {
+        "name": "Mirror0", "plexes": ["Malloc0", "Malloc1"]}}])
+    write(f"{work}/{name}.spdk.json", pair + [{"method": "bdev_raid_create", "params": {
+        "name": "Mirror0", "raid_level": "raid1", "base_bdevs": ["Malloc0", "Malloc1"],
+        "strip_size_kb": 0}}])
+    sys.exit()
+config = [malloc("Malloc0", 1048576 if name == "malloc" else blocks)]
 if name in ("thick", "thin"):
     config += [
         {"method": "bdev_lvol_create_lvstore", "params": {"bdev_name": "Malloc0", "lvs_name": "lvs"}},
         {"method": "bdev_lvol_create", "params": {"lvol_name": "vol", "size_in_mib": mib,
                                                   "thin_provision": name == "thin", "lvs_name": "lvs"}},
     ]
-print(json.dumps({"subsystems": [{"subsystem": "bdev", "config": config}]}, indent=1))
+write(f"{work}/{name}.json", config)
 EOF
 }
 
@@ -106,6 +127,14 @@ if [ "$suite" = malloc ]; then
         "malloc randwrite 4096 32 $secs"
         "malloc randread 4096 1 $secs"
         "malloc write 131072 32 $secs"
+    )
+elif [ "$suite" = mirror ]; then
+    rows=(
+        "malloc randwrite 4096 32 $secs"
+        "mirror randwrite 4096 32 $secs"
+        "mirror randread 4096 32 $secs"
+        "mirror randwrite 4096 1 $secs"
+        "mirror write 131072 32 $secs"
     )
 else
     rows=(
@@ -121,7 +150,9 @@ for c in $configs; do write_config "$c"; done
 # command PROG CONFIG WORKLOAD SIZE QD SECONDS: the command line, one word per line.
 command_for() {
     if [ "$1" = spdk ]; then
-        printf '%s\n' "$spdk" -m 0x1 "${spdk_mem[@]}" -r "$work/spdk.sock" --json "$work/$2.json" \
+        local config=$work/$2.json
+        [ -e "$work/$2.spdk.json" ] && config=$work/$2.spdk.json
+        printf '%s\n' "$spdk" -m 0x1 "${spdk_mem[@]}" -r "$work/spdk.sock" --json "$config" \
             -q "$5" -o "$4" -w "$3" -t "$6"
     else
         printf '%s\n' "$ours" -m 0x1 -c "$work/$2.json" -q "$5" -o "$4" -w "$3" -t "$6"
@@ -170,6 +201,13 @@ load_end=$(cut -d' ' -f1-3 /proc/loadavg)
         echo "# bdevperf: plexd's bdev layer and SPDK's, no network, side by side"
         echo
         echo "Malloc bdev (1,048,576 blocks of 512 B), both programs on core 0 (\`-m 0x1\`), ${secs} s per"
+    elif [ "$suite" = mirror ]; then
+        echo "# bdevperf on a mirror: plexd's mirror and SPDK's raid1, no network, side by side"
+        echo
+        echo "plexd's mirror (\`bdev_mirror_create\`: superblocks and a write-intent bitmap of 1 MiB"
+        echo "regions on its plexes) and SPDK's raid1 (\`bdev_raid_create -r raid1\`, no superblock), each"
+        echo "over two malloc bdevs of 1,048,576 blocks of 512 B. \`malloc\` rows run on one such bdev"
+        echo "alone. Both programs on core 0 (\`-m 0x1\`), ${secs} s per"
     else
         echo "# bdevperf on lvols: plexd's volume store and SPDK's, against their base, side by side"
         echo
@@ -219,6 +257,19 @@ for r, spec in enumerate(rows):
     ratio = "–" if s is None or o is None else f"{o / s:.2f}"
     print(f"| {label(spec)} | {fmt(s, ',.0f')} | {fmt(o, ',.0f')} | {ratio} "
           f"| {fmt(med('spdk', r, 2), '.2f')} | {fmt(med('ours', r, 2), '.2f')} |")
+if any(r.split()[0] == "mirror" for r in rows):
+    print()
+    print("Each program's mirror against its own single malloc, 4 KiB randwrite QD32, same run")
+    print("(medians): what writing every block twice costs each.")
+    print()
+    def pair_ratio(prog):
+        def find(c):
+            return next(i for i, x in enumerate(rows) if x.split()[:4] == [c, "randwrite", "4096", "32"])
+        m, one = med(prog, find("mirror"), 0), med(prog, find("malloc"), 0)
+        return "–" if m is None or one is None else f"{m / one:.2f}"
+    print("| | SPDK (raid1) | ours (mirror) |")
+    print("|---|---:|---:|")
+    print(f"| mirror ÷ single malloc | {pair_ratio('spdk')} | {pair_ratio('ours')} |")
 if any(r.split()[0] == "thick" for r in rows):
     print()
     print("Each program's lvol against its own base, same run (medians):")
@@ -255,12 +306,12 @@ EOF
     echo "## Commands"
     echo
     echo "Run as \`benches/bdevperf_vs_spdk.sh --suite $suite --time $secs --reps $reps\`. The configs:"
-    for c in $configs; do
+    for f in $(cd "$work" && ls -- *.json); do
         echo
-        echo "\`$c.json\`:"
+        echo "\`$f\`:"
         echo
         echo '```json'
-        cat "$work/$c.json"
+        cat "$work/$f"
         echo '```'
     done
     echo
