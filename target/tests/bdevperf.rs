@@ -207,6 +207,77 @@ fn skips_the_nvmf_section_as_spdk_does() {
     assert!(table(&stdout).1.figures[0] > 0.0, "{stdout}");
 }
 
+/// A mirror deeper than its legs' queues: at depth 256 over two uring plexes (128 entries a
+/// ring), half of what the mirror has in flight waits in it for room at its legs. Every write
+/// must still reach both plexes. The plex files start filled with 0xA5, and bdevperf writes
+/// zeroed buffers sequentially from the mirror's first block, so every block the run wrote
+/// must read back as zeros on both plexes. (Data starts 1 MiB into a plex of this size:
+/// docs/mirror-on-disk-format.md.) The run is short enough for one or two passes, so a lost
+/// write is not hidden by later passes over the same block.
+#[test]
+fn a_mirror_deeper_than_its_legs_queues_writes_every_block_to_both_plexes() {
+    const PLEX_BYTES: usize = 128 << 20;
+    const DATA_OFFSET: usize = 1 << 20;
+    const IO: usize = 4096;
+    let dir = temp_dir();
+    let files: Vec<PathBuf> = (0..2)
+        .map(|i| {
+            let p = dir.path().join(format!("plex{i}.img"));
+            std::fs::write(&p, vec![0xa5u8; PLEX_BYTES]).unwrap();
+            p
+        })
+        .collect();
+    let cfg = config(
+        dir.path(),
+        "mirror.json",
+        &serde_json::json!({"subsystems": [{"subsystem": "bdev", "config": [
+            {"method": "bdev_uring_create",
+             "params": {"name": "u0", "filename": files[0], "block_size": 512}},
+            {"method": "bdev_uring_create",
+             "params": {"name": "u1", "filename": files[1], "block_size": 512}},
+            {"method": "bdev_mirror_create", "params": {"name": "m", "plexes": ["u0", "u1"]}}]}]})
+        .to_string(),
+    );
+    let out = bdevperf(&[
+        "-c",
+        cfg.to_str().unwrap(),
+        "-q",
+        "256",
+        "-o",
+        "4096",
+        "-w",
+        "write",
+        "-t",
+        "0.5",
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let (jobs, _) = table(&stdout);
+    assert_eq!(jobs.len(), 1, "one job, on the mirror: {stdout}");
+    let (runtime, iops, fails) = (jobs[0].figures[0], jobs[0].figures[1], jobs[0].figures[3]);
+    assert_eq!(fails, 0.0, "{stdout}");
+    // The table's figures are rounded: take 90 % of what it says was written, less the depth
+    // (writes still in flight when the run ended may leave holes just below the last one).
+    let written = ((runtime * iops * 0.9) as usize).saturating_sub(256);
+    // The first burst alone (256 writes, 128 a leg takes) goes through the wait.
+    assert!(written >= 256, "too few writes to check: {stdout}");
+    let span = (PLEX_BYTES - DATA_OFFSET) / IO;
+    let end = DATA_OFFSET + written.min(span) * IO;
+    for f in &files {
+        let p = std::fs::read(f).unwrap();
+        if let Some(i) = p[DATA_OFFSET..end].iter().position(|&b| b != 0) {
+            let at = DATA_OFFSET + i;
+            panic!(
+                "{}: byte {at} (mirror block {}) was not written (0x{:02x}); the run wrote \
+                 {written} blocks of {IO} B from the start: {stdout}",
+                f.display(),
+                (at - DATA_OFFSET) / 512,
+                p[at]
+            );
+        }
+    }
+}
+
 /// `-c cfg -q 1 -o 4096 -w randread -t 1`, with `changes` replacing those options or added.
 fn args_with<'a>(cfg: &'a str, changes: &[&'a str]) -> Vec<&'a str> {
     let mut opts: Vec<(&str, Option<&str>)> = vec![
