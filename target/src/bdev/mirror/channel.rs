@@ -188,12 +188,14 @@ impl MirrorChannel {
     }
 
     fn issue(&mut self, s: u32) {
-        let core = self.core.clone();
         let m = self.ios[s as usize].as_mut().expect("live slot");
         m.stage = Stage::Issued;
         if m.io.io_type == IoType::Read {
             return self.issue_read(s);
         }
+        // Borrowed, not cloned: the fields below are disjoint, and an `Arc` clone is a locked
+        // instruction per I/O.
+        let core = &self.core;
         let (io_type, off, n) = (
             m.io.io_type,
             core.plex_block(m.io.offset_blocks),
@@ -224,16 +226,19 @@ impl MirrorChannel {
                 IoType::Flush | IoType::Reset => (0, 0),
                 _ => (off, n),
             };
-            self.unsent
-                .push_back((li, BdevIo::new(io_type, off, n, bufs, leg_tag(s, li))));
+            let io = BdevIo::new(io_type, off, n, bufs, leg_tag(s, li));
             sent += 1;
+            // Straight to the leg unless older I/O waits for room: legs take I/O in order.
+            if !self.unsent.is_empty() {
+                self.unsent.push_back((li, io));
+            } else if let Some(Err(io)) = leg.ch.as_mut().map(|ch| ch.submit(io)) {
+                self.unsent.push_back((li, io));
+            }
         }
         m.pending = sent;
         if sent == 0 {
             m.first_error.get_or_insert(IoStatus::IoError(libc::ENODEV));
             self.finish(s);
-        } else {
-            self.push_unsent();
         }
     }
 
@@ -282,14 +287,14 @@ impl MirrorChannel {
         }
     }
 
-    /// One leg's part of an I/O is back.
+    /// One leg's part of an I/O is back. The mirror's and the plex's `Arc`s are borrowed on
+    /// the paths every I/O takes; cloned (a locked instruction each) only where a leg failed.
     fn leg_done(&mut self, li: usize, c: IoCompletion) {
         let s = c.tag as u32;
-        let core = self.core.clone();
         let Some(m) = self.ios.get_mut(s as usize).and_then(Option::as_mut) else {
             return;
         };
-        let plex = self.legs[li].plex.clone();
+        let plex = &self.legs[li].plex;
         if c.io_type == IoType::Read {
             self.legs[li].reads -= 1;
             m.io.bufs = c.bufs;
@@ -298,11 +303,13 @@ impl MirrorChannel {
                 m.served = 1;
                 return self.finish(s);
             }
+            m.first_error = Some(c.status);
             if c.status != IoStatus::InvalidBuffer {
+                let core = &self.core;
                 tracing::warn!(
                     "mirror {}: read from plex {} failed ({:?}); trying another",
                     core.name,
-                    plex.uuid,
+                    self.legs[li].plex.uuid,
                     c.status
                 );
                 core.fault(
@@ -312,32 +319,28 @@ impl MirrorChannel {
                         status: c.status,
                     },
                 );
-                m.first_error = Some(c.status);
                 return self.issue_read(s);
             }
-            m.first_error = Some(c.status);
             return self.finish(s);
         }
         // The leg's shares of the buffer are dropped here; the caller's view reclaims them.
         drop(c.bufs);
         m.pending -= 1;
-        if c.status.is_ok() {
-            if plex.role() == Role::Serving {
-                m.served += 1;
-            }
-        } else if c.status == IoStatus::Unsupported
-            && matches!(c.io_type, IoType::Flush | IoType::Reset)
-        {
-            // Nothing to flush there: done, as far as this plex goes.
+        // A plex with nothing to flush is done with a flush, as far as it goes.
+        let took_it = c.status.is_ok()
+            || (c.status == IoStatus::Unsupported
+                && matches!(c.io_type, IoType::Flush | IoType::Reset));
+        if took_it {
             if plex.role() == Role::Serving {
                 m.served += 1;
             }
         } else if c.status.is_reservation_conflict() {
             // Another owner took this plex: this instance must stop acknowledging writes at
             // once, or they would be lost to the new owner.
-            core.mark_fenced(&plex.location);
+            self.core.mark_fenced(&plex.location);
             m.first_error = Some(c.status);
         } else {
+            let core = &self.core;
             let was_serving = plex.role() == Role::Serving;
             tracing::warn!(
                 "mirror {}: {:?} to plex {} failed ({:?})",
@@ -365,7 +368,7 @@ impl MirrorChannel {
 
     /// Completes slot `s` if nothing holds it, else parks it.
     fn finish(&mut self, s: u32) {
-        let core = self.core.clone();
+        let core = &self.core;
         let m = self.ios[s as usize].as_mut().expect("live slot");
         if m.ticket > 0 && !core.fault_recorded(m.ticket) && !core.failed.load(Ordering::Acquire) {
             m.stage = Stage::Recording;
