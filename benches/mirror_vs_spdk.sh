@@ -6,7 +6,8 @@
 #   - SPDK nvmf_tgt: one malloc; raid1 over two mallocs (bdev_raid_create -r raid1)
 #   - plexd: one malloc; a mirror over two local mallocs (SPDK raid1's shape); a mirror over a
 #     local malloc and a remote one (a second plexd on core 1, attached with bdev_nvme): the
-#     product's shape, whose remote leg shares core 1 with plexperf.
+#     product's shape, whose remote leg shares core 1 with plexperf (so it sleeps when idle,
+#     --idle-poll-us 1; the figure is still the shared core's, not the mirror's).
 # Resync (plexd): a full copy to an added plex vs `dd` (O_DIRECT, 1 MiB) of the same bytes
 # between the same kind of files (ext4 under build/, which the uring bdev opens O_DIRECT), and a
 # partial resync after 1 % of the regions were written while a plex was away vs a full resync.
@@ -42,14 +43,14 @@ nqn=nqn.2026-12.io.plexstor:mirror-bench
 rnqn=nqn.2026-12.io.plexstor:mirror-bench-remote
 MB=256
 
-# daemon KIND NAME CORES: nvmf_tgt or plexd; sets SOCK.
+# daemon KIND NAME CORES [PLEXD OPTIONS]: nvmf_tgt or plexd; sets SOCK.
 daemon() {
     SOCK=$work/$2.sock
     rm -f "$SOCK"
     if [ "$1" = spdk ]; then
         "$tgt" -m "$3" -s 1024 -r "$SOCK" >"$work/$2.log" 2>&1 &
     else
-        "$plexd" -m "$3" -r "$SOCK" >"$work/$2.log" 2>&1 &
+        "$plexd" -m "$3" -r "$SOCK" "${@:4}" >"$work/$2.log" 2>&1 &
     fi
     pids+=($!)
     wait_until 30 "$SPDK_RPC" -s "$SOCK" spdk_get_version >/dev/null 2>&1
@@ -89,7 +90,11 @@ setup() {
     remote)
         local asock=$SOCK rport
         rport=$(free_tcp_port)
-        daemon plexd b 0x2
+        # It shares core 1 with plexperf, which spins. With plexd's default idle policy (poll
+        # 1 ms after the last work) neither ever yields, and each waits out the other's
+        # scheduler slices: 14 K IOPS and 2.1 ms at QD1 (mirror-20261205-1152.md). Sleeping
+        # as soon as it is idle, it runs when its work arrives: 167 K and 84 us in the same run.
+        daemon plexd b 0x2 --idle-poll-us 1
         s_rpc bdev_malloc_create -b M1 $MB 512
         export_bdev M1 "$rport" "$rnqn"
         SOCK=$asock
@@ -136,7 +141,7 @@ row spdk single "malloc"
 row spdk pair "raid1 over 2 mallocs"
 row plexd single "malloc"
 row plexd pair "mirror over 2 mallocs"
-row plexd remote "mirror: local malloc + remote malloc (2nd plexd, core 1)"
+row plexd remote "mirror: local malloc + remote malloc (2nd plexd on core 1, sleeping when idle)"
 
 # ---- resync: a full copy against dd, a partial one against a full one ----------------------
 shm=$(mktemp -d "$repo/build/mirror-bench.XXXXXX")
