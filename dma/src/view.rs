@@ -246,7 +246,6 @@ impl BufView {
         }
     }
 
-    /// Turns a whole buffer into a range of a shared one (one allocation, once).
     /// Turns a whole buffer into a range of a shared one (one allocation, once), and lends
     /// out that range's fields.
     fn make_part(&mut self) -> PartMut<'_> {
