@@ -18,7 +18,7 @@
 # Each row runs REPS times per program, interleaved (SPDK first on odd repetitions, ours first
 # on even ones), TIME seconds each; the table gives the medians and ours ÷ SPDK. The report,
 # with the load average at start and end, the busiest processes at start, and the exact
-# commands, goes to benches/reports/<bdevperf|lvol>-<date>.md (or --out).
+# commands, goes to benches/reports/<bdevperf|lvol|mirror_bdevperf>-<date>.md (or --out).
 #
 # Usage: benches/bdevperf_vs_spdk.sh [--suite malloc|lvol|mirror] [--time SECONDS (5)] [--reps N (3)]
 #                                    [--out FILE]
@@ -250,6 +250,13 @@ def wrapped(prog, r):
     return bool(v) and cfg == "thin" and max(x[0] for x in v) * int(size) * int(secs) > lvol_mib << 20
 def fmt(v, spec):
     return "–" if v is None else format(v, spec)
+def within(prog, cfg, base, wl, *shape):
+    """A program's median IOPS on config `cfg` over its own on `base`, same workload."""
+    def find(c):
+        key = [c, wl, *shape]
+        return next(i for i, x in enumerate(rows) if x.split()[:len(key)] == key)
+    a, b = med(prog, find(cfg), 0), med(prog, find(base), 0)
+    return "–" if a is None or b is None else f"{a / b:.2f}"
 print("| workload | SPDK bdevperf IOPS | ours IOPS | ours ÷ SPDK | SPDK avg latency (µs) | ours avg latency (µs) |")
 print("|---|---:|---:|---:|---:|---:|")
 for r, spec in enumerate(rows):
@@ -262,29 +269,20 @@ if any(r.split()[0] == "mirror" for r in rows):
     print("Each program's mirror against its own single malloc, 4 KiB randwrite QD32, same run")
     print("(medians): what writing every block twice costs each.")
     print()
-    def pair_ratio(prog):
-        def find(c):
-            return next(i for i, x in enumerate(rows) if x.split()[:4] == [c, "randwrite", "4096", "32"])
-        m, one = med(prog, find("mirror"), 0), med(prog, find("malloc"), 0)
-        return "–" if m is None or one is None else f"{m / one:.2f}"
+    pair = [within(p, "mirror", "malloc", "randwrite", "4096", "32") for p in ("spdk", "ours")]
     print("| | SPDK (raid1) | ours (mirror) |")
     print("|---|---:|---:|")
-    print(f"| mirror ÷ single malloc | {pair_ratio('spdk')} | {pair_ratio('ours')} |")
+    print(f"| mirror ÷ single malloc | {pair[0]} | {pair[1]} |")
 if any(r.split()[0] == "thick" for r in rows):
     print()
     print("Each program's lvol against its own base, same run (medians):")
     print()
     print("| | SPDK | ours | target (ours) |")
     print("|---|---:|---:|---:|")
-    def within(prog, cfg, wl):
-        def find(c):
-            return next(i for i, x in enumerate(rows) if x.split()[:2] == [c, wl])
-        lv, base = med(prog, find(cfg), 0), med(prog, find("base"), 0)
-        return "–" if lv is None or base is None else f"{lv / base:.2f}"
-    print(f"| allocated (thick) lvol ÷ base, 4 KiB randwrite QD32 | {within('spdk', 'thick', 'randwrite')} "
-          f"| {within('ours', 'thick', 'randwrite')} | ≥ 0.95 |")
-    print(f"| first-write allocation (thin, first pass) ÷ base, 4 KiB write QD32 | {within('spdk', 'thin', 'write')} "
-          f"| {within('ours', 'thin', 'write')} | ≥ 0.50 |")
+    print(f"| allocated (thick) lvol ÷ base, 4 KiB randwrite QD32 | {within('spdk', 'thick', 'base', 'randwrite')} "
+          f"| {within('ours', 'thick', 'base', 'randwrite')} | ≥ 0.95 |")
+    print(f"| first-write allocation (thin, first pass) ÷ base, 4 KiB write QD32 | {within('spdk', 'thin', 'base', 'write')} "
+          f"| {within('ours', 'thin', 'base', 'write')} | ≥ 0.50 |")
     for r in range(len(rows)):
         for prog in ("spdk", "ours"):
             if wrapped(prog, r):
