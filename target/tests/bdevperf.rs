@@ -217,6 +217,7 @@ fn skips_the_nvmf_section_as_spdk_does() {
 #[test]
 fn a_mirror_deeper_than_its_legs_queues_writes_every_block_to_both_plexes() {
     const PLEX_BYTES: usize = 128 << 20;
+    const DEPTH: usize = 256;
     const DATA_OFFSET: usize = 1 << 20;
     const IO: usize = 4096;
     let dir = temp_dir();
@@ -238,18 +239,11 @@ fn a_mirror_deeper_than_its_legs_queues_writes_every_block_to_both_plexes() {
             {"method": "bdev_mirror_create", "params": {"name": "m", "plexes": ["u0", "u1"]}}]}]})
         .to_string(),
     );
-    let out = bdevperf(&[
-        "-c",
+    let depth = DEPTH.to_string();
+    let out = bdevperf(&args_with(
         cfg.to_str().unwrap(),
-        "-q",
-        "256",
-        "-o",
-        "4096",
-        "-w",
-        "write",
-        "-t",
-        "0.5",
-    ]);
+        &["-q", &depth, "-w", "write", "-t", "0.5"],
+    ));
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stdout}\n{stderr}");
     let (jobs, _) = table(&stdout);
@@ -258,9 +252,9 @@ fn a_mirror_deeper_than_its_legs_queues_writes_every_block_to_both_plexes() {
     assert_eq!(fails, 0.0, "{stdout}");
     // The table's figures are rounded: take 90 % of what it says was written, less the depth
     // (writes still in flight when the run ended may leave holes just below the last one).
-    let written = ((runtime * iops * 0.9) as usize).saturating_sub(256);
-    // The first burst alone (256 writes, 128 a leg takes) goes through the wait.
-    assert!(written >= 256, "too few writes to check: {stdout}");
+    let written = ((runtime * iops * 0.9) as usize).saturating_sub(DEPTH);
+    // The first burst alone (DEPTH writes, 128 a leg takes) goes through the wait.
+    assert!(written >= DEPTH, "too few writes to check: {stdout}");
     let span = (PLEX_BYTES - DATA_OFFSET) / IO;
     let end = DATA_OFFSET + written.min(span) * IO;
     for f in &files {

@@ -83,6 +83,19 @@ fn leg_tag(slot: u32, leg: usize) -> u64 {
     (leg as u64) << 32 | u64::from(slot)
 }
 
+/// Hands leg `li` its I/O at once, unless older leg I/O waits for room (legs take I/O in
+/// order) or the leg cannot take it now; then it waits in `unsent` for `push_unsent`.
+fn send(unsent: &mut VecDeque<(usize, BdevIo)>, leg: &mut Leg, li: usize, io: BdevIo) {
+    let io = match leg.ch.as_mut() {
+        Some(ch) if unsent.is_empty() => match ch.submit(io) {
+            Ok(()) => return,
+            Err(io) => io,
+        },
+        _ => io,
+    };
+    unsent.push_back((li, io));
+}
+
 impl MirrorChannel {
     pub fn new(core: Arc<Core>) -> MirrorChannel {
         let mut ch = MirrorChannel {
@@ -227,13 +240,8 @@ impl MirrorChannel {
                 _ => (off, n),
             };
             let io = BdevIo::new(io_type, off, n, bufs, leg_tag(s, li));
+            send(&mut self.unsent, leg, li, io);
             sent += 1;
-            // Straight to the leg unless older I/O waits for room: legs take I/O in order.
-            if !self.unsent.is_empty() {
-                self.unsent.push_back((li, io));
-            } else if let Some(Err(io)) = leg.ch.as_mut().map(|ch| ch.submit(io)) {
-                self.unsent.push_back((li, io));
-            }
         }
         m.pending = sent;
         if sent == 0 {
@@ -268,8 +276,7 @@ impl MirrorChannel {
             leg_tag(s, li),
         );
         self.legs[li].reads += 1;
-        self.unsent.push_back((li, io));
-        self.push_unsent();
+        send(&mut self.unsent, &mut self.legs[li], li, io);
     }
 
     /// Sends what waits for room at its leg, in order.
@@ -287,16 +294,16 @@ impl MirrorChannel {
         }
     }
 
-    /// One leg's part of an I/O is back. The mirror's and the plex's `Arc`s are borrowed on
-    /// the paths every I/O takes; cloned (a locked instruction each) only where a leg failed.
+    /// One leg's part of an I/O is back. The mirror's and the plex's `Arc`s are borrowed, not
+    /// cloned: a clone and its drop are a locked instruction each, on every I/O.
     fn leg_done(&mut self, li: usize, c: IoCompletion) {
         let s = c.tag as u32;
         let Some(m) = self.ios.get_mut(s as usize).and_then(Option::as_mut) else {
             return;
         };
-        let plex = &self.legs[li].plex;
         if c.io_type == IoType::Read {
             self.legs[li].reads -= 1;
+            let plex = &self.legs[li].plex;
             m.io.bufs = c.bufs;
             m.pending = 0;
             if c.status.is_ok() {
@@ -309,7 +316,7 @@ impl MirrorChannel {
                 tracing::warn!(
                     "mirror {}: read from plex {} failed ({:?}); trying another",
                     core.name,
-                    self.legs[li].plex.uuid,
+                    plex.uuid,
                     c.status
                 );
                 core.fault(
@@ -323,6 +330,7 @@ impl MirrorChannel {
             }
             return self.finish(s);
         }
+        let plex = &self.legs[li].plex;
         // The leg's shares of the buffer are dropped here; the caller's view reclaims them.
         drop(c.bufs);
         m.pending -= 1;
