@@ -8,8 +8,9 @@
 #      manifests against the Kubernetes schema, plexd on the host reached from the test
 #      guest, the fuzz targets' smoke run,
 #   4. guest tests (tests/guest/*.sh) inside one QEMU guest running Debian's kernel, where the
-#      kernel's NVMe/TCP initiator, nvmet and vfio-pci live. Should QEMU itself abort, a
-#      fresh guest runs the interrupted script and the rest once more (listed as noticed).
+#      kernel's NVMe/TCP initiator, nvmet and vfio-pci live. Should QEMU itself abort or an
+#      emulated CPU stall, a fresh guest runs the interrupted script and the rest once more
+#      (listed as noticed).
 # Ends with one line "N passed, M failed, K skipped", after the list of failures and of skips
 # with their reasons, and exits non-zero if anything failed.
 #
@@ -255,22 +256,23 @@ elif [ ${#guest_tests[@]} -gt 0 ]; then
         log="$logdir/guest.log"
         run_guest "$log" "${guest_tests[@]}"
         rc=$guest_rc
-        # QEMU itself can abort under TCG: once, in CI, an assertion in its softmmu
-        # (iotlb_to_section) while the PCIe tests drove the emulated controllers. That is the
-        # emulator failing, not a test: a fresh guest runs the interrupted script again from
-        # its start, and those after it. Only once, and only for QEMU's own abort or crash;
-        # a timeout or a failing test is never run again.
-        crash=$(grep -a -m1 -E '^run\.sh: guest failed: qemu exited with status (134|139)$' "$log" || true)
+        # The emulator can fail under TCG, not a test: once, in CI, QEMU aborted on an
+        # assertion in its softmmu (iotlb_to_section) while the PCIe tests drove the emulated
+        # controllers; once an emulated CPU's timer stopped firing and the guest stalled
+        # (run.sh stops it). A fresh guest then runs the interrupted script again from its
+        # start, and those after it. Only once, and only for QEMU's own abort or crash or a
+        # stalled CPU; a timeout or a failing test is never run again.
+        crash=$(grep -a -m1 -E '^run\.sh: guest failed: (qemu exited with status (134|139)$|guest stalled: )' "$log" || true)
         mapfile -t rest < <(unfinished_guest_tests "$log")
         if [ "$rc" -ne 0 ] && [ -n "$crash" ] && [ ${#rest[@]} -gt 0 ]; then
-            why=$(grep -a -m1 '^qemu-system-x86_64: ' "$log" || echo "${crash#run.sh: guest failed: }")
+            why=$(grep -a '^qemu-system-x86_64: ' "$log" | grep -v -m1 ': terminating on signal' || echo "${crash#run.sh: guest failed: }")
             interrupted=$(basename "${rest[0]}" .sh)
-            notices+=("QEMU died during guest: $interrupted ($why); a fresh guest ran it again, and the ${#rest[@]} script(s) from it on")
-            stage "test guest, after QEMU died: ${rest[*]}"
+            notices+=("the emulator failed during guest: $interrupted ($why); a fresh guest ran it again, and the ${#rest[@]} script(s) from it on")
+            stage "test guest, after the emulator failed: ${rest[*]}"
             run_guest "$logdir/guest-rerun.log" "${rest[@]}"
             rc=$guest_rc
             # The interrupted script's partial section no longer counts: its header is renamed.
-            { sed "s|^--- guest: $interrupted\$|--- guest (interrupted by QEMU; run again below): $interrupted|" "$log"
+            { sed "s|^--- guest: $interrupted\$|--- guest (interrupted by the emulator; run again below): $interrupted|" "$log"
               cat "$logdir/guest-rerun.log"; } >"$logdir/guest-all.log"
             log="$logdir/guest-all.log"
         fi

@@ -25,8 +25,12 @@
 #   --verbose            show the kernel's boot messages
 #   --no-retry           don't retry a failed boot
 #
-# Exit status: COMMAND's, or 125 if the guest failed (timeout, panic, no
-# status); a one-line reason is printed to stderr. Inside, PLEXSTOR_GUEST=1.
+# Exit status: COMMAND's, or 125 if the guest failed (timeout, panic, stall,
+# no status); a one-line reason is printed to stderr. Inside, PLEXSTOR_GUEST=1.
+#
+# A guest whose emulated CPU stops taking timer interrupts (the kernel says
+# "rcu_preempt kthread timer wakeup didn't happen") makes no progress again;
+# it is stopped at once, with the reason "guest stalled: ...", not at --timeout.
 
 # QEMU's options are comma-separated lists, not mistaken array syntax.
 # shellcheck disable=SC2054
@@ -50,6 +54,7 @@ ENVS=()
 TIMEOUT=600
 BOOT_TIMEOUT=180
 BOOT_HUNG=0
+STALL_LINE=
 APPEND=
 VERBOSE=0
 RETRY=1
@@ -217,6 +222,8 @@ failure_reason() {
     local run=$1 qemu_rc=$2 marker
     if [ "$BOOT_HUNG" = 1 ]; then
         echo "boot timeout: the command had not started after ${BOOT_TIMEOUT}s"
+    elif [ -n "$STALL_LINE" ]; then
+        echo "guest stalled: $STALL_LINE"
     elif [ "$qemu_rc" = 124 ] || [ "$qemu_rc" = 137 ]; then
         if [ -e "$run/started" ]; then
             echo "timeout after ${TIMEOUT}s (the command was still running)"
@@ -234,12 +241,17 @@ failure_reason() {
     fi
 }
 
-# A boot that hangs (seen under emulation on a loaded host: RCU stalls, a
-# stuck timer check) should not eat the whole --timeout before the retry.
-# Returns when QEMU has ended, killing it if COMMAND has not started within
-# --boot-timeout.
-watch_boot() {
-    local run=$1 t0=$2
+# The kernel's words for a CPU whose timer no longer fires. Seen under TCG on a
+# busy host even with lapic=notscdeadline: the CPU idles for good, RCU can end
+# no grace period, and every task that waits for one (blkid, kblockd) hangs.
+STALL_PATTERN="rcu_preempt kthread timer wakeup didn't happen"
+
+# Returns when QEMU has ended, stopping it early in two cases: COMMAND has not
+# started within --boot-timeout (a boot that hangs, seen under emulation on a
+# loaded host, should not eat the whole --timeout before the retry), or the
+# console shows a stalled CPU (STALL_PATTERN).
+watch_guest() {
+    local run=$1 t0=$2 line
     while kill -0 "$TIMEOUT_PID" 2>/dev/null; do
         if [ ! -e "$run/started" ] &&
            [ $(( (${EPOCHREALTIME/./} - t0) / 1000000 )) -ge "$BOOT_TIMEOUT" ]; then
@@ -247,8 +259,12 @@ watch_boot() {
             stop_qemu
             return 0
         fi
-        if [ -e "$run/started" ]; then return 0; fi
-        sleep 0.5
+        if line=$(grep -a -m1 -F "$STALL_PATTERN" "$run/console.log" 2>/dev/null); then
+            STALL_LINE=$(printf '%s' "$line" | tr -d '\r')
+            stop_qemu
+            return 0
+        fi
+        sleep 1
     done
 }
 
@@ -264,8 +280,8 @@ boot_once() {
     # at once; timeout guards against a guest that hangs.
     timeout -k 10 "$TIMEOUT" "${cmd[@]}" </dev/null &
     TIMEOUT_PID=$!
-    BOOT_HUNG=0
-    watch_boot "$run" "$t0"
+    BOOT_HUNG=0 STALL_LINE=
+    watch_guest "$run" "$t0"
     if [ -n "$TIMEOUT_PID" ]; then
         wait "$TIMEOUT_PID" || qemu_rc=$?
         TIMEOUT_PID=
