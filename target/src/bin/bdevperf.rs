@@ -432,6 +432,9 @@ fn run_jobs(app: &App, bdevs: &[Arc<BdevEntry>], spec: &Spec) -> Vec<JobResult> 
 struct Slot {
     bufs: Option<IoBufs>,
     submitted: u64,
+    /// The I/O in flight from this slot, to check that its completion names it.
+    io_type: IoType,
+    offset_blocks: u64,
 }
 
 /// One job: a poller keeping `depth` I/Os in flight on one bdev.
@@ -482,6 +485,8 @@ impl Job {
             slots.push(Slot {
                 bufs: Some(smallvec::smallvec![buf.into()]),
                 submitted: 0,
+                io_type: IoType::Read,
+                offset_blocks: 0,
             });
         }
         let bs = entry.info().block_size as u64;
@@ -552,7 +557,8 @@ impl Job {
     /// keeps its buffers and waits).
     fn submit(&mut self, slot: usize, now: u64) -> bool {
         let io = self.next_io(slot);
-        self.slots[slot].submitted = now;
+        let s = &mut self.slots[slot];
+        (s.submitted, s.io_type, s.offset_blocks) = (now, io.io_type, io.offset_blocks);
         match self.ch.submit(io) {
             Ok(()) => true,
             Err(io) => {
@@ -611,8 +617,23 @@ impl Poller for Job {
         for c in completed.drain(..) {
             let now = ticks::now();
             let slot = c.tag as usize;
-            let lat = now.wrapping_sub(self.slots[slot].submitted);
-            if c.status.is_ok() {
+            let s = &self.slots[slot];
+            let lat = now.wrapping_sub(s.submitted);
+            // A module that completes an I/O must hand back the one it was given: a mismatch
+            // is a module's bug, counted as a failure.
+            let mismatch =
+                (c.io_type != s.io_type
+                    || c.offset_blocks != s.offset_blocks
+                    || c.num_blocks != self.io_blocks)
+                    .then(|| {
+                        format!(
+                        "a completion for {:?} of {} blocks at block {} came back as {:?} of {} \
+                         blocks at block {}",
+                        s.io_type, self.io_blocks, s.offset_blocks, c.io_type, c.num_blocks,
+                        c.offset_blocks
+                    )
+                    });
+            if c.status.is_ok() && mismatch.is_none() {
                 self.ios += 1;
                 self.total_ticks += lat;
                 self.min_ticks = self.min_ticks.min(lat);
@@ -620,10 +641,12 @@ impl Poller for Job {
             } else {
                 self.failed += 1;
                 if self.first_error.is_none() {
-                    self.first_error = Some(format!(
-                        "{:?} failed: {:?} at block {}",
-                        c.io_type, c.status, c.offset_blocks
-                    ));
+                    self.first_error = Some(mismatch.unwrap_or_else(|| {
+                        format!(
+                            "{:?} failed: {:?} at block {}",
+                            c.io_type, c.status, c.offset_blocks
+                        )
+                    }));
                 }
                 if !self.spec.continue_on_error {
                     self.stopping = true;

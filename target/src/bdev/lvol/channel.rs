@@ -11,6 +11,10 @@
 //!
 //! Every I/O is counted in the lvol's epoch while it runs, so the service can wait for what
 //! is in flight before a snapshot, a resize or a free takes effect.
+//!
+//! Most I/O is a read or a write within one cluster that is already mapped: that I/O goes to
+//! the base as it came, only re-aimed at the cluster, and no request is built around it
+//! ("direct" below); a request of parts is for everything else.
 
 use super::store::{Request, StoreCore, Ticket};
 use super::{BlobView, LvolCore};
@@ -64,6 +68,8 @@ pub struct LvolChannel {
     view_gen: u64,
     reqs: Vec<Option<Req>>,
     free: Vec<u32>,
+    direct: Vec<Direct>,
+    direct_free: Vec<u32>,
     /// I/O that arrived while the lvol was frozen.
     parked: VecDeque<BdevIo>,
     /// Requests with a part waiting for the service.
@@ -76,6 +82,18 @@ pub struct LvolChannel {
 
 fn tag(slot: u32, part: usize) -> u64 {
     (slot as u64) << 16 | part as u64
+}
+
+/// Marks the base tag of a direct I/O; the rest of the tag is its slot in `direct`.
+const DIRECT: u64 = 1 << 63;
+
+/// What a direct I/O's completion must give back to its submitter, and its epoch.
+#[derive(Clone, Copy, Default)]
+struct Direct {
+    tag: u64,
+    offset_blocks: u64,
+    submitted_ns: u64,
+    epoch: usize,
 }
 
 impl LvolChannel {
@@ -91,6 +109,8 @@ impl LvolChannel {
             view,
             reqs: Vec::new(),
             free: Vec::new(),
+            direct: Vec::new(),
+            direct_free: Vec::new(),
             parked: VecDeque::new(),
             waiting: Vec::new(),
             unsent: VecDeque::new(),
@@ -123,7 +143,10 @@ impl LvolChannel {
             self.ready.push(io.complete(IoStatus::Success));
             return Ok(());
         }
-        let mut io = io;
+        let mut io = match self.try_direct(io, epoch) {
+            Ok(()) => return Ok(()),
+            Err(io) => io,
+        };
         let cb = self.store.cluster_blocks();
         let mut parts: SmallVec<[Part; 1]> = SmallVec::new();
         let mut cuts = SmallVec::new();
@@ -180,6 +203,53 @@ impl LvolChannel {
         // Issued before it is stored: most requests are moved once, into their slot.
         self.advance_req(slot, req);
         Ok(())
+    }
+
+    /// Sends a read or write within one mapped cluster straight to the base, re-aimed; gives
+    /// back any other I/O.
+    fn try_direct(&mut self, mut io: BdevIo, epoch: usize) -> Result<(), BdevIo> {
+        let cb = self.store.cluster_blocks();
+        let (index, offset) = (io.offset_blocks / cb, io.offset_blocks % cb);
+        if io.num_blocks == 0 || offset + io.num_blocks > cb {
+            return Err(io);
+        }
+        let cluster = match io.io_type {
+            IoType::Read => self.view.resolve(index),
+            IoType::Write | IoType::WriteZeroes => self.view.own(index),
+            _ => None,
+        };
+        let Some(c) = cluster else {
+            return Err(io);
+        };
+        let slot = self.direct_free.pop().unwrap_or_else(|| {
+            self.direct.push(Direct::default());
+            (self.direct.len() - 1) as u32
+        });
+        self.direct[slot as usize] = Direct {
+            tag: io.tag,
+            offset_blocks: io.offset_blocks,
+            submitted_ns: io.submitted_ns,
+            epoch,
+        };
+        io.offset_blocks = self.store.cluster_lba(c) + offset;
+        io.tag = DIRECT | slot as u64;
+        if let Err(io) = self.base.submit(io) {
+            self.unsent.push_back(io);
+        }
+        Ok(())
+    }
+
+    fn direct_done(&mut self, mut c: IoCompletion) {
+        let slot = (c.tag & !DIRECT) as u32;
+        let Some(&d) = self.direct.get(slot as usize) else {
+            return;
+        };
+        self.direct_free.push(slot);
+        self.core.leave(d.epoch);
+        c.tag = d.tag;
+        c.offset_blocks = d.offset_blocks;
+        c.submitted_ns = d.submitted_ns;
+        self.ready.push(c);
     }
 
     /// Moves every part of request `slot` as far as it can go; finishes the request when all
@@ -332,6 +402,9 @@ impl LvolChannel {
     }
 
     fn base_done(&mut self, c: IoCompletion) {
+        if c.tag & DIRECT != 0 {
+            return self.direct_done(c);
+        }
         let (slot, i) = ((c.tag >> 16) as u32, (c.tag & 0xffff) as usize);
         let Some(Some(req)) = self.reqs.get_mut(slot as usize) else {
             return;
