@@ -6,7 +6,7 @@
 #   3. host tests (tests/host/*.sh): hugepages, SPDK's own JSON-RPC client and programs
 #      (nvmf_tgt, spdk_nvme_perf, bdevperf from ../shared/spdk/bin) as peers, the deploy/
 #      manifests against the Kubernetes schema, plexd on the host reached from the test
-#      guest, the fuzz targets' smoke run,
+#      guest, the guest runner's stall watch, the fuzz targets' smoke run,
 #   4. guest tests (tests/guest/*.sh) inside one QEMU guest running Debian's kernel, where the
 #      kernel's NVMe/TCP initiator, nvmet and vfio-pci live. Should QEMU itself abort or an
 #      emulated CPU stall, a fresh guest runs the interrupted script and the rest once more
@@ -192,7 +192,7 @@ run_script() {
 for t in tests/host/*.sh; do
     [ -e "$t" ] || continue
     wanted "$t" || continue
-    case "$(basename "$t")" in *nvmf_host*) needs_guest=yes ;; *) needs_guest=no ;; esac
+    case "$(basename "$t")" in *nvmf_host*|guest_runner*) needs_guest=yes ;; *) needs_guest=no ;; esac
     if [ "$needs_guest" = yes ] && [ "$use_guest" = no ]; then
         script_not_run "$t" "needs the test guest (--no-guest)"
         continue
