@@ -68,6 +68,7 @@ pub struct LvolChannel {
     view_gen: u64,
     reqs: Vec<Option<Req>>,
     free: Vec<u32>,
+    /// Direct I/O at the base, by slot; `direct_free` lists the slots not in use.
     direct: Vec<Direct>,
     direct_free: Vec<u32>,
     /// I/O that arrived while the lvol was frozen.
@@ -239,6 +240,7 @@ impl LvolChannel {
         Ok(())
     }
 
+    /// A direct I/O is back from the base: it goes to the caller as the caller sent it.
     fn direct_done(&mut self, mut c: IoCompletion) {
         let slot = (c.tag & !DIRECT) as u32;
         let Some(&d) = self.direct.get(slot as usize) else {
