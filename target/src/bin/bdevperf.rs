@@ -437,6 +437,24 @@ struct Slot {
     offset_blocks: u64,
 }
 
+impl Slot {
+    /// Why completion `c` is not the I/O this slot sent (of `io_blocks` blocks), if it is not.
+    /// A module must hand back the I/O it was given: a mismatch is a module's bug, counted as
+    /// a failure.
+    fn mismatch(&self, c: &IoCompletion, io_blocks: u64) -> Option<String> {
+        let same = c.io_type == self.io_type
+            && c.offset_blocks == self.offset_blocks
+            && c.num_blocks == io_blocks;
+        (!same).then(|| {
+            format!(
+                "a completion for {:?} of {io_blocks} blocks at block {} came back as {:?} of {} \
+                 blocks at block {}",
+                self.io_type, self.offset_blocks, c.io_type, c.num_blocks, c.offset_blocks
+            )
+        })
+    }
+}
+
 /// One job: a poller keeping `depth` I/Os in flight on one bdev.
 struct Job {
     index: usize,
@@ -619,20 +637,7 @@ impl Poller for Job {
             let slot = c.tag as usize;
             let s = &self.slots[slot];
             let lat = now.wrapping_sub(s.submitted);
-            // A module that completes an I/O must hand back the one it was given: a mismatch
-            // is a module's bug, counted as a failure.
-            let mismatch =
-                (c.io_type != s.io_type
-                    || c.offset_blocks != s.offset_blocks
-                    || c.num_blocks != self.io_blocks)
-                    .then(|| {
-                        format!(
-                        "a completion for {:?} of {} blocks at block {} came back as {:?} of {} \
-                         blocks at block {}",
-                        s.io_type, self.io_blocks, s.offset_blocks, c.io_type, c.num_blocks,
-                        c.offset_blocks
-                    )
-                    });
+            let mismatch = s.mismatch(&c, self.io_blocks);
             if c.status.is_ok() && mismatch.is_none() {
                 self.ios += 1;
                 self.total_ticks += lat;

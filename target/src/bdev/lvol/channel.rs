@@ -85,6 +85,14 @@ fn tag(slot: u32, part: usize) -> u64 {
     (slot as u64) << 16 | part as u64
 }
 
+/// A slot of `slots` that `free` lists, else a new one holding `vacant`.
+fn take_slot<T>(slots: &mut Vec<T>, free: &mut Vec<u32>, vacant: T) -> u32 {
+    free.pop().unwrap_or_else(|| {
+        slots.push(vacant);
+        (slots.len() - 1) as u32
+    })
+}
+
 /// Marks the base tag of a direct I/O; the rest of the tag is its slot in `direct`.
 const DIRECT: u64 = 1 << 63;
 
@@ -197,10 +205,7 @@ impl LvolChannel {
             status: IoStatus::Success,
             cuts,
         };
-        let slot = self.free.pop().unwrap_or_else(|| {
-            self.reqs.push(None);
-            (self.reqs.len() - 1) as u32
-        });
+        let slot = take_slot(&mut self.reqs, &mut self.free, None);
         // Issued before it is stored: most requests are moved once, into their slot.
         self.advance_req(slot, req);
         Ok(())
@@ -211,7 +216,7 @@ impl LvolChannel {
     fn try_direct(&mut self, mut io: BdevIo, epoch: usize) -> Result<(), BdevIo> {
         let cb = self.store.cluster_blocks();
         let (index, offset) = (io.offset_blocks / cb, io.offset_blocks % cb);
-        if io.num_blocks == 0 || offset + io.num_blocks > cb {
+        if io.num_blocks == 0 || io.num_blocks > cb - offset {
             return Err(io);
         }
         let cluster = match io.io_type {
@@ -222,10 +227,7 @@ impl LvolChannel {
         let Some(c) = cluster else {
             return Err(io);
         };
-        let slot = self.direct_free.pop().unwrap_or_else(|| {
-            self.direct.push(Direct::default());
-            (self.direct.len() - 1) as u32
-        });
+        let slot = take_slot(&mut self.direct, &mut self.direct_free, Direct::default());
         self.direct[slot as usize] = Direct {
             tag: io.tag,
             offset_blocks: io.offset_blocks,
