@@ -573,6 +573,15 @@ impl Job {
 
     /// Sends `slot`'s next I/O, stamped `now`; false when the device's queue is full (the slot
     /// keeps its buffers and waits).
+    /// Counts a failed I/O; the first says why, and stops the job unless told to go on.
+    fn fail(&mut self, why: String) {
+        self.failed += 1;
+        self.first_error.get_or_insert(why);
+        if !self.spec.continue_on_error {
+            self.stopping = true;
+        }
+    }
+
     fn submit(&mut self, slot: usize, now: u64) -> bool {
         let io = self.next_io(slot);
         let s = &mut self.slots[slot];
@@ -635,7 +644,14 @@ impl Poller for Job {
         for c in completed.drain(..) {
             let now = ticks::now();
             let slot = c.tag as usize;
-            let s = &self.slots[slot];
+            // A slot still holding its buffers has no I/O out: such a tag is a module's bug.
+            let Some(s) = self.slots.get(slot).filter(|s| s.bufs.is_none()) else {
+                self.fail(format!(
+                    "a {:?} completion at block {} came back with tag {}, which no I/O in flight has",
+                    c.io_type, c.offset_blocks, c.tag
+                ));
+                continue;
+            };
             let lat = now.wrapping_sub(s.submitted);
             let mismatch = s.mismatch(&c, self.io_blocks);
             if c.status.is_ok() && mismatch.is_none() {
@@ -644,18 +660,12 @@ impl Poller for Job {
                 self.min_ticks = self.min_ticks.min(lat);
                 self.max_ticks = self.max_ticks.max(lat);
             } else {
-                self.failed += 1;
-                if self.first_error.is_none() {
-                    self.first_error = Some(mismatch.unwrap_or_else(|| {
-                        format!(
-                            "{:?} failed: {:?} at block {}",
-                            c.io_type, c.status, c.offset_blocks
-                        )
-                    }));
-                }
-                if !self.spec.continue_on_error {
-                    self.stopping = true;
-                }
+                self.fail(mismatch.unwrap_or_else(|| {
+                    format!(
+                        "{:?} failed: {:?} at block {}",
+                        c.io_type, c.status, c.offset_blocks
+                    )
+                }));
             }
             self.slots[slot].bufs = Some(c.bufs);
             if self.stopping || !self.submit(slot, now) {
