@@ -40,8 +40,9 @@ struct Inflight {
     io: BdevIo,
     pending: u32,
     status: IoStatus,
-    /// The pieces, by piece number; `None` while the qpair holds one.
-    pieces: SmallVec<[Option<BufView>; 4]>,
+    /// The pieces, by piece number; `None` while the qpair holds one. Almost every I/O is one
+    /// piece (one buffer within the remote's max transfer): room for one keeps this small.
+    pieces: SmallVec<[Option<BufView>; 1]>,
     /// How many pieces each of the I/O's buffers was cut into, in order.
     cuts: SmallVec<[u16; 2]>,
 }
@@ -274,34 +275,14 @@ impl BdevChannel for NvmeChannel {
         if pieces > room {
             return Err(io);
         }
-        // Cut each buffer into pieces the remote takes whole, as views (no copy).
-        let mut cut: SmallVec<[(u64, BufView); 4]> = SmallVec::new();
-        let mut cuts: SmallVec<[u16; 2]> = SmallVec::new();
-        if io.io_type.has_data() {
-            let mut lba = io.offset_blocks;
-            for mut rest in std::mem::take(&mut io.bufs) {
-                let mut n = 0u16;
-                loop {
-                    let tail = rest.split_off(self.max_xfer.min(rest.len()));
-                    let blocks = rest.len() as u64 / self.block_size;
-                    cut.push((lba, rest));
-                    lba += blocks;
-                    n += 1;
-                    match tail {
-                        Some(t) if !t.is_empty() => rest = t,
-                        _ => break,
-                    }
-                }
-                cuts.push(n);
-            }
-        }
         let (io_type, offset, nblocks) = (io.io_type, io.offset_blocks, io.num_blocks);
+        let bufs = std::mem::take(&mut io.bufs);
         let i = ch.alloc(Inflight {
             io,
             pending: pieces as u32,
             status: IoStatus::Success,
-            pieces: (0..cut.len()).map(|_| None).collect(),
-            cuts,
+            pieces: (0..pieces).map(|_| None).collect(),
+            cuts: SmallVec::new(),
         });
         let chan = self.idx;
         let nsid = self.nsid;
@@ -320,17 +301,39 @@ impl BdevChannel for NvmeChannel {
         };
         match io_type {
             IoType::Read | IoType::Write => {
-                for (p, (lba, v)) in cut.into_iter().enumerate() {
-                    let n = (v.len() as u64 / bs) as u32;
-                    let t = tag(chan, p, i);
-                    note(
-                        p,
-                        if io_type == IoType::Read {
-                            qp.read(nsid, lba, n, v, t)
+                // Each buffer goes in pieces the remote takes whole, as views (no copy).
+                let mut cuts: SmallVec<[u16; 2]> = SmallVec::new();
+                let (mut p, mut lba) = (0, offset);
+                for mut rest in bufs {
+                    let mut n = 0u16;
+                    loop {
+                        // A buffer the remote takes in one piece is not cut: cutting makes it a
+                        // shared view, an allocation per I/O and its free when it comes home.
+                        let tail = if rest.len() > self.max_xfer {
+                            rest.split_off(self.max_xfer)
                         } else {
-                            qp.write(nsid, lba, n, v, t)
-                        },
-                    );
+                            None
+                        };
+                        let blocks = rest.len() as u64 / bs;
+                        let t = tag(chan, p, i);
+                        note(
+                            p,
+                            if io_type == IoType::Read {
+                                qp.read(nsid, lba, blocks as u32, rest, t)
+                            } else {
+                                qp.write(nsid, lba, blocks as u32, rest, t)
+                            },
+                        );
+                        (p, lba, n) = (p + 1, lba + blocks, n + 1);
+                        match tail {
+                            Some(t) => rest = t,
+                            None => break,
+                        }
+                    }
+                    cuts.push(n);
+                }
+                if let Some(f) = ch.ios[i as usize].as_mut() {
+                    f.cuts = cuts;
                 }
             }
             IoType::Unmap | IoType::WriteZeroes => {
