@@ -14,18 +14,25 @@
 #     4 KiB randwrite QD32 on the single malloc; on the mirror 4 KiB randwrite QD32, randread
 #     QD32, randwrite QD1 and 128 KiB write QD32. The two programs' configs differ only in
 #     the method that joins the two mallocs (SPDK has no bdev_mirror_create).
+#   nvme: each program's NVMe/TCP host as a bdev (bdev_nvme_attach_controller, both with
+#     their defaults), the way a mirror reaches a plex on another node, to one plexd target on
+#     core 1 exporting a null bdev over 127.0.0.1: 4 KiB randread and randwrite QD32, randread
+#     QD1, randwrite QD128, 128 KiB read and write QD32. The target is the same for both and
+#     not the limit: the report gives its busy share of core 1 in each row.
 #
 # Each row runs REPS times per program, interleaved (SPDK first on odd repetitions, ours first
 # on even ones), TIME seconds each; the table gives the medians and ours ÷ SPDK. The report,
 # with the load average at start and end, the busiest processes at start, and the exact
-# commands, goes to benches/reports/<bdevperf|lvol|mirror_bdevperf>-<date>.md (or --out).
+# commands, goes to benches/reports/<bdevperf|lvol|mirror_bdevperf|nvme_bdevperf>-<date>.md
+# (or --out).
 #
-# Usage: benches/bdevperf_vs_spdk.sh [--suite malloc|lvol|mirror] [--time SECONDS (5)] [--reps N (3)]
+# Usage: benches/bdevperf_vs_spdk.sh [--suite malloc|lvol|mirror|nvme] [--time SECONDS (5)]
+#                                    [--reps N (3)]
 #                                    [--out FILE]
 # Needs build/release/bdevperf (cargo build --release -p plexd --bin bdevperf). SPDK's rows
 # need ../shared/spdk/bin/bdevperf, root and hugepages (reserved here through
 # scripts/setup.sh, and given back at the end); without it, ours runs alone and the report
-# says so. Run on a quiet machine: nothing else may use core 0.
+# says so. Run on a quiet machine: nothing else may use core 0 (nor core 1, for nvme).
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -50,7 +57,7 @@ while [ $# -gt 0 ]; do
 done
 [[ $secs =~ ^[0-9]+$ && $secs -gt 0 ]] || { echo "--time takes whole seconds (SPDK's -t does)" >&2; exit 2; }
 [[ $reps =~ ^[0-9]+$ && $reps -gt 0 ]] || { echo "--reps takes a count" >&2; exit 2; }
-case $suite in malloc | lvol | mirror) ;; *) echo "--suite is malloc, lvol or mirror" >&2; exit 2 ;; esac
+case $suite in malloc | lvol | mirror | nvme) ;; *) echo "--suite is malloc, lvol, mirror or nvme" >&2; exit 2 ;; esac
 
 ours=$repo/build/release/bdevperf
 [ -x "$ours" ] || { echo "no $ours: cargo build --release -p plexd --bin bdevperf" >&2; exit 2; }
@@ -58,19 +65,26 @@ stamp=$(date +%Y%m%d-%H%M)
 report_name=bdevperf
 [ "$suite" = lvol ] && report_name=lvol
 [ "$suite" = mirror ] && report_name=mirror_bdevperf
+[ "$suite" = nvme ] && report_name=nvme_bdevperf
 out=${out:-$repo/benches/reports/$report_name-$stamp.md}
 work=$(mktemp -d /tmp/bdevperf-vs-spdk.XXXXXX)
 
-# SPDK's memory: the disks (512 MiB, two for a mirror, or 8 GiB for lvols), its I/O pools and
-# DPDK's own.
+# SPDK's memory: the disks (512 MiB, two for a mirror, or 8 GiB for lvols, none for nvme), its
+# I/O pools and DPDK's own.
 SPDK_MEM_MB=1024
 [ "$suite" = lvol ] && SPDK_MEM_MB=9216
 [ "$suite" = mirror ] && SPDK_MEM_MB=1536
+[ "$suite" = nvme ] && SPDK_MEM_MB=512
 spdk=$(spdk_bin bdevperf) || spdk=
 spdk_note=
 spdk_mem=(-s "$SPDK_MEM_MB")
 hugepages_ok=
+target_pid=
 cleanup() {
+    if [ -n "$target_pid" ]; then
+        kill "$target_pid" 2>/dev/null || true
+        wait "$target_pid" 2>/dev/null || true
+    fi
     [ -n "$spdk" ] && spdk_restore
     rm -rf "$work"
 }
@@ -88,19 +102,53 @@ else
     spdk_note="SPDK's bdevperf is absent (no $SPDK_BIN_DIR/bdevperf): ours ran alone."
 fi
 
+# The nvme suite's target: one plexd, its reactor and every thread on core 1, exporting a null
+# bdev (4 GiB of 512 B blocks) with the transport options of benches/nvmf_tcp.py.
+TARGET_NQN=nqn.2026-11.io.plexstor:bdevperf-nvme
+target_sock=$work/target.sock
+tcall() { "$repo/build/release/plexctl" -s "$target_sock" call --compact "$@"; }
+# target_busy: the target reactor's busy ticks so far and its tick rate.
+target_busy() {
+    tcall framework_get_reactors | python3 -c 'import json, sys
+v = json.load(sys.stdin)
+print(sum(r["busy"] for r in v["reactors"]), v["tick_rate"])'
+}
+if [ "$suite" = nvme ]; then
+    target_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    taskset -c 1 "$repo/build/release/plexd" -m 0x2 -r "$target_sock" --idle-poll-us 1000 \
+        >"$work/target.log" 2>&1 &
+    target_pid=$!
+    for _ in $(seq 100); do [ -S "$target_sock" ] && break; sleep 0.1; done
+    {
+        tcall bdev_null_create '{"name": "null0", "num_blocks": 8388608, "block_size": 512}'
+        tcall nvmf_create_transport '{"trtype": "TCP", "max_queue_depth": 128,
+            "in_capsule_data_size": 8192, "max_io_size": 131072, "io_unit_size": 131072}'
+        tcall nvmf_create_subsystem "{\"nqn\": \"$TARGET_NQN\", \"allow_any_host\": true}"
+        tcall nvmf_subsystem_add_ns "{\"nqn\": \"$TARGET_NQN\", \"namespace\": {\"bdev_name\": \"null0\"}}"
+        tcall nvmf_subsystem_add_listener "{\"nqn\": \"$TARGET_NQN\", \"listen_address\": {\"trtype\": \"TCP\",
+            \"adrfam\": \"IPv4\", \"traddr\": \"127.0.0.1\", \"trsvcid\": \"$target_port\"}}"
+    } >/dev/null || { echo "the nvme suite's target did not start:" >&2; tail -n 20 "$work/target.log" >&2; exit 1; }
+fi
+
 # write_config NAME: the JSON config NAME, as $work/NAME.json; where SPDK's must differ (a
 # mirror), SPDK's as $work/NAME.spdk.json.
 LVOL_BASE_BLOCKS=16777216 # 8 GiB: more than a second of sequential writes
 LVOL_MIB=8000            # about all the store holds, less its metadata
 write_config() {
-    python3 - "$1" "$LVOL_BASE_BLOCKS" "$LVOL_MIB" "$work" <<'EOF'
+    python3 - "$1" "$LVOL_BASE_BLOCKS" "$LVOL_MIB" "$work" "${target_port:-}" "$TARGET_NQN" <<'EOF'
 import json, sys
 name, blocks, mib, work = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+port, nqn = sys.argv[5], sys.argv[6]
 def write(path, config):
     with open(path, "w") as f:
         print(json.dumps({"subsystems": [{"subsystem": "bdev", "config": config}]}, indent=1), file=f)
 def malloc(n, blocks):
     return {"method": "bdev_malloc_create", "params": {"name": n, "num_blocks": blocks, "block_size": 512}}
+if name == "nvme":
+    write(f"{work}/{name}.json", [{"method": "bdev_nvme_attach_controller", "params": {
+        "name": "Nvme0", "trtype": "tcp", "adrfam": "ipv4", "traddr": "127.0.0.1",
+        "trsvcid": port, "subnqn": nqn}}])
+    sys.exit()
 if name == "mirror":
     pair = [malloc("Malloc0", 1048576), malloc("Malloc1", 1048576)]
     write(f"{work}/{name}.json", pair + [{"method": "bdev_mirror_create", "params": {
@@ -127,6 +175,15 @@ if [ "$suite" = malloc ]; then
         "malloc randwrite 4096 32 $secs"
         "malloc randread 4096 1 $secs"
         "malloc write 131072 32 $secs"
+    )
+elif [ "$suite" = nvme ]; then
+    rows=(
+        "nvme randread 4096 32 $secs"
+        "nvme randwrite 4096 32 $secs"
+        "nvme randread 4096 1 $secs"
+        "nvme randwrite 4096 128 $secs"
+        "nvme read 131072 32 $secs"
+        "nvme write 131072 32 $secs"
     )
 elif [ "$suite" = mirror ]; then
     rows=(
@@ -159,13 +216,20 @@ command_for() {
     fi
 }
 
-# measure PROG ROW REP: one run; appends "prog row rep iops mib_s avg_us" to results.
+# measure PROG ROW REP: one run; appends "prog row rep iops mib_s avg_us [target_busy]" to
+# results, the last for the nvme suite: the target's busy ticks over the run's length.
 results=$work/results.txt
 measure() {
-    local prog=$1 row=$2 rep=$3 log=$work/$1-$2-$3.log cmd summary rc=0
+    local prog=$1 row=$2 rep=$3 log=$work/$1-$2-$3.log cmd summary rc=0 busy0= busy=
     # shellcheck disable=SC2086 # one row field a word
     mapfile -t cmd < <(command_for "$prog" ${rows[$row]})
+    [ "$suite" = nvme ] && busy0=$(target_busy)
     (cd "$work" && timeout $((secs + 180)) "${cmd[@]}") >"$log" 2>&1 || rc=$?
+    if [ -n "$busy0" ]; then
+        # shellcheck disable=SC2086 # two numbers each
+        busy=$(python3 -c 'import sys; b0, _, b1, hz, secs = map(float, sys.argv[1:]); print(f"{(b1 - b0) / hz / secs:.3f}")' \
+            $busy0 $(target_busy) "$secs")
+    fi
     # Both print SPDK's table: "Total : <IOPS> <MiB/s> <Fail/s> <TO/s> <avg> <min> <max>",
     # SPDK's with carriage returns in it.
     summary=$(tr '\r' '\n' <"$log" | awk '$1 == "Total" && $2 == ":" { print $3, $4, $5, $7 }' | tail -n1)
@@ -175,7 +239,7 @@ measure() {
         tail -n 20 "$log" >&2
         exit 1
     fi
-    echo "$prog $row $rep $iops $mibs $avg" >>"$results"
+    echo "$prog $row $rep $iops $mibs $avg $busy" >>"$results"
     printf '  %-5s %-32s rep %d: %12s IOPS %9s us\n' "$prog" "${rows[$row]}" "$rep" "$iops" "$avg" >&2
 }
 
@@ -201,6 +265,14 @@ load_end=$(cut -d' ' -f1-3 /proc/loadavg)
         echo "# bdevperf: plexd's bdev layer and SPDK's, no network, side by side"
         echo
         echo "Malloc bdev (1,048,576 blocks of 512 B), both programs on core 0 (\`-m 0x1\`), ${secs} s per"
+    elif [ "$suite" = nvme ]; then
+        echo "# bdevperf over NVMe/TCP: plexd's bdev_nvme and SPDK's, to the same target, side by side"
+        echo
+        echo "Each program attaches one NVMe/TCP controller (\`bdev_nvme_attach_controller\`, its own"
+        echo "defaults otherwise) to one plexd target on core 1 (\`-m 0x2\`, every thread pinned there)"
+        echo "exporting a null bdev of 8,388,608 blocks of 512 B over 127.0.0.1, and runs on its"
+        echo "namespace: the path a mirror takes to a plex on another node. The programs on core 0"
+        echo "(\`-m 0x1\`), ${secs} s per"
     elif [ "$suite" = mirror ]; then
         echo "# bdevperf on a mirror: plexd's mirror and SPDK's raid1, no network, side by side"
         echo
@@ -234,8 +306,9 @@ import statistics, sys
 path, lvol_mib, rows = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 runs = {}
 for line in open(path):
-    prog, row, rep, iops, mibs, avg = line.split()
-    runs.setdefault((prog, int(row)), []).append((float(iops), float(mibs), float(avg)))
+    prog, row, rep, iops, mibs, avg, *busy = line.split()
+    runs.setdefault((prog, int(row)), []).append(
+        (float(iops), float(mibs), float(avg), float(busy[0]) if busy else None))
 def med(prog, row, i):
     v = runs.get((prog, row))
     return statistics.median(x[i] for x in v) if v else None
@@ -257,13 +330,28 @@ def within(prog, cfg, base, wl, *shape):
         return next(i for i, x in enumerate(rows) if x.split()[:len(key)] == key)
     a, b = med(prog, find(cfg), 0), med(prog, find(base), 0)
     return "–" if a is None or b is None else f"{a / b:.2f}"
-print("| workload | SPDK bdevperf IOPS | ours IOPS | ours ÷ SPDK | SPDK avg latency (µs) | ours avg latency (µs) |")
-print("|---|---:|---:|---:|---:|---:|")
+# The nvme suite's target's busy share of its core: had it neared 100 %, the target, not the
+# host, would have set the pace.
+target = any(x[3] is not None for v in runs.values() for x in v)
+def busy(prog, r):
+    v = runs.get((prog, r))
+    return "–" if not v or v[0][3] is None else f"{100 * statistics.median(x[3] for x in v):.0f} %"
+extra = " target busy, SPDK's run | target busy, ours |" if target else ""
+print("| workload | SPDK bdevperf IOPS | ours IOPS | ours ÷ SPDK | SPDK avg latency (µs) | ours avg latency (µs) |" + extra)
+print("|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if target else ""))
 for r, spec in enumerate(rows):
     s, o = med("spdk", r, 0), med("ours", r, 0)
     ratio = "–" if s is None or o is None else f"{o / s:.2f}"
     print(f"| {label(spec)} | {fmt(s, ',.0f')} | {fmt(o, ',.0f')} | {ratio} "
-          f"| {fmt(med('spdk', r, 2), '.2f')} | {fmt(med('ours', r, 2), '.2f')} |")
+          f"| {fmt(med('spdk', r, 2), '.2f')} | {fmt(med('ours', r, 2), '.2f')} |"
+          + (f" {busy('spdk', r)} | {busy('ours', r)} |" if target else ""))
+if target:
+    paced = [label(spec) for r, spec in enumerate(rows)
+             if any(x[3] is not None and x[3] >= 0.9 for p in ("spdk", "ours") for x in runs.get((p, r), []))]
+    print()
+    print("The target's busy share is its reactor's busy ticks over the run's length. Where it "
+          "reached 90 % in a run, the target more than the host set that run's pace, and ours ÷ SPDK "
+          "understates the faster host: " + ("; ".join(paced) if paced else "no row") + ".")
 if any(r.split()[0] == "mirror" for r in rows):
     print()
     print("Each program's mirror against its own single malloc, 4 KiB randwrite QD32, same run")
@@ -314,6 +402,13 @@ EOF
     done
     echo
     echo '```sh'
+    if [ "$suite" = nvme ]; then
+        echo "# the target, and its configuration by JSON-RPC:"
+        echo "taskset -c 1 $repo/build/release/plexd -m 0x2 -r $target_sock --idle-poll-us 1000"
+        echo "#   bdev_null_create null0, 8388608 blocks of 512 B; nvmf_create_transport TCP (max_queue_depth 128,"
+        echo "#   in_capsule_data_size 8192, max_io_size 131072, io_unit_size 131072); subsystem $TARGET_NQN"
+        echo "#   with null0, listening on 127.0.0.1:$target_port"
+    fi
     for ((row = 0; row < ${#rows[@]}; row++)); do
         for prog in spdk ours; do
             [ "$prog" = spdk ] && [ -z "$spdk" ] && continue
