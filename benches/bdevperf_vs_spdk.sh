@@ -17,8 +17,11 @@
 #   nvme: each program's NVMe/TCP host as a bdev (bdev_nvme_attach_controller, both with
 #     their defaults), the way a mirror reaches a plex on another node, to one plexd target on
 #     core 1 exporting a null bdev over 127.0.0.1: 4 KiB randread and randwrite QD32, randread
-#     QD1, randwrite QD128, 128 KiB read and write QD32. The target is the same for both and
-#     not the limit: the report gives its busy share of core 1 in each row.
+#     QD1, randwrite QD128, 128 KiB read and write QD32. Then a mirror of a local malloc and
+#     a plex on the target (a fresh malloc namespace per run: the mirror fences it), against
+#     SPDK's raid1 of the same two: 4 KiB randwrite and randread QD32, randwrite QD1; a write
+#     run fails unless the remote plex took its writes. The target is the same for both: the
+#     report gives its busy share of core 1 in each row, to tell where it set the pace.
 #
 # Each row runs REPS times per program, interleaved (SPDK first on odd repetitions, ours first
 # on even ones), TIME seconds each; the table gives the medians and ours ÷ SPDK. The report,
@@ -69,12 +72,12 @@ report_name=bdevperf
 out=${out:-$repo/benches/reports/$report_name-$stamp.md}
 work=$(mktemp -d /tmp/bdevperf-vs-spdk.XXXXXX)
 
-# SPDK's memory: the disks (512 MiB, two for a mirror, or 8 GiB for lvols, none for nvme), its
-# I/O pools and DPDK's own.
+# SPDK's memory: the disks (512 MiB, two for a mirror, one for nvme's mirror rows, or 8 GiB
+# for lvols), its I/O pools and DPDK's own.
 SPDK_MEM_MB=1024
 [ "$suite" = lvol ] && SPDK_MEM_MB=9216
 [ "$suite" = mirror ] && SPDK_MEM_MB=1536
-[ "$suite" = nvme ] && SPDK_MEM_MB=512
+[ "$suite" = nvme ] && SPDK_MEM_MB=1024
 spdk=$(spdk_bin bdevperf) || spdk=
 spdk_note=
 spdk_mem=(-s "$SPDK_MEM_MB")
@@ -130,12 +133,13 @@ if [ "$suite" = nvme ]; then
     } >/dev/null || { echo "the nvme suite's target did not start:" >&2; tail -n 20 "$work/target.log" >&2; exit 1; }
 fi
 
-# write_config NAME: the JSON config NAME, as $work/NAME.json; where SPDK's must differ (a
-# mirror), SPDK's as $work/NAME.spdk.json.
+# write_config NAME [NQN]: the JSON config NAME, as $work/NAME.json; where SPDK's must differ
+# (a mirror), SPDK's as $work/NAME.spdk.json. NQN: the target subsystem an nvme config attaches
+# to (the suite's null one by default).
 LVOL_BASE_BLOCKS=16777216 # 8 GiB: more than a second of sequential writes
 LVOL_MIB=8000            # about all the store holds, less its metadata
 write_config() {
-    python3 - "$1" "$LVOL_BASE_BLOCKS" "$LVOL_MIB" "$work" "${target_port:-}" "$TARGET_NQN" <<'EOF'
+    python3 - "$1" "$LVOL_BASE_BLOCKS" "$LVOL_MIB" "$work" "${target_port:-}" "${2:-$TARGET_NQN}" <<'EOF'
 import json, sys
 name, blocks, mib, work = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 port, nqn = sys.argv[5], sys.argv[6]
@@ -144,10 +148,19 @@ def write(path, config):
         print(json.dumps({"subsystems": [{"subsystem": "bdev", "config": config}]}, indent=1), file=f)
 def malloc(n, blocks):
     return {"method": "bdev_malloc_create", "params": {"name": n, "num_blocks": blocks, "block_size": 512}}
+attach = {"method": "bdev_nvme_attach_controller", "params": {
+    "name": "Nvme0", "trtype": "tcp", "adrfam": "ipv4", "traddr": "127.0.0.1",
+    "trsvcid": port, "subnqn": nqn}}
 if name == "nvme":
-    write(f"{work}/{name}.json", [{"method": "bdev_nvme_attach_controller", "params": {
-        "name": "Nvme0", "trtype": "tcp", "adrfam": "ipv4", "traddr": "127.0.0.1",
-        "trsvcid": port, "subnqn": nqn}}])
+    write(f"{work}/{name}.json", [attach])
+    sys.exit()
+if name == "mirror_remote":
+    pair = [malloc("Malloc0", 1048576), attach]
+    write(f"{work}/{name}.json", pair + [{"method": "bdev_mirror_create", "params": {
+        "name": "Mirror0", "plexes": ["Malloc0", "Nvme0n1"]}}])
+    write(f"{work}/{name}.spdk.json", pair + [{"method": "bdev_raid_create", "params": {
+        "name": "Mirror0", "raid_level": "raid1", "base_bdevs": ["Malloc0", "Nvme0n1"],
+        "strip_size_kb": 0}}])
     sys.exit()
 if name == "mirror":
     pair = [malloc("Malloc0", 1048576), malloc("Malloc1", 1048576)]
@@ -184,6 +197,9 @@ elif [ "$suite" = nvme ]; then
         "nvme randwrite 4096 128 $secs"
         "nvme read 131072 32 $secs"
         "nvme write 131072 32 $secs"
+        "mirror_remote randwrite 4096 32 $secs"
+        "mirror_remote randread 4096 32 $secs"
+        "mirror_remote randwrite 4096 1 $secs"
     )
 elif [ "$suite" = mirror ]; then
     rows=(
@@ -201,8 +217,29 @@ else
         "thin write 4096 32 1"
     )
 fi
-configs=$(printf '%s\n' "${rows[@]}" | cut -d' ' -f1 | sort -u)
+configs=$(printf '%s\n' "${rows[@]}" | cut -d' ' -f1 | sort -u | grep -vx mirror_remote || true)
 for c in $configs; do write_config "$c"; done
+
+# A mirror's remote plex is fenced by it (a reservation) and carries its superblock: each run
+# gets a fresh malloc namespace of its own on the target, made here and deleted after the run.
+remote_runs=0
+remote_plex_up() {
+    remote_runs=$((remote_runs + 1))
+    remote_nqn=$TARGET_NQN-plex$remote_runs
+    remote_bdev=plex$remote_runs
+    {
+        tcall bdev_malloc_create "{\"name\": \"$remote_bdev\", \"num_blocks\": 1048576, \"block_size\": 512}"
+        tcall nvmf_create_subsystem "{\"nqn\": \"$remote_nqn\", \"allow_any_host\": true}"
+        tcall nvmf_subsystem_add_ns "{\"nqn\": \"$remote_nqn\", \"namespace\": {\"bdev_name\": \"$remote_bdev\"}}"
+        tcall nvmf_subsystem_add_listener "{\"nqn\": \"$remote_nqn\", \"listen_address\": {\"trtype\": \"TCP\",
+            \"adrfam\": \"IPv4\", \"traddr\": \"127.0.0.1\", \"trsvcid\": \"$target_port\"}}"
+    } >/dev/null
+    write_config mirror_remote "$remote_nqn"
+}
+remote_plex_down() {
+    tcall nvmf_delete_subsystem "{\"nqn\": \"$remote_nqn\"}" >/dev/null
+    tcall bdev_malloc_delete "{\"name\": \"$remote_bdev\"}" >/dev/null
+}
 
 # command PROG CONFIG WORKLOAD SIZE QD SECONDS: the command line, one word per line.
 command_for() {
@@ -221,6 +258,8 @@ command_for() {
 results=$work/results.txt
 measure() {
     local prog=$1 row=$2 rep=$3 log=$work/$1-$2-$3.log cmd summary rc=0 busy0= busy=
+    local remote=
+    [ "${rows[$row]%% *}" = mirror_remote ] && remote=1 && remote_plex_up
     # shellcheck disable=SC2086 # one row field a word
     mapfile -t cmd < <(command_for "$prog" ${rows[$row]})
     [ "$suite" = nvme ] && busy0=$(target_busy)
@@ -238,6 +277,20 @@ measure() {
         echo "$prog failed on row $row (exit $rc, Total: ${summary:-none}):" >&2
         tail -n 20 "$log" >&2
         exit 1
+    fi
+    if [ -n "$remote" ]; then
+        # A raid that dropped its remote leg would still finish every write, on one leg: the
+        # remote plex must have taken (nearly) all of them.
+        local remote_writes
+        remote_writes=$(tcall bdev_get_iostat "{\"name\": \"$remote_bdev\"}" |
+            python3 -c 'import json, sys; print(json.load(sys.stdin)["bdevs"][0]["num_write_ops"])')
+        remote_plex_down
+        if [[ ${rows[$row]} == *write* ]] && ! python3 -c 'import sys; sys.exit(float(sys.argv[1]) < 0.9 * float(sys.argv[2]) * float(sys.argv[3]))' \
+            "$remote_writes" "$iops" "$secs"; then
+            echo "$prog on row $row: the remote plex took $remote_writes writes of about $iops x $secs s: not mirrored" >&2
+            tail -n 20 "$log" >&2
+            exit 1
+        fi
     fi
     echo "$prog $row $rep $iops $mibs $avg $busy" >>"$results"
     printf '  %-5s %-32s rep %d: %12s IOPS %9s us\n' "$prog" "${rows[$row]}" "$rep" "$iops" "$avg" >&2
@@ -271,8 +324,12 @@ load_end=$(cut -d' ' -f1-3 /proc/loadavg)
         echo "Each program attaches one NVMe/TCP controller (\`bdev_nvme_attach_controller\`, its own"
         echo "defaults otherwise) to one plexd target on core 1 (\`-m 0x2\`, every thread pinned there)"
         echo "exporting a null bdev of 8,388,608 blocks of 512 B over 127.0.0.1, and runs on its"
-        echo "namespace: the path a mirror takes to a plex on another node. The programs on core 0"
-        echo "(\`-m 0x1\`), ${secs} s per"
+        echo "namespace: the path a mirror takes to a plex on another node. \`mirror_remote\` rows run"
+        echo "plexd's mirror (ours) or SPDK's raid1 over a local malloc bdev (1,048,576 blocks of 512 B)"
+        echo "and such a namespace on the target, a fresh malloc of the same size for each run (the"
+        echo "mirror fences its plexes with a reservation and writes its superblock there); each write"
+        echo "run was checked to have reached the remote plex. The programs on core 0 (\`-m 0x1\`),"
+        echo "${secs} s per"
     elif [ "$suite" = mirror ]; then
         echo "# bdevperf on a mirror: plexd's mirror and SPDK's raid1, no network, side by side"
         echo
@@ -315,7 +372,8 @@ def med(prog, row, i):
 def label(spec):
     cfg, wl, size, qd, secs = spec.split()
     what = f"{int(size) // 1024} KiB {wl} QD{qd}"
-    return what if cfg == "malloc" else f"{cfg}: {what}"
+    names = {"mirror_remote": "mirror, local + remote plex"}
+    return what if cfg == "malloc" else f"{names.get(cfg, cfg)}: {what}"
 def wrapped(prog, r):
     """A thin first pass that wrote more than the lvol: it went on over allocated clusters."""
     cfg, wl, size, qd, secs = rows[r].split()
