@@ -324,7 +324,7 @@ load_end=$(cut -d' ' -f1-3 /proc/loadavg)
         echo "Each program attaches one NVMe/TCP controller (\`bdev_nvme_attach_controller\`, its own"
         echo "defaults otherwise) to one plexd target on core 1 (\`-m 0x2\`, every thread pinned there)"
         echo "exporting a null bdev of 8,388,608 blocks of 512 B over 127.0.0.1, and runs on its"
-        echo "namespace: the path a mirror takes to a plex on another node. \`mirror_remote\` rows run"
+        echo "namespace: the path a mirror takes to a plex on another node. The \"local + remote plex\" rows run"
         echo "plexd's mirror (ours) or SPDK's raid1 over a local malloc bdev (1,048,576 blocks of 512 B)"
         echo "and such a namespace on the target, a fresh malloc of the same size for each run (the"
         echo "mirror fences its plexes with a reservation and writes its superblock there); each write"
