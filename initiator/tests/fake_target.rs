@@ -510,6 +510,74 @@ fn with_header_and_data_digests() {
     round_trip(true);
 }
 
+/// Reads of sizes that alternate between small and large, all in flight at once, so their
+/// C2HData PDUs arrive back to back: large payloads are read into place and the headers
+/// between them staged a little at a time; small ones are staged many per read. Every byte
+/// must land in its own read's buffer.
+fn mixed_reads(digests: bool) {
+    let f = start_fake();
+    let disk: Vec<u8> = (0..NBLOCKS as usize * BS)
+        .map(|i| (i as u8) ^ (i >> 9) as u8 ^ (i >> 17) as u8)
+        .collect();
+    f.disk.lock().unwrap().copy_from_slice(&disk);
+    let mut c =
+        Controller::connect(&trid(f.port, "nqn.2024-01.io.fake:sub0"), &opts(digests)).unwrap();
+    let mut q = c.alloc_io_qpair::<DmaBuf>(Some(32)).unwrap();
+    let sizes = [
+        131072usize,
+        512,
+        65536,
+        4096,
+        16384,
+        1024,
+        131072,
+        8192,
+        32768,
+        512,
+        20480,
+    ];
+    for round in 0..3 {
+        let mut wanted = Vec::new();
+        let mut lba = round * 7;
+        for (i, &sz) in sizes.iter().cycle().take(30).enumerate() {
+            let blocks = (sz / BS) as u64;
+            if lba + blocks > NBLOCKS {
+                lba = 0;
+            }
+            let buf = DmaBuf::zeroed(sz).expect("DMA buffer");
+            q.read(1, lba, blocks as u32, buf, i as u64)
+                .map_err(|e| e.kind)
+                .unwrap();
+            wanted.push(lba as usize * BS..lba as usize * BS + sz);
+            lba += blocks + 3;
+        }
+        let done = wait(&mut c, &mut q, wanted.len());
+        for d in &done {
+            let range = wanted[d.tag as usize].clone();
+            assert!(d.result.is_ok(), "read {}: {:?}", d.tag, d.result);
+            assert!(
+                d.buf.as_ref().unwrap()[..] == disk[range.clone()],
+                "round {round}: read {} of {} bytes at byte {} came back with other bytes",
+                d.tag,
+                range.len(),
+                range.start
+            );
+        }
+    }
+    drop(q);
+    c.detach().unwrap();
+}
+
+#[test]
+fn small_and_large_reads_in_flight_together_each_read_back_whole() {
+    mixed_reads(false);
+}
+
+#[test]
+fn small_and_large_reads_with_digests_each_read_back_whole() {
+    mixed_reads(true);
+}
+
 #[test]
 fn keep_alive_goes_out_from_poll() {
     let f = start_fake();

@@ -170,6 +170,9 @@ const MAX_CHUNK: u32 = 1 << 20;
 const RX_BUF: usize = 128 * 1024;
 /// A payload at least this large whose bytes are not staged yet is read directly into place.
 const DIRECT_MIN: u32 = 16 * 1024;
+/// How much is staged per read while large payloads arrive: room for the next PDU header and
+/// a little, so the payload behind it is read into place rather than staged and copied.
+const RX_SMALL: usize = 1024;
 /// Segments per writev.
 const IOV_BATCH: usize = 64;
 /// Connect CATTR bit 2: ask the controller to disable SQ flow control. This host never looks
@@ -203,6 +206,8 @@ pub(crate) struct TcpQueue<B> {
     rx_start: usize,
     rx_end: usize,
     rx_state: Rx,
+    /// The last C2HData payload was at least `DIRECT_MIN`: stage only `RX_SMALL` per read.
+    rx_large: bool,
     internal_done: Option<(Status, u32)>,
     /// Controller ID this queue is connected with.
     pub cntlid: u16,
@@ -239,6 +244,7 @@ impl<B: IoBuf> TcpQueue<B> {
             rx_start: 0,
             rx_end: 0,
             rx_state: Rx::Hdr,
+            rx_large: false,
             internal_done: None,
             cntlid: 0xffff,
         }

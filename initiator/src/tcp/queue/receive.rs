@@ -77,15 +77,18 @@ impl<B: IoBuf> TcpQueue<B> {
                     .and_then(|b| b.bytes_mut())
                     .and_then(|b| b.get_mut(lo..lo + left as usize))
             });
+            // While large payloads arrive, little is staged: the next header, and the payload
+            // behind it goes into place by the read after.
+            let stage = if self.rx_large { RX_SMALL } else { RX_BUF };
             // Each read reports the room it offered: filling less says the socket is empty.
             match dst {
                 Some(dst) => {
-                    let mut iov = [IoSliceMut::new(dst), IoSliceMut::new(&mut self.rx[..])];
+                    let mut iov = [IoSliceMut::new(dst), IoSliceMut::new(&mut self.rx[..stage])];
                     let room = iov.iter().map(|v| v.len()).sum();
                     sock.read_vectored(&mut iov).map(|r| (r, direct, room))
                 }
                 None => {
-                    let staging = &mut self.rx[self.rx_end..];
+                    let staging = &mut self.rx[self.rx_end..(self.rx_end + stage).min(RX_BUF)];
                     let room = staging.len();
                     sock.read(staging).map(|r| (r, None, room))
                 }
@@ -352,6 +355,7 @@ impl<B: IoBuf> TcpQueue<B> {
                         format!("C2HData SUCCESS after {} of {} bytes", off + len, s.len),
                     ));
                 }
+                self.rx_large = len >= DIRECT_MIN;
                 if len == 0 {
                     self.c2h_done(cid, h.ch.flags, on_done, n);
                 } else {
