@@ -154,22 +154,17 @@ attach = {"method": "bdev_nvme_attach_controller", "params": {
 if name == "nvme":
     write(f"{work}/{name}.json", [attach])
     sys.exit()
+def mirrors(pair, plexes):
+    """Ours joins the two with bdev_mirror_create, SPDK's (which has no mirror) with raid1."""
+    write(f"{work}/{name}.json", pair + [{"method": "bdev_mirror_create", "params": {
+        "name": "Mirror0", "plexes": plexes}}])
+    write(f"{work}/{name}.spdk.json", pair + [{"method": "bdev_raid_create", "params": {
+        "name": "Mirror0", "raid_level": "raid1", "base_bdevs": plexes, "strip_size_kb": 0}}])
+    sys.exit()
 if name == "mirror_remote":
-    pair = [malloc("Malloc0", 1048576), attach]
-    write(f"{work}/{name}.json", pair + [{"method": "bdev_mirror_create", "params": {
-        "name": "Mirror0", "plexes": ["Malloc0", "Nvme0n1"]}}])
-    write(f"{work}/{name}.spdk.json", pair + [{"method": "bdev_raid_create", "params": {
-        "name": "Mirror0", "raid_level": "raid1", "base_bdevs": ["Malloc0", "Nvme0n1"],
-        "strip_size_kb": 0}}])
-    sys.exit()
+    mirrors([malloc("Malloc0", 1048576), attach], ["Malloc0", "Nvme0n1"])
 if name == "mirror":
-    pair = [malloc("Malloc0", 1048576), malloc("Malloc1", 1048576)]
-    write(f"{work}/{name}.json", pair + [{"method": "bdev_mirror_create", "params": {
-        "name": "Mirror0", "plexes": ["Malloc0", "Malloc1"]}}])
-    write(f"{work}/{name}.spdk.json", pair + [{"method": "bdev_raid_create", "params": {
-        "name": "Mirror0", "raid_level": "raid1", "base_bdevs": ["Malloc0", "Malloc1"],
-        "strip_size_kb": 0}}])
-    sys.exit()
+    mirrors([malloc("Malloc0", 1048576), malloc("Malloc1", 1048576)], ["Malloc0", "Malloc1"])
 config = [malloc("Malloc0", 1048576 if name == "malloc" else blocks)]
 if name in ("thick", "thin"):
     config += [
