@@ -248,7 +248,8 @@ impl NvmeChannel {
             IoType::Read | IoType::Write => io
                 .bufs
                 .iter()
-                .map(|b| b.len().div_ceil(self.max_xfer) as u64)
+                // As `submit` sends them: every buffer is at least one piece.
+                .map(|b| b.len().div_ceil(self.max_xfer).max(1) as u64)
                 .sum(),
             IoType::Unmap | IoType::WriteZeroes => io.num_blocks.div_ceil(MAX_ZEROES_BLOCKS),
             IoType::Flush | IoType::Reset => 1,
