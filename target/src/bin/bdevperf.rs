@@ -571,8 +571,6 @@ impl Job {
         )
     }
 
-    /// Sends `slot`'s next I/O, stamped `now`; false when the device's queue is full (the slot
-    /// keeps its buffers and waits).
     /// Counts a failed I/O; the first says why, and stops the job unless told to go on.
     fn fail(&mut self, why: String) {
         self.failed += 1;
@@ -582,6 +580,8 @@ impl Job {
         }
     }
 
+    /// Sends `slot`'s next I/O, stamped `now`; false when the device's queue is full (the slot
+    /// keeps its buffers and waits).
     fn submit(&mut self, slot: usize, now: u64) -> bool {
         let io = self.next_io(slot);
         let s = &mut self.slots[slot];
