@@ -25,9 +25,9 @@
 #
 # Each row runs REPS times per program, interleaved (SPDK first on odd repetitions, ours first
 # on even ones), TIME seconds each; the table gives the medians and ours ÷ SPDK. The report,
-# with the load average at start and end, the busiest processes at start, and the exact
-# commands, goes to benches/reports/<bdevperf|lvol|mirror_bdevperf|nvme_bdevperf>-<date>.md
-# (or --out).
+# with the load average at start and end, the busiest processes at start, the share of each
+# core the hypervisor stole during the run, and the exact commands, goes to
+# benches/reports/<bdevperf|lvol|mirror_bdevperf|nvme_bdevperf>-<date>.md (or --out).
 #
 # Usage: benches/bdevperf_vs_spdk.sh [--suite malloc|lvol|mirror|nvme] [--time SECONDS (5)]
 #                                    [--reps N (3)]
@@ -295,7 +295,12 @@ measure() {
     printf '  %-5s %-32s rep %d: %12s IOPS %9s us\n' "$prog" "${rows[$row]}" "$rep" "$iops" "$avg" >&2
 }
 
+# cpu_ticks: "core all-ticks steal-ticks" per core from /proc/stat. Steal is the time the
+# hypervisor ran others while this guest's core wanted to run: a quiet guest on a busy host
+# still loses its cycles, and every figure of the run is then low and spread.
+cpu_ticks() { awk '/^cpu[0-9]/ { t = 0; for (i = 2; i <= 9; i++) t += $i; print substr($1, 4), t, $9 }' /proc/stat; }
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
+ticks_start=$(cpu_ticks)
 busiest=$(ps -eo pcpu,comm --sort=-pcpu | sed -n 2,6p | awk '{ printf "%s %s%%; ", $2, $1 }')
 hugepages=$(awk '/^HugePages_(Total|Free)/ { printf "%s %s ", $1, $2 }' /proc/meminfo)
 echo "bdevperf_vs_spdk: ${#rows[@]} rows x $reps reps x ${secs} s, load average $load_start" >&2
@@ -311,6 +316,9 @@ for ((rep = 1; rep <= reps; rep++)); do
     done
 done
 load_end=$(cut -d' ' -f1-3 /proc/loadavg)
+steal=$(printf '%s\n%s\n' "$ticks_start" "$(cpu_ticks)" | awk '
+    $1 in t { printf "%score %s %.1f %%", sep, $1, 100 * ($3 - s[$1]) / (($2 - t[$1]) > 0 ? $2 - t[$1] : 1); sep = ", "; next }
+    { t[$1] = $2; s[$1] = $3 }')
 
 {
     if [ "$suite" = malloc ]; then
@@ -351,6 +359,7 @@ load_end=$(cut -d' ' -f1-3 /proc/loadavg)
     echo "- SPDK: ${spdk_version:-absent}${spdk:+, \`$spdk\`}"
     echo "- machine: $(nproc) CPUs, $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo), kernel $(uname -r)"
     echo "- load average (1, 5, 15 min): $load_start at start, $load_end at end"
+    echo "- stolen by the hypervisor during the run: ${steal:-not reported}"
     echo "- busiest processes at start (ps %CPU, lifetime averages): ${busiest% }"
     echo "- hugepages for the run: $hugepages${hugepages_ok:+(grown by scripts/setup.sh, given back after)}"
     fallbacks=$(cat "$work"/ours-*.log | grep -c "NOT ENOUGH HUGEPAGES" || true)

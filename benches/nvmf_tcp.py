@@ -21,7 +21,8 @@ gives medians of the repetitions:
     two cores the host's core often sets the pace, and then both targets give the same IOPS
     while one of them has time to spare: this column shows it;
   - idle CPU of each target (3 s, no host connected): SPDK polls; plexd should not.
-It is written, with the machine, its load before and after, and the exact commands, to
+It is written, with the machine, its load before and after, the share of each core the
+hypervisor stole during the run, and the exact commands, to
 benches/reports/nvmf_tcp-<date>.md.
 
 SPDK's programs are looked for in ../shared/spdk/bin (or $SPDK_BIN_DIR). Where they are absent
@@ -450,6 +451,32 @@ def load_avg():
     return "/".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def cpu_times():
+    """{core: (all ticks, steal ticks)} from /proc/stat."""
+    out = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *v = line.split()
+            if name.startswith("cpu") and name != "cpu":
+                v = [int(x) for x in v]
+                out[int(name[3:])] = (sum(v[:8]), v[7] if len(v) > 7 else 0)
+    return out
+
+
+def describe_steal(before, after):
+    """Each core's time the hypervisor gave to others while it wanted to run, between two
+    cpu_times(): a quiet guest can still lose its cycles to a busy host, and then every figure
+    of the run is low and spread."""
+    parts = []
+    for core in sorted(after):
+        if core not in before:
+            continue
+        total = after[core][0] - before[core][0]
+        steal = after[core][1] - before[core][1]
+        parts.append(f"core {core} {100.0 * steal / max(total, 1):.1f} %")
+    return ", ".join(parts) or "not reported"
+
+
 # ---- SPDK's prerequisites -----------------------------------------------------------------------
 
 def install_spdk_packages():
@@ -610,6 +637,7 @@ def main():
     now = datetime.datetime.now()
     quiet_before = machine_activity()
     load_before = load_avg()
+    steal_before = cpu_times()
     print(f"load average {load_before}; {describe_activity(quiet_before)}", flush=True)
 
     if with_spdk:
@@ -705,6 +733,7 @@ def main():
     for kind, t in targets.items():
         commands.append(f"# {TARGET_NAMES[kind]}'s configuration, JSON-RPC on its -r socket, in order:")
         commands += [f"#   {method} {json.dumps(params)}" for method, params in t.config]
+    steal_during = describe_steal(steal_before, cpu_times())
     quiet_after = machine_activity()
     load_after = load_avg()
 
@@ -811,7 +840,8 @@ def main():
         out.append(f"**{spdk_note}**\n")
     out.append(f"Quiet? Load average (1/5/15 min) {load_before} at the start, {load_after} at the end. "
                f"Over 2 s before the run: {describe_activity(quiet_before)}. "
-               f"Over 2 s after it: {describe_activity(quiet_after)}.\n")
+               f"Over 2 s after it: {describe_activity(quiet_after)}. "
+               f"Stolen by the hypervisor during the run: {steal_during}.\n")
     if with_spdk:
         out.append("## plexd and SPDK's nvmf_tgt, the same host (spdk_nvme_perf) against both\n")
         out.append("IOPS (4 KiB; QD1 with its mean latency) or MiB/s (128 KiB). plexperf ÷ "
@@ -859,6 +889,7 @@ def main():
         print("\n".join(ceil_rows))
     print(f"\nidle: {idle_line}")
     print(f"load average {load_before} at the start, {load_after} at the end")
+    print(f"stolen by the hypervisor during the run: {steal_during}")
 
     report = args.report or os.path.join(REPO, "benches/reports", f"nvmf_tcp-{now:%Y%m%d-%H%M}.md")
     os.makedirs(os.path.dirname(report), exist_ok=True)
