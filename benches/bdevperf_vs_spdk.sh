@@ -77,7 +77,6 @@ work=$(mktemp -d /tmp/bdevperf-vs-spdk.XXXXXX)
 SPDK_MEM_MB=1024
 [ "$suite" = lvol ] && SPDK_MEM_MB=9216
 [ "$suite" = mirror ] && SPDK_MEM_MB=1536
-[ "$suite" = nvme ] && SPDK_MEM_MB=1024
 # Hugepages reserved beyond SPDK's own: the nvme suite's target holds a remote plex's 512 MiB
 # disk while SPDK's bdevperf runs.
 TARGET_MEM_MB=0
@@ -120,6 +119,14 @@ target_busy() {
 v = json.load(sys.stdin)
 print(sum(r["busy"] for r in v["reactors"]), v["tick_rate"])'
 }
+# target_export NQN BDEV: a subsystem NQN open to any host, with BDEV as its namespace,
+# listening on the target's port.
+target_export() {
+    tcall nvmf_create_subsystem "{\"nqn\": \"$1\", \"allow_any_host\": true}" &&
+        tcall nvmf_subsystem_add_ns "{\"nqn\": \"$1\", \"namespace\": {\"bdev_name\": \"$2\"}}" &&
+        tcall nvmf_subsystem_add_listener "{\"nqn\": \"$1\", \"listen_address\": {\"trtype\": \"TCP\",
+            \"adrfam\": \"IPv4\", \"traddr\": \"127.0.0.1\", \"trsvcid\": \"$target_port\"}}"
+}
 if [ "$suite" = nvme ]; then
     target_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
     taskset -c 1 "$repo/build/release/plexd" -m 0x2 -r "$target_sock" --idle-poll-us 1000 \
@@ -130,10 +137,7 @@ if [ "$suite" = nvme ]; then
         tcall bdev_null_create '{"name": "null0", "num_blocks": 8388608, "block_size": 512}' &&
         tcall nvmf_create_transport '{"trtype": "TCP", "max_queue_depth": 128,
             "in_capsule_data_size": 8192, "max_io_size": 131072, "io_unit_size": 131072}' &&
-        tcall nvmf_create_subsystem "{\"nqn\": \"$TARGET_NQN\", \"allow_any_host\": true}" &&
-        tcall nvmf_subsystem_add_ns "{\"nqn\": \"$TARGET_NQN\", \"namespace\": {\"bdev_name\": \"null0\"}}" &&
-        tcall nvmf_subsystem_add_listener "{\"nqn\": \"$TARGET_NQN\", \"listen_address\": {\"trtype\": \"TCP\",
-            \"adrfam\": \"IPv4\", \"traddr\": \"127.0.0.1\", \"trsvcid\": \"$target_port\"}}"
+        target_export "$TARGET_NQN" null0
     } >/dev/null || { echo "the nvme suite's target did not start:" >&2; tail -n 20 "$work/target.log" >&2; exit 1; }
 fi
 
@@ -228,10 +232,7 @@ remote_plex_up() {
     remote_bdev=plex$remote_runs
     {
         tcall bdev_malloc_create "{\"name\": \"$remote_bdev\", \"num_blocks\": 1048576, \"block_size\": 512}" &&
-        tcall nvmf_create_subsystem "{\"nqn\": \"$remote_nqn\", \"allow_any_host\": true}" &&
-        tcall nvmf_subsystem_add_ns "{\"nqn\": \"$remote_nqn\", \"namespace\": {\"bdev_name\": \"$remote_bdev\"}}" &&
-        tcall nvmf_subsystem_add_listener "{\"nqn\": \"$remote_nqn\", \"listen_address\": {\"trtype\": \"TCP\",
-            \"adrfam\": \"IPv4\", \"traddr\": \"127.0.0.1\", \"trsvcid\": \"$target_port\"}}"
+        target_export "$remote_nqn" "$remote_bdev"
     } >/dev/null || { echo "the target refused remote plex $remote_bdev:" >&2; tail -n 5 "$work/target.log" >&2; exit 1; }
     write_config mirror_remote "$remote_nqn"
 }

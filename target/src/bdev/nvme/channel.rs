@@ -243,14 +243,23 @@ impl NvmeChannel {
         })
     }
 
+    /// How many pieces `submit` sends a buffer of `len` bytes in: whole when the remote takes
+    /// it in one (even empty), else cut every `max_xfer` bytes. The count, the cutting and the
+    /// rejoin all follow this one rule.
+    fn pieces_of(&self, len: usize) -> usize {
+        // The common case first: it costs a compare where a division costs tens of cycles.
+        if len <= self.max_xfer {
+            1
+        } else {
+            len.div_ceil(self.max_xfer)
+        }
+    }
+
     fn pieces(&self, io: &BdevIo) -> u64 {
         match io.io_type {
-            IoType::Read | IoType::Write => io
-                .bufs
-                .iter()
-                // As `submit` sends them: every buffer is at least one piece.
-                .map(|b| b.len().div_ceil(self.max_xfer).max(1) as u64)
-                .sum(),
+            IoType::Read | IoType::Write => {
+                io.bufs.iter().map(|b| self.pieces_of(b.len()) as u64).sum()
+            }
             IoType::Unmap | IoType::WriteZeroes => io.num_blocks.div_ceil(MAX_ZEROES_BLOCKS),
             IoType::Flush | IoType::Reset => 1,
         }
@@ -278,12 +287,17 @@ impl BdevChannel for NvmeChannel {
         }
         let (io_type, offset, nblocks) = (io.io_type, io.offset_blocks, io.num_blocks);
         let bufs = std::mem::take(&mut io.bufs);
+        // Each count is at most `pieces`, which the queue depth (a u16) bounds: it fits.
+        let cuts = bufs
+            .iter()
+            .map(|b| self.pieces_of(b.len()) as u16)
+            .collect();
         let i = ch.alloc(Inflight {
             io,
             pending: pieces as u32,
             status: IoStatus::Success,
             pieces: (0..pieces).map(|_| None).collect(),
-            cuts: SmallVec::new(),
+            cuts,
         });
         let chan = self.idx;
         let nsid = self.nsid;
@@ -303,14 +317,14 @@ impl BdevChannel for NvmeChannel {
         match io_type {
             IoType::Read | IoType::Write => {
                 // Each buffer goes in pieces the remote takes whole, as views (no copy).
-                let mut cuts: SmallVec<[u16; 2]> = SmallVec::new();
                 let (mut p, mut lba) = (0, offset);
                 for mut rest in bufs {
-                    let mut n = 0u16;
-                    loop {
-                        // A buffer the remote takes in one piece is not cut: cutting makes it a
-                        // shared view, an allocation per I/O and its free when it comes home.
-                        let tail = if rest.len() > self.max_xfer {
+                    let n = self.pieces_of(rest.len());
+                    for k in 0..n {
+                        // Cut only while more than one piece is left: a buffer the remote takes
+                        // in one piece stays whole (cutting makes it a shared view, an
+                        // allocation per I/O and its free when it comes home).
+                        let tail = if k + 1 < n {
                             rest.split_off(self.max_xfer)
                         } else {
                             None
@@ -325,16 +339,12 @@ impl BdevChannel for NvmeChannel {
                                 qp.write(nsid, lba, blocks as u32, rest, t)
                             },
                         );
-                        (p, lba, n) = (p + 1, lba + blocks, n + 1);
+                        (p, lba) = (p + 1, lba + blocks);
                         match tail {
                             Some(t) => rest = t,
                             None => break,
                         }
                     }
-                    cuts.push(n);
-                }
-                if let Some(f) = ch.ios[i as usize].as_mut() {
-                    f.cuts = cuts;
                 }
             }
             IoType::Unmap | IoType::WriteZeroes => {
