@@ -244,8 +244,8 @@ impl NvmeChannel {
     }
 
     /// How many pieces `submit` sends a buffer of `len` bytes in: whole when the remote takes
-    /// it in one (even empty), else cut every `max_xfer` bytes. The count, the cutting and the
-    /// rejoin all follow this one rule.
+    /// it in one (even empty), else cut every `max_xfer` bytes. `submit`'s cutting loop cuts
+    /// by the same rule, and the rejoin by what it recorded.
     fn pieces_of(&self, len: usize) -> usize {
         // The common case first: it costs a compare where a division costs tens of cycles.
         if len <= self.max_xfer {
@@ -287,17 +287,12 @@ impl BdevChannel for NvmeChannel {
         }
         let (io_type, offset, nblocks) = (io.io_type, io.offset_blocks, io.num_blocks);
         let bufs = std::mem::take(&mut io.bufs);
-        // Each count is at most `pieces`, which the queue depth (a u16) bounds: it fits.
-        let cuts = bufs
-            .iter()
-            .map(|b| self.pieces_of(b.len()) as u16)
-            .collect();
         let i = ch.alloc(Inflight {
             io,
             pending: pieces as u32,
             status: IoStatus::Success,
             pieces: (0..pieces).map(|_| None).collect(),
-            cuts,
+            cuts: SmallVec::new(),
         });
         let chan = self.idx;
         let nsid = self.nsid;
@@ -316,15 +311,16 @@ impl BdevChannel for NvmeChannel {
         };
         match io_type {
             IoType::Read | IoType::Write => {
-                // Each buffer goes in pieces the remote takes whole, as views (no copy).
+                // Each buffer goes in pieces the remote takes whole, as views (no copy), by
+                // `pieces_of`'s rule: cut while more than `max_xfer` bytes are left.
+                let mut cuts: SmallVec<[u16; 2]> = SmallVec::new();
                 let (mut p, mut lba) = (0, offset);
                 for mut rest in bufs {
-                    let n = self.pieces_of(rest.len());
-                    for k in 0..n {
-                        // Cut only while more than one piece is left: a buffer the remote takes
-                        // in one piece stays whole (cutting makes it a shared view, an
-                        // allocation per I/O and its free when it comes home).
-                        let tail = if k + 1 < n {
+                    let mut n = 0u16;
+                    loop {
+                        // A buffer the remote takes in one piece is not cut: cutting makes it a
+                        // shared view, an allocation per I/O and its free when it comes home.
+                        let tail = if rest.len() > self.max_xfer {
                             rest.split_off(self.max_xfer)
                         } else {
                             None
@@ -339,12 +335,16 @@ impl BdevChannel for NvmeChannel {
                                 qp.write(nsid, lba, blocks as u32, rest, t)
                             },
                         );
-                        (p, lba) = (p + 1, lba + blocks);
+                        (p, lba, n) = (p + 1, lba + blocks, n + 1);
                         match tail {
                             Some(t) => rest = t,
                             None => break,
                         }
                     }
+                    cuts.push(n);
+                }
+                if let Some(f) = ch.ios[i as usize].as_mut() {
+                    f.cuts = cuts;
                 }
             }
             IoType::Unmap | IoType::WriteZeroes => {
