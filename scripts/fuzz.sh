@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fuzzes every parser of untrusted input with cargo-fuzz (libFuzzer): NVMe/TCP PDUs and
-# commands, the target's receive path, JSON-RPC framing and requests.
+# commands, the target's and the host's receive paths, RDMA CM private data, JSON-RPC
+# framing and requests, the mirror's and the volume store's on-disk metadata.
 #
 # Usage: scripts/fuzz.sh [SECONDS_PER_TARGET (default 60)] [TARGET...]
 # cargo-fuzz wants a nightly compiler for its sanitizer flags; RUSTC_BOOTSTRAP=1 lets the

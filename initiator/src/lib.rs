@@ -13,6 +13,8 @@ pub mod buf;
 pub mod ctrlr;
 pub mod discovery;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod histogram;
 pub mod opts;
 pub(crate) mod pcie;

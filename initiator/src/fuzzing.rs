@@ -1,0 +1,370 @@
+//! Drives the host's NVMe/TCP queue with bytes from a "target" that says anything, for the
+//! fuzz target `fuzz/fuzz_targets/nvme_tcp_host.rs`. plexd runs this host inside its own
+//! process (a mirror's remote plex, `bdev_nvme_attach_controller`), so whatever another node
+//! sends must end in an error for that connection, never in a panic, and never lose or
+//! double-complete a command.
+//!
+//! A [`Harness`] is a queue connected over loopback to a socket the harness writes: the queue
+//! takes five commands (a small and a large read, an in-capsule and an R2T write, a flush)
+//! before it connects, so they go out on connection, and every byte written afterwards is
+//! the target's stream. [`run`] is the fuzz entry; the tests below use the same harness with
+//! well-formed streams, to show that it reaches the states the fuzzer is meant to explore.
+
+use std::cell::OnceCell;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::Duration;
+
+use nvme_spec::opcode::io;
+use nvme_spec::tcp::{header_digest, CapsuleResp, IcResp};
+use nvme_spec::{Command, Completion, IntoBytes, Status};
+
+use crate::tcp::queue::{TcpEndpoint, TcpQueue};
+use crate::transport::{ConnParams, Dir, Done, Endpoint};
+
+/// Queue entries: seven command slots and the Connect slot (CID 7), few enough that random
+/// CIDs often name an active command.
+pub const QSIZE: u16 = 8;
+/// The CID of the queue's Fabrics Connect.
+pub const CONNECT_CID: u16 = QSIZE - 1;
+/// MAXH2CDATA of the scripted ICResp: the 64 KiB write goes out in four H2CData PDUs.
+pub const MAXH2CDATA: u32 = 16 * 1024;
+/// Controller ID the scripted Connect response grants.
+pub const CNTLID: u16 = 1;
+
+/// The commands every harness submits, in CID order 0..=4: (tag, direction, length).
+pub const COMMANDS: [(u64, CmdKind, usize); 5] = [
+    (1, CmdKind::Read, 4096),
+    (2, CmdKind::Write, 4096),
+    (3, CmdKind::Write, 64 * 1024),
+    (4, CmdKind::Read, 64 * 1024),
+    (5, CmdKind::Flush, 0),
+];
+
+/// What a harness command does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CmdKind {
+    Read,
+    Write,
+    Flush,
+}
+
+/// A command as it came back to its submitter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finished {
+    pub tag: u64,
+    pub status: Status,
+    /// The buffer it was submitted with (a read's data), if it had one.
+    pub data: Option<Vec<u8>>,
+}
+
+thread_local! {
+    /// The loopback listener this thread's harnesses connect to: one per thread, so that
+    /// harnesses on parallel test threads never accept each other's connections.
+    static LISTENER: OnceCell<Option<TcpListener>> = const { OnceCell::new() };
+}
+
+/// One queue and the target's end of its socket.
+pub struct Harness {
+    queue: TcpQueue<Vec<u8>>,
+    target: TcpStream,
+    /// Everything the host sent, in order (ICReq, capsules, H2CData).
+    pub from_host: Vec<u8>,
+    finished: Vec<Finished>,
+    /// The queue reported an error and closed its connection.
+    pub ended: bool,
+}
+
+impl Harness {
+    /// A queue asking for the given digests, its commands submitted, its TCP connection
+    /// accepted; `None` if the machine refuses the socket.
+    pub fn new(hdgst: bool, ddgst: bool) -> Option<Harness> {
+        LISTENER.with(|l| {
+            let l = l
+                .get_or_init(|| TcpListener::bind("127.0.0.1:0").ok())
+                .as_ref()?;
+            Harness::connect(l, hdgst, ddgst)
+        })
+    }
+
+    fn connect(l: &TcpListener, hdgst: bool, ddgst: bool) -> Option<Harness> {
+        let addr = l.local_addr().ok()?;
+        let tcp = TcpEndpoint { addr, hdgst, ddgst };
+        let params = ConnParams {
+            endpoint: Endpoint::Tcp(tcp.clone()),
+            qid: 1,
+            qsize: QSIZE,
+            subnqn: "nqn.2024-01.io.plexstor:fuzz".into(),
+            hostnqn: "nqn.2024-01.io.plexstor:fuzz-host".into(),
+            hostid: [1; 16],
+            kato_ms: 0,
+            connect_timeout: Duration::from_secs(5),
+            in_capsule_max: 8192,
+        };
+        let mut queue = TcpQueue::new(params, tcp);
+        for (tag, kind, len) in COMMANDS {
+            let (opcode, dir) = match kind {
+                CmdKind::Read => (io::READ, Dir::ToHost),
+                CmdKind::Write => (io::WRITE, Dir::ToCtrl),
+                CmdKind::Flush => (io::FLUSH, Dir::None),
+            };
+            let mut sqe = Command::new(opcode);
+            sqe.set_nsid(1);
+            let buf = (len > 0).then(|| vec![tag as u8; len]);
+            queue.submit(sqe, dir, buf, tag).ok()?;
+        }
+        queue.start_connect(0xFFFF).ok()?;
+        let (target, _) = l.accept().ok()?;
+        target.set_nonblocking(true).ok()?;
+        // Each write reaches the host at once (loopback delivers inside `write`), not when
+        // Nagle's algorithm lets it go.
+        target.set_nodelay(true).ok()?;
+        let mut h = Harness {
+            queue,
+            target,
+            from_host: Vec::new(),
+            finished: Vec::new(),
+            ended: false,
+        };
+        h.step();
+        Some(h)
+    }
+
+    /// Whether the queue has finished connecting.
+    pub fn connected(&self) -> bool {
+        self.queue.is_connected()
+    }
+
+    /// Writes `bytes` as the target, `chunk` at a time (0: as much as the socket takes),
+    /// polling the queue between writes, then polls until nothing moves.
+    pub fn feed(&mut self, bytes: &[u8], chunk: usize) {
+        let mut fed = 0;
+        // Bounded: a queue that stops reading must not hang the fuzzer.
+        for _ in 0..100_000 {
+            if fed == bytes.len() || self.ended {
+                break;
+            }
+            let end = if chunk == 0 {
+                bytes.len()
+            } else {
+                (fed + chunk).min(bytes.len())
+            };
+            match self.target.write(&bytes[fed..end]) {
+                Ok(n) => fed += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(_) => break,
+            }
+            self.step();
+        }
+        for _ in 0..4 {
+            self.step();
+        }
+    }
+
+    /// One round: take what the host sent, then advance the queue once.
+    fn step(&mut self) {
+        let mut b = [0u8; 64 * 1024];
+        loop {
+            match self.target.read(&mut b) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    // Bounded, so a long fuzz input cannot grow it without end.
+                    if self.from_host.len() < 1 << 20 {
+                        self.from_host.extend_from_slice(&b[..n]);
+                    }
+                }
+            }
+        }
+        if self.ended {
+            return;
+        }
+        let res = if self.queue.is_connected() {
+            let finished = &mut self.finished;
+            self.queue
+                .poll(usize::MAX, &mut |d| finished.push(finished_from(d)))
+                .map(|_| ())
+        } else {
+            self.queue.poll_connect().map(|_| ())
+        };
+        if res.is_err() {
+            self.ended = true;
+        }
+    }
+
+    /// Ends the run: commands still active fail as the owner's teardown fails them, and every
+    /// command comes back. Panics if one came back twice or never (the fuzzer's finding).
+    pub fn finish(mut self) -> Vec<Finished> {
+        let finished = &mut self.finished;
+        self.queue.fail_all(Status::ABORTED_BY_HOST, &mut |d| {
+            finished.push(finished_from(d))
+        });
+        let mut done = self.finished;
+        done.sort_by_key(|f| f.tag);
+        let tags: Vec<u64> = done.iter().map(|f| f.tag).collect();
+        let want: Vec<u64> = COMMANDS.iter().map(|c| c.0).collect();
+        assert_eq!(tags, want, "every command comes back exactly once");
+        for (f, (_, _, len)) in done.iter().zip(COMMANDS) {
+            let back = f.data.as_ref().map_or(0, Vec::len);
+            assert_eq!(
+                back, len,
+                "command {} came back with its whole buffer",
+                f.tag
+            );
+        }
+        done
+    }
+}
+
+fn finished_from(d: Done<Vec<u8>>) -> Finished {
+    Finished {
+        tag: d.tag,
+        status: d.status,
+        data: d.buf,
+    }
+}
+
+/// The target's half of a good handshake: ICResp granting the requested digests, then a
+/// successful Connect response.
+pub fn handshake(hdgst: bool, ddgst: bool) -> Vec<u8> {
+    let mut s = IcResp::new(0, hdgst, ddgst, MAXH2CDATA).as_bytes().to_vec();
+    s.extend(response(
+        CONNECT_CID,
+        Status::SUCCESS,
+        u32::from(CNTLID),
+        hdgst,
+    ));
+    s
+}
+
+/// A CapsuleResp for `cid`, with its header digest when `hdgst`.
+pub fn response(cid: u16, status: Status, dw0: u32, hdgst: bool) -> Vec<u8> {
+    let mut cqe = Completion::new(cid, status);
+    cqe.result.set(dw0);
+    with_digests(CapsuleResp::new(cqe, hdgst).as_bytes(), &[], hdgst, false)
+}
+
+/// A PDU from its header and data, with the digests the connection uses (no padding: the
+/// harness's host asks for HPDA 0).
+pub fn with_digests(hdr: &[u8], data: &[u8], hdgst: bool, ddgst: bool) -> Vec<u8> {
+    let mut b = hdr.to_vec();
+    if hdgst {
+        b.extend_from_slice(&header_digest(hdr).to_le_bytes());
+    }
+    b.extend_from_slice(data);
+    if ddgst && !data.is_empty() {
+        b.extend_from_slice(&crc32c::crc32c(data).to_le_bytes());
+    }
+    b
+}
+
+/// Fuzz entry. The first byte: bit 0 writes a good handshake first (bits 1 and 2: header and
+/// data digests, asked for and granted), so random bytes reach the I/O path; bits 3..5 pick
+/// how the rest is cut into writes (as it comes, or 1, 3, 8, 24, 100, 1000, 4096 bytes at a
+/// time), so PDUs arrive whole and in pieces. The rest is the target's stream.
+pub fn run(input: &[u8]) {
+    let Some((&mode, rest)) = input.split_first() else {
+        return;
+    };
+    let (hd, dd) = (mode & 2 != 0, mode & 4 != 0);
+    let chunk = [0, 1, 3, 8, 24, 100, 1000, 4096][usize::from((mode >> 3) & 7)];
+    let Some(mut h) = Harness::new(hd, dd) else {
+        return;
+    };
+    if mode & 1 != 0 {
+        h.feed(&handshake(hd, dd), 0);
+    }
+    h.feed(rest, chunk);
+    h.finish();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nvme_spec::tcp::{C2HData, R2T};
+
+    fn c2h(cid: u16, off: u32, data: &[u8], success: bool, hd: bool, dd: bool) -> Vec<u8> {
+        let h =
+            C2HData::new(cid, off, data.len() as u32, success, success, hd, dd, 0).expect("fits");
+        with_digests(h.as_bytes(), data, hd, dd)
+    }
+
+    fn r2t(cid: u16, off: u32, len: u32, hd: bool) -> Vec<u8> {
+        with_digests(R2T::new(cid, 9, off, len, hd).as_bytes(), &[], hd, false)
+    }
+
+    /// A well-behaved target's whole conversation, fed `chunk` bytes at a time.
+    fn good_run(hd: bool, dd: bool, chunk: usize) -> Vec<Finished> {
+        let mut h = Harness::new(hd, dd).expect("loopback");
+        h.feed(&handshake(hd, dd), chunk);
+        assert!(h.connected(), "the scripted handshake connects");
+        let small: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+        let large: Vec<u8> = (0..65536u32).map(|i| (i % 241) as u8).collect();
+        let mut s = c2h(0, 0, &small, true, hd, dd);
+        s.extend(response(1, Status::SUCCESS, 0, hd));
+        s.extend(c2h(3, 0, &large[..40000], false, hd, dd));
+        s.extend(c2h(3, 40000, &large[40000..], true, hd, dd));
+        s.extend(response(4, Status::SUCCESS, 0, hd));
+        s.extend(r2t(2, 0, 65536, hd));
+        h.feed(&s, chunk);
+        // The write's data must go out before its response may come.
+        h.feed(&response(2, Status::SUCCESS, 0, hd), chunk);
+        assert!(!h.ended, "a well-formed conversation keeps the connection");
+        let sent = h.from_host.len();
+        let done = h.finish();
+        for f in &done {
+            assert_eq!(f.status, Status::SUCCESS, "command {}", f.tag);
+        }
+        assert_eq!(done[0].data.as_deref(), Some(&small[..]));
+        assert_eq!(done[3].data.as_deref(), Some(&large[..]));
+        // ICReq, Connect, five capsules (one with 4 KiB in it), 64 KiB of H2CData and headers.
+        assert!(
+            sent > 4096 + 65536,
+            "the host sent its write data ({sent} bytes)"
+        );
+        done
+    }
+
+    #[test]
+    fn a_good_target_completes_every_command_with_its_data() {
+        good_run(false, false, 0);
+    }
+
+    #[test]
+    fn with_digests_and_in_one_byte_pieces() {
+        good_run(true, true, 0);
+        good_run(true, true, 1);
+    }
+
+    #[test]
+    fn a_corrupt_data_digest_fails_the_read_not_the_queue() {
+        let mut h = Harness::new(false, true).expect("loopback");
+        h.feed(&handshake(false, true), 0);
+        let mut pdu = c2h(0, 0, &[7; 4096], true, false, true);
+        let last = pdu.len() - 1;
+        pdu[last] ^= 1;
+        h.feed(&pdu, 0);
+        let done = h.finish();
+        assert_eq!(done[0].status, Status::DATA_TRANSFER_ERROR);
+    }
+
+    #[test]
+    fn garbage_ends_the_connection_and_every_command_comes_back() {
+        let mut h = Harness::new(false, false).expect("loopback");
+        h.feed(&handshake(false, false), 0);
+        h.feed(&[0xA5; 300], 0);
+        assert!(h.ended, "noise is a protocol error");
+        let done = h.finish();
+        assert!(done.iter().all(|f| f.status == Status::ABORTED_BY_HOST));
+    }
+
+    #[test]
+    fn a_response_for_a_command_twice_is_refused() {
+        let mut h = Harness::new(false, false).expect("loopback");
+        h.feed(&handshake(false, false), 0);
+        let mut s = response(4, Status::SUCCESS, 0, false);
+        s.extend(response(4, Status::SUCCESS, 0, false));
+        h.feed(&s, 0);
+        assert!(h.ended, "the second response names no active command");
+        h.finish();
+    }
+}
