@@ -367,4 +367,28 @@ mod tests {
         assert!(h.ended, "the second response names no active command");
         h.finish();
     }
+
+    /// Found by the fuzzer: an answer to a user command while Connect was outstanding
+    /// finished the command inside the connect steps, which dropped it: the caller never
+    /// heard of it again.
+    #[test]
+    fn an_answer_before_connect_completes_is_refused_and_loses_no_command() {
+        for early in [
+            response(0, Status::SUCCESS, 0, false),
+            c2h(0, 0, &[7; 4096], true, false, false),
+        ] {
+            let mut h = Harness::new(false, false).expect("loopback");
+            let hs = handshake(false, false);
+            let (icresp, connect_resp) = hs.split_at(128);
+            h.feed(icresp, 0);
+            h.feed(&early, 0);
+            assert!(
+                h.ended,
+                "a PDU for a command not sent yet is a protocol error"
+            );
+            h.feed(connect_resp, 0);
+            let done = h.finish();
+            assert!(done.iter().all(|f| f.status == Status::ABORTED_BY_HOST));
+        }
+    }
 }

@@ -391,8 +391,20 @@ impl<B: IoBuf> TcpQueue<B> {
         Ok(())
     }
 
+    /// Whether `cid` names a command the controller may answer on this connection: one whose
+    /// capsule went out on it, which until Fabrics Connect completes is Connect alone
+    /// (sent from `handshake_tx`). An answer to anything else is the controller's mistake;
+    /// taken, one that came during the connect steps would finish its command there, where
+    /// no one receives finished user commands.
     fn cid_ok(&self, cid: u16) -> bool {
-        self.slots.is_active(cid)
+        if !self.slots.is_active(cid) {
+            return false;
+        }
+        if self.is_connected() {
+            self.slots[cid as usize].capsule_sent
+        } else {
+            cid == self.slots.internal_cid()
+        }
     }
 
     fn c2h_done(&mut self, cid: u16, flags: u8, on_done: &mut impl FnMut(Done<B>), n: &mut usize) {
