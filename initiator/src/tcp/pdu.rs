@@ -5,8 +5,11 @@
 use nvme_spec::tcp::{header_digest, CapsuleCmd, H2CData, PduType, TermReq, TERM_REQ_MAX_DATA};
 use nvme_spec::{Command, IntoBytes};
 
-/// Largest header with digest and CPDA padding: (31+1)*4.
-pub const MAX_HDR: usize = 128;
+/// Room for any header with its digest and CPDA padding. The data starts at the first
+/// multiple of the controller's alignment, (CPDA + 1) * 4 bytes, after the header: a 72-byte
+/// capsule header and its 4-byte digest, padded to CPDA 17's 72-byte alignment, end at 144,
+/// the furthest of any CPDA (0..=31; the ICResp parser refuses more).
+pub const MAX_HDR: usize = 144;
 /// A termination request with the largest offending-header copy.
 pub const TERM_MAX: usize = 24 + TERM_REQ_MAX_DATA;
 
@@ -79,4 +82,30 @@ pub fn encode_term_req(fes: u16, fei: u32, offending: &[u8]) -> ([u8; TERM_MAX],
     b[..24].copy_from_slice(h.as_bytes());
     b[24..24 + n].copy_from_slice(&offending[..n]);
     (b, 24 + n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the fuzzer: a controller asking for CPDA 16 pushed the Connect capsule's data
+    /// to offset 136, past the 128 bytes then kept for a header, and the host panicked.
+    #[test]
+    fn every_cpda_fits_the_header_area() {
+        let mut dst = [0u8; MAX_HDR];
+        let mut furthest = 0;
+        for cpda in 0..=31u8 {
+            for hdgst in [false, true] {
+                let w = Wire {
+                    hdgst,
+                    ddgst: false,
+                    cpda,
+                };
+                let n = w.capsule_cmd(&mut dst, &Command::default(), 1024);
+                let m = w.h2c_data(&mut dst, 0, 0, 0, 4096, true);
+                furthest = furthest.max(n).max(m);
+            }
+        }
+        assert_eq!(furthest, MAX_HDR, "MAX_HDR is the furthest any header reaches");
+    }
 }
