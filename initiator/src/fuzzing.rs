@@ -64,6 +64,15 @@ thread_local! {
     static LISTENER: OnceCell<Option<TcpListener>> = const { OnceCell::new() };
 }
 
+/// `f` on this thread's listener; `None` if it could not be bound.
+fn with_listener<T>(f: impl FnOnce(&TcpListener) -> Option<T>) -> Option<T> {
+    LISTENER.with(|l| {
+        l.get_or_init(|| TcpListener::bind("127.0.0.1:0").ok())
+            .as_ref()
+            .and_then(f)
+    })
+}
+
 /// One queue and the target's end of its socket.
 pub struct Harness {
     queue: TcpQueue<Vec<u8>>,
@@ -79,16 +88,7 @@ impl Harness {
     /// A queue asking for the given digests, its commands submitted, its TCP connection
     /// accepted; `None` if the machine refuses the socket.
     pub fn new(hdgst: bool, ddgst: bool) -> Option<Harness> {
-        LISTENER.with(|l| {
-            let l = l
-                .get_or_init(|| TcpListener::bind("127.0.0.1:0").ok())
-                .as_ref()?;
-            Harness::connect(l, hdgst, ddgst)
-        })
-    }
-
-    fn connect(l: &TcpListener, hdgst: bool, ddgst: bool) -> Option<Harness> {
-        let addr = l.local_addr().ok()?;
+        let addr = with_listener(|l| l.local_addr().ok())?;
         let tcp = TcpEndpoint { addr, hdgst, ddgst };
         let params = ConnParams {
             endpoint: Endpoint::Tcp(tcp.clone()),
@@ -113,12 +113,7 @@ impl Harness {
             let buf = (len > 0).then(|| vec![tag as u8; len]);
             queue.submit(sqe, dir, buf, tag).ok()?;
         }
-        queue.start_connect(0xFFFF).ok()?;
-        let (target, _) = l.accept().ok()?;
-        target.set_nonblocking(true).ok()?;
-        // Each write reaches the host at once (loopback delivers inside `write`), not when
-        // Nagle's algorithm lets it go.
-        target.set_nodelay(true).ok()?;
+        let target = Harness::start_connection(&mut queue)?;
         let mut h = Harness {
             queue,
             target,
@@ -128,6 +123,30 @@ impl Harness {
         };
         h.step();
         Some(h)
+    }
+
+    /// Starts a connection and accepts it; returns the target's end.
+    fn start_connection(queue: &mut TcpQueue<Vec<u8>>) -> Option<TcpStream> {
+        queue.start_connect(0xFFFF).ok()?;
+        let (target, _) = with_listener(|l| l.accept().ok())?;
+        target.set_nonblocking(true).ok()?;
+        // Each write reaches the host at once (loopback delivers inside `write`), not when
+        // Nagle's algorithm lets it go.
+        target.set_nodelay(true).ok()?;
+        Some(target)
+    }
+
+    /// Drops the connection, as a lost one, and starts the next, as the controller's
+    /// reconnect does: commands still out go again once it is up. `false` if the machine
+    /// refuses the socket.
+    pub fn reconnect(&mut self) -> bool {
+        let Some(target) = Harness::start_connection(&mut self.queue) else {
+            return false;
+        };
+        self.target = target;
+        self.ended = false;
+        self.step();
+        true
     }
 
     /// Whether the queue has finished connecting.
@@ -257,10 +276,18 @@ pub fn with_digests(hdr: &[u8], data: &[u8], hdgst: bool, ddgst: bool) -> Vec<u8
     b
 }
 
-/// Fuzz entry. The first byte: bit 0 writes a good handshake first (bits 1 and 2: header and
-/// data digests, asked for and granted), so random bytes reach the I/O path; bits 3..5 pick
-/// how the rest is cut into writes (as it comes, or 1, 3, 8, 24, 100, 1000, 4096 bytes at a
-/// time), so PDUs arrive whole and in pieces. The rest is the target's stream.
+/// Separates the streams of successive connections in a fuzz input.
+pub const NEXT_CONNECTION: &[u8] = b"NEXT";
+/// Connections a fuzz input may use: enough to pass `MAX_LOST_SENDS`, after which a command
+/// still out is given up rather than sent again.
+const MAX_CONNECTIONS: usize = 6;
+
+/// Fuzz entry. The first byte: bit 0 writes a good handshake at the start of each connection
+/// (bits 1 and 2: header and data digests, asked for and granted), so random bytes reach the
+/// I/O path; bits 3..5 pick how each stream is cut into writes (as it comes, or 1, 3, 8, 24,
+/// 100, 1000, 4096 bytes at a time), so PDUs arrive whole and in pieces. The rest is the
+/// target's stream; each [`NEXT_CONNECTION`] in it drops the connection and begins the
+/// stream of the next one, so reconnection and resending are explored too.
 pub fn run(input: &[u8]) {
     let Some((&mode, rest)) = input.split_first() else {
         return;
@@ -270,11 +297,38 @@ pub fn run(input: &[u8]) {
     let Some(mut h) = Harness::new(hd, dd) else {
         return;
     };
-    if mode & 1 != 0 {
-        h.feed(&handshake(hd, dd), 0);
+    for (i, stream) in split_streams(rest).take(MAX_CONNECTIONS).enumerate() {
+        if i > 0 && !h.reconnect() {
+            break;
+        }
+        if mode & 1 != 0 {
+            h.feed(&handshake(hd, dd), 0);
+        }
+        h.feed(stream, chunk);
     }
-    h.feed(rest, chunk);
     h.finish();
+}
+
+/// The pieces of `b` between [`NEXT_CONNECTION`] markers.
+fn split_streams(mut b: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut done = false;
+    std::iter::from_fn(move || {
+        if done {
+            return None;
+        }
+        let n = NEXT_CONNECTION.len();
+        match b.windows(n).position(|w| w == NEXT_CONNECTION) {
+            Some(i) => {
+                let (head, tail) = (&b[..i], &b[i + n..]);
+                b = tail;
+                Some(head)
+            }
+            None => {
+                done = true;
+                Some(b)
+            }
+        }
+    })
 }
 
 #[cfg(test)]
@@ -390,5 +444,39 @@ mod tests {
             let done = h.finish();
             assert!(done.iter().all(|f| f.status == Status::ABORTED_BY_HOST));
         }
+    }
+
+    /// Commands out on a lost connection go again on the next; after `MAX_LOST_SENDS`
+    /// connections lost under them they come back failed instead, once each.
+    #[test]
+    fn lost_connections_resend_then_give_up_and_every_command_comes_back_once() {
+        let mut h = Harness::new(false, false).expect("loopback");
+        h.feed(&handshake(false, false), 0);
+        let first = h.from_host.len();
+        assert!(h.reconnect());
+        h.feed(&handshake(false, false), 0);
+        assert!(h.connected());
+        assert!(
+            h.from_host.len() > first + 4096,
+            "the commands went out again on the second connection"
+        );
+        // The flush is answered on the second connection; the rest stay out.
+        h.feed(&response(4, Status::SUCCESS, 0, false), 0);
+        for _ in 0..crate::transport::MAX_LOST_SENDS {
+            assert!(h.reconnect());
+            h.feed(&handshake(false, false), 0);
+        }
+        let done = h.finish();
+        assert_eq!(done[4].status, Status::SUCCESS, "the flush");
+        for f in &done[..4] {
+            assert_eq!(f.status, Status::HOST_PATHING_ERROR, "command {}", f.tag);
+        }
+    }
+
+    #[test]
+    fn streams_split_at_each_marker() {
+        let v: Vec<&[u8]> = split_streams(b"abNEXTNEXTcdNEXT").collect();
+        assert_eq!(v, [&b"ab"[..], b"", b"cd", b""]);
+        assert_eq!(split_streams(b"").count(), 1);
     }
 }
