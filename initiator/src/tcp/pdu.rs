@@ -106,6 +106,9 @@ mod tests {
                 furthest = furthest.max(n).max(m);
             }
         }
-        assert_eq!(furthest, MAX_HDR, "MAX_HDR is the furthest any header reaches");
+        assert_eq!(
+            furthest, MAX_HDR,
+            "MAX_HDR is the furthest any header reaches"
+        );
     }
 }
