@@ -342,6 +342,13 @@ mod tests {
         with_digests(h.as_bytes(), data, hd, dd)
     }
 
+    /// A harness connected by the good handshake, no digests.
+    fn connected() -> Harness {
+        let mut h = Harness::new(false, false).expect("loopback");
+        h.feed(&handshake(false, false), 0);
+        h
+    }
+
     fn r2t(cid: u16, off: u32, len: u32, hd: bool) -> Vec<u8> {
         with_digests(R2T::new(cid, 9, off, len, hd).as_bytes(), &[], hd, false)
     }
@@ -403,8 +410,7 @@ mod tests {
 
     #[test]
     fn garbage_ends_the_connection_and_every_command_comes_back() {
-        let mut h = Harness::new(false, false).expect("loopback");
-        h.feed(&handshake(false, false), 0);
+        let mut h = connected();
         h.feed(&[0xA5; 300], 0);
         assert!(h.ended, "noise is a protocol error");
         let done = h.finish();
@@ -413,8 +419,7 @@ mod tests {
 
     #[test]
     fn a_response_for_a_command_twice_is_refused() {
-        let mut h = Harness::new(false, false).expect("loopback");
-        h.feed(&handshake(false, false), 0);
+        let mut h = connected();
         let mut s = response(4, Status::SUCCESS, 0, false);
         s.extend(response(4, Status::SUCCESS, 0, false));
         h.feed(&s, 0);
@@ -450,8 +455,7 @@ mod tests {
     /// connections lost under them they come back failed instead, once each.
     #[test]
     fn lost_connections_resend_then_give_up_and_every_command_comes_back_once() {
-        let mut h = Harness::new(false, false).expect("loopback");
-        h.feed(&handshake(false, false), 0);
+        let mut h = connected();
         let first = h.from_host.len();
         assert!(h.reconnect());
         h.feed(&handshake(false, false), 0);
