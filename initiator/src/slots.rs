@@ -195,6 +195,16 @@ impl<B, T: SlotPart> Slots<B, T> {
         self.slots.get(cid as usize).is_some_and(|s| s.active)
     }
 
+    /// Whether the controller may answer `cid` (a CID from the wire): an active command whose
+    /// capsule went out on the current connection. Commands waiting for a connection have not
+    /// been sent on it; an answer to one is the controller's mistake, and taken, one that came
+    /// while the queue connects would finish the command where no one receives it.
+    pub fn answerable(&self, cid: u16) -> bool {
+        self.slots
+            .get(cid as usize)
+            .is_some_and(|s| s.active && s.capsule_sent)
+    }
+
     /// Tag and start time of every active user command (timeout scans).
     pub fn for_each_active(&mut self, mut f: impl FnMut(u16, &mut u64, &mut bool, u64)) {
         for (cid, s) in self.slots.iter_mut().enumerate() {

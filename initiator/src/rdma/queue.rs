@@ -679,18 +679,14 @@ impl<B: crate::buf::IoBuf> RdmaQueue<B> {
         }
         let c = Completion::read(&bytes).expect("16 bytes");
         let cid = c.cid();
-        // Only a command whose capsule went out on this connection can be answered.
-        let Some(s) = self
-            .slots
-            .get_mut(cid as usize)
-            .filter(|s| s.active && s.capsule_sent)
-        else {
+        if !self.slots.answerable(cid) {
             warn!(
                 qid = self.qid(),
                 cid, "response for no command out on this connection; ignored"
             );
             return Ok(());
-        };
+        }
+        let s = &mut self.slots[cid as usize];
         let response = (c.status(), c.result.get(), c.dw1.get());
         if s.t.send_pending {
             s.t.response = Some(response);

@@ -168,6 +168,10 @@ impl<B: IoBuf> TcpQueue<B> {
                         self.conn = ConnState::SendingConnect { sent, deadline };
                         return still_pending(deadline, "send Fabrics Connect");
                     }
+                    // Sent from `handshake_tx` rather than the transmit queue: mark it here,
+                    // so its response is the one answer this connection takes yet.
+                    let cid = self.slots.internal_cid();
+                    self.slots[cid as usize].capsule_sent = true;
                     self.conn = ConnState::AwaitingConnectResp {
                         deadline: self.step_deadline(),
                     };

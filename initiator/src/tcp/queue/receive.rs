@@ -261,7 +261,7 @@ impl<B: IoBuf> TcpQueue<B> {
         match h.body {
             PduBody::CapsuleResp(r) => {
                 let cid = r.cqe.cid();
-                if !self.cid_ok(cid) {
+                if !self.slots.answerable(cid) {
                     return Err(self.terminate(
                         fes::INVALID_HEADER_FIELD,
                         8 + 12,
@@ -289,7 +289,7 @@ impl<B: IoBuf> TcpQueue<B> {
             PduBody::R2T(r) => {
                 let cid = r.cccid.get();
                 let (off, len) = (r.r2to.get(), r.r2tl.get());
-                if !self.cid_ok(cid) || self.slots[cid as usize].dir != Dir::ToCtrl {
+                if !self.slots.answerable(cid) || self.slots[cid as usize].dir != Dir::ToCtrl {
                     return Err(self.terminate(
                         fes::INVALID_HEADER_FIELD,
                         8,
@@ -327,7 +327,7 @@ impl<B: IoBuf> TcpQueue<B> {
             PduBody::C2HData(d) => {
                 let cid = d.cccid.get();
                 let (off, len) = (d.datao.get(), h.data_len);
-                if !self.cid_ok(cid) || self.slots[cid as usize].dir != Dir::ToHost {
+                if !self.slots.answerable(cid) || self.slots[cid as usize].dir != Dir::ToHost {
                     return Err(self.terminate(
                         fes::INVALID_HEADER_FIELD,
                         8,
@@ -389,22 +389,6 @@ impl<B: IoBuf> TcpQueue<B> {
             }
         }
         Ok(())
-    }
-
-    /// Whether `cid` names a command the controller may answer on this connection: one whose
-    /// capsule went out on it, which until Fabrics Connect completes is Connect alone
-    /// (sent from `handshake_tx`). An answer to anything else is the controller's mistake;
-    /// taken, one that came during the connect steps would finish its command there, where
-    /// no one receives finished user commands.
-    fn cid_ok(&self, cid: u16) -> bool {
-        if !self.slots.is_active(cid) {
-            return false;
-        }
-        if self.is_connected() {
-            self.slots[cid as usize].capsule_sent
-        } else {
-            cid == self.slots.internal_cid()
-        }
     }
 
     fn c2h_done(&mut self, cid: u16, flags: u8, on_done: &mut impl FnMut(Done<B>), n: &mut usize) {
