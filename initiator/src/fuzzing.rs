@@ -24,39 +24,22 @@ use crate::transport::{ConnParams, ConnectProgress, Dir, Done, Endpoint};
 
 /// Queue entries: seven command slots and the Connect slot (CID 7), few enough that random
 /// CIDs often name an active command.
-pub const QSIZE: u16 = 8;
+const QSIZE: u16 = 8;
 /// The CID of the queue's Fabrics Connect.
-pub const CONNECT_CID: u16 = QSIZE - 1;
+const CONNECT_CID: u16 = QSIZE - 1;
 /// MAXH2CDATA of the scripted ICResp: the 64 KiB write goes out in four H2CData PDUs.
-pub const MAXH2CDATA: u32 = 16 * 1024;
+const MAXH2CDATA: u32 = 16 * 1024;
 /// Controller ID the scripted Connect response grants.
-pub const CNTLID: u16 = 1;
+const CNTLID: u16 = 1;
 
-/// The commands every harness submits, in CID order 0..=4: (tag, direction, length).
-pub const COMMANDS: [(u64, CmdKind, usize); 5] = [
-    (1, CmdKind::Read, 4096),
-    (2, CmdKind::Write, 4096),
-    (3, CmdKind::Write, 64 * 1024),
-    (4, CmdKind::Read, 64 * 1024),
-    (5, CmdKind::Flush, 0),
+/// The commands every harness submits, in CID order 0..=4: (tag, opcode, direction, length).
+const COMMANDS: [(u64, u8, Dir, usize); 5] = [
+    (1, io::READ, Dir::ToHost, 4096),
+    (2, io::WRITE, Dir::ToCtrl, 4096),
+    (3, io::WRITE, Dir::ToCtrl, 64 * 1024),
+    (4, io::READ, Dir::ToHost, 64 * 1024),
+    (5, io::FLUSH, Dir::None, 0),
 ];
-
-/// What a harness command does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CmdKind {
-    Read,
-    Write,
-    Flush,
-}
-
-/// A command as it came back to its submitter.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Finished {
-    pub tag: u64,
-    pub status: Status,
-    /// The buffer it was submitted with (a read's data), if it had one.
-    pub data: Option<Vec<u8>>,
-}
 
 thread_local! {
     /// The loopback listener this thread's harnesses connect to: one per thread, so that
@@ -74,22 +57,22 @@ fn with_listener<T>(f: impl FnOnce(&TcpListener) -> Option<T>) -> Option<T> {
 }
 
 /// One queue and the target's end of its socket.
-pub struct Harness {
+struct Harness {
     queue: TcpQueue<Vec<u8>>,
     target: TcpStream,
     /// Everything the host sent, in order (ICReq, capsules, H2CData).
-    pub from_host: Vec<u8>,
-    finished: Vec<Finished>,
+    from_host: Vec<u8>,
+    finished: Vec<Done<Vec<u8>>>,
     /// The queue reported an error and closed its connection.
-    pub ended: bool,
+    ended: bool,
     /// Commands one poll may finish (a reactor's budget); the rest wait staged.
-    pub poll_max: usize,
+    poll_max: usize,
 }
 
 impl Harness {
     /// A queue asking for the given digests, its commands submitted, its TCP connection
     /// accepted; `None` if the machine refuses the socket.
-    pub fn new(hdgst: bool, ddgst: bool) -> Option<Harness> {
+    fn new(hdgst: bool, ddgst: bool) -> Option<Harness> {
         let addr = with_listener(|l| l.local_addr().ok())?;
         let tcp = TcpEndpoint { addr, hdgst, ddgst };
         let params = ConnParams {
@@ -104,12 +87,7 @@ impl Harness {
             in_capsule_max: 8192,
         };
         let mut queue = TcpQueue::new(params, tcp);
-        for (tag, kind, len) in COMMANDS {
-            let (opcode, dir) = match kind {
-                CmdKind::Read => (io::READ, Dir::ToHost),
-                CmdKind::Write => (io::WRITE, Dir::ToCtrl),
-                CmdKind::Flush => (io::FLUSH, Dir::None),
-            };
+        for (tag, opcode, dir, len) in COMMANDS {
             let mut sqe = Command::new(opcode);
             sqe.set_nsid(1);
             let buf = (len > 0).then(|| vec![tag as u8; len]);
@@ -142,7 +120,7 @@ impl Harness {
     /// Drops the connection, as a lost one, and starts the next, as the controller's
     /// reconnect does: commands still out go again once it is up. `false` if the machine
     /// refuses the socket.
-    pub fn reconnect(&mut self) -> bool {
+    fn reconnect(&mut self) -> bool {
         let Some(target) = Harness::start_connection(&mut self.queue) else {
             return false;
         };
@@ -152,14 +130,9 @@ impl Harness {
         true
     }
 
-    /// Whether the queue has finished connecting.
-    pub fn connected(&self) -> bool {
-        self.queue.is_connected()
-    }
-
     /// Writes `bytes` as the target, `chunk` at a time (0: as much as the socket takes),
     /// polling the queue between writes, then polls until nothing moves.
-    pub fn feed(&mut self, bytes: &[u8], chunk: usize) {
+    fn feed(&mut self, bytes: &[u8], chunk: usize) {
         let mut fed = 0;
         // Bounded: a queue that stops reading must not hang the fuzzer.
         for _ in 0..100_000 {
@@ -209,7 +182,7 @@ impl Harness {
         let res = if self.queue.is_connected() {
             let finished = &mut self.finished;
             self.queue
-                .poll(self.poll_max, &mut |d| finished.push(finished_from(d)))
+                .poll(self.poll_max, &mut |d| finished.push(d))
                 .map(|n| n > 0)
         } else {
             self.queue
@@ -227,18 +200,17 @@ impl Harness {
 
     /// Ends the run: commands still active fail as the owner's teardown fails them, and every
     /// command comes back. Panics if one came back twice or never (the fuzzer's finding).
-    pub fn finish(mut self) -> Vec<Finished> {
+    fn finish(mut self) -> Vec<Done<Vec<u8>>> {
         let finished = &mut self.finished;
-        self.queue.fail_all(Status::ABORTED_BY_HOST, &mut |d| {
-            finished.push(finished_from(d))
-        });
+        self.queue
+            .fail_all(Status::ABORTED_BY_HOST, &mut |d| finished.push(d));
         let mut done = self.finished;
         done.sort_by_key(|f| f.tag);
         let tags: Vec<u64> = done.iter().map(|f| f.tag).collect();
         let want: Vec<u64> = COMMANDS.iter().map(|c| c.0).collect();
         assert_eq!(tags, want, "every command comes back exactly once");
-        for (f, (_, _, len)) in done.iter().zip(COMMANDS) {
-            let back = f.data.as_ref().map_or(0, Vec::len);
+        for (f, (_, _, _, len)) in done.iter().zip(COMMANDS) {
+            let back = f.buf.as_ref().map_or(0, Vec::len);
             assert_eq!(
                 back, len,
                 "command {} came back with its whole buffer",
@@ -249,17 +221,9 @@ impl Harness {
     }
 }
 
-fn finished_from(d: Done<Vec<u8>>) -> Finished {
-    Finished {
-        tag: d.tag,
-        status: d.status,
-        data: d.buf,
-    }
-}
-
 /// The target's half of a good handshake: ICResp granting the requested digests, then a
 /// successful Connect response.
-pub fn handshake(hdgst: bool, ddgst: bool) -> Vec<u8> {
+fn handshake(hdgst: bool, ddgst: bool) -> Vec<u8> {
     let mut s = IcResp::new(0, hdgst, ddgst, MAXH2CDATA).as_bytes().to_vec();
     s.extend(response(
         CONNECT_CID,
@@ -271,7 +235,7 @@ pub fn handshake(hdgst: bool, ddgst: bool) -> Vec<u8> {
 }
 
 /// A CapsuleResp for `cid`, with its header digest when `hdgst`.
-pub fn response(cid: u16, status: Status, dw0: u32, hdgst: bool) -> Vec<u8> {
+fn response(cid: u16, status: Status, dw0: u32, hdgst: bool) -> Vec<u8> {
     let mut cqe = Completion::new(cid, status);
     cqe.result.set(dw0);
     with_digests(CapsuleResp::new(cqe, hdgst).as_bytes(), &[], hdgst, false)
@@ -279,7 +243,7 @@ pub fn response(cid: u16, status: Status, dw0: u32, hdgst: bool) -> Vec<u8> {
 
 /// A PDU from its header and data, with the digests the connection uses (no padding: the
 /// harness's host asks for HPDA 0).
-pub fn with_digests(hdr: &[u8], data: &[u8], hdgst: bool, ddgst: bool) -> Vec<u8> {
+fn with_digests(hdr: &[u8], data: &[u8], hdgst: bool, ddgst: bool) -> Vec<u8> {
     let mut b = hdr.to_vec();
     if hdgst {
         b.extend_from_slice(&header_digest(hdr).to_le_bytes());
@@ -292,7 +256,7 @@ pub fn with_digests(hdr: &[u8], data: &[u8], hdgst: bool, ddgst: bool) -> Vec<u8
 }
 
 /// Separates the streams of successive connections in a fuzz input.
-pub const NEXT_CONNECTION: &[u8] = b"NEXT";
+const NEXT_CONNECTION: &[u8] = b"NEXT";
 /// Connections a fuzz input may use: enough to pass `MAX_LOST_SENDS`, after which a command
 /// still out is given up rather than sent again.
 const MAX_CONNECTIONS: usize = 6;
@@ -372,11 +336,11 @@ mod tests {
     }
 
     /// A well-behaved target's whole conversation, fed `chunk` bytes at a time.
-    fn good_run(hd: bool, dd: bool, chunk: usize, poll_max: usize) -> Vec<Finished> {
+    fn good_run(hd: bool, dd: bool, chunk: usize, poll_max: usize) -> Vec<Done<Vec<u8>>> {
         let mut h = Harness::new(hd, dd).expect("loopback");
         h.poll_max = poll_max;
         h.feed(&handshake(hd, dd), chunk);
-        assert!(h.connected(), "the scripted handshake connects");
+        assert!(h.queue.is_connected(), "the scripted handshake connects");
         let small: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
         let large: Vec<u8> = (0..65536u32).map(|i| (i % 241) as u8).collect();
         let mut s = c2h(0, 0, &small, true, hd, dd);
@@ -394,8 +358,8 @@ mod tests {
         for f in &done {
             assert_eq!(f.status, Status::SUCCESS, "command {}", f.tag);
         }
-        assert_eq!(done[0].data.as_deref(), Some(&small[..]));
-        assert_eq!(done[3].data.as_deref(), Some(&large[..]));
+        assert_eq!(done[0].buf.as_deref(), Some(&small[..]));
+        assert_eq!(done[3].buf.as_deref(), Some(&large[..]));
         // ICReq, Connect, five capsules (one with 4 KiB in it), 64 KiB of H2CData and headers.
         assert!(
             sent > 4096 + 65536,
@@ -483,7 +447,7 @@ mod tests {
         let first = h.from_host.len();
         assert!(h.reconnect());
         h.feed(&handshake(false, false), 0);
-        assert!(h.connected());
+        assert!(h.queue.is_connected());
         assert!(
             h.from_host.len() > first + 4096,
             "the commands went out again on the second connection"
