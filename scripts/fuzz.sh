@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fuzzes every parser of untrusted input with cargo-fuzz (libFuzzer): NVMe/TCP PDUs and
-# commands, the target's and the host's receive paths, RDMA CM private data, JSON-RPC
+# commands, the target's and the host's receive paths, the host's controller layer against a
+# target that lies in well-framed answers, RDMA CM private data, JSON-RPC
 # framing and requests, the mirror's and the volume store's on-disk metadata.
 #
 # Usage: scripts/fuzz.sh [SECONDS_PER_TARGET (default 60)] [TARGET...]

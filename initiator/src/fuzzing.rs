@@ -9,6 +9,11 @@
 //! before it connects, so they go out on connection, and every byte written afterwards is
 //! the target's stream. [`run`] is the fuzz entry; the tests below use the same harness with
 //! well-formed streams, to show that it reaches the states the fuzzer is meant to explore.
+//!
+//! [`ctrlr`] goes a layer up: a whole controller against a target that frames every answer
+//! correctly and lies in what it says.
+
+pub mod ctrlr;
 
 use std::cell::OnceCell;
 use std::io::{ErrorKind, Read, Write};
@@ -243,7 +248,7 @@ fn response(cid: u16, status: Status, dw0: u32, hdgst: bool) -> Vec<u8> {
 
 /// A PDU from its header and data, with the digests the connection uses (no padding: the
 /// harness's host asks for HPDA 0).
-fn with_digests(hdr: &[u8], data: &[u8], hdgst: bool, ddgst: bool) -> Vec<u8> {
+pub(crate) fn with_digests(hdr: &[u8], data: &[u8], hdgst: bool, ddgst: bool) -> Vec<u8> {
     let mut b = hdr.to_vec();
     if hdgst {
         b.extend_from_slice(&header_digest(hdr).to_le_bytes());
