@@ -22,10 +22,11 @@ use std::time::{Duration, Instant};
 
 use nvme_spec::fabrics::{PropertyGet, PropertySet};
 use nvme_spec::identify::{cns, IdentifyController, IdentifyNamespace, LbaFormat, NamespaceList};
+use nvme_spec::log::{DiscoveryLogEntry, DiscoveryLogHeader};
 use nvme_spec::opcode::{admin, fctype};
 use nvme_spec::regs::{offset as reg, shutdown, Cc};
 use nvme_spec::tcp::{C2HData, CapsuleResp, IcReq, IcResp, PduType, R2T};
-use nvme_spec::{Command, Completion, FromBytes, IntoBytes, Status};
+use nvme_spec::{Command, Completion, FromBytes, FromZeros, IntoBytes, Status};
 
 use super::with_digests;
 use crate::ctrlr::{Controller, CtrlrEvent, CtrlrState};
@@ -344,6 +345,16 @@ impl Target {
         }
         let data_len = (cmd.sgl1().length.get() as usize).min(DATA_MAX);
         let opcode = cmd.opcode;
+        let page = nvme_spec::cmd::GetLogPage::from_command(cmd);
+        if opcode == admin::GET_LOG_PAGE && page.lid == LID_DISCOVERY {
+            let log = discovery_log();
+            let from = usize::try_from(page.offset)
+                .unwrap_or(usize::MAX)
+                .min(log.len());
+            let mut d = log[from..].to_vec();
+            d.resize(data_len, 0);
+            return (ok, 0, 0, Some(d));
+        }
         if cmd.opcode & 3 == 2 && opcode != admin::IDENTIFY {
             // Reads and log pages: a pattern the length the host asked for.
             return (ok, 0, 0, Some((0..data_len).map(|i| i as u8).collect()));
@@ -436,6 +447,20 @@ impl Target {
             _ => c.answer(cmd.cid(), kind, status, dw0, dw1, data.as_deref()),
         }
     }
+}
+
+const LID_DISCOVERY: u8 = 0x70;
+
+/// The discovery log the target serves: one NVMe/TCP subsystem, generation 1.
+fn discovery_log() -> Vec<u8> {
+    let mut hdr = DiscoveryLogHeader::new_zeroed();
+    hdr.genctr.set(1);
+    hdr.numrec.set(1);
+    let entry =
+        DiscoveryLogEntry::tcp(2, SUBNQN, "127.0.0.1", "4420", false, 1).expect("the strings fit");
+    let mut log = hdr.as_bytes().to_vec();
+    log.extend_from_slice(entry.as_bytes());
+    log
 }
 
 fn identify_controller() -> Vec<u8> {
@@ -534,6 +559,8 @@ struct Outcome {
     events: Vec<CtrlrEvent>,
     /// Commands the target answered, shutdown included.
     answered: usize,
+    /// Entries of the discovery log read (discovery mode), if it was read.
+    discovered: Option<usize>,
 }
 
 /// The I/O the run submits: (tag, write?, blocks).
@@ -567,15 +594,21 @@ fn drive(
 }
 
 /// Fuzz entry. The first byte: bits 0 and 1 ask for header and data digests; bit 2 turns on
-/// keep-alive (KATO 10 ms, so a few go out while the I/O runs); bit 3 opens an I/O queue and submits a read and a
-/// write on the first namespace (bits 4 and 5: 1, 8, 128 or 256 blocks); bit 6 resets the
-/// controller afterwards, so bring-up runs again on a new connection. The rest is the
-/// target's script (see [`Answer`]).
+/// keep-alive (KATO 10 ms, so a few go out while the I/O runs); bit 3 opens an I/O queue
+/// and submits a read and a write on the first namespace (bits 4 and 5: 1, 8, 128 or 256 blocks); bit 6 resets the
+/// controller afterwards, so bring-up runs again on a new connection; bit 7 connects to the
+/// discovery NQN instead and reads the discovery log (the rest then has no effect). The rest
+/// is the target's script (see [`Answer`]).
 pub fn run(input: &[u8]) {
-    let _ = run_inner(input);
+    let _ = run_inner(input, FUZZ_PATIENCE);
 }
 
-fn run_inner(input: &[u8]) -> Outcome {
+/// How long the host waits for an answer the target holds back (connect, admin command, I/O)
+/// when fuzzing: far longer than loopback needs, short enough to keep the fuzzer fast.
+const FUZZ_PATIENCE: Duration = Duration::from_millis(50);
+
+/// One run; `patience` bounds each wait for the target (see [`FUZZ_PATIENCE`]).
+fn run_inner(input: &[u8], patience: Duration) -> Outcome {
     let mut out = Outcome::default();
     let Some((&mode, script)) = input.split_first() else {
         return out;
@@ -594,18 +627,32 @@ fn run_inner(input: &[u8]) -> Outcome {
         keep_alive_timeout: keep_alive,
         admin_queue_size: 8,
         io_queue_size: 8,
-        connect_timeout: Duration::from_secs(1),
+        connect_timeout: patience,
         // Reached only when the target holds an answer back and keeps the connection.
-        admin_timeout: Duration::from_millis(50),
+        admin_timeout: patience,
         io_timeout: None,
         reconnect_delay: Duration::ZERO,
         ctrlr_loss_timeout: Some(Duration::ZERO),
         ..CtrlrOpts::default()
     };
-    let trid = TransportId::tcp(target.addr, SUBNQN);
+    let subnqn = if mode & 128 != 0 {
+        nvme_spec::fabrics::DISCOVERY_NQN
+    } else {
+        SUBNQN
+    };
+    let trid = TransportId::tcp(target.addr, subnqn);
     let Ok(mut ctrlr) = Controller::connect(&trid, &opts) else {
         return out;
     };
+    if trid.is_discovery() {
+        out.connected = true;
+        out.discovered = crate::discovery::get_log(&mut ctrlr)
+            .map(|l| l.entries.len())
+            .ok();
+        drop(ctrlr);
+        out.answered = target.stop();
+        return out;
+    }
     out.connected = true;
     out.namespaces = ctrlr.namespaces().len();
     check_namespaces(&ctrlr);
@@ -633,13 +680,7 @@ fn run_inner(input: &[u8]) -> Outcome {
             }
             // Long enough for keep-alives to go out (every KATO / 2).
             let at_least = keep_alive * 2;
-            drive(
-                &mut ctrlr,
-                &mut qpair,
-                &mut back,
-                at_least,
-                Duration::from_millis(300),
-            );
+            drive(&mut ctrlr, &mut qpair, &mut back, at_least, patience * 2);
             qpair.abort_all(|c| back.push(c));
             let mut tags: Vec<u64> = back.iter().map(|c| c.tag).collect();
             tags.sort_unstable();
@@ -650,7 +691,7 @@ fn run_inner(input: &[u8]) -> Outcome {
     }
     if mode & 64 != 0 && ctrlr.state() == CtrlrState::Connected {
         ctrlr.reset();
-        let until = Instant::now() + Duration::from_millis(300);
+        let until = Instant::now() + patience * 2;
         while ctrlr.state() != CtrlrState::Connected
             && ctrlr.state() != CtrlrState::Failed
             && Instant::now() < until
@@ -704,6 +745,7 @@ mod tests {
     const IO_8: u8 = 8 | 1 << 4;
     const IO_128: u8 = 8 | 2 << 4;
     const RESET: u8 = 64;
+    const DISCOVERY: u8 = 128;
 
     /// A script answering `at` commands by default, then with `record`.
     fn at(n: usize, record: &[u8]) -> Vec<u8> {
@@ -715,7 +757,18 @@ mod tests {
     fn run_with(mode: u8, script: &[u8]) -> Outcome {
         let mut input = vec![mode];
         input.extend_from_slice(script);
-        run_inner(&input)
+        run_inner(&input, PATIENCE)
+    }
+
+    /// Nothing a test waits for is held back, except in `held` below: a loaded machine must
+    /// not turn a slow answer into a different outcome.
+    const PATIENCE: Duration = Duration::from_secs(10);
+
+    /// As `run_with`, where the target holds an answer back: the host waits `patience`.
+    fn held(mode: u8, script: &[u8], patience: Duration) -> Outcome {
+        let mut input = vec![mode];
+        input.extend_from_slice(script);
+        run_inner(&input, patience)
     }
 
     #[test]
@@ -762,7 +815,7 @@ mod tests {
             assert!(o.io.is_empty() || o.io.len() == 2, "{o:?}");
         }
         // Held while the connection stays: the queue gives it up when its owner tears down.
-        let o = run_with(IO_8, &at(READ, &[8]));
+        let o = held(IO_8, &at(READ, &[8]), Duration::from_millis(200));
         assert_eq!(o.io, [(1, false), (2, true)], "{o:?}");
         // A write carried by R2T and H2CData, answered twice.
         let o = run_with(IO_128, &at(WRITE, &[5]));
@@ -790,6 +843,25 @@ mod tests {
             log_page: 2,
         };
         assert_eq!(o.events, [aen], "{o:?}");
+    }
+
+    #[test]
+    fn the_discovery_log_is_read_whole_or_refused() {
+        let quiet = run_with(DISCOVERY, &[]);
+        assert_eq!(quiet.discovered, Some(1));
+        // Discovery bring-up: Connect, CAP, VS, CC, CC.EN, CSTS, Identify; then the log's
+        // header, its entry, the header again. A header claiming 5,000 records is refused.
+        let numrec = [2, 2, 8, 0, 0x88, 9, 0, 0x13];
+        assert_eq!(run_with(DISCOVERY, &at(7, &numrec)).discovered, None);
+        // An unknown record format is refused.
+        assert_eq!(
+            run_with(DISCOVERY, &at(7, &[2, 1, 16, 0, 1])).discovered,
+            None
+        );
+        // A generation that moves between the reads: read again, then the same log.
+        let o = run_with(DISCOVERY, &at(9, &[2, 1, 0, 0, 2]));
+        assert_eq!(o.discovered, Some(1), "{o:?}");
+        assert_eq!(o.answered, quiet.answered + 3, "the log read twice: {o:?}");
     }
 
     #[test]
