@@ -74,7 +74,7 @@ fn drive(
 /// keep-alive (KATO 10 ms, so a few go out while the I/O runs); bit 3 opens an I/O queue
 /// and submits a read and a write on the first namespace (bits 4 and 5: 1, 8, 128 or 256 blocks); bit 6 resets the
 /// controller afterwards, so bring-up runs again on a new connection; bit 7 connects to the
-/// discovery NQN instead and reads the discovery log (the rest then has no effect). The rest
+/// discovery NQN instead and reads the discovery log (the other bits then have no effect). The rest
 /// is the target's script (see `target::Answer`).
 pub fn run(input: &[u8]) {
     let _ = run_inner(input, FUZZ_PATIENCE);
@@ -107,7 +107,8 @@ fn run_inner(input: &[u8], patience: Duration) -> Outcome {
         connect_timeout: patience,
         // Reached only when the target holds an answer back and keeps the connection.
         admin_timeout: patience,
-        io_timeout: None,
+        // An I/O held back is aborted, then the controller reset (checked every 100 ms).
+        io_timeout: Some(patience),
         reconnect_delay: Duration::ZERO,
         ctrlr_loss_timeout: Some(Duration::ZERO),
         ..CtrlrOpts::default()
@@ -157,7 +158,8 @@ fn run_inner(input: &[u8], patience: Duration) -> Outcome {
             }
             // Long enough for keep-alives to go out (every KATO / 2).
             let at_least = keep_alive * 2;
-            drive(&mut ctrlr, &mut qpair, &mut back, at_least, patience * 2);
+            // Room for the timeout's abort and reset to run their course.
+            drive(&mut ctrlr, &mut qpair, &mut back, at_least, patience * 6);
             qpair.abort_all(|c| back.push(c));
             let mut tags: Vec<u64> = back.iter().map(|c| c.tag).collect();
             tags.sort_unstable();
@@ -291,9 +293,16 @@ mod tests {
             let o = run_with(IO_8, &at(IO_CONNECT, record));
             assert!(o.io.is_empty() || o.io.len() == 2, "{o:?}");
         }
-        // Held while the connection stays: the queue gives it up when its owner tears down.
+        // Held while the connection stays: the read times out and is aborted; still held,
+        // the controller is reset, and the read fails once it is back.
         let o = held(IO_8, &at(READ, &[8]), Duration::from_millis(200));
         assert_eq!(o.io, [(1, false), (2, true)], "{o:?}");
+        let (down, up) = (CtrlrState::Resetting, CtrlrState::Connected);
+        assert_eq!(
+            o.events,
+            [CtrlrEvent::State(down), CtrlrEvent::State(up)],
+            "{o:?}"
+        );
         // A write carried by R2T and H2CData, answered twice.
         let o = run_with(IO_128, &at(WRITE, &[5]));
         assert_eq!(o.io.len(), 2, "{o:?}");
