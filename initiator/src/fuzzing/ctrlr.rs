@@ -71,11 +71,11 @@ fn drive(
 }
 
 /// Fuzz entry. The first byte: bits 0 and 1 ask for header and data digests; bit 2 turns on
-/// keep-alive (KATO 10 ms, so a few go out while the I/O runs); bit 3 opens an I/O queue
-/// and submits a read and a write on the first namespace (bits 4 and 5: 1, 8, 128 or 256 blocks); bit 6 resets the
-/// controller afterwards, so bring-up runs again on a new connection; bit 7 connects to the
-/// discovery NQN instead and reads the discovery log (the other bits then have no effect). The rest
-/// is the target's script (see `target::Answer`).
+/// keep-alive (KATO 10 ms, so a few go out while the I/O runs); bit 3 opens an I/O queue and
+/// submits a read and a write on the first namespace (bits 4 and 5: 1, 8, 128 or 256
+/// blocks); bit 6 resets the controller afterwards, so bring-up runs again on a new
+/// connection; bit 7 connects to the discovery NQN instead and reads the discovery log (the
+/// other bits then have no effect). The rest is the target's script (see `target::Answer`).
 pub fn run(input: &[u8]) {
     let _ = run_inner(input, FUZZ_PATIENCE);
 }
