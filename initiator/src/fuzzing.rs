@@ -275,6 +275,7 @@ const MAX_CONNECTIONS: usize = 6;
 /// target's stream; each [`NEXT_CONNECTION`] in it drops the connection and begins the
 /// stream of the next one, so reconnection and resending are explored too.
 pub fn run(input: &[u8]) {
+    ignore_sigpipe();
     let Some((&mode, rest)) = input.split_first() else {
         return;
     };
@@ -294,6 +295,18 @@ pub fn run(input: &[u8]) {
         h.feed(stream, chunk);
     }
     h.finish();
+}
+
+/// Makes a write to a socket its peer closed fail with EPIPE instead of killing the process,
+/// as it does in plexd: Rust's runtime ignores SIGPIPE before `main`, but a fuzz target's
+/// `main` is libFuzzer's, and the queues write with `writev`, which raises the signal.
+pub(crate) fn ignore_sigpipe() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    // SAFETY: sets this process's disposition of SIGPIPE to "ignore"; no handler is
+    // installed, so nothing can run in signal context.
+    ONCE.call_once(|| unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    });
 }
 
 /// The pieces of `b` between [`NEXT_CONNECTION`] markers.

@@ -77,6 +77,7 @@ fn drive(
 /// connection; bit 7 connects to the discovery NQN instead and reads the discovery log (the
 /// other bits then have no effect). The rest is the target's script (see `target::Answer`).
 pub fn run(input: &[u8]) {
+    super::ignore_sigpipe();
     let _ = run_inner(input, FUZZ_PATIENCE);
 }
 
