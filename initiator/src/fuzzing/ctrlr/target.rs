@@ -14,11 +14,12 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use nvme_spec::fabrics::{PropertyGet, PropertySet};
+use nvme_spec::features::fid;
 use nvme_spec::identify::{cns, IdentifyController, IdentifyNamespace, LbaFormat, NamespaceList};
-use nvme_spec::log::{DiscoveryLogEntry, DiscoveryLogHeader};
-use nvme_spec::opcode::{admin, fctype};
-use nvme_spec::regs::{offset as reg, shutdown, Cc};
-use nvme_spec::tcp::{C2HData, CapsuleResp, IcReq, IcResp, PduType, R2T};
+use nvme_spec::log::{lid, DiscoveryLogEntry, DiscoveryLogHeader};
+use nvme_spec::opcode::{admin, fctype, DataDirection};
+use nvme_spec::regs::{offset as reg, shutdown, Cap, Cc, Csts};
+use nvme_spec::tcp::{C2HData, CapsuleResp, CommonHeader, H2CData, IcReq, IcResp, PduType, R2T};
 use nvme_spec::{Command, Completion, FromBytes, FromZeros, IntoBytes, Status};
 
 use crate::fuzzing::with_digests;
@@ -238,10 +239,13 @@ impl Target {
     fn take_pdus(&mut self, i: usize) {
         loop {
             let c = &mut self.conns[i];
-            if c.dead || c.rx.len() < 8 {
+            if c.dead {
                 return;
             }
-            let plen = u32::from_le_bytes([c.rx[4], c.rx[5], c.rx[6], c.rx[7]]) as usize;
+            let Ok((ch, _)) = CommonHeader::read_from_prefix(&c.rx) else {
+                return;
+            };
+            let plen = ch.plen() as usize;
             if !(8..=DATA_MAX + 4096).contains(&plen) {
                 c.dead = true;
                 return;
@@ -281,7 +285,9 @@ impl Target {
                 let end = pdu.len() - if c.ddgst && pdo > 0 { 4 } else { 0 };
                 let in_capsule = if pdo > 0 && pdo <= end { end - pdo } else { 0 };
                 let wants = cmd.sgl1().length.get();
-                if cmd.opcode & 3 == 1 && in_capsule == 0 && wants > 0 && !cmd.is_fabrics() {
+                let writes =
+                    DataDirection::from_opcode(cmd.opcode) == DataDirection::HostToController;
+                if writes && in_capsule == 0 && wants > 0 && !cmd.is_fabrics() {
                     // A write whose data waits for an R2T: asked for all at once.
                     c.r2t = Some((cmd.cid(), wants));
                     let r2t = R2T::new(cmd.cid(), 1, 0, wants, hd);
@@ -291,8 +297,11 @@ impl Target {
                 self.answer(i, &cmd);
             }
             t if t == PduType::H2CData as u8 => {
-                let cid = u16::from_le_bytes([pdu[8], pdu[9]]);
-                let datal = u32::from_le_bytes([pdu[16], pdu[17], pdu[18], pdu[19]]);
+                let Ok((h2c, _)) = H2CData::read_from_prefix(pdu) else {
+                    c.dead = true;
+                    return;
+                };
+                let (cid, datal) = (h2c.cccid.get(), h2c.datal.get());
                 match c.r2t {
                     Some((want, left)) if want == cid && datal <= left => {
                         if datal == left {
@@ -334,7 +343,7 @@ impl Target {
         let data_len = (cmd.sgl1().length.get() as usize).min(DATA_MAX);
         let opcode = cmd.opcode;
         let page = nvme_spec::cmd::GetLogPage::from_command(cmd);
-        if opcode == admin::GET_LOG_PAGE && page.lid == LID_DISCOVERY {
+        if opcode == admin::GET_LOG_PAGE && page.lid == lid::DISCOVERY {
             let log = discovery_log();
             let from = usize::try_from(page.offset)
                 .unwrap_or(usize::MAX)
@@ -343,7 +352,8 @@ impl Target {
             d.resize(data_len, 0);
             return (ok, 0, 0, Some(d));
         }
-        if cmd.opcode & 3 == 2 && opcode != admin::IDENTIFY {
+        let reads = DataDirection::from_opcode(opcode) == DataDirection::ControllerToHost;
+        if reads && opcode != admin::IDENTIFY {
             // Reads and log pages: a pattern the length the host asked for.
             return (ok, 0, 0, Some((0..data_len).map(|i| i as u8).collect()));
         }
@@ -361,7 +371,9 @@ impl Target {
                 (ok, 0, 0, Some(data))
             }
             // Four I/O queues each way.
-            admin::SET_FEATURES if cmd.cdw10.get() & 0xff == 0x07 => (ok, 0x0003_0003, 0, None),
+            admin::SET_FEATURES if cmd.cdw10.get() as u8 == fid::NUMBER_OF_QUEUES => {
+                (ok, 0x0003_0003, 0, None)
+            }
             _ => (ok, 0, 0, None),
         }
     }
@@ -371,12 +383,24 @@ impl Target {
     fn register(&self, offset: u32) -> u64 {
         let cc = Cc(self.cc);
         match offset {
-            reg::CAP => 127 | 1 << 16 | 1 << 24 | 1 << 37,
+            reg::CAP => {
+                Cap(0)
+                    .with_mqes(127)
+                    .with_cqr(true)
+                    .with_to(1)
+                    .with_css(1)
+                    .0
+            }
             reg::VS => 0x0001_0400,
             reg::CC => u64::from(self.cc),
             reg::CSTS => {
-                let shst = if cc.shn() != shutdown::SHN_NONE { 2 } else { 0 };
-                u64::from(cc.en()) | shst << 2
+                let done = cc.shn() != shutdown::SHN_NONE;
+                let shst = if done {
+                    shutdown::SHST_COMPLETE
+                } else {
+                    shutdown::SHST_NORMAL
+                };
+                u64::from(Csts(0).with_rdy(cc.en()).with_shst(shst).0)
             }
             _ => 0,
         }
@@ -436,8 +460,6 @@ impl Target {
         }
     }
 }
-
-const LID_DISCOVERY: u8 = 0x70;
 
 /// The discovery log the target serves: one NVMe/TCP subsystem, generation 1.
 fn discovery_log() -> Vec<u8> {
